@@ -1,0 +1,18 @@
+"""lorakit: low-rank adaptation of any PyTorch model, in place, with PEFT-compatible files."""
+
+from . import lora  # noqa: F401  (registers the LoRA variant)
+from .config import AdapterConfig, LoraConfig
+from .errors import (AdapterFormatError, AdapterNameError, ConfigError, LorakitError, ShapeMismatchError,
+                     TargetError)
+from .io import adapter_state_dict, load_adapter, read_config, save_adapter
+from .model import (active_adapters, add_adapter, adapted_layers, delete_adapter, disabled, get_config,
+                    list_adapters, merge, set_active, trainable_report, unload, unmerge)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig", "LoraConfig", "LorakitError", "ConfigError", "TargetError", "AdapterNameError",
+    "AdapterFormatError", "ShapeMismatchError", "add_adapter", "set_active", "active_adapters", "disabled",
+    "merge", "unmerge", "unload", "delete_adapter", "list_adapters", "get_config", "adapted_layers",
+    "trainable_report", "save_adapter", "load_adapter", "adapter_state_dict", "read_config",
+]

@@ -1,0 +1,117 @@
+"""The adapted layer: a frozen base layer plus named deltas in parallel.
+
+It never branches on the variant: it asks each active delta to transform the output. The base weight
+is reached through one accessor (`base_weight` / `set_base_weight`), so a quantized base is a different
+weight source, not a different layer class. The model's state_dict keeps the base layer's original
+keys (`q.weight`, not `q.base_layer.weight`), so HF `save_pretrained` still writes a loadable model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .delta import Delta
+from .layers import LayerOps, ops_for
+
+
+class DenseWeight:
+    """The default weight source: the base layer's own weight parameter, updated in place."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    def get(self) -> torch.Tensor:
+        return self.layer.weight
+
+    @torch.no_grad()
+    def set(self, w: torch.Tensor) -> None:
+        self.layer.weight.copy_(w)
+
+
+# (predicate, factory) pairs tried in order; a quantized base registers its own source here.
+WEIGHT_SOURCES: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], DenseWeight]]] = []
+
+
+def weight_source_for(layer: nn.Module):
+    for matches, factory in WEIGHT_SOURCES:
+        if matches(layer):
+            return factory(layer)
+    return DenseWeight(layer)
+
+
+class KeepsBaseKeys(nn.Module):
+    """Shows the wrapped child's parameters under the wrapper's own prefix in state_dict, and back."""
+
+    inner_name = "base_layer"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_state_dict_post_hook(KeepsBaseKeys._hide_inner)
+        self.register_load_state_dict_pre_hook(KeepsBaseKeys._restore_inner)
+
+    @staticmethod
+    def _hide_inner(module, state_dict, prefix, local_metadata) -> None:
+        inner = prefix + module.inner_name + "."
+        for key in [k for k in state_dict if k.startswith(inner)]:
+            state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+    @staticmethod
+    def _restore_inner(module, state_dict, prefix, *args) -> None:
+        own = {n for n in module._modules if n != module.inner_name}
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            head = key[len(prefix):].split(".", 1)[0]
+            if head not in own and head != module.inner_name:
+                state_dict[prefix + module.inner_name + "." + key[len(prefix):]] = state_dict.pop(key)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if name == self.inner_name or self.inner_name not in modules:
+                raise
+            return getattr(modules[self.inner_name], name)  # e.g. .weight, .in_features, .padding_idx
+
+
+class AdaptedLayer(KeepsBaseKeys):
+    def __init__(self, base_layer: nn.Module, ops: Optional[LayerOps] = None):
+        super().__init__()
+        self.base_layer = base_layer
+        self.ops = ops or ops_for(base_layer)
+        self.weight_source = weight_source_for(base_layer)
+        self.deltas = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.merged: list[str] = []  # names merged into the base weight, in merge order
+        self.disabled = False
+
+    def base_weight(self) -> torch.Tensor:
+        """The dense base weight in the layer's own layout (the one accessor deltas use)."""
+        return self.weight_source.get()
+
+    def set_base_weight(self, w: torch.Tensor) -> None:
+        self.weight_source.set(w)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return y
+        for name in self.active:
+            if name not in self.merged:
+                y = self.deltas[name](x, y, self)
+        return y
+
+    def merge(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            if name in self.deltas and name not in self.merged:
+                self.deltas[name].merge(self)
+                self.merged.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged:
+            self.deltas[self.merged.pop()].unmerge(self)
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.deltas)}, active={list(self.active)}, merged={self.merged}"

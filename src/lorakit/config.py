@@ -1,0 +1,176 @@
+"""Adapter configs with PEFT's field names, meanings and adapter_config.json layout.
+
+Each variant's config is a dataclass subclass of `AdapterConfig`. `to_peft_dict` writes the JSON PEFT
+writes (PEFT-only fields at PEFT's defaults, so PEFT loads the file); `from_peft_dict` reads PEFT's JSON
+and refuses options lorakit does not implement instead of silently ignoring them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union
+
+from .errors import ConfigError
+
+PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose files lorakit writes and is tested against
+
+# PEFT fields that every adapter_config.json has and lorakit keeps only for the round trip.
+_COMMON_PEFT_FIELDS: dict[str, Any] = {
+    "auto_mapping": None,
+    "base_model_name_or_path": None,
+    "revision": None,
+    "inference_mode": False,
+    "peft_version": PEFT_FORMAT_VERSION,
+}
+
+
+@dataclass
+class AdapterConfig:
+    """Fields that every weight-delta variant shares (PEFT's names and meanings)."""
+
+    peft_type: ClassVar[str] = ""
+    # PEFT fields lorakit does not implement: written at these defaults, refused when set otherwise.
+    unsupported_peft_fields: ClassVar[dict[str, Any]] = {}
+
+    target_modules: Optional[Union[list[str], str]] = None
+    """Names matched as full module name or `.`-suffix; a string is a regex fullmatch; "all-linear"."""
+    exclude_modules: Optional[Union[list[str], str]] = None
+    """Same matching rules as target_modules; a match here is never adapted."""
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    """Only adapt layers with these indices (the first number in the module path)."""
+    layers_pattern: Optional[Union[list[str], str]] = None
+    """Name of the layer list that holds layers_to_transform's indices (e.g. "layers")."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank overrides: {regex matched against the module name's suffix: r}."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alpha overrides, matched like rank_pattern."""
+    modules_to_save: Optional[list[str]] = None
+    """Modules trained in full next to the adapter (e.g. a classifier head); saved with it."""
+    task_type: Optional[str] = None
+    """PEFT's task type; "SEQ_CLS" adds the usual classifier heads to modules_to_save, as PEFT does."""
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+        if self.task_type == "SEQ_CLS":
+            # PEFT's PeftModelForSequenceClassification adds these names itself.
+            extra = [n for n in ("classifier", "score") if n not in (self.modules_to_save or [])]
+            self.modules_to_save = (self.modules_to_save or []) + extra
+        if self.target_modules is None:
+            raise ConfigError(f"{type(self).__name__} needs target_modules (a list of names, a regex, or 'all-linear')")
+        self.validate()
+
+    def validate(self) -> None:
+        """Subclasses check their own fields here and raise ConfigError."""
+
+    @property
+    def variant(self) -> str:
+        """The registry key of the delta class this config builds (see registry.py)."""
+        return self.peft_type
+
+    def rank_for(self, module_name: str) -> int:
+        raise NotImplementedError
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        out = dict(_COMMON_PEFT_FIELDS)
+        out.update(self.unsupported_peft_fields)
+        for f in dataclasses.fields(self):
+            out[f.name] = getattr(self, f.name)
+        out["peft_type"] = self.peft_type
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs, refused = {}, []
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in cls.unsupported_peft_fields and value not in (cls.unsupported_peft_fields[key], None, {}, [], False):
+                refused.append(f"{key}={value!r}")
+        if refused:
+            raise ConfigError(f"this {cls.peft_type} adapter uses options lorakit does not support: {', '.join(refused)}")
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"invalid {cls.peft_type} config: {e}") from None
+
+    def with_updates(self, **changes: Any) -> "AdapterConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def pattern_key(patterns: dict, module_name: str) -> Optional[str]:
+    """PEFT's get_pattern_key: the first pattern that matches the end of the module name."""
+    import re
+
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """LoRA: ΔW = B·A · lora_alpha/r (rsLoRA: lora_alpha/√r). Field names and defaults as in PEFT."""
+
+    peft_type: ClassVar[str] = "LORA"
+    unsupported_peft_fields: ClassVar[dict[str, Any]] = {
+        "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None,
+        "ensure_weight_tying": False, "eva_config": None, "kasa_config": None, "layer_replication": None,
+        "loftq_config": {}, "lora_bias": False, "lora_ga_config": None, "megatron_config": None,
+        "megatron_core": "megatron.core", "monteclora_config": None, "qalora_group_size": 16,
+        "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False,
+        "velora_config": None,
+    }
+
+    r: int = 8
+    """Rank of the update."""
+    lora_alpha: float = 8
+    """Scale numerator: the update is multiplied by lora_alpha / r (or / √r with use_rslora)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter's input (the base path is never dropped)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling lora_alpha / √r."""
+    init_lora_weights: Union[bool, str] = True
+    """True: Kaiming-uniform A, zero B (a no-op at step 0); "gaussian"; "pissa" (SVD of W); "olora" (QR of W);
+    False: random B too (for tests)."""
+    bias: str = "none"
+    """Which biases train with the adapter: "none", "all", or "lora_only" (biases of adapted layers)."""
+    fan_in_fan_out: bool = False
+    """Set for layers storing weight as [in, out] (GPT-2's Conv1D); lorakit detects those layers itself."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+
+    @property
+    def variant(self) -> str:
+        return "DORA" if self.use_dora else "LORA"
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        init = self.init_lora_weights
+        if not (isinstance(init, bool) or init in ("gaussian", "pissa", "olora")):
+            raise ConfigError(f"init_lora_weights must be True, False, 'gaussian', 'pissa' or 'olora', got {init!r}")
+        for name, r in self.rank_pattern.items():
+            if not isinstance(r, int) or r <= 0:
+                raise ConfigError(f"rank_pattern[{name!r}] must be a positive integer, got {r!r}")
+
+    def rank_for(self, module_name: str) -> int:
+        key = pattern_key(self.rank_pattern, module_name)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        key = pattern_key(self.alpha_pattern, module_name)
+        return self.alpha_pattern[key] if key is not None else self.lora_alpha

@@ -1,0 +1,196 @@
+"""Adapter files in PEFT's layout: adapter_config.json + adapter_model.safetensors.
+
+Keys are `base_model.model.<module path>.<delta suffix>` with the adapter name left out, exactly as
+PEFT writes them. Loading checks everything (config, file integrity, keys, shapes, finite values)
+against deltas built next to the model, and only then changes the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Union
+
+import torch
+from torch import nn
+
+from .errors import AdapterFormatError, ShapeMismatchError
+from .model import AdapterPlan, adapted_layers, attach, get_config, plan_adapter, saved_modules
+from .registry import config_from_peft_dict
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+
+# --- saving -------------------------------------------------------------------------------------------
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's keys."""
+    config = get_config(model, name)
+    out: dict[str, torch.Tensor] = {}
+    adapted = dict(adapted_layers(model))
+    for path, layer in adapted.items():
+        if name in layer.deltas:
+            for suffix, t in layer.deltas[name].peft_tensors().items():
+                out[f"{PREFIX}{path}.{suffix}"] = t
+    for path, holder in saved_modules(model):
+        if name in holder.copies:
+            for key, t in holder.copies[name].state_dict().items():
+                out[f"{PREFIX}{path}.{key}"] = t
+    bias_mode = getattr(config, "bias", "none")
+    if bias_mode != "none":
+        own = {f"{p}.base_layer.bias" for p, layer in adapted.items() if name in layer.deltas}
+        for key, p in model.named_parameters():
+            internal = ".deltas." in key or ".copies." in key or ".original_module." in key
+            if key.endswith("bias") and not internal and (bias_mode == "all" or key in own):
+                out[f"{PREFIX}{key}"] = p
+    return out
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(model: nn.Module, directory: Union[str, os.PathLike], name: str = "default") -> Path:
+    """Write the adapter as PEFT does. Each file is written to a temporary name and renamed into place."""
+    from safetensors.torch import save_file
+
+    config = get_config(model, name)
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model, name).items()}
+    targets = sorted(p for p, layer in adapted_layers(model) if name in layer.deltas)
+    data = config.to_peft_dict()
+    data["target_modules"] = targets if isinstance(config.target_modules, str) else config.target_modules
+    data["inference_mode"] = True
+    hf_config = getattr(model, "config", None)
+    if data.get("base_model_name_or_path") is None and hf_config is not None:
+        data["base_model_name_or_path"] = getattr(hf_config, "_name_or_path", None) or None
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+    return out
+
+
+# --- reading ------------------------------------------------------------------------------------------
+def read_config(directory: Union[str, os.PathLike]):
+    d = Path(directory)
+    if not d.is_dir():
+        raise AdapterFormatError(f"no adapter directory at {d}")
+    path = d / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterFormatError(f"{d} has no {CONFIG_NAME}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFormatError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise AdapterFormatError(f"{path} must hold a JSON object")
+    return config_from_peft_dict(data)
+
+
+def read_tensors(directory: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
+    d = Path(directory)
+    if (d / WEIGHTS_NAME).is_file():
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(d / WEIGHTS_NAME)
+        except Exception as e:  # safetensors raises its own SafetensorError and OSErrors
+            raise AdapterFormatError(f"{d / WEIGHTS_NAME} is truncated or corrupt: {e}") from None
+    if (d / PICKLE_NAME).is_file():
+        try:  # weights_only: never unpickle arbitrary objects
+            data = torch.load(d / PICKLE_NAME, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise AdapterFormatError(f"{d / PICKLE_NAME} could not be read safely: {e}") from None
+        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise AdapterFormatError(f"{d / PICKLE_NAME} does not hold a dict of tensors")
+        return data
+    raise AdapterFormatError(f"{d} has neither {WEIGHTS_NAME} nor {PICKLE_NAME}")
+
+
+def _sort_tensors(model: nn.Module, plan: AdapterPlan, tensors: dict[str, torch.Tensor]):
+    """Assign every saved tensor to a delta, a modules_to_save copy or a base bias; raise on leftovers."""
+    per_delta = {p: {} for p in plan.deltas}
+    per_saved = {p: {} for p in plan.saved}
+    biases, unknown = {}, []
+    params = dict(model.named_parameters())
+    for raw_key, t in tensors.items():
+        key = raw_key[len(PREFIX):] if raw_key.startswith(PREFIX) else raw_key
+        owner = max((p for p in plan.deltas if key.startswith(p + ".")), key=len, default=None)
+        if owner is not None and key[len(owner) + 1:] in plan.deltas[owner].peft_tensors():
+            per_delta[owner][key[len(owner) + 1:]] = t
+            continue
+        saved = next((p for p in plan.saved if key.startswith(p + ".")), None)
+        if saved is not None:
+            per_saved[saved][key[len(saved) + 1:]] = t
+            continue
+        plain = key.replace(".base_layer.", ".")
+        if key.endswith("bias") and (key in params or plain in params):
+            biases[key] = (params[key] if key in params else params[plain], t)  # the Parameter survives wrapping
+            continue
+        unknown.append(raw_key)
+    if unknown:
+        raise AdapterFormatError(f"{len(unknown)} saved tensors match no module of this model (a different base "
+                                 f"model?): {unknown[:4]}")
+    return per_delta, per_saved, biases
+
+
+def _check(label: str, t: torch.Tensor, expected: torch.Tensor) -> None:
+    if tuple(t.shape) != tuple(expected.shape):
+        raise ShapeMismatchError(f"{label}: saved shape {tuple(t.shape)} but this model needs {tuple(expected.shape)} "
+                                 "(a different base model, or r / rank_pattern changed?)")
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise AdapterFormatError(f"{label} holds NaN or inf values")
+
+
+def _validate(model, plan, per_delta, per_saved, biases) -> None:
+    for path, delta in plan.deltas.items():
+        missing = sorted(set(delta.peft_tensors()) - set(per_delta[path]))
+        if missing:
+            raise AdapterFormatError(f"the file lacks {missing} for {path}")
+        for suffix, expected in delta.peft_tensors().items():
+            _check(f"{path}.{suffix}", per_delta[path][suffix], expected)
+    for path, sd in per_saved.items():
+        expected = model.get_submodule(path).state_dict()
+        if set(sd) != set(expected):
+            raise AdapterFormatError(f"modules_to_save {path}: saved keys {sorted(sd)} but the module has {sorted(expected)}")
+        for key, t in sd.items():
+            _check(f"{path}.{key}", t, expected[key])
+    for key, (param, t) in biases.items():
+        _check(key, t, param)
+
+
+def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], name: str = "default",
+                 trainable: bool = False) -> nn.Module:
+    """Load a PEFT or lorakit adapter directory into `model` as adapter `name` (inactive unless it is the
+    model's first adapter, as in PEFT). trainable=False freezes it, like PEFT's is_trainable=False.
+    Raises a LorakitError and leaves the model untouched if anything does not fit."""
+    config = read_config(directory)
+    tensors = read_tensors(directory)
+    plan = plan_adapter(model, config, name)
+    per_delta, per_saved, biases = _sort_tensors(model, plan, tensors)
+    _validate(model, plan, per_delta, per_saved, biases)
+    for path, delta in plan.deltas.items():
+        delta.load_peft_tensors(per_delta[path])
+    attach(model, plan, fresh=False)
+    with torch.no_grad():
+        for path, sd in per_saved.items():
+            model.get_submodule(path).copies[name].load_state_dict(sd)
+        for param, t in biases.values():
+            param.copy_(t)
+    if not trainable:
+        for delta in plan.deltas.values():
+            delta.requires_grad_(False)
+        for path in plan.saved:
+            model.get_submodule(path).copies[name].requires_grad_(False)
+    return model

@@ -1,0 +1,265 @@
+"""The functional, in-place API on any nn.Module: add, activate, disable, merge, unload, delete.
+
+Adding an adapter is two steps: `plan_adapter` builds the new deltas next to the model without touching
+it (so io can validate loaded tensors against them first), and `attach` puts them in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence, Union
+
+from torch import nn
+
+from .adapted import AdaptedLayer
+from .config import AdapterConfig
+from .delta import Delta
+from .errors import AdapterNameError
+from .layers import ops_for
+from .registry import delta_class
+from .saved import SavedModule
+from .targeting import candidate_modules, find_targets
+
+_STATE_ATTR = "lorakit_state"
+
+
+@dataclass
+class AdapterState:
+    """Per-model bookkeeping, stored on the model itself (no wrapper object)."""
+
+    configs: dict[str, AdapterConfig] = field(default_factory=dict)
+    active: tuple[str, ...] = ()
+    requires_grad_before: dict[str, bool] = field(default_factory=dict)  # restored by unload
+
+
+def state(model: nn.Module) -> AdapterState:
+    st = model.__dict__.get(_STATE_ATTR)
+    return st if st is not None else AdapterState()
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, AdaptedLayer))
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, SavedModule))
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    return list(state(model).configs)
+
+
+def get_config(model: nn.Module, name: str) -> AdapterConfig:
+    _require(model, [name])
+    return state(model).configs[name]
+
+
+# --- adding ------------------------------------------------------------------------------------------
+@dataclass
+class AdapterPlan:
+    name: str
+    config: AdapterConfig
+    deltas: dict[str, Delta]  # module path → new delta (not yet in the model)
+    saved: list[str]  # module paths that get a modules_to_save copy
+
+
+def _check_new_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        raise AdapterNameError(f"adapter names are letters, digits, '_' and '-', got {name!r}")
+    if name in state(model).configs:
+        raise AdapterNameError(f"an adapter named {name!r} already exists; delete it first or pick another name")
+
+
+def plan_adapter(model: nn.Module, config: AdapterConfig, name: str) -> AdapterPlan:
+    """Build the adapter's deltas for this model without changing the model."""
+    _check_new_name(model, name)
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be a lorakit adapter config, got {type(config).__name__}")
+    modules = dict(candidate_modules(model))
+    cls = delta_class(config)
+    deltas = {path: cls(ops_for(modules[path]), config, path) for path in find_targets(model, config)}
+    saved = [path for path, m in model.named_modules() if path and _is_saved_target(config, path, m, model)]
+    return AdapterPlan(name, config, deltas, saved)
+
+
+def _is_saved_target(config: AdapterConfig, path: str, module: nn.Module, model: nn.Module) -> bool:
+    if not config.modules_to_save or isinstance(module, AdaptedLayer):
+        return False
+    if any(path.startswith(p + ".") for p, _ in saved_modules(model)):
+        return False  # a module inside an existing copy
+    return isinstance(module, SavedModule) or any(path == m or path.endswith("." + m) for m in config.modules_to_save)
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_name, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def attach(model: nn.Module, plan: AdapterPlan, fresh: bool = True) -> None:
+    """Put a planned adapter into the model (in place). fresh: run data-dependent inits (PiSSA, OLoRA)."""
+    st = state(model)
+    if not st.configs:  # first adapter: freeze the base, remembering what was trainable
+        st.requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
+        model.requires_grad_(False)
+        model.__dict__[_STATE_ATTR] = st
+    for path, delta in plan.deltas.items():
+        layer = model.get_submodule(path)
+        if not isinstance(layer, AdaptedLayer):
+            layer = AdaptedLayer(layer, delta.ops)
+            layer.active = st.active
+            _replace(model, path, layer)
+        layer.deltas[plan.name] = delta
+        if fresh:
+            delta.on_attach(layer)
+    for path in plan.saved:
+        holder = model.get_submodule(path)
+        if not isinstance(holder, SavedModule):
+            holder = SavedModule(holder)
+            holder.active = st.active
+            _replace(model, path, holder)
+        holder.add_copy(plan.name)
+    _train_biases(model, plan)
+    st.configs[plan.name] = plan.config
+    if not st.active:
+        set_active(model, plan.name)
+
+
+def _train_biases(model: nn.Module, plan: AdapterPlan) -> None:
+    mode = getattr(plan.config, "bias", "none")
+    if mode == "all":
+        for n, p in model.named_parameters():
+            if n.endswith("bias") and ".deltas." not in n:
+                p.requires_grad_(True)
+    elif mode == "lora_only":
+        for path in plan.deltas:
+            bias = getattr(model.get_submodule(path).base_layer, "bias", None)
+            if bias is not None:
+                bias.requires_grad_(True)
+
+
+def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn.Module:
+    """Adapt `model` in place and freeze its base. The first adapter becomes active; later ones are
+    added inactive (as in PEFT): call set_active to use them. Returns the same model object."""
+    attach(model, plan_adapter(model, config, name))
+    return model
+
+
+# --- activating, disabling, merging --------------------------------------------------------------------
+def _require(model: nn.Module, names: Sequence[str]) -> None:
+    known = state(model).configs
+    for n in names:
+        if n not in known:
+            raise AdapterNameError(f"no adapter named {n!r}; this model has {sorted(known)}")
+
+
+def set_active(model: nn.Module, names: Union[str, Sequence[str], None]) -> None:
+    """Use one adapter, several (their outputs are summed), or none (None)."""
+    wanted = () if names is None else (names,) if isinstance(names, str) else tuple(names)
+    _require(model, wanted)
+    if any(layer.merged for _, layer in adapted_layers(model)):
+        warnings.warn("lorakit: unmerging adapters before switching the active set", stacklevel=2)
+        unmerge(model)
+    state(model).active = wanted
+    for _, m in [*adapted_layers(model), *saved_modules(model)]:
+        m.active = wanted
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(state(model).active)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """Within the block the model behaves as its base (merged adapters are taken out and put back)."""
+    was_merged = {n: list(layer.merged) for n, layer in adapted_layers(model)}
+    unmerge(model)
+    wrappers = [m for _, m in [*adapted_layers(model), *saved_modules(model)]]
+    for m in wrappers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in wrappers:
+            m.disabled = False
+        for n, layer in adapted_layers(model):
+            layer.merge(tuple(was_merged.get(n, ())))
+
+
+def merge(model: nn.Module, names: Optional[Sequence[str]] = None) -> None:
+    """Add the active (or named) adapters' ΔW into the base weights: no added latency afterwards."""
+    names = tuple(state(model).active if names is None else names)
+    _require(model, names)
+    for _, layer in adapted_layers(model):
+        layer.merge(names)
+
+
+def unmerge(model: nn.Module) -> None:
+    for _, layer in adapted_layers(model):
+        layer.unmerge()
+
+
+_merge = merge  # unload's `merge` flag shadows the function
+
+
+# --- removing -----------------------------------------------------------------------------------------
+def delete_adapter(model: nn.Module, name: str) -> None:
+    _require(model, [name])
+    unmerge(model)
+    st = state(model)
+    for path, layer in list(adapted_layers(model)):
+        if name in layer.deltas:
+            del layer.deltas[name]
+            if not len(layer.deltas):
+                _replace(model, path, layer.base_layer)
+    for path, holder in list(saved_modules(model)):
+        if name in holder.copies:
+            del holder.copies[name]
+            if not len(holder.copies):
+                _replace(model, path, holder.original_module)
+    del st.configs[name]
+    set_active(model, tuple(n for n in st.active if n != name))
+    if not st.configs:
+        _forget(model, st)
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Remove every lorakit module. merge=True first merges the active adapters (and keeps their
+    modules_to_save copies); merge=False gives back the base model. Returns the same model object."""
+    st = state(model)
+    if merge:
+        _merge(model)
+    else:
+        unmerge(model)
+    for path, layer in list(adapted_layers(model)):
+        _replace(model, path, layer.base_layer)
+    for path, holder in list(saved_modules(model)):
+        _replace(model, path, holder.current() if merge else holder.original_module)
+    _forget(model, st)
+    return model
+
+
+def _forget(model: nn.Module, st: AdapterState) -> None:
+    for n, p in model.named_parameters():
+        p.requires_grad_(st.requires_grad_before.get(n, p.requires_grad))
+    model.__dict__.pop(_STATE_ATTR, None)
+
+
+# --- reporting ----------------------------------------------------------------------------------------
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all), counted as PEFT's get_nb_trainable_parameters does."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * getattr(p, "lorakit_numel_factor", 1)  # packed 4-bit weights count per value
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def trainable_report(model: nn.Module) -> str:
+    trainable, total = count_parameters(model)
+    share = 100 * trainable / total if total else 0.0
+    return f"trainable: {trainable:,} || all params: {total:,} || trainable%: {share:.3f}"
+

@@ -1,0 +1,124 @@
+"""Which modules a config adapts: PEFT's matching rules, with helpful errors when nothing matches."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Iterator
+
+from torch import nn
+
+from .config import AdapterConfig
+from .errors import TargetError
+from .layers import is_linear, ops_for
+
+SEQ_CLS_HEAD_NAMES = ("classifier", "score")
+
+
+def _matches_names(names, key: str) -> bool:
+    """PEFT's rule: a string is a regex fullmatch; a list matches the full name or a `.`-suffix."""
+    if isinstance(names, str):
+        return re.fullmatch(names, key) is not None
+    return key in names or any(key.endswith(f".{n}") for n in names)
+
+
+def _layer_index_ok(config: AdapterConfig, key: str) -> bool:
+    wanted = config.layers_to_transform
+    if wanted is None or wanted == []:
+        return True
+    patterns = config.layers_pattern
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)  # the first numbered segment
+    else:
+        match = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match:
+                break
+    if match is None:
+        return False
+    idx = int(match.group("idx"))
+    return idx == wanted if isinstance(wanted, int) else idx in wanted
+
+
+def _in_modules_to_save(config: AdapterConfig, key: str) -> bool:
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key) for m in config.modules_to_save or [])
+
+
+def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) for every module, lorakit's own internals skipped; an adapted layer counts as its base."""
+    from .adapted import AdaptedLayer
+    from .saved import SavedModule
+
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(s) for s in skip):
+            continue
+        if isinstance(module, AdaptedLayer):
+            skip.append(f"{name}.")
+            yield name, module.base_layer
+        elif isinstance(module, SavedModule):
+            skip.append(f"{name}.")
+        elif name:
+            yield name, module
+
+
+def expand_all_linear(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """PEFT's "all-linear": every Linear/Conv1D except the output head (and the classifier for SEQ_CLS)."""
+    excluded = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is None and config.task_type == "SEQ_CLS":
+        head = next((getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)), None)
+    if head is None and not callable(get_out):
+        head = getattr(model, "lm_head", None)  # plain modules: the usual name of an output head
+    for name, module in model.named_modules():
+        if head is not None and (module is head or getattr(module, "base_layer", None) is head):
+            excluded.add(name)
+    return sorted(name for name, m in candidate_modules(model) if is_linear(m) and name not in excluded)
+
+
+def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Names of the modules this config adapts. Raises TargetError if none, or if one cannot be adapted."""
+    targets = config.target_modules
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        targets = expand_all_linear(model, config)
+    found, unsupported = [], []
+    for name, module in candidate_modules(model):
+        if config.exclude_modules and _matches_names(config.exclude_modules, name):
+            continue
+        if _in_modules_to_save(config, name):
+            continue
+        if not _matches_names(targets, name) or not _layer_index_ok(config, name):
+            continue
+        try:
+            supported = ops_for(module) is not None
+        except TargetError as e:
+            raise TargetError(f"cannot adapt {name}: {e}") from None
+        (found if supported else unsupported).append(name)
+    if unsupported:
+        kinds = sorted({type(dict(candidate_modules(model))[n]).__name__ for n in unsupported})
+        raise TargetError(
+            f"target_modules match modules lorakit cannot adapt ({', '.join(kinds)}): {unsupported[:5]}; "
+            "supported are Linear, Embedding, Conv1d/2d/3d and transformers' Conv1D"
+        )
+    if not found:
+        raise TargetError(f"target_modules {config.target_modules!r} match no module of {type(model).__name__}; "
+                          f"{_closest_names(model, config.target_modules)}")
+    return found
+
+
+def _closest_names(model: nn.Module, targets) -> str:
+    names = [n for n, m in candidate_modules(model) if ops_for_safe(m)]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    wanted = [targets] if isinstance(targets, str) else list(targets)
+    close = sorted({c for w in wanted for c in difflib.get_close_matches(str(w), leaves + names, n=3, cutoff=0.5)})
+    hint = f"closest module names: {close}" if close else "no similar names"
+    return f"{hint}; adaptable leaf names in this model: {leaves[:20]}"
+
+
+def ops_for_safe(module: nn.Module) -> bool:
+    try:
+        return ops_for(module) is not None
+    except TargetError:
+        return False
