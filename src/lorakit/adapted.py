@@ -86,6 +86,9 @@ class AdaptedLayer(KeepsBaseKeys):
         self.active: tuple[str, ...] = ()
         self.merged: list[str] = []  # names merged into the base weight, in merge order
         self.disabled = False
+        # Extension slots, each a callable (layer, x, *args, **kwargs) -> y, kept outside this file:
+        self.routing = None  # per-row adapters for a mixed batch (set inside lorakit.per_row)
+        self.fast_path = None  # a fused implementation (set by lorakit.optimize); must equal reference_forward
 
     def base_weight(self) -> torch.Tensor:
         """The dense base weight in the layer's own layout (the one accessor deltas use)."""
@@ -95,6 +98,14 @@ class AdaptedLayer(KeepsBaseKeys):
         self.weight_source.set(w)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.routing is not None:
+            return self.routing(self, x, *args, **kwargs)
+        if self.fast_path is not None and not self.disabled:
+            return self.fast_path(self, x, *args, **kwargs)
+        return self.reference_forward(x, *args, **kwargs)
+
+    def reference_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The reference math every fast path is tested against."""
         y = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return y

@@ -7,7 +7,7 @@ The base weight reaches a delta only through `layer.base_weight()` / `layer.set_
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
@@ -55,6 +55,10 @@ class Delta(nn.Module):
         """Copy already-validated tensors (same keys and shapes as peft_tensors()) into this delta."""
         for key, param in self.peft_tensors().items():
             param.copy_(tensors[key])
+
+    def regularizer(self) -> Optional[torch.Tensor]:
+        """An extra training loss term for this delta (AdaLoRA's orthogonality), or None."""
+        return None
 
     def on_attach(self, layer: "AdaptedLayer") -> None:
         """Called once when a freshly initialised delta joins its layer (data-dependent inits use it)."""

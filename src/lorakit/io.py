@@ -132,7 +132,7 @@ def _sort_tensors(model: nn.Module, plan: AdapterPlan, tensors: dict[str, torch.
             continue
         saved = next((p for p in plan.saved if key.startswith(p + ".")), None)
         if saved is not None:
-            per_saved[saved][key[len(saved) + 1:]] = t
+            _sort_saved(model, saved, key[len(saved) + 1:], t, per_saved, biases)
             continue
         plain = key.replace(".base_layer.", ".")
         if key.endswith("bias") and (key in params or plain in params):
@@ -143,6 +143,20 @@ def _sort_tensors(model: nn.Module, plan: AdapterPlan, tensors: dict[str, torch.
         raise AdapterFormatError(f"{len(unknown)} saved tensors match no module of this model (a different base "
                                  f"model?): {unknown[:4]}")
     return per_delta, per_saved, biases
+
+
+def _sort_saved(model, path, rest, t, per_saved, biases) -> None:
+    """A modules_to_save tensor. PEFT with bias="all" also writes `<path>.modules_to_save.<k>` (the copy's
+    tensor again) and `<path>.original_module.<k>` (the original's); load those as PEFT does."""
+    head, _, tail = rest.partition(".")
+    if head == "modules_to_save":
+        per_saved[path].setdefault(tail, t)
+    elif head == "original_module":
+        module = model.get_submodule(path)
+        original = getattr(module, "original_module", module)
+        biases[f"{path}.{rest}"] = (original.get_parameter(tail), t)
+    else:
+        per_saved[path][rest] = t
 
 
 def _check(label: str, t: torch.Tensor, expected: torch.Tensor) -> None:

@@ -36,8 +36,8 @@ class LoraDelta(Delta):
 
     @torch.no_grad()
     def _init_factors(self) -> None:
-        if self.ops.kind == "embedding":  # PEFT's embedding init is the other way round
-            nn.init.zeros_(self.lora_A)
+        if self.ops.kind == "embedding":  # PEFT's embedding init is the other way round (A zero, B normal)
+            nn.init.normal_(self.lora_A) if self.init is False else nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)
             return
         if self.init == "gaussian":

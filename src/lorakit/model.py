@@ -263,3 +263,18 @@ def trainable_report(model: nn.Module) -> str:
     share = 100 * trainable / total if total else 0.0
     return f"trainable: {trainable:,} || all params: {total:,} || trainable%: {share:.3f}"
 
+
+
+# --- training integration -------------------------------------------------------------------------------
+def training_hooks(model: nn.Module) -> list:
+    """Hooks of the active adapters' variants, for any training loop (lorakit's own calls them):
+    add `hook.extra_loss()` to the loss, call `hook.after_step(step)` after each optimizer step."""
+    from .registry import TRAINING_HOOKS
+
+    st = state(model)
+    hooks = []
+    for name in st.active:
+        factory = TRAINING_HOOKS.get(st.configs[name].variant)
+        if factory is not None:
+            hooks.append(factory(model, name, st.configs[name]))
+    return hooks

@@ -6,7 +6,7 @@ injection and io look things up here and never branch on the variant.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import ConfigError
 
@@ -16,6 +16,11 @@ if TYPE_CHECKING:
 
 CONFIGS: dict[str, type["AdapterConfig"]] = {}
 DELTAS: dict[str, type["Delta"]] = {}
+# variant → factory(model, adapter_name, config) of a training hook: an object with
+#   extra_loss() -> Tensor | None   (added to the loss before backward)
+#   after_step(step: int) -> None   (after optimizer.step(), before zero_grad; e.g. AdaLoRA's allocator)
+#   on_save() -> None               (before the adapter is written, e.g. to drop pruned ranks)
+TRAINING_HOOKS: dict[str, Callable] = {}
 
 
 def register(variant: str, config_cls: type["AdapterConfig"], delta_cls: type["Delta"]) -> None:
