@@ -208,3 +208,32 @@ def test_first_adapter_active_later_ones_not_and_warnings_free():
         lorakit.add_adapter(model, _lora(target_modules=["0"]), name="b")
     assert lorakit.active_adapters(model) == ["a"]
     assert lorakit.list_adapters(model) == ["a", "b"]
+
+
+def test_adapters_targeting_different_layers_can_be_active_together():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    lorakit.add_adapter(model, _lora(target_modules=["0", "2"]), name="a")
+    lorakit.add_adapter(model, _lora(target_modules=["2"]), name="b")
+    x = torch.randn(3, 8)
+    lorakit.set_active(model, ["a", "b"])
+    both = model(x)
+    lorakit.merge(model)
+    assert torch.allclose(model(x), both, atol=1e-6)
+
+
+def test_adapters_added_to_an_eval_model_are_in_eval_mode():
+    model = nn.Sequential(nn.Linear(8, 8)).eval()
+    lorakit.add_adapter(model, _lora(target_modules=["0"], lora_dropout=0.5, task_type=None, modules_to_save=None))
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(4, 8)
+    assert torch.equal(model(x), model(x))
+
+
+def test_second_adapter_with_modules_to_save_loads(minilm_cls, tmp_path):
+    cfg = _lora(target_modules=["query"], task_type="SEQ_CLS")
+    lorakit.add_adapter(minilm_cls, cfg, name="a")
+    lorakit.save_adapter(minilm_cls, tmp_path / "a", name="a")
+    lorakit.load_adapter(minilm_cls, tmp_path / "a", name="b")
+    assert set(minilm_cls.classifier.copies) == {"a", "b"}
+    assert oct((tmp_path / "a" / "adapter_model.safetensors").stat().st_mode & 0o777) != "0o600"

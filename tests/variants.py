@@ -27,8 +27,31 @@ def _lora(targets, fresh):
     return lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=True if fresh else False)
 
 
+def _dora(targets, fresh):
+    return lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True,
+                              init_lora_weights=True if fresh else False)
+
+
+def _loha(targets, fresh):
+    return lorakit.LoHaConfig(r=3, alpha=6, target_modules=targets, init_weights=fresh)
+
+
+def _lokr(targets, fresh):
+    return lorakit.LoKrConfig(r=2, alpha=4, target_modules=targets, init_weights=fresh)
+
+
+def _adalora(targets, fresh):
+    return lorakit.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=0.1 if not fresh else 8, total_step=10,
+                                 target_modules=targets,
+                                 init_lora_weights=fresh)
+
+
 VARIANTS: list[VariantCase] = [
     VariantCase("lora", _lora, ("linear", "embedding", "conv1d", "conv2d", "conv3d", "gpt2")),
+    VariantCase("dora", _dora, ("linear", "embedding", "conv1d", "conv2d", "conv3d", "gpt2")),
+    VariantCase("loha", _loha, ("linear", "conv1d", "conv2d")),  # PEFT: Linear, Conv1d, Conv2d
+    VariantCase("lokr", _lokr, ("linear", "conv1d", "conv2d")),  # PEFT: Linear, Conv1d, Conv2d
+    VariantCase("adalora", _adalora, ("linear", "conv2d", "gpt2")),  # PEFT: Linear, Conv1D, Conv2d
 ]
 
 

@@ -110,7 +110,7 @@ class AdaptedLayer(KeepsBaseKeys):
         if self.disabled:
             return y
         for name in self.active:
-            if name not in self.merged:
+            if name in self.deltas and name not in self.merged:  # an adapter need not target every layer
                 y = self.deltas[name](x, y, self)
         return y
 

@@ -50,11 +50,21 @@ class Delta(nn.Module):
         """{PEFT key suffix (e.g. "lora_A.weight"): parameter}; the suffix follows the module path."""
         raise NotImplementedError
 
+    def peft_tensors_for_save(self) -> dict[str, torch.Tensor]:
+        """What save_adapter writes; the same as peft_tensors() unless the variant drops state at save
+        time (AdaLoRA leaves out its pruned ranks, as PEFT does)."""
+        return self.peft_tensors()
+
     @torch.no_grad()
     def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy already-validated tensors (same keys and shapes as peft_tensors()) into this delta."""
         for key, param in self.peft_tensors().items():
             param.copy_(tensors[key])
+
+    def low_rank_factors(self) -> Optional[tuple[torch.Tensor, torch.Tensor, float]]:
+        """(B [out, r], A [r, in·k], s) with canonical ΔW_c = s·B·A (flattened to [out, in·k]), when ΔW
+        is exactly that product; None otherwise. Lets analysis take ΔW's SVD from the factors."""
+        return None
 
     def regularizer(self) -> Optional[torch.Tensor]:
         """An extra training loss term for this delta (AdaLoRA's orthogonality), or None."""

@@ -34,7 +34,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     adapted = dict(adapted_layers(model))
     for path, layer in adapted.items():
         if name in layer.deltas:
-            for suffix, t in layer.deltas[name].peft_tensors().items():
+            for suffix, t in layer.deltas[name].peft_tensors_for_save().items():
                 out[f"{PREFIX}{path}.{suffix}"] = t
     for path, holder in saved_modules(model):
         if name in holder.copies:
@@ -55,6 +55,9 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -175,7 +178,8 @@ def _validate(model, plan, per_delta, per_saved, biases) -> None:
         for suffix, expected in delta.peft_tensors().items():
             _check(f"{path}.{suffix}", per_delta[path][suffix], expected)
     for path, sd in per_saved.items():
-        expected = model.get_submodule(path).state_dict()
+        module = model.get_submodule(path)
+        expected = getattr(module, "original_module", module).state_dict()  # not an existing SavedModule's copies
         if set(sd) != set(expected):
             raise AdapterFormatError(f"modules_to_save {path}: saved keys {sorted(sd)} but the module has {sorted(expected)}")
         for key, t in sd.items():

@@ -9,7 +9,7 @@ to each base layer type: nn.Linear, transformers' Conv1D (weight stored [in, out
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -110,8 +110,21 @@ def _conv1d_type() -> Optional[type]:
     return Conv1D
 
 
+# Layer types defined outside this file (a quantized linear, bitsandbytes' Linear4bit): (predicate, LayerOps
+# factory) pairs, tried in order before the built-in types. A factory whose LayerOps has kind "linear" makes
+# its type part of "all-linear".
+EXTRA_LAYER_OPS: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], LayerOps]]] = []
+
+
+def _extra_ops_factory(layer: nn.Module) -> Optional[Callable[[nn.Module], LayerOps]]:
+    return next((factory for matches, factory in EXTRA_LAYER_OPS if matches(layer)), None)
+
+
 def ops_for(layer: nn.Module) -> Optional[LayerOps]:
     """LayerOps for a supported layer, else None."""
+    extra = _extra_ops_factory(layer)
+    if extra is not None:
+        return extra(layer)
     conv1d = _conv1d_type()
     if conv1d is not None and isinstance(layer, conv1d):
         return LayerOps(layer, transposed=True)
@@ -125,6 +138,9 @@ def ops_for(layer: nn.Module) -> Optional[LayerOps]:
 
 
 def is_linear(layer: nn.Module) -> bool:
-    """What "all-linear" selects: nn.Linear and Conv1D."""
+    """What "all-linear" selects: nn.Linear, Conv1D and registered linear-like types."""
+    extra = _extra_ops_factory(layer)
+    if extra is not None:
+        return extra(layer).kind == "linear"
     conv1d = _conv1d_type()
     return isinstance(layer, nn.Linear) or (conv1d is not None and isinstance(layer, conv1d))

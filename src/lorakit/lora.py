@@ -77,6 +77,12 @@ class LoraDelta(Delta):
         w_c = (b @ a).view(self.ops.out_features, self.ops.in_features, *self.ops.kernel) * self.scaling
         return self.ops.to_layer_layout(w_c)
 
+    def low_rank_factors(self):
+        """(B [out, r], A [r, in·k], s); None in a subclass whose ΔW is not s·B·A (it overrides delta_weight)."""
+        if type(self).delta_weight is not LoraDelta.delta_weight:
+            return None
+        return self.lora_B.detach().flatten(1), self.lora_A.detach().flatten(1), self.scaling
+
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         if self.ops.kind == "embedding":
             return {"lora_embedding_A": self.lora_A, "lora_embedding_B": self.lora_B}

@@ -112,6 +112,7 @@ def attach(model: nn.Module, plan: AdapterPlan, fresh: bool = True) -> None:
             layer.active = st.active
             _replace(model, path, layer)
         layer.deltas[plan.name] = delta
+        layer.train(layer.base_layer.training)  # an eval-mode model gets eval-mode adapters (no live dropout)
         if fresh:
             delta.on_attach(layer)
     for path in plan.saved:
@@ -121,6 +122,7 @@ def attach(model: nn.Module, plan: AdapterPlan, fresh: bool = True) -> None:
             holder.active = st.active
             _replace(model, path, holder)
         holder.add_copy(plan.name)
+        holder.train(holder.original_module.training)
     _train_biases(model, plan)
     st.configs[plan.name] = plan.config
     if not st.active:

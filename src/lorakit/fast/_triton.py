@@ -1,0 +1,37 @@
+"""Whether a Triton kernel may run on a tensor; kernels import Triton only through here.
+
+LORAKIT_TRITON=0 forces the pure-torch fallbacks (to measure a kernel's gain); with TRITON_INTERPRET=1
+Triton's interpreter runs the kernels on CPU tensors (how the kernels are debugged without a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # pragma: no cover - depends on the install
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs: every kernel has a torch fallback
+    triton = tl = None
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    if not HAS_TRITON or os.environ.get("LORAKIT_TRITON", "1") == "0":
+        return False
+    return all(t.is_cuda or INTERPRET for t in tensors)
+
+
+def row_block(n: int) -> int:
+    """A power-of-two block covering a row of n elements."""
+    return triton.next_power_of_2(n)
+
+
+def warps_for(block: int) -> int:
+    return 16 if block >= 16384 else 8 if block >= 4096 else 4 if block >= 1024 else 2

@@ -1,0 +1,184 @@
+"""Forward patches for HF modules of known shape (Llama, Mistral, Qwen2/3, Gemma 1-3, BERT-likes).
+
+Each patch replaces one module's `forward` on the instance (never the class, so other models in the
+process keep HF's code) with a function that takes the fused route when it applies and calls the
+module's own forward otherwise:
+- attention: q/k/v (or query/key/value) computed in ONE fused call reading the input once, parked on the
+  projections for HF's own attention code to pick up; RoPE fused inside it (rope.py);
+- gated MLP: gate/up in one fused call, act(g)·u in one kernel (swiglu.py), down as usual;
+- RMSNorm: norms.py; causal-LM head + loss: cross_entropy.py (logits are not returned when labels are
+  given in a training forward, as with Liger/Unsloth).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..adapted import AdaptedLayer
+from . import recipes
+from .cross_entropy import linear_cross_entropy, shift_labels
+from .lora_linear import fused_linears, layer_spec, lora_linear_fast_path
+from .norms import fast_rms_forward, norm_style
+from .rope import make_fused_apply, set_fused_rope
+from .swiglu import act_kind, gated_act
+
+SIBLING_GROUPS = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
+_PATCH_ATTR = "_lorakit_patch"  # {"prior": the instance forward it replaced or None}
+
+
+# --- patching ----------------------------------------------------------------------------------------------
+def patch_forward(module: nn.Module, fn: Callable, *extra) -> bool:
+    """module.forward = fn(module, original_forward, *extra, ...); False when already patched."""
+    if _PATCH_ATTR in module.__dict__:
+        return False
+    original = module.forward
+    module.__dict__[_PATCH_ATTR] = {"prior": module.__dict__.get("forward")}
+    module.__dict__["forward"] = functools.partial(fn, module, original, *extra)
+    return True
+
+
+def unpatch_forward(module: nn.Module) -> None:
+    info = module.__dict__.pop(_PATCH_ATTR, None)
+    if info is None:
+        return
+    module.__dict__.pop("forward", None)
+    if info["prior"] is not None:
+        module.__dict__["forward"] = info["prior"]
+
+
+def is_patched(module: nn.Module) -> bool:
+    return _PATCH_ATTR in module.__dict__
+
+
+# --- attention: grouped projections + fused RoPE -------------------------------------------------------------
+def sibling_names(module: nn.Module) -> tuple[str, ...]:
+    for names in SIBLING_GROUPS:
+        if all(isinstance(getattr(module, n, None), nn.Module) for n in names):
+            return names
+    return ()
+
+
+def rope_module(module: nn.Module):
+    """The Python module defining `module`'s class, when it has HF's apply_rotary_pos_emb."""
+    mod = sys.modules.get(type(module).__module__)
+    fn = getattr(mod, "apply_rotary_pos_emb", None)
+    return mod if callable(fn) and type(module).__name__.endswith("Attention") else None
+
+
+def install_fused_rope(mod) -> None:
+    fn = mod.apply_rotary_pos_emb
+    if getattr(fn, "lorakit_original", None) is None:
+        mod.apply_rotary_pos_emb = make_fused_apply(fn)
+
+
+def _grouped_members(module: nn.Module, names: tuple[str, ...]) -> list[AdaptedLayer]:
+    layers = [getattr(module, n) for n in names]
+    return [m for m in layers if isinstance(m, AdaptedLayer) and m.fast_path is lora_linear_fast_path]
+
+
+def attention_forward(module, original, names, *args, **kwargs):
+    x = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
+    members = _grouped_members(module, names) if module.__dict__.get("_lorakit_group_ok", True) else []
+    outs = fused_linears(x, members) if len(members) > 1 and isinstance(x, torch.Tensor) else None
+    prev = set_fused_rope(True)
+    try:
+        if outs is None:
+            return original(*args, **kwargs)
+        recipes.park(members, x, outs)
+        try:
+            result = original(*args, **kwargs)
+        except BaseException:
+            recipes.unpark(members)
+            raise
+        if not recipes.unpark(members):  # this module's projections do not all read its first input
+            module.__dict__["_lorakit_group_ok"] = False
+        return result
+    finally:
+        set_fused_rope(prev)
+
+
+# --- gated MLP -----------------------------------------------------------------------------------------------
+def gated_mlp_kind(module: nn.Module):
+    if not all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj")):
+        return None
+    if not type(module).__name__.endswith("MLP") or not hasattr(module, "act_fn"):
+        return None
+    return act_kind(module.act_fn)
+
+
+def mlp_forward(module, original, kind, x):
+    gate, up = module.gate_proj, module.up_proj
+    outs = None
+    if isinstance(gate, AdaptedLayer) or isinstance(up, AdaptedLayer):
+        outs = fused_linears(x, (gate, up))
+    g, u = outs if outs is not None else (gate(x), up(x))
+    return module.down_proj(gated_act(g, u, kind))
+
+
+# --- causal-LM head and loss -----------------------------------------------------------------------------------
+def causal_lm_eligible(model: nn.Module) -> bool:
+    head = getattr(model, "lm_head", None)
+    if not isinstance(getattr(model, "model", None), nn.Module) or head is None:
+        return False
+    if getattr(getattr(model, "config", None), "final_logit_softcapping", None) is not None:
+        return False
+    return "logits_to_keep" in inspect.signature(type(model).forward).parameters
+
+
+def causal_lm_forward(model, original, *args, **kwargs):
+    labels = kwargs.get("labels")
+    spec = layer_spec(model.lm_head) if type(model.lm_head) is nn.Linear else None
+    head = spec[:2] if spec is not None else None
+    if (labels is None or not torch.is_grad_enabled() or head is None or kwargs.get("logits_to_keep", 0) != 0
+            or "return_dict" in kwargs or kwargs.get("past_key_values") is not None):
+        return original(*args, **kwargs)
+    bound = inspect.signature(type(model).forward).bind(model, *args, **kwargs).arguments
+    bound.pop("self", None)
+    extra = bound.pop("kwargs", {})
+    for name in ("labels", "logits_to_keep"):
+        bound.pop(name, None)
+    outputs = model.model(**bound, **extra)
+    hidden = outputs.last_hidden_state
+    ignore_index = extra.get("ignore_index", -100)
+    target = extra.get("shift_labels")
+    target = shift_labels(labels, ignore_index) if target is None else target
+    w, b = head
+    loss = linear_cross_entropy(hidden, w, b, target, ignore_index, extra.get("num_items_in_batch"))
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+# --- installing ------------------------------------------------------------------------------------------------
+def install(model: nn.Module, *, group: bool, norms: bool, rope: bool, glu: bool, fused_loss: bool) -> dict:
+    """Patch every known module of `model`; returns counts per patch kind."""
+    counts = {"attention": 0, "mlp": 0, "norm": 0, "lm_loss": 0}
+    for _, m in model.named_modules():
+        if isinstance(m, AdaptedLayer) or is_patched(m):
+            continue
+        names = sibling_names(m) if group else ()
+        rope_mod = rope_module(m) if rope else None
+        if names or rope_mod is not None:
+            if rope_mod is not None:
+                install_fused_rope(rope_mod)
+            counts["attention"] += patch_forward(m, attention_forward, names)
+        elif glu and gated_mlp_kind(m) is not None:
+            counts["mlp"] += patch_forward(m, mlp_forward, gated_mlp_kind(m))
+        elif norms and norm_style(m) is not None:
+            counts["norm"] += patch_forward(m, fast_rms_forward)
+    if fused_loss and causal_lm_eligible(model):
+        counts["lm_loss"] += patch_forward(model, causal_lm_forward)
+    return counts
+
+
+def uninstall(model: nn.Module) -> None:
+    for _, m in model.named_modules():
+        unpatch_forward(m)
+        m.__dict__.pop("_lorakit_group_ok", None)

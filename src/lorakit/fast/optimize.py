@@ -1,0 +1,70 @@
+"""`lorakit.optimize(model)`: install the fast paths on a model that has adapters (or none, to speed up
+the frozen parts); `lorakit.unoptimize(model)` takes them out again.
+
+What it does, each part switchable for measurement:
+- every adapted linear gets `fast_path = lora_linear_fast_path` (the fused autograd function; the
+  reference path is taken at call time whenever the layer is merged, disabled, routed, has dropout, a
+  non-LoRA delta or adapters in another dtype than its base);
+- `group`: sibling projections that read one input (q/k/v, query/key/value; gate/up inside `glu`) run as
+  one fused call;
+- `norms`, `rope`, `glu`, `fused_loss`: the HF family patches of families.py (Triton on GPU, torch on CPU);
+- `checkpoint`: False, True (recompute each block) or "offload" (and keep its input on the CPU).
+The reference path (`AdaptedLayer.reference_forward`) is never changed. Call it again after adding
+adapters or layers: it is idempotent and only fills in what is missing.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Union
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..model import adapted_layers
+from . import families
+from .checkpoint import checkpointed_forward, find_blocks
+from .lora_linear import lora_linear_fast_path
+
+_CHECKPOINT_ATTR = "_lorakit_checkpoint"
+
+
+def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: bool = True, glu: bool = True,
+             fused_loss: bool = True, checkpoint: Union[bool, str] = False) -> dict[str, int]:
+    """Install fast paths in place; returns how many modules got each one."""
+    if checkpoint not in (False, True, "offload"):
+        raise ConfigError(f"checkpoint must be False, True or 'offload', got {checkpoint!r}")
+    counts = {"linear": 0}
+    for _, layer in adapted_layers(model):
+        if layer.ops.kind == "linear" and layer.fast_path is None:
+            layer.fast_path = lora_linear_fast_path
+            counts["linear"] += 1
+    counts.update(families.install(model, group=group, norms=norms, rope=rope, glu=glu, fused_loss=fused_loss))
+    counts["checkpoint"] = _install_checkpointing(model, checkpoint) if checkpoint else 0
+    return counts
+
+
+def _install_checkpointing(model: nn.Module, mode: Union[bool, str]) -> int:
+    n = 0
+    for block in find_blocks(model):
+        if _CHECKPOINT_ATTR in block.__dict__:
+            continue
+        original = block.forward
+        block.__dict__[_CHECKPOINT_ATTR] = block.__dict__.get("forward")
+        block.__dict__["forward"] = functools.partial(checkpointed_forward, block, original, mode == "offload")
+        n += 1
+    return n
+
+
+def unoptimize(model: nn.Module) -> None:
+    """Remove every fast path and patch that optimize() installed (the model computes as before)."""
+    for _, layer in adapted_layers(model):
+        if layer.fast_path is lora_linear_fast_path:
+            layer.fast_path = None
+    for m in model.modules():
+        if _CHECKPOINT_ATTR in m.__dict__:
+            prior = m.__dict__.pop(_CHECKPOINT_ATTR)
+            m.__dict__.pop("forward", None)
+            if prior is not None:
+                m.__dict__["forward"] = prior
+    families.uninstall(model)

@@ -1,0 +1,145 @@
+"""Hot-swap: replace a loaded adapter's weights in place from a directory.
+
+    lorakit.hot_swap(model, "default", "adapters/customer-42")
+
+Nothing is re-injected and nothing a compiled graph depends on changes: every parameter keeps its
+identity, shape, dtype and device (values are written with copy_), and no Python attribute that forward
+reads changes. A `torch.compile`d model therefore runs on without recompiling.
+
+Plain LoRA may swap in a smaller rank (zero-padded: the extra rank rows of A and columns of B are 0) and
+a different lora_alpha / rsLoRA scaling (the ratio new_scale / old_scale is folded into lora_B, so the
+layer's Python `scaling` stays). Modules the loaded adapter adapts but the new one does not get ΔW = 0.
+Another variant swaps when the new file builds deltas of the same shapes and constants. The adapter keeps
+its name, active state and config (the new weights are expressed in the loaded rank and scaling).
+Everything is checked before the first tensor is written; on an error the model is unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Union
+
+import torch
+from torch import nn
+
+from . import io
+from .errors import AdapterFormatError, LorakitError
+from .lora import LoraDelta
+from .mixed import clear_stacks
+from .model import adapted_layers, get_config, plan_adapter, saved_modules
+
+_TEMP_NAME = "_lorakit_hot_swap"
+
+# A write is (parameter, new value); a swapper checks one module and returns its writes, or raises.
+Write = tuple[torch.Tensor, torch.Tensor]
+Swapper = Callable[[nn.Module, "nn.Module | None", "dict[str, torch.Tensor] | None"], list[Write]]
+
+
+class HotSwapError(LorakitError, ValueError):
+    """An adapter that cannot replace the loaded one in place (see lorakit.hot_swap)."""
+
+
+def _lora_writes(old: LoraDelta, fresh, tensors) -> list[Write]:
+    """LoRA: zero-pad a smaller rank; fold the scale ratio into B. fresh/tensors None: the new adapter
+    skips this module, so ΔW = 0."""
+    a_old, b_old = old.lora_A, old.lora_B  # [r, in, *k], [out, r, *1]
+    if fresh is None:
+        return [(a_old, torch.zeros_like(a_old)), (b_old, torch.zeros_like(b_old))]
+    keys = list(old.peft_tensors())  # A's key, then B's
+    a_new, b_new = tensors[keys[0]], tensors[keys[1]]
+    if fresh.r > old.r:
+        raise HotSwapError(f"{old.module_name}: the new adapter's rank {fresh.r} is larger than the loaded rank "
+                           f"{old.r}; load the largest-rank adapter first (or use load_adapter)")
+    a = torch.zeros_like(a_old)
+    a[: fresh.r] = a_new.to(a.dtype)
+    b = torch.zeros_like(b_old)
+    ratio = fresh.scaling / old.scaling
+    b[:, : fresh.r] = (b_new.float() * ratio if ratio != 1.0 else b_new).to(b.dtype)
+    return [(a_old, a), (b_old, b)]
+
+
+def _constants(delta: nn.Module) -> dict:
+    return {k: v for k, v in vars(delta).items()
+            if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, tuple))}
+
+
+def _generic_writes(old: nn.Module, fresh, tensors) -> list[Write]:
+    """Any variant: the same tensor shapes and the same constants (rank, scaling...), values copied."""
+    if fresh is None:
+        raise HotSwapError(f"{old.module_name}: the new adapter does not adapt this module, and "
+                           f"{type(old).__name__} has no neutral value to swap in")
+    mine, theirs = _constants(old), _constants(fresh)
+    differ = sorted(k for k in mine.keys() | theirs.keys() if k != "module_name" and mine.get(k) != theirs.get(k))
+    if differ:
+        raise HotSwapError(f"{old.module_name}: the new {type(old).__name__} differs in {differ} "
+                           f"({[mine.get(k) for k in differ]} → {[theirs.get(k) for k in differ]}); "
+                           "only plain LoRA can change rank or scaling in place")
+    writes = []
+    for key, param in old.peft_tensors().items():
+        if tuple(tensors[key].shape) != tuple(param.shape):
+            raise HotSwapError(f"{old.module_name}.{key}: shape {tuple(tensors[key].shape)} ≠ {tuple(param.shape)}")
+        writes.append((param, tensors[key]))
+    return writes
+
+
+# Delta class → swapper; a variant with its own padding or scale rule registers one here.
+SWAPPERS: dict[type, Swapper] = {LoraDelta: _lora_writes}
+
+
+def _plan_writes(model: nn.Module, name: str, directory) -> list[Write]:
+    current = get_config(model, name)
+    config = io.read_config(directory)
+    if config.variant != current.variant:
+        raise HotSwapError(f"adapter {name!r} is {current.variant}; {directory} holds {config.variant}")
+    tensors = io.read_tensors(directory)
+    plan = plan_adapter(model, config, _TEMP_NAME)
+    per_delta, per_saved, biases = io._sort_tensors(model, plan, tensors)
+    io._validate(model, plan, per_delta, per_saved, biases)
+    loaded = {path: layer.deltas[name] for path, layer in adapted_layers(model) if name in layer.deltas}
+    extra = sorted(set(plan.deltas) - set(loaded))
+    if extra:
+        raise HotSwapError(f"the new adapter adapts modules that {name!r} does not ({extra[:4]}); hot-swap cannot "
+                           "inject layers: load it with load_adapter")
+    writes: list[Write] = []
+    for path, old in loaded.items():
+        fresh = plan.deltas.get(path)
+        if fresh is not None and type(fresh) is not type(old):
+            raise HotSwapError(f"{path}: {type(fresh).__name__} cannot replace {type(old).__name__}")
+        swapper = SWAPPERS.get(type(old), _generic_writes)
+        writes += swapper(old, fresh, per_delta.get(path))
+    writes += _saved_writes(model, name, per_saved)
+    writes += [(param, t) for param, t in biases.values()]
+    return writes
+
+
+def _saved_writes(model: nn.Module, name: str, per_saved: dict) -> list[Write]:
+    have = {path: holder.copies[name] for path, holder in saved_modules(model) if name in holder.copies}
+    if set(per_saved) != set(have):
+        raise HotSwapError(f"modules_to_save differ: {name!r} has {sorted(have)}, the new adapter {sorted(per_saved)}")
+    writes = []
+    for path, sd in per_saved.items():
+        current = have[path].state_dict(keep_vars=True)
+        writes += [(current[k], t) for k, t in sd.items()]
+    return writes
+
+
+@torch.no_grad()
+def hot_swap(model: nn.Module, name: str, directory: Union[str, os.PathLike]) -> nn.Module:
+    """Replace adapter `name`'s weights in place with those saved in `directory` (PEFT or lorakit layout).
+
+    Same variant, same or fewer target modules, same or smaller rank (LoRA). Raises a LorakitError and
+    leaves the model untouched when the new adapter does not fit. Returns the same model object."""
+    layers = [layer for _, layer in adapted_layers(model)]
+    if any(name in layer.merged for layer in layers):
+        raise HotSwapError(f"adapter {name!r} is merged into the base weights; call lorakit.unmerge(model) first")
+    try:
+        writes = _plan_writes(model, name, directory)
+    except (KeyError, IndexError) as e:  # a file whose keys fit no delta the way its config says
+        raise AdapterFormatError(f"{directory}: tensors do not fit the adapter's config ({e})") from None
+    for param, value in writes:
+        param.copy_(value.to(device=param.device, dtype=param.dtype))
+    clear_stacks(model)
+    return model
+
+
+__all__ = ["hot_swap", "HotSwapError", "SWAPPERS"]

@@ -1,0 +1,40 @@
+"""Mixed-adapter LoRA compute: stacked adapters, the vectorised torch path, and Triton GPU kernels.
+
+Triton is optional: this package imports it only when a CUDA tensor asks for a kernel, so CPU-only
+installs work. `LORAKIT_NO_KERNELS=1` turns the kernels off (the torch path runs instead).
+Exactness: fp32 kernels equal the torch reference within fp32 rounding (1e-5 relative in the tests);
+bf16 kernels round h to bf16 once (the reference rounds it twice: after A·x and after the scaling).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from .stack import AdapterStack, build_stack, padded_rank, segment_tiles
+from .torch_lora import lora_rows, token_reference
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+# False (or LORAKIT_SGMV=split): the two-kernel SGMV (shrink, then expand), for comparison
+SGMV_FUSED = os.environ.get("LORAKIT_SGMV", "fused") != "split"
+
+
+def sgmv(x2, y2, stack: AdapterStack, slot_map, tiles, block_m: int) -> None:
+    """In place: y2 [N, out] += each tile's LoRA (prefill). See triton_lora."""
+    from . import triton_lora
+
+    run = triton_lora.sgmv if SGMV_FUSED else triton_lora.sgmv_split
+    run(x2, y2, stack.a, stack.bt, stack.scale, slot_map, tiles, block_m)
+
+
+def bgmv(x2, y2, stack: AdapterStack, slot_map, token_gid) -> None:
+    """In place: y2 [N, out] += each row's LoRA, one token per row (decode). See triton_lora."""
+    from .triton_lora import bgmv as run
+
+    run(x2, y2, stack.a, stack.bt, stack.scale, slot_map, token_gid)
+
+
+__all__ = ["AdapterStack", "build_stack", "padded_rank", "segment_tiles", "lora_rows", "token_reference",
+           "HAVE_TRITON", "sgmv", "bgmv"]

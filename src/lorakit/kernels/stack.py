@@ -1,0 +1,81 @@
+"""Adapters stacked per layer: the layout every mixed-batch path computes from.
+
+For the plain-LoRA deltas of one layer that a batch uses (S of them), in slot order:
+    a     [S+1, R, in]   lora_A, rank zero-padded to R
+    bt    [S+1, R, out]  lora_B transposed, zero-padded
+    scale [S+1]          fp32 scaling per slot
+    p     [S+1]          dropout probability per slot (training only)
+Slot S is all zeros: rows without an adapter (or whose adapter does not touch this layer) gather it and
+add exactly 0. Zero-padded ranks add exact zeros as well, so adapters of different ranks share a stack.
+On CUDA, R is padded to a power of two ≥ 16 (the Triton dot needs it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AdapterStack:
+    a: torch.Tensor  # [S+1, R, in]
+    bt: torch.Tensor  # [S+1, R, out]
+    scale: torch.Tensor  # [S+1] fp32
+    p: torch.Tensor  # [S+1] fp32 dropout probabilities
+    max_p: float = 0.0  # the largest of p, known on the host (no device sync to decide on dropout)
+
+    @property
+    def none_slot(self) -> int:
+        return self.a.shape[0] - 1
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[1]
+
+
+def padded_rank(r: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return r
+    return max(16, 1 << (r - 1).bit_length())
+
+
+def dropout_p(delta: nn.Module) -> float:
+    drop = getattr(delta, "dropout", None)
+    return float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
+
+
+def build_stack(deltas: Sequence[nn.Module]) -> AdapterStack:
+    """Stack LoRA deltas (attributes lora_A [r, in], lora_B [out, r], r, scaling) of one linear layer.
+    Differentiable: gradients reach each delta's own parameters."""
+    first = deltas[0].lora_A
+    rank = padded_rank(max(d.r for d in deltas), first.device)
+    a = [F.pad(d.lora_A, (0, 0, 0, rank - d.r)) for d in deltas]  # [R, in]
+    bt = [F.pad(d.lora_B, (0, rank - d.r)).t() for d in deltas]  # [R, out]
+    a.append(torch.zeros_like(a[0]))
+    bt.append(torch.zeros_like(bt[0]))
+    scale = torch.tensor([float(d.scaling) for d in deltas] + [0.0], device=first.device)
+    probs = [dropout_p(d) for d in deltas] + [0.0]
+    p = torch.tensor(probs, device=first.device)
+    return AdapterStack(torch.stack(a), torch.stack(bt).contiguous(), scale, p, max(probs))
+
+
+def segment_tiles(row_gids: Sequence[int], tokens_per_row: int, block_m: int) -> list[tuple[int, int, int]]:
+    """SGMV work list: (first token, token count ≤ block_m, adapter id) for each tile of rows sharing an adapter.
+
+    Row i owns tokens [i·M, (i+1)·M) of the flattened batch. Neighbouring rows with the same adapter merge
+    into one segment; rows without one (-1) get no tile (their output is the base output)."""
+    tiles: list[tuple[int, int, int]] = []
+    i, n = 0, len(row_gids)
+    while i < n:
+        j = i
+        while j + 1 < n and row_gids[j + 1] == row_gids[i]:
+            j += 1
+        if row_gids[i] >= 0:
+            start, end = i * tokens_per_row, (j + 1) * tokens_per_row
+            tiles.extend((s, min(block_m, end - s), row_gids[i]) for s in range(start, end, block_m))
+        i = j + 1
+    return tiles

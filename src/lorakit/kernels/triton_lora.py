@@ -1,0 +1,202 @@
+"""Triton kernels for mixed-adapter LoRA on stacked adapters (Punica's SGMV and BGMV, in Triton).
+
+All adapters of a layer live in one stack (see stack.py): A [S+1, R, in], Bᵀ [S+1, R, out]. One launch
+serves every adapter of the batch; no Python loop over adapters or rows.
+
+- SGMV (prefill): the batch is cut into tiles of ≤ BLOCK_M tokens that share an adapter (segment_tiles).
+  One fused kernel: each program computes its tile's h = scale·x[tile]·A_slotᵀ ([BLOCK_M, R], in registers)
+  and adds h·Bᵀ_slot to a range of output columns of y in place (fp32 accumulate). Programs that share a
+  tile are launched next to each other, so the repeated x reads come from L2. (`sgmv_split` is the
+  two-kernel form: shrink to h in memory, then expand.)
+- BGMV (decode, one token per row): one fused kernel; each program owns one row and a range of output
+  columns, computes the row's h (R values) once and adds h·Bᵀ to its columns.
+A tile or row whose adapter has no plain-LoRA delta on this layer (slot_map[gid] < 0) does nothing.
+Importing this module needs triton; lorakit.kernels imports it only when a CUDA tensor asks for it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile(tiles_ptr, slot_map_ptr, t):
+    """Decode tile t: (first token, number of tokens, slot); the count is 0 when the adapter has no slot here."""
+    start = tl.load(tiles_ptr + 3 * t)
+    count = tl.load(tiles_ptr + 3 * t + 1)
+    slot = tl.load(slot_map_ptr + tl.load(tiles_ptr + 3 * t + 2))
+    count = tl.where(slot >= 0, count, 0)
+    return start.to(tl.int64), count, tl.maximum(slot, 0).to(tl.int64)
+
+
+@triton.jit
+def _sgmv(x_ptr, a_ptr, bt_ptr, y_ptr, tiles_ptr, slot_map_ptr, scale_ptr, K, N, cols_per_program,
+          stride_xm, stride_as, stride_bs, stride_ym,
+          R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+          PRECISION: tl.constexpr):
+    start, count, slot = _tile(tiles_ptr, slot_map_ptr, tl.program_id(1))
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < count
+    x_ptrs = x_ptr + (start + offs_m)[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
+    a_ptrs = a_ptr + slot * stride_as + offs_r[None, :] * K + offs_k[:, None]  # [BK, R]
+    acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        xb = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        ab = tl.load(a_ptrs, mask=k_mask[:, None] & (count > 0), other=0.0)
+        acc = tl.dot(xb.to(ab.dtype), ab, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+    h = (acc * tl.load(scale_ptr + slot)).to(a_ptr.dtype.element_ty)  # [BM, R], rounded as the reference's h
+    first = tl.program_id(0) * cols_per_program
+    last = tl.minimum(first + cols_per_program, N)
+    for n0 in range(first, last, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < last
+        bb = tl.load(bt_ptr + slot * stride_bs + offs_r[:, None] * N + offs_n[None, :],
+                     mask=n_mask[None, :] & (count > 0), other=0.0)  # [R, BN]
+        out = tl.dot(h, bb, input_precision=PRECISION)
+        mask = m_mask[:, None] & n_mask[None, :]
+        y_ptrs = y_ptr + (start + offs_m)[:, None] * stride_ym + offs_n[None, :]
+        y = tl.load(y_ptrs, mask=mask, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + out).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sgmv_shrink(x_ptr, a_ptr, h_ptr, tiles_ptr, slot_map_ptr, scale_ptr, K, stride_xm, stride_as, stride_hm,
+                 R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    start, count, slot = _tile(tiles_ptr, slot_map_ptr, tl.program_id(0))
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < count
+    x_ptrs = x_ptr + (start + offs_m)[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
+    a_ptrs = a_ptr + slot * stride_as + offs_r[None, :] * K + offs_k[:, None]  # [BK, R] (A is [R, K] per slot)
+    acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        xb = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        ab = tl.load(a_ptrs, mask=k_mask[:, None] & (count > 0), other=0.0)
+        acc = tl.dot(xb.to(ab.dtype), ab, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+    acc = acc * tl.load(scale_ptr + slot)
+    h_ptrs = h_ptr + (start + offs_m)[:, None] * stride_hm + offs_r[None, :]
+    tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+
+@triton.jit
+def _sgmv_expand(h_ptr, bt_ptr, y_ptr, tiles_ptr, slot_map_ptr, N, stride_hm, stride_bs, stride_ym,
+                 R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    start, count, slot = _tile(tiles_ptr, slot_map_ptr, tl.program_id(0))
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < count
+    n_mask = offs_n < N
+    hb = tl.load(h_ptr + (start + offs_m)[:, None] * stride_hm + offs_r[None, :], mask=m_mask[:, None], other=0.0)
+    bb = tl.load(bt_ptr + slot * stride_bs + offs_r[:, None] * N + offs_n[None, :],
+                 mask=n_mask[None, :] & (count > 0), other=0.0)  # [R, BN]
+    acc = tl.dot(hb.to(bb.dtype), bb, input_precision=PRECISION)
+    mask = m_mask[:, None] & n_mask[None, :]
+    y_ptrs = y_ptr + (start + offs_m)[:, None] * stride_ym + offs_n[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bgmv(x_ptr, a_ptr, bt_ptr, y_ptr, gid_ptr, slot_map_ptr, scale_ptr, K, N, cols_per_program,
+          stride_xm, stride_as, stride_bs, stride_ym,
+          R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    gid = tl.load(gid_ptr + row)
+    slot = tl.load(slot_map_ptr + tl.maximum(gid, 0))
+    valid = (gid >= 0) & (slot >= 0)
+    slot = tl.maximum(slot, 0).to(tl.int64)
+    offs_r = tl.arange(0, R)
+    offs_k = tl.arange(0, BLOCK_K)
+    partial = tl.zeros((R, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (offs_k < K - k0) & valid
+        xv = tl.load(x_ptr + row * stride_xm + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        av = tl.load(a_ptr + slot * stride_as + offs_r[:, None] * K + k0 + offs_k[None, :],
+                     mask=k_mask[None, :], other=0.0).to(tl.float32)
+        partial += av * xv[None, :]
+    h = tl.sum(partial, axis=1) * tl.load(scale_ptr + slot)  # [R]
+    h = h.to(a_ptr.dtype.element_ty).to(tl.float32)  # rounded as the reference rounds its h
+    first = tl.program_id(1) * cols_per_program
+    last = tl.minimum(first + cols_per_program, N)
+    for n0 in range(first, last, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = (offs_n < last) & valid
+        bv = tl.load(bt_ptr + slot * stride_bs + offs_r[:, None] * N + offs_n[None, :],
+                     mask=n_mask[None, :], other=0.0).to(tl.float32)  # [R, BN]
+        y_ptrs = y_ptr + row * stride_ym + offs_n
+        y = tl.load(y_ptrs, mask=n_mask, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + tl.sum(bv * h[:, None], axis=0)).to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    if not torch.cuda.is_available():  # the Triton interpreter, on CPU tensors
+        return 4
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sgmv(x2, y2, a, bt, scale, slot_map, tiles, block_m: int) -> None:
+    """y2 [N, out] += per-tile LoRA of x2 [N, in]; tiles int32 [T, 3] (start, count, gid); slot_map int32 [G]."""
+    n_tiles = tiles.shape[0]
+    if n_tiles == 0:
+        return
+    rank, k_in, n_out = a.shape[1], a.shape[2], bt.shape[2]
+    block_n = 128
+    blocks = triton.cdiv(n_out, block_n)
+    split = max(1, min(blocks, triton.cdiv(4 * _sm_count(x2.device.index or 0), n_tiles)))
+    cols = triton.cdiv(blocks, split) * block_n
+    _sgmv[(triton.cdiv(n_out, cols), n_tiles)](
+        x2, a, bt, y2, tiles, slot_map, scale, k_in, n_out, cols, x2.stride(0), a.stride(0), bt.stride(0),
+        y2.stride(0), R=rank, BLOCK_M=block_m, BLOCK_K=64 if a.dtype == torch.float32 else 128, BLOCK_N=block_n,
+        PRECISION=_precision(a.dtype), num_warps=4, num_stages=3)
+
+
+def sgmv_split(x2, y2, a, bt, scale, slot_map, tiles, block_m: int) -> None:
+    """The two-kernel SGMV (shrink to h in memory, then expand); same arguments and result as sgmv."""
+    n_tiles = tiles.shape[0]
+    if n_tiles == 0:
+        return
+    rank, k_in, n_out = a.shape[1], a.shape[2], bt.shape[2]
+    h = torch.empty(x2.shape[0], rank, device=x2.device, dtype=a.dtype)
+    prec = _precision(a.dtype)
+    block_k = 64 if a.dtype == torch.float32 else 128
+    _sgmv_shrink[(n_tiles,)](x2, a, h, tiles, slot_map, scale, k_in, x2.stride(0), a.stride(0), h.stride(0),
+                             R=rank, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=prec, num_warps=4, num_stages=3)
+    block_n = 128
+    _sgmv_expand[(n_tiles, triton.cdiv(n_out, block_n))](
+        h, bt, y2, tiles, slot_map, n_out, h.stride(0), bt.stride(0), y2.stride(0),
+        R=rank, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=prec, num_warps=4, num_stages=2)
+
+
+def bgmv(x2, y2, a, bt, scale, slot_map, token_gid) -> None:
+    """y2 [N, out] += LoRA of x2 [N, in], one token per row; token_gid int32 [N] (-1: no adapter)."""
+    n_rows = x2.shape[0]
+    if n_rows == 0:
+        return
+    rank, k_in, n_out = a.shape[1], a.shape[2], bt.shape[2]
+    block_n = 128
+    blocks = triton.cdiv(n_out, block_n)
+    sms = _sm_count(x2.device.index or 0)
+    split = max(1, min(blocks, triton.cdiv(2 * sms, n_rows)))
+    cols = triton.cdiv(blocks, split) * block_n
+    _bgmv[(n_rows, triton.cdiv(n_out, cols))](
+        x2, a, bt, y2, token_gid, slot_map, scale, k_in, n_out, cols, x2.stride(0), a.stride(0), bt.stride(0),
+        y2.stride(0), R=rank, BLOCK_K=128, BLOCK_N=block_n, num_warps=4)

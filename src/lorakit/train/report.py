@@ -1,0 +1,76 @@
+"""What a run leaves behind: metrics.json, loss_curve.png, generations.md, and the summary it prints."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy (NaN/inf become null, tensors and paths become numbers and strings)."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "item") and callable(value.item):
+        return _clean(value.item())
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> Path:
+    path = out_dir / "metrics.json"
+    path.write_text(json.dumps(_clean(metrics), indent=2) + "\n")
+    return path
+
+
+def plot_loss(out_dir: Path, history: Sequence[dict[str, Any]], title: str = "training loss") -> Path:
+    """Training loss per step (and held-out loss where evaluated) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    held = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if held:
+        ax.plot(*zip(*held), "o-", label="held-out loss", color="tab:orange")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out_dir / "loss_curve.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_generations(out_dir: Path, prompts: Sequence[str], references: Sequence[str], before: Sequence[str],
+                      after: Sequence[str]) -> Path:
+    lines = ["# Before / after generations (greedy)", ""]
+    for i, (prompt, ref, b, a) in enumerate(zip(prompts, references, before, after), 1):
+        lines += [f"## Example {i}", "", "**Prompt**", "", "```", prompt.strip(), "```", "",
+                  f"- reference: `{ref}`", f"- before: `{b}`", f"- after:  `{a}`", ""]
+    path = out_dir / "generations.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def format_scores(scores: dict[str, float]) -> str:
+    parts = []
+    for key, value in scores.items():
+        if key in ("exact_match", "field_accuracy", "accuracy"):
+            parts.append(f"{key} {100 * value:.1f}%")
+        elif isinstance(value, float):
+            parts.append(f"{key} {value:.3f}" if key != "bleu" else f"bleu {value:.2f}")
+    return ", ".join(parts)

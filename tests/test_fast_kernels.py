@@ -1,0 +1,230 @@
+"""Each kernel of lorakit.fast against HF's own code: the pure-torch fallbacks on CPU, Triton on CUDA."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lorakit
+from lorakit.fast import rope as rope_mod
+from lorakit.fast._triton import HAS_TRITON
+from lorakit.fast.cross_entropy import linear_cross_entropy, shift_labels
+from lorakit.fast.norms import fast_rms_forward, rms_norm
+from lorakit.fast.rope import fused_rope_enabled, make_fused_apply, rope
+from lorakit.fast.swiglu import act_kind, gated_act
+
+cuda = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and Triton")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _check(fast_fn, ref_fn, inputs, tol, grad_tol=None):
+    """Outputs and gradients (w.r.t. every input that requires grad) of two functions agree."""
+    ins_f = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    ins_r = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    out_f, out_r = fast_fn(*ins_f), ref_fn(*ins_r)
+    out_f, out_r = (out_f, out_r) if isinstance(out_f, tuple) else ((out_f,), (out_r,))
+    g = torch.Generator(device=out_r[0].device).manual_seed(1)
+    cots = [torch.randn(o.shape, generator=g, device=o.device, dtype=o.dtype) for o in out_r]
+    for a, b in zip(out_f, out_r):
+        assert a.shape == b.shape and a.dtype == b.dtype and _rel(a, b) <= tol
+    wrt_f = [t for t in ins_f if t.requires_grad]
+    wrt_r = [t for t in ins_r if t.requires_grad]
+    if not wrt_r:
+        return
+    for a, b in zip(torch.autograd.grad(out_f, wrt_f, cots), torch.autograd.grad(out_r, wrt_r, cots)):
+        assert _rel(a, b) <= (grad_tol or tol)
+
+
+def _hf_norms(dim, device, dtype):
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    out = []
+    for cls in (LlamaRMSNorm, GemmaRMSNorm):
+        torch.manual_seed(0)
+        m = cls(dim).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            m.weight.normal_()
+        out.append(m)
+    return out
+
+
+def _fast_norm(module, t, w):
+    style = "gemma" if "Gemma" in type(module).__name__ else "llama"
+    return rms_norm(t, w, getattr(module, "variance_epsilon", None) or module.eps, style)
+
+
+def _hf_norm(module, t, w):
+    return torch.func.functional_call(module, {"weight": w}, (t,))
+
+
+# --- CPU: the torch fallbacks against HF ---------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_rms_norm_fallback_matches_hf_modules_with_weight_grad(dtype, tol):
+    for module in _hf_norms(48, "cpu", dtype):
+        x = torch.randn(3, 7, 48, dtype=dtype, requires_grad=True)
+        w = module.weight.detach().clone().requires_grad_(True)
+        _check(lambda t, wt, m=module: _fast_norm(m, t, wt), lambda t, wt, m=module: _hf_norm(m, t, wt), [x, w], tol)
+        with torch.no_grad():  # the module patch computes the same as the function
+            assert torch.equal(fast_rms_forward(module, None, x), _fast_norm(module, x, module.weight))
+
+
+def test_rope_fallback_matches_hf_and_hook_is_inert_outside_optimized_attention():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    bsz, seq, heads, kv, dim = 2, 6, 4, 2, 8
+    q = torch.randn(bsz, seq, heads * dim).view(bsz, seq, heads, dim).transpose(1, 2).requires_grad_(True)
+    k = torch.randn(bsz, kv, seq, dim, requires_grad=True)
+    ang = torch.randn(bsz, seq, dim // 2)
+    emb = torch.cat([ang, ang], -1)
+    cos, sin = emb.cos(), emb.sin()
+    _check(lambda *t: rope(*t), lambda *t: apply_rotary_pos_emb(*t), [q, k, cos, sin], 1e-6)
+
+    seen = []
+    hook = make_fused_apply(lambda *a: seen.append(a) or ("orig",))
+    assert hook(q, k, cos, sin) == ("orig",) and len(seen) == 1  # outside optimize()d attention: HF's own
+    with fused_rope_enabled():
+        hook(q, k, cos, sin)  # CPU tensors: no kernel, HF's own again
+    assert len(seen) == 2 and not getattr(rope_mod._STATE, "on", False)
+
+
+@pytest.mark.parametrize("kind", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_gated_act_fallback(kind, dtype, tol):
+    from transformers.activations import ACT2FN
+
+    act = ACT2FN["silu" if kind == "silu" else "gelu_pytorch_tanh"]
+    assert act_kind(act) == kind
+    g = torch.randn(5, 33, dtype=dtype, requires_grad=True) * 3
+    u = torch.randn(5, 33, dtype=dtype, requires_grad=True)
+    _check(lambda a, b: gated_act(a, b, kind), lambda a, b: act(a) * b, [g.detach(), u.detach()], tol)
+    _check(lambda a, b: gated_act(a, b, kind), lambda a, b: act(a) * b,
+           [g.detach().requires_grad_(), u.detach().requires_grad_()], tol)
+
+
+@pytest.mark.parametrize("num_items", [None, 13])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_fallback_matches_hf_loss(num_items, bias):
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    torch.manual_seed(0)
+    vocab = 50
+    h = torch.randn(2, 9, 16, requires_grad=True)
+    w = torch.randn(vocab, 16)
+    b = torch.randn(vocab) if bias else None
+    labels = torch.randint(0, vocab, (2, 9))
+    labels[1, :4] = -100
+
+    def fast(t):
+        return linear_cross_entropy(t, w, b, shift_labels(labels), num_items_in_batch=num_items, chunk_rows=5)
+
+    def ref(t):
+        return ForCausalLMLoss(F.linear(t, w, b), labels, vocab, num_items_in_batch=num_items)
+
+    _check(fast, ref, [h], 1e-6, grad_tol=1e-5)
+
+
+# --- CUDA: Triton kernels against the torch fallbacks (bf16) ------------------------------------------------
+def _both(monkeypatch, fn, *inputs):
+    """fn with the Triton kernels, and with LORAKIT_TRITON=0 (the torch fallbacks), on copies of inputs."""
+    monkeypatch.setenv("LORAKIT_TRITON", "1")
+    fast_in = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    out = fn(*fast_in)
+    monkeypatch.setenv("LORAKIT_TRITON", "0")
+    ref_in = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    ref = fn(*ref_in)
+    monkeypatch.setenv("LORAKIT_TRITON", "1")
+    return (out, fast_in), (ref, ref_in)
+
+
+def _compare_cuda(monkeypatch, fn, inputs, tol):
+    (out, fin), (ref, rin) = _both(monkeypatch, fn, *inputs)
+    out, ref = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+    for a, b in zip(out, ref):
+        assert _rel(a, b) <= tol
+    cots = [torch.randn_like(o) for o in ref]
+    monkeypatch.setenv("LORAKIT_TRITON", "1")
+    ga = torch.autograd.grad(out, [t for t in fin if t.requires_grad], cots)
+    monkeypatch.setenv("LORAKIT_TRITON", "0")
+    gb = torch.autograd.grad(ref, [t for t in rin if t.requires_grad], cots)
+    for a, b in zip(ga, gb):
+        assert _rel(a, b) <= tol
+
+
+@cuda
+@pytest.mark.parametrize("dim", [64, 2048, 5000])
+def test_triton_rms_norm(monkeypatch, dim):
+    for module in _hf_norms(dim, "cuda", torch.bfloat16):
+        x = torch.randn(4, 33, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = module.weight.detach().clone().requires_grad_(True)
+        _compare_cuda(monkeypatch, lambda t, wt, m=module: _fast_norm(m, t, wt), [x, w], 1e-2)
+
+
+@cuda
+@pytest.mark.parametrize("dim,heads,kv", [(64, 32, 8), (128, 8, 8), (80, 3, 1)])
+def test_triton_rope(monkeypatch, dim, heads, kv):
+    bsz, seq = 2, 37
+    q = torch.randn(bsz, seq, heads * dim, device="cuda", dtype=torch.bfloat16).view(bsz, seq, heads, dim)
+    q = q.transpose(1, 2).requires_grad_(True)
+    k = torch.randn(bsz, kv, seq, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ang = torch.randn(1, seq, dim // 2, device="cuda")
+    emb = torch.cat([ang, ang], -1)
+    _compare_cuda(monkeypatch, rope, [q, k, emb.cos().bfloat16(), emb.sin().bfloat16()], 1e-2)
+
+
+@cuda
+@pytest.mark.parametrize("kind", ["silu", "gelu_tanh"])
+def test_triton_gated_act(monkeypatch, kind):
+    g = torch.randn(64, 1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    u = torch.randn(64, 1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    _compare_cuda(monkeypatch, lambda a, b: gated_act(a, b, kind), [g, u], 1e-2)
+
+
+@cuda
+def test_triton_linear_cross_entropy(monkeypatch):
+    vocab = 5003
+    h = torch.randn(3, 100, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(vocab, 256, device="cuda", dtype=torch.bfloat16) / 16
+    labels = torch.randint(0, vocab, (3, 100), device="cuda")
+    labels[0, :10] = -100
+
+    def fn(t):
+        return linear_cross_entropy(t, w, None, shift_labels(labels), chunk_rows=64)
+
+    _compare_cuda(monkeypatch, fn, [h], 1e-2)
+
+
+@cuda
+def test_optimized_llama_bf16_on_gpu_matches_reference():
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256)
+    ref = LlamaForCausalLM(cfg).cuda().to(torch.bfloat16).train()
+    lorakit.add_adapter(ref, lorakit.LoraConfig(r=16, lora_alpha=32, init_lora_weights=False, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    fast = copy.deepcopy(ref)
+    lorakit.optimize(fast)
+    ids = torch.randint(0, 1000, (2, 128), device="cuda")
+    out = []
+    for m in (ref, fast):
+        loss = m(input_ids=ids, labels=ids).loss
+        params = [p for p in m.parameters() if p.requires_grad]
+        out.append((loss, torch.autograd.grad(loss, params)))
+    assert abs(out[0][0].item() - out[1][0].item()) <= 1e-2 * out[0][0].item()
+    for a, b in zip(out[1][1], out[0][1]):
+        assert _rel(a, b) <= 3e-2

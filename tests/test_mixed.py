@@ -1,0 +1,220 @@
+"""Mixed-adapter batches (lorakit.per_row): every row equals the model run with that row's adapter alone.
+
+Exactness, stated per test:
+- impl="reference" (each adapter's own math on the whole batch, rows picked by torch.where) must equal
+  single-adapter copies of the model bit for bit (torch.equal): same ops on the same shapes.
+- rows without an adapter equal the disabled model bit for bit on every impl (they add exact zeros).
+- the vectorised torch path (gather + bmm) runs other GEMM shapes than the reference, so its fp32 sums
+  may round differently: held to the reference within 1e-5 relative (max |Δ| / max |ref|), and generated
+  tokens (greedy, beam search, sampling) must be identical.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit.mixed import MixedBatchError
+
+from variants import LAYER_CASES, VARIANTS
+
+
+def _lora(**kw):
+    return lorakit.LoraConfig(**({"r": 4, "lora_alpha": 8, "init_lora_weights": False} | kw))
+
+
+def only(model, keep):
+    """A copy of the model with adapter `keep` alone, active (None: no adapter at all)."""
+    single = copy.deepcopy(model)
+    for name in lorakit.list_adapters(single):
+        if name != keep:
+            lorakit.delete_adapter(single, name)
+    if keep is not None:
+        lorakit.set_active(single, keep)
+    return single
+
+
+def rel_err(out, ref):
+    return float((out - ref).abs().max().detach() / ref.abs().max().detach())
+
+
+@pytest.fixture
+def llama3(tiny_llama):
+    """tiny_llama with three adapters of different ranks, targets and variants (c is DoRA if available)."""
+    lorakit.add_adapter(tiny_llama, _lora(target_modules="all-linear"), "a")
+    lorakit.add_adapter(tiny_llama, _lora(r=8, lora_alpha=4, use_rslora=True,
+                                          target_modules=["q_proj", "v_proj", "embed_tokens"]), "b")
+    lorakit.add_adapter(tiny_llama, _lora(r=2, target_modules=["q_proj", "down_proj"], use_dora=True), "c")
+    return tiny_llama
+
+
+NAMES = ["a", "b", None, "c", "a", "b"]
+
+
+def _expected(model, ids, names, call):
+    singles = {n: only(model, n) for n in set(names)}
+    outs = {n: call(m, ids) for n, m in singles.items()}
+    return torch.stack([outs[n][i] for i, n in enumerate(names)])
+
+
+def test_reference_impl_is_bit_identical_to_single_adapter_models(llama3):
+    ids = torch.randint(0, 128, (len(NAMES), 11))
+    expected = _expected(llama3, ids, NAMES, lambda m, x: m(x).logits)
+    with lorakit.per_row(llama3, NAMES, impl="reference"):
+        out = llama3(ids).logits
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+def test_vectorised_rows_match_the_reference(llama3, impl):
+    ids = torch.randint(0, 128, (len(NAMES), 11))
+    with lorakit.per_row(llama3, NAMES, impl="reference"):
+        ref = llama3(ids).logits
+    with lorakit.per_row(llama3, NAMES, impl=impl):
+        out = llama3(ids).logits
+    assert rel_err(out, ref) < 1e-5
+    with lorakit.disabled(llama3):
+        base = llama3(ids).logits
+    assert torch.equal(out[2], base[2])  # the None row: exact
+    for i, n in enumerate(NAMES):  # and each adapter really changes its rows
+        if n is not None:
+            assert (out[i] - base[i]).abs().max() > 1e-3
+
+
+def test_uniform_batch_runs_the_adapter_own_math_exactly(llama3):
+    ids = torch.randint(0, 128, (3, 7))
+    expected = only(llama3, "a")(ids).logits
+    with lorakit.per_row(llama3, ["a"] * 3):
+        assert torch.equal(llama3(ids).logits, expected)
+    with lorakit.per_row(llama3, [None] * 3), lorakit.disabled(llama3):
+        assert torch.equal(llama3(ids).logits, only(llama3, None)(ids).logits)
+
+
+def _gen(**kw):
+    return lambda m, x: m.generate(x, max_new_tokens=4, pad_token_id=0, **kw)
+
+
+GEN_NAMES = ["a", "b", None, "c", "a"]
+
+
+@pytest.mark.parametrize("kw", [dict(do_sample=False), dict(num_beams=3, do_sample=False),
+                                dict(num_beams=2, num_return_sequences=2, do_sample=False)],
+                         ids=["greedy", "beams", "beams-return2"])
+def test_generate_rows_equal_single_adapter_generate(llama3, kw):
+    ids = torch.randint(1, 128, (len(GEN_NAMES), 5))
+    expected = _expected(llama3, ids, GEN_NAMES, lambda m, x: _gen(**kw)(m, x).view(len(GEN_NAMES), -1))
+    for impl in ("reference", "auto"):
+        with lorakit.per_row(llama3, GEN_NAMES, impl=impl):
+            out = _gen(**kw)(llama3, ids).view(len(GEN_NAMES), -1)
+        assert torch.equal(out, expected), impl
+
+
+def test_sampling_with_several_sequences_per_row(llama3):
+    """Sampling draws from the whole batch's RNG stream: the oracle is one full-batch run per adapter with
+    the same seed (each row's draw depends only on its own logits), rows picked afterwards."""
+    names = GEN_NAMES
+    ids = torch.randint(1, 128, (len(names), 5))
+    kw = dict(do_sample=True, top_k=20, num_return_sequences=3, max_new_tokens=4, pad_token_id=0)
+    rows = {}
+    for n in set(names):
+        torch.manual_seed(7)
+        rows[n] = only(llama3, n).generate(ids, **kw).view(len(names), 3, -1)
+    expected = torch.stack([rows[n][i] for i, n in enumerate(names)])
+    for impl in ("reference", "auto"):
+        torch.manual_seed(7)
+        with lorakit.per_row(llama3, names, impl=impl):
+            out = llama3.generate(ids, **kw).view(len(names), 3, -1)
+        assert torch.equal(out, expected), impl
+    assert len({tuple(r.tolist()) for r in out[0]}) > 1  # really sampled
+
+
+def test_slots_restored_after_the_block_and_on_errors(llama3):
+    layers = [m for _, m in lorakit.adapted_layers(llama3)]
+    with pytest.raises(RuntimeError, match="boom"):
+        with lorakit.per_row(llama3, ["a", "b"]):
+            assert all(m.routing is not None for m in layers)
+            raise RuntimeError("boom")
+    assert all(m.routing is None for m in layers)
+    with pytest.raises(MixedBatchError, match="multiple"):
+        with lorakit.per_row(llama3, ["a", "b"]):
+            llama3(torch.randint(0, 128, (3, 4)))
+    assert all(m.routing is None for m in layers)
+
+
+def test_bad_input_gives_lorakit_errors(llama3):
+    with pytest.raises(lorakit.AdapterNameError, match="nope"):
+        with lorakit.per_row(llama3, ["a", "nope"]):
+            pass
+    for bad in ("a", [], [3]):
+        with pytest.raises(MixedBatchError):
+            with lorakit.per_row(llama3, bad):
+                pass
+    with pytest.raises(MixedBatchError, match="impl"):
+        with lorakit.per_row(llama3, ["a"], impl="fast"):
+            pass
+    with lorakit.per_row(llama3, ["a"]):
+        with pytest.raises(MixedBatchError, match="nested"):
+            with lorakit.per_row(llama3, ["b"]):
+                pass
+    lorakit.merge(llama3, ["a"])
+    with pytest.raises(MixedBatchError, match="unmerge"):
+        with lorakit.per_row(llama3, ["a", "b"]):
+            pass
+    assert all(m.routing is None for _, m in lorakit.adapted_layers(llama3))
+
+
+def test_modules_to_save_heads_are_routed_per_row(minilm_cls):
+    """Sequence classification with a head per adapter (PEFT's SEQ_CLS modules_to_save)."""
+    for name in ("pos", "neg"):
+        lorakit.add_adapter(minilm_cls, _lora(target_modules=["query", "value"], task_type="SEQ_CLS"), name)
+        head = minilm_cls.classifier.copies[name]
+        torch.nn.init.normal_(head.weight)
+    ids = torch.randint(1000, 2000, (4, 9))
+    names = ["neg", None, "pos", "neg"]
+    expected = _expected(minilm_cls, ids, names, lambda m, x: m(x).logits)
+    with lorakit.per_row(minilm_cls, names, impl="reference"):
+        assert torch.equal(minilm_cls(ids).logits, expected)
+    with lorakit.per_row(minilm_cls, names):
+        assert rel_err(minilm_cls(ids).logits, expected) < 1e-5
+
+
+@pytest.mark.parametrize("case", [c for c in LAYER_CASES if c.kind != "gpt2"], ids=lambda c: c.kind)
+def test_every_variant_shares_a_batch_with_lora(case):
+    """Each registered variant (tests/variants.py) next to two plain LoRAs of other ranks, on each layer type."""
+    others = [v for v in VARIANTS if case.kind in v.layer_kinds and v.name != "lora"]
+    model = case.build()
+    lorakit.add_adapter(model, _lora(target_modules=case.targets), "lora4")
+    lorakit.add_adapter(model, _lora(r=2, lora_alpha=16, target_modules=case.targets), "lora2")
+    for v in others:
+        torch.manual_seed(1)
+        lorakit.add_adapter(model, v.make(case.targets, False), v.name)
+    pool = ["lora4", "lora2", None] + [v.name for v in others]
+    names = (pool * 2)[: max(6, len(pool))]
+    x = case.inputs()
+    x = x.repeat(len(names) // x.shape[0] + 1, *([1] * (x.dim() - 1)))[: len(names)]
+    expected = _expected(model, x, names, lambda m, inp: m(inp))
+    with lorakit.per_row(model, names, impl="reference"):
+        assert torch.equal(model(x), expected)
+    with lorakit.per_row(model, names):
+        assert rel_err(model(x), expected) < 1e-5
+
+
+def test_gpt2_conv1d_and_flattened_token_batches(tiny_gpt2):
+    lorakit.add_adapter(tiny_gpt2, _lora(target_modules=["c_attn", "c_fc"]), "a")
+    lorakit.add_adapter(tiny_gpt2, _lora(r=6, target_modules=["c_attn", "c_proj"]), "b")
+    ids = torch.randint(0, 128, (4, 10))
+    names = ["b", "a", None, "b"]
+    expected = _expected(tiny_gpt2, ids, names, lambda m, x: m(x).logits)
+    with lorakit.per_row(tiny_gpt2, names):
+        assert rel_err(tiny_gpt2(ids).logits, expected) < 1e-5
+    # a layer fed [B·T, in] (tokens flattened row-major) gets each row's adapter on its T tokens
+    lin = nn.Sequential(nn.Linear(8, 8))
+    lorakit.add_adapter(lin, _lora(target_modules=["0"]), "a")
+    lorakit.add_adapter(lin, _lora(target_modules=["0"]), "b")
+    x = torch.randn(3, 5, 8)
+    expected = _expected(lin, x, ["a", None, "b"], lambda m, inp: m(inp))
+    with lorakit.per_row(lin, ["a", None, "b"]):
+        flat = lin(x.reshape(15, 8)).view(3, 5, 8)
+    assert rel_err(flat, expected) < 1e-5
