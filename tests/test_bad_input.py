@@ -218,3 +218,25 @@ def test_all_errors_share_one_base_class():
     for err in (ConfigError, TargetError, AdapterNameError, AdapterFormatError, ShapeMismatchError):
         assert issubclass(err, LorakitError)
     assert copy.copy(LorakitError("x")).args == ("x",)
+
+
+def test_a_failing_init_midway_leaves_the_model_as_it_was(monkeypatch):
+    from lorakit.lora import LoraDelta
+
+    model = _net()
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False), name="x")
+    calls = []
+
+    def fails_on_second_layer(self, layer):
+        calls.append(self.module_name)
+        if len(calls) == 2:
+            raise RuntimeError("init failed")
+
+    monkeypatch.setattr(LoraDelta, "on_attach", fails_on_second_layer)
+    cfg = lorakit.LoraConfig(r=2, target_modules=["0", "2"], modules_to_save=["1"])
+    _expect(model, RuntimeError, lambda: lorakit.add_adapter(model, cfg, name="y"), "init failed")
+    assert len(calls) == 2
+    calls.clear()
+    fresh = _net()
+    _expect(fresh, RuntimeError, lambda: lorakit.add_adapter(fresh, cfg, name="y"), "init failed")
+    assert not hasattr(fresh, "lorakit_state")

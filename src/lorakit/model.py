@@ -99,8 +99,24 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def attach(model: nn.Module, plan: AdapterPlan, fresh: bool = True) -> None:
-    """Put a planned adapter into the model (in place). fresh: run data-dependent inits (PiSSA, OLoRA)."""
+    """Put a planned adapter into the model (in place). fresh: run data-dependent inits (PiSSA, OLoRA).
+    If anything raises midway, the wrappers, deltas, copies, flags and bookkeeping added so far are taken
+    out again (base weights already rewritten by a completed data-dependent init are not restored)."""
     st = state(model)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        _attach(model, plan, fresh, st)
+    except BaseException:
+        _remove_from_layers(model, plan.name)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        st.configs.pop(plan.name, None)
+        if not st.configs:
+            model.__dict__.pop(_STATE_ATTR, None)
+        raise
+
+
+def _attach(model: nn.Module, plan: AdapterPlan, fresh: bool, st: AdapterState) -> None:
     if not st.configs:  # first adapter: freeze the base, remembering what was trainable
         st.requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
@@ -211,6 +227,15 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     _require(model, [name])
     unmerge(model)
     st = state(model)
+    _remove_from_layers(model, name)
+    del st.configs[name]
+    set_active(model, tuple(n for n in st.active if n != name))
+    if not st.configs:
+        _forget(model, st)
+
+
+def _remove_from_layers(model: nn.Module, name: str) -> None:
+    """Take adapter `name` out of every layer; a wrapper left with no adapter goes too."""
     for path, layer in list(adapted_layers(model)):
         if name in layer.deltas:
             del layer.deltas[name]
@@ -221,10 +246,6 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             del holder.copies[name]
             if not len(holder.copies):
                 _replace(model, path, holder.original_module)
-    del st.configs[name]
-    set_active(model, tuple(n for n in st.active if n != name))
-    if not st.configs:
-        _forget(model, st)
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
