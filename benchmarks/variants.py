@@ -221,7 +221,7 @@ def main() -> None:
     n_dev = sum(len(b["labels"]) for b in dev)
     print(f"{len(train_rows):,} train examples, {steps} steps of {batch_size}, {n_dev} dev")
 
-    results, t_start = {}, time.perf_counter()
+    results, t_start, load_start = {}, time.perf_counter(), os.getloadavg()[0]
     for name in VARIANTS:  # accuracy: each lorakit variant trained on the same batches
         case = Case("lorakit", name, base, steps, args.lr)
         t0 = time.perf_counter()
@@ -240,7 +240,9 @@ def main() -> None:
     times = time_steps(cases, timing, args.rounds)
     text = table(results, times)
     print(text)
-    device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {n} torch thread{'s' * (n > 1)}"
+    device += f", load average {load_start:.1f} at start / {os.getloadavg()[0]:.1f} at end)"
     if torch.cuda.is_available():
         device += "; CUDA present but unused (this script runs on CPU)"
     import peft

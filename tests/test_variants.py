@@ -2,6 +2,7 @@
 (outputs and gradients), dropouts behave as PEFT's, AdaLoRA's allocator and pruned saves, config errors."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -29,7 +30,7 @@ def _randomise(module, seed=0, std=0.3):
 def _adapt(layer, config):
     """A one-layer model with the adapter; returns (model, its adapted layer, the delta)."""
     model = nn.Sequential(layer)
-    lorakit.add_adapter(model, config).eval()  # after adding: new adapter modules start in training mode
+    lorakit.add_adapter(model, config).eval()
     _randomise(model)
     return model, model[0], model[0].deltas["default"]
 
@@ -468,3 +469,33 @@ def test_variant_classes_are_registered():
         DoraDelta, LoHaDelta, LoKrDelta, AdaLoraDelta)
     cfg = lorakit.LoHaConfig(target_modules=["0"], r=4, alpha=8, rank_pattern={"y": 2}, alpha_pattern={"x": 2})
     assert math.isclose(cfg.alpha_for("a.x"), 2) and cfg.alpha_for("a.y") == 8 and cfg.rank_for("a.y") == 2
+
+
+def test_adalora_layer_pruned_to_zero_ranks_saves_reloads_and_runs(tmp_path):
+    """The budget can leave a layer no rank at all; the saved file then has rank 0 there and must still load."""
+    torch.manual_seed(0)
+    build = lambda: nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    model = build()
+    base_state = copy.deepcopy(model.state_dict())
+    cfg = lorakit.AdaLoraConfig(init_r=4, target_r=1, total_step=12, tinit=1, tfinal=2, deltaT=1,
+                                target_modules=["0", "2"])
+    lorakit.add_adapter(model, cfg)
+    hooks = lorakit.training_hooks(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(12):
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        loss = loss + sum(e for e in (h.extra_loss() for h in hooks) if e is not None)
+        loss.backward()
+        opt.step()
+        for h in hooks:
+            h.after_step(step)
+        opt.zero_grad()
+    lorakit.save_adapter(model, tmp_path)
+    kept = json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"]
+    assert any(not any(mask) for mask in kept.values()), kept  # the case under test: a layer with no rank left
+    fresh = build()
+    fresh.load_state_dict(base_state)
+    lorakit.load_adapter(fresh, tmp_path)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), model(x), atol=1e-6)

@@ -66,7 +66,7 @@ def test_peft_directory_loads_into_lorakit(minilm_cls, tmp_path, case):
         lorakit.add_adapter(copy.deepcopy(base), getattr(lorakit, cls)(task_type="SEQ_CLS", **kwargs)))[0]
     _randomise(pm)
     pm.save_pretrained(tmp_path / "peft")
-    lorakit.load_adapter(base, tmp_path / "peft").eval()  # new adapter modules start in training mode
+    lorakit.load_adapter(base, tmp_path / "peft").eval()
     with torch.no_grad():
         _close(base(**x).logits, pm.eval()(**x).logits, base_out)
     lorakit.save_adapter(base, tmp_path / "lk")  # the same keys and shapes as PEFT's own file

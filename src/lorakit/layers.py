@@ -8,6 +8,7 @@ to each base layer type: nn.Linear, transformers' Conv1D (weight stored [in, out
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Callable, Optional
 
@@ -50,7 +51,8 @@ class LayerOps:
 
     def add_up(self, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """y + up(h, b) as one GEMM with a beta=1 epilogue (no separate elementwise pass over y)."""
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
+        rows = math.prod(y.shape[:-1])  # explicit: h may have rank 0 (an AdaLoRA layer pruned to nothing)
+        out = torch.addmm(y.reshape(rows, y.shape[-1]), h.reshape(rows, h.shape[-1]), b.t())
         return out.view(y.shape)
 
     def to_layer_layout(self, w_c: torch.Tensor) -> torch.Tensor:
