@@ -66,6 +66,11 @@ register_command("info", "lorakit.train.options:InfoOptions", f"{_T}:run_info",
                  "Describe an adapter directory: type, rank, targets, parameters, size, base model.")
 register_command("estimate", "lorakit.train.options:EstimateOptions", "lorakit.train.estimate:run_estimate",
                  "Fine-tuning memory estimate: frozen weights, adapter states, activations, vs full fine-tuning.")
+register_command("analyze", "lorakit.analysis.command:AnalyzeOptions", "lorakit.analysis.command:run_analyze",
+                 "What did the adapter learn? ΔW spectra and effective rank, subspace similarity between adapters, "
+                 "ΔW vs W and amplification; --suggest-rank, --truncate.")
+register_command("compose", "lorakit.compose:ComposeOptions", "lorakit.compose:compose",
+                 "Compose adapters: exact weighted sum at a chosen rank; weights searched LoraHub-style on a few examples.")
 
 
 # --- options dataclass → argparse -----------------------------------------------------------------------
