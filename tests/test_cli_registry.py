@@ -28,4 +28,4 @@ def test_analyze_runs_from_the_command_line(tmp_path, capsys):
     layers = json.loads((tmp_path / "out" / "analysis.json").read_text())["adapter"]["layers"]
     delta = model[0].deltas["default"].delta_weight(model[0])
     assert [layer["path"] for layer in layers] == ["0"] and layers[0]["rank"] == 3
-    assert layers[0]["singular_values"] == pytest.approx(torch.linalg.svdvals(delta).tolist(), rel=1e-5)
+    assert layers[0]["singular_values"] == pytest.approx(torch.linalg.svdvals(delta)[:3].tolist(), rel=1e-5)
