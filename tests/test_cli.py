@@ -150,3 +150,44 @@ def test_resume_from_the_command_line(capsys, workspace):
     a = load_file(root / "whole" / "adapter" / "adapter_model.safetensors")
     b = load_file(root / "killed" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_classify_train_then_eval_from_the_command_line(capsys, minilm_path, tmp_path):
+    rows = [{"sentence": f"a {w} film", "label": int(w in ("great", "superb", "lovely"))}
+            for w in ("great", "awful", "superb", "bad", "lovely", "boring") * 8]
+    data = tmp_path / "cls.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{r['sentence']}\t{r['label']}\n" for r in rows))
+    code, _, err = run_cli(capsys, "train", "--model", minilm_path, "--data", str(data), "--eval-data", str(data),
+                           "--task", "classify", "--target-modules", "query", "value", "--max-steps", "8",
+                           "--lr", "5e-3", "--batch-size", "16", "--quiet", "--output-dir", str(tmp_path / "run"))
+    assert code == 0, err
+    trained = json.loads((tmp_path / "run" / "metrics.json").read_text())["after"]["accuracy"]
+    code, out, err = run_cli(capsys, "eval", "--model", minilm_path, "--adapter", str(tmp_path / "run"), "--data",
+                             str(data), "--task", "classify")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["accuracy"] == trained
+
+
+@pytest.mark.parametrize("variant,peft_type", [("dora", "LORA"), ("loha", "LOHA"), ("lokr", "LOKR"),
+                                               ("adalora", "ADALORA")])
+def test_train_every_variant_from_the_command_line(capsys, workspace, variant, peft_type):
+    root, model = workspace
+    out = root / f"variant-{variant}"
+    code, _, err = run_cli(capsys, "train", "--model", str(model), "--data", str(root / "train.jsonl"), "--eval-data",
+                           str(root / "eval.jsonl"), "--adapter", variant, "--max-steps", "8", "--lr", "0.01",
+                           "--score", "none", "--quiet", "--output-dir", str(out))
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["after"]["eval_loss"] < metrics["before"]["eval_loss"]
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == peft_type and config.get("use_dora", False) == (variant == "dora")
+    if variant == "adalora":  # the schedule spans the run's 8 steps and pruned down to the target budget
+        assert config["total_step"] == 8 and config["init_r"] == 12
+        kept = [sum(mask) for mask in config["rank_pattern"].values()]
+        assert sum(kept) <= config["target_r"] * len(kept) < 12 * len(kept)
+    # the directory loads back onto a fresh base and gives the trained model's held-out loss
+    code, stdout, err = run_cli(capsys, "eval", "--model", str(model), "--adapter", str(out / "adapter"), "--data",
+                                str(root / "eval.jsonl"), "--metric", "perplexity")
+    assert code == 0, err
+    assert json.loads(stdout.strip().splitlines()[-1])["eval_loss"] == pytest.approx(metrics["after"]["eval_loss"],
+                                                                                     rel=1e-4)

@@ -235,3 +235,20 @@ def test_adapted_model_trains_under_hf_trainer(tmp_path):
     changed = {n for n, p in tiny_llama.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed and all(".deltas.default.lora_" in n for n in changed)
     assert changed == {n for n, p in tiny_llama.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_autocast_on_gpu(tiny_dir, copy_data, tmp_path):
+    result = _quick(tiny_dir, copy_data, tmp_path, device="cuda", score="none", gradient_checkpointing=True)
+    m = result.metrics
+    assert m["device"].startswith("cuda") and m["options"]["precision"] == "auto"
+    assert m["after"]["eval_loss"] < m["before"]["eval_loss"]
+    assert all(p.dtype == torch.float32 for p in lorakit.adapter_state_dict(result.model).values())
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(tiny_dir, copy_data, tmp_path):
+    plain = _quick(tiny_dir, copy_data, tmp_path / "a", max_steps=4, score="none")
+    ckpt = _quick(tiny_dir, copy_data, tmp_path / "b", max_steps=4, score="none", gradient_checkpointing=True)
+    a, b = lorakit.adapter_state_dict(plain.model), lorakit.adapter_state_dict(ckpt.model)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)

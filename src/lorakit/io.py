@@ -66,10 +66,13 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 def save_adapter(model: nn.Module, directory: Union[str, os.PathLike], name: str = "default") -> Path:
     """Write the adapter as PEFT does. Each file is written to a temporary name and renamed into place."""
-    from safetensors.torch import save_file
-
-    config = get_config(model, name)
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model, name).items()}
+    return write_adapter_files(directory, tensors, adapter_config_dict(model, name))
+
+
+def adapter_config_dict(model: nn.Module, name: str = "default") -> dict:
+    """The adapter_config.json contents of adapter `name`."""
+    config = get_config(model, name)
     targets = sorted(p for p, layer in adapted_layers(model) if name in layer.deltas)
     data = config.to_peft_dict()
     data["target_modules"] = targets if isinstance(config.target_modules, str) else config.target_modules
@@ -77,10 +80,17 @@ def save_adapter(model: nn.Module, directory: Union[str, os.PathLike], name: str
     hf_config = getattr(model, "config", None)
     if data.get("base_model_name_or_path") is None and hf_config is not None:
         data["base_model_name_or_path"] = getattr(hf_config, "_name_or_path", None) or None
+    return data
+
+
+def write_adapter_files(directory: Union[str, os.PathLike], tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    """Write PEFT's two files from CPU tensors (PEFT keys) and the config dict (e.g. gathered from a sharded model)."""
+    from safetensors.torch import save_file
+
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
     return out
 
 

@@ -20,15 +20,15 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..errors import ConfigError
-from ..io import save_adapter
+from ..errors import ConfigError, LorakitError
 from ..model import add_adapter, count_parameters, disabled
+from . import distributed
 from . import task as builtin
 from .data import Encoder, Example, MicroBatches, label_names_of, read_rows
 from .evaluate import classify_scores, generate, generation_scores, heldout_loss
 from .fields import build_options, given_fields, read_config_file
-from .loop import train_loop
-from .models import build_adapter_config, load_model, load_tokenizer, pick_device, resolve_model
+from .loop import total_steps, train_loop
+from .models import build_adapter_config, load_model, load_tokenizer, resolve_model
 from .options import TrainOptions
 from .report import format_scores, plot_loss, write_generations, write_metrics
 
@@ -74,12 +74,19 @@ def train(options: Optional[TrainOptions] = None, *, config: Optional[str] = Non
     if isinstance(model, (str, os.PathLike)):
         overrides["model"], model = str(model), None
     opts, given = resolve_options(options, config, **overrides)
-    log = (lambda *a: None) if opts.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    dist, device = distributed.setup(opts.device)  # one process, or one of torchrun's
+    quiet = opts.quiet or not dist.is_main  # rank 0 alone prints and writes
+    log = (lambda *a: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     started = time.perf_counter()
     out_dir = Path(opts.output_dir)
+    if opts.nproc > 1 and not dist.enabled:
+        if model is not None:
+            raise ConfigError("--nproc starts new processes: give the model as a name or path, not an object")
+        return _launched(opts, out_dir, log)
+    distributed.check_options(opts, dist)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(opts.seed)
-    device = pick_device(opts.device)
+    sharded = dist.enabled and opts.strategy == "fsdp"
 
     # --- model and data (the data first: a bad file fails before minutes of model loading) ----------------
     train_rows, eval_rows = _rows(opts)
@@ -90,9 +97,11 @@ def train(options: Optional[TrainOptions] = None, *, config: Optional[str] = Non
         raise ConfigError("pass the tokenizer together with a model object")
     label_names = label_names_of(train_rows) if opts.task == "classify" else None
     if model is None:
+        # FSDP: load on the CPU; fully_shard moves each rank's shard to its device
         model = load_model(path, opts.task, num_labels=opts.num_labels or len(label_names or []) or 2,
-                           device=str(device))
-    model.to(device)
+                           device="cpu" if sharded else str(device))
+    if not sharded:
+        model.to(device)
     encoder = Encoder(tokenizer, opts.task, opts.prompt_format, opts.max_length, label_names)
     train_set = _encode(encoder, train_rows, opts.task)
     eval_set = _encode(encoder, eval_rows, opts.task)
@@ -100,13 +109,21 @@ def train(options: Optional[TrainOptions] = None, *, config: Optional[str] = Non
         + (" (built-in task)" if not opts.data else f" from {opts.data}"))
 
     # --- adapter --------------------------------------------------------------------------------------
+    batches = MicroBatches(train_set, opts.batch_size, opts.seed, pad_id=tokenizer.pad_token_id, task=opts.task)
+    steps = total_steps(opts, batches.per_epoch)
     torch.manual_seed(opts.seed)
-    adapter_config = build_adapter_config(opts, opts.task, given)
+    adapter_config = build_adapter_config(opts, opts.task, given, steps=steps)
     adapter_config.base_model_name_or_path = _model_reference(opts.model)
     add_adapter(model, adapter_config)
     n_trainable, n_total = count_parameters(model)
     log(f"adapter: {opts.adapter} r={opts.r} on {opts.target_modules}: {n_trainable:,} trainable of "
         f"{n_total:,} parameters ({100 * n_trainable / n_total:.3f}%)")
+    if dist.enabled:
+        use_bf16 = opts.precision == "bf16" or (opts.precision == "auto" and device.type == "cuda")
+        distributed.wrap_model(model, dist, opts.strategy, device, bf16=use_bf16)
+        distributed.decorrelate_rng(dist, opts.seed)
+        log(f"{opts.strategy} on {dist.world_size} processes ({device.type}); --batch-size {opts.batch_size} is "
+            f"the global micro-batch, {opts.batch_size // dist.world_size}+ rows per process")
 
     pad_id = tokenizer.pad_token_id
     evaluate_fn = _scorer(opts, model, tokenizer, eval_set, pad_id, device)
@@ -115,17 +132,17 @@ def train(options: Optional[TrainOptions] = None, *, config: Optional[str] = Non
     log(f"before training: {format_scores(before)}")
 
     # --- train ----------------------------------------------------------------------------------------
-    batches = MicroBatches(train_set, opts.batch_size, opts.seed, pad_id, opts.task)
-    (out_dir / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2) + "\n")
+    if dist.is_main:
+        (out_dir / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2) + "\n")
     t_train = time.perf_counter()
     history = train_loop(model, batches, opts, device, out_dir, evaluate=lambda: evaluate_fn(final=False)[0],
-                         on_step=on_step, progress=not opts.quiet)
+                         on_step=on_step, progress=not opts.quiet, dist=dist)
     train_seconds = time.perf_counter() - t_train
     after, after_texts = evaluate_fn(final=True)
     log(f"after training:  {format_scores(after)}")
 
     # --- save and report --------------------------------------------------------------------------------
-    adapter_dir = save_adapter(model, out_dir / ADAPTER_DIR)
+    adapter_dir = distributed.save_adapter(model, out_dir / ADAPTER_DIR, dist)
     steps = [h for h in history if "loss" in h]
     metrics = {
         "model": opts.model, "adapter": opts.adapter, "task": opts.task if opts.data else "builtin:record-line",
@@ -134,8 +151,12 @@ def train(options: Optional[TrainOptions] = None, *, config: Optional[str] = Non
                   "tokens_per_s": steps[-1]["tokens_per_s"] if steps else 0.0,
                   "final_loss": steps[-1]["loss"] if steps else None},
         "wall_seconds": time.perf_counter() - started, "device": str(device),
+        "processes": dist.world_size, "strategy": dist.strategy,
         "options": dataclasses.asdict(opts), "history": history,
     }
+    dist.close()
+    if not dist.is_main:
+        return TrainResult(out_dir, adapter_dir, metrics, model, tokenizer)
     write_metrics(out_dir, metrics)
     plot_loss(out_dir, history, title=f"{opts.adapter} on {Path(opts.model).name}")
     if before_texts is not None and after_texts is not None:
@@ -145,6 +166,17 @@ def train(options: Optional[TrainOptions] = None, *, config: Optional[str] = Non
     log(f"wrote {adapter_dir}, metrics.json, loss_curve.png to {out_dir} "
         f"({metrics['wall_seconds']:.0f} s in all, {train_seconds:.0f} s training)")
     return TrainResult(out_dir, adapter_dir, metrics, model, tokenizer)
+
+
+def _launched(opts: TrainOptions, out_dir: Path, log) -> TrainResult:
+    """--nproc N: the same run on N processes under torchrun; the result is read back from the run directory
+    (the model lives in the workers, so TrainResult.model is None)."""
+    code = distributed.launch(opts, out_dir, log)
+    if code != 0:
+        raise LorakitError(f"the {opts.nproc} training processes failed (torchrun exit code {code}); "
+                           "their output is above")
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    return TrainResult(out_dir, out_dir / ADAPTER_DIR, metrics, None, None)
 
 
 def _rows(opts: TrainOptions) -> tuple[list[dict], list[dict]]:

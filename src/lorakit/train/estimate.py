@@ -187,7 +187,7 @@ def weights_table(params: int) -> list[tuple[str, float]]:
 
 
 def gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def run_estimate(options) -> int:

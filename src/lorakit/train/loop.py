@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..model import training_hooks
 from .data import IGNORE, MicroBatches
+from .distributed import Distributed, gather_train_state, load_train_state, own_rng_state
+from .distributed import save_adapter as save_adapter_gathered
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
@@ -58,6 +60,7 @@ def classify_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
 
 
 def _accepts(model, name: str) -> bool:
+    model = getattr(model, "module", model)  # the model inside a DDP wrapper
     try:
         return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -114,26 +117,31 @@ def trainable(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, history, hooks, keep: int = 2) -> Path:
-    """out_dir/checkpoints/step-NNNNNN/{trainer_state.pt, adapter/}; written to a temp dir, then renamed."""
-    from ..io import save_adapter
-    from ..model import active_adapters
-
+def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, history, hooks, keep: int = 2,
+                    dist: Distributed = Distributed()) -> Path:
+    """out_dir/checkpoints/step-NNNNNN/{trainer_state.pt, adapter/}; written to a temp dir, then renamed.
+    Collective under torch.distributed: the tensors are gathered whole (any world size can resume) and rank 0
+    writes them with every rank's RNG state."""
     root = out_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    state = {"step": step, "params": {n: p.detach().cpu().clone() for n, p in trainable(model).items()},
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-             "history": history, "hooks": [h.state_dict() for h in hooks if hasattr(h, "state_dict")]}
-    torch.save(state, tmp / STATE_FILE)
-    save_adapter(model, tmp / "adapter", name=active_adapters(model)[0])  # a usable PEFT adapter too
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    tmp = root / f".tmp-{final.name}"
+    params, optim = gather_train_state(model, optimizer, dist)
+    rng = dist.gather_objects(_rng_state())
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    save_adapter_gathered(model, tmp / "adapter", dist)  # a usable PEFT adapter too
+    if dist.is_main:
+        state = {"step": step, "params": params, "optimizer": optim, "scheduler": scheduler.state_dict(),
+                 "rng": rng[0], "rng_ranks": rng, "history": history,
+                 "hooks": [h.state_dict() for h in hooks if hasattr(h, "state_dict")]}
+        torch.save(state, tmp / STATE_FILE)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(root.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
     return final
 
 
@@ -142,27 +150,27 @@ def latest_checkpoint(out_dir: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, hooks) -> tuple[int, list]:
+def load_checkpoint(path: Path, model, optimizer, scheduler, hooks,
+                    dist: Distributed = Distributed()) -> tuple[int, list]:
+    """Every rank reads the whole checkpoint (written by any number of processes) and takes its part."""
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
-    params = trainable(model)
-    if set(state["params"]) != set(params):
+    if set(state["params"]) != set(trainable(model)):
         raise ConfigError(f"checkpoint {path} does not fit this model/adapter (different options?)")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(state["params"][n])
-    optimizer.load_state_dict(state["optimizer"])
+    load_train_state(model, optimizer, state["params"], state["optimizer"], dist)
     scheduler.load_state_dict(state["scheduler"])
     for hook, hook_state in zip([h for h in hooks if hasattr(h, "load_state_dict")], state["hooks"]):
         hook.load_state_dict(hook_state)
-    _set_rng_state(state["rng"])
+    _set_rng_state(own_rng_state(state, dist))
     return state["step"], state["history"]
 
 
 # --- the loop -------------------------------------------------------------------------------------------
 def train_loop(model, batches: MicroBatches, options, device: torch.device, out_dir: Path,
                evaluate: Optional[Callable[[], dict[str, float]]] = None,
-               on_step: Optional[Callable[[int, dict], None]] = None, progress: bool = True) -> list[dict]:
-    """Train the model's trainable (adapter) parameters in place. Returns the history of logged records."""
+               on_step: Optional[Callable[[int, dict], None]] = None, progress: bool = True,
+               dist: Distributed = Distributed()) -> list[dict]:
+    """Train the model's trainable (adapter) parameters in place. Returns the history of logged records.
+    Under torch.distributed, `model` is already wrapped (distributed.wrap_model) and every rank calls this."""
     params = list(trainable(model).values())
     if not params:
         raise ConfigError("the model has no trainable parameters (was an adapter added?)")
@@ -180,30 +188,34 @@ def train_loop(model, batches: MicroBatches, options, device: torch.device, out_
         ckpt = latest_checkpoint(out_dir)
         if ckpt is None:
             raise ConfigError(f"--resume: no checkpoint in {out_dir / CHECKPOINTS}")
-        start, history = load_checkpoint(ckpt, model, optimizer, scheduler, hooks)
+        start, history = load_checkpoint(ckpt, model, optimizer, scheduler, hooks, dist)
     if options.gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise ConfigError("--gradient-checkpointing needs a Hugging Face model")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    bar = _progress(steps, start, progress)
+    forward = dist.forward_model(model)  # DDP's wrapper syncs gradients; FSDP hooks live on the model itself
+    bar = _progress(steps, start, progress and dist.is_main)
     tokens_done, t0, smooth = 0, time.perf_counter(), None
     for step in range(start, steps):
         micro = [batches[step * options.grad_accum + k] for k in range(options.grad_accum)]
         n_targets = sum(_count_targets(b, options.task) for b in micro)  # the step's loss is a mean over these
-        step_loss = 0.0
-        for batch in micro:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                total, _ = loss_sum(model, batch)
-                loss = total / max(1, n_targets)
-                for hook in hooks:
-                    extra = hook.extra_loss()
-                    if extra is not None:
-                        loss = loss + extra / options.grad_accum
-            loss.backward()
-            step_loss += float(total.detach()) / max(1, n_targets)
-            tokens_done += int(batch["attention_mask"].sum())
+        own_loss = 0.0
+        for k, batch in enumerate(micro):
+            tokens_done += int(batch["attention_mask"].sum())  # every rank holds the whole micro-batch
+            batch = {key: v.to(device) for key, v in dist.own_rows(batch).items()}
+            with dist.grad_sync(last=k == len(micro) - 1):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    total, _ = loss_sum(forward, batch)
+                    # ranks' gradients are averaged: * world_size makes their mean the whole batch's gradient
+                    loss = total / max(1, n_targets) * dist.world_size
+                    for hook in hooks:
+                        extra = hook.extra_loss()
+                        if extra is not None:
+                            loss = loss + extra / options.grad_accum
+                loss.backward()
+            own_loss += float(total.detach()) / max(1, n_targets)
+        (step_loss,) = dist.all_sum(own_loss)
         if options.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
         optimizer.step()
@@ -224,7 +236,7 @@ def train_loop(model, batches: MicroBatches, options, device: torch.device, out_
         if evaluate is not None and options.eval_every and done % options.eval_every == 0 and done < steps:
             history.append({"step": done, **_evaluate(model, evaluate)})
         if options.checkpoint_every and done % options.checkpoint_every == 0 and done < steps:
-            save_checkpoint(out_dir, done, model, optimizer, scheduler, history, hooks)
+            save_checkpoint(out_dir, done, model, optimizer, scheduler, history, hooks, dist=dist)
         if on_step is not None:
             on_step(done, record)
     if bar is not None:

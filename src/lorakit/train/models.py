@@ -174,8 +174,9 @@ OPTION_FIELDS = {"r": ("r",), "lora_alpha": ("lora_alpha", "alpha"), "lora_dropo
                  "target_modules": ("target_modules",)}
 
 
-def build_adapter_config(options, task: str, given: Optional[set[str]] = None):
-    """The adapter config of `options.adapter` with the generic options it has, then --adapter-options."""
+def build_adapter_config(options, task: str, given: Optional[set[str]] = None, steps: Optional[int] = None):
+    """The adapter config of `options.adapter` with the generic options it has, then --adapter-options.
+    `steps` (the run's optimizer steps) fills a schedule's `total_step` (AdaLoRA) unless the options set it."""
     variants = adapter_variants()
     name = options.adapter.lower()
     if name not in variants:
@@ -193,6 +194,10 @@ def build_adapter_config(options, task: str, given: Optional[set[str]] = None):
         elif given is not None and option in given:
             raise ConfigError(f"--{option.replace('_', '-')} does not apply to {name}; its options are "
                               f"{sorted(fields)} (pass them with --adapter-options)")
+    if "init_r" in fields and given is not None and "r" in given:
+        kwargs["init_r"] = options.r  # a variant whose rank is its starting rank (AdaLoRA: r itself is unused)
+    if "total_step" in fields and steps is not None:
+        kwargs["total_step"] = steps
     unknown = sorted(set(options.adapter_options) - fields)
     if unknown:
         raise ConfigError(f"{name} has no option(s) {unknown}; its options are {sorted(fields)}")

@@ -112,6 +112,12 @@ class TrainOptions(ModelOptions, DataOptions, AdapterOptions):
     """Before/after generations written to generations.md."""
     quiet: bool = False
     """No progress bar or summary lines."""
+    nproc: int = 0
+    """Train on N local processes (one per GPU, or CPU processes with --device cpu) by relaunching this run
+    under torchrun; 0 or 1: this process. Runs started by torchrun itself join its process group."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """With several processes: ddp (a whole replica per process) or fsdp (FSDP2 fully_shard: the frozen base
+    sharded across processes, in bf16 on GPU; only the adapter is trained)."""
 
 
 @dataclass

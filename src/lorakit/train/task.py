@@ -96,7 +96,7 @@ def score(predictions: list[str], references: list[str]) -> dict[str, float]:
 
 # The recipe used when no --data is given; any option set in a config file or on the command line wins.
 BUILTIN_PRESET: dict[str, Any] = {
-    "train_examples": 480,
+    "train_examples": 320,
     "eval_examples": 40,
     "batch_size": 8,
     "epochs": 1.0,
