@@ -181,6 +181,8 @@ def test_train_every_variant_from_the_command_line(capsys, workspace, variant, p
     assert metrics["after"]["eval_loss"] < metrics["before"]["eval_loss"]
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == peft_type and config.get("use_dora", False) == (variant == "dora")
+    code, stdout, _ = run_cli(capsys, "info", str(out / "adapter"))  # all-linear: 7 module names × 2 layers
+    assert code == 0 and "14 modules: down_proj ×2, gate_proj ×2, k_proj ×2" in stdout
     if variant == "adalora":  # the schedule spans the run's 8 steps and pruned down to the target budget
         assert config["total_step"] == 8 and config["init_r"] == 12
         kept = [sum(mask) for mask in config["rank_pattern"].values()]

@@ -222,5 +222,17 @@ def run_info(options: InfoOptions) -> int:
             value = f"{value:,} bytes ({value / 2**20:.2f} MiB)"
         elif key == "parameters":
             value = f"{value:,}"
+        elif key == "target_modules" and isinstance(value, list) and len(value) > 8:
+            value = _summarise_paths(value)
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _summarise_paths(paths: list[str]) -> str:
+    """Many module paths (an all-linear or regex target, saved resolved) as their distinct names with counts."""
+    names: dict[str, int] = {}
+    for path in paths:
+        leaf = path.rsplit(".", 1)[-1]
+        names[leaf] = names.get(leaf, 0) + 1
+    listed = ", ".join(f"{n} ×{c}" for n, c in sorted(names.items()))
+    return f"{len(paths)} modules: {listed}"
