@@ -85,3 +85,45 @@ def test_global_batch_smaller_than_the_processes_is_refused(setup):
         check_options(TrainOptions(batch_size=1), Distributed(rank=0, world_size=2, in_group=True))
     with pytest.raises(ConfigError, match="model as a name or path"):
         lorakit.train(model=torch.nn.Linear(2, 2), tokenizer=object(), nproc=2, data=str(setup[2]))
+
+
+LOAD_INTO_SHARDED = '''
+import sys, torch, lorakit
+from transformers import AutoModelForCausalLM
+from lorakit.train import distributed
+model_dir, adapter_dir, out = sys.argv[1:4]
+dist, device = distributed.setup("cpu")
+model = AutoModelForCausalLM.from_pretrained(model_dir)
+lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"]))  # being trained, say
+distributed.wrap_model(model, dist, "fsdp", device, bf16=False)                 # the base is sharded now
+lorakit.load_adapter(model, adapter_dir, name="loaded")
+lorakit.set_active(model, "loaded")
+ids = torch.arange(24).reshape(2, 12) % 50
+with torch.no_grad():
+    logits = model(input_ids=ids).logits
+distributed.save_adapter(model, out + "/resaved", dist, name="loaded")
+if dist.is_main:
+    torch.save(logits, out + "/logits.pt")
+dist.close()
+'''
+
+
+def test_adapter_loads_into_and_saves_from_a_sharded_model(setup, one_process, tmp_path):
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    root, model_dir, _ = setup
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_INTO_SHARDED)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(script), str(model_dir), str(root / "single" / "adapter"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    reference = AutoModelForCausalLM.from_pretrained(model_dir)
+    lorakit.load_adapter(reference, root / "single" / "adapter")
+    with torch.no_grad():
+        want = reference(input_ids=torch.arange(24).reshape(2, 12) % 50).logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, atol=1e-5, rtol=1e-5)
+    _assert_same_adapter(load_file(tmp_path / "resaved" / "adapter_model.safetensors"), one_process, atol=0)
