@@ -21,7 +21,6 @@ import datetime
 import gc
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lorakit  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
@@ -65,26 +65,8 @@ def build_base():
 
 
 def timed(fn, warmup: int = 2, reps: int = 10) -> float:
-    """Median milliseconds of fn() by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    if DEV == "cpu":
-        return statistics.median(_wall_ms(fn) for _ in range(reps))
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def _wall_ms(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
+    """Median milliseconds of fn() (CUDA events; wall clock on the CPU)."""
+    return median_ms(fn, reps, warmup, cuda=DEV != "cpu")
 
 
 def _sync() -> None:

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lorakit  # noqa: E402
+from timing import median_ms  # noqa: E402
 from lorakit.quant import NF4Linear  # noqa: E402
 from lorakit.quant.nf4 import dequantize_nf4_reference, quantize_nf4  # noqa: E402
 
@@ -55,24 +56,7 @@ def save(results: Path, part: str, rows: list, **extra) -> None:
 
 def cuda_ms(fn, reps=20) -> float:
     """Median milliseconds of fn() over reps, timed with CUDA events after 3 warm-ups (wall clock on a CPU)."""
-    for _ in range(3):
-        fn()
-    if not torch.cuda.is_available():
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t))
-        return statistics.median(times)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_ms(fn, reps, warmup=3, cuda=torch.cuda.is_available())
 
 
 # --- kernel -----------------------------------------------------------------------------------------------------

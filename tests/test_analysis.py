@@ -12,16 +12,7 @@ from lorakit.analysis.similarity import subspace_similarity
 from lorakit.analysis.spectrum import spectrum_dense, spectrum_from_factors
 from lorakit.analysis.truncate import relative_distance
 from variants import LAYER_CASES, matrix
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Every matrix here is tiny: a second torch thread only adds synchronisation (and on a shared machine,
-    waits for a core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from support import one_thread  # noqa: F401
 
 
 def _orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:

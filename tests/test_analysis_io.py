@@ -10,16 +10,7 @@ from torch import nn
 import lorakit
 from lorakit import cli
 from lorakit.analysis.command import AnalyzeOptions, run_analyze
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Every matrix here is tiny: a second torch thread only adds synchronisation (and on a shared machine,
-    waits for a core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from support import one_thread  # noqa: F401
 
 
 # --- adapters trained in the test --------------------------------------------------------------------------

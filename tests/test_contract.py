@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import lorakit
+from support import rel_max
 from variants import matrix
 
 
@@ -17,9 +18,6 @@ def _setup(case, variant, fresh=False, name="default"):
     return model, x, base_out
 
 
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
 
 @pytest.mark.parametrize("variant,case", matrix())
 def test_fresh_adapter_is_a_noop(variant, case):
@@ -27,7 +25,7 @@ def test_fresh_adapter_is_a_noop(variant, case):
         pytest.skip(f"{variant.name}'s default init is not a no-op")
     model, x, base_out = _setup(case, variant, fresh=True)
     with torch.no_grad():
-        assert _rel(model(x), base_out) <= 1e-6
+        assert rel_max(model(x), base_out) <= 1e-6
 
 
 @pytest.mark.parametrize("variant,case", matrix())
@@ -36,14 +34,14 @@ def test_merge_matches_unmerged_and_unmerge_restores(variant, case):
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     with torch.no_grad():
         adapted = model(x)
-        assert _rel(adapted, base_out) > 1e-4, "a randomised adapter must change the output"
+        assert rel_max(adapted, base_out) > 1e-4, "a randomised adapter must change the output"
         lorakit.merge(model)
-        assert _rel(model(x), adapted) <= 1e-5
+        assert rel_max(model(x), adapted) <= 1e-5
         lorakit.unmerge(model)
-        assert _rel(model(x), adapted) <= 1e-5
+        assert rel_max(model(x), adapted) <= 1e-5
     for n, p in model.named_parameters():
         if n in weights:
-            assert _rel(p, weights[n]) <= 1e-6, n
+            assert rel_max(p, weights[n]) <= 1e-6, n
 
 
 @pytest.mark.parametrize("variant,case", matrix())
@@ -80,9 +78,9 @@ def test_two_adapters_switch_sum_disable_delete(variant, case):
         assert torch.equal(model(x), base_out)
         lorakit.set_active(model, ["a", "b"])
         lorakit.merge(model)  # merging both must give the same model as running both in parallel
-        assert _rel(model(x), out_ab) <= 1e-5
+        assert rel_max(model(x), out_ab) <= 1e-5
         lorakit.unmerge(model)
-    assert _rel(out_a, out_b) > 1e-4 and _rel(out_ab, out_a) > 1e-4
+    assert rel_max(out_a, out_b) > 1e-4 and rel_max(out_ab, out_a) > 1e-4
     lorakit.delete_adapter(model, "a")
     assert lorakit.list_adapters(model) == ["b"] and lorakit.active_adapters(model) == ["b"]
     lorakit.set_active(model, "b")
@@ -91,7 +89,7 @@ def test_two_adapters_switch_sum_disable_delete(variant, case):
     lorakit.delete_adapter(model, "b")
     assert not list(lorakit.adapted_layers(model))
     with torch.no_grad():
-        assert _rel(model(x), base_out) <= 1e-6  # exact up to the fp32 rounding of one merge/unmerge cycle
+        assert rel_max(model(x), base_out) <= 1e-6  # exact up to the fp32 rounding of one merge/unmerge cycle
 
 
 @pytest.mark.parametrize("variant,case", matrix())

@@ -11,20 +11,9 @@ from lorakit.fast.cross_entropy import linear_cross_entropy, shift_labels
 from lorakit.fast.norms import fast_rms_forward, rms_norm
 from lorakit.fast.rope import fused_rope_enabled, make_fused_apply, rope
 from lorakit.fast.swiglu import act_kind, gated_act
+from support import one_thread, rel_norm  # noqa: F401
 
 cuda = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and Triton")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def _check(fast_fn, ref_fn, inputs, tol, grad_tol=None):
@@ -36,13 +25,13 @@ def _check(fast_fn, ref_fn, inputs, tol, grad_tol=None):
     g = torch.Generator(device=out_r[0].device).manual_seed(1)
     cots = [torch.randn(o.shape, generator=g, device=o.device, dtype=o.dtype) for o in out_r]
     for a, b in zip(out_f, out_r):
-        assert a.shape == b.shape and a.dtype == b.dtype and _rel(a, b) <= tol
+        assert a.shape == b.shape and a.dtype == b.dtype and rel_norm(a, b) <= tol
     wrt_f = [t for t in ins_f if t.requires_grad]
     wrt_r = [t for t in ins_r if t.requires_grad]
     if not wrt_r:
         return
     for a, b in zip(torch.autograd.grad(out_f, wrt_f, cots), torch.autograd.grad(out_r, wrt_r, cots)):
-        assert _rel(a, b) <= (grad_tol or tol)
+        assert rel_norm(a, b) <= (grad_tol or tol)
 
 
 def _hf_norms(dim, device, dtype):
@@ -152,14 +141,14 @@ def _compare_cuda(monkeypatch, fn, inputs, tol):
     (out, fin), (ref, rin) = _both(monkeypatch, fn, *inputs)
     out, ref = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
     for a, b in zip(out, ref):
-        assert _rel(a, b) <= tol
+        assert rel_norm(a, b) <= tol
     cots = [torch.randn_like(o) for o in ref]
     monkeypatch.setenv("LORAKIT_TRITON", "1")
     ga = torch.autograd.grad(out, [t for t in fin if t.requires_grad], cots)
     monkeypatch.setenv("LORAKIT_TRITON", "0")
     gb = torch.autograd.grad(ref, [t for t in rin if t.requires_grad], cots)
     for a, b in zip(ga, gb):
-        assert _rel(a, b) <= tol
+        assert rel_norm(a, b) <= tol
 
 
 @cuda
@@ -227,4 +216,4 @@ def test_optimized_llama_bf16_on_gpu_matches_reference():
         out.append((loss, torch.autograd.grad(loss, params)))
     assert abs(out[0][0].item() - out[1][0].item()) <= 1e-2 * out[0][0].item()
     for a, b in zip(out[1][1], out[0][1]):
-        assert _rel(a, b) <= 3e-2
+        assert rel_norm(a, b) <= 3e-2

@@ -9,19 +9,7 @@ import lorakit.fast.lora_linear as ll
 from lorakit.fast import recipes
 from lorakit.fast.lora_linear import fused_linears, lora_linear_fast_path
 from lorakit.fast.norms import rms_norm
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP overhead (and a shared box's descheduled second thread)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+from support import one_thread, rel_norm  # noqa: F401
 
 
 class Spy:
@@ -78,9 +66,9 @@ def test_group_matches_reference_outputs_and_every_gradient(dtype, form):
     out = fused_linears(x, layers)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for a, b in zip(out, ref):
-        assert a.shape == b.shape and _rel(a, b) <= tol
+        assert a.shape == b.shape and rel_norm(a, b) <= tol
     for a, b in zip(_grads(out, [x, *params]), _grads(ref, [x, *params])):
-        assert _rel(a, b) <= tol
+        assert rel_norm(a, b) <= tol
 
 
 def test_several_active_adapters_of_different_rank_and_scaling(form):
@@ -94,9 +82,9 @@ def test_several_active_adapters_of_different_rank_and_scaling(form):
     ref = [layer.reference_forward(x) for layer in layers]
     out = fused_linears(x, layers)
     for a, b in zip(out, ref):
-        assert _rel(a, b) <= 1e-12
+        assert rel_norm(a, b) <= 1e-12
     for a, b in zip(_grads(out, [x, *params]), _grads(ref, [x, *params])):
-        assert _rel(a, b) <= 1e-12
+        assert rel_norm(a, b) <= 1e-12
 
 
 def test_unused_outputs_and_frozen_adapters_get_no_gradient():
@@ -111,7 +99,7 @@ def test_unused_outputs_and_frozen_adapters_get_no_gradient():
     assert m.k.deltas["default"].lora_A.grad is None
     ref_x = x.detach().clone().requires_grad_(True)
     (m.q.reference_forward(ref_x).sin().sum() + m.k.reference_forward(ref_x).sum()).backward()
-    assert _rel(x.grad, ref_x.grad) <= 1e-12
+    assert rel_norm(x.grad, ref_x.grad) <= 1e-12
 
 
 def test_plain_linear_members_and_gpt2_conv1d(tiny_gpt2):
@@ -122,7 +110,7 @@ def test_plain_linear_members_and_gpt2_conv1d(tiny_gpt2):
     out = fused_linears(x, [m.q, m.k, m.v])
     ref = [m.q.reference_forward(x), m.k(x), m.v(x)]
     for a, b in zip(_grads(out, [x]), _grads(ref, [x])):
-        assert _rel(a, b) <= 1e-12
+        assert rel_norm(a, b) <= 1e-12
     lorakit.add_adapter(tiny_gpt2, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
                                                       init_lora_weights=False))
     layer = tiny_gpt2.transformer.h[0].attn.c_attn
@@ -130,9 +118,9 @@ def test_plain_linear_members_and_gpt2_conv1d(tiny_gpt2):
     x = torch.randn(2, 5, 64, requires_grad=True)
     params = [p for p in layer.parameters() if p.requires_grad]
     ref, (out,) = layer.reference_forward(x), fused_linears(x, [layer])
-    assert _rel(out, ref) <= 1e-6
+    assert rel_norm(out, ref) <= 1e-6
     for a, b in zip(_grads([out], [x, *params]), _grads([ref], [x, *params])):
-        assert _rel(a, b) <= 1e-5
+        assert rel_norm(a, b) <= 1e-5
 
 
 @pytest.mark.parametrize("style", ["llama", "gemma"])
@@ -156,9 +144,9 @@ def test_norm_recipe_saves_nothing_of_the_input_and_keeps_gradients(style, monke
     out = fused_linears(n, layers)
     assert spy.calls == [(3, True)]
     for a, b in zip(out, ref):
-        assert _rel(a, b) <= 1e-6  # the norm runs in float32, as HF's
+        assert rel_norm(a, b) <= 1e-6  # the norm runs in float32, as HF's
     for a, b in zip(_grads(out, [x, w, *params]), _grads(ref, [x, w, *params])):
-        assert _rel(a, b) <= 1e-6
+        assert rel_norm(a, b) <= 1e-6
     n2 = rms_norm(x, w, 1e-6, style)
     n2.mul_(1.0)  # an in-place change voids the recipe
     assert recipes.norm_recipe(n2) is None
@@ -205,9 +193,9 @@ def test_fast_path_is_used_when_eligible_and_equals_reference(monkeypatch):
     x = torch.randn(4, 24, requires_grad=True)
     out = m.q(x)
     assert spy.calls == [(1, False)]
-    assert _rel(out, m.q.reference_forward(x)) <= 1e-6
+    assert rel_norm(out, m.q.reference_forward(x)) <= 1e-6
     lorakit.set_active(m, None)  # no active adapter: nothing to fuse, the base alone
-    assert _rel(m.q(x), m.q.base_layer(x)) <= 1e-7
+    assert rel_norm(m.q(x), m.q.base_layer(x)) <= 1e-7
 
 
 def test_fused_path_compiles_without_graph_breaks():
@@ -234,6 +222,6 @@ def test_fused_path_compiles_without_graph_breaks():
     fullgraph = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
     compiled = torch.compile(m, backend="aot_eager", fullgraph=fullgraph)
     out = compiled(x)
-    assert _rel(out, ref) <= 1e-6
+    assert rel_norm(out, ref) <= 1e-6
     for a, b in zip(torch.autograd.grad(out, params), torch.autograd.grad(ref, params)):
-        assert _rel(a, b) <= 1e-5
+        assert rel_norm(a, b) <= 1e-5

@@ -9,21 +9,9 @@ import torch
 import lorakit
 import lorakit.fast.lora_linear as ll
 from lorakit.fast import families
+from support import one_thread, rel_norm  # noqa: F401
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP overhead (and a shared box's descheduled second thread)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def _adapted(model, targets=LLAMA_TARGETS, **kw):
@@ -53,7 +41,7 @@ def _assert_same_step(ref, fast, batch, tol=3e-5):
     assert abs(l0.item() - l1.item()) <= tol * abs(l0.item())
     assert len(g0) == len(g1) > 0
     for a, b in zip(g1, g0):
-        assert _rel(a, b) <= tol
+        assert rel_norm(a, b) <= tol
 
 
 @pytest.fixture
@@ -113,10 +101,10 @@ def test_fused_loss_matches_hf_and_only_replaces_the_training_forward(tiny_llama
     assert out.logits is None  # training forward with labels: no logits materialised
     with torch.no_grad():
         ev, ev_ref = fast(**batch), ref(**batch)
-    assert ev.logits is not None and _rel(ev.logits, ev_ref.logits) <= 1e-5
-    assert _rel(ev.loss, ev_ref.loss) <= 1e-5
+    assert ev.logits is not None and rel_norm(ev.logits, ev_ref.logits) <= 1e-5
+    assert rel_norm(ev.loss, ev_ref.loss) <= 1e-5
     n = torch.tensor(11)
-    assert _rel(fast(**batch, num_items_in_batch=n).loss, ref(**batch, num_items_in_batch=n).loss) <= 1e-5
+    assert rel_norm(fast(**batch, num_items_in_batch=n).loss, ref(**batch, num_items_in_batch=n).loss) <= 1e-5
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma", "gemma2"])
@@ -160,10 +148,10 @@ def test_checkpointing_keeps_loss_and_gradients(tiny_llama, mode):
     l0.backward()
     l1 = fast(**batch).loss
     l1.backward()  # offload accumulates into .grad (reentrant style)
-    assert _rel(l1, l0) <= 1e-5
+    assert rel_norm(l1, l0) <= 1e-5
     for (n, a), (_, b) in zip(fast.named_parameters(), ref.named_parameters()):
         if b.requires_grad:
-            assert a.grad is not None and _rel(a.grad, b.grad) <= 1e-5, n
+            assert a.grad is not None and rel_norm(a.grad, b.grad) <= 1e-5, n
 
 
 def test_unoptimize_restores_and_reference_is_untouched(tiny_llama):
@@ -191,10 +179,10 @@ def test_adapter_switching_after_optimize(tiny_llama):
         lorakit.merge(ref)
         merged = ref(**batch).logits
         lorakit.unmerge(ref)
-    assert _rel(merged, adapted) <= 1e-5 and _rel(base, adapted) > 1e-4
+    assert rel_norm(merged, adapted) <= 1e-5 and rel_norm(base, adapted) > 1e-4
     lorakit.unoptimize(ref)
     with torch.no_grad(), lorakit.disabled(ref):
-        assert _rel(ref(**batch).logits, base) <= 1e-6
+        assert rel_norm(ref(**batch).logits, base) <= 1e-6
 
 
 def test_bad_option_is_refused_before_anything_changes(tiny_llama):

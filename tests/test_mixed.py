@@ -9,7 +9,6 @@ Exactness, stated per test:
   tokens (greedy, beam search, sampling) must be identical.
 """
 
-import copy
 
 import pytest
 import torch
@@ -18,35 +17,20 @@ from torch import nn
 import lorakit
 from lorakit.mixed import MixedBatchError
 
+from support import only, rel_max, small_lora
 from variants import LAYER_CASES, VARIANTS
 
 
-def _lora(**kw):
-    return lorakit.LoraConfig(**({"r": 4, "lora_alpha": 8, "init_lora_weights": False} | kw))
 
-
-def only(model, keep):
-    """A copy of the model with adapter `keep` alone, active (None: no adapter at all)."""
-    single = copy.deepcopy(model)
-    for name in lorakit.list_adapters(single):
-        if name != keep:
-            lorakit.delete_adapter(single, name)
-    if keep is not None:
-        lorakit.set_active(single, keep)
-    return single
-
-
-def rel_err(out, ref):
-    return float((out - ref).abs().max().detach() / ref.abs().max().detach())
 
 
 @pytest.fixture
 def llama3(tiny_llama):
     """tiny_llama with three adapters of different ranks, targets and variants (c is DoRA if available)."""
-    lorakit.add_adapter(tiny_llama, _lora(target_modules="all-linear"), "a")
-    lorakit.add_adapter(tiny_llama, _lora(r=8, lora_alpha=4, use_rslora=True,
+    lorakit.add_adapter(tiny_llama, small_lora(target_modules="all-linear"), "a")
+    lorakit.add_adapter(tiny_llama, small_lora(r=8, lora_alpha=4, use_rslora=True,
                                           target_modules=["q_proj", "v_proj", "embed_tokens"]), "b")
-    lorakit.add_adapter(tiny_llama, _lora(r=2, target_modules=["q_proj", "down_proj"], use_dora=True), "c")
+    lorakit.add_adapter(tiny_llama, small_lora(r=2, target_modules=["q_proj", "down_proj"], use_dora=True), "c")
     return tiny_llama
 
 
@@ -74,7 +58,7 @@ def test_vectorised_rows_match_the_reference(llama3, impl):
         ref = llama3(ids).logits
     with lorakit.per_row(llama3, NAMES, impl=impl):
         out = llama3(ids).logits
-    assert rel_err(out, ref) < 1e-5
+    assert rel_max(out, ref) < 1e-5
     with lorakit.disabled(llama3):
         base = llama3(ids).logits
     assert torch.equal(out[2], base[2])  # the None row: exact
@@ -168,7 +152,7 @@ def test_bad_input_gives_lorakit_errors(llama3):
 def test_modules_to_save_heads_are_routed_per_row(minilm_cls):
     """Sequence classification with a head per adapter (PEFT's SEQ_CLS modules_to_save)."""
     for name in ("pos", "neg"):
-        lorakit.add_adapter(minilm_cls, _lora(target_modules=["query", "value"], task_type="SEQ_CLS"), name)
+        lorakit.add_adapter(minilm_cls, small_lora(target_modules=["query", "value"], task_type="SEQ_CLS"), name)
         head = minilm_cls.classifier.copies[name]
         torch.nn.init.normal_(head.weight)
     ids = torch.randint(1000, 2000, (4, 9))
@@ -177,16 +161,16 @@ def test_modules_to_save_heads_are_routed_per_row(minilm_cls):
     with lorakit.per_row(minilm_cls, names, impl="reference"):
         assert torch.equal(minilm_cls(ids).logits, expected)
     with lorakit.per_row(minilm_cls, names):
-        assert rel_err(minilm_cls(ids).logits, expected) < 1e-5
+        assert rel_max(minilm_cls(ids).logits, expected) < 1e-5
 
 
 @pytest.mark.parametrize("case", [c for c in LAYER_CASES if c.kind != "gpt2"], ids=lambda c: c.kind)
-def test_every_variant_shares_a_batch_with_lora(case):
+def test_every_variant_shares_a_batch_withsmall_lora(case):
     """Each registered variant (tests/variants.py) next to two plain LoRAs of other ranks, on each layer type."""
     others = [v for v in VARIANTS if case.kind in v.layer_kinds and v.name != "lora"]
     model = case.build()
-    lorakit.add_adapter(model, _lora(target_modules=case.targets), "lora4")
-    lorakit.add_adapter(model, _lora(r=2, lora_alpha=16, target_modules=case.targets), "lora2")
+    lorakit.add_adapter(model, small_lora(target_modules=case.targets), "lora4")
+    lorakit.add_adapter(model, small_lora(r=2, lora_alpha=16, target_modules=case.targets), "lora2")
     for v in others:
         torch.manual_seed(1)
         lorakit.add_adapter(model, v.make(case.targets, False), v.name)
@@ -198,23 +182,23 @@ def test_every_variant_shares_a_batch_with_lora(case):
     with lorakit.per_row(model, names, impl="reference"):
         assert torch.equal(model(x), expected)
     with lorakit.per_row(model, names):
-        assert rel_err(model(x), expected) < 1e-5
+        assert rel_max(model(x), expected) < 1e-5
 
 
 def test_gpt2_conv1d_and_flattened_token_batches(tiny_gpt2):
-    lorakit.add_adapter(tiny_gpt2, _lora(target_modules=["c_attn", "c_fc"]), "a")
-    lorakit.add_adapter(tiny_gpt2, _lora(r=6, target_modules=["c_attn", "c_proj"]), "b")
+    lorakit.add_adapter(tiny_gpt2, small_lora(target_modules=["c_attn", "c_fc"]), "a")
+    lorakit.add_adapter(tiny_gpt2, small_lora(r=6, target_modules=["c_attn", "c_proj"]), "b")
     ids = torch.randint(0, 128, (4, 10))
     names = ["b", "a", None, "b"]
     expected = _expected(tiny_gpt2, ids, names, lambda m, x: m(x).logits)
     with lorakit.per_row(tiny_gpt2, names):
-        assert rel_err(tiny_gpt2(ids).logits, expected) < 1e-5
+        assert rel_max(tiny_gpt2(ids).logits, expected) < 1e-5
     # a layer fed [B·T, in] (tokens flattened row-major) gets each row's adapter on its T tokens
     lin = nn.Sequential(nn.Linear(8, 8))
-    lorakit.add_adapter(lin, _lora(target_modules=["0"]), "a")
-    lorakit.add_adapter(lin, _lora(target_modules=["0"]), "b")
+    lorakit.add_adapter(lin, small_lora(target_modules=["0"]), "a")
+    lorakit.add_adapter(lin, small_lora(target_modules=["0"]), "b")
     x = torch.randn(3, 5, 8)
     expected = _expected(lin, x, ["a", None, "b"], lambda m, inp: m(inp))
     with lorakit.per_row(lin, ["a", None, "b"]):
         flat = lin(x.reshape(15, 8)).view(3, 5, 8)
-    assert rel_err(flat, expected) < 1e-5
+    assert rel_max(flat, expected) < 1e-5

@@ -6,7 +6,6 @@ CUDA (skipped without it): the Triton SGMV/BGMV kernels equal the torch referenc
 relative, bf16 within 2e-2), and a CUDA model's per_row prefill and decode match single-adapter runs.
 """
 
-import copy
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 import lorakit
 from lorakit import kernels
 from lorakit.kernels import build_stack, segment_tiles, token_reference
+from support import only
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available() or not kernels.HAVE_TRITON, reason="needs CUDA and triton")
 
@@ -142,15 +142,7 @@ def test_cuda_model_prefill_and_decode_match_single_adapters(tiny_llama, dtype, 
         monkeypatch.setattr(kernels, name, counted)
     names = ["a0", "a2", None, "a1", "a0", "a1", "a2", None]
     ids = torch.randint(1, 128, (len(names), 33), device="cuda")
-    singles = {}
-    for n in set(names):
-        single = copy.deepcopy(model)
-        for other in lorakit.list_adapters(single):
-            if other != n:
-                lorakit.delete_adapter(single, other)
-        if n is not None:
-            lorakit.set_active(single, n)
-        singles[n] = single
+    singles = {n: only(model, n) for n in set(names)}
     with torch.no_grad():
         expected = torch.stack([singles[n](ids).logits[i] for i, n in enumerate(names)]).float()
         with lorakit.per_row(model, names):  # CUDA + no grad: the Triton kernels

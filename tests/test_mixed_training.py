@@ -7,36 +7,25 @@ compared with single-adapter models run on their own rows only, within 1e-5 rela
 other shapes, so fp32 sums may round differently.
 """
 
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import lorakit
+from support import only, small_lora
 
 NAMES = ["a", "b", None, "a", "c", "b"]
 
 
-def _lora(**kw):
-    return lorakit.LoraConfig(**({"r": 4, "lora_alpha": 8, "init_lora_weights": False} | kw))
-
-
-def only(model, keep):
-    single = copy.deepcopy(model)
-    for name in lorakit.list_adapters(single):
-        if name != keep:
-            lorakit.delete_adapter(single, name)
-    lorakit.set_active(single, keep)
-    return single
 
 
 @pytest.fixture
 def model(tiny_llama):
-    lorakit.add_adapter(tiny_llama, _lora(target_modules="all-linear"), "a")
-    lorakit.add_adapter(tiny_llama, _lora(r=8, target_modules=["q_proj", "v_proj", "embed_tokens"]), "b")
-    lorakit.add_adapter(tiny_llama, _lora(r=2, target_modules=["k_proj", "down_proj"], use_dora=True), "c")
-    lorakit.add_adapter(tiny_llama, _lora(target_modules=["o_proj"]), "idle")  # never in the batch
+    lorakit.add_adapter(tiny_llama, small_lora(target_modules="all-linear"), "a")
+    lorakit.add_adapter(tiny_llama, small_lora(r=8, target_modules=["q_proj", "v_proj", "embed_tokens"]), "b")
+    lorakit.add_adapter(tiny_llama, small_lora(r=2, target_modules=["k_proj", "down_proj"], use_dora=True), "c")
+    lorakit.add_adapter(tiny_llama, small_lora(target_modules=["o_proj"]), "idle")  # never in the batch
     return tiny_llama.train()
 
 
@@ -99,8 +88,8 @@ def test_one_optimizer_step_moves_only_the_batch_adapters(model):
 
 
 def test_dropout_is_per_row_with_each_adapter_rate(tiny_llama):
-    lorakit.add_adapter(tiny_llama, _lora(target_modules="all-linear", lora_dropout=0.5), "drop")
-    lorakit.add_adapter(tiny_llama, _lora(target_modules="all-linear"), "keep")
+    lorakit.add_adapter(tiny_llama, small_lora(target_modules="all-linear", lora_dropout=0.5), "drop")
+    lorakit.add_adapter(tiny_llama, small_lora(target_modules="all-linear"), "keep")
     tiny_llama.train()
     ids = torch.randint(0, 128, (4, 6))
     names = ["drop", "keep", None, "drop"]

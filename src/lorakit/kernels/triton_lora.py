@@ -34,17 +34,15 @@ def _tile(tiles_ptr, slot_map_ptr, t):
 
 
 @triton.jit
-def _sgmv(x_ptr, a_ptr, bt_ptr, y_ptr, tiles_ptr, slot_map_ptr, scale_ptr, K, N, cols_per_program,
-          stride_xm, stride_as, stride_bs, stride_ym,
-          R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-          PRECISION: tl.constexpr):
-    start, count, slot = _tile(tiles_ptr, slot_map_ptr, tl.program_id(1))
+def _shrink_tile(x_ptr, a_ptr, start, count, slot, K, stride_xm, stride_as,
+                 R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """x[tile] · A_slotᵀ in fp32, unscaled: [BLOCK_M, R]; rows at or past `count` are 0."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R)
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < count
     x_ptrs = x_ptr + (start + offs_m)[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
-    a_ptrs = a_ptr + slot * stride_as + offs_r[None, :] * K + offs_k[:, None]  # [BK, R]
+    a_ptrs = a_ptr + slot * stride_as + offs_r[None, :] * K + offs_k[:, None]  # [BK, R] (A is [R, K] per slot)
     acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
@@ -53,6 +51,19 @@ def _sgmv(x_ptr, a_ptr, bt_ptr, y_ptr, tiles_ptr, slot_map_ptr, scale_ptr, K, N,
         acc = tl.dot(xb.to(ab.dtype), ab, acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def _sgmv(x_ptr, a_ptr, bt_ptr, y_ptr, tiles_ptr, slot_map_ptr, scale_ptr, K, N, cols_per_program,
+          stride_xm, stride_as, stride_bs, stride_ym,
+          R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+          PRECISION: tl.constexpr):
+    start, count, slot = _tile(tiles_ptr, slot_map_ptr, tl.program_id(1))
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R)
+    m_mask = offs_m < count
+    acc = _shrink_tile(x_ptr, a_ptr, start, count, slot, K, stride_xm, stride_as, R, BLOCK_M, BLOCK_K, PRECISION)
     h = (acc * tl.load(scale_ptr + slot)).to(a_ptr.dtype.element_ty)  # [BM, R], rounded as the reference's h
     first = tl.program_id(0) * cols_per_program
     last = tl.minimum(first + cols_per_program, N)
@@ -74,18 +85,8 @@ def _sgmv_shrink(x_ptr, a_ptr, h_ptr, tiles_ptr, slot_map_ptr, scale_ptr, K, str
     start, count, slot = _tile(tiles_ptr, slot_map_ptr, tl.program_id(0))
     offs_m = tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R)
-    offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < count
-    x_ptrs = x_ptr + (start + offs_m)[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
-    a_ptrs = a_ptr + slot * stride_as + offs_r[None, :] * K + offs_k[:, None]  # [BK, R] (A is [R, K] per slot)
-    acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = offs_k < K - k0
-        xb = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        ab = tl.load(a_ptrs, mask=k_mask[:, None] & (count > 0), other=0.0)
-        acc = tl.dot(xb.to(ab.dtype), ab, acc, input_precision=PRECISION)
-        x_ptrs += BLOCK_K
-        a_ptrs += BLOCK_K
+    acc = _shrink_tile(x_ptr, a_ptr, start, count, slot, K, stride_xm, stride_as, R, BLOCK_M, BLOCK_K, PRECISION)
     acc = acc * tl.load(scale_ptr + slot)
     h_ptrs = h_ptr + (start + offs_m)[:, None] * stride_hm + offs_r[None, :]
     tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=m_mask[:, None])
