@@ -31,7 +31,7 @@ import lorakit  # noqa: E402
 from lorakit.train.data import Encoder, MicroBatches  # noqa: E402
 from lorakit.train.evaluate import bleu, generate  # noqa: E402
 from lorakit.train.loop import train_loop  # noqa: E402
-from lorakit.train.models import load_model, load_tokenizer, pick_device, resolve_model  # noqa: E402
+from lorakit.loading.models import load_model, load_tokenizer, pick_device, resolve_model  # noqa: E402
 from lorakit.train.options import BUILTIN_MODEL, TrainOptions  # noqa: E402
 from sst2 import update_benchmarks_md  # noqa: E402
 

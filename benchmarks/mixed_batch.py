@@ -213,10 +213,10 @@ def diagnose(model, out_dir: Path) -> None:
             one = do_bench(lambda: layer.deltas["a0"](x, y, layer), return_mode="median") + base
             times = []
             for impl, fused in (("auto", True), ("auto", False), ("torch", True)):
-                lorakit.kernels.SGMV_FUSED = fused
+                lorakit.multi.kernels.SGMV_FUSED = fused
                 with lorakit.per_row(model, names, impl=impl):
                     times.append(do_bench(lambda: layer(x), return_mode="median"))
-            lorakit.kernels.SGMV_FUSED = True
+            lorakit.multi.kernels.SGMV_FUSED = True
             lines.append(f"| {rows}×{tokens}, {n} | {label} | {base * 1e3:.0f} µs | {one * 1e3:.0f} µs | "
                          + " | ".join(f"{t * 1e3:.0f} µs" for t in times) + " |")
     ids = ids_for(8, 64)
@@ -321,7 +321,7 @@ def main() -> None:
         peft_base = None if args.skip_peft else copy.deepcopy(model)
         lorakit_rows(model, results, base_ms)
         del model
-        lorakit.mixed.clear_stacks()
+        lorakit.multi.routing.clear_stacks()
         gc.collect()
         if DEV == "cuda":
             torch.cuda.empty_cache()
@@ -330,7 +330,7 @@ def main() -> None:
     import peft
     import transformers
 
-    triton = lorakit.kernels.HAVE_TRITON and __import__("triton").__version__
+    triton = lorakit.multi.kernels.HAVE_TRITON and __import__("triton").__version__
     device = torch.cuda.get_device_name() if DEV == "cuda" else "CPU (smoke)"
     env = (f"{datetime.date.today()} · {device} · torch {torch.__version__} · triton {triton} · "
            f"transformers {transformers.__version__} · peft {peft.__version__}")

@@ -309,7 +309,7 @@ def main(argv=None) -> None:
         for shape in args.shapes.split(","):
             for case in cases:
                 only, _, case = case.rpartition(":")  # "1b:opt-glu" runs on the 1b shape only
-                if (only and only != shape) or (case.startswith("dora") and importlib.util.find_spec("lorakit.dora") is None):
+                if (only and only != shape) or (case.startswith("dora") and importlib.util.find_spec("lorakit.variants.dora") is None):
                     continue
                 try:
                     prof = f"{shape}:{case}" in args.profile.split(",")

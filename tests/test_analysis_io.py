@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit import cli
-from lorakit.analysis.command import AnalyzeOptions, run_analyze
+from lorakit.cli import app as cli
+from lorakit.cli.analyze import AnalyzeOptions, run_analyze
 from support import one_thread  # noqa: F401
 
 

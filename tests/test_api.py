@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.adapted import AdaptedLayer
-from lorakit.saved import SavedModule
+from lorakit.core.adapted import AdaptedLayer
+from lorakit.core.saved import SavedModule
 
 
 def _lora(**kw):

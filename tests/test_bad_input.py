@@ -221,7 +221,7 @@ def test_all_errors_share_one_base_class():
 
 
 def test_a_failing_init_midway_leaves_the_model_as_it_was(monkeypatch):
-    from lorakit.lora import LoraDelta
+    from lorakit.variants.lora import LoraDelta
 
     model = _net()
     lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False), name="x")

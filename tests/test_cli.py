@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from lorakit import cli
+from lorakit.cli import app as cli
 from lorakit.train.fields import field_docs
 from test_train_support import copy_task_rows, one_thread, save_tiny_llama, write_jsonl  # noqa: F401
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit import cli
+from lorakit.cli import app as cli
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "generate", "merge", "info", "estimate", "analyze", "compose"])

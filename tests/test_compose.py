@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.compose import ComposeOptions, compose
+from lorakit.multi.combine import ComposeOptions, compose
 
 
 def _lora(**kw):

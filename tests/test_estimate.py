@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lorakit import cli
+from lorakit.cli import app as cli
 from lorakit.errors import ConfigError
 from lorakit.train.estimate import NF4_BITS, estimate, shape_of, weights_table
 from test_train_support import one_thread  # noqa: F401

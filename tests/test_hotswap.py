@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.hotswap import HotSwapError
+from lorakit.multi.hotswap import HotSwapError
 
 
 def _lora(**kw):

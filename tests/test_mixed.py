@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.mixed import MixedBatchError
+from lorakit.multi.routing import MixedBatchError
 
 from support import only, rel_max, small_lora
 from variants import LAYER_CASES, VARIANTS

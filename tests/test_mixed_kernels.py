@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit import kernels
-from lorakit.kernels import build_stack, segment_tiles, token_reference
+from lorakit.multi import kernels
+from lorakit.multi.kernels import build_stack, segment_tiles, token_reference
 from support import only
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available() or not kernels.HAVE_TRITON, reason="needs CUDA and triton")
@@ -81,8 +81,8 @@ def test_stacks_are_cached_and_rebuilt_when_weights_change():
         with lorakit.per_row(lin, ["a", "b"]):
             second = lin(x)
     assert torch.equal(first[0], second[0]) and not torch.equal(first[1], second[1])
-    lorakit.mixed.clear_stacks(lin)
-    assert lin[0] not in lorakit.mixed._STACKS
+    lorakit.multi.routing.clear_stacks(lin)
+    assert lin[0] not in lorakit.multi.routing._STACKS
 
 
 # --- CUDA --------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.model import count_parameters
+from lorakit.core.api import count_parameters
 from lorakit.quant import NF4Linear
 from lorakit.quant.bnb import nf4_from_bnb
 from lorakit.quant.nf4 import dequantize_nf4_reference

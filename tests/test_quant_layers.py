@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.model import count_parameters
+from lorakit.core.api import count_parameters
 from lorakit.quant import NF4Linear, quantize_nf4
 from lorakit.quant.nf4 import dequantize_nf4_reference
 from variants import VARIANTS
@@ -182,7 +182,7 @@ def test_every_variant_trains_saves_and_merges_on_an_nf4_base(variant, tiny_llam
     lorakit.dequantize(model)  # exact: the dense weight is the one the 4-bit layer multiplied by
     assert torch.equal(_logits(model, x), trained)
     lorakit.unload(model, merge=True)
-    assert not any(isinstance(m, (NF4Linear, lorakit.adapted.AdaptedLayer)) for m in model.modules())
+    assert not any(isinstance(m, (NF4Linear, lorakit.core.adapted.AdaptedLayer)) for m in model.modules())
     assert torch.allclose(_logits(model, x), trained, atol=1e-5)
 
 
@@ -240,7 +240,7 @@ def test_merge_requantized_reports_the_rounding_error(tiny_llama):
     with pytest.warns(UserWarning, match="rounded away"):
         report = lorakit.merge_requantized(model)
     assert len(report) == 14 and all(r.adapter > 0 and r.rounding > 0 for r in report.values())
-    assert not any(isinstance(m, lorakit.adapted.AdaptedLayer) for m in model.modules())
+    assert not any(isinstance(m, lorakit.core.adapted.AdaptedLayer) for m in model.modules())
     assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 14  # still 4-bit
     merged = _logits(model, x)
     # the requantized model sits near the adapted one, much nearer than the base does (init_lora_weights=False: big ΔW)

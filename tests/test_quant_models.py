@@ -72,7 +72,7 @@ def test_qlora_trains_smollm2(tmp_path):
     lorakit.quantize(model)
     assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 30 * 7  # q k v o gate up down × 30 layers
     lorakit.add_adapter(model, lorakit.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    trainable, total = lorakit.model.count_parameters(model)
+    trainable, total = lorakit.core.api.count_parameters(model)
     assert total == dense_params + trainable  # the 4-bit weights count per value, as PEFT counts them
 
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))

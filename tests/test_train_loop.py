@@ -10,8 +10,8 @@ import torch
 import lorakit
 from lorakit.errors import ConfigError
 from lorakit.train import data as D
-from lorakit.train.api import resolve_options
-from lorakit.train.models import adapter_variants, build_adapter_config
+from lorakit.train.run import resolve_options
+from lorakit.loading.models import adapter_variants, build_adapter_config
 from test_train_support import copy_task_rows, one_thread, save_tiny_llama, write_jsonl  # noqa: F401
 
 
@@ -89,7 +89,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_dir, copy_data, tmp_pat
 
 
 def test_training_hooks_are_called(tiny_dir, copy_data, tmp_path, monkeypatch):
-    from lorakit import registry
+    from lorakit.core import registry
 
     calls = {"extra": 0, "after": [], "save": 0}
 

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import lorakit
-from lorakit.adalora import AdaLoraDelta
-from lorakit.dora import DoraDelta
-from lorakit.loha import LoHaDelta
-from lorakit.lokr import LoKrDelta
+from lorakit.variants.adalora import AdaLoraDelta
+from lorakit.variants.dora import DoraDelta
+from lorakit.variants.loha import LoHaDelta
+from lorakit.variants.lokr import LoKrDelta
 from support import randomise_adapters
 
 
@@ -296,7 +296,7 @@ def test_invalid_configs_raise_config_error(cls, kwargs):
 def test_config_peft_dict_round_trip(config):
     data = config.to_peft_dict()
     assert data["peft_type"] == config.peft_type
-    assert lorakit.registry.config_from_peft_dict(data) == config
+    assert lorakit.core.registry.config_from_peft_dict(data) == config
 
 
 @pytest.mark.parametrize("config,layer", [
@@ -315,7 +315,7 @@ def test_unsupported_layers_raise_and_leave_the_model_untouched(config, layer):
 
 
 def test_variant_classes_are_registered():
-    from lorakit.registry import DELTAS
+    from lorakit.core.registry import DELTAS
 
     assert (DELTAS["DORA"], DELTAS["LOHA"], DELTAS["LOKR"], DELTAS["ADALORA"]) == (
         DoraDelta, LoHaDelta, LoKrDelta, AdaLoraDelta)

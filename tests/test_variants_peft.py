@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import lorakit
-from lorakit.lokr import factorization
+from lorakit.variants.lokr import factorization
 
 # name → (config class name, shared in both libraries, kwargs: PEFT's field names are lorakit's)
 MINILM_CASES = {
@@ -62,7 +62,7 @@ def test_peft_directory_loads_into_lorakit(minilm_cls, tmp_path, case):
     with torch.no_grad():
         base_out = base(**x).logits
     pm = peft.get_peft_model(minilm_cls, getattr(peft, cls)(task_type="SEQ_CLS", **kwargs))
-    assert pm.get_nb_trainable_parameters()[0] == lorakit.model.count_parameters(
+    assert pm.get_nb_trainable_parameters()[0] == lorakit.core.api.count_parameters(
         lorakit.add_adapter(copy.deepcopy(base), getattr(lorakit, cls)(task_type="SEQ_CLS", **kwargs)))[0]
     _randomise(pm)
     pm.save_pretrained(tmp_path / "peft")

@@ -1,42 +1,41 @@
-"""lorakit: low-rank adaptation of any PyTorch model, in place, with PEFT-compatible files."""
+"""lorakit: low-rank adaptation of any PyTorch model, in place, with PEFT-compatible files.
 
-from . import lora  # noqa: F401  (registers the LoRA variant)
-from .config import AdapterConfig, LoraConfig
-from .errors import (AdapterFormatError, AdapterNameError, ConfigError, LorakitError, ShapeMismatchError,
-                     TargetError)
-from .io import adapter_state_dict, load_adapter, read_config, save_adapter
-from .model import (active_adapters, add_adapter, adapted_layers, delete_adapter, disabled, get_config,
-                    list_adapters, merge, set_active, trainable_report, training_hooks, unload, unmerge)
+The public API, by area (each area is a sub-package; see ARCHITECTURE.md):
+core (add, activate, merge, save, load), variants (their configs), multi (many adapters on one base),
+fast (optimize), quant (a 4-bit base), train, analysis.
+"""
 
-# --- variants (issue 4): one import line per variant module ---
-from . import dora  # noqa: F401  (registers DoRA: LoraConfig(use_dora=True))
-from .adalora import AdaLoraConfig
-from .loha import LoHaConfig
-from .lokr import LoKrConfig
-# --- many adapters: per_row, hot_swap, combine (issue 6) ---
-from .compose import combine, lorahub_search, weighted  # noqa: E402
-from .hotswap import hot_swap  # noqa: E402
-from .mixed import per_row  # noqa: E402
-# --- speed: optimize (issue 5) ---
-from .fast import optimize, unoptimize  # noqa: E402
-# --- quantized base: quantize (issue 7) ---
-from .quant import NF4Linear, QuantizedBaseError, dequantize, merge_requantized, quantize  # noqa: E402
-# --- training: train (issue 3) ---
-from .train import train  # noqa: E402  (transformers is imported only when it runs)
-# --- analysis: analyze (issue 8) ---
-from .analysis import analyze  # noqa: E402  (matplotlib and transformers are imported only when used)
+from . import variants  # noqa: F401  (registers the built-in variants)
+from .analysis import analyze
+from .core.api import (active_adapters, adapted_layers, add_adapter, delete_adapter, disabled, get_config,
+                       list_adapters, merge, set_active, trainable_report, training_hooks, unload, unmerge)
+from .core.config import AdapterConfig
+from .core.files import adapter_state_dict, load_adapter, read_config, save_adapter
+from .errors import (AdapterFormatError, AdapterNameError, ConfigError, HotSwapError, LorakitError,
+                     MixedBatchError, QuantizedBaseError, ShapeMismatchError, TargetError)
+from .fast import optimize, unoptimize
+from .multi import combine, hot_swap, lorahub_search, per_row, weighted
+from .quant import NF4Linear, dequantize, merge_requantized, quantize
+from .train import train
+from .variants.adalora import AdaLoraConfig
+from .variants.loha import LoHaConfig
+from .variants.lokr import LoKrConfig
+from .variants.lora import LoraConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "LoraConfig", "LorakitError", "ConfigError", "TargetError", "AdapterNameError",
-    "AdapterFormatError", "ShapeMismatchError", "add_adapter", "set_active", "active_adapters", "disabled",
-    "merge", "unmerge", "unload", "delete_adapter", "list_adapters", "get_config", "adapted_layers",
-    "trainable_report", "training_hooks", "save_adapter", "load_adapter", "adapter_state_dict", "read_config",
+    # core: adapt a model in place, switch, merge, save and load
+    "add_adapter", "set_active", "active_adapters", "disabled", "merge", "unmerge", "unload", "delete_adapter",
+    "list_adapters", "get_config", "adapted_layers", "trainable_report", "training_hooks",
+    "save_adapter", "load_adapter", "adapter_state_dict", "read_config",
+    # configs of the built-in variants
+    "AdapterConfig", "LoraConfig", "AdaLoraConfig", "LoHaConfig", "LoKrConfig",
+    # many adapters on one base
+    "per_row", "hot_swap", "combine", "weighted", "lorahub_search",
+    # speed, a quantized base, training, analysis
+    "optimize", "unoptimize", "quantize", "dequantize", "merge_requantized", "NF4Linear", "train", "analyze",
+    # errors
+    "LorakitError", "ConfigError", "TargetError", "AdapterNameError", "AdapterFormatError", "ShapeMismatchError",
+    "QuantizedBaseError", "MixedBatchError", "HotSwapError",
 ]
-__all__ += ["quantize", "dequantize", "merge_requantized", "NF4Linear", "QuantizedBaseError"]  # issue 7
-__all__ += ["train"]  # training (issue 3)
-__all__ += ["AdaLoraConfig", "LoHaConfig", "LoKrConfig"]  # variants (issue 4)
-__all__ += ["optimize", "unoptimize"]  # speed (issue 5)
-__all__ += ["analyze"]  # analysis (issue 8)
-__all__ += ["per_row", "hot_swap", "combine", "lorahub_search", "weighted"]  # many adapters (issue 6)

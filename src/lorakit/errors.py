@@ -1,4 +1,4 @@
-"""lorakit's own exception types. Every user-facing failure raises one of these."""
+"""lorakit's own exception types, all in one place. Every user-facing failure raises one of these."""
 
 
 class LorakitError(Exception):
@@ -23,3 +23,15 @@ class AdapterFormatError(LorakitError, ValueError):
 
 class ShapeMismatchError(AdapterFormatError):
     """Saved tensors whose shapes do not fit the model (usually: a different base model)."""
+
+
+class QuantizedBaseError(ConfigError):
+    """An operation that would write a quantized (4-bit) base weight, which lorakit does not do silently."""
+
+
+class MixedBatchError(LorakitError, ValueError):
+    """A mixed batch lorakit cannot run as asked (merged adapters, a batch that does not fit the names...)."""
+
+
+class HotSwapError(LorakitError, ValueError):
+    """An adapter that cannot replace the loaded one in place (see lorakit.hot_swap)."""

@@ -17,13 +17,13 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..adapted import AdaptedLayer
-from ..config import AdapterConfig
-from ..delta import Delta
+from ..core.adapted import AdaptedLayer
+from ..core.config import AdapterConfig
+from ..core.delta import Delta
 from ..errors import AdapterFormatError, ConfigError
-from ..io import PREFIX, adapter_state_dict, load_adapter, read_config, read_tensors
-from ..model import adapted_layers, delete_adapter, get_config, list_adapters
-from ..registry import delta_class
+from ..core.files import PREFIX, adapter_state_dict, load_adapter, read_config, read_tensors
+from ..core.api import adapted_layers, delete_adapter, get_config, list_adapters
+from ..core.registry import delta_class
 from . import skeleton
 from .spectrum import Spectrum, spectrum_dense, spectrum_from_factors
 
@@ -173,7 +173,7 @@ def infer_num_labels(tensors: dict[str, torch.Tensor]) -> int:
 def load_base_model(base: str, directory: Union[str, os.PathLike], num_labels: int = 0,
                     device: str = "cpu") -> nn.Module:
     """The base model an adapter directory was trained on, in the class its task_type implies."""
-    from ..train.models import load_model, quiet_transformers, resolve_model
+    from ..loading.models import load_model, quiet_transformers, resolve_model
 
     config = read_config(directory)
     try:

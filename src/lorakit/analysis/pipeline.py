@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..model import list_adapters
+from ..core.api import list_adapters
 from . import adapters
 from .adapters import AdapterView
 from .results import AdapterAnalysis, AnalysisResult, LayerAnalysis

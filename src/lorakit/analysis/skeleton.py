@@ -18,12 +18,12 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..adapted import AdaptedLayer
-from ..config import AdapterConfig
+from ..core.adapted import AdaptedLayer
+from ..core.config import AdapterConfig
 from ..errors import AdapterFormatError
-from ..io import PREFIX
-from ..layers import ops_for
-from ..registry import delta_class
+from ..core.files import PREFIX
+from ..core.layers import ops_for
+from ..core.registry import delta_class
 
 # Kinds of stand-in layer: (out, n, kernel) → module on `meta`. Canonical sizes: out = output features,
 # n = input features (an embedding's vocabulary), kernel = a convolution's kernel size.

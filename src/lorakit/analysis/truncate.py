@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import LoraConfig
-from ..io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _atomic_write
-from ..lora import LoraDelta
-from ..registry import delta_class
+from ..variants.lora import LoraConfig
+from ..core.files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _atomic_write
+from ..variants.lora import LoraDelta
+from ..core.registry import delta_class
 from .adapters import AdapterView, from_directory
 from .results import LayerAnalysis
 from .spectrum import Spectrum

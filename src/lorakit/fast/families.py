@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..adapted import AdaptedLayer
+from ..core.adapted import AdaptedLayer
 from . import recipes
 from .cross_entropy import linear_cross_entropy, shift_labels
 from .lora_linear import fused_linears, layer_spec, lora_linear_fast_path

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapted import AdaptedLayer, DenseWeight
-from ..lora import LoraDelta
+from ..core.adapted import AdaptedLayer, DenseWeight
+from ..variants.lora import LoraDelta
 from . import recipes
 
 # Rank-r products in "rank-major" form (r as the GEMM's row count) where the BLAS runs the skinny forms

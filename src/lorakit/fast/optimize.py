@@ -21,7 +21,7 @@ from typing import Union
 from torch import nn
 
 from ..errors import ConfigError
-from ..model import adapted_layers
+from ..core.api import adapted_layers
 from . import families
 from .checkpoint import checkpointed_forward, find_blocks
 from .lora_linear import lora_linear_fast_path

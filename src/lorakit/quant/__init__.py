@@ -4,7 +4,8 @@ from . import bnb, weight
 from .linear import NF4Linear
 from .nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from .quantize import dequantize, merge_requantized, quantize
-from .weight import QuantizedBaseError, Requantization
+from ..errors import QuantizedBaseError
+from .weight import Requantization
 
 weight.register()
 bnb.register()

@@ -13,9 +13,9 @@ import sys
 import torch
 from torch import nn
 
-from ..adapted import WEIGHT_SOURCES
+from ..core.adapted import WEIGHT_SOURCES
 from ..errors import ConfigError
-from ..layers import EXTRA_LAYER_OPS
+from ..core.layers import EXTRA_LAYER_OPS
 from .nf4 import NF4Tensor
 from .weight import QuantizedWeight, QuantLinearOps
 

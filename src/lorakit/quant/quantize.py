@@ -14,11 +14,11 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from ..adapted import AdaptedLayer, weight_source_for
+from ..core.adapted import AdaptedLayer, weight_source_for
 from ..errors import ConfigError, TargetError
-from ..layers import ops_for
-from ..model import adapted_layers, state, unload
-from ..targeting import SEQ_CLS_HEAD_NAMES, candidate_modules
+from ..core.layers import ops_for
+from ..core.api import adapted_layers, state, unload
+from ..core.targeting import SEQ_CLS_HEAD_NAMES, candidate_modules
 from .bnb import is_bnb_linear4bit
 from .linear import NF4Linear
 from .nf4 import check_block_size

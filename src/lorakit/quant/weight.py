@@ -18,14 +18,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..adapted import WEIGHT_SOURCES
-from ..errors import ConfigError
-from ..layers import EXTRA_LAYER_OPS, LayerOps
+from ..core.adapted import WEIGHT_SOURCES
+from ..errors import QuantizedBaseError
+from ..core.layers import EXTRA_LAYER_OPS, LayerOps
 from .linear import NF4Linear
-
-
-class QuantizedBaseError(ConfigError):
-    """An operation that would write a quantized (4-bit) base weight, which lorakit does not do silently."""
 
 
 class QuantLinearOps(LayerOps):

@@ -3,7 +3,7 @@
 Heavy libraries (transformers, matplotlib, sacrebleu) are imported only when a command runs.
 """
 
-from .api import TrainResult, train
+from .run import TrainResult, train
 from .options import (EstimateOptions, EvalOptions, GenerateOptions, InfoOptions, MergeOptions, TrainOptions)
 
 __all__ = ["train", "TrainResult", "TrainOptions", "EvalOptions", "GenerateOptions", "MergeOptions", "InfoOptions",

@@ -124,7 +124,7 @@ def launched_by_torchrun() -> bool:
 def setup(device_name: str = "auto") -> tuple[Distributed, torch.device]:
     """(this process's Distributed, its device). Joins the process group when torchrun started us; else the
     single-process Distributed() and the device the option names."""
-    from .models import pick_device
+    from ..loading.models import pick_device
 
     if not launched_by_torchrun():
         return Distributed(), pick_device(device_name)
@@ -170,7 +170,7 @@ def wrap_model(model: nn.Module, dist: Distributed, strategy: str, device: torch
     """
     if not dist.enabled:
         return model
-    from ..model import training_hooks
+    from ..core.api import training_hooks
 
     if strategy == "fsdp":
         if training_hooks(model):
@@ -242,7 +242,7 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def gather_adapter(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's keys, whole and on CPU, on every rank (collective under FSDP)."""
-    from ..io import adapter_state_dict
+    from ..core.files import adapter_state_dict
 
     return {k: full_tensor(v.detach()).to("cpu", copy=True).contiguous()
             for k, v in adapter_state_dict(model, name).items()}
@@ -250,8 +250,8 @@ def gather_adapter(model: nn.Module, name: str = "default") -> dict[str, torch.T
 
 def save_adapter(model: nn.Module, directory, dist: Distributed, name: Optional[str] = None) -> Path:
     """io.save_adapter for a sharded or replicated model: every rank gathers, rank 0 writes."""
-    from .. import io
-    from ..model import active_adapters
+    from ..core import files as io
+    from ..core.api import active_adapters
 
     name = name or active_adapters(model)[0]
     if not dist.enabled:
@@ -340,7 +340,7 @@ def launch(options, out_dir: Path, log=print) -> int:
     code. The options go through a config file in the output directory (all set fields, less --nproc)."""
     from .fields import given_fields
 
-    from .models import pick_device
+    from ..loading.models import pick_device
 
     gpus = torch.cuda.device_count()
     if pick_device(options.device).type == "cuda" and gpus < options.nproc:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..model import training_hooks
+from ..core.api import training_hooks
 from .data import IGNORE, MicroBatches
 from .distributed import Distributed, gather_train_state, load_train_state, own_rng_state
 from .distributed import save_adapter as save_adapter_gathered

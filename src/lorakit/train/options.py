@@ -55,7 +55,7 @@ class DataOptions:
 @dataclass
 class AdapterOptions:
     adapter: str = "lora"
-    """Adapter variant by registered name (lorakit.registry): 'lora', and every variant that is installed."""
+    """Adapter variant by registered name (lorakit.core.registry): 'lora', and every variant that is installed."""
     r: int = 8
     """Rank of the update (for variants that have a rank)."""
     lora_alpha: float = 16

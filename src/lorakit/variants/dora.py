@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LoraConfig
-from .layers import LayerOps
+from .lora import LoraConfig
+from ..core.layers import LayerOps
 from .lora import LoraDelta
-from .registry import register
+from ..core.registry import Variant
 
 # id(layer) → its unmerged base weight while `unmerged_base_weight` replays the merged adapters.
 _UNMERGED: dict[int, torch.Tensor] = {}
@@ -155,4 +155,4 @@ class DoraDelta(LoraDelta):
         return f"{super().extra_repr()}, dora"
 
 
-register("DORA", LoraConfig, DoraDelta)
+VARIANT = Variant("DORA", LoraConfig, DoraDelta, selector={"use_dora": True})

@@ -21,14 +21,14 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..errors import ConfigError, LorakitError
-from ..model import add_adapter, count_parameters, disabled
+from ..core.api import add_adapter, count_parameters, disabled
 from . import distributed
 from . import task as builtin
 from .data import Encoder, Example, MicroBatches, label_names_of, read_rows
 from .evaluate import classify_scores, generate, generation_scores, heldout_loss
 from .fields import build_options, given_fields, read_config_file
 from .loop import total_steps, train_loop
-from .models import build_adapter_config, load_model, load_tokenizer, resolve_model
+from ..loading.models import build_adapter_config, load_model, load_tokenizer, resolve_model
 from .options import TrainOptions
 from .report import format_scores, plot_loss, write_generations, write_metrics
 

@@ -24,12 +24,12 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
-from .config import LoraConfig
-from .delta import Delta
-from .errors import ConfigError, TargetError
-from .layers import LayerOps
-from .model import adapted_layers, state
-from .registry import TRAINING_HOOKS, register
+from .lora import LoraConfig
+from ..core.delta import Delta
+from ..errors import ConfigError, TargetError
+from ..core.layers import LayerOps
+from ..core.api import adapted_layers, state
+from ..core.registry import Variant
 
 
 @dataclass
@@ -297,5 +297,4 @@ class RankAllocator:
         """Nothing to do: pruned ranks are dropped by AdaLoraDelta.peft_tensors_for_save."""
 
 
-register("ADALORA", AdaLoraConfig, AdaLoraDelta)
-TRAINING_HOOKS["ADALORA"] = RankAllocator
+VARIANT = Variant("ADALORA", AdaLoraConfig, AdaLoraDelta, training_hook=RankAllocator)

@@ -8,10 +8,11 @@ and refuses options lorakit does not implement instead of silently ignoring them
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose files lorakit writes and is tested against
 
@@ -109,68 +110,7 @@ class AdapterConfig:
 
 def pattern_key(patterns: dict, module_name: str) -> Optional[str]:
     """PEFT's get_pattern_key: the first pattern that matches the end of the module name."""
-    import re
-
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return key
     return None
-
-
-@dataclass
-class LoraConfig(AdapterConfig):
-    """LoRA: ΔW = B·A · lora_alpha/r (rsLoRA: lora_alpha/√r). Field names and defaults as in PEFT."""
-
-    peft_type: ClassVar[str] = "LORA"
-    unsupported_peft_fields: ClassVar[dict[str, Any]] = {
-        "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None,
-        "ensure_weight_tying": False, "eva_config": None, "kasa_config": None, "layer_replication": None,
-        "loftq_config": {}, "lora_bias": False, "lora_ga_config": None, "megatron_config": None,
-        "megatron_core": "megatron.core", "monteclora_config": None, "qalora_group_size": 16,
-        "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False,
-        "velora_config": None,
-    }
-
-    r: int = 8
-    """Rank of the update."""
-    lora_alpha: float = 8
-    """Scale numerator: the update is multiplied by lora_alpha / r (or / √r with use_rslora)."""
-    lora_dropout: float = 0.0
-    """Dropout on the adapter's input (the base path is never dropped)."""
-    use_rslora: bool = False
-    """Rank-stabilised scaling lora_alpha / √r."""
-    init_lora_weights: Union[bool, str] = True
-    """True: Kaiming-uniform A, zero B (a no-op at step 0); "gaussian"; "pissa" (SVD of W); "olora" (QR of W);
-    False: random B too (for tests)."""
-    bias: str = "none"
-    """Which biases train with the adapter: "none", "all", or "lora_only" (biases of adapted layers)."""
-    fan_in_fan_out: bool = False
-    """Set for layers storing weight as [in, out] (GPT-2's Conv1D); lorakit detects those layers itself."""
-    use_dora: bool = False
-    """Weight-decomposed LoRA (DoRA)."""
-
-    @property
-    def variant(self) -> str:
-        return "DORA" if self.use_dora else "LORA"
-
-    def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        init = self.init_lora_weights
-        if not (isinstance(init, bool) or init in ("gaussian", "pissa", "olora")):
-            raise ConfigError(f"init_lora_weights must be True, False, 'gaussian', 'pissa' or 'olora', got {init!r}")
-        for name, r in self.rank_pattern.items():
-            if not isinstance(r, int) or r <= 0:
-                raise ConfigError(f"rank_pattern[{name!r}] must be a positive integer, got {r!r}")
-
-    def rank_for(self, module_name: str) -> int:
-        key = pattern_key(self.rank_pattern, module_name)
-        return self.rank_pattern[key] if key is not None else self.r
-
-    def alpha_for(self, module_name: str) -> float:
-        key = pattern_key(self.alpha_pattern, module_name)
-        return self.alpha_pattern[key] if key is not None else self.lora_alpha

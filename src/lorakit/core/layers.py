@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import TargetError
+from ..errors import TargetError
 
 
 class LayerOps:

@@ -11,13 +11,13 @@ from typing import Any, Optional
 import torch
 
 from ..errors import AdapterFormatError, ConfigError
-from . import task as builtin
-from .api import ADAPTER_DIR, train
-from .data import Encoder, label_names_of, read_rows
-from .evaluate import classify_scores, generate, generation_scores, heldout_loss
-from .models import load_model, load_tokenizer, pick_device, resolve_model
-from .options import (BUILTIN_MODEL, EvalOptions, GenerateOptions, InfoOptions, MergeOptions, TrainOptions)
-from .report import format_scores
+from ..train import task as builtin
+from ..train.run import ADAPTER_DIR, train
+from ..train.data import Encoder, label_names_of, read_rows
+from ..train.evaluate import classify_scores, generate, generation_scores, heldout_loss
+from ..loading.models import load_model, load_tokenizer, pick_device, resolve_model
+from ..train.options import (BUILTIN_MODEL, EvalOptions, GenerateOptions, InfoOptions, MergeOptions, TrainOptions)
+from ..train.report import format_scores
 
 
 def _log(msg: str) -> None:
@@ -52,7 +52,7 @@ def base_model_of(adapter: Optional[str], model: str) -> str:
 def _load_with_adapters(options, adapters: list[str], base_from: Optional[str] = None):
     """(model, tokenizer, device) with each adapter loaded under its own name (adapter-0, adapter-1, ...).
     The base is --model, or the one recorded in the first adapter (or `base_from`) when --model is left out."""
-    from ..io import load_adapter
+    from ..core.files import load_adapter
 
     device = pick_device(options.device)
     path = resolve_model(base_model_of(adapters[0] if adapters else base_from, options.model), _log)
@@ -68,7 +68,7 @@ def _load_with_adapters(options, adapters: list[str], base_from: Optional[str] =
 
 
 def _saved_num_labels(directory: Path) -> Optional[int]:
-    from ..io import read_tensors
+    from ..core.files import read_tensors
 
     for key, t in read_tensors(directory).items():
         if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
@@ -78,7 +78,7 @@ def _saved_num_labels(directory: Path) -> Optional[int]:
 
 # --- eval -----------------------------------------------------------------------------------------------
 def run_eval(options: EvalOptions) -> int:
-    from ..model import set_active
+    from ..core.api import set_active
 
     adapters = [options.adapter] if options.adapter else []
     model, tokenizer, device = _load_with_adapters(options, adapters)
@@ -127,8 +127,8 @@ def _grouped_refs(rows: list[dict], examples) -> list[list[str]]:
 
 # --- generate -------------------------------------------------------------------------------------------
 def run_generate(options: GenerateOptions) -> int:
-    from ..io import load_adapter
-    from ..model import delete_adapter
+    from ..core.files import load_adapter
+    from ..core.api import delete_adapter
 
     model, tokenizer, device = _load_with_adapters(options, [], base_from=(options.adapter or [None])[0])
     prompts, shown = _prompts(options, tokenizer)
@@ -164,7 +164,7 @@ def _prompts(options: GenerateOptions, tokenizer) -> tuple[list[list[int]], list
 
 # --- merge ----------------------------------------------------------------------------------------------
 def run_merge(options: MergeOptions) -> int:
-    from ..model import unload
+    from ..core.api import unload
 
     if not options.adapter:
         raise ConfigError("give the adapter directory: lorakit merge ADAPTER_DIR --output DIR")
@@ -194,7 +194,7 @@ def _sample_input(tokenizer, device) -> dict[str, torch.Tensor]:
 
 # --- info -----------------------------------------------------------------------------------------------
 def adapter_info(directory: str) -> dict[str, Any]:
-    from ..io import read_config, read_tensors
+    from ..core.files import read_config, read_tensors
 
     d = adapter_dir(directory)
     config = read_config(d)

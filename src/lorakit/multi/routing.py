@@ -31,18 +31,14 @@ import torch
 from torch import nn
 
 from . import kernels
-from .adapted import AdaptedLayer
-from .errors import AdapterNameError, LorakitError
+from ..core.adapted import AdaptedLayer
+from ..errors import AdapterNameError, MixedBatchError
 from .kernels import AdapterStack, build_stack
-from .lora import LoraDelta
-from .model import adapted_layers, list_adapters
-from .saved import SavedModule
+from ..variants.lora import LoraDelta
+from ..core.api import adapted_layers, list_adapters
+from ..core.saved import SavedModule
 
 IMPLS = ("auto", "torch", "reference")
-
-
-class MixedBatchError(LorakitError, ValueError):
-    """A mixed batch lorakit cannot run as asked (merged adapters, a batch that does not fit the names...)."""
 
 
 # --- the rows ------------------------------------------------------------------------------------------

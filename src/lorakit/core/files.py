@@ -16,8 +16,8 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
-from .errors import AdapterFormatError, ShapeMismatchError
-from .model import AdapterPlan, adapted_layers, attach, get_config, plan_adapter, saved_modules
+from ..errors import AdapterFormatError, ShapeMismatchError
+from .api import AdapterPlan, adapted_layers, attach, get_config, plan_adapter, saved_modules
 from .registry import config_from_peft_dict
 
 CONFIG_NAME = "adapter_config.json"

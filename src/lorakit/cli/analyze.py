@@ -44,7 +44,7 @@ class AnalyzeOptions:
 
 
 def run_analyze(options: AnalyzeOptions) -> int:
-    from .pipeline import analyze
+    from ..analysis.pipeline import analyze
 
     if not options.adapter:
         raise ConfigError("lorakit analyze needs an adapter directory: lorakit analyze ADAPTER_DIR [--base MODEL]")

@@ -22,21 +22,17 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
-from . import io
-from .errors import AdapterFormatError, LorakitError
-from .lora import LoraDelta
-from .mixed import clear_stacks
-from .model import adapted_layers, get_config, plan_adapter, saved_modules
+from ..core import files as io
+from ..errors import AdapterFormatError, HotSwapError
+from ..variants.lora import LoraDelta
+from .routing import clear_stacks
+from ..core.api import adapted_layers, get_config, plan_adapter, saved_modules
 
 _TEMP_NAME = "_lorakit_hot_swap"
 
 # A write is (parameter, new value); a swapper checks one module and returns its writes, or raises.
 Write = tuple[torch.Tensor, torch.Tensor]
 Swapper = Callable[[nn.Module, "nn.Module | None", "dict[str, torch.Tensor] | None"], list[Write]]
-
-
-class HotSwapError(LorakitError, ValueError):
-    """An adapter that cannot replace the loaded one in place (see lorakit.hot_swap)."""
 
 
 def _lora_writes(old: LoraDelta, fresh, tensors) -> list[Write]:

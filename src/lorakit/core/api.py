@@ -17,7 +17,7 @@ from torch import nn
 from .adapted import AdaptedLayer
 from .config import AdapterConfig
 from .delta import Delta
-from .errors import AdapterNameError
+from ..errors import AdapterNameError
 from .layers import ops_for
 from .registry import delta_class
 from .saved import SavedModule

@@ -25,11 +25,11 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .adapted import AdaptedLayer
-from .config import LoraConfig
-from .errors import AdapterNameError, ConfigError
-from .lora import LoraDelta
-from .model import _check_new_name, adapted_layers, add_adapter, get_config, list_adapters
+from ..core.adapted import AdaptedLayer
+from ..variants.lora import LoraConfig
+from ..errors import AdapterNameError, ConfigError, MixedBatchError
+from ..variants.lora import LoraDelta
+from ..core.api import _check_new_name, adapted_layers, add_adapter, get_config, list_adapters
 
 
 @dataclass
@@ -142,8 +142,6 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, rank: Opt
 def weighted(model: nn.Module, weights: Mapping[str, float]) -> Iterator[nn.Module]:
     """Within the block every adapted layer computes with W + Σ w_a·ΔW_a (each delta's own forward, no
     refactoring); the model's active set is ignored. Adapters must be unmerged."""
-    from .mixed import MixedBatchError
-
     weights = _check_weights(model, weights)
     layers = [m for _, m in adapted_layers(model)]
     if any(m.merged for m in layers):
@@ -258,7 +256,7 @@ def compose(options: ComposeOptions) -> dict:
     import json
     from pathlib import Path
 
-    from .io import load_adapter, save_adapter
+    from ..core.files import load_adapter, save_adapter
 
     named = _named_dirs(options.adapters)
     if options.weights and len(options.weights) != len(named):
@@ -287,7 +285,7 @@ def compose(options: ComposeOptions) -> dict:
     report = combine(model, weights, "composed", rank=options.rank or None)
     summary.update(weights=weights, rank=report.rank, relative_error=report.relative_error)
     if loss_fn is not None:
-        from .model import set_active
+        from ..core.api import set_active
 
         set_active(model, "composed")
         with torch.no_grad():
@@ -319,7 +317,7 @@ def _named_dirs(specs: Sequence[str]) -> dict[str, str]:
 
 
 def _base_of(named: dict[str, str]) -> str:
-    from .io import read_config
+    from ..core.files import read_config
 
     base = read_config(next(iter(named.values()))).base_model_name_or_path
     if not base:

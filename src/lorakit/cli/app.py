@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Union
 
-from .errors import LorakitError
+from ..errors import LorakitError
 
 
 @dataclass
@@ -52,7 +52,7 @@ def _load(ref):
     return getattr(importlib.import_module(module), attr)
 
 
-_T = "lorakit.train.commands"
+_T = "lorakit.cli.commands"
 register_command("train", "lorakit.train.options:TrainOptions", f"{_T}:run_train",
                  "Fine-tune a model with an adapter (no arguments: the built-in demo task).",
                  presets="lorakit.train.task:preset_for")
@@ -66,10 +66,10 @@ register_command("info", "lorakit.train.options:InfoOptions", f"{_T}:run_info",
                  "Describe an adapter directory: type, rank, targets, parameters, size, base model.")
 register_command("estimate", "lorakit.train.options:EstimateOptions", "lorakit.train.estimate:run_estimate",
                  "Fine-tuning memory estimate: frozen weights, adapter states, activations, vs full fine-tuning.")
-register_command("analyze", "lorakit.analysis.command:AnalyzeOptions", "lorakit.analysis.command:run_analyze",
+register_command("analyze", "lorakit.cli.analyze:AnalyzeOptions", "lorakit.cli.analyze:run_analyze",
                  "What did the adapter learn? ΔW spectra and effective rank, subspace similarity between adapters, "
                  "ΔW vs W and amplification; --suggest-rank, --truncate.")
-register_command("compose", "lorakit.compose:ComposeOptions", "lorakit.compose:compose",
+register_command("compose", "lorakit.multi.combine:ComposeOptions", "lorakit.multi.combine:compose",
                  "Compose adapters: exact weighted sum at a chosen rank; weights searched LoraHub-style on a few examples.")
 
 
@@ -79,7 +79,7 @@ def _flag(name: str) -> str:
 
 
 def _metavar(tp: Any) -> Optional[str]:
-    from .train.fields import unwrap_optional
+    from ..train.fields import unwrap_optional
 
     inner, _ = unwrap_optional(tp)
     if typing.get_origin(inner) is Literal:
@@ -90,7 +90,7 @@ def _metavar(tp: Any) -> Optional[str]:
 def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """One argument per field. Values stay strings here and are typed by fields.build_options, so that the
     config file and the flags go through the same checks. Defaults are SUPPRESSed: only given flags appear."""
-    from .train.fields import field_docs, field_types, unwrap_optional
+    from ..train.fields import field_docs, field_types, unwrap_optional
 
     docs, types = field_docs(cls), field_types(cls)
     for f in dataclasses.fields(cls):
@@ -116,7 +116,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning: train, evaluate, generate, "
                                      "merge, inspect and size adapters.")
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_options(command: Command, namespace: argparse.Namespace):
     """The options instance: dataclass defaults < the command's presets < --config file < flags."""
-    from .train.fields import build_options, read_config_file
+    from ..train.fields import build_options, read_config_file
 
     cls = _load(command.options)
     flags = {k: v for k, v in vars(namespace).items() if k not in ("command", "config")}

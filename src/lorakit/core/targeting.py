@@ -9,7 +9,7 @@ from typing import Iterator
 from torch import nn
 
 from .config import AdapterConfig
-from .errors import TargetError
+from ..errors import TargetError
 from .layers import is_linear, ops_for
 
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")

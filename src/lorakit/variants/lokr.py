@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
-from .layers import LayerOps
-from .loha import LycorisConfig, LycorisDelta, check_lycoris_layer, kaiming_
-from .registry import register
+from ..errors import ConfigError
+from ..core.layers import LayerOps
+from .lycoris import LycorisConfig, LycorisDelta, check_lycoris_layer, kaiming_
+from ..core.registry import Variant
 
 
 @dataclass
@@ -171,4 +171,4 @@ class LoKrDelta(LycorisDelta):
         return f"r={self.r}, scaling={self.scaling:g}, path={self.path}, {shapes}"
 
 
-register("LOKR", LoKrConfig, LoKrDelta)
+VARIANT = Variant("LOKR", LoKrConfig, LoKrDelta)

@@ -1,0 +1,69 @@
+"""Type → factory registry (minLoRA style): variant name → its `Variant` (config class, delta class, hooks).
+
+`lorakit.variants` registers every built-in variant from one explicit list; a plugin calls `register` with
+its own `Variant`. Injection, files, training and the CLI look variants up here and never branch on one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import AdapterConfig
+    from .delta import Delta
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One weight-delta variant, as its module declares it.
+
+    name: the registry key (`config.variant`), e.g. "LORA" or "DORA".
+    config: its config dataclass (PEFT's fields; `config.peft_type` names the adapter_config.json type).
+    delta: its `Delta` subclass.
+    selector: config fields that pick this variant inside a shared config class (DoRA: {"use_dora": True}).
+    training_hook: factory(model, adapter_name, config) of an object with
+        extra_loss() -> Tensor | None   (added to the loss before backward)
+        after_step(step: int) -> None   (after optimizer.step(), before zero_grad; e.g. AdaLoRA's allocator)
+        on_save() -> None               (before the adapter is written)
+    """
+
+    name: str
+    config: type["AdapterConfig"]
+    delta: type["Delta"]
+    selector: dict[str, Any] = field(default_factory=dict)
+    training_hook: Optional[Callable] = None
+
+
+VARIANTS: dict[str, Variant] = {}
+# Views of VARIANTS kept for direct lookups: peft_type → config class, name → delta class, name → hook factory.
+CONFIGS: dict[str, type["AdapterConfig"]] = {}
+DELTAS: dict[str, type["Delta"]] = {}
+TRAINING_HOOKS: dict[str, Callable] = {}
+
+
+def register(variant: Variant) -> None:
+    """Make `variant` available to add_adapter, load_adapter, training and `lorakit train --adapter`."""
+    VARIANTS[variant.name] = variant
+    CONFIGS.setdefault(variant.config.peft_type, variant.config)
+    DELTAS[variant.name] = variant.delta
+    if variant.training_hook is not None:
+        TRAINING_HOOKS[variant.name] = variant.training_hook
+
+
+def delta_class(config: "AdapterConfig") -> type["Delta"]:
+    """The Delta subclass that implements `config`'s variant."""
+    try:
+        return DELTAS[config.variant]
+    except KeyError:
+        raise ConfigError(f"no lorakit implementation of {config.variant}; available: {sorted(DELTAS)}") from None
+
+
+def config_from_peft_dict(data: dict[str, Any]) -> "AdapterConfig":
+    """The config an adapter_config.json dict describes (its peft_type picks the class)."""
+    peft_type = data.get("peft_type")
+    if peft_type not in CONFIGS:
+        raise ConfigError(f"unknown peft_type {peft_type!r}; lorakit reads {sorted(CONFIGS)}")
+    return CONFIGS[peft_type].from_peft_dict({k: v for k, v in data.items() if k != "peft_type"})

@@ -1,0 +1,8 @@
+"""Many adapters on one base: per-row routing of mixed batches and its kernels, hot-swap, exact combination and
+the LoraHub-style weight search."""
+
+from .combine import combine, lorahub_search, weighted
+from .hotswap import hot_swap
+from .routing import per_row
+
+__all__ = ["per_row", "hot_swap", "combine", "weighted", "lorahub_search"]
