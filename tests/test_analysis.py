@@ -193,7 +193,7 @@ def test_suggest_rank_is_the_smallest_rank_reaching_the_share(tmp_path, share, r
 
 def test_suggested_rank_pattern_is_what_lorakit_train_accepts(tmp_path):
     from lorakit.train.fields import build_options, read_config_file
-    from lorakit.loading.models import build_adapter_config
+    from lorakit.train.adapter_options import build_adapter_config
     from lorakit.train.options import TrainOptions
 
     _, directory = _known_spectrum_adapter(tmp_path)

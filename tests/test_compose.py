@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.multi.combine import ComposeOptions, compose
+from lorakit.cli.compose import ComposeOptions, compose
 
 
 def _lora(**kw):

@@ -11,7 +11,7 @@ import lorakit
 from lorakit.errors import ConfigError
 from lorakit.train import data as D
 from lorakit.train.run import resolve_options
-from lorakit.loading.models import adapter_variants, build_adapter_config
+from lorakit.train.adapter_options import adapter_variants, build_adapter_config
 from test_train_support import copy_task_rows, one_thread, save_tiny_llama, write_jsonl  # noqa: F401
 
 

@@ -69,7 +69,7 @@ register_command("estimate", "lorakit.train.options:EstimateOptions", "lorakit.t
 register_command("analyze", "lorakit.cli.analyze:AnalyzeOptions", "lorakit.cli.analyze:run_analyze",
                  "What did the adapter learn? ΔW spectra and effective rank, subspace similarity between adapters, "
                  "ΔW vs W and amplification; --suggest-rank, --truncate.")
-register_command("compose", "lorakit.multi.combine:ComposeOptions", "lorakit.multi.combine:compose",
+register_command("compose", "lorakit.cli.compose:ComposeOptions", "lorakit.cli.compose:compose",
                  "Compose adapters: exact weighted sum at a chosen rank; weights searched LoraHub-style on a few examples.")
 
 

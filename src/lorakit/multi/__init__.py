@@ -1,7 +1,8 @@
 """Many adapters on one base: per-row routing of mixed batches and its kernels, hot-swap, exact combination and
 the LoraHub-style weight search."""
 
-from .combine import combine, lorahub_search, weighted
+from .combine import combine, weighted
+from .lorahub import lorahub_search
 from .hotswap import hot_swap
 from .routing import per_row
 

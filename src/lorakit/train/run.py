@@ -28,7 +28,8 @@ from .data import Encoder, Example, MicroBatches, label_names_of, read_rows
 from .evaluate import classify_scores, generate, generation_scores, heldout_loss
 from .fields import build_options, given_fields, read_config_file
 from .loop import total_steps, train_loop
-from ..loading.models import build_adapter_config, load_model, load_tokenizer, resolve_model
+from ..loading.models import load_model, load_tokenizer, resolve_model
+from .adapter_options import build_adapter_config
 from .options import TrainOptions
 from .report import format_scores, plot_loss, write_generations, write_metrics
 
