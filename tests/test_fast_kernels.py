@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import lorakit
 from lorakit.fast import rope as rope_mod
-from lorakit.fast._triton import HAS_TRITON
+from lorakit.triton_gate import HAS_TRITON
 from lorakit.fast.cross_entropy import linear_cross_entropy, shift_labels
 from lorakit.fast.norms import fast_rms_forward, rms_norm
 from lorakit.fast.rope import fused_rope_enabled, make_fused_apply, rope

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ._triton import tl, triton, use_triton
+from ..triton_gate import tl, triton, use_triton
 
 CHUNK_BYTES = 512 * 2**20  # logits of one chunk, in the model dtype
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import recipes
-from ._triton import tl, triton, use_triton, warps_for, row_block
+from ..triton_gate import tl, triton, use_triton, warps_for, row_block
 
 if triton is not None:
 

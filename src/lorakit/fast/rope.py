@@ -15,7 +15,7 @@ import threading
 
 import torch
 
-from ._triton import tl, triton, use_triton
+from ..triton_gate import tl, triton, use_triton
 
 if triton is not None:
 

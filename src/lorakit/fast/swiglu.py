@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._triton import tl, triton, use_triton
+from ..triton_gate import tl, triton, use_triton
 
 GELU_C = math.sqrt(2.0 / math.pi)
 KINDS = ("silu", "gelu_tanh")

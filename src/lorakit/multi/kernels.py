@@ -1,20 +1,19 @@
 """Mixed-adapter LoRA compute: stacked adapters, the vectorised torch path, and Triton GPU kernels.
 
 Triton is optional: this package imports it only when a CUDA tensor asks for a kernel, so CPU-only
-installs work. `LORAKIT_NO_KERNELS=1` turns the kernels off (the torch path runs instead).
+installs work. Whether a kernel runs is decided by lorakit.triton_gate (LORAKIT_TRITON=0 turns them off).
 Exactness: fp32 kernels equal the torch reference within fp32 rounding (1e-5 relative in the tests);
 bf16 kernels round h to bf16 once (the reference rounds it twice: after A·x and after the scaling).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 from .stack import AdapterStack, build_stack, padded_rank, segment_tiles
 from .torch_lora import lora_rows, token_reference
 
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
+from ..triton_gate import HAS_TRITON as HAVE_TRITON  # noqa: E402
 
 
 # False (or LORAKIT_SGMV=split): the two-kernel SGMV (shrink, then expand), for comparison

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
@@ -33,6 +32,7 @@ from torch import nn
 from . import kernels
 from ..core.adapted import AdaptedLayer
 from ..errors import AdapterNameError, MixedBatchError
+from ..triton_gate import use_triton
 from .kernels import AdapterStack, build_stack
 from ..variants.lora import LoraDelta
 from ..core.api import adapted_layers, list_adapters
@@ -219,7 +219,7 @@ class Router:
         self.block_m = block_m
         self._layers: dict[int, _LayerPlan] = {}
         self._generation = _GENERATION[0]
-        self.use_kernels = impl == "auto" and kernels.HAVE_TRITON and not os.environ.get("LORAKIT_NO_KERNELS")
+        self.use_kernels = impl == "auto"  # Triton SGMV/BGMV where the gate allows (triton_gate.use_triton)
 
     def __call__(self, layer: AdaptedLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if layer.merged:
@@ -257,7 +257,7 @@ class Router:
             return kernels.lora_rows(x, y, stack, slot, dropout=layer.training and stack.max_p > 0)
         stack = lp.entry.stack
         dropout = layer.training and stack.max_p > 0
-        if self.use_kernels and not dropout and x.is_cuda:
+        if self.use_kernels and not dropout and use_triton(x):
             return self._kernel(lp, stack, x, y)
         slot = lp.slot_of_gid[self.plan.gids(n_rows, x.device) + 1]
         return kernels.lora_rows(x, y, stack, slot, dropout=dropout)

@@ -1,7 +1,8 @@
-"""Whether a Triton kernel may run on a tensor; kernels import Triton only through here.
+"""The one gate for every Triton kernel in lorakit (fast paths, mixed-batch kernels, NF4 dequantisation):
+whether a kernel may run on a tensor. Kernel modules import Triton only through here.
 
-LORAKIT_TRITON=0 forces the pure-torch fallbacks (to measure a kernel's gain); with TRITON_INTERPRET=1
-Triton's interpreter runs the kernels on CPU tensors (how the kernels are debugged without a GPU).
+LORAKIT_TRITON=0 forces the pure-torch fallbacks everywhere (to measure a kernel's gain); with
+TRITON_INTERPRET=1 Triton's interpreter runs the kernels on CPU tensors (how CI tests them without a GPU).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when Triton is installed, not switched off, and every tensor is on CUDA (or the interpreter runs)."""
     if not HAS_TRITON or os.environ.get("LORAKIT_TRITON", "1") == "0":
         return False
     return all(t.is_cuda or INTERPRET for t in tensors)
@@ -34,4 +36,5 @@ def row_block(n: int) -> int:
 
 
 def warps_for(block: int) -> int:
+    """Warps for a row kernel over `block` elements."""
     return 16 if block >= 16384 else 8 if block >= 4096 else 4 if block >= 1024 else 2
