@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import lorakit
+from lorakit.analysis.report import format_table
 
 REPO = Path(__file__).resolve().parent.parent
 SECTION = "## analysis (issue 8)"
@@ -182,7 +183,7 @@ def main() -> int:
     result = lorakit.analyze(small, base=model_path, compare=large, out=out / "analysis", suggest_rank=0.9,
                              truncate=4)
     analysis_seconds = time.time() - start
-    table = result.table()
+    table = format_table(result)
     print(table)
     print(f"analysis: {analysis_seconds:.1f} s")
     truncated_acc = evaluate_adapter(result.truncated, model_path, dev_rows, tokenizer, args.max_length)

@@ -13,9 +13,11 @@ from ..errors import ConfigError
 from ..core.api import list_adapters
 from . import adapters
 from .adapters import AdapterView
+from .report import write_outputs
 from .results import AdapterAnalysis, AnalysisResult, LayerAnalysis
 from .similarity import base_similarity, subspace_similarity
 from .spectrum import right_singular_vectors, top_singular
+from .truncate import truncate as write_truncated
 
 MAX_PHI_DIRECTIONS = 256  # φ over at most this many of ΔW's directions (dense variants can have thousands)
 PathLike = Union[str, os.PathLike]
@@ -177,14 +179,10 @@ def _finish(views, analyses, out, suggest_rank, truncate, truncate_out, plots, p
         if result.compare is not None:
             suggest_ranks(result.compare, result.energy)
     if truncate is not None:
-        from .truncate import truncate as write_truncated
-
         result.truncated = write_truncated(views[0], main.layers, truncate, truncate_out)
         result.truncate_k = truncate
         result.files["truncated_adapter"] = str(result.truncated)
         log(f"wrote the rank-{truncate} adapter to {result.truncated}")
     if out is not None:
-        from .report import write_outputs
-
         write_outputs(result, Path(out), plots=plots, phi_depth=phi_depth)
     return result

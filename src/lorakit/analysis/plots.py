@@ -14,8 +14,7 @@ from typing import Optional
 
 import torch
 
-from .report import PHI_LABEL, phi_bases
-from .results import AdapterAnalysis, AnalysisResult, LayerAnalysis
+from .results import PHI_LABEL, AdapterAnalysis, AnalysisResult, LayerAnalysis, phi_bases
 
 DPI = 110
 ZOOM = 8  # the paper's zoomed panels: i, j ≤ 8
@@ -60,6 +59,7 @@ def _depth_colors(layers: list[LayerAnalysis]):
 
 
 def plot_spectra(result: AnalysisResult, path: Path) -> str:
+    """σ_i / σ_1 of every layer's ΔW (log scale), a panel per module group, coloured by block; returns the PNG path."""
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
 
@@ -90,6 +90,7 @@ def plot_spectra(result: AnalysisResult, path: Path) -> str:
 
 
 def plot_energy(result: AnalysisResult, path: Path) -> str:
+    """Cumulative energy Σᵢ≤ₖ σᵢ² / ‖ΔW‖² against k per layer; returns the PNG path."""
     adapters = _adapters(result)
     fig = _figure(4.2 * len(adapters), 3.0)
     axes = fig.subplots(1, len(adapters), squeeze=False)[0]
@@ -172,6 +173,7 @@ def plot_phi(result: AnalysisResult, out: Path, depth: Optional[int]) -> Optiona
 
 
 def plot_phi_depth(result: AnalysisResult, path: Path) -> Optional[str]:
+    """φ(1,1) and the mean φ(i,i) between the two adapters against block depth; None when no φ was computed."""
     bases = phi_bases(result)
     if not bases:
         return None
@@ -198,6 +200,7 @@ def plot_phi_depth(result: AnalysisResult, path: Path) -> Optional[str]:
 
 
 def plot_amplification(result: AnalysisResult, path: Path) -> Optional[str]:
+    """The amplification factor ‖ΔW‖_F / ‖UᵀWV‖_F per layer; None without the base weights."""
     adapters = [a for a in _adapters(result) if a.has_base]
     if not adapters:
         return None
@@ -218,6 +221,7 @@ def plot_amplification(result: AnalysisResult, path: Path) -> Optional[str]:
 
 
 def make_plots(result: AnalysisResult, out: Path, phi_depth: Optional[int] = None) -> dict[str, str]:
+    """Every plot the result supports, written into `out`: {name: PNG path}."""
     files = {"spectrum_png": plot_spectra(result, out / "spectrum.png"),
              "energy_png": plot_energy(result, out / "energy.png")}
     for key, made in (("phi_png", plot_phi(result, out, phi_depth)),

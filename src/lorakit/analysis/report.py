@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
-from .results import AnalysisResult, LayerAnalysis
+from .plots import make_plots
+from .results import PHI_LABEL, PHI_TEXT, AnalysisResult, LayerAnalysis, phi_bases
 
 
 def short_paths(paths: list[str]) -> dict[str, str]:
@@ -26,18 +27,6 @@ def _num(x: Optional[float], fmt: str = "{:.3g}") -> str:
     if isinstance(x, float) and math.isinf(x):
         return "inf"
     return fmt.format(x)
-
-
-def phi_bases(result: AnalysisResult) -> list[str]:
-    """The φ bases present, in the order shown: the paper's (A) first, then ΔW's input space."""
-    present = {b for la in result.layers for b in la.phi}
-    return [b for b in ("A", "delta_in") if b in present]
-
-
-PHI_LABEL = {"A": "φA", "delta_in": "φΔ", "delta_out": "φΔout"}
-PHI_TEXT = {"A": "right singular vectors of the factor A (the LoRA paper's Figure 3)",
-            "delta_in": "ΔW's right singular vectors (input space)",
-            "delta_out": "ΔW's left singular vectors (output space)"}
 
 
 def _columns(result: AnalysisResult, energy: float) -> list[tuple[str, Callable[[LayerAnalysis], str]]]:
@@ -82,6 +71,7 @@ def _phi_cell(la: LayerAnalysis, basis: str, which: str) -> str:
 
 
 def format_table(result: AnalysisResult) -> str:
+    """The analysis as a terminal table: one row per layer, a legend below."""
     energy = result.energy if result.energy is not None else 0.9
     main = result.adapter
     names = short_paths([la.path for la in main.layers])
@@ -151,10 +141,9 @@ def write_rank_pattern(result: AnalysisResult, out: Path) -> dict[str, str]:
 
 
 def write_outputs(result: AnalysisResult, out: Path, plots: bool = True, phi_depth: Optional[int] = None) -> None:
+    """Write table.txt, analysis.json, the rank_pattern files (with --suggest-rank) and the plots into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     if plots:
-        from .plots import make_plots
-
         result.files.update(make_plots(result, out, phi_depth))
     if result.rank_pattern is not None:
         result.files.update(write_rank_pattern(result, out))

@@ -34,6 +34,7 @@ def _rounded(t: torch.Tensor, digits: int = 6) -> list:
 
 @dataclass
 class LayerAnalysis:
+    """What the analysis found for one adapted layer (ΔW's spectrum, φ, ΔW vs W, rank suggestion, truncation)."""
     path: str
     shape: tuple[int, int]  # (out, n): ΔW as a matrix in the canonical orientation, n = in·kernel
     nominal_rank: Optional[int]  # the rank the config gives this layer (None for variants without one)
@@ -56,6 +57,7 @@ class LayerAnalysis:
         return int(m.group(1)) if m else None
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready figures of this layer (analysis.json)."""
         spec = self.spectrum
         out: dict[str, Any] = {
             "path": self.path, "shape": list(self.shape), "nominal_rank": self.nominal_rank,
@@ -79,6 +81,7 @@ class LayerAnalysis:
 
 @dataclass
 class AdapterAnalysis:
+    """The per-layer analyses of one adapter."""
     label: str
     source: Optional[str]
     peft_type: str
@@ -93,12 +96,14 @@ class AdapterAnalysis:
         raise KeyError(path)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready figures of this adapter."""
         return {"label": self.label, "source": self.source, "peft_type": self.peft_type, "variant": self.variant,
                 "has_base": self.has_base, "layers": [la.to_dict() for la in self.layers]}
 
 
 @dataclass
 class AnalysisResult:
+    """What lorakit.analyze returns: the adapter's analysis, the compared one, suggestions and written files."""
     adapter: AdapterAnalysis
     compare: Optional[AdapterAnalysis] = None
     base: Optional[str] = None  # the base model (path or class name), if one was used
@@ -110,12 +115,14 @@ class AnalysisResult:
 
     @property
     def layers(self) -> list[LayerAnalysis]:
+        """The main adapter's layer analyses."""
         return self.adapter.layers
 
     def __getitem__(self, path: str) -> LayerAnalysis:
         return self.adapter[path]
 
     def to_dict(self) -> dict[str, Any]:
+        """The analysis.json contents (non-finite numbers as null)."""
         return _finite({
             "adapter": self.adapter.to_dict(),
             "compare": self.compare.to_dict() if self.compare else None,
@@ -125,7 +132,14 @@ class AnalysisResult:
             "files": dict(self.files),
         })
 
-    def table(self) -> str:
-        from .report import format_table
 
-        return format_table(self)
+def phi_bases(result: AnalysisResult) -> list[str]:
+    """The φ bases present, in the order shown: the paper's (A) first, then ΔW's input space."""
+    present = {b for la in result.layers for b in la.phi}
+    return [b for b in ("A", "delta_in") if b in present]
+
+
+PHI_LABEL = {"A": "φA", "delta_in": "φΔ", "delta_out": "φΔout"}
+PHI_TEXT = {"A": "right singular vectors of the factor A (the LoRA paper's Figure 3)",
+            "delta_in": "ΔW's right singular vectors (input space)",
+            "delta_out": "ΔW's left singular vectors (output space)"}

@@ -38,10 +38,12 @@ class Spectrum:
 
     @property
     def fro_norm(self) -> float:
+        """‖ΔW‖_F from the singular values."""
         return float(self.s.pow(2).sum().sqrt())
 
     @property
     def spectral_norm(self) -> float:
+        """‖ΔW‖₂, the largest singular value."""
         return float(self.s[0]) if len(self.s) else 0.0
 
     @property

@@ -44,7 +44,7 @@ class AnalyzeOptions:
 
 
 def run_analyze(options: AnalyzeOptions) -> int:
-    from ..analysis.pipeline import analyze
+    from ..analysis import analyze, format_table
 
     if not options.adapter:
         raise ConfigError("lorakit analyze needs an adapter directory: lorakit analyze ADAPTER_DIR [--base MODEL]")
@@ -59,7 +59,7 @@ def run_analyze(options: AnalyzeOptions) -> int:
                      suggest_rank=options.suggest_rank, truncate=options.truncate, truncate_out=options.truncate_out,
                      plots=options.plots, phi_depth=options.phi_depth, num_labels=options.num_labels,
                      device=options.device)
-    say(result.table())
+    say(format_table(result))
     say("")
     for role, path in result.files.items():
         say(f"{role:>18}: {path}")

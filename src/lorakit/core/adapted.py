@@ -24,10 +24,12 @@ class DenseWeight:
         self.layer = layer
 
     def get(self) -> torch.Tensor:
+        """The base layer's weight parameter itself."""
         return self.layer.weight
 
     @torch.no_grad()
     def set(self, w: torch.Tensor) -> None:
+        """Copy `w` into the weight in place (the parameter keeps its identity)."""
         self.layer.weight.copy_(w)
 
 
@@ -36,6 +38,7 @@ WEIGHT_SOURCES: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], De
 
 
 def weight_source_for(layer: nn.Module):
+    """The weight source of `layer`: the first registered one that claims it, else its dense weight."""
     for matches, factory in WEIGHT_SOURCES:
         if matches(layer):
             return factory(layer)
@@ -77,6 +80,7 @@ class KeepsBaseKeys(nn.Module):
 
 
 class AdaptedLayer(KeepsBaseKeys):
+    """A frozen base layer plus named deltas in parallel: y = base(x), then each active unmerged delta transforms y."""
     def __init__(self, base_layer: nn.Module, ops: Optional[LayerOps] = None):
         super().__init__()
         self.base_layer = base_layer
@@ -95,9 +99,11 @@ class AdaptedLayer(KeepsBaseKeys):
         return self.weight_source.get()
 
     def set_base_weight(self, w: torch.Tensor) -> None:
+        """Write the base weight through the weight source (merging, PiSSA's residual)."""
         self.weight_source.set(w)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Per-row routing if a mixed batch is running, else the fast path if one is installed, else the reference."""
         if self.routing is not None:
             return self.routing(self, x, *args, **kwargs)
         if self.fast_path is not None and not self.disabled:
@@ -115,14 +121,17 @@ class AdaptedLayer(KeepsBaseKeys):
         return y
 
     def merge(self, names: tuple[str, ...]) -> None:
+        """Add the named adapters' ΔW into the base weight (each once; in order)."""
         for name in names:
             if name in self.deltas and name not in self.merged:
                 self.deltas[name].merge(self)
                 self.merged.append(name)
 
     def unmerge(self) -> None:
+        """Take the merged adapters out again, last merged first."""
         while self.merged:
             self.deltas[self.merged.pop()].unmerge(self)
 
     def extra_repr(self) -> str:
+        """Adapters, active set and merged names, for print(model)."""
         return f"adapters={list(self.deltas)}, active={list(self.active)}, merged={self.merged}"

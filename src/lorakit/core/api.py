@@ -36,23 +36,28 @@ class AdapterState:
 
 
 def state(model: nn.Module) -> AdapterState:
+    """The model's adapter bookkeeping (configs, active set); an empty one for a model without adapters."""
     st = model.__dict__.get(_STATE_ATTR)
     return st if st is not None else AdapterState()
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    """Every (module path, AdaptedLayer) of the model, in module order."""
     return ((n, m) for n, m in model.named_modules() if isinstance(m, AdaptedLayer))
 
 
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
+    """Every (module path, SavedModule) holding modules_to_save copies, in module order."""
     return ((n, m) for n, m in model.named_modules() if isinstance(m, SavedModule))
 
 
 def list_adapters(model: nn.Module) -> list[str]:
+    """The names of the model's adapters, in the order they were added."""
     return list(state(model).configs)
 
 
 def get_config(model: nn.Module, name: str) -> AdapterConfig:
+    """The config of adapter `name`; raises AdapterNameError if the model has no such adapter."""
     _require(model, [name])
     return state(model).configs[name]
 
@@ -60,6 +65,7 @@ def get_config(model: nn.Module, name: str) -> AdapterConfig:
 # --- adding ------------------------------------------------------------------------------------------
 @dataclass
 class AdapterPlan:
+    """An adapter built next to a model but not yet in it (see plan_adapter and attach)."""
     name: str
     config: AdapterConfig
     deltas: dict[str, Delta]  # module path → new delta (not yet in the model)
@@ -186,6 +192,7 @@ def set_active(model: nn.Module, names: Union[str, Sequence[str], None]) -> None
 
 
 def active_adapters(model: nn.Module) -> list[str]:
+    """The names of the active adapters (their outputs are summed), in order; [] when none is."""
     return list(state(model).active)
 
 
@@ -215,6 +222,7 @@ def merge(model: nn.Module, names: Optional[Sequence[str]] = None) -> None:
 
 
 def unmerge(model: nn.Module) -> None:
+    """Take every merged adapter's ΔW back out of the base weights (in reverse merge order)."""
     for _, layer in adapted_layers(model):
         layer.unmerge()
 
@@ -224,6 +232,8 @@ _merge = merge  # unload's `merge` flag shadows the function
 
 # --- removing -----------------------------------------------------------------------------------------
 def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` from the model (unmerging first); the last one gone leaves the base model as it was,
+    with its requires_grad flags restored."""
     _require(model, [name])
     unmerge(model)
     st = state(model)
@@ -282,6 +292,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def trainable_report(model: nn.Module) -> str:
+    """PEFT's print_trainable_parameters line: 'trainable: N || all params: M || trainable%: P'."""
     trainable, total = count_parameters(model)
     share = 100 * trainable / total if total else 0.0
     return f"trainable: {trainable:,} || all params: {total:,} || trainable%: {share:.3f}"

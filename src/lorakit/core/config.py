@@ -78,9 +78,11 @@ class AdapterConfig:
         return self.peft_type
 
     def rank_for(self, module_name: str) -> int:
+        """The rank of the delta at `module_name` (rank_pattern overrides)."""
         raise NotImplementedError
 
     def to_peft_dict(self) -> dict[str, Any]:
+        """The adapter_config.json contents PEFT writes for this config."""
         out = dict(_COMMON_PEFT_FIELDS)
         out.update(self.unsupported_peft_fields)
         for f in dataclasses.fields(self):
@@ -90,6 +92,7 @@ class AdapterConfig:
 
     @classmethod
     def from_peft_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        """Read PEFT's adapter_config.json fields; options lorakit does not implement are refused (ConfigError)."""
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs, refused = {}, []
         for key, value in data.items():
@@ -105,6 +108,7 @@ class AdapterConfig:
             raise ConfigError(f"invalid {cls.peft_type} config: {e}") from None
 
     def with_updates(self, **changes: Any) -> "AdapterConfig":
+        """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
 

@@ -96,6 +96,8 @@ def write_adapter_files(directory: Union[str, os.PathLike], tensors: dict[str, t
 
 # --- reading ------------------------------------------------------------------------------------------
 def read_config(directory: Union[str, os.PathLike]):
+    """The adapter config in `directory`/adapter_config.json (PEFT's or lorakit's), validated. Raises
+    AdapterFormatError for a missing or unreadable file, ConfigError for a bad config."""
     d = Path(directory)
     if not d.is_dir():
         raise AdapterFormatError(f"no adapter directory at {d}")
@@ -112,6 +114,8 @@ def read_config(directory: Union[str, os.PathLike]):
 
 
 def read_tensors(directory: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter directory: adapter_model.safetensors, else adapter_model.bin read with
+    weights_only=True (never an arbitrary unpickle). Raises AdapterFormatError."""
     d = Path(directory)
     if (d / WEIGHTS_NAME).is_file():
         from safetensors.torch import load_file

@@ -34,10 +34,12 @@ class LayerOps:
     # Where an adapter's parameters live: the base weight's device and floating dtype.
     @property
     def device(self) -> torch.device:
+        """The device adapter parameters are created on."""
         return self.layer.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The floating dtype adapter parameters are created in (the default dtype for an integer base)."""
         dtype = self.layer.weight.dtype
         return dtype if dtype.is_floating_point else torch.get_default_dtype()
 
@@ -60,6 +62,7 @@ class LayerOps:
         return w_c.t() if self.transposed else w_c
 
     def from_layer_layout(self, w: torch.Tensor) -> torch.Tensor:
+        """The base weight's own layout → canonical [out, in]."""
         return w.t() if self.transposed else w
 
 
@@ -92,12 +95,15 @@ class ConvOps(LayerOps):
         self._conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(self.kernel)]
 
     def down(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """x [B, in, *S] conv a [r, in, *k] → [B, r, *S'], with the base's stride, padding and dilation."""
         return self.layer._conv_forward(x, a, None)  # honours padding_mode as well
 
     def up(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """h [B, r, *S'] 1×1-conv b [out, r, *1] → [B, out, *S']."""
         return self._conv(h, b)
 
     def add_up(self, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """y + up(h, b)."""
         return y + self._conv(h, b)
 
 

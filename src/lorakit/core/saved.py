@@ -14,6 +14,8 @@ from .adapted import KeepsBaseKeys
 
 
 class SavedModule(KeepsBaseKeys):
+    """modules_to_save: the original module plus one trainable copy per adapter; the first active adapter's copy
+    runs."""
     inner_name = "original_module"
 
     def __init__(self, original_module: nn.Module):
@@ -24,6 +26,7 @@ class SavedModule(KeepsBaseKeys):
         self.disabled = False
 
     def add_copy(self, name: str) -> nn.Module:
+        """A trainable deep copy of the original module for adapter `name`."""
         clone = copy.deepcopy(self.original_module)
         for p in clone.parameters():
             p.requires_grad_(True)
@@ -31,6 +34,7 @@ class SavedModule(KeepsBaseKeys):
         return clone
 
     def current(self) -> nn.Module:
+        """The module that runs: the first active adapter's copy, else the original."""
         if not self.disabled:
             for name in self.active:
                 if name in self.copies:
@@ -38,7 +42,9 @@ class SavedModule(KeepsBaseKeys):
         return self.original_module
 
     def forward(self, *args, **kwargs):
+        """Run the current module."""
         return self.current()(*args, **kwargs)
 
     def extra_repr(self) -> str:
+        """Copies and active set, for print(model)."""
         return f"copies={list(self.copies)}, active={list(self.active)}"

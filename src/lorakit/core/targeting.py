@@ -118,6 +118,7 @@ def _closest_names(model: nn.Module, targets) -> str:
 
 
 def ops_for_safe(module: nn.Module) -> bool:
+    """LayerOps for the layer, or None for an unsupported type or one whose ops refuse it (e.g. a grouped conv)."""
     try:
         return ops_for(module) is not None
     except TargetError:

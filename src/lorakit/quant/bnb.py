@@ -30,6 +30,7 @@ def _count_like_peft(param) -> int:
 
 
 def is_bnb_linear4bit(layer: nn.Module) -> bool:
+    """True for a bitsandbytes Linear4bit layer (checked by class name: bitsandbytes need not be importable)."""
     bnb = _bnb()
     if bnb is None or not isinstance(layer, bnb.nn.Linear4bit):
         return False
@@ -77,10 +78,12 @@ class BnbWeight(QuantizedWeight):
     """Weight source of a bnb Linear4bit: dequantize with bnb; requantize (on request only) as PEFT does."""
 
     def get(self) -> torch.Tensor:
+        """The dense weight, dequantised from the layer's 4-bit storage."""
         return bnb_dense_weight(self.layer)
 
     @torch.no_grad()
     def requantize(self, w: torch.Tensor) -> None:
+        """Quantise `w` back into the layer's 4-bit storage (merge_requantized)."""
         old = plain_layout(self.layer)
         kwargs = {k: v for k, v in old.__dict__.items() if k != "data" and not k.startswith("_")}  # as PEFT does
         kwargs.update(requires_grad=False, bnb_quantized=False)
@@ -90,6 +93,7 @@ class BnbWeight(QuantizedWeight):
 
 
 def register() -> None:
+    """Teach lorakit bitsandbytes' Linear4bit: its LayerOps and its weight source."""
     if not any(matches is is_bnb_linear4bit for matches, _ in EXTRA_LAYER_OPS):
         EXTRA_LAYER_OPS.insert(0, (is_bnb_linear4bit, QuantLinearOps))
     if not any(matches is is_bnb_linear4bit for matches, _ in WEIGHT_SOURCES):

@@ -37,6 +37,7 @@ class QuantLinearOps(LayerOps):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The compute dtype adapters are created in (the 4-bit storage is not a float dtype)."""
         return source_dtype(self.layer) or torch.get_default_dtype()
 
 
@@ -59,6 +60,8 @@ class Requantization:
 
     @property
     def ratio(self) -> float:
+        """rounding / adapter: the requantization error relative to the adapter's change (near 1 or above: 4 bits
+        erased most of it)."""
         return self.rounding / self.adapter if self.adapter else float("inf")
 
 
@@ -78,12 +81,16 @@ class QuantizedWeight:
         self.last_written: Optional[torch.Tensor] = None  # fp32 target of the last set(), for its report
 
     def get(self) -> torch.Tensor:
+        """The dense weight in the compute dtype, dequantised."""
         return self.layer.dense_weight()
 
     def requantize(self, w: torch.Tensor) -> None:
+        """Quantise `w` back into the 4-bit storage."""
         self.layer.requantize(w)
 
     def set(self, w: torch.Tensor) -> None:
+        """Requantize `w` into 4 bits, only inside merge_requantized; anywhere else QuantizedBaseError (4 bits would erase
+        most of the adapter)."""
         if not self.allow_requantize:
             raise QuantizedBaseError(_REFUSAL)
         self.last_written = w.detach().float()
@@ -91,6 +98,7 @@ class QuantizedWeight:
 
 
 def is_nf4_linear(layer: nn.Module) -> bool:
+    """True for lorakit's own NF4Linear."""
     return isinstance(layer, NF4Linear)
 
 
