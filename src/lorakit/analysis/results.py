@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import torch
 
+from .similarity import phi_summary
 from .spectrum import Spectrum
 
 MAX_SAVED_VALUES = 256  # singular values per layer written to JSON (LoRA ranks are well below this)
@@ -69,8 +70,6 @@ class LayerAnalysis:
         if self.base is not None:
             out["base"] = dict(self.base)
         if self.phi:
-            from .similarity import phi_summary
-
             out["phi"] = {basis: {**phi_summary(m), "matrix": _rounded(m[:MAX_SAVED_PHI, :MAX_SAVED_PHI], 4)} for basis, m in self.phi.items()}
         if self.suggested_rank is not None:
             out["suggested_rank"] = self.suggested_rank

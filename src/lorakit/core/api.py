@@ -19,7 +19,7 @@ from .config import AdapterConfig
 from .delta import Delta
 from ..errors import AdapterNameError
 from .layers import ops_for
-from .registry import delta_class
+from .registry import TRAINING_HOOKS, delta_class
 from .saved import SavedModule
 from .targeting import candidate_modules, find_targets
 
@@ -303,8 +303,6 @@ def trainable_report(model: nn.Module) -> str:
 def training_hooks(model: nn.Module) -> list:
     """Hooks of the active adapters' variants, for any training loop (lorakit's own calls them):
     add `hook.extra_loss()` to the loss, call `hook.after_step(step)` after each optimizer step."""
-    from .registry import TRAINING_HOOKS
-
     st = state(model)
     hooks = []
     for name in st.active:

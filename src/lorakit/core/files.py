@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Union
 
 import torch
+import safetensors.torch
 from torch import nn
 
 from ..errors import AdapterFormatError, ShapeMismatchError
@@ -85,11 +86,9 @@ def adapter_config_dict(model: nn.Module, name: str = "default") -> dict:
 
 def write_adapter_files(directory: Union[str, os.PathLike], tensors: dict[str, torch.Tensor], config: dict) -> Path:
     """Write PEFT's two files from CPU tensors (PEFT keys) and the config dict (e.g. gathered from a sharded model)."""
-    from safetensors.torch import save_file
-
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(out / WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"}))
     _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
     return out
 
@@ -118,10 +117,8 @@ def read_tensors(directory: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     weights_only=True (never an arbitrary unpickle). Raises AdapterFormatError."""
     d = Path(directory)
     if (d / WEIGHTS_NAME).is_file():
-        from safetensors.torch import load_file
-
         try:
-            return load_file(d / WEIGHTS_NAME)
+            return safetensors.torch.load_file(d / WEIGHTS_NAME)
         except Exception as e:  # safetensors raises its own SafetensorError and OSErrors
             raise AdapterFormatError(f"{d / WEIGHTS_NAME} is truncated or corrupt: {e}") from None
     if (d / PICKLE_NAME).is_file():

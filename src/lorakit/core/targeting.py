@@ -8,9 +8,11 @@ from typing import Iterator
 
 from torch import nn
 
-from .config import AdapterConfig
 from ..errors import TargetError
+from .adapted import AdaptedLayer
+from .config import AdapterConfig
 from .layers import is_linear, ops_for
+from .saved import SavedModule
 
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
 
@@ -47,9 +49,6 @@ def _in_modules_to_save(config: AdapterConfig, key: str) -> bool:
 
 def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(name, module) for every module, lorakit's own internals skipped; an adapted layer counts as its base."""
-    from .adapted import AdaptedLayer
-    from .saved import SavedModule
-
     skip: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(s) for s in skip):
