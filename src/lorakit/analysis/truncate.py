@@ -1,11 +1,13 @@
 """`--truncate k`: a smaller adapter keeping the top-k directions of each ΔW (Eckart–Young: the best rank-k fit
 in Frobenius norm), written as a LoRA adapter in PEFT's layout.
 
-The output is LoRA whatever the input variant: ΔW_k = U_k Σ_k V_kᵀ is a rank-k product, and LoRA is the
-format every tool reads. A LoRA input keeps its lora_alpha / use_rslora / alpha_pattern (so the scale of
-each layer follows the new rank as PEFT computes it); other variants get lora_alpha = k. Each layer gets
-rank min(k, ΔW's numerical rank), so k ≥ r is lossless. The factors are balanced:
-    B = U_k · diag(sqrt(σ/s)),  A = diag(sqrt(σ/s)) · V_kᵀ,  s = the new layer's LoRA scale
+The output is the registry's factored variant (LoRA, `core.registry.factored_variant`) whatever the input
+variant: ΔW_k = U_k Σ_k V_kᵀ is a rank-k product, and LoRA is the format every tool reads. An input of that
+variant keeps its scale settings (lora_alpha / use_rslora / alpha_pattern: the scale of each layer follows
+the new rank as PEFT computes it); other variants get s = 1 (lora_alpha = k). Each layer gets rank
+min(k, ΔW's numerical rank), so k ≥ r is lossless. The factors are balanced, written through
+`Delta.set_low_rank_factors`:
+    B = U_k · diag(sqrt(σ/s)),  A = diag(sqrt(σ/s)) · V_kᵀ,  s = the new layer's scale
 modules_to_save and bias tensors are copied unchanged. The written adapter is read back and its error
 ‖ΔW − ΔW'‖_F / ‖ΔW‖_F measured against the original, next to the Eckart–Young prediction.
 """
@@ -18,38 +20,39 @@ from pathlib import Path
 
 import torch
 
-from ..variants.lora import LoraConfig
+from ..core.config import AdapterConfig
 from ..core.files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _atomic_write
-from ..variants.lora import LoraDelta
-from ..core.registry import delta_class
+from ..core.registry import delta_class, factored_variant
 from .adapters import AdapterView, from_directory
 from .results import LayerAnalysis
 from .spectrum import Spectrum
 
 
-def truncated_config(view: AdapterView, k: int, ranks: dict[str, int]) -> LoraConfig:
+def truncated_config(view: AdapterView, k: int, ranks: dict[str, int]) -> AdapterConfig:
+    """The output config: rank k, smaller ranks in rank_pattern; the input's own config when it is already
+    of the factored variant, else its common fields (see the module docstring)."""
     smaller = {path: r for path, r in ranks.items() if r != k}
-    if isinstance(view.config, LoraConfig) and view.config.variant == "LORA":
-        return view.config.with_updates(r=k, rank_pattern=smaller)
-    old = view.config
-    return LoraConfig(r=k, lora_alpha=k, target_modules=sorted(ranks), rank_pattern=smaller,
-                      modules_to_save=old.modules_to_save, task_type=old.task_type,
-                      bias=getattr(old, "bias", "none") if getattr(old, "bias", "none") in ("all", "lora_only") else "none",
-                      base_model_name_or_path=old.base_model_name_or_path, revision=old.revision)
+    variant, old = factored_variant(), view.config
+    if old.variant == variant.name:
+        return variant.factored_config(k, old, rank_pattern=smaller)
+    return variant.factored_config(k, old, target_modules=sorted(ranks), rank_pattern=smaller,
+                                   modules_to_save=old.modules_to_save, task_type=old.task_type,
+                                   base_model_name_or_path=old.base_model_name_or_path, revision=old.revision)
 
 
 @torch.no_grad()
-def _lora_tensors(view: AdapterView, layer: LayerAnalysis, config: LoraConfig, rank: int) -> dict[str, torch.Tensor]:
+def _layer_tensors(view: AdapterView, layer: LayerAnalysis, config: AdapterConfig,
+                   rank: int) -> dict[str, torch.Tensor]:
+    """The layer's top-`rank` factors as the output delta's tensors {file key: tensor}, in the input's dtype."""
     entry = view.layers[layer.path]
     delta = delta_class(config)(entry.layer.ops, config, layer.path)
-    assert isinstance(delta, LoraDelta), "truncated adapters are plain LoRA"
+    assert delta.factors_writable, "truncated adapters hold a plain low-rank product"
     u, s, v = layer.spectrum.top(rank)
-    scale = delta.scaling
+    scale = delta.low_rank_factors()[2]
     root = (s / abs(scale)).sqrt()  # [rank]
     b = u * root  # [out, rank]
     a = math.copysign(1.0, scale) * root[:, None] * v.t()  # [rank, n]
-    delta.lora_B.copy_(b.reshape(delta.lora_B.shape))
-    delta.lora_A.copy_(a.reshape(delta.lora_A.shape))
+    delta.set_low_rank_factors(b, a)
     dtype = next(iter(entry.delta.peft_tensors().values())).dtype  # the original adapter's storage dtype
     return {f"{PREFIX}{layer.path}.{key}": t.detach().to("cpu", dtype).contiguous()
             for key, t in delta.peft_tensors().items()}
@@ -63,7 +66,7 @@ def write_truncated(view: AdapterView, layers: list[LayerAnalysis], k: int, dire
     config = truncated_config(view, k, ranks)
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in view.extra_tensors.items()}
     for la in layers:
-        tensors.update(_lora_tensors(view, la, config, ranks[la.path]))
+        tensors.update(_layer_tensors(view, la, config, ranks[la.path]))
     data = config.to_peft_dict()
     data["inference_mode"] = True
     data["base_model_name_or_path"] = view.base_name

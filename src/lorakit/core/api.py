@@ -152,12 +152,12 @@ def _attach(model: nn.Module, plan: AdapterPlan, fresh: bool, st: AdapterState) 
 
 
 def _train_biases(model: nn.Module, plan: AdapterPlan) -> None:
-    mode = getattr(plan.config, "bias", "none")
+    mode = plan.config.bias_mode
     if mode == "all":
         for n, p in model.named_parameters():
             if n.endswith("bias") and ".deltas." not in n:
                 p.requires_grad_(True)
-    elif mode == "lora_only":
+    elif mode == "adapted":
         for path in plan.deltas:
             bias = getattr(model.get_submodule(path).base_layer, "bias", None)
             if bias is not None:

@@ -33,6 +33,10 @@ class AdapterConfig:
     peft_type: ClassVar[str] = ""
     # PEFT fields lorakit does not implement: written at these defaults, refused when set otherwise.
     unsupported_peft_fields: ClassVar[dict[str, Any]] = {}
+    # Generic run options (`lorakit train --r/--lora-alpha/...`) → this config's field of another name.
+    run_option_fields: ClassVar[dict[str, str]] = {}
+    # The field that takes the run's number of optimizer steps (a schedule's length), if the variant has one.
+    total_steps_field: ClassVar[Optional[str]] = None
 
     target_modules: Optional[Union[list[str], str]] = None
     """Names matched as full module name or `.`-suffix; a string is a regex fullmatch; "all-linear"."""
@@ -76,6 +80,12 @@ class AdapterConfig:
     def variant(self) -> str:
         """The registry key of the delta class this config builds (see registry.py)."""
         return self.peft_type
+
+    @property
+    def bias_mode(self) -> str:
+        """Which base biases train and are saved with the adapter: "none", "all", or "adapted" (the biases of
+        the layers this adapter adapts). Variants with PEFT's `bias` option map it here."""
+        return "none"
 
     def rank_for(self, module_name: str) -> int:
         """The rank of the delta at `module_name` (rank_pattern overrides)."""

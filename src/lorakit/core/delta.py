@@ -3,11 +3,16 @@
 A `Delta` is one adapter's change to one base layer. The adapted layer only ever calls the methods
 below, so a variant is one file that subclasses Delta and registers itself (see registry.py).
 The base weight reaches a delta only through `layer.base_weight()` / `layer.set_base_weight()`.
+
+Low-rank deltas also answer the low-rank protocol: `linear_factors` (their live factors, for the fused
+linear of lorakit.fast and the stacked mixed-batch paths of lorakit.multi), `low_rank_factors` (detached
+factors of ΔW), and `factors_writable` / `set_low_rank_factors` (hot-swap, combine, truncate write any
+s·B·A into them). A new low-rank variant gets all of those paths by implementing these, nothing else.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -18,8 +23,12 @@ from .layers import LayerOps
 if TYPE_CHECKING:
     from .adapted import AdaptedLayer
 
+# (A [r, in], B [out, r], s, dropout p) of a delta whose linear forward is y + s·(drop_p(x)·Aᵀ)·Bᵀ.
+LinearFactors = tuple[nn.Parameter, nn.Parameter, float, float]
+
 
 class Delta(nn.Module):
+    """One adapter's change to one base layer; every variant subclasses it (see the module docstring)."""
     def __init__(self, ops: LayerOps, config: AdapterConfig, module_name: str):
         super().__init__()
         self.ops = ops
@@ -37,11 +46,13 @@ class Delta(nn.Module):
     # --- merging: W' = W + ΔW by default; variants with a non-additive form override both ----------
     @torch.no_grad()
     def merge(self, layer: "AdaptedLayer") -> None:
+        """W ← W + ΔW, computed in fp32 and stored in the base weight's dtype."""
         w = layer.base_weight()
         layer.set_base_weight((w.float() + self.delta_weight(layer)).to(w.dtype))
 
     @torch.no_grad()
     def unmerge(self, layer: "AdaptedLayer") -> None:
+        """W ← W − ΔW, the inverse of merge."""
         w = layer.base_weight()
         layer.set_base_weight((w.float() - self.delta_weight(layer)).to(w.dtype))
 
@@ -61,10 +72,29 @@ class Delta(nn.Module):
         for key, param in self.peft_tensors().items():
             param.copy_(tensors[key])
 
+    # --- the low-rank protocol: what fused, stacked, hot-swap, combine and truncate paths ask --------
+    factors_writable: ClassVar[bool] = False
+    """True when `set_low_rank_factors` can store any s·B·A up to this delta's rank (this delta is then a
+    plain low-rank product whose `low_rank_factors` never returns None)."""
+
     def low_rank_factors(self) -> Optional[tuple[torch.Tensor, torch.Tensor, float]]:
         """(B [out, r], A [r, in·k], s) with canonical ΔW_c = s·B·A (flattened to [out, in·k]), when ΔW
-        is exactly that product; None otherwise. Lets analysis take ΔW's SVD from the factors."""
+        is exactly that product; None otherwise. Detached: lets analysis take ΔW's SVD from the factors."""
         return None
+
+    def linear_factors(self) -> Optional[LinearFactors]:
+        """(A [r, in], B [out, r], s, p): this delta's own live Parameters (gradients reach them), when its
+        forward on a linear layer is exactly y + s·(drop_p(x)·Aᵀ)·Bᵀ, drop_p being nn.Dropout(p) in training
+        (p = 0: no dropout); None otherwise (another form, another layer kind). Called on every forward of
+        the fused and mixed-batch paths: keep it cheap (no new Parameters, no nn.Module.__getattr__)."""
+        return None
+
+    @torch.no_grad()
+    def set_low_rank_factors(self, b: torch.Tensor, a: torch.Tensor) -> None:
+        """Make ΔW_c = s·b·a with this delta's own scale s (that of `low_rank_factors`): b [out, k],
+        a [k, in·k], k ≤ the delta's rank (the rest is zero-padded). Writes in place (copy_): parameter
+        identity, shape, dtype and device never change. Only deltas with `factors_writable` implement it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot hold arbitrary low-rank factors")
 
     def regularizer(self) -> Optional[torch.Tensor]:
         """An extra training loss term for this delta (AdaLoRA's orthogonality), or None."""

@@ -41,7 +41,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
         if name in holder.copies:
             for key, t in holder.copies[name].state_dict().items():
                 out[f"{PREFIX}{path}.{key}"] = t
-    bias_mode = getattr(config, "bias", "none")
+    bias_mode = config.bias_mode
     if bias_mode != "none":
         own = {f"{p}.base_layer.bias" for p, layer in adapted.items() if name in layer.deltas}
         for key, p in model.named_parameters():

@@ -28,6 +28,12 @@ class Variant:
         extra_loss() -> Tensor | None   (added to the loss before backward)
         after_step(step: int) -> None   (after optimizer.step(), before zero_grad; e.g. AdaLoRA's allocator)
         on_save() -> None               (before the adapter is written)
+    factored_config: for a variant whose deltas hold any rank-r product s·B·A (`Delta.factors_writable`),
+        factory(r, source=None, **common) of its config at rank r: `source`, a config of this same
+        variant, is kept with only r and `common` changed (its scale rule stays); otherwise a fresh config
+        with s = 1 and `common`'s AdapterConfig fields (target_modules, rank_pattern, modules_to_save, ...),
+        taking from another variant's `source` what this variant can keep. combine and truncate write
+        their results through it (see `factored_variant`).
     """
 
     name: str
@@ -35,6 +41,7 @@ class Variant:
     delta: type["Delta"]
     selector: dict[str, Any] = field(default_factory=dict)
     training_hook: Optional[Callable] = None
+    factored_config: Optional[Callable[..., "AdapterConfig"]] = None
 
 
 VARIANTS: dict[str, Variant] = {}
@@ -67,3 +74,12 @@ def config_from_peft_dict(data: dict[str, Any]) -> "AdapterConfig":
     if peft_type not in CONFIGS:
         raise ConfigError(f"unknown peft_type {peft_type!r}; lorakit reads {sorted(CONFIGS)}")
     return CONFIGS[peft_type].from_peft_dict({k: v for k, v in data.items() if k != "peft_type"})
+
+
+def factored_variant() -> Variant:
+    """The first registered variant that can hold an arbitrary rank-r factorisation (its `factored_config`
+    is set): the output format of combine and truncate."""
+    for variant in VARIANTS.values():
+        if variant.factored_config is not None:
+            return variant
+    raise ConfigError(f"no registered variant can hold a low-rank factorisation; registered: {sorted(VARIANTS)}")

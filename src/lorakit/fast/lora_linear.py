@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapted import AdaptedLayer, DenseWeight
-from ..variants.lora import LoraDelta
 from . import recipes
 
 # Rank-r products in "rank-major" form (r as the GEMM's row count) where the BLAS runs the skinny forms
@@ -38,8 +37,9 @@ RANK_MAJOR = {"cpu": True, "cuda": False}
 # --- which layers the fast path serves: cheap checks, made at every call -----------------------------
 def layer_spec(layer: nn.Module):
     """(W [out, in], bias, [(A, B, s), ...]) of a frozen dense linear (plain, GPT-2 Conv1D or adapted with
-    plain LoRA terms), or None when it must take the reference path: merged, disabled, routed, another
-    variant, dropout, adapters in another dtype than the base, or a trained base weight."""
+    deltas whose forward is y + s·(x·Aᵀ)·Bᵀ: `Delta.linear_factors` with no dropout), or None when it must
+    take the reference path: merged, disabled, routed, a delta of another form, dropout, adapters in another
+    dtype than the base, or a trained base weight."""
     d = layer.__dict__
     if type(layer) is nn.Linear:
         p = d["_parameters"]
@@ -62,14 +62,13 @@ def layer_spec(layer: nn.Module):
         delta = deltas.get(name)
         if delta is None:
             continue
-        dd = delta.__dict__
-        if type(delta) is not LoraDelta or type(dd["_modules"]["dropout"]) is not nn.Identity:
+        factors = delta.linear_factors()  # (A [r, in], B [out, r], s, dropout p), live Parameters
+        if factors is None or factors[3] != 0.0:
             return None
-        p = dd["_parameters"]
-        a, b = p["lora_A"], p["lora_B"]
+        a, b, s, _ = factors
         if a.dtype != w.dtype or b.dtype != w.dtype:
             return None
-        terms.append((a, b, dd["scaling"]))
+        terms.append((a, b, s))
     return (w.t() if d["ops"].transposed else w), base_p.get("bias"), terms
 
 

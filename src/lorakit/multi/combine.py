@@ -4,9 +4,10 @@
     print(report.relative_error)      # ‖ΔW − ΔW_16‖_F / ‖ΔW‖_F over all layers (0 for rank=None)
 
 combine computes ΔW = Σ w_i ΔW_i per layer exactly and writes its best rank-k approximation (truncated
-SVD) as a new LoRA adapter. For plain LoRA it never forms ΔW: ΔW = U·V with U = [w_i s_i B_i] [out, R],
-V = [A_i] [R, in] (R = Σ r_i); QR of U and Vᵀ leaves an R×R core whose SVD gives ΔW's singular triplets.
-Other variants are materialised through `delta_weight` and decomposed densely. (PEFT's "linear"
+SVD) as a new adapter of the registry's factored variant (LoRA: `core.registry.factored_variant`). When
+every delta is a low-rank product (`Delta.low_rank_factors`) it never forms ΔW: ΔW = U·V with
+U = [w_i s_i B_i] [out, R], V = [A_i] [R, in] (R = Σ r_i); QR of U and Vᵀ leaves an R×R core whose SVD gives
+ΔW's singular triplets. Other deltas are materialised through `delta_weight` and decomposed densely. (PEFT's "linear"
 combination concatenates scaled factors and is not the weighted sum of ΔW; see PEFT issue #3004.)
 
 `weighted` evaluates W + Σ w_i ΔW_i exactly, with no refactoring (the LoraHub search in lorahub.py uses it).
@@ -18,16 +19,16 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+from typing import Iterator, Mapping, Optional
 
 import torch
 from torch import nn
 
 from ..core.adapted import AdaptedLayer
-from ..variants.lora import LoraConfig
-from ..errors import AdapterNameError, ConfigError, MixedBatchError
-from ..variants.lora import LoraDelta
 from ..core.api import _check_new_name, adapted_layers, add_adapter, get_config, list_adapters
+from ..core.registry import factored_variant
+from ..errors import AdapterNameError, ConfigError
+from .routing import routed
 
 
 @dataclass
@@ -64,7 +65,7 @@ def check_weights(model: nn.Module, weights: Mapping[str, float]) -> dict[str, f
 def _svd_of_sum(layer: AdaptedLayer, weights: dict[str, float]):
     """(left [out, m], singular values [m], right [m, in·k]) of the layer's Σ w ΔW in canonical layout, fp64."""
     parts = [(w, layer.deltas[n]) for n, w in weights.items() if n in layer.deltas and w != 0.0]
-    factors = [_factors(d) for _, d in parts]
+    factors = [d.low_rank_factors() for _, d in parts]  # (B [out, r], A [r, in·k], s) or None
     if parts and all(f is not None for f in factors):
         u = torch.cat([b.double() * (w * s) for (w, _), (b, _, s) in zip(parts, factors)], 1)  # [out, R]
         v = torch.cat([a.double() for _, a, _ in factors], 0)  # [R, in·k]
@@ -81,16 +82,6 @@ def _svd_of_sum(layer: AdaptedLayer, weights: dict[str, float]):
     return left, s, right
 
 
-def _factors(delta: nn.Module):
-    """(B [out, r], A [r, in·k], s) when the delta's ΔW is exactly s·B·A (Delta.low_rank_factors), else None."""
-    get = getattr(delta, "low_rank_factors", None)
-    if get is not None:
-        return get()
-    if type(delta) is LoraDelta:
-        return delta.lora_B.detach().flatten(1), delta.lora_A.detach().flatten(1), delta.scaling
-    return None
-
-
 def _numerical_rank(s: torch.Tensor, shape) -> int:
     if not s.numel() or s[0] == 0:
         return 0
@@ -99,9 +90,9 @@ def _numerical_rank(s: torch.Tensor, shape) -> int:
 
 @torch.no_grad()
 def combine(model: nn.Module, weights: Mapping[str, float], name: str, rank: Optional[int] = None) -> CombineReport:
-    """Add adapter `name` (LoRA, inactive unless it is the only one) whose ΔW is the best rank-`rank`
-    approximation of Σ weights[a]·ΔW_a on every layer any of them adapts. rank=None: exact (the
-    numerical rank of the sum). Returns the relative error of the approximation."""
+    """Add adapter `name` (of the factored variant, LoRA; inactive unless it is the only one) whose ΔW is the
+    best rank-`rank` approximation of Σ weights[a]·ΔW_a on every layer any of them adapts. rank=None: exact
+    (the numerical rank of the sum). Returns the relative error of the approximation."""
     weights = check_weights(model, weights)
     _check_new_name(model, name)
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
@@ -115,20 +106,17 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, rank: Opt
     k = rank if rank is not None else max(exact, 1)
     pattern = "|".join(re.escape(p) for p in layers)
     first = get_config(model, next(iter(weights)))
-    config = LoraConfig(r=k, lora_alpha=k, target_modules=f"(?:{pattern})", init_lora_weights=True,
-                        base_model_name_or_path=first.base_model_name_or_path)
+    config = factored_variant().factored_config(k, target_modules=f"(?:{pattern})",
+                                                base_model_name_or_path=first.base_model_name_or_path)
     add_adapter(model, config, name)
     errors, lost, total = {}, 0.0, 0.0
     for path, (left, s, right) in factors.items():
         keep = min(k, s.numel())
         root = s[:keep].sqrt()
         delta = layers[path].deltas[name]
-        b = torch.zeros(delta.lora_B.shape[0], k, dtype=torch.float64, device=left.device)
-        a = torch.zeros(k, right.shape[1], dtype=torch.float64, device=left.device)
-        b[:, :keep] = left[:, :keep] * root
-        a[:keep] = root[:, None] * right[:keep]
-        delta.lora_B.copy_(b.view(delta.lora_B.shape))
-        delta.lora_A.copy_(a.view(delta.lora_A.shape))
+        scale = delta.low_rank_factors()[2]  # ΔW = scale·B·A: B takes 1/scale (1 for alpha = r)
+        b = left[:, :keep] * root  # [out, keep]
+        delta.set_low_rank_factors(b / scale if scale != 1.0 else b, root[:, None] * right[:keep])
         tail, whole = float((s[keep:] ** 2).sum()), float((s ** 2).sum())
         errors[path] = math.sqrt(tail / whole) if whole > 0 else 0.0
         lost, total = lost + tail, total + whole
@@ -142,10 +130,6 @@ def weighted(model: nn.Module, weights: Mapping[str, float]) -> Iterator[nn.Modu
     refactoring); the model's active set is ignored. Adapters must be unmerged."""
     weights = check_weights(model, weights)
     layers = [m for _, m in adapted_layers(model)]
-    if any(m.merged for m in layers):
-        raise MixedBatchError("weighted needs unmerged adapters: call lorakit.unmerge(model) first")
-    if any(m.routing is not None for m in layers):
-        raise MixedBatchError("another routing (per_row or weighted) is active on this model")
 
     def route(layer: AdaptedLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y0 = layer.base_layer(x, *args, **kwargs)
@@ -157,13 +141,8 @@ def weighted(model: nn.Module, weights: Mapping[str, float]) -> Iterator[nn.Modu
                 y = y + w * (layer.deltas[n](x, y0, layer) - y0)  # w · (ΔW x), for any variant
         return y
 
-    try:
-        for m in layers:
-            m.routing = route
+    with routed(layers, route, "weighted"):
         yield model
-    finally:
-        for m in layers:
-            m.routing = None
 
 
 __all__ = ["combine", "CombineReport", "weighted"]

@@ -6,16 +6,19 @@ Nothing is re-injected and nothing a compiled graph depends on changes: every pa
 identity, shape, dtype and device (values are written with copy_), and no Python attribute that forward
 reads changes. A `torch.compile`d model therefore runs on without recompiling.
 
-Plain LoRA may swap in a smaller rank (zero-padded: the extra rank rows of A and columns of B are 0) and
-a different lora_alpha / rsLoRA scaling (the ratio new_scale / old_scale is folded into lora_B, so the
-layer's Python `scaling` stays). Modules the loaded adapter adapts but the new one does not get ΔW = 0.
-Another variant swaps when the new file builds deltas of the same shapes and constants. The adapter keeps
-its name, active state and config (the new weights are expressed in the loaded rank and scaling).
+A delta that holds any low-rank product (`Delta.factors_writable`, e.g. plain LoRA) may swap in a smaller
+rank (zero-padded: the extra rank rows of A and columns of B are 0) and another scale (another alpha:
+the ratio new_scale / old_scale is folded into B, so the layer's Python scale stays); the new file is read
+into a fresh delta, whose `low_rank_factors` are written with the loaded delta's `set_low_rank_factors`.
+Modules the loaded adapter adapts but the new one does not get ΔW = 0. Any other delta swaps when the new
+file builds deltas of the same shapes and constants. The adapter keeps its name, active state and config
+(the new weights are expressed in the loaded rank and scaling).
 Everything is checked before the first tensor is written; on an error the model is unchanged.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Union
 
@@ -23,35 +26,39 @@ import torch
 from torch import nn
 
 from ..core import files as io
-from ..errors import AdapterFormatError, HotSwapError
-from ..variants.lora import LoraDelta
-from .routing import clear_stacks
 from ..core.api import adapted_layers, get_config, plan_adapter, saved_modules
+from ..errors import AdapterFormatError, HotSwapError
+from .layer_plans import clear_stacks
 
 _TEMP_NAME = "_lorakit_hot_swap"
 
-# A write is (parameter, new value); a swapper checks one module and returns its writes, or raises.
-Write = tuple[torch.Tensor, torch.Tensor]
+# A write is a call that stores new values in place (nothing is written while the swap is being checked);
+# a swapper checks one module and returns its writes, or raises.
+Write = Callable[[], None]
 Swapper = Callable[[nn.Module, "nn.Module | None", "dict[str, torch.Tensor] | None"], list[Write]]
 
 
-def _lora_writes(old: LoraDelta, fresh, tensors) -> list[Write]:
-    """LoRA: zero-pad a smaller rank; fold the scale ratio into B. fresh/tensors None: the new adapter
-    skips this module, so ΔW = 0."""
-    a_old, b_old = old.lora_A, old.lora_B  # [r, in, *k], [out, r, *1]
+@torch.no_grad()
+def _copy(param: torch.Tensor, value: torch.Tensor) -> None:
+    param.copy_(value.to(device=param.device, dtype=param.dtype))
+
+
+def _low_rank_writes(old: nn.Module, fresh, tensors) -> list[Write]:
+    """A delta holding any s·B·A: zero-pad a smaller rank, fold the scale ratio into B. fresh/tensors None:
+    the new adapter skips this module, so ΔW = 0."""
+    b_old, a_old, s_old = old.low_rank_factors()  # [out, r], [r, in·k]
     if fresh is None:
-        return [(a_old, torch.zeros_like(a_old)), (b_old, torch.zeros_like(b_old))]
-    keys = list(old.peft_tensors())  # A's key, then B's
-    a_new, b_new = tensors[keys[0]], tensors[keys[1]]
-    if fresh.r > old.r:
-        raise HotSwapError(f"{old.module_name}: the new adapter's rank {fresh.r} is larger than the loaded rank "
-                           f"{old.r}; load the largest-rank adapter first (or use load_adapter)")
-    a = torch.zeros_like(a_old)
-    a[: fresh.r] = a_new.to(a.dtype)
-    b = torch.zeros_like(b_old)
-    ratio = fresh.scaling / old.scaling
-    b[:, : fresh.r] = (b_new.float() * ratio if ratio != 1.0 else b_new).to(b.dtype)
-    return [(a_old, a), (b_old, b)]
+        return [functools.partial(old.set_low_rank_factors, b_old.new_zeros(b_old.shape[0], 0),
+                                  a_old.new_zeros(0, a_old.shape[1]))]
+    # in the file's own (widest) dtype: the values reach the loaded delta as if copied from the file directly
+    fresh.to(functools.reduce(torch.promote_types, [t.dtype for t in tensors.values()])).load_peft_tensors(tensors)
+    b_new, a_new, s_new = fresh.low_rank_factors()
+    r_old, r_new = b_old.shape[1], b_new.shape[1]
+    if r_new > r_old:
+        raise HotSwapError(f"{old.module_name}: the new adapter's rank {r_new} is larger than the loaded rank "
+                           f"{r_old}; load the largest-rank adapter first (or use load_adapter)")
+    ratio = s_new / s_old
+    return [functools.partial(old.set_low_rank_factors, b_new.float() * ratio if ratio != 1.0 else b_new, a_new)]
 
 
 def _constants(delta: nn.Module) -> dict:
@@ -69,17 +76,18 @@ def _generic_writes(old: nn.Module, fresh, tensors) -> list[Write]:
     if differ:
         raise HotSwapError(f"{old.module_name}: the new {type(old).__name__} differs in {differ} "
                            f"({[mine.get(k) for k in differ]} → {[theirs.get(k) for k in differ]}); "
-                           "only plain LoRA can change rank or scaling in place")
+                           "only a delta holding any low-rank product (plain LoRA) can change rank or scaling in place")
     writes = []
     for key, param in old.peft_tensors().items():
         if tuple(tensors[key].shape) != tuple(param.shape):
             raise HotSwapError(f"{old.module_name}.{key}: shape {tuple(tensors[key].shape)} ≠ {tuple(param.shape)}")
-        writes.append((param, tensors[key]))
+        writes.append(functools.partial(_copy, param, tensors[key]))
     return writes
 
 
-# Delta class → swapper; a variant with its own padding or scale rule registers one here.
-SWAPPERS: dict[type, Swapper] = {LoraDelta: _lora_writes}
+# Delta class → swapper, for a variant with a rule of its own; the others take _low_rank_writes when they
+# hold any low-rank product (Delta.factors_writable), else _generic_writes.
+SWAPPERS: dict[type, Swapper] = {}
 
 
 def _plan_writes(model: nn.Module, name: str, directory) -> list[Write]:
@@ -101,10 +109,10 @@ def _plan_writes(model: nn.Module, name: str, directory) -> list[Write]:
         fresh = plan.deltas.get(path)
         if fresh is not None and type(fresh) is not type(old):
             raise HotSwapError(f"{path}: {type(fresh).__name__} cannot replace {type(old).__name__}")
-        swapper = SWAPPERS.get(type(old), _generic_writes)
+        swapper = SWAPPERS.get(type(old)) or (_low_rank_writes if old.factors_writable else _generic_writes)
         writes += swapper(old, fresh, per_delta.get(path))
     writes += _saved_writes(model, name, per_saved)
-    writes += [(param, t) for param, t in biases.values()]
+    writes += [functools.partial(_copy, param, t) for param, t in biases.values()]
     return writes
 
 
@@ -115,7 +123,7 @@ def _saved_writes(model: nn.Module, name: str, per_saved: dict) -> list[Write]:
     writes = []
     for path, sd in per_saved.items():
         current = have[path].state_dict(keep_vars=True)
-        writes += [(current[k], t) for k, t in sd.items()]
+        writes += [functools.partial(_copy, current[k], t) for k, t in sd.items()]
     return writes
 
 
@@ -123,8 +131,9 @@ def _saved_writes(model: nn.Module, name: str, per_saved: dict) -> list[Write]:
 def hot_swap(model: nn.Module, name: str, directory: Union[str, os.PathLike]) -> nn.Module:
     """Replace adapter `name`'s weights in place with those saved in `directory` (PEFT or lorakit layout).
 
-    Same variant, same or fewer target modules, same or smaller rank (LoRA). Raises a LorakitError and
-    leaves the model untouched when the new adapter does not fit. Returns the same model object."""
+    Same variant, same or fewer target modules, same or smaller rank (deltas holding any low-rank product).
+    Raises a LorakitError and leaves the model untouched when the new adapter does not fit. Returns the same
+    model object."""
     layers = [layer for _, layer in adapted_layers(model)]
     if any(name in layer.merged for layer in layers):
         raise HotSwapError(f"adapter {name!r} is merged into the base weights; call lorakit.unmerge(model) first")
@@ -132,8 +141,8 @@ def hot_swap(model: nn.Module, name: str, directory: Union[str, os.PathLike]) ->
         writes = _plan_writes(model, name, directory)
     except (KeyError, IndexError) as e:  # a file whose keys fit no delta the way its config says
         raise AdapterFormatError(f"{directory}: tensors do not fit the adapter's config ({e})") from None
-    for param, value in writes:
-        param.copy_(value.to(device=param.device, dtype=param.dtype))
+    for write in writes:
+        write()
     clear_stacks(model)
     return model
 

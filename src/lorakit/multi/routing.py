@@ -10,10 +10,11 @@ the block and restores them afterwards, also on errors. A row behaves exactly as
 or a multiple k of it (HF generate repeats each row k times for beams / returned sequences; flattened
 [B·T, in] token batches work the same way), so row i's name covers rows i·k .. i·k+k-1.
 
-Per layer, plain-LoRA deltas run together from a per-layer stack of all the layer's LoRA adapters
-(kernels/stack.py): Triton SGMV/BGMV kernels on CUDA at inference, a vectorised gather + bmm elsewhere
-(and whenever gradients are needed, so one optimizer step trains each adapter from its own rows only).
-Any other delta (another variant, an embedding or a convolution) runs its own forward on its rows.
+Per layer, the low-rank deltas (those answering `Delta.linear_factors`: y + s·(drop(x)·Aᵀ)·Bᵀ on a linear)
+run together from a per-layer stack of all of them (stack.py, cached in layer_plans.py): Triton SGMV/BGMV
+kernels on CUDA at inference, a vectorised gather + bmm elsewhere (and whenever gradients are needed, so
+one optimizer step trains each adapter from its own rows only). Any other delta (another form, an
+embedding or a convolution) runs its own forward on its rows.
 `impl="reference"` is the slow oracle the tests hold the fast paths to: each adapter's reference math on
 the whole batch, rows picked with torch.where (bit-identical to running set_active per adapter).
 """
@@ -22,21 +23,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import weakref
-from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
 from . import kernels
 from ..core.adapted import AdaptedLayer
+from ..core.api import list_adapters
+from ..core.patching import is_patched, patch_forward, unpatch_forward
+from ..core.saved import SavedModule
 from ..errors import AdapterNameError, MixedBatchError
 from ..triton_gate import use_triton
 from .kernels import AdapterStack, build_stack
-from ..variants.lora import LoraDelta
-from ..core.api import adapted_layers, list_adapters
-from ..core.saved import SavedModule
+from .layer_plans import _STACKS, GENERATION, LayerPlan, clear_stacks, layer_plan  # noqa: F401 (_STACKS: tests)
 
 IMPLS = ("auto", "torch", "reference")
 
@@ -90,104 +90,7 @@ class RowPlan:
         return self._cached(("tiles", n_rows, tokens_per_row, block_m, device), make)
 
 
-# --- per-layer stacks and plans (cached across blocks) ----------------------------------------------------
-def _fast_kind(delta: nn.Module) -> bool:
-    """Plain LoRA on a linear-like layer (Linear, Conv1D): the stacked fast path applies."""
-    return type(delta) is LoraDelta and delta.ops.kind == "linear"
-
-
-def _delta_key(delta: nn.Module) -> tuple:
-    """Changes whenever the delta's factors are replaced or written in place."""
-    params = delta._parameters  # not delta.lora_A: nn.Module.__getattr__ is slow, and this runs per layer
-    a, b = params["lora_A"], params["lora_B"]
-    return a._version, b._version, id(a), id(b), a.data_ptr(), b.data_ptr(), delta.scaling
-
-
-@dataclass
-class _StackEntry:
-    keys: dict[str, tuple]  # name → (delta id, _delta_key) of each stacked delta, in slot order
-    stack: AdapterStack
-
-
-@dataclass
-class _LayerPlan:
-    """How one layer serves one set of adapters: gid → stack slot, and the deltas that take the generic path."""
-
-    entry: Optional[_StackEntry]
-    checks: tuple  # (name, its delta here or None, _delta_key if stacked) per gid: what the plan assumed
-    slot_of_gid: Optional[torch.Tensor]  # long [G+1]; index gid+1 (0: no adapter) → slot
-    slot_map: Optional[torch.Tensor]  # int32 [G]; slot or -1 (for the kernels)
-    fast: list[tuple[int, nn.Module]] = field(default_factory=list)  # (gid, LoRA delta) in the stack
-    slow: list[tuple[int, nn.Module]] = field(default_factory=list)  # (gid, delta) run on their rows
-
-
-# layer → its stack of every plain-LoRA adapter (a copy of their weights), and its plans per adapter set.
-_STACKS: "weakref.WeakKeyDictionary[AdaptedLayer, _StackEntry]" = weakref.WeakKeyDictionary()
-_PLANS: "weakref.WeakKeyDictionary[AdaptedLayer, dict]" = weakref.WeakKeyDictionary()
 _ROW_PLANS: dict[tuple, "RowPlan"] = {}
-# Bumped by clear_stacks (lorakit.hot_swap calls it): open per_row blocks re-plan their layers.
-_GENERATION = [0]
-
-
-def _stackable(layer: AdaptedLayer) -> dict[str, nn.Module]:
-    """The layer's plain-LoRA deltas of the most common dtype/device (others take the generic path)."""
-    fast = {n: d for n, d in layer.deltas.items() if _fast_kind(d)}
-    if not fast:
-        return {}
-    kinds = [(d.lora_A.dtype, d.lora_A.device, d.lora_B.dtype) for d in fast.values()]
-    common = max(set(kinds), key=kinds.count)
-    return {n: d for (n, d), k in zip(fast.items(), kinds) if k == common}
-
-
-def layer_stack(layer: AdaptedLayer) -> Optional[_StackEntry]:
-    """The stack of all the layer's plain-LoRA adapters (no autograd: inference only), rebuilt if any of
-    them changed; None if the layer has none."""
-    deltas = _stackable(layer)
-    if not deltas:
-        return None
-    keys = {n: (id(d), _delta_key(d)) for n, d in deltas.items()}
-    entry = _STACKS.get(layer)
-    if entry is None or entry.keys != keys:
-        with torch.no_grad():
-            entry = _StackEntry(keys, build_stack(list(deltas.values())))
-        _STACKS[layer] = entry
-    return entry
-
-
-def _plan_is_current(layer: AdaptedLayer, lp: _LayerPlan) -> bool:
-    """Cheap check of only what this plan uses: the same delta objects, and its stacked ones unchanged."""
-    if lp.entry is not None and _STACKS.get(layer) is not lp.entry:
-        return False
-    modules = layer.deltas._modules
-    for name, delta, key in lp.checks:
-        if modules.get(name) is not delta or (key is not None and _delta_key(delta) != key):
-            return False
-    return True
-
-
-def _plan_layer(layer: AdaptedLayer, adapters: tuple, device) -> _LayerPlan:
-    modules = layer.deltas._modules
-    entry = layer_stack(layer) if any(n in modules and _fast_kind(modules[n]) for n in adapters) else None
-    stacked = entry.keys if entry is not None else {}
-    checks = tuple((n, modules.get(n), stacked[n][1] if n in stacked else None) for n in adapters)
-    slots = [list(entry.keys).index(n) if entry is not None and n in entry.keys else -1 for n in adapters]
-    fast = [(g, modules[n]) for g, n in enumerate(adapters) if slots[g] >= 0]
-    slow = [(g, modules[n]) for g, n in enumerate(adapters) if slots[g] < 0 and n in modules]
-    if not fast:
-        return _LayerPlan(None, checks, None, None, [], slow)
-    none_slot = entry.stack.none_slot
-    slot_of_gid = torch.tensor([none_slot] + [s if s >= 0 else none_slot for s in slots], device=device)
-    slot_map = torch.tensor(slots, dtype=torch.int32, device=device)
-    return _LayerPlan(entry, checks, slot_of_gid, slot_map, fast, slow)
-
-
-def layer_plan(layer: AdaptedLayer, adapters: tuple, device) -> _LayerPlan:
-    """The cached plan of this layer for these adapters (in gid order), re-made when it went stale."""
-    plans = _PLANS.setdefault(layer, {})
-    lp = plans.get((adapters, device))
-    if lp is None or not _plan_is_current(layer, lp):
-        lp = plans[(adapters, device)] = _plan_layer(layer, adapters, device)
-    return lp
 
 
 def row_plan(names: Sequence[Optional[str]]) -> "RowPlan":
@@ -200,15 +103,6 @@ def row_plan(names: Sequence[Optional[str]]) -> "RowPlan":
     return _ROW_PLANS[key]
 
 
-def clear_stacks(model: Optional[nn.Module] = None) -> None:
-    """Free the cached per-layer stacks and plans (of one model, or all). Stacks copy the LoRA weights."""
-    layers = list(_STACKS) + list(_PLANS) if model is None else [m for _, m in adapted_layers(model)]
-    for layer in layers:
-        _STACKS.pop(layer, None)
-        _PLANS.pop(layer, None)
-    _GENERATION[0] += 1
-
-
 # --- the routing function ------------------------------------------------------------------------------
 class Router:
     """The callable put into each AdaptedLayer.routing slot: (layer, x, *args, **kwargs) → y."""
@@ -217,8 +111,8 @@ class Router:
         self.plan = plan
         self.impl = impl
         self.block_m = block_m
-        self._layers: dict[int, _LayerPlan] = {}
-        self._generation = _GENERATION[0]
+        self._layers: dict[int, LayerPlan] = {}
+        self._generation = GENERATION[0]
         self.use_kernels = impl == "auto"  # Triton SGMV/BGMV where the gate allows (triton_gate.use_triton)
 
     def __call__(self, layer: AdaptedLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -232,8 +126,8 @@ class Router:
         if self.plan.uniform is not None:  # one adapter (or none) for the whole batch: its own math
             name = self.plan.adapters[self.plan.uniform] if self.plan.uniform >= 0 else None
             return layer.deltas[name](x, y, layer) if name in layer.deltas else y
-        if self._generation != _GENERATION[0]:
-            self._layers, self._generation = {}, _GENERATION[0]
+        if self._generation != GENERATION[0]:
+            self._layers, self._generation = {}, GENERATION[0]
         lp = self._layers.get(id(layer))
         if lp is None:
             lp = self._layers[id(layer)] = layer_plan(layer, self.plan.key, x.device)
@@ -244,10 +138,10 @@ class Router:
             y = y.index_copy(0, rows, delta(x.index_select(0, rows), y.index_select(0, rows), layer))
         return y
 
-    def _fast(self, layer: AdaptedLayer, lp: _LayerPlan, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _fast(self, layer: AdaptedLayer, lp: LayerPlan, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n_rows = x.shape[0]
         if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or any(
-                d.lora_A.requires_grad or d.lora_B.requires_grad for _, d in lp.fast)):
+                a.requires_grad or b.requires_grad for a, b, _, _ in (d.linear_factors() for _, d in lp.fast))):
             # a differentiable stack of the batch's adapters only: the others get no gradient at all
             stack = build_stack([d for _, d in lp.fast])
             local = torch.full((len(self.plan.adapters) + 1,), len(lp.fast), dtype=torch.long)
@@ -262,7 +156,7 @@ class Router:
         slot = lp.slot_of_gid[self.plan.gids(n_rows, x.device) + 1]
         return kernels.lora_rows(x, y, stack, slot, dropout=dropout)
 
-    def _kernel(self, lp: _LayerPlan, stack: AdapterStack, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _kernel(self, lp: LayerPlan, stack: AdapterStack, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n_rows = x.shape[0]
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [N, in]: row i's tokens are N/n_rows consecutive rows
         y = y.contiguous()
@@ -356,6 +250,42 @@ def _check_names(model: nn.Module, names) -> list[Optional[str]]:
     return list(names)
 
 
+ROUTING_SLOT = "routing"  # the core.patching slot of the modules_to_save forward patch
+
+
+@contextlib.contextmanager
+def routed(layers: Sequence[AdaptedLayer], route: Callable, who: str, holders: Sequence[SavedModule] = (),
+           saved_forward: Optional[Callable] = None) -> Iterator[None]:
+    """The one routing context of per_row and weighted: every layer's `routing` slot holds `route` for the
+    block (and each holder's forward is patched with saved_forward(holder, original, x, ...)); all are
+    restored on exit, also on errors.
+
+    Args:
+        layers: the adapted layers to route; route(layer, x, *args, **kwargs) → y replaces their forward.
+        who: the caller's name, for the error messages.
+        holders, saved_forward: modules_to_save holders and their per-row forward (None: left alone).
+    Raises MixedBatchError if adapters are merged or another routing is active (blocks do not nest)."""
+    merged = sorted({n for m in layers for n in m.merged})
+    if merged:
+        raise MixedBatchError(f"{who} needs unmerged adapters, but {merged} are merged: call lorakit.unmerge(model)")
+    if any(m.routing is not None for m in layers) or any(is_patched(h, ROUTING_SLOT) for h in holders):
+        raise MixedBatchError("another routing is active on this model (a nested per_row or weighted block)")
+    patched: list[SavedModule] = []
+    try:
+        for m in layers:
+            m.routing = route
+        if saved_forward is not None:
+            for h in holders:
+                patch_forward(h, saved_forward, slot=ROUTING_SLOT)
+                patched.append(h)
+        yield
+    finally:
+        for m in layers:
+            m.routing = None
+        for h in reversed(patched):
+            unpatch_forward(h, ROUTING_SLOT)
+
+
 @contextlib.contextmanager
 def per_row(model: nn.Module, names: Sequence[Optional[str]], impl: str = "auto",
             block_m: Optional[int] = None) -> Iterator[nn.Module]:
@@ -368,24 +298,13 @@ def per_row(model: nn.Module, names: Sequence[Optional[str]], impl: str = "auto"
         raise MixedBatchError(f"impl must be one of {IMPLS}, got {impl!r}")
     names = _check_names(model, names)
     layers, holders = _wrappers(model)
-    merged = sorted({n for m in layers for n in m.merged})
-    if merged:
-        raise MixedBatchError(f"per_row needs unmerged adapters, but {merged} are merged: call lorakit.unmerge(model)")
-    if any(m.routing is not None for m in layers):
-        raise MixedBatchError("another per-row routing is active on this model (nested per_row or a weighted block)")
     plan = row_plan(names)
-    router = Router(plan, impl, block_m)
-    try:
-        for m in layers:
-            m.routing = router
-        for h in holders:
-            h.forward = functools.partial(_saved_forward, plan, impl, h)
+
+    def saved(holder: SavedModule, original: Callable, x: torch.Tensor, *args, **kwargs):
+        return _saved_forward(plan, impl, holder, x, *args, **kwargs)  # the holder's own forward is not used
+
+    with routed(layers, Router(plan, impl, block_m), "per_row", holders, saved):
         yield model
-    finally:
-        for m in layers:
-            m.routing = None
-        for h in holders:
-            h.__dict__.pop("forward", None)
 
 
-__all__ = ["per_row", "MixedBatchError", "clear_stacks", "RowPlan", "Router"]
+__all__ = ["per_row", "routed", "MixedBatchError", "clear_stacks", "RowPlan", "Router"]

@@ -1,8 +1,9 @@
 """Adapters stacked per layer: the layout every mixed-batch path computes from.
 
-For the plain-LoRA deltas of one layer that a batch uses (S of them), in slot order:
-    a     [S+1, R, in]   lora_A, rank zero-padded to R
-    bt    [S+1, R, out]  lora_B transposed, zero-padded
+For the low-rank deltas of one layer that a batch uses (S of them, each answering `Delta.linear_factors`
+with (A [r, in], B [out, r], s, p)), in slot order:
+    a     [S+1, R, in]   A, rank zero-padded to R
+    bt    [S+1, R, out]  B transposed, zero-padded
     scale [S+1]          fp32 scaling per slot
     p     [S+1]          dropout probability per slot (training only)
 Slot S is all zeros: rows without an adapter (or whose adapter does not touch this layer) gather it and
@@ -43,22 +44,18 @@ def padded_rank(r: int, device: torch.device) -> int:
     return max(16, 1 << (r - 1).bit_length())
 
 
-def dropout_p(delta: nn.Module) -> float:
-    drop = getattr(delta, "dropout", None)
-    return float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
-
-
 def build_stack(deltas: Sequence[nn.Module]) -> AdapterStack:
-    """Stack LoRA deltas (attributes lora_A [r, in], lora_B [out, r], r, scaling) of one linear layer.
+    """Stack the deltas of one linear layer, each read through `Delta.linear_factors()` (not None).
     Differentiable: gradients reach each delta's own parameters."""
-    first = deltas[0].lora_A
-    rank = padded_rank(max(d.r for d in deltas), first.device)
-    a = [F.pad(d.lora_A, (0, 0, 0, rank - d.r)) for d in deltas]  # [R, in]
-    bt = [F.pad(d.lora_B, (0, rank - d.r)).t() for d in deltas]  # [R, out]
+    factors = [d.linear_factors() for d in deltas]  # (A [r, in], B [out, r], s, p) each
+    first = factors[0][0]
+    rank = padded_rank(max(a.shape[0] for a, _, _, _ in factors), first.device)
+    a = [F.pad(a_, (0, 0, 0, rank - a_.shape[0])) for a_, _, _, _ in factors]  # [R, in]
+    bt = [F.pad(b_, (0, rank - b_.shape[1])).t() for _, b_, _, _ in factors]  # [R, out]
     a.append(torch.zeros_like(a[0]))
     bt.append(torch.zeros_like(bt[0]))
-    scale = torch.tensor([float(d.scaling) for d in deltas] + [0.0], device=first.device)
-    probs = [dropout_p(d) for d in deltas] + [0.0]
+    scale = torch.tensor([float(s) for _, _, s, _ in factors] + [0.0], device=first.device)
+    probs = [float(p_) for _, _, _, p_ in factors] + [0.0]
     p = torch.tensor(probs, device=first.device)
     return AdapterStack(torch.stack(a), torch.stack(bt).contiguous(), scale, p, max(probs))
 

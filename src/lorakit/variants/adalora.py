@@ -37,6 +37,10 @@ class AdaLoraConfig(LoraConfig):
     """AdaLoRA's schedule and regulariser on top of LoRA's fields (r is unused: init_r is the rank)."""
 
     peft_type: ClassVar[str] = "ADALORA"
+    # A run's generic options (train/adapter_options.py): --r is the starting rank; the run's optimizer steps
+    # fill the budget schedule's length unless the options set it.
+    run_option_fields: ClassVar[dict[str, str]] = {"r": "init_r"}
+    total_steps_field: ClassVar[Optional[str]] = "total_step"
 
     target_r: int = 8
     """Average rank per adapted layer at the end of the budget schedule."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from ..core.config import AdapterConfig, pattern_key
 from ..core.delta import Delta
 from ..core.layers import LayerOps
 from ..core.registry import Variant
-from ..errors import ConfigError
+from ..errors import ConfigError, ShapeMismatchError
 
 
 @dataclass
@@ -70,6 +70,11 @@ class LoraConfig(AdapterConfig):
             if not isinstance(r, int) or r <= 0:
                 raise ConfigError(f"rank_pattern[{name!r}] must be a positive integer, got {r!r}")
 
+    @property
+    def bias_mode(self) -> str:
+        """PEFT's bias option in the core's terms ("lora_only": the biases of the adapted layers)."""
+        return "adapted" if self.bias == "lora_only" else self.bias
+
     def rank_for(self, module_name: str) -> int:
         key = pattern_key(self.rank_pattern, module_name)
         return self.rank_pattern[key] if key is not None else self.r
@@ -84,8 +89,19 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
 
 
 class LoraDelta(Delta):
+    """ΔW = s·B·A. Answers the whole low-rank protocol; a subclass that overrides forward or delta_weight
+    (DoRA) is not s·B·A and reports no factors (`factors_writable` False, see __init_subclass__)."""
+
+    factors_writable: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.forward is not LoraDelta.forward or cls.delta_weight is not LoraDelta.delta_weight:
+            cls.factors_writable = False
+
     def __init__(self, ops: LayerOps, config: LoraConfig, module_name: str):
         super().__init__(ops, config, module_name)
+        self._linear = self.factors_writable and ops.kind == "linear"  # linear_factors applies
         self.r = config.rank_for(module_name)
         self.scaling = lora_scaling(config.alpha_for(module_name), self.r, config.use_rslora)
         self.init = config.init_lora_weights
@@ -139,11 +155,38 @@ class LoraDelta(Delta):
         w_c = (b @ a).view(self.ops.out_features, self.ops.in_features, *self.ops.kernel) * self.scaling
         return self.ops.to_layer_layout(w_c)
 
+    # --- the low-rank protocol (core/delta.py) -------------------------------------------------------
     def low_rank_factors(self):
-        """(B [out, r], A [r, in·k], s); None in a subclass whose ΔW is not s·B·A (it overrides delta_weight)."""
-        if type(self).delta_weight is not LoraDelta.delta_weight:
+        """(B [out, r], A [r, in·k], s); None in a subclass whose ΔW is not s·B·A."""
+        if not self.factors_writable:
             return None
         return self.lora_B.detach().flatten(1), self.lora_A.detach().flatten(1), self.scaling
+
+    def linear_factors(self):
+        """(lora_A [r, in], lora_B [out, r], s, dropout p) on a linear layer. Runs per forward of the fast
+        paths: plain dict lookups, no nn.Module.__getattr__."""
+        d = self.__dict__
+        if not d["_linear"]:
+            return None
+        p = d["_parameters"]
+        drop = d["_modules"]["dropout"]
+        return p["lora_A"], p["lora_B"], d["scaling"], drop.p if type(drop) is nn.Dropout else 0.0
+
+    @torch.no_grad()
+    def set_low_rank_factors(self, b: torch.Tensor, a: torch.Tensor) -> None:
+        """lora_B ← [b, 0], lora_A ← [a; 0] (b [out, k], a [k, in·k], k ≤ r), written with copy_."""
+        if not self.factors_writable:
+            super().set_low_rank_factors(b, a)
+        k, fan_in = b.shape[1], self.lora_A[0].numel()
+        if k > self.r or tuple(a.shape) != (k, fan_in) or b.shape[0] != self.lora_B.shape[0]:
+            raise ShapeMismatchError(f"{self.module_name}: factors {tuple(b.shape)} · {tuple(a.shape)} do not fit "
+                                     f"rank {self.r} and ΔW [{self.lora_B.shape[0]}, {fan_in}]")
+        full_a = a.new_zeros(self.r, fan_in)
+        full_a[:k] = a
+        full_b = b.new_zeros(b.shape[0], self.r)
+        full_b[:, :k] = b
+        self.lora_A.copy_(full_a.view(self.lora_A.shape))
+        self.lora_B.copy_(full_b.view(self.lora_B.shape))
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         if self.ops.kind == "embedding":
@@ -154,4 +197,16 @@ class LoraDelta(Delta):
         return f"r={self.r}, scaling={self.scaling:g}"
 
 
-VARIANT = Variant("LORA", LoraConfig, LoraDelta)
+def factored_config(r: int, source: Optional[AdapterConfig] = None, **common: Any) -> LoraConfig:
+    """A LoRA config of rank r for factors written with set_low_rank_factors (Variant.factored_config).
+
+    source: a plain LoRA config is kept (alpha, rsLoRA, alpha_pattern: the scale follows the new rank as PEFT
+    computes it) with r and `common` changed. Otherwise lora_alpha = r (s = 1) and `common`'s fields; another
+    variant's source lends its bias mode (config.bias_mode)."""
+    if isinstance(source, LoraConfig) and source.variant == "LORA":
+        return source.with_updates(r=r, **common)
+    mode = source.bias_mode if source is not None else "none"
+    return LoraConfig(r=r, lora_alpha=r, bias="lora_only" if mode == "adapted" else mode, **common)
+
+
+VARIANT = Variant("LORA", LoraConfig, LoraDelta, factored_config=factored_config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from ..errors import ConfigError, TargetError
 @dataclass
 class LycorisConfig(AdapterConfig):
     """Fields LoHa and LoKr share (PEFT's LycorisConfig)."""
+
+    # A run's generic options under this config's names (train/adapter_options.py): PEFT calls it alpha here.
+    run_option_fields: ClassVar[dict[str, str]] = {"lora_alpha": "alpha"}
 
     r: int = 8
     """Rank of each factor pair."""

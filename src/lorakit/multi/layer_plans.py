@@ -1,0 +1,128 @@
+"""Per-layer stacks and plans of per_row (routing.py), cached across blocks.
+
+A layer's stack holds (a copy of) every delta of the layer that answers `Delta.linear_factors`, i.e. whose
+forward is y + s·(drop(x)·Aᵀ)·Bᵀ on a linear-like layer (Linear, Conv1D); stack.py has its layout. A plan
+says, for one set of adapters, which stack slot each adapter's rows read, and which deltas run their own
+forward on their rows instead (any other delta: another form, an embedding, a convolution). Both are rebuilt
+when a delta is replaced or its factors are written in place (hot_swap calls `clear_stacks`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..core.adapted import AdaptedLayer
+from ..core.api import adapted_layers
+from .stack import AdapterStack, build_stack
+
+
+def _fast_kind(delta: nn.Module) -> bool:
+    """The delta's forward is a low-rank product on a linear-like layer: the stacked fast path applies."""
+    return delta.linear_factors() is not None
+
+
+def _delta_key(delta: nn.Module) -> tuple:
+    """Changes whenever the delta's factors are replaced or written in place (or its scale or dropout)."""
+    a, b, s, p = delta.linear_factors()
+    return a._version, b._version, id(a), id(b), a.data_ptr(), b.data_ptr(), s, p
+
+
+@dataclass
+class StackEntry:
+    keys: dict[str, tuple]  # name → (delta id, _delta_key) of each stacked delta, in slot order
+    stack: AdapterStack
+
+
+@dataclass
+class LayerPlan:
+    """How one layer serves one set of adapters: gid → stack slot, and the deltas that take the generic path."""
+
+    entry: Optional[StackEntry]
+    checks: tuple  # (name, its delta here or None, _delta_key if stacked) per gid: what the plan assumed
+    slot_of_gid: Optional[torch.Tensor]  # long [G+1]; index gid+1 (0: no adapter) → slot
+    slot_map: Optional[torch.Tensor]  # int32 [G]; slot or -1 (for the kernels)
+    fast: list[tuple[int, nn.Module]] = field(default_factory=list)  # (gid, low-rank delta) in the stack
+    slow: list[tuple[int, nn.Module]] = field(default_factory=list)  # (gid, delta) run on their rows
+
+
+# layer → its stack of every low-rank adapter (a copy of their weights), and its plans per adapter set.
+_STACKS: "weakref.WeakKeyDictionary[AdaptedLayer, StackEntry]" = weakref.WeakKeyDictionary()
+_PLANS: "weakref.WeakKeyDictionary[AdaptedLayer, dict]" = weakref.WeakKeyDictionary()
+# Bumped by clear_stacks (lorakit.hot_swap calls it): open per_row blocks re-plan their layers.
+GENERATION = [0]
+
+
+def _stackable(layer: AdaptedLayer) -> dict[str, nn.Module]:
+    """The layer's low-rank deltas of the most common dtype/device (others take the generic path)."""
+    fast = {n: d.linear_factors() for n, d in layer.deltas.items()}
+    fast = {n: f for n, f in fast.items() if f is not None}
+    if not fast:
+        return {}
+    kinds = [(a.dtype, a.device, b.dtype) for a, b, _, _ in fast.values()]
+    common = max(set(kinds), key=kinds.count)
+    return {n: layer.deltas[n] for n, k in zip(fast, kinds) if k == common}
+
+
+def layer_stack(layer: AdaptedLayer) -> Optional[StackEntry]:
+    """The stack of all the layer's low-rank adapters (no autograd: inference only), rebuilt if any of
+    them changed; None if the layer has none."""
+    deltas = _stackable(layer)
+    if not deltas:
+        return None
+    keys = {n: (id(d), _delta_key(d)) for n, d in deltas.items()}
+    entry = _STACKS.get(layer)
+    if entry is None or entry.keys != keys:
+        with torch.no_grad():
+            entry = StackEntry(keys, build_stack(list(deltas.values())))
+        _STACKS[layer] = entry
+    return entry
+
+
+def _plan_is_current(layer: AdaptedLayer, lp: LayerPlan) -> bool:
+    """Cheap check of only what this plan uses: the same delta objects, and its stacked ones unchanged."""
+    if lp.entry is not None and _STACKS.get(layer) is not lp.entry:
+        return False
+    modules = layer.deltas._modules
+    for name, delta, key in lp.checks:
+        if modules.get(name) is not delta or (key is not None and _delta_key(delta) != key):
+            return False
+    return True
+
+
+def _plan_layer(layer: AdaptedLayer, adapters: tuple, device) -> LayerPlan:
+    modules = layer.deltas._modules
+    entry = layer_stack(layer) if any(n in modules and _fast_kind(modules[n]) for n in adapters) else None
+    stacked = entry.keys if entry is not None else {}
+    checks = tuple((n, modules.get(n), stacked[n][1] if n in stacked else None) for n in adapters)
+    slots = [list(entry.keys).index(n) if entry is not None and n in entry.keys else -1 for n in adapters]
+    fast = [(g, modules[n]) for g, n in enumerate(adapters) if slots[g] >= 0]
+    slow = [(g, modules[n]) for g, n in enumerate(adapters) if slots[g] < 0 and n in modules]
+    if not fast:
+        return LayerPlan(None, checks, None, None, [], slow)
+    none_slot = entry.stack.none_slot
+    slot_of_gid = torch.tensor([none_slot] + [s if s >= 0 else none_slot for s in slots], device=device)
+    slot_map = torch.tensor(slots, dtype=torch.int32, device=device)
+    return LayerPlan(entry, checks, slot_of_gid, slot_map, fast, slow)
+
+
+def layer_plan(layer: AdaptedLayer, adapters: tuple, device) -> LayerPlan:
+    """The cached plan of this layer for these adapters (in gid order), re-made when it went stale."""
+    plans = _PLANS.setdefault(layer, {})
+    lp = plans.get((adapters, device))
+    if lp is None or not _plan_is_current(layer, lp):
+        lp = plans[(adapters, device)] = _plan_layer(layer, adapters, device)
+    return lp
+
+
+def clear_stacks(model: Optional[nn.Module] = None) -> None:
+    """Free the cached per-layer stacks and plans (of one model, or all). Stacks copy the adapters' weights."""
+    layers = list(_STACKS) + list(_PLANS) if model is None else [m for _, m in adapted_layers(model)]
+    for layer in layers:
+        _STACKS.pop(layer, None)
+        _PLANS.pop(layer, None)
+    GENERATION[0] += 1
