@@ -28,11 +28,12 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import lorakit  # noqa: E402
-from lorakit.train.data import Encoder, MicroBatches  # noqa: E402
+from lorakit.loading.rows import Encoder  # noqa: E402
+from lorakit.train.batches import MicroBatches  # noqa: E402
 from lorakit.train.evaluate import bleu, generate  # noqa: E402
 from lorakit.train.loop import train_loop  # noqa: E402
-from lorakit.loading.models import load_model, load_tokenizer, pick_device, resolve_model  # noqa: E402
-from lorakit.train.options import BUILTIN_MODEL, TrainOptions  # noqa: E402
+from lorakit.loading.models import BUILTIN_MODEL, load_model, load_tokenizer, pick_device, resolve_model  # noqa: E402
+from lorakit.train.options import TrainOptions  # noqa: E402
 from sst2 import update_benchmarks_md  # noqa: E402
 
 SYSTEM = "Write one sentence describing the restaurant from its attributes."

@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 import lorakit  # noqa: E402
-from lorakit.train.data import Example, MicroBatches, eval_batches  # noqa: E402
+from lorakit.loading.rows import Example  # noqa: E402
+from lorakit.train.batches import MicroBatches, eval_batches  # noqa: E402
 from lorakit.train.loop import train_loop  # noqa: E402
 from lorakit.train.options import TrainOptions  # noqa: E402
 

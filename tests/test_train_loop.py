@@ -9,7 +9,8 @@ import torch
 
 import lorakit
 from lorakit.errors import ConfigError
-from lorakit.train import data as D
+from lorakit.loading import rows as D
+from lorakit.train.batches import MicroBatches
 from lorakit.train.run import resolve_options
 from lorakit.train.adapter_options import adapter_variants, build_adapter_config
 from test_train_support import copy_task_rows, one_thread, save_tiny_llama, write_jsonl  # noqa: F401
@@ -156,10 +157,10 @@ def test_data_files_csv_tsv_jsonl_and_errors(tmp_path):
 
 def test_micro_batches_are_deterministic_and_cover_the_data():
     examples = [D.Example([i, i], [i, i]) for i in range(10)]
-    mb = D.MicroBatches(examples, 3, seed=5, pad_id=0, task="causal")
+    mb = MicroBatches(examples, 3, seed=5, pad_id=0, task="causal")
     assert mb.per_epoch == 3
     first = [mb[i]["input_ids"][:, 0].tolist() for i in range(3)]
-    again = D.MicroBatches(examples, 3, seed=5, pad_id=0, task="causal")
+    again = MicroBatches(examples, 3, seed=5, pad_id=0, task="causal")
     assert [again[i]["input_ids"][:, 0].tolist() for i in range(3)] == first
     assert len({x for b in first for x in b}) == 9  # one epoch: 9 distinct examples (the remainder dropped)
     assert mb[3]["input_ids"][:, 0].tolist() != first[0]  # the next epoch is reshuffled

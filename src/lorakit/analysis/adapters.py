@@ -24,6 +24,7 @@ from ..errors import AdapterFormatError, ConfigError
 from ..core.files import PREFIX, adapter_state_dict, load_adapter, read_config, read_tensors
 from ..core.api import adapted_layers, delete_adapter, get_config, list_adapters
 from ..core.registry import delta_class
+from ..loading.models import load_model, resolve_model
 from . import skeleton
 from .spectrum import Spectrum, spectrum_dense, spectrum_from_factors
 
@@ -172,28 +173,20 @@ def infer_num_labels(tensors: dict[str, torch.Tensor]) -> int:
 
 def load_base_model(base: str, directory: Union[str, os.PathLike], num_labels: int = 0,
                     device: str = "cpu") -> nn.Module:
-    """The base model an adapter directory was trained on, in the class its task_type implies."""
-    from ..loading.models import load_model, quiet_transformers, resolve_model
+    """The base model an adapter directory was trained on, in the class its task_type implies (through
+    lorakit.loading: a model directory, a .gguf file, the bundled model or a hub name).
 
+    Args:
+        base: the base model's name or path.
+        directory: the adapter directory (its task_type picks the class; a SEQ_CLS head's size is read from
+            its saved classifier unless `num_labels` is given).
+        num_labels: classes of a sequence-classification base (0: from the adapter).
+        device: where the model is put.
+    """
     config = read_config(directory)
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise ConfigError("--base needs transformers (pip install lorakit[hf])") from None
     path = resolve_model(base, log=lambda _: None)
     if config.task_type == "SEQ_CLS":
         labels = num_labels or infer_num_labels(read_tensors(directory))
         return load_model(path, "classify", labels, device).eval()
-    if config.task_type == "CAUSAL_LM":
-        return load_model(path, "causal", device=device).eval()
-    quiet_transformers()
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    try:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        except ValueError:  # not a causal LM architecture
-            model = AutoModel.from_pretrained(path, dtype=torch.float32)
-    except OSError as e:
-        raise ConfigError(f"could not load base model {base!r}: {e}") from None
-    return model.to(device).eval()
+    task = "causal" if config.task_type == "CAUSAL_LM" else "any"  # any: a causal LM if it is one, else AutoModel
+    return load_model(path, task, device=device).eval()

@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
+from ..analysis import analyze, format_table
 from ..errors import ConfigError
-from ..train.options import positional
+from .options import positional
 
 
 @dataclass
@@ -44,15 +47,12 @@ class AnalyzeOptions:
 
 
 def run_analyze(options: AnalyzeOptions) -> int:
-    from ..analysis import analyze, format_table
-
+    """`lorakit analyze`: run the analysis, write its files, print the table and where the files are."""
     if not options.adapter:
         raise ConfigError("lorakit analyze needs an adapter directory: lorakit analyze ADAPTER_DIR [--base MODEL]")
     if options.threads < 0:
         raise ConfigError(f"--threads must be 0 (torch's default) or more, got {options.threads}")
     if options.threads:
-        import torch
-
         torch.set_num_threads(options.threads)  # this process is the command's own
     say = (lambda _: None) if options.quiet else print
     result = analyze(options.adapter, base=options.base, compare=options.compare, out=options.out,

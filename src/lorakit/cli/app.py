@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Union
 
 from ..errors import LorakitError
+from ..train.fields import build_options, field_docs, field_types, read_config_file, unwrap_optional
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Command:
     presets: Union[Callable[[dict], dict], str, None] = None
 
     def resolve(self) -> tuple[type, Callable[[Any], Any]]:
+        """(options class, run function), imported where given as "module:attribute" strings."""
         return _load(self.options), _load(self.run)
 
 
@@ -46,31 +48,34 @@ def register_command(name: str, options: Union[type, str], run: Union[Callable, 
 
 
 def _load(ref):
+    """A "module:attribute" reference imported (anything else is returned as it is)."""
     if not isinstance(ref, str):
         return ref
     module, _, attr = ref.partition(":")
     return getattr(importlib.import_module(module), attr)
 
 
-_T = "lorakit.cli.commands"
-register_command("train", "lorakit.train.options:TrainOptions", f"{_T}:run_train",
+# The built-in commands, as "module:attribute" strings: `lorakit --help` imports only their options modules.
+_RUN, _OPT = "lorakit.cli.commands", "lorakit.cli.options"
+register_command("train", "lorakit.train.options:TrainOptions", f"{_RUN}:run_train",
                  "Fine-tune a model with an adapter (no arguments: the built-in demo task).",
                  presets="lorakit.train.task:preset_for")
-register_command("eval", "lorakit.train.options:EvalOptions", f"{_T}:run_eval",
+register_command("eval", f"{_OPT}:EvalOptions", f"{_RUN}:run_eval",
                  "Score a base model or an adapter: accuracy, BLEU, exact match, perplexity.")
-register_command("generate", "lorakit.train.options:GenerateOptions", f"{_T}:run_generate",
+register_command("generate", f"{_OPT}:GenerateOptions", f"{_RUN}:run_generate",
                  "Generate from the base model and one or more adapters side by side.")
-register_command("merge", "lorakit.train.options:MergeOptions", f"{_T}:run_merge",
+register_command("merge", f"{_OPT}:MergeOptions", f"{_RUN}:run_merge",
                  "Merge an adapter into its base model and save a standalone Hugging Face model.")
-register_command("info", "lorakit.train.options:InfoOptions", f"{_T}:run_info",
+register_command("info", f"{_OPT}:InfoOptions", f"{_RUN}:run_info",
                  "Describe an adapter directory: type, rank, targets, parameters, size, base model.")
-register_command("estimate", "lorakit.train.options:EstimateOptions", "lorakit.train.estimate:run_estimate",
+register_command("estimate", "lorakit.cli.estimate:EstimateOptions", "lorakit.cli.estimate:run_estimate",
                  "Fine-tuning memory estimate: frozen weights, adapter states, activations, vs full fine-tuning.")
 register_command("analyze", "lorakit.cli.analyze:AnalyzeOptions", "lorakit.cli.analyze:run_analyze",
                  "What did the adapter learn? ΔW spectra and effective rank, subspace similarity between adapters, "
                  "ΔW vs W and amplification; --suggest-rank, --truncate.")
 register_command("compose", "lorakit.cli.compose:ComposeOptions", "lorakit.cli.compose:compose",
-                 "Compose adapters: exact weighted sum at a chosen rank; weights searched LoraHub-style on a few examples.")
+                 "Compose adapters: exact weighted sum at a chosen rank; weights searched LoraHub-style on a few "
+                 "examples.")
 
 
 # --- options dataclass → argparse -----------------------------------------------------------------------
@@ -79,8 +84,6 @@ def _flag(name: str) -> str:
 
 
 def _metavar(tp: Any) -> Optional[str]:
-    from ..train.fields import unwrap_optional
-
     inner, _ = unwrap_optional(tp)
     if typing.get_origin(inner) is Literal:
         return "{" + ",".join(str(c) for c in typing.get_args(inner)) + "}"
@@ -90,8 +93,6 @@ def _metavar(tp: Any) -> Optional[str]:
 def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """One argument per field. Values stay strings here and are typed by fields.build_options, so that the
     config file and the flags go through the same checks. Defaults are SUPPRESSed: only given flags appear."""
-    from ..train.fields import field_docs, field_types, unwrap_optional
-
     docs, types = field_docs(cls), field_types(cls)
     for f in dataclasses.fields(cls):
         tp = types[f.name]
@@ -114,10 +115,12 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `lorakit` parser: one subparser per registered command (a command whose options fail to import
+    still appears, with the error in its description)."""
+    from .. import __version__  # here: lorakit/__init__.py may still be running when this module is imported
+
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning: train, evaluate, generate, "
                                      "merge, inspect and size adapters.")
-    from .. import __version__
-
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, cmd in COMMANDS.items():
@@ -135,8 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_options(command: Command, namespace: argparse.Namespace):
     """The options instance: dataclass defaults < the command's presets < --config file < flags."""
-    from ..train.fields import build_options, read_config_file
-
     cls = _load(command.options)
     flags = {k: v for k, v in vars(namespace).items() if k not in ("command", "config")}
     from_file = read_config_file(namespace.config) if namespace.config else {}
@@ -145,6 +146,7 @@ def parse_options(command: Command, namespace: argparse.Namespace):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Run `lorakit ARGV...`; returns the exit code (2 for a lorakit error, 130 when interrupted)."""
     import lorakit  # noqa: F401  (imports every area, so their register_command calls have run)
 
     parser = build_parser()

@@ -1,30 +1,30 @@
-"""The functions behind the `lorakit` subcommands (registered in lorakit/cli.py). Each takes its options
-dataclass, prints a human-readable result to stdout and returns the exit code."""
+"""The functions behind `lorakit train | eval | generate | merge | info` (registered in cli/app.py). Each
+takes its options dataclass, prints a human-readable result to stdout and returns the exit code."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from ..core.api import delete_adapter, set_active, unload
+from ..core.files import load_adapter, read_config, read_tensors
 from ..errors import AdapterFormatError, ConfigError
+from ..loading.models import BUILTIN_MODEL, load_pretrained, log_to_stderr
+from ..loading.rows import Encoder, label_names_of, read_rows
 from ..train import task as builtin
-from ..train.run import ADAPTER_DIR, train
-from ..train.data import Encoder, label_names_of, read_rows
+from ..train import train
 from ..train.evaluate import classify_scores, generate, generation_scores, heldout_loss
-from ..loading.models import load_model, load_tokenizer, pick_device, resolve_model
-from ..train.options import (BUILTIN_MODEL, EvalOptions, GenerateOptions, InfoOptions, MergeOptions, TrainOptions)
+from ..train.options import TrainOptions
 from ..train.report import format_scores
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from ..train.run import ADAPTER_DIR
+from .options import EvalOptions, GenerateOptions, InfoOptions, MergeOptions
 
 
 def run_train(options: TrainOptions) -> int:
+    """`lorakit train`: lorakit.train with the parsed options."""
     train(options)
     return 0
 
@@ -52,15 +52,11 @@ def base_model_of(adapter: Optional[str], model: str) -> str:
 def _load_with_adapters(options, adapters: list[str], base_from: Optional[str] = None):
     """(model, tokenizer, device) with each adapter loaded under its own name (adapter-0, adapter-1, ...).
     The base is --model, or the one recorded in the first adapter (or `base_from`) when --model is left out."""
-    from ..core.files import load_adapter
-
-    device = pick_device(options.device)
-    path = resolve_model(base_model_of(adapters[0] if adapters else base_from, options.model), _log)
-    tokenizer = load_tokenizer(path)
     num_labels = options.num_labels or 2
     if options.task == "classify" and adapters:  # the head's size is in the saved classifier copy
         num_labels = options.num_labels or _saved_num_labels(adapter_dir(adapters[0])) or 2
-    model = load_model(path, options.task, num_labels=num_labels, device=str(device))
+    base = base_model_of(adapters[0] if adapters else base_from, options.model)
+    model, tokenizer, device = load_pretrained(base, options.task, num_labels, options.device, log=log_to_stderr)
     for i, a in enumerate(adapters):
         load_adapter(model, adapter_dir(a), name=f"adapter-{i}")
     model.eval()
@@ -68,8 +64,7 @@ def _load_with_adapters(options, adapters: list[str], base_from: Optional[str] =
 
 
 def _saved_num_labels(directory: Path) -> Optional[int]:
-    from ..core.files import read_tensors
-
+    """Rows of the saved classification head's weight, if the adapter saved one."""
     for key, t in read_tensors(directory).items():
         if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
             return int(t.shape[0])
@@ -78,46 +73,52 @@ def _saved_num_labels(directory: Path) -> Optional[int]:
 
 # --- eval -----------------------------------------------------------------------------------------------
 def run_eval(options: EvalOptions) -> int:
-    from ..core.api import set_active
-
+    """`lorakit eval`: score the base model or an adapter on --data (or the built-in task's held-out rows)."""
     adapters = [options.adapter] if options.adapter else []
     model, tokenizer, device = _load_with_adapters(options, adapters)
     if adapters:
         set_active(model, "adapter-0")
-    if options.data:
-        rows = read_rows(options.data)
-    else:
-        if options.task != "causal":
-            raise ConfigError("pass --data for --task classify")
-        rows = builtin.builtin_rows(0, options.eval_examples or 40, options.seed)[1]
-    if options.eval_examples:
-        rows = rows[: options.eval_examples]
+    rows = _eval_rows(options)
     labels = label_names_of(rows) if options.task == "classify" else None
     encoder = Encoder(tokenizer, options.task, options.prompt_format, options.max_length, labels)
     examples = [encoder.encode(r) for r in rows]
     pad = tokenizer.pad_token_id
-    metric = options.metric
     if options.task == "classify":
         scores = classify_scores(model, examples, pad, options.batch_size, device)
     else:
         scores = heldout_loss(model, examples, pad, options.batch_size, device)
-        if metric != "perplexity":
+        if options.metric != "perplexity":
             texts = generate(model, tokenizer, [e.prompt_ids for e in examples], options.max_new_tokens,
                              options.batch_size, device)
-            refs = [e.reference for e in examples]
-            if not options.data and metric == "auto":
-                scores.update(builtin.score(texts, refs))
-            elif metric == "bleu":
-                scores.update(generation_scores(texts, refs, "bleu", grouped=_grouped_refs(rows, examples)))
-            else:
-                scores.update(generation_scores(texts, refs, "exact"))
+            scores.update(_generation_scores(options, texts, examples))
     what = f"adapter {options.adapter}" if options.adapter else f"base model {options.model}"
     print(f"{what} on {len(examples)} examples: {format_scores(scores)}")
     print(json.dumps(scores))
     return 0
 
 
-def _grouped_refs(rows: list[dict], examples) -> list[list[str]]:
+def _eval_rows(options: EvalOptions) -> list[dict]:
+    """The rows to score: --data, or the built-in task's held-out rows; the first --eval-examples of them."""
+    if options.data:
+        rows = read_rows(options.data)
+    else:
+        if options.task != "causal":
+            raise ConfigError("pass --data for --task classify")
+        rows = builtin.builtin_rows(0, options.eval_examples or 40, options.seed)[1]
+    return rows[: options.eval_examples] if options.eval_examples else rows
+
+
+def _generation_scores(options: EvalOptions, texts: list[str], examples) -> dict[str, float]:
+    """The built-in task's own score (no --data, --metric auto), BLEU, or exact match."""
+    refs = [e.reference for e in examples]
+    if not options.data and options.metric == "auto":
+        return builtin.score(texts, refs)
+    if options.metric == "bleu":
+        return generation_scores(texts, refs, "bleu", grouped=_grouped_refs(examples))
+    return generation_scores(texts, refs, "exact")
+
+
+def _grouped_refs(examples) -> list[list[str]]:
     """All references of rows with the same prompt (multi-reference BLEU, e.g. E2E's MRs)."""
     by_prompt: dict[tuple, list[str]] = {}
     for e in examples:
@@ -127,9 +128,7 @@ def _grouped_refs(rows: list[dict], examples) -> list[list[str]]:
 
 # --- generate -------------------------------------------------------------------------------------------
 def run_generate(options: GenerateOptions) -> int:
-    from ..core.files import load_adapter
-    from ..core.api import delete_adapter
-
+    """`lorakit generate`: greedy outputs of the base model and each adapter, prompt by prompt."""
     model, tokenizer, device = _load_with_adapters(options, [], base_from=(options.adapter or [None])[0])
     prompts, shown = _prompts(options, tokenizer)
     columns: list[tuple[str, list[str]]] = []
@@ -164,8 +163,7 @@ def _prompts(options: GenerateOptions, tokenizer) -> tuple[list[list[int]], list
 
 # --- merge ----------------------------------------------------------------------------------------------
 def run_merge(options: MergeOptions) -> int:
-    from ..core.api import unload
-
+    """`lorakit merge`: merge an adapter into its base and save a standalone model (checked on a sample)."""
     if not options.adapter:
         raise ConfigError("give the adapter directory: lorakit merge ADAPTER_DIR --output DIR")
     model, tokenizer, device = _load_with_adapters(options, [options.adapter])
@@ -194,8 +192,7 @@ def _sample_input(tokenizer, device) -> dict[str, torch.Tensor]:
 
 # --- info -----------------------------------------------------------------------------------------------
 def adapter_info(directory: str) -> dict[str, Any]:
-    from ..core.files import read_config, read_tensors
-
+    """What `lorakit info` shows of an adapter directory, as a dict."""
     d = adapter_dir(directory)
     config = read_config(d)
     tensors = read_tensors(d)
@@ -205,7 +202,7 @@ def adapter_info(directory: str) -> dict[str, Any]:
     return {
         "directory": str(d), "type": config.variant.lower(), "peft_type": raw.get("peft_type"),
         "rank": raw.get("r"), "rank_pattern": raw.get("rank_pattern") or {},
-        "alpha": raw.get("lora_alpha", raw.get("alpha")), "target_modules": raw.get("target_modules"),
+        "alpha": raw.get(config.run_option_fields.get("lora_alpha", "lora_alpha")), "target_modules": raw.get("target_modules"),
         "modules_to_save": raw.get("modules_to_save"),
         "parameters": int(sum(t.numel() for t in tensors.values())), "tensors": len(tensors), "dtypes": dtypes,
         "size_on_disk_bytes": size, "base_model": raw.get("base_model_name_or_path"),
@@ -213,6 +210,7 @@ def adapter_info(directory: str) -> dict[str, Any]:
 
 
 def run_info(options: InfoOptions) -> int:
+    """`lorakit info`: describe an adapter directory."""
     if not options.directory:
         raise ConfigError("give the adapter directory: lorakit info DIR")
     info = adapter_info(options.directory)

@@ -1,22 +1,28 @@
 """`lorakit compose`: load a base and several adapters, search (or take) their weights, combine them into one
-LoRA adapter and save it with compose.json."""
+LoRA adapter and save it with compose.json.
+
+The base model, the data rows and their tokens come from lorakit.loading, and the batch from train's
+collate: a row becomes the same tokens and loss labels here as in `lorakit train`.
+"""
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
 from ..core.api import set_active
 from ..core.files import load_adapter, read_config, save_adapter
 from ..errors import AdapterNameError, ConfigError
+from ..loading.models import load_pretrained, log_to_stderr
+from ..loading.rows import Encoder, encode_rows, read_rows
 from ..multi.combine import combine, weighted
 from ..multi.lorahub import batches_loss, lorahub_search
+from ..train.batches import collate
 
 
 @dataclass
@@ -24,13 +30,13 @@ class ComposeOptions:
     adapters: list[str] = field(default_factory=list)
     """Adapter directories to compose (two or more); NAME=DIR names one (default: the directory's name)."""
     model: str = ""
-    """Base model: a local Hugging Face model directory or a .gguf file. Empty: the first adapter's
-    base_model_name_or_path."""
+    """Base model, as `lorakit train --model` takes it (a Hugging Face model directory, a .gguf file,
+    'smollm2-135m-instruct' or a hub name). Empty: the first adapter's base_model_name_or_path."""
     weights: list[float] = field(default_factory=list)
     """Fixed weights, one per adapter: no search, the adapters are combined with these."""
     data: Optional[str] = None
-    """Few labelled examples for the search: JSON/JSONL/CSV/TSV with prompt/completion, input/output,
-    Alpaca instruction/input/output, or E2E mr/ref fields. Needed unless --weights is given."""
+    """Few labelled examples for the search, in the formats `lorakit train --data` reads (JSONL/JSON/CSV/TSV with
+    prompt/completion, Alpaca instruction/input/output, chat `messages`, or `text`). Needed unless --weights."""
     examples: int = 5
     """Search on the first N examples of --data (LoraHub uses 5)."""
     max_evals: int = 40
@@ -44,7 +50,7 @@ class ComposeOptions:
     output: str = "composed-adapter"
     """Directory for the composed adapter (PEFT layout) and compose.json (weights, losses, error)."""
     max_length: int = 256
-    """Longest example in tokens (longer ones lose the start of the prompt)."""
+    """Longest example in tokens (longer ones lose the start of the prompt, as in `lorakit train`)."""
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ..."""
 
@@ -53,20 +59,19 @@ def compose(options: ComposeOptions) -> dict:
     """`lorakit compose`: load the base and the adapters, search (or take) the weights, combine them
     into one LoRA adapter, save it with compose.json. Returns the summary that compose.json holds."""
     named = _named_dirs(options.adapters)
-    if options.weights and len(options.weights) != len(named):
-        raise ConfigError(f"--weights needs one weight per adapter ({len(named)}), got {len(options.weights)}")
-    try:
-        fixed = [float(w) for w in options.weights]
-    except ValueError:
-        raise ConfigError(f"--weights must be numbers, got {options.weights}") from None
+    fixed = _fixed_weights(options.weights, len(named))
     if not fixed and not options.data:
         raise ConfigError("give --data (a few labelled examples to search the weights on) or --weights")
-    examples = _read_examples(Path(options.data), options.examples) if options.data else []
-    model, tokenizer = _load_base(options.model or _base_of(named), options.device)
+    rows = read_rows(options.data)[: options.examples] if options.data else []  # a bad file fails before loading
+    model, tokenizer, device = load_pretrained(options.model or _base_of(named), "causal", device=options.device,
+                                               log=log_to_stderr)
+    model.eval()
     for name, directory in named.items():
         load_adapter(model, directory, name)
-    loss_fn = batches_loss([_encode(tokenizer, examples, options.max_length, model.device)]) if examples else None
-    summary: dict = {"adapters": {n: str(d) for n, d in named.items()}, "examples": len(examples)}
+    batch = search_batch(tokenizer, rows, options.max_length, options.data) if rows else None
+    loss_fn = batches_loss([{k: v.to(device) for k, v in batch.items()}]) if batch else None
+    summary: dict = {"adapters": {n: str(d) for n, d in named.items()},
+                     "examples": len(batch["input_ids"]) if batch else 0}
     if fixed:
         weights = dict(zip(named, fixed))
     else:
@@ -84,15 +89,30 @@ def compose(options: ComposeOptions) -> dict:
             summary["composed_loss"] = float(loss_fn(model))
     out = save_adapter(model, options.output, "composed")
     (out / "compose.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _print_summary(report, summary, out)
+    return summary
+
+
+def _fixed_weights(given: Sequence, count: int) -> list[float]:
+    """--weights as numbers, one per adapter; [] when none are given (the weights are searched)."""
+    if given and len(given) != count:
+        raise ConfigError(f"--weights needs one weight per adapter ({count}), got {len(given)}")
+    try:
+        return [float(w) for w in given]
+    except ValueError:
+        raise ConfigError(f"--weights must be numbers, got {given}") from None
+
+
+def _print_summary(report, summary: dict, out: Path) -> None:
     print(report)
     for key in ("base_loss", "search_loss", "composed_loss"):
         if key in summary:
             print(f"{key.replace('_', ' ')}: {summary[key]:.4f}")
     print(f"saved {out}")
-    return summary
 
 
 def _named_dirs(specs: Sequence[str]) -> dict[str, str]:
+    """{name: directory} from DIR or NAME=DIR specs (names made safe for module attribute names)."""
     if len(specs) < 1:
         raise ConfigError("compose needs at least one adapter directory")
     named: dict[str, str] = {}
@@ -107,71 +127,25 @@ def _named_dirs(specs: Sequence[str]) -> dict[str, str]:
 
 
 def _base_of(named: dict[str, str]) -> str:
+    """The base model the first adapter records (for an empty --model)."""
     base = read_config(next(iter(named.values()))).base_model_name_or_path
     if not base:
         raise ConfigError("the adapter does not name its base model: give --model")
     return base
 
 
-def _load_base(path: str, device: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def search_batch(tokenizer, rows: list[dict[str, Any]], max_length: int, source: Optional[str] = None
+                 ) -> dict[str, torch.Tensor]:
+    """The rows as one right-padded causal-LM batch, tokenized exactly as `lorakit train` tokenizes them
+    (same Encoder, prompt format 'auto', collate); the loss covers the answers only.
 
-    p = Path(path)
-    kwargs = {"gguf_file": p.name} if p.suffix == ".gguf" else {}
-    where = p.parent if p.suffix == ".gguf" else path
-    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval(), tokenizer
-
-
-_FIELDS = (("prompt", "completion"), ("input", "output"), ("mr", "ref"), ("sentence", "label"))
-
-
-def _read_examples(path, limit: int) -> list[tuple[str, str]]:
-    """The first `limit` (prompt, completion) pairs of a JSON/JSONL/CSV/TSV file."""
-    if not path.is_file():
-        raise ConfigError(f"no data file at {path}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix in (".csv", ".tsv"):
-        rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix == ".tsv" else ","))
-    elif path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    else:
-        rows = json.loads(text)
-    pairs = []
-    for row in rows[:limit]:
-        if "instruction" in row:
-            body = row["instruction"] + (f"\n\n### Input:\n{row['input']}" if row.get("input") else "")
-            pairs.append((f"### Instruction:\n{body}\n\n### Response:\n", str(row.get("output", ""))))
-            continue
-        keys = next((k for k in _FIELDS if k[0] in row and k[1] in row), None)
-        if keys is None:
-            raise ConfigError(f"{path}: a row needs one of the field pairs {_FIELDS} or Alpaca fields; "
-                              f"got {sorted(row)}")
-        pairs.append((str(row[keys[0]]).strip() + "\n", str(row[keys[1]]).strip()))
-    if not pairs:
-        raise ConfigError(f"{path} holds no examples")
-    return pairs
-
-
-def _encode(tokenizer, pairs: list[tuple[str, str]], max_length: int, device) -> dict[str, torch.Tensor]:
-    """One right-padded batch; the loss covers the completion tokens (and EOS) only."""
-    eos = tokenizer.eos_token_id
-    rows = []
-    for prompt, completion in pairs:
-        p = tokenizer(prompt)["input_ids"]
-        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-        ids = (p + c)[-max_length:]
-        labels = ([-100] * len(p) + c)[-max_length:]
-        rows.append((ids, labels))
-    width = max(len(ids) for ids, _ in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
-    batch = {"input_ids": [], "attention_mask": [], "labels": []}
-    for ids, labels in rows:
-        fill = width - len(ids)
-        batch["input_ids"].append(ids + [pad] * fill)
-        batch["attention_mask"].append([1] * len(ids) + [0] * fill)
-        batch["labels"].append(labels + [-100] * fill)
-    return {k: torch.tensor(v, device=device) for k, v in batch.items()}
+    Args:
+        tokenizer: the base model's tokenizer (with a pad token, as loading.models.load_tokenizer gives).
+        rows: data rows, e.g. from loading.rows.read_rows.
+        max_length: longest example in tokens.
+        source: the data file, for the error message when no row is left.
+    """
+    examples = encode_rows(Encoder(tokenizer, "causal", "auto", max_length), rows)
+    if not examples:
+        raise ConfigError(f"{source or 'the data'} holds no examples with an answer to score")
+    return collate(examples, tokenizer.pad_token_id, "causal")

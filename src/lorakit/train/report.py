@@ -24,6 +24,7 @@ def _clean(value: Any) -> Any:
 
 
 def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> Path:
+    """Write metrics.json (made JSON-safe: NaN/inf as null); returns its path."""
     path = out_dir / "metrics.json"
     path.write_text(json.dumps(_clean(metrics), indent=2) + "\n")
     return path
@@ -57,6 +58,7 @@ def plot_loss(out_dir: Path, history: Sequence[dict[str, Any]], title: str = "tr
 
 def write_generations(out_dir: Path, prompts: Sequence[str], references: Sequence[str], before: Sequence[str],
                       after: Sequence[str]) -> Path:
+    """Write generations.md: each prompt with its reference and the outputs before and after training."""
     lines = ["# Before / after generations (greedy)", ""]
     for i, (prompt, ref, b, a) in enumerate(zip(prompts, references, before, after), 1):
         lines += [f"## Example {i}", "", "**Prompt**", "", "```", prompt.strip(), "```", "",
@@ -67,6 +69,7 @@ def write_generations(out_dir: Path, prompts: Sequence[str], references: Sequenc
 
 
 def format_scores(scores: dict[str, float]) -> str:
+    """Scores as one line: shares as percentages, BLEU with two decimals, other numbers with three."""
     parts = []
     for key, value in scores.items():
         if key in ("exact_match", "field_accuracy", "accuracy"):

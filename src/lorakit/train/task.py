@@ -50,6 +50,7 @@ def make_record(rng: random.Random) -> tuple[str, str]:
 
 
 def as_chat(sentence: str, record: str) -> dict[str, Any]:
+    """A chat-messages row: the format instruction as system turn, the sentence, the record as the answer."""
     return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": sentence},
                          {"role": "assistant", "content": record}]}
 

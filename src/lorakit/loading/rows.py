@@ -1,10 +1,13 @@
-"""Training data: read JSONL/JSON/CSV/TSV rows, tokenize them with loss masks, and batch them.
+"""Data rows: read JSONL/JSON/CSV/TSV files, tell their format, render prompts and tokenize with loss masks.
 
-Row formats (detected from the keys of the first row):
+Every command that reads labelled rows (`train`, `eval`, `generate`, `compose`) goes through this module, so
+one row becomes the same tokens everywhere.
+
+Row formats (detected from the keys of a row):
   prompt/completion                 causal LM, loss on the completion
   instruction/input/output (Alpaca) causal LM, loss on the output
   messages (chat: role/content)     causal LM, loss on every assistant turn
-  text                              causal LM, loss on every token   (with --task classify: text/label)
+  text                              causal LM, loss on every token   (with task classify: text/label)
   text|sentence (+ text_pair) / label   sequence classification
 Each segment is tokenized on its own, so a prompt tokenizes the same in training and in generation.
 """
@@ -15,9 +18,7 @@ import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
-
-import torch
+from typing import Any, Optional
 
 from ..errors import ConfigError
 
@@ -29,6 +30,8 @@ ALPACA_PROMPT = ("Below is an instruction that describes a task{ctx}. Write a re
 
 @dataclass
 class Example:
+    """One tokenized row."""
+
     input_ids: list[int]
     labels: list[int]  # IGNORE where no loss; unused for classify
     prompt_ids: list[int] = field(default_factory=list)  # what generation is given (all but the last answer)
@@ -38,6 +41,15 @@ class Example:
 
 # --- reading rows ---------------------------------------------------------------------------------------
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a data file, as dicts.
+
+    Args:
+        path: a .jsonl/.ndjson file (one object a line), a .json file (a list of objects, or an object whose
+            "data" or "rows" is one), or a .csv/.tsv file with a header row (TSV is read unquoted, as GLUE's).
+
+    Returns:
+        The rows, at least one. Raises ConfigError for a missing, unreadable or empty file.
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"data file {p} does not exist")
@@ -64,6 +76,12 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
 
 
 def detect_format(row: dict[str, Any], task: str) -> str:
+    """The format of a row: 'classify', 'chat', 'alpaca', 'prompt_completion' or 'text' (see the module doc).
+
+    Args:
+        row: one data row.
+        task: 'causal' or 'classify' (a classify row needs text or sentence, and label).
+    """
     keys = set(row)
     if task == "classify":
         if "label" in keys and keys & {"text", "sentence"}:
@@ -81,9 +99,27 @@ def detect_format(row: dict[str, Any], task: str) -> str:
                       "instruction/input/output, messages, or text")
 
 
+def label_names_of(rows: list[dict[str, Any]]) -> list[str]:
+    """Class names in a stable order: numeric labels by value, others alphabetically."""
+    names = {str(r["label"]).strip() for r in rows}
+    try:
+        return sorted(names, key=lambda s: float(s))
+    except ValueError:
+        return sorted(names)
+
+
 # --- tokenizing -----------------------------------------------------------------------------------------
 class Encoder:
-    """Turns rows into Examples for one tokenizer, task and prompt format."""
+    """Turns rows into Examples for one tokenizer, task and prompt format.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        task: 'causal' or 'classify'.
+        prompt_format: 'auto' (chat template for chat rows, the Alpaca template for Alpaca rows, prompts
+            verbatim), 'chat' (every prompt as a user turn of the chat template), 'raw' or 'alpaca' (as auto).
+        max_length: longest example in tokens (see `_fit` for what is cut).
+        label_names: classify: the class names; a label's index in it is its class id.
+    """
 
     def __init__(self, tokenizer, task: str = "causal", prompt_format: str = "auto", max_length: int = 512,
                  label_names: Optional[list[str]] = None):
@@ -94,6 +130,7 @@ class Encoder:
         self.label_names = label_names  # classify: sorted label values; index = class id
 
     def encode(self, row: dict[str, Any]) -> Example:
+        """One row as an Example (tokens, loss labels, the generation prompt and the reference answer)."""
         kind = detect_format(row, self.task)
         if kind == "classify":
             return self._classify(row)
@@ -108,10 +145,10 @@ class Encoder:
         answer_ids = self._ids(answer, special=False) + self._eos()
         return self._truncate(prompt_ids, answer_ids, answer_ids, answer)
 
-    def _turns(self, kind: str, row: dict[str, Any]) -> list[tuple[str, bool]]:
-        """The row as alternating prompt / answer texts (chat rows keep their roles)."""
+    def _turns(self, kind: str, row: dict[str, Any]) -> list[tuple[Any, bool]]:
+        """The row as alternating prompt / answer texts (chat rows keep their message dicts)."""
         if kind == "chat":
-            return [(m, m.get("role") == "assistant") for m in row["messages"]]  # type: ignore[misc]
+            return [(m, m.get("role") == "assistant") for m in row["messages"]]
         if kind == "alpaca":
             instruction, ctx = str(row["instruction"]), str(row.get("input") or "")
             if self.prompt_format == "chat":
@@ -181,57 +218,10 @@ class Encoder:
         return Example(ids, labels, prompt_ids, reference)
 
 
-def label_names_of(rows: list[dict[str, Any]]) -> list[str]:
-    """Class names in a stable order: numeric labels by value, others alphabetically."""
-    names = {str(r["label"]).strip() for r in rows}
-    try:
-        return sorted(names, key=lambda s: float(s))
-    except ValueError:
-        return sorted(names)
-
-
-# --- batching -------------------------------------------------------------------------------------------
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """A permutation that depends only on (seed, epoch): a resumed run sees the same batches."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
-class MicroBatches:
-    """The i-th micro-batch of training, for any i: epoch = i // per_epoch, shuffled per epoch."""
-
-    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int, task: str):
-        if not examples:
-            raise ConfigError("no training examples")
-        self.examples, self.batch_size, self.seed, self.pad_id, self.task = examples, batch_size, seed, pad_id, task
-        self.per_epoch = max(1, len(examples) // batch_size)  # drop the last partial batch
-        self._order: tuple[int, list[int]] = (-1, [])
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        epoch, pos = divmod(i, self.per_epoch)
-        if self._order[0] != epoch:
-            self._order = (epoch, epoch_order(len(self.examples), self.seed, epoch))
-        idx = self._order[1][pos * self.batch_size:(pos + 1) * self.batch_size]
-        return collate([self.examples[j] for j in idx], self.pad_id, self.task)
-
-
-def collate(examples: list[Example], pad_id: int, task: str) -> dict[str, torch.Tensor]:
-    """Right-padded tensors: input_ids, attention_mask [B, T]; labels [B, T] (causal) or [B] (classify)."""
-    length = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), length), dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        mask[row, :n] = 1
-        if task == "causal":
-            labels[row, :n] = torch.tensor(e.labels)
-    batch = {"input_ids": ids, "attention_mask": mask}
-    batch["labels"] = torch.tensor([e.label for e in examples]) if task == "classify" else labels
-    return batch
-
-
-def eval_batches(examples: list[Example], batch_size: int, pad_id: int, task: str) -> Iterator[dict]:
-    for start in range(0, len(examples), batch_size):
-        yield collate(examples[start:start + batch_size], pad_id, task)
+def encode_rows(encoder: Encoder, rows: list[dict[str, Any]]) -> list[Example]:
+    """The rows as training Examples. Causal rows whose answer max_length cut away entirely are dropped:
+    they would teach nothing (the first token's label has no context, so it does not count)."""
+    examples = [encoder.encode(r) for r in rows]
+    if encoder.task == "causal":
+        examples = [e for e in examples if any(label != IGNORE for label in e.labels[1:])]
+    return examples

@@ -1,0 +1,65 @@
+"""Options of the commands that only the command line has: `lorakit eval | generate | merge | info`.
+
+Each attribute's docstring is its `--help` text; cli/app.py builds the flags from these dataclasses. (The
+options of `train` are lorakit.train.options.TrainOptions, shared with `lorakit.train(...)`.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from ..train.options import DataOptions, ModelOptions
+
+
+def positional(default=None):
+    """A field given as a bare command-line argument (e.g. `lorakit info DIR`)."""
+    return field(default=default, metadata={"positional": True})
+
+
+@dataclass
+class EvalOptions(ModelOptions, DataOptions):
+    adapter: Optional[str] = None
+    """Adapter directory to evaluate (empty: the base model)."""
+    metric: Literal["auto", "accuracy", "bleu", "exact", "perplexity"] = "auto"
+    """auto: accuracy for classify; perplexity plus exact match for causal data; the built-in task's score."""
+    batch_size: int = 16
+    """Examples per batch."""
+    max_new_tokens: int = 64
+    """Tokens generated per example for bleu/exact."""
+    seed: int = 0
+    """Seed of the built-in task's data."""
+
+
+@dataclass
+class GenerateOptions(ModelOptions):
+    adapter: list[str] = field(default_factory=list)
+    """Adapter directories; several are shown side by side. Empty: the base model only."""
+    prompt: list[str] = field(default_factory=list)
+    """Prompts (several allowed). Empty: read --prompts-file, or a few prompts of the built-in task."""
+    prompts_file: Optional[str] = None
+    """A data file (same formats as train) whose prompts are used."""
+    chat: bool = False
+    """Wrap each prompt as a user turn of the tokenizer's chat template."""
+    with_base: bool = True
+    """Also show the base model's output beside the adapters'."""
+    max_new_tokens: int = 64
+    """Tokens to generate (greedy)."""
+    limit: int = 4
+    """At most this many prompts from --prompts-file or the built-in task."""
+
+
+@dataclass
+class MergeOptions(ModelOptions):
+    adapter: str = positional()
+    """Adapter directory to merge into the base model."""
+    output: str = "merged-model"
+    """Directory of the standalone merged Hugging Face model (loadable with from_pretrained)."""
+    check: bool = True
+    """Compare the merged model's logits with the adapted model's on a sample input."""
+
+
+@dataclass
+class InfoOptions:
+    directory: str = positional()
+    """An adapter directory (adapter_config.json + adapter_model.safetensors)."""

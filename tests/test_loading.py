@@ -1,0 +1,70 @@
+"""lorakit.loading: one path from a data row to tokens, shared by `lorakit train` and `lorakit compose`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakit.cli.compose import ComposeOptions, search_batch
+from lorakit.loading.models import BUILTIN_MODEL, load_tokenizer
+from lorakit.loading.rows import IGNORE, Encoder, encode_rows, read_rows
+from lorakit.train.batches import collate
+from lorakit.train.options import TrainOptions
+from test_train_support import one_thread, save_tiny_llama, write_jsonl  # noqa: F401
+
+ALPACA = {"instruction": "Name a color.", "input": "", "output": "teal"}
+ALPACA_WITH_INPUT = {"instruction": "copy the first color", "input": "red blue", "output": "red"}
+PROMPT_COMPLETION = {"prompt": "copy: red blue =>", "completion": " red"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return load_tokenizer(str(save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))))
+
+
+def _train_batch(tokenizer, path) -> dict[str, torch.Tensor]:
+    """What `lorakit train --data PATH` makes of the rows (its default prompt format and length)."""
+    opts = TrainOptions(data=str(path))
+    encoder = Encoder(tokenizer, opts.task, opts.prompt_format, opts.max_length)
+    return collate(encode_rows(encoder, read_rows(opts.data)), tokenizer.pad_token_id, opts.task)
+
+
+@pytest.mark.parametrize("row", [ALPACA, ALPACA_WITH_INPUT, PROMPT_COMPLETION],
+                         ids=["alpaca", "alpaca-input", "prompt-completion"])
+def test_compose_and_train_make_the_same_tokens_and_labels(tokenizer, tmp_path, row):
+    path = write_jsonl(tmp_path / "rows.jsonl", [row])
+    trained = _train_batch(tokenizer, path)
+    composed = search_batch(tokenizer, read_rows(path)[: ComposeOptions().examples], ComposeOptions().max_length)
+    assert set(composed) == set(trained)
+    for key in trained:
+        assert torch.equal(composed[key], trained[key]), key
+    # ... and that is train's format: the loss on the answer (and EOS) only, the Alpaca prompt with its preamble
+    ids, labels = composed["input_ids"][0], composed["labels"][0]
+    answer = row.get("output", row.get("completion"))
+    assert tokenizer.decode(labels[labels != IGNORE]) == f"{answer}<|im_end|>"
+    prompt = tokenizer.decode(ids[labels == IGNORE], skip_special_tokens=True)
+    if "instruction" in row:
+        assert prompt.startswith("Below is an instruction that describes a task")
+        assert prompt.endswith("### Response:\n")
+    else:
+        assert prompt == row["prompt"]
+
+
+def test_rows_in_one_batch_match_train_row_by_row(tokenizer, tmp_path):
+    rows = [ALPACA, PROMPT_COMPLETION, ALPACA_WITH_INPUT]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    composed = search_batch(tokenizer, read_rows(path), 256)
+    assert torch.equal(composed["input_ids"], _train_batch(tokenizer, path)["input_ids"])
+    assert composed["input_ids"].shape[0] == len(rows)
+
+
+def test_rows_whose_answer_is_cut_away_are_dropped(tokenizer):
+    encoder = Encoder(tokenizer, "causal", max_length=4)
+    long_prompt = {"prompt": "copy: red blue green gold pink gray teal navy =>", "completion": " red"}
+    examples = encode_rows(encoder, [long_prompt, {"text": "red blue green gold pink"}])
+    assert len(examples) == 2 and all(len(e.input_ids) == 4 for e in examples)  # the prompt is cut, not the answer
+    assert encode_rows(Encoder(tokenizer, "causal", max_length=1), [long_prompt]) == []
+
+
+def test_train_options_default_to_the_bundled_model():
+    assert TrainOptions().model == BUILTIN_MODEL
