@@ -15,16 +15,18 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-def find_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks: the members of the longest ModuleList whose entries share one class."""
-    best: list[nn.Module] = []
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) > len(best) and len({type(x) for x in m}) == 1:
-            best = list(m)
-    return best
-
-
 def checkpointed_forward(block, original, offload: bool, *args, **kwargs):
+    """A block's forward under activation checkpointing (install with core.patching.patch_forward).
+
+    Args:
+        block: the patched block; checkpointing applies only while it trains with grad enabled.
+        original: the block's forward before the patch.
+        offload: also keep the block's input in (pinned) CPU memory until the recompute.
+        args, kwargs: the block's own call arguments.
+
+    Returns:
+        What `original` returns.
+    """
     if not (block.training and torch.is_grad_enabled()):
         return original(*args, **kwargs)
     # A KV cache would see the block twice (forward and recompute) and serve the recompute stale,
@@ -55,7 +57,7 @@ class _OffloadedBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, anchor, run):
         ctx.run, ctx.device = run, hidden.device
-        ctx.rng = _rng_state(hidden.device)
+        ctx.rng = _device_rng_state(hidden.device)
         cpu = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=hidden.is_cuda)
         cpu.copy_(hidden, non_blocking=True)
         ctx.cpu = cpu
@@ -67,17 +69,18 @@ class _OffloadedBlock(torch.autograd.Function):
         hidden = ctx.cpu.to(ctx.device, non_blocking=True).requires_grad_(True)
         ctx.cpu = None
         with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []), torch.enable_grad():
-            _set_rng_state(ctx.device, ctx.rng)
+            _restore_device_rng(ctx.device, ctx.rng)
             out = ctx.run(hidden)
         torch.autograd.backward(out, dout)
         return hidden.grad, None, None
 
 
-def _rng_state(device: torch.device):
+def _device_rng_state(device: torch.device):
+    # what a block's dropout draws from: the CPU generator and, on a GPU, that device's (no Python RNG)
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
-def _set_rng_state(device: torch.device, state) -> None:
+def _restore_device_rng(device: torch.device, state) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)

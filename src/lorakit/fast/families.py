@@ -12,15 +12,14 @@ module's own forward otherwise:
 
 from __future__ import annotations
 
-import functools
 import inspect
 import sys
-from typing import Callable
 
 import torch
 from torch import nn
 
 from ..core.adapted import AdaptedLayer
+from ..core.patching import is_patched, patch_forward, unpatch_forward
 from . import recipes
 from .cross_entropy import linear_cross_entropy, shift_labels
 from .lora_linear import fused_linears, layer_spec, lora_linear_fast_path
@@ -29,35 +28,11 @@ from .rope import make_fused_apply, set_fused_rope
 from .swiglu import act_kind, gated_act
 
 SIBLING_GROUPS = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
-_PATCH_ATTR = "_lorakit_patch"  # {"prior": the instance forward it replaced or None}
-
-
-# --- patching ----------------------------------------------------------------------------------------------
-def patch_forward(module: nn.Module, fn: Callable, *extra) -> bool:
-    """module.forward = fn(module, original_forward, *extra, ...); False when already patched."""
-    if _PATCH_ATTR in module.__dict__:
-        return False
-    original = module.forward
-    module.__dict__[_PATCH_ATTR] = {"prior": module.__dict__.get("forward")}
-    module.__dict__["forward"] = functools.partial(fn, module, original, *extra)
-    return True
-
-
-def unpatch_forward(module: nn.Module) -> None:
-    info = module.__dict__.pop(_PATCH_ATTR, None)
-    if info is None:
-        return
-    module.__dict__.pop("forward", None)
-    if info["prior"] is not None:
-        module.__dict__["forward"] = info["prior"]
-
-
-def is_patched(module: nn.Module) -> bool:
-    return _PATCH_ATTR in module.__dict__
 
 
 # --- attention: grouped projections + fused RoPE -------------------------------------------------------------
 def sibling_names(module: nn.Module) -> tuple[str, ...]:
+    """The names of `module`'s q/k/v-like child projections that read one input, or () when it has none."""
     for names in SIBLING_GROUPS:
         if all(isinstance(getattr(module, n, None), nn.Module) for n in names):
             return names
@@ -72,6 +47,7 @@ def rope_module(module: nn.Module):
 
 
 def install_fused_rope(mod) -> None:
+    """Replace `mod.apply_rotary_pos_emb` (an HF modeling module) with the fused one, once."""
     fn = mod.apply_rotary_pos_emb
     if getattr(fn, "lorakit_original", None) is None:
         mod.apply_rotary_pos_emb = make_fused_apply(fn)
@@ -83,6 +59,7 @@ def _grouped_members(module: nn.Module, names: tuple[str, ...]) -> list[AdaptedL
 
 
 def attention_forward(module, original, names, *args, **kwargs):
+    """Attention forward with the sibling projections `names` computed in one fused call and RoPE fused."""
     x = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
     members = _grouped_members(module, names) if module.__dict__.get("_lorakit_group_ok", True) else []
     outs = fused_linears(x, members) if len(members) > 1 and isinstance(x, torch.Tensor) else None
@@ -105,6 +82,7 @@ def attention_forward(module, original, names, *args, **kwargs):
 
 # --- gated MLP -----------------------------------------------------------------------------------------------
 def gated_mlp_kind(module: nn.Module):
+    """The activation kind of a gate/up/down MLP (swiglu.act_kind), or None when `module` is not one."""
     if not all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj")):
         return None
     if not type(module).__name__.endswith("MLP") or not hasattr(module, "act_fn"):
@@ -113,6 +91,7 @@ def gated_mlp_kind(module: nn.Module):
 
 
 def mlp_forward(module, original, kind, x):
+    """Gated MLP forward: gate/up in one fused call, act(g)·u in one kernel, then down."""
     gate, up = module.gate_proj, module.up_proj
     outs = None
     if isinstance(gate, AdaptedLayer) or isinstance(up, AdaptedLayer):
@@ -123,6 +102,7 @@ def mlp_forward(module, original, kind, x):
 
 # --- causal-LM head and loss -----------------------------------------------------------------------------------
 def causal_lm_eligible(model: nn.Module) -> bool:
+    """Whether `model` is an HF causal LM whose head and loss `causal_lm_forward` can fuse."""
     head = getattr(model, "lm_head", None)
     if not isinstance(getattr(model, "model", None), nn.Module) or head is None:
         return False
@@ -132,6 +112,8 @@ def causal_lm_eligible(model: nn.Module) -> bool:
 
 
 def causal_lm_forward(model, original, *args, **kwargs):
+    """Causal-LM forward that, in a training forward with labels, computes the loss from the hidden states
+    without materialising the logits; any other call goes to `original`."""
     labels = kwargs.get("labels")
     spec = layer_spec(model.lm_head) if type(model.lm_head) is nn.Linear else None
     head = spec[:2] if spec is not None else None
@@ -179,6 +161,7 @@ def install(model: nn.Module, *, group: bool, norms: bool, rope: bool, glu: bool
 
 
 def uninstall(model: nn.Module) -> None:
+    """Remove every family patch that `install` put on `model`."""
     for _, m in model.named_modules():
         unpatch_forward(m)
         m.__dict__.pop("_lorakit_group_ok", None)

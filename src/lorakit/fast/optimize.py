@@ -15,18 +15,19 @@ adapters or layers: it is idempotent and only fills in what is missing.
 
 from __future__ import annotations
 
-import functools
 from typing import Union
 
 from torch import nn
 
-from ..errors import ConfigError
 from ..core.api import adapted_layers
+from ..core.blocks import repeated_blocks
+from ..core.patching import patch_forward, unpatch_forward
+from ..errors import ConfigError
 from . import families
-from .checkpoint import checkpointed_forward, find_blocks
+from .checkpoint import checkpointed_forward
 from .lora_linear import lora_linear_fast_path
 
-_CHECKPOINT_ATTR = "_lorakit_checkpoint"
+CHECKPOINT_SLOT = "checkpoint"  # stacks on a family patch of the same module (core/patching.py)
 
 
 def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: bool = True, glu: bool = True,
@@ -45,15 +46,8 @@ def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: 
 
 
 def _install_checkpointing(model: nn.Module, mode: Union[bool, str]) -> int:
-    n = 0
-    for block in find_blocks(model):
-        if _CHECKPOINT_ATTR in block.__dict__:
-            continue
-        original = block.forward
-        block.__dict__[_CHECKPOINT_ATTR] = block.__dict__.get("forward")
-        block.__dict__["forward"] = functools.partial(checkpointed_forward, block, original, mode == "offload")
-        n += 1
-    return n
+    return sum(patch_forward(block, checkpointed_forward, mode == "offload", slot=CHECKPOINT_SLOT)
+               for block in repeated_blocks(model))
 
 
 def unoptimize(model: nn.Module) -> None:
@@ -61,10 +55,6 @@ def unoptimize(model: nn.Module) -> None:
     for _, layer in adapted_layers(model):
         if layer.fast_path is lora_linear_fast_path:
             layer.fast_path = None
-    for m in model.modules():
-        if _CHECKPOINT_ATTR in m.__dict__:
-            prior = m.__dict__.pop(_CHECKPOINT_ATTR)
-            m.__dict__.pop("forward", None)
-            if prior is not None:
-                m.__dict__["forward"] = prior
+    for m in model.modules():  # the checkpoint patch went on last: it comes off first
+        unpatch_forward(m, slot=CHECKPOINT_SLOT)
     families.uninstall(model)

@@ -20,6 +20,8 @@ _PRE_ATTR = "_lorakit_precomputed"
 
 
 class NormRecipe(NamedTuple):
+    """How a norm made its output: enough for a fused linear to recompute it from x and rstd."""
+
     x: torch.Tensor  # the norm's input [..., d] (saved by the norm itself)
     rstd: torch.Tensor  # 1/rms per row, float32 [...]
     weight: torch.Tensor  # the norm's weight [d]; the effective scale is weight + offset
@@ -33,11 +35,13 @@ def _compiling() -> bool:
 
 def tag_norm_output(out: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
                     offset: float) -> None:
+    """Tag a norm's output `out` = x·rstd·(weight + offset) with what a following fused linear needs."""
     if not _compiling():
         setattr(out, _NORM_ATTR, NormRecipe(x, rstd, weight, offset, out._version))
 
 
 def norm_recipe(t: torch.Tensor) -> Optional[NormRecipe]:
+    """The NormRecipe tagged on `t`, or None when untagged or changed in place since."""
     if _compiling():
         return None
     recipe = t.__dict__.get(_NORM_ATTR) if hasattr(t, "__dict__") else None
@@ -47,11 +51,13 @@ def norm_recipe(t: torch.Tensor) -> Optional[NormRecipe]:
 
 
 def park(layers, x: torch.Tensor, outs) -> None:
+    """Leave each layer's precomputed output on it, for its next call with input `x`."""
     for layer, out in zip(layers, outs):
         layer.__dict__[_PRE_ATTR] = (x, out)
 
 
 def take_precomputed(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The output parked on `layer` for input `x` (removed as it is taken), or None."""
     entry = layer.__dict__.get(_PRE_ATTR)
     if entry is None or entry[0] is not x:
         return None

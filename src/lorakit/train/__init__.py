@@ -1,10 +1,9 @@
-"""Training, evaluation and sizing: the engine behind `lorakit train | eval | generate | merge | info | estimate`.
+"""Training, evaluation and sizing: `lorakit.train(...)` (the engine behind `lorakit train | eval | generate`).
 
-Heavy libraries (transformers, matplotlib, sacrebleu) are imported only when a command runs.
+Heavy libraries (transformers, matplotlib, sacrebleu) are imported only when a run needs them.
 """
 
+from .options import TrainOptions
 from .run import TrainResult, train
-from .options import (EstimateOptions, EvalOptions, GenerateOptions, InfoOptions, MergeOptions, TrainOptions)
 
-__all__ = ["train", "TrainResult", "TrainOptions", "EvalOptions", "GenerateOptions", "MergeOptions", "InfoOptions",
-           "EstimateOptions"]
+__all__ = ["train", "TrainResult", "TrainOptions"]

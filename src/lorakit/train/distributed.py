@@ -29,9 +29,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as tdist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from ..core import files as io
+from ..core.api import active_adapters, training_hooks
+from ..core.blocks import repeated_blocks
 from ..errors import ConfigError
+from ..loading.models import pick_device
+from .fields import given_fields
 
 LAUNCH_FILE = "launch.json"  # the options a --nproc run hands to its torchrun workers
 
@@ -50,11 +57,18 @@ class Distributed:
 
     @property
     def enabled(self) -> bool:
+        """Whether this process is one of a torch.distributed run (collectives are real)."""
         return self.in_group
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the process that prints and writes files."""
         return self.rank == 0
+
+    def shards_model(self, strategy: str) -> bool:
+        """Whether `strategy` shards the model over this run's processes (FSDP under torchrun): the model is
+        then loaded on the CPU and fully_shard moves each rank's shard to its device."""
+        return self.enabled and strategy == "fsdp"
 
     # --- the loop's calls (identities on one process) ---------------------------------------------------
     def forward_model(self, model: nn.Module) -> nn.Module:
@@ -81,55 +95,45 @@ class Distributed:
         """Sums of per-rank numbers (the step's loss parts, tokens) over all ranks."""
         if not self.enabled:
             return values
-        import torch.distributed as dist
-
         t = torch.tensor(values, dtype=torch.float64, device=self._collective_device())
-        dist.all_reduce(t)
+        tdist.all_reduce(t)
         return tuple(t.tolist())
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects, e.g. RNG states)."""
         if not self.enabled:
             return [obj]
-        import torch.distributed as dist
-
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        tdist.all_gather_object(out, obj)
         return out
 
     def barrier(self) -> None:
+        """Wait for every rank (nothing on one process)."""
         if self.enabled:
-            import torch.distributed as dist
-
-            dist.barrier()
+            tdist.barrier()
 
     def _collective_device(self) -> torch.device:
-        import torch.distributed as dist
-
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        nccl = tdist.get_backend() == "nccl"
+        return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
     def close(self) -> None:
+        """Leave the process group if this process created it."""
         if self.owns_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            tdist.destroy_process_group()
             self.owns_group = False
 
 
 # --- setup --------------------------------------------------------------------------------------------
 def launched_by_torchrun() -> bool:
+    """Whether torchrun started this process (its rank variables are set)."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
 def setup(device_name: str = "auto") -> tuple[Distributed, torch.device]:
     """(this process's Distributed, its device). Joins the process group when torchrun started us; else the
     single-process Distributed() and the device the option names."""
-    from ..loading.models import pick_device
-
     if not launched_by_torchrun():
         return Distributed(), pick_device(device_name)
-    import torch.distributed as dist
-
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
     device = pick_device(device_name)
@@ -139,14 +143,15 @@ def setup(device_name: str = "auto") -> tuple[Distributed, torch.device]:
                               "start at most one process per GPU")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    owns = not dist.is_initialized()
+    owns = not tdist.is_initialized()
     if owns:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        tdist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     return Distributed(rank, world, local, in_group=True, owns_group=owns), device
 
 
 def check_options(options, dist: Distributed) -> None:
+    """Refuse options this run's processes cannot split (a global micro-batch smaller than the world)."""
     if options.batch_size < dist.world_size:
         raise ConfigError(f"--batch-size {options.batch_size} is the global micro-batch, split across "
                           f"{dist.world_size} processes: it must be at least {dist.world_size}")
@@ -170,8 +175,6 @@ def wrap_model(model: nn.Module, dist: Distributed, strategy: str, device: torch
     """
     if not dist.enabled:
         return model
-    from ..core.api import training_hooks
-
     if strategy == "fsdp":
         if training_hooks(model):
             raise ConfigError("--strategy fsdp does not support adapters with training hooks (their schedules "
@@ -187,28 +190,15 @@ def wrap_model(model: nn.Module, dist: Distributed, strategy: str, device: torch
 
 
 def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     model.to(device)
     # Every rank loaded the same base and seeded the same adapter init: sync only the trainable tensors
     # (init_sync=False skips broadcasting the whole frozen base from rank 0).
     for p in model.parameters():
         if p.requires_grad:
-            dist.broadcast(p.data, src=0)
+            tdist.broadcast(p.data, src=0)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    broadcast_buffers=False, init_sync=False, gradient_as_bucket_view=True)
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks to shard one by one: HF's `_no_split_modules` classes, else the children of the
-    longest nn.ModuleList."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if blocks:
-        return blocks
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
 
 
 def _fully_shard(model: nn.Module, dist: Distributed, device: torch.device, bf16: bool) -> None:
@@ -225,7 +215,7 @@ def _fully_shard(model: nn.Module, dist: Distributed, device: torch.device, bf16
     else:
         policy = MixedPrecisionPolicy()
     mesh = init_device_mesh(device.type, (dist.world_size,))
-    for block in decoder_layers(model):
+    for block in repeated_blocks(model, no_split_classes=True):  # HF's unit of sharding, else the layers
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)  # the rest: embeddings, final norm, head
     # transformers' generate() keeps sharded ranks in step (synced_gpus) when it sees this flag
@@ -242,17 +232,12 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def gather_adapter(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's keys, whole and on CPU, on every rank (collective under FSDP)."""
-    from ..core.files import adapter_state_dict
-
     return {k: full_tensor(v.detach()).to("cpu", copy=True).contiguous()
-            for k, v in adapter_state_dict(model, name).items()}
+            for k, v in io.adapter_state_dict(model, name).items()}
 
 
 def save_adapter(model: nn.Module, directory, dist: Distributed, name: Optional[str] = None) -> Path:
     """io.save_adapter for a sharded or replicated model: every rank gathers, rank 0 writes."""
-    from ..core import files as io
-    from ..core.api import active_adapters
-
     name = name or active_adapters(model)[0]
     if not dist.enabled:
         return io.save_adapter(model, directory, name=name)
@@ -331,6 +316,7 @@ def own_rng_state(state: dict, dist: Distributed) -> dict:
 
 # --- --nproc: relaunch under torchrun ---------------------------------------------------------------------
 def launch_command(config_file: Path, nproc: int) -> list[str]:
+    """The torchrun command line that runs `lorakit train --config config_file` on `nproc` processes."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "lorakit.cli", "train", "--config", str(config_file)]
 
@@ -338,10 +324,6 @@ def launch_command(config_file: Path, nproc: int) -> list[str]:
 def launch(options, out_dir: Path, log=print) -> int:
     """Run `lorakit train` with these options on `options.nproc` local processes (torchrun); returns its exit
     code. The options go through a config file in the output directory (all set fields, less --nproc)."""
-    from .fields import given_fields
-
-    from ..loading.models import pick_device
-
     gpus = torch.cuda.device_count()
     if pick_device(options.device).type == "cuda" and gpus < options.nproc:
         raise ConfigError(f"--nproc {options.nproc} runs one process per GPU but {gpus} are visible "

@@ -37,6 +37,7 @@ def field_docs(cls: type) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=None)
 def field_types(cls: type) -> dict[str, Any]:
+    """{attribute: resolved type hint} of an options dataclass."""
     return typing.get_type_hints(cls)
 
 

@@ -18,15 +18,17 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
 from ..core.api import training_hooks
-from .data import IGNORE, MicroBatches
+from ..errors import ConfigError
+from ..loading.rows import IGNORE
+from .batches import MicroBatches
 from .distributed import Distributed, gather_train_state, load_train_state, own_rng_state
 from .distributed import save_adapter as save_adapter_gathered
 
@@ -55,11 +57,13 @@ def causal_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
 
 
 def classify_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(summed CE of the batch's class logits, its number of rows)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, C]
     return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), len(batch["labels"])
 
 
 def _accepts(model, name: str) -> bool:
+    # the forward about to be called (an instance patch hides the class's keywords: then False)
     model = getattr(model, "module", model)  # the model inside a DDP wrapper
     try:
         return name in inspect.signature(model.forward).parameters
@@ -79,17 +83,20 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 def total_steps(options, micro_batches_per_epoch: int) -> int:
+    """Optimizer steps of the run: max_steps when set, else epochs over the micro-batches / grad_accum."""
     if options.max_steps > 0:
         return options.max_steps
     return max(1, math.ceil(options.epochs * micro_batches_per_epoch / options.grad_accum))
 
 
 def warmup_steps(options, total: int) -> int:
+    """Warmup steps: `options.warmup` as a fraction of `total` when below 1, else as a count."""
     return int(options.warmup * total) if options.warmup < 1 else int(options.warmup)
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------
 def _rng_state() -> dict[str, Any]:
+    # the whole process's generators (torch, python, numpy, every GPU): what a resumed run continues from
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     try:
         import numpy as np
@@ -114,6 +121,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def trainable(model) -> dict[str, torch.nn.Parameter]:
+    """{name: parameter} of the parameters being trained, in named_parameters order."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -146,6 +154,7 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, histo
 
 
 def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint directory under `out_dir`, or None."""
     done = [p for p in sorted((out_dir / CHECKPOINTS).glob("step-*")) if (p / STATE_FILE).is_file()]
     return done[-1] if done else None
 
@@ -165,12 +174,56 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, hooks,
 
 
 # --- the loop -------------------------------------------------------------------------------------------
+def bf16_enabled(precision: str, device: torch.device) -> bool:
+    """The bf16 policy: "bf16" always, "auto" on a GPU, else float32 ("fp32", or "auto" on the CPU)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+@dataclass
+class _Training:
+    """What the loop's steps share: the optimizer side, the step range and the running log."""
+
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    hooks: list
+    loss_sum: Callable
+    bf16: bool
+    steps: int
+    start: int = 0
+    history: list[dict] = field(default_factory=list)
+    tokens_done: int = 0  # input tokens of every micro-batch so far (all rows, on every rank)
+    started: float = 0.0  # perf_counter when the first step began
+    smooth: Optional[float] = None  # exponential moving average of the step loss, for the progress bar
+
+
 def train_loop(model, batches: MicroBatches, options, device: torch.device, out_dir: Path,
                evaluate: Optional[Callable[[], dict[str, float]]] = None,
                on_step: Optional[Callable[[int, dict], None]] = None, progress: bool = True,
                dist: Distributed = Distributed()) -> list[dict]:
     """Train the model's trainable (adapter) parameters in place. Returns the history of logged records.
     Under torch.distributed, `model` is already wrapped (distributed.wrap_model) and every rank calls this."""
+    run = _build(model, batches, options, device)
+    if options.resume:
+        _resume(run, model, out_dir, dist)
+    _enter_training(model, options)
+    forward = dist.forward_model(model)  # DDP's wrapper syncs gradients; FSDP hooks live on the model itself
+    bar = _progress(run.steps, run.start, progress and dist.is_main)
+    run.started = time.perf_counter()
+    for step in range(run.start, run.steps):
+        micro = [batches[step * options.grad_accum + k] for k in range(options.grad_accum)]
+        step_loss = _accumulate(run, forward, micro, options, device, dist)
+        _apply_step(run, step, options)
+        record = _record(run, step + 1, step_loss, bar, options)
+        _after_step(run, model, step + 1, record, options, out_dir, evaluate, on_step, dist)
+    if bar is not None:
+        bar.close()
+    _leave_training(model, options, run.hooks)
+    return run.history
+
+
+def _build(model, batches: MicroBatches, options, device: torch.device) -> _Training:
+    """Optimizer (AdamW on the trainable parameters), LR schedule, the adapter's training hooks, the loss."""
     params = list(trainable(model).values())
     if not params:
         raise ConfigError("the model has no trainable parameters (was an adapter added?)")
@@ -179,75 +232,105 @@ def train_loop(model, batches: MicroBatches, options, device: torch.device, out_
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps, warmup, options.schedule))
-    hooks = training_hooks(model)
     loss_sum = causal_loss_sum if options.task == "causal" else classify_loss_sum
-    use_bf16 = options.precision == "bf16" or (options.precision == "auto" and device.type == "cuda")
+    return _Training(params, optimizer, scheduler, training_hooks(model), loss_sum,
+                     bf16_enabled(options.precision, device), steps)
 
-    start, history = 0, []
-    if options.resume:
-        ckpt = latest_checkpoint(out_dir)
-        if ckpt is None:
-            raise ConfigError(f"--resume: no checkpoint in {out_dir / CHECKPOINTS}")
-        start, history = load_checkpoint(ckpt, model, optimizer, scheduler, hooks, dist)
+
+def _resume(run: _Training, model, out_dir: Path, dist: Distributed) -> None:
+    """Continue from the latest checkpoint in `out_dir`: tensors, schedule, hooks, RNG, step and history."""
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is None:
+        raise ConfigError(f"--resume: no checkpoint in {out_dir / CHECKPOINTS}")
+    run.start, run.history = load_checkpoint(ckpt, model, run.optimizer, run.scheduler, run.hooks, dist)
+
+
+def _enter_training(model, options) -> None:
+    """HF gradient checkpointing when asked, then train mode."""
     if options.gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise ConfigError("--gradient-checkpointing needs a Hugging Face model")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    forward = dist.forward_model(model)  # DDP's wrapper syncs gradients; FSDP hooks live on the model itself
-    bar = _progress(steps, start, progress and dist.is_main)
-    tokens_done, t0, smooth = 0, time.perf_counter(), None
-    for step in range(start, steps):
-        micro = [batches[step * options.grad_accum + k] for k in range(options.grad_accum)]
-        n_targets = sum(_count_targets(b, options.task) for b in micro)  # the step's loss is a mean over these
-        own_loss = 0.0
-        for k, batch in enumerate(micro):
-            tokens_done += int(batch["attention_mask"].sum())  # every rank holds the whole micro-batch
-            batch = {key: v.to(device) for key, v in dist.own_rows(batch).items()}
-            with dist.grad_sync(last=k == len(micro) - 1):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    total, _ = loss_sum(forward, batch)
-                    # ranks' gradients are averaged: * world_size makes their mean the whole batch's gradient
-                    loss = total / max(1, n_targets) * dist.world_size
-                    for hook in hooks:
-                        extra = hook.extra_loss()
-                        if extra is not None:
-                            loss = loss + extra / options.grad_accum
-                loss.backward()
-            own_loss += float(total.detach()) / max(1, n_targets)
-        (step_loss,) = dist.all_sum(own_loss)
-        if options.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        for hook in hooks:
-            hook.after_step(step)
-        optimizer.zero_grad(set_to_none=True)
 
-        done = step + 1
-        smooth = step_loss if smooth is None else 0.9 * smooth + 0.1 * step_loss
-        speed = tokens_done / max(1e-9, time.perf_counter() - t0)
-        record = {"step": done, "loss": step_loss, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": speed}
-        if done % options.log_every == 0 or done == steps or done == start + 1:
-            history.append(record)
-        if bar is not None:
-            bar.set_postfix(loss=f"{smooth:.3f}", tok_s=f"{speed:.0f}", lr=f"{record['lr']:.2e}", refresh=False)
-            bar.update(1)
-        if evaluate is not None and options.eval_every and done % options.eval_every == 0 and done < steps:
-            history.append({"step": done, **_evaluate(model, evaluate)})
-        if options.checkpoint_every and done % options.checkpoint_every == 0 and done < steps:
-            save_checkpoint(out_dir, done, model, optimizer, scheduler, history, hooks, dist=dist)
-        if on_step is not None:
-            on_step(done, record)
-    if bar is not None:
-        bar.close()
+
+def _leave_training(model, options, hooks: list) -> None:
+    """Undo _enter_training (eval mode) and let the hooks finish the adapter (on_save)."""
     if options.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.eval()
     for hook in hooks:
         if hasattr(hook, "on_save"):
             hook.on_save()
-    return history
+
+
+# --- one optimizer step -----------------------------------------------------------------------------------
+def _accumulate(run: _Training, forward, micro: list[dict[str, torch.Tensor]], options, device: torch.device,
+                dist: Distributed) -> float:
+    """Forward and backward of the step's micro-batches (this rank's rows of each), gradients accumulated;
+    returns the step's loss over all ranks (mean over the step's labelled targets)."""
+    n_targets = sum(_count_targets(b, options.task) for b in micro)  # the step's loss is a mean over these
+    own_loss = 0.0
+    for k, batch in enumerate(micro):
+        run.tokens_done += int(batch["attention_mask"].sum())  # every rank holds the whole micro-batch
+        batch = {key: v.to(device) for key, v in dist.own_rows(batch).items()}
+        with dist.grad_sync(last=k == len(micro) - 1):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.bf16):
+                total, loss = _micro_loss(run, forward, batch, n_targets, options.grad_accum, dist.world_size)
+            loss.backward()
+        own_loss += float(total.detach()) / max(1, n_targets)
+    (step_loss,) = dist.all_sum(own_loss)
+    return step_loss
+
+
+def _micro_loss(run: _Training, forward, batch: dict[str, torch.Tensor], n_targets: int, grad_accum: int,
+                world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss of the batch's rows, the loss to backpropagate: its share of the step plus hook losses)."""
+    total, _ = run.loss_sum(forward, batch)
+    # ranks' gradients are averaged: * world_size makes their mean the whole batch's gradient
+    loss = total / max(1, n_targets) * world_size
+    for hook in run.hooks:
+        extra = hook.extra_loss()
+        if extra is not None:
+            loss = loss + extra / grad_accum
+    return total, loss
+
+
+def _apply_step(run: _Training, step: int, options) -> None:
+    """Clip, optimizer and schedule step, the hooks' after_step, then clear the gradients."""
+    if options.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(run.params, options.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    for hook in run.hooks:
+        hook.after_step(step)
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+# --- after a step -----------------------------------------------------------------------------------------
+def _record(run: _Training, done: int, step_loss: float, bar, options) -> dict:
+    """The step's record (kept in the history every log_every steps, the first and the last) and the bar."""
+    run.smooth = step_loss if run.smooth is None else 0.9 * run.smooth + 0.1 * step_loss
+    speed = run.tokens_done / max(1e-9, time.perf_counter() - run.started)
+    record = {"step": done, "loss": step_loss, "lr": run.optimizer.param_groups[0]["lr"], "tokens_per_s": speed}
+    if done % options.log_every == 0 or done == run.steps or done == run.start + 1:
+        run.history.append(record)
+    if bar is not None:
+        bar.set_postfix(loss=f"{run.smooth:.3f}", tok_s=f"{speed:.0f}", lr=f"{record['lr']:.2e}", refresh=False)
+        bar.update(1)
+    return record
+
+
+def _after_step(run: _Training, model, done: int, record: dict, options, out_dir: Path,
+                evaluate: Optional[Callable[[], dict[str, float]]], on_step: Optional[Callable[[int, dict], None]],
+                dist: Distributed) -> None:
+    """Evaluation and checkpoint when due (never after the last step: the caller scores and saves), on_step."""
+    if evaluate is not None and options.eval_every and done % options.eval_every == 0 and done < run.steps:
+        run.history.append({"step": done, **_evaluate(model, evaluate)})
+    if options.checkpoint_every and done % options.checkpoint_every == 0 and done < run.steps:
+        save_checkpoint(out_dir, done, model, run.optimizer, run.scheduler, run.history, run.hooks, dist=dist)
+    if on_step is not None:
+        on_step(done, record)
 
 
 def _count_targets(batch: dict[str, torch.Tensor], task: str) -> int:

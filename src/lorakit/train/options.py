@@ -114,20 +114,3 @@ class TrainOptions(ModelOptions, DataOptions, AdapterOptions):
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """With several processes: ddp (a whole replica per process) or fsdp (FSDP2 fully_shard: the frozen base
     sharded across processes, in bf16 on GPU; only the adapter is trained)."""
-
-
-_MOVED_TO_CLI = {"EvalOptions", "GenerateOptions", "MergeOptions", "InfoOptions", "positional"}
-
-
-def __getattr__(name: str):
-    """Transitional: the command-only options moved to lorakit.cli.options (and EstimateOptions to
-    lorakit.cli.estimate); old imports still resolve until train/__init__.py stops importing them here."""
-    if name in _MOVED_TO_CLI:
-        from ..cli import options
-
-        return getattr(options, name)
-    if name == "EstimateOptions":
-        from ..cli import estimate
-
-        return estimate.EstimateOptions
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

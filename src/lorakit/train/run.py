@@ -20,16 +20,17 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..errors import ConfigError, LorakitError
 from ..core.api import add_adapter, count_parameters, disabled
+from ..errors import ConfigError, LorakitError
+from ..loading.models import load_model, load_tokenizer, resolve_model
+from ..loading.rows import Encoder, Example, encode_rows, label_names_of, read_rows
 from . import distributed
 from . import task as builtin
-from .data import Encoder, Example, MicroBatches, label_names_of, read_rows
+from .adapter_options import build_adapter_config
+from .batches import MicroBatches
 from .evaluate import classify_scores, generate, generation_scores, heldout_loss
 from .fields import build_options, given_fields, read_config_file
-from .loop import total_steps, train_loop
-from ..loading.models import load_model, load_tokenizer, resolve_model
-from .adapter_options import build_adapter_config
+from .loop import bf16_enabled, total_steps, train_loop
 from .options import TrainOptions
 from .report import format_scores, plot_loss, write_generations, write_metrics
 
@@ -38,6 +39,8 @@ ADAPTER_DIR = "adapter"
 
 @dataclass
 class TrainResult:
+    """What `train` returns: where the run wrote its files, its metrics, and the model in memory."""
+
     output_dir: Path
     adapter_dir: Path
     metrics: dict[str, Any]
@@ -58,6 +61,7 @@ def resolve_options(options: Optional[TrainOptions] = None, config: Optional[str
 
 
 def seed_everything(seed: int) -> None:
+    """Seed python's, torch's and (when installed) numpy's global generators."""
     random.seed(seed)
     torch.manual_seed(seed)
     try:
@@ -76,42 +80,78 @@ def train(options: Optional[TrainOptions] = None, *, config: Optional[str] = Non
         overrides["model"], model = str(model), None
     opts, given = resolve_options(options, config, **overrides)
     dist, device = distributed.setup(opts.device)  # one process, or one of torchrun's
-    quiet = opts.quiet or not dist.is_main  # rank 0 alone prints and writes
-    log = (lambda *a: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = _logger(opts.quiet or not dist.is_main)  # rank 0 alone prints and writes
     started = time.perf_counter()
-    out_dir = Path(opts.output_dir)
     if opts.nproc > 1 and not dist.enabled:
-        if model is not None:
-            raise ConfigError("--nproc starts new processes: give the model as a name or path, not an object")
-        return _launched(opts, out_dir, log)
+        return _launched(opts, model, log)
     distributed.check_options(opts, dist)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    Path(opts.output_dir).mkdir(parents=True, exist_ok=True)
     seed_everything(opts.seed)
-    sharded = dist.enabled and opts.strategy == "fsdp"
 
-    # --- model and data (the data first: a bad file fails before minutes of model loading) ----------------
-    train_rows, eval_rows = _rows(opts)
+    train_rows, eval_rows = _rows(opts)  # the data first: a bad file fails before minutes of model loading
+    model, tokenizer, label_names = _load_model(opts, model, tokenizer, train_rows, device, dist, log)
+    encoder = Encoder(tokenizer, opts.task, opts.prompt_format, opts.max_length, label_names)
+    train_set, eval_set = encode_rows(encoder, train_rows), encode_rows(encoder, eval_rows)
+    log(f"data: {len(train_set)} training / {len(eval_set)} held-out examples"
+        + (" (built-in task)" if not opts.data else f" from {opts.data}"))
+    batches = MicroBatches(train_set, opts.batch_size, opts.seed, pad_id=tokenizer.pad_token_id, task=opts.task)
+    sizes = _add_adapter(model, opts, given, total_steps(opts, batches.per_epoch), log)
+    _distribute(model, opts, dist, device, log)
+
+    evaluate_fn = _scorer(opts, model, tokenizer, eval_set, tokenizer.pad_token_id, device)
+    with disabled(model):
+        before, before_texts = evaluate_fn(final=True)
+    log(f"before training: {format_scores(before)}")
+    history, train_seconds = _run_loop(model, batches, opts, device, evaluate_fn, on_step, dist)
+    after, after_texts = evaluate_fn(final=True)
+    log(f"after training:  {format_scores(after)}")
+
+    adapter_dir = distributed.save_adapter(model, Path(opts.output_dir) / ADAPTER_DIR, dist)
+    metrics = _metrics(opts, sizes, before, after, history, train_seconds, started, device, dist)
+    dist.close()
+    if dist.is_main:
+        _report(opts, metrics, history, tokenizer, eval_set, before_texts, after_texts, adapter_dir, log)
+    return TrainResult(Path(opts.output_dir), adapter_dir, metrics, model, tokenizer)
+
+
+def _logger(quiet: bool) -> Callable[[str], None]:
+    return (lambda *a: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
+def _launched(opts: TrainOptions, model, log) -> TrainResult:
+    """--nproc N: the same run on N processes under torchrun; the result is read back from the run directory
+    (the model lives in the workers, so TrainResult.model is None)."""
+    if model is not None:
+        raise ConfigError("--nproc starts new processes: give the model as a name or path, not an object")
+    out_dir = Path(opts.output_dir)
+    code = distributed.launch(opts, out_dir, log)
+    if code != 0:
+        raise LorakitError(f"the {opts.nproc} training processes failed (torchrun exit code {code}); "
+                           "their output is above")
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    return TrainResult(out_dir, out_dir / ADAPTER_DIR, metrics, None, None)
+
+
+def _load_model(opts: TrainOptions, model, tokenizer, train_rows: list[dict], device: torch.device,
+                dist: distributed.Distributed, log):
+    """(model on its device, tokenizer, class names or None): loaded from --model, or the objects given."""
     if model is None:
         path = resolve_model(opts.model, log)
         tokenizer = tokenizer or load_tokenizer(path)
     elif tokenizer is None:
         raise ConfigError("pass the tokenizer together with a model object")
     label_names = label_names_of(train_rows) if opts.task == "classify" else None
+    sharded = dist.shards_model(opts.strategy)  # FSDP: stays on the CPU; fully_shard moves each rank's shard
     if model is None:
-        # FSDP: load on the CPU; fully_shard moves each rank's shard to its device
         model = load_model(path, opts.task, num_labels=opts.num_labels or len(label_names or []) or 2,
                            device="cpu" if sharded else str(device))
     if not sharded:
         model.to(device)
-    encoder = Encoder(tokenizer, opts.task, opts.prompt_format, opts.max_length, label_names)
-    train_set = _encode(encoder, train_rows, opts.task)
-    eval_set = _encode(encoder, eval_rows, opts.task)
-    log(f"data: {len(train_set)} training / {len(eval_set)} held-out examples"
-        + (" (built-in task)" if not opts.data else f" from {opts.data}"))
+    return model, tokenizer, label_names
 
-    # --- adapter --------------------------------------------------------------------------------------
-    batches = MicroBatches(train_set, opts.batch_size, opts.seed, pad_id=tokenizer.pad_token_id, task=opts.task)
-    steps = total_steps(opts, batches.per_epoch)
+
+def _add_adapter(model, opts: TrainOptions, given: set[str], steps: int, log) -> tuple[int, int]:
+    """Add the adapter the options describe (its init seeded by --seed); returns (trainable, total) sizes."""
     torch.manual_seed(opts.seed)
     adapter_config = build_adapter_config(opts, opts.task, given, steps=steps)
     adapter_config.base_model_name_or_path = _model_reference(opts.model)
@@ -119,35 +159,38 @@ def train(options: Optional[TrainOptions] = None, *, config: Optional[str] = Non
     n_trainable, n_total = count_parameters(model)
     log(f"adapter: {opts.adapter} r={opts.r} on {opts.target_modules}: {n_trainable:,} trainable of "
         f"{n_total:,} parameters ({100 * n_trainable / n_total:.3f}%)")
-    if dist.enabled:
-        use_bf16 = opts.precision == "bf16" or (opts.precision == "auto" and device.type == "cuda")
-        distributed.wrap_model(model, dist, opts.strategy, device, bf16=use_bf16)
-        distributed.decorrelate_rng(dist, opts.seed)
-        log(f"{opts.strategy} on {dist.world_size} processes ({device.type}); --batch-size {opts.batch_size} is "
-            f"the global micro-batch, {opts.batch_size // dist.world_size}+ rows per process")
+    return n_trainable, n_total
 
-    pad_id = tokenizer.pad_token_id
-    evaluate_fn = _scorer(opts, model, tokenizer, eval_set, pad_id, device)
-    with disabled(model):
-        before, before_texts = evaluate_fn(final=True)
-    log(f"before training: {format_scores(before)}")
 
-    # --- train ----------------------------------------------------------------------------------------
+def _distribute(model, opts: TrainOptions, dist: distributed.Distributed, device: torch.device, log) -> None:
+    """Under torchrun: wrap the adapted model (DDP or FSDP) and give each rank its own dropout stream."""
+    if not dist.enabled:
+        return
+    distributed.wrap_model(model, dist, opts.strategy, device, bf16=bf16_enabled(opts.precision, device))
+    distributed.decorrelate_rng(dist, opts.seed)
+    log(f"{opts.strategy} on {dist.world_size} processes ({device.type}); --batch-size {opts.batch_size} is "
+        f"the global micro-batch, {opts.batch_size // dist.world_size}+ rows per process")
+
+
+def _run_loop(model, batches: MicroBatches, opts: TrainOptions, device: torch.device, evaluate_fn, on_step,
+              dist: distributed.Distributed) -> tuple[list[dict], float]:
+    """options.json, then the training loop; returns (its history, seconds it took)."""
+    out_dir = Path(opts.output_dir)
     if dist.is_main:
         (out_dir / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2) + "\n")
     t_train = time.perf_counter()
     history = train_loop(model, batches, opts, device, out_dir, evaluate=lambda: evaluate_fn(final=False)[0],
                          on_step=on_step, progress=not opts.quiet, dist=dist)
-    train_seconds = time.perf_counter() - t_train
-    after, after_texts = evaluate_fn(final=True)
-    log(f"after training:  {format_scores(after)}")
+    return history, time.perf_counter() - t_train
 
-    # --- save and report --------------------------------------------------------------------------------
-    adapter_dir = distributed.save_adapter(model, out_dir / ADAPTER_DIR, dist)
+
+def _metrics(opts: TrainOptions, sizes: tuple[int, int], before: dict, after: dict, history: list[dict],
+             train_seconds: float, started: float, device: torch.device, dist: distributed.Distributed) -> dict:
+    """metrics.json's content."""
     steps = [h for h in history if "loss" in h]
-    metrics = {
+    return {
         "model": opts.model, "adapter": opts.adapter, "task": opts.task if opts.data else "builtin:record-line",
-        "trainable_params": n_trainable, "total_params": n_total, "before": before, "after": after,
+        "trainable_params": sizes[0], "total_params": sizes[1], "before": before, "after": after,
         "train": {"steps": steps[-1]["step"] if steps else 0, "seconds": train_seconds,
                   "tokens_per_s": steps[-1]["tokens_per_s"] if steps else 0.0,
                   "final_loss": steps[-1]["loss"] if steps else None},
@@ -155,9 +198,12 @@ def train(options: Optional[TrainOptions] = None, *, config: Optional[str] = Non
         "processes": dist.world_size, "strategy": dist.strategy,
         "options": dataclasses.asdict(opts), "history": history,
     }
-    dist.close()
-    if not dist.is_main:
-        return TrainResult(out_dir, adapter_dir, metrics, model, tokenizer)
+
+
+def _report(opts: TrainOptions, metrics: dict, history: list[dict], tokenizer, eval_set: list[Example],
+            before_texts, after_texts, adapter_dir: Path, log) -> None:
+    """Rank 0's files next to the adapter: metrics.json, the loss curve, before/after generations."""
+    out_dir = Path(opts.output_dir)
     write_metrics(out_dir, metrics)
     plot_loss(out_dir, history, title=f"{opts.adapter} on {Path(opts.model).name}")
     if before_texts is not None and after_texts is not None:
@@ -165,19 +211,7 @@ def train(options: Optional[TrainOptions] = None, *, config: Optional[str] = Non
         prompts = [tokenizer.decode(e.prompt_ids) for e in eval_set[:k]]
         write_generations(out_dir, prompts, [e.reference for e in eval_set[:k]], before_texts[:k], after_texts[:k])
     log(f"wrote {adapter_dir}, metrics.json, loss_curve.png to {out_dir} "
-        f"({metrics['wall_seconds']:.0f} s in all, {train_seconds:.0f} s training)")
-    return TrainResult(out_dir, adapter_dir, metrics, model, tokenizer)
-
-
-def _launched(opts: TrainOptions, out_dir: Path, log) -> TrainResult:
-    """--nproc N: the same run on N processes under torchrun; the result is read back from the run directory
-    (the model lives in the workers, so TrainResult.model is None)."""
-    code = distributed.launch(opts, out_dir, log)
-    if code != 0:
-        raise LorakitError(f"the {opts.nproc} training processes failed (torchrun exit code {code}); "
-                           "their output is above")
-    metrics = json.loads((out_dir / "metrics.json").read_text())
-    return TrainResult(out_dir, out_dir / ADAPTER_DIR, metrics, None, None)
+        f"({metrics['wall_seconds']:.0f} s in all, {metrics['train']['seconds']:.0f} s training)")
 
 
 def _rows(opts: TrainOptions) -> tuple[list[dict], list[dict]]:
@@ -197,13 +231,6 @@ def _rows(opts: TrainOptions) -> tuple[list[dict], list[dict]]:
     if opts.eval_examples:
         eval_rows = eval_rows[: opts.eval_examples]
     return rows, eval_rows
-
-
-def _encode(encoder: Encoder, rows: list[dict], task: str) -> list[Example]:
-    examples = [encoder.encode(r) for r in rows]
-    if task == "causal":  # an answer cut away entirely by --max-length teaches nothing
-        examples = [e for e in examples if any(label != -100 for label in e.labels[1:])]
-    return examples
 
 
 def _model_reference(name: str) -> str:

@@ -1,0 +1,63 @@
+"""Instance-level forward patches: the one way lorakit replaces a module's `forward`.
+
+A patch sets `module.forward` on the instance (never the class, so other models in the process keep their
+own code) to `functools.partial(fn, module, original, *extra)`, where `original` is the bound forward the
+module had just before. The instance forward it displaced (or None) is kept in `module.__dict__` under a
+per-slot key, so unpatching puts back exactly what was there.
+
+Slots let independent patches stack on one module: the HF family patches use the default slot, the
+activation-checkpointing wrapper of a repeated block uses slot "checkpoint". Patches stacked on one module
+must be removed in the reverse order they were installed (the newest first).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+from torch import nn
+
+DEFAULT_SLOT = "default"
+_KEY = "_lorakit_patch"  # module.__dict__[key] = {"prior": the instance forward it replaced, or None}
+
+
+def _key(slot: str) -> str:
+    return _KEY if slot == DEFAULT_SLOT else f"{_KEY}_{slot}"
+
+
+def patch_forward(module: nn.Module, fn: Callable, *extra, slot: str = DEFAULT_SLOT) -> bool:
+    """Replace `module.forward` with `fn(module, original_forward, *extra, *args, **kwargs)`.
+
+    Args:
+        module: the module to patch (its instance `forward`; the class is untouched).
+        fn: the new forward; it receives the module, the forward it replaces, then `extra`, then the call's
+            own arguments.
+        extra: fixed arguments placed between `original_forward` and the call's arguments.
+        slot: which patch this is; one patch per slot per module.
+
+    Returns:
+        True when patched, False when `module` already has a patch in this slot (nothing is changed).
+    """
+    key = _key(slot)
+    if key in module.__dict__:
+        return False
+    original = module.forward
+    module.__dict__[key] = {"prior": module.__dict__.get("forward")}
+    module.__dict__["forward"] = functools.partial(fn, module, original, *extra)
+    return True
+
+
+def unpatch_forward(module: nn.Module, slot: str = DEFAULT_SLOT) -> bool:
+    """Remove the patch in `slot`, restoring the instance forward it replaced; returns whether one was there."""
+    info = module.__dict__.pop(_key(slot), None)
+    if info is None:
+        return False
+    module.__dict__.pop("forward", None)
+    if info["prior"] is not None:
+        module.__dict__["forward"] = info["prior"]
+    return True
+
+
+def is_patched(module: nn.Module, slot: str = DEFAULT_SLOT) -> bool:
+    """Whether `module` has a patch in `slot`."""
+    return _key(slot) in module.__dict__
