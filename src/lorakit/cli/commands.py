@@ -202,7 +202,8 @@ def adapter_info(directory: str) -> dict[str, Any]:
     return {
         "directory": str(d), "type": config.variant.lower(), "peft_type": raw.get("peft_type"),
         "rank": raw.get("r"), "rank_pattern": raw.get("rank_pattern") or {},
-        "alpha": raw.get(config.run_option_fields.get("lora_alpha", "lora_alpha")), "target_modules": raw.get("target_modules"),
+        "alpha": raw.get(config.run_option_fields.get("lora_alpha", "lora_alpha")),  # the variant's alpha field
+        "target_modules": raw.get("target_modules"),
         "modules_to_save": raw.get("modules_to_save"),
         "parameters": int(sum(t.numel() for t in tensors.values())), "tensors": len(tensors), "dtypes": dtypes,
         "size_on_disk_bytes": size, "base_model": raw.get("base_model_name_or_path"),

@@ -128,3 +128,17 @@ def pattern_key(patterns: dict, module_name: str) -> Optional[str]:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return key
     return None
+
+
+def pattern_value(patterns: dict, module_name: str, default):
+    """The value of the first pattern (PEFT's rank_pattern / alpha_pattern rules) matching `module_name`, else
+    `default`."""
+    key = pattern_key(patterns, module_name)
+    return patterns[key] if key is not None else default
+
+
+def check_rank_pattern(rank_pattern: dict) -> None:
+    """Every rank_pattern value is a positive integer (ConfigError otherwise)."""
+    for name, r in rank_pattern.items():
+        if not isinstance(r, int) or r <= 0:
+            raise ConfigError(f"rank_pattern[{name!r}] must be a positive integer, got {r!r}")

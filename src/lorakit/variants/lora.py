@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Optional, Union
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig, pattern_key
+from ..core.config import AdapterConfig, check_rank_pattern, pattern_value
 from ..core.delta import Delta
 from ..core.layers import LayerOps
 from ..core.registry import Variant
@@ -66,9 +66,7 @@ class LoraConfig(AdapterConfig):
         init = self.init_lora_weights
         if not (isinstance(init, bool) or init in ("gaussian", "pissa", "olora")):
             raise ConfigError(f"init_lora_weights must be True, False, 'gaussian', 'pissa' or 'olora', got {init!r}")
-        for name, r in self.rank_pattern.items():
-            if not isinstance(r, int) or r <= 0:
-                raise ConfigError(f"rank_pattern[{name!r}] must be a positive integer, got {r!r}")
+        check_rank_pattern(self.rank_pattern)
 
     @property
     def bias_mode(self) -> str:
@@ -76,12 +74,10 @@ class LoraConfig(AdapterConfig):
         return "adapted" if self.bias == "lora_only" else self.bias
 
     def rank_for(self, module_name: str) -> int:
-        key = pattern_key(self.rank_pattern, module_name)
-        return self.rank_pattern[key] if key is not None else self.r
+        return pattern_value(self.rank_pattern, module_name, self.r)
 
     def alpha_for(self, module_name: str) -> float:
-        key = pattern_key(self.alpha_pattern, module_name)
-        return self.alpha_pattern[key] if key is not None else self.lora_alpha
+        return pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:

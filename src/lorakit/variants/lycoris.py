@@ -10,7 +10,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig, pattern_key
+from ..core.config import AdapterConfig, check_rank_pattern, pattern_value
 from ..core.delta import Delta
 from ..core.layers import LayerOps
 from ..errors import ConfigError, TargetError
@@ -40,19 +40,15 @@ class LycorisConfig(AdapterConfig):
         for name in ("rank_dropout", "module_dropout"):
             if not 0.0 <= float(getattr(self, name)) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        for name, r in self.rank_pattern.items():
-            if not isinstance(r, int) or r <= 0:
-                raise ConfigError(f"rank_pattern[{name!r}] must be a positive integer, got {r!r}")
+        check_rank_pattern(self.rank_pattern)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern needs layers_to_transform")
 
     def rank_for(self, module_name: str) -> int:
-        key = pattern_key(self.rank_pattern, module_name)
-        return self.rank_pattern[key] if key is not None else self.r
+        return pattern_value(self.rank_pattern, module_name, self.r)
 
     def alpha_for(self, module_name: str) -> float:
-        key = pattern_key(self.alpha_pattern, module_name)
-        return self.alpha_pattern[key] if key is not None else self.alpha
+        return pattern_value(self.alpha_pattern, module_name, self.alpha)
 
 
 def kaiming_(*params: torch.Tensor) -> None:
