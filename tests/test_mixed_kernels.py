@@ -2,8 +2,9 @@
 
 CPU: the SGMV work list covers every token of every row with an adapter exactly once, stacks zero-pad
 ranks without changing the result, and the token-level torch reference equals explicit per-token math.
-CUDA (skipped without it): the Triton SGMV/BGMV kernels equal the torch reference (fp32 within 1e-5
-relative, bf16 within 2e-2), and a CUDA model's per_row prefill and decode match single-adapter runs.
+Kernels (on CUDA, or on CPU under Triton's interpreter at smaller sizes: see conftest.kernel_device): the Triton
+SGMV/BGMV kernels equal the torch reference (fp32 within 1e-5 relative, bf16 within 2e-2), and a model's per_row
+prefill and decode match single-adapter runs.
 """
 
 
@@ -16,17 +17,18 @@ from lorakit.multi import kernels
 from lorakit.multi.kernels import build_stack, segment_tiles, token_reference
 from support import only
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available() or not kernels.HAVE_TRITON, reason="needs CUDA and triton")
-
 
 class _FakeLora(nn.Module):
-    """The attributes the stack reads from a plain-LoRA delta."""
+    """What the stack reads from a plain-LoRA delta (Delta.linear_factors)."""
 
     def __init__(self, r, n_in, n_out, scaling, dtype=torch.float32, device="cpu"):
         super().__init__()
         self.r, self.scaling = r, scaling
         self.lora_A = nn.Parameter(torch.randn(r, n_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.randn(n_out, r, dtype=dtype, device=device))
+
+    def linear_factors(self):
+        return self.lora_A, self.lora_B, self.scaling, 0.0
 
 
 def _explicit(x, y, deltas, slot_of_token):
@@ -85,27 +87,30 @@ def test_stacks_are_cached_and_rebuilt_when_weights_change():
     assert lin[0] not in lorakit.multi.routing._STACKS
 
 
-# --- CUDA --------------------------------------------------------------------------------------------------
-def _random_case(dtype, n_rows, tokens, n_in=160, n_out=200, ranks=(4, 16, 8, 2)):
-    deltas = [_FakeLora(r, n_in, n_out, 0.5 + i, dtype, "cuda") for i, r in enumerate(ranks)]
+# --- the kernels: on CUDA, or in Triton's interpreter ------------------------------------------------------
+def _random_case(dtype, n_rows, tokens, device, n_in=160, n_out=200, ranks=(4, 16, 8, 2)):
+    deltas = [_FakeLora(r, n_in, n_out, 0.5 + i, dtype, device) for i, r in enumerate(ranks)]
     with torch.no_grad():
         stack = build_stack(deltas)
     n_gid = len(ranks) + 1  # the last gid has no slot on this layer
-    slot_map = torch.tensor(list(range(len(ranks))) + [-1], dtype=torch.int32, device="cuda")
+    slot_map = torch.tensor(list(range(len(ranks))) + [-1], dtype=torch.int32, device=device)
     row_gids = torch.randint(-1, n_gid, (n_rows,)).tolist()
-    x = torch.randn(n_rows * tokens, n_in, device="cuda").to(dtype)
-    y = torch.randn(n_rows * tokens, n_out, device="cuda").to(dtype)
+    x = torch.randn(n_rows * tokens, n_in, device=device).to(dtype)
+    y = torch.randn(n_rows * tokens, n_out, device=device).to(dtype)
     slot_tok = torch.tensor([len(ranks) if g < 0 or g == n_gid - 1 else g for g in row_gids for _ in range(tokens)],
-                            device="cuda")
+                            device=device)
     return stack, slot_map, row_gids, x, y, slot_tok
 
 
-@CUDA
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("tokens", [1, 7, 64])
-def test_kernels_match_the_torch_reference(dtype, tol, tokens, monkeypatch):
+def test_kernels_match_the_torch_reference(dtype, tol, tokens, monkeypatch, kernel_device):
+    dev = kernel_device
+    n_rows = 13
+    if dev == "cpu":  # the interpreter runs one kernel program (a BGMV row) at a time: fewer, shorter rows
+        n_rows, tokens = 3, min(tokens, 40)  # 40 tokens still make several tiles of 16 and of 32 per row
     torch.manual_seed(0)
-    stack, slot_map, row_gids, x, y, slot_tok = _random_case(dtype, 13, tokens)
+    stack, slot_map, row_gids, x, y, slot_tok = _random_case(dtype, n_rows, tokens, dev)
     f32 = kernels.AdapterStack(stack.a.float(), stack.bt.float(), stack.scale, stack.p)
     ref = token_reference(x.float(), y.float(), f32, slot_tok)
     runs = {}
@@ -113,11 +118,11 @@ def test_kernels_match_the_torch_reference(dtype, tol, tokens, monkeypatch):
         monkeypatch.setattr(kernels, "SGMV_FUSED", fused)
         for block_m in (16, 32, 64):
             out = y.clone()
-            tiles = torch.tensor(segment_tiles(row_gids, tokens, block_m), dtype=torch.int32, device="cuda").view(-1, 3)
+            tiles = torch.tensor(segment_tiles(row_gids, tokens, block_m), dtype=torch.int32, device=dev).view(-1, 3)
             kernels.sgmv(x, out, stack, slot_map, tiles, block_m)
             runs[f"sgmv{block_m}{'' if fused else '-split'}"] = out
     out = y.clone()
-    kernels.bgmv(x, out, stack, slot_map, torch.tensor(row_gids, device="cuda").repeat_interleave(tokens).int())
+    kernels.bgmv(x, out, stack, slot_map, torch.tensor(row_gids, device=dev).repeat_interleave(tokens).int())
     runs["bgmv"] = out
     for label, out in runs.items():
         err = float((out.float() - ref).norm() / (ref - y.float()).norm())
@@ -126,10 +131,10 @@ def test_kernels_match_the_torch_reference(dtype, tol, tokens, monkeypatch):
         assert torch.equal(out[untouched], y[untouched]), label
 
 
-@CUDA
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
-def test_cuda_model_prefill_and_decode_match_single_adapters(tiny_llama, dtype, tol, monkeypatch):
-    model = tiny_llama.to("cuda", dtype)
+def test_model_prefill_and_decode_match_single_adapters(tiny_llama, dtype, tol, monkeypatch, kernel_device):
+    dev = kernel_device
+    model = tiny_llama.to(dev, dtype)
     for i, r in enumerate((4, 16, 8)):
         lorakit.add_adapter(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear",
                                                       init_lora_weights=False), f"a{i}")
@@ -141,11 +146,13 @@ def test_cuda_model_prefill_and_decode_match_single_adapters(tiny_llama, dtype, 
             return _run(*args)
         monkeypatch.setattr(kernels, name, counted)
     names = ["a0", "a2", None, "a1", "a0", "a1", "a2", None]
-    ids = torch.randint(1, 128, (len(names), 33), device="cuda")
+    if dev == "cpu":  # the interpreter runs one kernel program at a time: fewer rows, shorter prompts
+        names = names[:4]  # still every adapter, and a row without one
+    ids = torch.randint(1, 128, (len(names), 33 if dev == "cuda" else 9), device=dev)
     singles = {n: only(model, n) for n in set(names)}
     with torch.no_grad():
         expected = torch.stack([singles[n](ids).logits[i] for i, n in enumerate(names)]).float()
-        with lorakit.per_row(model, names):  # CUDA + no grad: the Triton kernels
+        with lorakit.per_row(model, names):  # kernels allowed + no grad: the Triton kernels
             out = model(ids).logits.float()
         assert float((out - expected).norm() / expected.norm()) < tol
         gen = lambda m, x: m.generate(x, max_new_tokens=5, do_sample=False, pad_token_id=0)  # noqa: E731

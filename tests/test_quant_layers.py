@@ -61,13 +61,15 @@ def test_nf4_linear_forward_and_backward_equal_a_dense_layer_with_the_dequantize
     assert torch.allclose(q.bias.grad, ref.bias.grad, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton dequantization in the layer)")
-def test_nf4_linear_on_cuda_equals_the_reference_product():
-    dense = nn.Linear(512, 384, device="cuda")
+def test_nf4_linear_with_the_triton_kernel_equals_the_reference_product(kernel_device):
+    """The layer dequantizes with the Triton kernel (on CUDA, or in Triton's interpreter on CPU)."""
+    dev = kernel_device
+    tokens = 64 if dev == "cuda" else 8
+    dense = nn.Linear(512, 384, device=dev)
     q = NF4Linear.from_linear(dense, compute_dtype=torch.bfloat16)
-    w = dequantize_nf4_reference(q.nf4(), torch.bfloat16)  # the CPU-style reference, run on the GPU
-    x = torch.randn(4, 64, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    g = torch.randn(4, 64, 384, device="cuda", dtype=torch.bfloat16)
+    w = dequantize_nf4_reference(q.nf4(), torch.bfloat16)  # the pure-torch reference, on the same device
+    x = torch.randn(4, tokens, 512, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(4, tokens, 384, device=dev, dtype=torch.bfloat16)
     y = q(x)
     assert torch.equal(y, torch.nn.functional.linear(x.detach(), w, q.bias))
     y.backward(g)

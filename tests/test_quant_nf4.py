@@ -137,16 +137,18 @@ def test_quantize_rejects_bad_input():
         quantize_nf4(bad)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton kernel)")
 @pytest.mark.parametrize("shape,block,double_quant,dtype", [((4096, 1024), 64, True, torch.bfloat16),
                                                             ((1000, 333), 64, True, torch.float16),
                                                             ((257, 96), 128, False, torch.float32),
                                                             ((3, 5), 64, True, torch.bfloat16)])
-def test_triton_dequant_equals_reference(shape, block, double_quant, dtype):
+def test_triton_dequant_equals_reference(shape, block, double_quant, dtype, kernel_device):
     from lorakit.quant.triton_nf4 import dequantize_nf4_triton
 
-    w = torch.randn(shape, device="cuda")
+    dev = kernel_device
+    if dev == "cpu":  # Triton's interpreter runs one program at a time: fewer rows
+        shape = (min(shape[0], 256), shape[1])
+    w = torch.randn(shape, device=dev)
     q = quantize_nf4(w, block, double_quant)
-    out = torch.full(shape, float("nan"), device="cuda", dtype=dtype)  # poisoned: every element must be written
+    out = torch.full(shape, float("nan"), device=dev, dtype=dtype)  # poisoned: every element must be written
     dequantize_nf4_triton(q, dtype, out=out)
     assert torch.equal(out, dequantize_nf4_reference(q, dtype))

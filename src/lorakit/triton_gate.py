@@ -23,11 +23,17 @@ except ImportError:  # CPU-only installs: every kernel has a torch fallback
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """True when Triton is installed, not switched off, and every tensor is on CUDA (or the interpreter runs)."""
+def runs_on(device: torch.device) -> bool:
+    """True when a Triton kernel may run on `device`: Triton installed, not switched off, and the device is CUDA
+    (or any device under the interpreter)."""
     if not HAS_TRITON or os.environ.get("LORAKIT_TRITON", "1") == "0":
         return False
-    return all(t.is_cuda or INTERPRET for t in tensors)
+    return device.type == "cuda" or INTERPRET
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when a Triton kernel may run on all of these tensors (see runs_on)."""
+    return all(runs_on(t.device) for t in tensors)
 
 
 def row_block(n: int) -> int:

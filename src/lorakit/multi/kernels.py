@@ -1,7 +1,7 @@
 """Mixed-adapter LoRA compute: stacked adapters, the vectorised torch path, and Triton GPU kernels.
 
-Triton is optional: this package imports it only when a CUDA tensor asks for a kernel, so CPU-only
-installs work. Whether a kernel runs is decided by lorakit.triton_gate (LORAKIT_TRITON=0 turns them off).
+Triton is optional: without it only the torch path exists (triton_lora is imported only when Triton is).
+Whether a kernel runs is decided by lorakit.triton_gate (LORAKIT_TRITON=0 turns them off).
 Exactness: fp32 kernels equal the torch reference within fp32 rounding (1e-5 relative in the tests);
 bf16 kernels round h to bf16 once (the reference rounds it twice: after A·x and after the scaling).
 """
@@ -10,29 +10,26 @@ from __future__ import annotations
 
 import os
 
+from ..triton_gate import HAS_TRITON as HAVE_TRITON
 from .stack import AdapterStack, build_stack, padded_rank, segment_tiles
 from .torch_lora import lora_rows, token_reference
 
-from ..triton_gate import HAS_TRITON as HAVE_TRITON  # noqa: E402
-
+if HAVE_TRITON:
+    from . import triton_lora
 
 # False (or LORAKIT_SGMV=split): the two-kernel SGMV (shrink, then expand), for comparison
 SGMV_FUSED = os.environ.get("LORAKIT_SGMV", "fused") != "split"
 
 
 def sgmv(x2, y2, stack: AdapterStack, slot_map, tiles, block_m: int) -> None:
-    """In place: y2 [N, out] += each tile's LoRA (prefill). See triton_lora."""
-    from . import triton_lora
-
+    """In place: y2 [N, out] += each tile's LoRA (prefill). Needs Triton; see triton_lora."""
     run = triton_lora.sgmv if SGMV_FUSED else triton_lora.sgmv_split
     run(x2, y2, stack.a, stack.bt, stack.scale, slot_map, tiles, block_m)
 
 
 def bgmv(x2, y2, stack: AdapterStack, slot_map, token_gid) -> None:
-    """In place: y2 [N, out] += each row's LoRA, one token per row (decode). See triton_lora."""
-    from .triton_lora import bgmv as run
-
-    run(x2, y2, stack.a, stack.bt, stack.scale, slot_map, token_gid)
+    """In place: y2 [N, out] += each row's LoRA, one token per row (decode). Needs Triton; see triton_lora."""
+    triton_lora.bgmv(x2, y2, stack.a, stack.bt, stack.scale, slot_map, token_gid)
 
 
 __all__ = ["AdapterStack", "build_stack", "padded_rank", "segment_tiles", "lora_rows", "token_reference",

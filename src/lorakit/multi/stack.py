@@ -8,7 +8,7 @@ with (A [r, in], B [out, r], s, p)), in slot order:
     p     [S+1]          dropout probability per slot (training only)
 Slot S is all zeros: rows without an adapter (or whose adapter does not touch this layer) gather it and
 add exactly 0. Zero-padded ranks add exact zeros as well, so adapters of different ranks share a stack.
-On CUDA, R is padded to a power of two ≥ 16 (the Triton dot needs it).
+Where the Triton kernels may run (CUDA, or the interpreter), R is padded to a power of two ≥ 16 (padded_rank).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..triton_gate import runs_on
 
 
 @dataclass
@@ -39,7 +41,9 @@ class AdapterStack:
 
 
 def padded_rank(r: int, device: torch.device) -> int:
-    if device.type != "cuda":
+    """The stack's rank R: r where only the torch path runs; where the Triton kernels may run, a power of two
+    ≥ 16 (the Triton dot needs it; the padding adds exact zeros)."""
+    if not runs_on(device):
         return r
     return max(16, 1 << (r - 1).bit_length())
 

@@ -11,7 +11,8 @@ serves every adapter of the batch; no Python loop over adapters or rows.
 - BGMV (decode, one token per row): one fused kernel; each program owns one row and a range of output
   columns, computes the row's h (R values) once and adds h·Bᵀ to its columns.
 A tile or row whose adapter has no plain-LoRA delta on this layer (slot_map[gid] < 0) does nothing.
-Importing this module needs triton; lorakit.multi.kernels imports it only when a CUDA tensor asks for it.
+Importing this module needs Triton (through lorakit.triton_gate); lorakit.multi.kernels imports it only
+when Triton is installed.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
-import triton.language as tl
+
+from ..triton_gate import tl, triton
 
 
 @triton.jit

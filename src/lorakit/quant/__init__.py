@@ -2,7 +2,8 @@
 
 from . import bnb, weight
 from .linear import NF4Linear
-from .nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from .dequant import dequantize_nf4
+from .nf4 import NF4Tensor, quantize_nf4
 from .quantize import dequantize, merge_requantized, quantize
 from ..errors import QuantizedBaseError
 from .weight import Requantization

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from .dequant import dequantize_nf4
+from .nf4 import NF4Tensor, quantize_nf4
 
 
 class PackedNF4(nn.Parameter):

@@ -81,7 +81,7 @@ class NF4Tensor:
     absmax2: Optional[torch.Tensor] = None  # fp32 [ceil(blocks/256)]: scale of each block of absmax codes
     code2: Optional[torch.Tensor] = None  # fp32 [256]: the dynamic map the absmax codes index
     offset: Optional[torch.Tensor] = None  # fp32 []: the mean absmax, subtracted before quantizing
-    launch: Optional[tuple] = field(default=None, repr=False, compare=False)  # cached kernel arguments (GPU)
+    launch: Optional[tuple] = field(default=None, repr=False, compare=False)  # cached Triton launch arguments
 
     @property
     def double_quant(self) -> bool:
@@ -188,17 +188,3 @@ def dequantize_nf4_reference(q: NF4Tensor, dtype: torch.dtype = torch.float32) -
     scales = q.block_scales()
     vals = F.pad(vals, (0, scales.numel() * q.block_size - vals.numel())).view(-1, q.block_size) * scales[:, None]
     return vals.view(-1)[:n].view(q.shape).to(dtype)
-
-
-def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Dequantize: the Triton kernel on CUDA when Triton is installed (equal to the reference), else the reference."""
-    if q.packed.is_cuda and _triton_dequantizer() is not None:
-        return _triton_dequantizer()(q, dtype)
-    return dequantize_nf4_reference(q, dtype)
-
-
-@lru_cache(maxsize=None)
-def _triton_dequantizer():
-    from .triton_nf4 import dequantize_nf4_triton, triton_available
-
-    return dequantize_nf4_triton if triton_available() else None

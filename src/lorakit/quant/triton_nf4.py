@@ -1,27 +1,18 @@
-"""GPU fast path: NF4 → bf16/fp16/fp32 dequantization in one Triton kernel (held to nf4.dequantize_nf4_reference).
+"""NF4 → bf16/fp16/fp32 dequantization in one Triton kernel (held to nf4.dequantize_nf4_reference).
 
 One program handles BLOCK packed bytes = 2·BLOCK output values: it reads the bytes, the block scales
 (double-quantized: code2[absmax code] · absmax2 + offset, as the reference computes it, with fp-fusion off so
 that no FMA changes the rounding) and writes the values contiguously. Bytes read ≈ n/2, written n·2 (bf16):
-memory-bound, one pass; cuBLAS then multiplies with the written matrix.
+memory-bound, one pass; cuBLAS then multiplies with the written matrix. Which dequantizer runs is decided
+in dequant.py (through lorakit.triton_gate); without Triton this module defines no kernel.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..triton_gate import tl, triton
 from .nf4 import ABSMAX_BLOCK, NF4Tensor, _tables
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs
-    triton = None
-
-
-def triton_available() -> bool:
-    return triton is not None and torch.cuda.is_available()
-
 
 if triton is not None:
 
@@ -51,7 +42,8 @@ BLOCK = 1024  # packed bytes per program (2048 output values)
 
 
 def dequantize_nf4_triton(q: NF4Tensor, dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
-    """q on a CUDA device → dense tensor of q.shape in `dtype` (optionally written into `out`, contiguous)."""
+    """q on a CUDA device (or on CPU under Triton's interpreter) → dense tensor of q.shape in `dtype`
+    (optionally written into `out`, contiguous)."""
     if q.launch is None:  # built once per weight: a layer's forward calls this every step
         t = _tables(q.packed.device)
         double = q.double_quant
