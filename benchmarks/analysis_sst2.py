@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 import lorakit
-from lorakit.analysis.report import format_table
 
 REPO = Path(__file__).resolve().parent.parent
 SECTION = "## analysis (issue 8)"
@@ -183,7 +182,7 @@ def main() -> int:
     result = lorakit.analyze(small, base=model_path, compare=large, out=out / "analysis", suggest_rank=0.9,
                              truncate=4)
     analysis_seconds = time.time() - start
-    table = format_table(result)
+    table = result.table()
     print(table)
     print(f"analysis: {analysis_seconds:.1f} s")
     truncated_acc = evaluate_adapter(result.truncated, model_path, dev_rows, tokenizer, args.max_length)

@@ -68,3 +68,17 @@ def test_rows_whose_answer_is_cut_away_are_dropped(tokenizer):
 
 def test_train_options_default_to_the_bundled_model():
     assert TrainOptions().model == BUILTIN_MODEL
+
+
+@pytest.mark.parametrize("row", [{"mr": "name[Aromi], food[Chinese]", "ref": "Aromi serves Chinese food."},
+                                 {"input": "2 + 2 =", "output": "4"}, {"sentence": "a fine film", "label": "1"}],
+                         ids=["e2e-mr-ref", "input-output", "sentence-label"])
+def test_compose_reads_its_extra_field_pairs_as_prompt_completion(tokenizer, tmp_path, row):
+    from lorakit.cli.compose import as_train_row
+
+    prompt, answer = list(row.values())
+    as_pc = as_train_row(row)
+    assert as_pc == {"prompt": prompt + "\n", "completion": answer}
+    composed = search_batch(tokenizer, [as_pc], 256)
+    labels = composed["labels"][0]
+    assert tokenizer.decode(labels[labels != IGNORE]) == f"{answer}<|im_end|>"

@@ -84,7 +84,7 @@ def test_stacks_are_cached_and_rebuilt_when_weights_change():
             second = lin(x)
     assert torch.equal(first[0], second[0]) and not torch.equal(first[1], second[1])
     lorakit.multi.routing.clear_stacks(lin)
-    assert lin[0] not in lorakit.multi.routing._STACKS
+    assert lin[0] not in lorakit.multi.layer_plans._STACKS
 
 
 # --- the kernels: on CUDA, or in Triton's interpreter ------------------------------------------------------

@@ -2,7 +2,6 @@
 config and parameter names ("down" / "up"), gets the fused linear of lorakit.optimize, the stacked per_row
 path, exact combine and hot_swap without anything in lorakit.fast or lorakit.multi knowing it."""
 
-import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -13,6 +12,7 @@ from torch import nn
 
 import lorakit
 import lorakit.fast.lora_linear as ll
+import lorakit.multi.layer_plans as layer_plans
 import lorakit.multi.routing as routing
 from lorakit.core import registry
 from lorakit.core.config import AdapterConfig
@@ -163,7 +163,7 @@ def test_per_row_stacks_the_new_variant_and_matches_each_adapter_alone(toy, monk
         expected = torch.stack([_alone(model, n, x)[i] for i, n in enumerate(names)])
         with lorakit.per_row(model, names):
             out = model(x)
-    assert model.q in routing._STACKS and routing._STACKS[model.q].stack.a.shape[0] == 3  # a, b, none
+    assert model.q in layer_plans._STACKS and layer_plans._STACKS[model.q].stack.a.shape[0] == 3  # a, b, none
     assert _rel(out, expected) < 1e-6  # the stack keeps each scale in float32
     # training through a differentiable stack: each adapter's gradient comes from its own rows only
     stacked = []

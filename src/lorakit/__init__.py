@@ -5,6 +5,8 @@ core (add, activate, merge, save, load), variants (their configs), multi (many a
 fast (optimize), quant (a 4-bit base), train, analysis.
 """
 
+__version__ = "0.1.0"  # first: cli/app.py reads it at import
+
 from . import variants  # noqa: F401  (registers the built-in variants)
 from .analysis import analyze
 from .core.api import (active_adapters, adapted_layers, add_adapter, delete_adapter, disabled, get_config,
@@ -21,8 +23,6 @@ from .variants.adalora import AdaLoraConfig
 from .variants.loha import LoHaConfig
 from .variants.lokr import LoKrConfig
 from .variants.lora import LoraConfig
-
-__version__ = "0.1.0"
 
 __all__ = [
     # core: adapt a model in place, switch, merge, save and load

@@ -23,12 +23,16 @@ except ImportError:  # CPU-only installs: every kernel has a torch fallback
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def enabled() -> bool:
+    """Triton is installed and not switched off (LORAKIT_TRITON=0). Reads the environment: call it once per
+    block of work, not per kernel launch."""
+    return HAS_TRITON and os.environ.get("LORAKIT_TRITON", "1") != "0"
+
+
 def runs_on(device: torch.device) -> bool:
-    """True when a Triton kernel may run on `device`: Triton installed, not switched off, and the device is CUDA
-    (or any device under the interpreter)."""
-    if not HAS_TRITON or os.environ.get("LORAKIT_TRITON", "1") == "0":
-        return False
-    return device.type == "cuda" or INTERPRET
+    """True when a Triton kernel may run on `device`: Triton enabled, and the device is CUDA (or any device under
+    the interpreter)."""
+    return enabled() and (device.type == "cuda" or INTERPRET)
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

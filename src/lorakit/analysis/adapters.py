@@ -31,6 +31,7 @@ from .spectrum import Spectrum, spectrum_dense, spectrum_from_factors
 
 @dataclass
 class AdapterLayer:
+    """One adapted layer of the adapter under analysis: its module path, the adapted layer and the delta."""
     path: str
     layer: AdaptedLayer
     delta: Delta
@@ -76,6 +77,7 @@ class AdapterLayer:
 
 @dataclass
 class AdapterView:
+    """One adapter to analyse, whatever it came from (a directory, a model in memory): its config and layers."""
     label: str  # shown in tables and plots
     config: AdapterConfig
     layers: dict[str, AdapterLayer]  # in model order (layer 2 before layer 10)
@@ -88,10 +90,12 @@ class AdapterView:
 
     @property
     def peft_type(self) -> str:
+        """The adapter's PEFT type (adapter_config.json's peft_type)."""
         return self.config.peft_type
 
     @property
     def variant(self) -> str:
+        """The registry name of the adapter's variant."""
         return self.config.variant
 
 

@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from .results import PHI_LABEL, AdapterAnalysis, AnalysisResult, LayerAnalysis, phi_bases
+from .results import AdapterAnalysis, AnalysisResult, LayerAnalysis
+from .table import PHI_LABEL, phi_bases
 
 DPI = 110
 ZOOM = 8  # the paper's zoomed panels: i, j ≤ 8

@@ -12,6 +12,7 @@ import torch
 
 from .similarity import phi_summary
 from .spectrum import Spectrum
+from .table import format_table
 
 MAX_SAVED_VALUES = 256  # singular values per layer written to JSON (LoRA ranks are well below this)
 MAX_SAVED_PHI = 64  # φ[i][j] written to JSON for i, j ≤ 64 (the summaries use the whole matrix)
@@ -120,6 +121,10 @@ class AnalysisResult:
     def __getitem__(self, path: str) -> LayerAnalysis:
         return self.adapter[path]
 
+    def table(self) -> str:
+        """The analysis as a terminal table (format_table)."""
+        return format_table(self)
+
     def to_dict(self) -> dict[str, Any]:
         """The analysis.json contents (non-finite numbers as null)."""
         return _finite({
@@ -130,15 +135,3 @@ class AnalysisResult:
             "truncate": {"k": self.truncate_k, "directory": str(self.truncated)} if self.truncated else None,
             "files": dict(self.files),
         })
-
-
-def phi_bases(result: AnalysisResult) -> list[str]:
-    """The φ bases present, in the order shown: the paper's (A) first, then ΔW's input space."""
-    present = {b for la in result.layers for b in la.phi}
-    return [b for b in ("A", "delta_in") if b in present]
-
-
-PHI_LABEL = {"A": "φA", "delta_in": "φΔ", "delta_out": "φΔout"}
-PHI_TEXT = {"A": "right singular vectors of the factor A (the LoRA paper's Figure 3)",
-            "delta_in": "ΔW's right singular vectors (input space)",
-            "delta_out": "ΔW's left singular vectors (output space)"}

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..analysis import analyze, format_table
+from ..analysis import analyze
 from ..errors import ConfigError
 from .options import positional
 
@@ -59,7 +59,7 @@ def run_analyze(options: AnalyzeOptions) -> int:
                      suggest_rank=options.suggest_rank, truncate=options.truncate, truncate_out=options.truncate_out,
                      plots=options.plots, phi_depth=options.phi_depth, num_labels=options.num_labels,
                      device=options.device)
-    say(format_table(result))
+    say(result.table())
     say("")
     for role, path in result.files.items():
         say(f"{role:>18}: {path}")

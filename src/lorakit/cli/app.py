@@ -20,6 +20,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Union
 
+from .. import __version__
 from ..errors import LorakitError
 from ..train.fields import build_options, field_docs, field_types, read_config_file, unwrap_optional
 
@@ -117,7 +118,6 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The `lorakit` parser: one subparser per registered command (a command whose options fail to import
     still appears, with the error in its description)."""
-    from .. import __version__  # here: lorakit/__init__.py may still be running when this module is imported
 
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning: train, evaluate, generate, "
                                      "merge, inspect and size adapters.")
@@ -147,8 +147,6 @@ def parse_options(command: Command, namespace: argparse.Namespace):
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run `lorakit ARGV...`; returns the exit code (2 for a lorakit error, 130 when interrupted)."""
-    import lorakit  # noqa: F401  (imports every area, so their register_command calls have run)
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
@@ -167,6 +165,3 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 130
     return result if isinstance(result, int) else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

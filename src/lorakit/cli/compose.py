@@ -19,7 +19,7 @@ from ..core.api import set_active
 from ..core.files import load_adapter, read_config, save_adapter
 from ..errors import AdapterNameError, ConfigError
 from ..loading.models import load_pretrained, log_to_stderr
-from ..loading.rows import Encoder, encode_rows, read_rows
+from ..loading.rows import Encoder, detect_format, encode_rows, read_rows
 from ..multi.combine import combine, weighted
 from ..multi.lorahub import batches_loss, lorahub_search
 from ..train.batches import collate
@@ -36,7 +36,8 @@ class ComposeOptions:
     """Fixed weights, one per adapter: no search, the adapters are combined with these."""
     data: Optional[str] = None
     """Few labelled examples for the search, in the formats `lorakit train --data` reads (JSONL/JSON/CSV/TSV with
-    prompt/completion, Alpaca instruction/input/output, chat `messages`, or `text`). Needed unless --weights."""
+    prompt/completion, Alpaca instruction/input/output, chat `messages`, or `text`), or input/output, E2E mr/ref
+    or sentence/label pairs. Needed unless --weights is given."""
     examples: int = 5
     """Search on the first N examples of --data (LoraHub uses 5)."""
     max_evals: int = 40
@@ -62,7 +63,9 @@ def compose(options: ComposeOptions) -> dict:
     fixed = _fixed_weights(options.weights, len(named))
     if not fixed and not options.data:
         raise ConfigError("give --data (a few labelled examples to search the weights on) or --weights")
-    rows = read_rows(options.data)[: options.examples] if options.data else []  # a bad file fails before loading
+    rows = [as_train_row(r) for r in read_rows(options.data)[: options.examples]] if options.data else []
+    for row in rows:  # a bad file fails here, before any model loads
+        detect_format(row, "causal")
     model, tokenizer, device = load_pretrained(options.model or _base_of(named), "causal", device=options.device,
                                                log=log_to_stderr)
     model.eval()
@@ -132,6 +135,22 @@ def _base_of(named: dict[str, str]) -> str:
     if not base:
         raise ConfigError("the adapter does not name its base model: give --model")
     return base
+
+
+# Field pairs compose reads besides train's formats (E2E NLG's mr/ref, plain input/output, sentence/label),
+# turned into prompt/completion rows: the prompt stripped and ended with a newline, the answer stripped.
+EXTRA_PAIRS = (("input", "output"), ("mr", "ref"), ("sentence", "label"))
+
+
+def as_train_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row of one of EXTRA_PAIRS as a prompt/completion row; any other row as it is (train's formats, or
+    an error from the shared reader that names the formats)."""
+    if {"instruction", "prompt", "messages", "text"} & set(row):
+        return row
+    pair = next((p for p in EXTRA_PAIRS if p[0] in row and p[1] in row), None)
+    if pair is None:
+        return row
+    return {"prompt": str(row[pair[0]]).strip() + "\n", "completion": str(row[pair[1]]).strip()}
 
 
 def search_batch(tokenizer, rows: list[dict[str, Any]], max_length: int, source: Optional[str] = None

@@ -13,7 +13,6 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .delta import Delta
 from .layers import LayerOps, ops_for
 
 

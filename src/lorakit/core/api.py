@@ -58,7 +58,7 @@ def list_adapters(model: nn.Module) -> list[str]:
 
 def get_config(model: nn.Module, name: str) -> AdapterConfig:
     """The config of adapter `name`; raises AdapterNameError if the model has no such adapter."""
-    _require(model, [name])
+    require_adapters(model, [name])
     return state(model).configs[name]
 
 
@@ -72,7 +72,8 @@ class AdapterPlan:
     saved: list[str]  # module paths that get a modules_to_save copy
 
 
-def _check_new_name(model: nn.Module, name: str) -> None:
+def check_new_name(model: nn.Module, name: str) -> None:
+    """AdapterNameError unless `name` is a valid adapter name not yet taken on `model`."""
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
         raise AdapterNameError(f"adapter names are letters, digits, '_' and '-', got {name!r}")
     if name in state(model).configs:
@@ -81,7 +82,7 @@ def _check_new_name(model: nn.Module, name: str) -> None:
 
 def plan_adapter(model: nn.Module, config: AdapterConfig, name: str) -> AdapterPlan:
     """Build the adapter's deltas for this model without changing the model."""
-    _check_new_name(model, name)
+    check_new_name(model, name)
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a lorakit adapter config, got {type(config).__name__}")
     modules = dict(candidate_modules(model))
@@ -172,7 +173,8 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") 
 
 
 # --- activating, disabling, merging --------------------------------------------------------------------
-def _require(model: nn.Module, names: Sequence[str]) -> None:
+def require_adapters(model: nn.Module, names: Sequence[str]) -> None:
+    """AdapterNameError naming the model's adapters unless every name in `names` is one of them."""
     known = state(model).configs
     for n in names:
         if n not in known:
@@ -182,7 +184,7 @@ def _require(model: nn.Module, names: Sequence[str]) -> None:
 def set_active(model: nn.Module, names: Union[str, Sequence[str], None]) -> None:
     """Use one adapter, several (their outputs are summed), or none (None)."""
     wanted = () if names is None else (names,) if isinstance(names, str) else tuple(names)
-    _require(model, wanted)
+    require_adapters(model, wanted)
     if any(layer.merged for _, layer in adapted_layers(model)):
         warnings.warn("lorakit: unmerging adapters before switching the active set", stacklevel=2)
         unmerge(model)
@@ -216,7 +218,7 @@ def disabled(model: nn.Module):
 def merge(model: nn.Module, names: Optional[Sequence[str]] = None) -> None:
     """Add the active (or named) adapters' ΔW into the base weights: no added latency afterwards."""
     names = tuple(state(model).active if names is None else names)
-    _require(model, names)
+    require_adapters(model, names)
     for _, layer in adapted_layers(model):
         layer.merge(names)
 
@@ -234,7 +236,7 @@ _merge = merge  # unload's `merge` flag shadows the function
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name` from the model (unmerging first); the last one gone leaves the base model as it was,
     with its requires_grad flags restored."""
-    _require(model, [name])
+    require_adapters(model, [name])
     unmerge(model)
     st = state(model)
     _remove_from_layers(model, name)
@@ -296,7 +298,6 @@ def trainable_report(model: nn.Module) -> str:
     trainable, total = count_parameters(model)
     share = 100 * trainable / total if total else 0.0
     return f"trainable: {trainable:,} || all params: {total:,} || trainable%: {share:.3f}"
-
 
 
 # --- training integration -------------------------------------------------------------------------------

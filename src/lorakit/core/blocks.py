@@ -14,20 +14,19 @@ def repeated_blocks(model: nn.Module, *, no_split_classes: bool = False) -> list
 
     Args:
         model: any module tree.
-        no_split_classes: first look for HF's `_no_split_modules` classes on `model` and, when any module is
-            of one of them, return all of those instead (in module order). That set can be larger than the
-            layer list: for BERT it also names the embeddings, which FSDP then shards as a unit of its own.
+        no_split_classes: FSDP's choice: first HF's `_no_split_modules` classes on `model` and, when any module
+            is of one of them, all of those (in module order; for BERT that also names the embeddings, which
+            FSDP then shards as a unit of their own); else the longest nn.ModuleList whatever its entries.
 
     Returns:
         The blocks, in `model.modules()` order.
     """
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     if no_split_classes:
         names = set(getattr(model, "_no_split_modules", None) or [])
         blocks = [m for m in model.modules() if type(m).__name__ in names]
         if blocks:
             return blocks
-    best: list[nn.Module] = []
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) > len(best) and len({type(x) for x in m}) == 1:
-            best = list(m)
-    return best
+    else:
+        lists = [m for m in lists if len({type(x) for x in m}) == 1]
+    return list(max(lists, key=len)) if lists else []

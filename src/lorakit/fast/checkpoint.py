@@ -11,7 +11,6 @@ Only the gradients of parameters that are leaves (LoRA factors, trained biases) 
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 

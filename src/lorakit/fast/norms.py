@@ -147,6 +147,7 @@ GEMMA_STYLE = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
 
 
 def norm_style(module: torch.nn.Module):
+    """"llama" or "gemma" (which RMSNorm recipe an HF norm module computes, by its class name), or None if unknown."""
     name = type(module).__name__
     return "llama" if name in LLAMA_STYLE else "gemma" if name in GEMMA_STYLE else None
 

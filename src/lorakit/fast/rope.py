@@ -71,6 +71,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
 
 
 class RopeFunction(torch.autograd.Function):
+    """(q, k, cos, sin) → (q, k) rotated by RoPE; the backward pass rotates the gradients back (the transpose)."""
+
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
@@ -109,6 +111,7 @@ def set_fused_rope(on: bool) -> bool:
 
 @contextlib.contextmanager
 def fused_rope_enabled():
+    """A context manager: the fused RoPE hook is on in this thread inside it, restored to its previous setting after."""
     prev = set_fused_rope(True)
     try:
         yield

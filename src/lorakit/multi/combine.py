@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from ..core.adapted import AdaptedLayer
-from ..core.api import _check_new_name, adapted_layers, add_adapter, get_config, list_adapters
+from ..core.api import adapted_layers, add_adapter, check_new_name, get_config, require_adapters
 from ..core.registry import factored_variant
-from ..errors import AdapterNameError, ConfigError
+from ..errors import ConfigError
 from .routing import routed
 
 
@@ -48,13 +48,13 @@ class CombineReport:
 
 
 def check_weights(model: nn.Module, weights: Mapping[str, float]) -> dict[str, float]:
+    """{adapter name: float weight} after checking every name is an adapter of `model` and every weight a
+    finite number (AdapterNameError / ConfigError otherwise)."""
     if not isinstance(weights, Mapping) or not weights:
         raise ConfigError(f"weights must be a non-empty {{adapter name: weight}} mapping, got {weights!r}")
-    known = list_adapters(model)
+    require_adapters(model, list(weights))
     out = {}
     for name, w in weights.items():
-        if name not in known:
-            raise AdapterNameError(f"no adapter named {name!r}; this model has {sorted(known)}")
         if not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ConfigError(f"the weight of {name!r} must be a finite number, got {w!r}")
         out[name] = float(w)
@@ -94,7 +94,7 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, rank: Opt
     best rank-`rank` approximation of Σ weights[a]·ΔW_a on every layer any of them adapts. rank=None: exact
     (the numerical rank of the sum). Returns the relative error of the approximation."""
     weights = check_weights(model, weights)
-    _check_new_name(model, name)
+    check_new_name(model, name)
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
         raise ConfigError(f"rank must be a positive integer or None, got {rank!r}")
     for n in weights:

@@ -6,7 +6,7 @@ Nothing is re-injected and nothing a compiled graph depends on changes: every pa
 identity, shape, dtype and device (values are written with copy_), and no Python attribute that forward
 reads changes. A `torch.compile`d model therefore runs on without recompiling.
 
-A delta that holds any low-rank product (`Delta.factors_writable`, e.g. plain LoRA) may swap in a smaller
+A low-rank delta (one that can hold any s·B·A: `Delta.factors_writable`) may swap in a smaller
 rank (zero-padded: the extra rank rows of A and columns of B are 0) and another scale (another alpha:
 the ratio new_scale / old_scale is folded into B, so the layer's Python scale stays); the new file is read
 into a fresh delta, whose `low_rank_factors` are written with the loaded delta's `set_low_rank_factors`.
@@ -25,7 +25,7 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
-from ..core import files as io
+from ..core import files
 from ..core.api import adapted_layers, get_config, plan_adapter, saved_modules
 from ..errors import AdapterFormatError, HotSwapError
 from .layer_plans import clear_stacks
@@ -57,6 +57,9 @@ def _low_rank_writes(old: nn.Module, fresh, tensors) -> list[Write]:
     if r_new > r_old:
         raise HotSwapError(f"{old.module_name}: the new adapter's rank {r_new} is larger than the loaded rank "
                            f"{r_old}; load the largest-rank adapter first (or use load_adapter)")
+    if tuple(a_new.shape) != (r_new, a_old.shape[1]) or b_new.shape[0] != b_old.shape[0]:
+        raise HotSwapError(f"{old.module_name}: the new factors B {tuple(b_new.shape)} · A {tuple(a_new.shape)} do "
+                           f"not fit the loaded ΔW [{b_old.shape[0]}, {a_old.shape[1]}]")
     ratio = s_new / s_old
     return [functools.partial(old.set_low_rank_factors, b_new.float() * ratio if ratio != 1.0 else b_new, a_new)]
 
@@ -76,7 +79,7 @@ def _generic_writes(old: nn.Module, fresh, tensors) -> list[Write]:
     if differ:
         raise HotSwapError(f"{old.module_name}: the new {type(old).__name__} differs in {differ} "
                            f"({[mine.get(k) for k in differ]} → {[theirs.get(k) for k in differ]}); "
-                           "only a delta holding any low-rank product (plain LoRA) can change rank or scaling in place")
+                           "only a low-rank delta (one that can hold any s·B·A) can change rank or scaling in place")
     writes = []
     for key, param in old.peft_tensors().items():
         if tuple(tensors[key].shape) != tuple(param.shape):
@@ -86,19 +89,19 @@ def _generic_writes(old: nn.Module, fresh, tensors) -> list[Write]:
 
 
 # Delta class → swapper, for a variant with a rule of its own; the others take _low_rank_writes when they
-# hold any low-rank product (Delta.factors_writable), else _generic_writes.
+# are low-rank deltas (Delta.factors_writable: they can hold any s·B·A), else _generic_writes.
 SWAPPERS: dict[type, Swapper] = {}
 
 
 def _plan_writes(model: nn.Module, name: str, directory) -> list[Write]:
     current = get_config(model, name)
-    config = io.read_config(directory)
+    config = files.read_config(directory)
     if config.variant != current.variant:
         raise HotSwapError(f"adapter {name!r} is {current.variant}; {directory} holds {config.variant}")
-    tensors = io.read_tensors(directory)
+    tensors = files.read_tensors(directory)
     plan = plan_adapter(model, config, _TEMP_NAME)
-    per_delta, per_saved, biases = io._sort_tensors(model, plan, tensors)
-    io._validate(model, plan, per_delta, per_saved, biases)
+    per_delta, per_saved, biases = files._sort_tensors(model, plan, tensors)
+    files._validate(model, plan, per_delta, per_saved, biases)
     loaded = {path: layer.deltas[name] for path, layer in adapted_layers(model) if name in layer.deltas}
     extra = sorted(set(plan.deltas) - set(loaded))
     if extra:
@@ -131,7 +134,7 @@ def _saved_writes(model: nn.Module, name: str, per_saved: dict) -> list[Write]:
 def hot_swap(model: nn.Module, name: str, directory: Union[str, os.PathLike]) -> nn.Module:
     """Replace adapter `name`'s weights in place with those saved in `directory` (PEFT or lorakit layout).
 
-    Same variant, same or fewer target modules, same or smaller rank (deltas holding any low-rank product).
+    Same variant, same or fewer target modules, same or smaller rank (low-rank deltas, which can hold any s·B·A).
     Raises a LorakitError and leaves the model untouched when the new adapter does not fit. Returns the same
     model object."""
     layers = [layer for _, layer in adapted_layers(model)]

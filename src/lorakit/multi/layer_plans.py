@@ -18,6 +18,7 @@ from torch import nn
 
 from ..core.adapted import AdaptedLayer
 from ..core.api import adapted_layers
+from ..triton_gate import runs_on
 from .stack import AdapterStack, build_stack
 
 
@@ -36,6 +37,7 @@ def _delta_key(delta: nn.Module) -> tuple:
 class StackEntry:
     keys: dict[str, tuple]  # name → (delta id, _delta_key) of each stacked delta, in slot order
     stack: AdapterStack
+    for_kernels: bool  # built where Triton kernels may run (rank padded for them: stack.padded_rank)
 
 
 @dataclass
@@ -76,16 +78,22 @@ def layer_stack(layer: AdaptedLayer) -> Optional[StackEntry]:
         return None
     keys = {n: (id(d), _delta_key(d)) for n, d in deltas.items()}
     entry = _STACKS.get(layer)
-    if entry is None or entry.keys != keys:
+    if entry is None or entry.keys != keys or entry.for_kernels != _kernels_on(entry.stack):
         with torch.no_grad():
-            entry = StackEntry(keys, build_stack(list(deltas.values())))
-        _STACKS[layer] = entry
+            stack = build_stack(list(deltas.values()))
+        entry = _STACKS[layer] = StackEntry(keys, stack, _kernels_on(stack))
     return entry
+
+
+def _kernels_on(stack: AdapterStack) -> bool:
+    """Whether the kernels may run where `stack` lives (LORAKIT_TRITON can change between per_row blocks)."""
+    return runs_on(stack.a.device)
 
 
 def _plan_is_current(layer: AdaptedLayer, lp: LayerPlan) -> bool:
     """Cheap check of only what this plan uses: the same delta objects, and its stacked ones unchanged."""
-    if lp.entry is not None and _STACKS.get(layer) is not lp.entry:
+    entry = lp.entry
+    if entry is not None and (_STACKS.get(layer) is not entry or entry.for_kernels != _kernels_on(entry.stack)):
         return False
     modules = layer.deltas._modules
     for name, delta, key in lp.checks:

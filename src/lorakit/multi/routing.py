@@ -30,13 +30,13 @@ from torch import nn
 
 from . import kernels
 from ..core.adapted import AdaptedLayer
-from ..core.api import list_adapters
+from ..core.api import require_adapters
 from ..core.patching import is_patched, patch_forward, unpatch_forward
 from ..core.saved import SavedModule
-from ..errors import AdapterNameError, MixedBatchError
-from ..triton_gate import use_triton
+from ..errors import MixedBatchError
+from .. import triton_gate
 from .kernels import AdapterStack, build_stack
-from .layer_plans import _STACKS, GENERATION, LayerPlan, clear_stacks, layer_plan  # noqa: F401 (_STACKS: tests)
+from .layer_plans import GENERATION, LayerPlan, clear_stacks, layer_plan
 
 IMPLS = ("auto", "torch", "reference")
 
@@ -113,7 +113,8 @@ class Router:
         self.block_m = block_m
         self._layers: dict[int, LayerPlan] = {}
         self._generation = GENERATION[0]
-        self.use_kernels = impl == "auto"  # Triton SGMV/BGMV where the gate allows (triton_gate.use_triton)
+        # Triton SGMV/BGMV where the gate allows; the environment is read once per block, not per layer call
+        self.use_kernels = impl == "auto" and triton_gate.enabled()
 
     def __call__(self, layer: AdaptedLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if layer.merged:
@@ -151,7 +152,7 @@ class Router:
             return kernels.lora_rows(x, y, stack, slot, dropout=layer.training and stack.max_p > 0)
         stack = lp.entry.stack
         dropout = layer.training and stack.max_p > 0
-        if self.use_kernels and not dropout and use_triton(x):
+        if self.use_kernels and not dropout and (x.is_cuda or triton_gate.INTERPRET):
             return self._kernel(lp, stack, x, y)
         slot = lp.slot_of_gid[self.plan.gids(n_rows, x.device) + 1]
         return kernels.lora_rows(x, y, stack, slot, dropout=dropout)
@@ -241,12 +242,10 @@ def _wrappers(model: nn.Module) -> tuple[list[AdaptedLayer], list[SavedModule]]:
 def _check_names(model: nn.Module, names) -> list[Optional[str]]:
     if isinstance(names, str) or not isinstance(names, Sequence) or not len(names):
         raise MixedBatchError(f"per_row needs a non-empty list with one adapter name (or None) per row, got {names!r}")
-    known = list_adapters(model)
     for n in names:
         if n is not None and not isinstance(n, str):
             raise MixedBatchError(f"per_row names are adapter names or None, got {n!r}")
-        if n is not None and n not in known:
-            raise AdapterNameError(f"no adapter named {n!r}; this model has {sorted(known)}")
+    require_adapters(model, [n for n in names if n is not None])
     return list(names)
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dequant import dequantize_nf4
-from .nf4 import NF4Tensor, quantize_nf4
+from .nf4 import DEFAULT_BLOCK_SIZE, NF4Tensor, quantize_nf4
 
 
 class PackedNF4(nn.Parameter):
@@ -77,8 +77,10 @@ class NF4Linear(nn.Module):
         self._view = None  # the NF4Tensor view of these buffers, built on first use
 
     @classmethod
-    def from_linear(cls, layer: nn.Module, block_size: int = 64, double_quant: bool = True,
+    def from_linear(cls, layer: nn.Module, block_size: int = DEFAULT_BLOCK_SIZE, double_quant: bool = True,
                     compute_dtype: torch.dtype = torch.bfloat16, device=None) -> "NF4Linear":
+        """An NF4Linear holding NF4(layer.weight) [out, in] (quantized on `device`, default: where the weight is)
+        and layer's bias in compute_dtype; `layer` is any module with .weight [out, in] and .bias."""
         w = layer.weight.detach().to(device)
         bias = None if layer.bias is None else layer.bias.detach().to(device)
         return cls(quantize_nf4(w, block_size, double_quant), bias, compute_dtype)
@@ -109,6 +111,7 @@ class NF4Linear(nn.Module):
         self._store(q)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] → x·Wᵀ + b [..., out], computed in compute_dtype and returned in x's dtype."""
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         y = _NF4LinearFn.apply(x.to(self.compute_dtype), bias, self)
         return y.to(x.dtype)
@@ -124,6 +127,7 @@ class NF4Linear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
+        """Sizes, bias, NF4 block size, double quantization and compute dtype, for print(model)."""
         dq = ", double_quant" if self.double_quant else ""
         bias = self.bias is not None
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}, nf4 block={self.block_size}"

@@ -42,6 +42,7 @@ NF4_CODE = (
 ZERO_CODE = 7  # NF4_CODE[7] == 0.0
 ABSMAX_BLOCK = 256  # block size of the second quantization (of the absmax values)
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' valid block sizes
+DEFAULT_BLOCK_SIZE = 64  # QLoRA's (and bitsandbytes') NF4 block size
 
 
 def dynamic_map() -> torch.Tensor:
@@ -76,7 +77,7 @@ class NF4Tensor:
     packed: torch.Tensor  # uint8 [ceil(n/2)]: two codes per byte, element 2i in the high nibble
     absmax: torch.Tensor  # fp32 [blocks], or uint8 [blocks] indices into code2 when double-quantized
     shape: tuple[int, ...]  # the original weight's shape
-    block_size: int = 64
+    block_size: int = DEFAULT_BLOCK_SIZE
     dtype: torch.dtype = torch.float32  # the original weight's dtype (bitsandbytes' quant_state.dtype)
     absmax2: Optional[torch.Tensor] = None  # fp32 [ceil(blocks/256)]: scale of each block of absmax codes
     code2: Optional[torch.Tensor] = None  # fp32 [256]: the dynamic map the absmax codes index
@@ -85,17 +86,21 @@ class NF4Tensor:
 
     @property
     def double_quant(self) -> bool:
+        """Whether the block scales are themselves quantized (absmax holds uint8 codes into code2)."""
         return self.absmax2 is not None
 
     @property
     def numel(self) -> int:
+        """The number of weight values (the product of `shape`)."""
         return math.prod(self.shape)
 
     @property
     def blocks(self) -> int:
+        """The number of quantization blocks, ceil(numel / block_size)."""
         return self.absmax.numel()
 
     def storage_bytes(self) -> int:
+        """Bytes held: packed codes, block scales and, when double-quantized, absmax2, code2 and offset."""
         extra = [self.absmax2, self.code2, self.offset] if self.double_quant else []
         return sum(t.numel() * t.element_size() for t in [self.packed, self.absmax, *extra])
 
@@ -120,6 +125,8 @@ def quantize_blockwise(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch
 
 
 def dequantize_blockwise(codes: torch.Tensor, scales: torch.Tensor, code: torch.Tensor, block: int) -> torch.Tensor:
+    """The inverse of quantize_blockwise: codes uint8 [n], scales fp32 [ceil(n/block)], code fp32 [256] →
+    fp32 [n], each value code[codes[i]] × its block's scale."""
     n = codes.numel()
     vals = code[codes.long()]
     vals = F.pad(vals, (0, scales.numel() * block - n)).view(-1, block) * scales[:, None]
@@ -154,12 +161,13 @@ def _bucketize(x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
 
 # --- NF4 -------------------------------------------------------------------------------------------------
 def check_block_size(block_size: int) -> None:
+    """Raise ConfigError unless block_size is one of bitsandbytes' NF4 block sizes (BLOCK_SIZES)."""
     if block_size not in BLOCK_SIZES:
         raise ConfigError(f"NF4 block_size must be one of {BLOCK_SIZES} (as in bitsandbytes), got {block_size!r}")
 
 
 @torch.no_grad()
-def quantize_nf4(w: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> NF4Tensor:
+def quantize_nf4(w: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, double_quant: bool = True) -> NF4Tensor:
     """Quantize a float tensor (any shape) to NF4, on its own device, in pure PyTorch."""
     check_block_size(block_size)
     if not w.is_floating_point() or w.dtype not in (torch.float32, torch.float16, torch.bfloat16):

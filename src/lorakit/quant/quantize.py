@@ -21,7 +21,7 @@ from ..core.api import adapted_layers, state, unload
 from ..core.targeting import SEQ_CLS_HEAD_NAMES, candidate_modules
 from .bnb import is_bnb_linear4bit
 from .linear import NF4Linear
-from .nf4 import check_block_size
+from .nf4 import DEFAULT_BLOCK_SIZE, check_block_size
 from .weight import QuantizedWeight, Requantization
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -92,9 +92,9 @@ def _check_not_merged(model: nn.Module, paths: list[str], doing: str) -> None:
 
 
 # --- the API ---------------------------------------------------------------------------------------------------
-def quantize(model: nn.Module, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True, block_size: int = 64,
-             compute_dtype: torch.dtype = torch.bfloat16, skip: Optional[Iterable[str]] = None,
-             targets: Optional[Iterable[str]] = None, device=None) -> nn.Module:
+def quantize(model: nn.Module, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
+             block_size: int = DEFAULT_BLOCK_SIZE, compute_dtype: torch.dtype = torch.bfloat16,
+             skip: Optional[Iterable[str]] = None, targets: Optional[Iterable[str]] = None, device=None) -> nn.Module:
     """Replace linear layers by NF4Linear (in place; returns the same model).
 
     By default every nn.Linear except the output head and a classifier/score head; `skip` leaves named modules

@@ -33,7 +33,7 @@ import torch.distributed as tdist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..core import files as io
+from ..core import files
 from ..core.api import active_adapters, training_hooks
 from ..core.blocks import repeated_blocks
 from ..errors import ConfigError
@@ -190,7 +190,6 @@ def wrap_model(model: nn.Module, dist: Distributed, strategy: str, device: torch
 
 
 def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
-
     model.to(device)
     # Every rank loaded the same base and seeded the same adapter init: sync only the trainable tensors
     # (init_sync=False skips broadcasting the whole frozen base from rank 0).
@@ -233,17 +232,17 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 def gather_adapter(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's keys, whole and on CPU, on every rank (collective under FSDP)."""
     return {k: full_tensor(v.detach()).to("cpu", copy=True).contiguous()
-            for k, v in io.adapter_state_dict(model, name).items()}
+            for k, v in files.adapter_state_dict(model, name).items()}
 
 
 def save_adapter(model: nn.Module, directory, dist: Distributed, name: Optional[str] = None) -> Path:
-    """io.save_adapter for a sharded or replicated model: every rank gathers, rank 0 writes."""
+    """files.save_adapter for a sharded or replicated model: every rank gathers, rank 0 writes."""
     name = name or active_adapters(model)[0]
     if not dist.enabled:
-        return io.save_adapter(model, directory, name=name)
+        return files.save_adapter(model, directory, name=name)
     tensors = gather_adapter(model, name)
     if dist.is_main:
-        io.write_adapter_files(directory, tensors, io.adapter_config_dict(model, name))
+        files.write_adapter_files(directory, tensors, files.adapter_config_dict(model, name))
     dist.barrier()
     return Path(directory)
 

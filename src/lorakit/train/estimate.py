@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..quant.nf4 import ABSMAX_BLOCK, NF4Tensor
+from ..quant.nf4 import ABSMAX_BLOCK, DEFAULT_BLOCK_SIZE
 
 # Bits per frozen weight. NF4 (double-quantized, as lorakit.quant stores it) keeps 4 bits per weight, an 8-bit
 # absmax code per block of NF4_BLOCK weights, and an fp32 scale per ABSMAX_BLOCK absmax codes.
-NF4_BLOCK = NF4Tensor.block_size  # the default block size (64), as quantize_nf4 uses it
+NF4_BLOCK = DEFAULT_BLOCK_SIZE  # the block size quantize_nf4 and lorakit.quantize use by default
 NF4_BITS = 4 + 8 / NF4_BLOCK + 32 / (NF4_BLOCK * ABSMAX_BLOCK)
 BYTES_PER_WEIGHT = {32: 4.0, 16: 2.0, 8: 1.0, 4: NF4_BITS / 8}
 TRAINABLE_BYTES = 16

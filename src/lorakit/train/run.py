@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 from ..core.api import add_adapter, count_parameters, disabled
 from ..errors import ConfigError, LorakitError
-from ..loading.models import load_model, load_tokenizer, resolve_model
+from ..loading.models import load_model, load_tokenizer, log_to_stderr, resolve_model
 from ..loading.rows import Encoder, Example, encode_rows, label_names_of, read_rows
 from . import distributed
 from . import task as builtin
@@ -115,7 +114,8 @@ def train(options: Optional[TrainOptions] = None, *, config: Optional[str] = Non
 
 
 def _logger(quiet: bool) -> Callable[[str], None]:
-    return (lambda *a: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    """Progress lines to stderr, or nowhere."""
+    return (lambda *a: None) if quiet else log_to_stderr
 
 
 def _launched(opts: TrainOptions, model, log) -> TrainResult:

@@ -72,10 +72,7 @@ class AdaLoraConfig(LoraConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        self.check_dropout_and_bias()
         if not isinstance(self.init_lora_weights, bool):
             raise ConfigError(f"AdaLoRA's init_lora_weights must be True or False, got {self.init_lora_weights!r}")
         if self.use_dora or self.use_rslora or self.alpha_pattern:

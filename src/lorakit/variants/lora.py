@@ -59,14 +59,18 @@ class LoraConfig(AdapterConfig):
     def validate(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
             raise ConfigError(f"r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        self.check_dropout_and_bias()
         init = self.init_lora_weights
         if not (isinstance(init, bool) or init in ("gaussian", "pissa", "olora")):
             raise ConfigError(f"init_lora_weights must be True, False, 'gaussian', 'pissa' or 'olora', got {init!r}")
         check_rank_pattern(self.rank_pattern)
+
+    def check_dropout_and_bias(self) -> None:
+        """lora_dropout in [0, 1) and PEFT's bias values (shared with AdaLoRA's config)."""
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
 
     @property
     def bias_mode(self) -> str:
@@ -166,7 +170,11 @@ class LoraDelta(Delta):
             return None
         p = d["_parameters"]
         drop = d["_modules"]["dropout"]
-        return p["lora_A"], p["lora_B"], d["scaling"], drop.p if type(drop) is nn.Dropout else 0.0
+        if type(drop) is nn.Dropout:
+            return p["lora_A"], p["lora_B"], d["scaling"], drop.p
+        if type(drop) is nn.Identity:
+            return p["lora_A"], p["lora_B"], d["scaling"], 0.0
+        return None  # another input transform: not the protocol's form
 
     @torch.no_grad()
     def set_low_rank_factors(self, b: torch.Tensor, a: torch.Tensor) -> None:
