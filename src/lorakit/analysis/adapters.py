@@ -32,6 +32,7 @@ from .spectrum import Spectrum, spectrum_dense, spectrum_from_factors
 @dataclass
 class AdapterLayer:
     """One adapted layer of the adapter under analysis: its module path, the adapted layer and the delta."""
+
     path: str
     layer: AdaptedLayer
     delta: Delta
@@ -78,6 +79,7 @@ class AdapterLayer:
 @dataclass
 class AdapterView:
     """One adapter to analyse, whatever it came from (a directory, a model in memory): its config and layers."""
+
     label: str  # shown in tables and plots
     config: AdapterConfig
     layers: dict[str, AdapterLayer]  # in model order (layer 2 before layer 10)

@@ -37,6 +37,7 @@ def _rounded(t: torch.Tensor, digits: int = 6) -> list:
 @dataclass
 class LayerAnalysis:
     """What the analysis found for one adapted layer (ΔW's spectrum, φ, ΔW vs W, rank suggestion, truncation)."""
+
     path: str
     shape: tuple[int, int]  # (out, n): ΔW as a matrix in the canonical orientation, n = in·kernel
     nominal_rank: Optional[int]  # the rank the config gives this layer (None for variants without one)
@@ -82,6 +83,7 @@ class LayerAnalysis:
 @dataclass
 class AdapterAnalysis:
     """The per-layer analyses of one adapter."""
+
     label: str
     source: Optional[str]
     peft_type: str
@@ -104,6 +106,7 @@ class AdapterAnalysis:
 @dataclass
 class AnalysisResult:
     """What lorakit.analyze returns: the adapter's analysis, the compared one, suggestions and written files."""
+
     adapter: AdapterAnalysis
     compare: Optional[AdapterAnalysis] = None
     base: Optional[str] = None  # the base model (path or class name), if one was used

@@ -14,6 +14,8 @@ from .options import positional
 
 @dataclass
 class AnalyzeOptions:
+    """Options of `lorakit analyze`; each attribute's docstring is its --help text."""
+
     adapter: Optional[str] = positional()
     """Adapter directory to analyse (PEFT or lorakit: adapter_config.json + adapter_model.safetensors)."""
     base: Optional[str] = None

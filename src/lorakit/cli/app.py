@@ -27,6 +27,8 @@ from ..train.fields import build_options, field_docs, field_types, read_config_f
 
 @dataclass
 class Command:
+    """A registered subcommand: its options dataclass and its function (objects, or lazy 'module:attr' strings)."""
+
     options: Union[type, str]  # an options dataclass, or "module:Class"
     run: Union[Callable[[Any], Any], str]  # a function of the options, or "module:function"
     help: str = ""

@@ -27,6 +27,8 @@ from ..train.batches import collate
 
 @dataclass
 class ComposeOptions:
+    """Options of `lorakit compose`; each attribute's docstring is its --help text."""
+
     adapters: list[str] = field(default_factory=list)
     """Adapter directories to compose (two or more); NAME=DIR names one (default: the directory's name)."""
     model: str = ""

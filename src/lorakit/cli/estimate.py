@@ -11,6 +11,8 @@ from ..train.estimate import KNOWN_SHAPES, TRAINABLE_BYTES, Estimate, estimate, 
 
 @dataclass
 class EstimateOptions:
+    """Options of `lorakit estimate`; each attribute's docstring is its --help text."""
+
     model: str = "llama-3-8b"
     """A local model directory, a config.json, or a known shape name (see --list-shapes)."""
     r: int = 8

@@ -19,6 +19,8 @@ def positional(default=None):
 
 @dataclass
 class EvalOptions(ModelOptions, DataOptions):
+    """Options of `lorakit eval`."""
+
     adapter: Optional[str] = None
     """Adapter directory to evaluate (empty: the base model)."""
     metric: Literal["auto", "accuracy", "bleu", "exact", "perplexity"] = "auto"
@@ -33,6 +35,8 @@ class EvalOptions(ModelOptions, DataOptions):
 
 @dataclass
 class GenerateOptions(ModelOptions):
+    """Options of `lorakit generate`."""
+
     adapter: list[str] = field(default_factory=list)
     """Adapter directories; several are shown side by side. Empty: the base model only."""
     prompt: list[str] = field(default_factory=list)
@@ -51,6 +55,8 @@ class GenerateOptions(ModelOptions):
 
 @dataclass
 class MergeOptions(ModelOptions):
+    """Options of `lorakit merge`."""
+
     adapter: str = positional()
     """Adapter directory to merge into the base model."""
     output: str = "merged-model"
@@ -61,5 +67,7 @@ class MergeOptions(ModelOptions):
 
 @dataclass
 class InfoOptions:
+    """Options of `lorakit info`."""
+
     directory: str = positional()
     """An adapter directory (adapter_config.json + adapter_model.safetensors)."""

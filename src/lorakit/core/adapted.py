@@ -80,6 +80,7 @@ class KeepsBaseKeys(nn.Module):
 
 class AdaptedLayer(KeepsBaseKeys):
     """A frozen base layer plus named deltas in parallel: y = base(x), then each active unmerged delta transforms y."""
+
     def __init__(self, base_layer: nn.Module, ops: Optional[LayerOps] = None):
         super().__init__()
         self.base_layer = base_layer

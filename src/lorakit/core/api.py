@@ -66,6 +66,7 @@ def get_config(model: nn.Module, name: str) -> AdapterConfig:
 @dataclass
 class AdapterPlan:
     """An adapter built next to a model but not yet in it (see plan_adapter and attach)."""
+
     name: str
     config: AdapterConfig
     deltas: dict[str, Delta]  # module path → new delta (not yet in the model)

@@ -29,6 +29,7 @@ LinearFactors = tuple[nn.Parameter, nn.Parameter, float, float]
 
 class Delta(nn.Module):
     """One adapter's change to one base layer; every variant subclasses it (see the module docstring)."""
+
     def __init__(self, ops: LayerOps, config: AdapterConfig, module_name: str):
         super().__init__()
         self.ops = ops

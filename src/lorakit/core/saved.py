@@ -16,6 +16,7 @@ from .adapted import KeepsBaseKeys
 class SavedModule(KeepsBaseKeys):
     """modules_to_save: the original module plus one trainable copy per adapter; the first active adapter's copy
     runs."""
+
     inner_name = "original_module"
 
     def __init__(self, original_module: nn.Module):

@@ -64,6 +64,9 @@ def _loss_grad_torch(logits, target, scale, ignore_index):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
+    """Autograd function of the chunked LM head + cross-entropy: the full logits never exist (see the module
+    docstring)."""
+
     @staticmethod
     def forward(ctx, h, weight, bias, target, scale, ignore_index: int, chunk_rows: int):
         # h [N, H], weight [V, H] (frozen), target [N] (ignore_index where no loss), scale: 0-dim float32

@@ -76,6 +76,8 @@ def _act_grad_torch(gf: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Te
 
 
 class GatedActFunction(torch.autograd.Function):
+    """Autograd function of act(g)·u in one pass each way (Triton where the gate allows, torch elsewhere)."""
+
     @staticmethod
     def forward(ctx, g: torch.Tensor, u: torch.Tensor, kind: str):
         g, u = g.contiguous(), u.contiguous()

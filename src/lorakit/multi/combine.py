@@ -33,6 +33,8 @@ from .routing import routed
 
 @dataclass
 class CombineReport:
+    """What combine returns: the new adapter's name and rank, the weights, and the error of the rank-k refactoring."""
+
     name: str
     rank: int
     weights: dict[str, float]

@@ -35,6 +35,8 @@ def _delta_key(delta: nn.Module) -> tuple:
 
 @dataclass
 class StackEntry:
+    """A layer's cached stack and what it was built from (to know when to rebuild it)."""
+
     keys: dict[str, tuple]  # name → (delta id, _delta_key) of each stacked delta, in slot order
     stack: AdapterStack
     for_kernels: bool  # built where Triton kernels may run (rank padded for them: stack.padded_rank)

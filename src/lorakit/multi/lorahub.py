@@ -19,6 +19,8 @@ from .combine import check_weights, weighted
 
 @dataclass
 class SearchResult:
+    """What lorahub_search returns: the best weights, their loss, and every evaluation made."""
+
     weights: dict[str, float]
     loss: float
     """loss_fn at the best weights (without the L1 term)."""

@@ -55,6 +55,8 @@ class RowPlan:
         self._cache: dict = {}
 
     def expanded(self, n_rows: int) -> list[int]:
+        """Each of n_rows rows' gid: the batch's names repeated for HF generate's beams / returned sequences (a
+        multiple k of the batch: row i covers rows i·k … i·k+k-1)."""
         batch = len(self.names)
         if n_rows % batch:
             raise MixedBatchError(f"per_row got {batch} names but an adapted layer saw {n_rows} rows in dimension 0 "
@@ -72,6 +74,7 @@ class RowPlan:
         return self._cached(("gids", n_rows, device), lambda: torch.tensor(self.expanded(n_rows), device=device))
 
     def token_gids(self, n_rows: int, device) -> torch.Tensor:
+        """gids as int32 [n_rows], for the kernels."""
         return self._cached(("gids32", n_rows, device), lambda: self.gids(n_rows, device).to(torch.int32))
 
     def rows(self, n_rows: int, device) -> dict[int, torch.Tensor]:
@@ -84,6 +87,7 @@ class RowPlan:
         return self._cached(("rows", n_rows, device), make)
 
     def tiles(self, n_rows: int, tokens_per_row: int, block_m: int, device) -> torch.Tensor:
+        """The SGMV work list [T, 3] int32 (first token, count, gid) for n_rows rows of tokens_per_row tokens."""
         def make():
             tiles = kernels.segment_tiles(self.expanded(n_rows), tokens_per_row, block_m)
             return torch.tensor(tiles, dtype=torch.int32, device=device).view(-1, 3)

@@ -25,6 +25,8 @@ from ..triton_gate import runs_on
 
 @dataclass
 class AdapterStack:
+    """The stacked factors of one layer's low-rank adapters (layout in the module docstring)."""
+
     a: torch.Tensor  # [S+1, R, in]
     bt: torch.Tensor  # [S+1, R, out]
     scale: torch.Tensor  # [S+1] fp32
@@ -33,10 +35,12 @@ class AdapterStack:
 
     @property
     def none_slot(self) -> int:
+        """The all-zero slot S: rows without an adapter on this layer."""
         return self.a.shape[0] - 1
 
     @property
     def rank(self) -> int:
+        """R, the (padded) rank of the stack."""
         return self.a.shape[1]
 
 

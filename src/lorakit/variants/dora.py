@@ -57,6 +57,8 @@ def unmerged_base_weight(layer) -> Iterator[torch.Tensor]:
 
 
 class DoraDelta(LoraDelta):
+    """DoRA on one layer: LoRA's factors plus the magnitude vector m (see the module docstring)."""
+
     def __init__(self, ops: LayerOps, config: LoraConfig, module_name: str):
         super().__init__(ops, config, module_name)
         # PEFT's shapes: a row vector for linear-like layers, [1, out, 1, ...] for convolutions.

@@ -43,6 +43,8 @@ class LoHaConfig(LycorisConfig):
 
 
 class LoHaDelta(LycorisDelta):
+    """LoHa on one layer: ΔW = (w1a·w1b) ⊙ (w2a·w2b)·alpha/r (CP form for k>1 convolutions)."""
+
     def __init__(self, ops: LayerOps, config: LoHaConfig, module_name: str):
         check_lycoris_layer(ops, "LoHa")
         super().__init__(ops, config, module_name)

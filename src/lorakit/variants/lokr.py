@@ -71,6 +71,8 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 
 class LoKrDelta(LycorisDelta):
+    """LoKr on one layer: ΔW = kron(w1, w2)·alpha/r, with PEFT's factor shapes."""
+
     def __init__(self, ops: LayerOps, config: LoKrConfig, module_name: str):
         check_lycoris_layer(ops, "LoKr")
         super().__init__(ops, config, module_name)

@@ -85,6 +85,7 @@ class LoraConfig(AdapterConfig):
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    """LoRA's scale s: alpha / r, or alpha / √r with rsLoRA."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
