@@ -4,7 +4,7 @@ the frozen parts); `lorakit.unoptimize(model)` takes them out again.
 What it does, each part switchable for measurement:
 - every adapted linear gets `fast_path = lora_linear_fast_path` (the fused autograd function; the
   reference path is taken at call time whenever the layer is merged, disabled, routed, has dropout, a
-  non-LoRA delta or adapters in another dtype than its base);
+  delta without linear factors (Delta.linear_factors) or adapters in another dtype than its base);
 - `group`: sibling projections that read one input (q/k/v, query/key/value; gate/up inside `glu`) run as
   one fused call;
 - `norms`, `rope`, `glu`, `fused_loss`: the HF family patches of families.py (Triton on GPU, torch on CPU);

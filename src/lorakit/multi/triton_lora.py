@@ -10,7 +10,7 @@ serves every adapter of the batch; no Python loop over adapters or rows.
   two-kernel form: shrink to h in memory, then expand.)
 - BGMV (decode, one token per row): one fused kernel; each program owns one row and a range of output
   columns, computes the row's h (R values) once and adds h·Bᵀ to its columns.
-A tile or row whose adapter has no plain-LoRA delta on this layer (slot_map[gid] < 0) does nothing.
+A tile or row whose adapter has no stacked low-rank delta on this layer (slot_map[gid] < 0) does nothing.
 Importing this module needs Triton (through lorakit.triton_gate); lorakit.multi.kernels imports it only
 when Triton is installed.
 """
