@@ -13,8 +13,8 @@ from .core.api import (active_adapters, adapted_layers, add_adapter, delete_adap
                        list_adapters, merge, set_active, trainable_report, training_hooks, unload, unmerge)
 from .core.config import AdapterConfig
 from .core.files import adapter_state_dict, load_adapter, read_config, save_adapter
-from .errors import (AdapterFormatError, AdapterNameError, ConfigError, HotSwapError, LorakitError,
-                     MixedBatchError, QuantizedBaseError, ShapeMismatchError, TargetError)
+from .errors import (AdapterFormatError, AdapterNameError, CheckpointError, ConfigError, DataError, HotSwapError,
+                     LorakitError, MixedBatchError, QuantizedBaseError, ShapeMismatchError, TargetError)
 from .fast import optimize, unoptimize
 from .multi import combine, hot_swap, lorahub_search, per_row, weighted
 from .quant import NF4Linear, dequantize, merge_requantized, quantize
@@ -37,5 +37,5 @@ __all__ = [
     "optimize", "unoptimize", "quantize", "dequantize", "merge_requantized", "NF4Linear", "train", "analyze",
     # errors
     "LorakitError", "ConfigError", "TargetError", "AdapterNameError", "AdapterFormatError", "ShapeMismatchError",
-    "QuantizedBaseError", "MixedBatchError", "HotSwapError",
+    "QuantizedBaseError", "MixedBatchError", "HotSwapError", "DataError", "CheckpointError",
 ]

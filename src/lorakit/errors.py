@@ -35,3 +35,11 @@ class MixedBatchError(LorakitError, ValueError):
 
 class HotSwapError(LorakitError, ValueError):
     """An adapter that cannot replace the loaded one in place (see lorakit.hot_swap)."""
+
+
+class DataError(LorakitError, ValueError):
+    """A training or evaluation data file that cannot be read as asked; the message names file, line and field."""
+
+
+class CheckpointError(LorakitError, ValueError):
+    """A training checkpoint that is missing, corrupt, or does not fit the run that resumes from it."""
