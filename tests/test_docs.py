@@ -3,6 +3,8 @@ public name, and the README's Python quickstart runs as pasted."""
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import inspect
 import os
 import re
@@ -18,6 +20,8 @@ import lorakit
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = re.compile(r"<!-- quickstart -->\n```python\n(.*?)```", re.S)
 PRINTED = re.compile(r"^print\(.*\)\s+# (.+)$")  # a print line whose comment says what it prints
+DOCS = ["README.md", "ARCHITECTURE.md", *(f"docs/{p.name}" for p in sorted((ROOT / "docs").glob("*.md")))]
+AFTER_MERGE = "<!-- after-merge -->"  # a row describing work being merged: checked once the marker is gone
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +74,40 @@ def test_readme_quickstart_runs_as_pasted(tmp_path):
     printed = done.stdout.splitlines()
     assert promised and len(printed) == len(promised), done.stdout
     assert [line.strip() for line in printed] == promised
+
+
+def documented_code(text: str) -> list[str]:
+    """Inline code spans and ```python blocks of a Markdown text, leaving out lines marked after-merge."""
+    kept = "\n".join(line for line in text.splitlines() if AFTER_MERGE not in line)
+    blocks = re.findall(r"```python\n(.*?)```", kept, re.S)
+    spans = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", kept, flags=re.S))
+    return blocks + spans
+
+
+def lorakit_calls(code: str) -> list[ast.Call]:
+    """The calls `lorakit.name(...)` in a piece of code (none when it is not Python)."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return []
+    return [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == "lorakit"]
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_documented_lorakit_names_and_calls_exist(doc):
+    text = (ROOT / doc).read_text(encoding="utf-8")
+    kept = "\n".join(line for line in text.splitlines() if AFTER_MERGE not in line)
+    for name in set(re.findall(r"\blorakit\.([A-Za-z_]\w*)", kept)):
+        assert hasattr(lorakit, name) or importlib.util.find_spec(f"lorakit.{name}"), f"{doc}: lorakit.{name}"
+    calls = [call for code in documented_code(text) for call in lorakit_calls(code)]
+    for call in calls:
+        shown = ast.unparse(call)
+        assert hasattr(lorakit, call.func.attr), f"{doc}: {shown}"
+        if any(isinstance(a, ast.Starred) for a in call.args) or any(k.arg is None for k in call.keywords):
+            continue  # *args / **kwargs: nothing to bind
+        signature = inspect.signature(getattr(lorakit, call.func.attr))
+        try:
+            signature.bind(*call.args, **{k.arg: k.value for k in call.keywords})
+        except TypeError as e:
+            pytest.fail(f"{doc}: {shown} does not fit lorakit.{call.func.attr}{signature}: {e}")

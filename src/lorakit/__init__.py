@@ -10,8 +10,8 @@ __version__ = "0.1.0"  # first: cli/app.py reads it at import
 
 from . import variants  # noqa: F401  (registers the built-in variants)
 from .analysis import analyze
-from .core.api import (active_adapters, adapted_layers, add_adapter, delete_adapter, disabled, get_config,
-                       list_adapters, merge, set_active, trainable_report, training_hooks, unload, unmerge)
+from .core.api import (active_adapters, adapted_layers, add_adapter, count_parameters, delete_adapter, disabled,
+                       get_config, list_adapters, merge, set_active, trainable_report, training_hooks, unload, unmerge)
 from .core.config import AdapterConfig
 from .core.files import adapter_state_dict, load_adapter, read_config, save_adapter
 from .errors import (AdapterFormatError, AdapterNameError, CheckpointError, ConfigError, DataError, HotSwapError,
@@ -29,7 +29,7 @@ from .variants.lora import LoraConfig
 __all__ = [
     # core: adapt a model in place, switch, merge, save and load
     "add_adapter", "set_active", "active_adapters", "disabled", "merge", "unmerge", "unload", "delete_adapter",
-    "list_adapters", "get_config", "adapted_layers", "trainable_report", "training_hooks",
+    "list_adapters", "get_config", "adapted_layers", "trainable_report", "count_parameters", "training_hooks",
     "save_adapter", "load_adapter", "adapter_state_dict", "read_config",
     # configs of the built-in variants
     "AdapterConfig", "LoraConfig", "AdaLoraConfig", "LoHaConfig", "LoKrConfig",
