@@ -317,3 +317,38 @@ def test_a_bundled_model_run_records_the_converted_directory(llama_dir):
     loaded = _llama(llama_dir)  # stands in for the converted copy of the bundled GGUF this run loaded
     assert Path(_model_reference(BUILTIN_MODEL, loaded)) == llama_dir.resolve()
     assert _model_reference("HuggingFaceTB/SmolLM2-135M-Instruct", loaded) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoint(llama_dir, tmp_path):
+    from transformers import Trainer
+
+    model = lorakit.add_adapter(_llama(llama_dir), _lora())
+    # "best" = the higher eval loss: training lowers it, so the best checkpoint is the earlier one, not the last
+    args = _args(tmp_path / "run", eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                 metric_for_best_model="loss", greater_is_better=True)
+    trainer = Trainer(model=model, args=args, train_dataset=_lm_rows(), eval_dataset=_lm_rows(4))
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    assert best.name == "checkpoint-2"  # not the last one: the loaded adapter differs from the trained one
+    saved = _load_file(best / "adapter_model.safetensors")
+    live = _adapter_tensors(model)
+    assert all(torch.equal(live[k], saved[k]) for k in saved)
+
+
+def test_trainer_imported_after_the_adapter_is_patched_when_it_loads():
+    import subprocess
+    import sys
+
+    code = ("import sys, lorakit\n"
+            "from transformers import LlamaConfig, LlamaForCausalLM\n"
+            "m = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,"
+            " num_attention_heads=2, num_key_value_heads=1))\n"
+            "lorakit.add_adapter(m, lorakit.LoraConfig(r=2, target_modules=['q_proj']))\n"
+            "assert 'transformers.trainer' not in sys.modules\n"
+            "from transformers import Trainer\n"
+            "print(Trainer._lorakit_patched)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(lorakit.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
