@@ -162,6 +162,9 @@ def test_trainer_trains_and_restores_a_classifier_head(tmp_path):
     torch.testing.assert_close(_logits(via_peft, ids), expected, atol=1e-5, rtol=1e-5)
     auto = AutoPeftModelForSequenceClassification.from_pretrained(ckpt).eval()
     torch.testing.assert_close(_logits(auto, ids), expected, atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path / "merged", merged=True)  # the trained head replaces the untrained one
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(_logits(merged, ids), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_sft_trainer_end_to_end(llama_dir, tmp_path):
@@ -260,6 +263,17 @@ def test_transformers_adapter_api_on_a_lorakit_model(llama_dir, tmp_path):
     model.delete_adapter("a")
     assert not model._hf_peft_config_loaded and "save_pretrained" not in model.__dict__  # the class's own again
     torch.testing.assert_close(_logits(model), base)
+
+
+def test_copies_and_pickles_keep_the_methods_bound_to_themselves(llama_dir, tmp_path):
+    import copy
+    import pickle
+
+    model = lorakit.add_adapter(_llama(llama_dir), _lora(init_lora_weights=False))
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert clone.save_pretrained.args[0] is clone and clone.peft_config is lorakit.core.api.state(clone).configs
+        clone.set_adapter([])  # acts on the clone only
+        assert clone.active_adapters() == [] and model.active_adapters() == ["default"]
 
 
 def test_unload_gives_back_the_class_save_pretrained(llama_dir, tmp_path):
