@@ -3,7 +3,7 @@
 It never branches on the variant: it asks each active delta to transform the output. The base weight
 is reached through one accessor (`base_weight` / `set_base_weight`), so a quantized base is a different
 weight source, not a different layer class. The model's state_dict keeps the base layer's original
-keys (`q.weight`, not `q.base_layer.weight`), so HF `save_pretrained` still writes a loadable model.
+keys (`q.weight`, not `q.base_layer.weight`), so its base entries load into a plain model as they are.
 """
 
 from __future__ import annotations

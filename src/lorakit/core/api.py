@@ -122,6 +122,7 @@ def attach(model: nn.Module, plan: AdapterPlan, fresh: bool = True) -> None:
         if not st.configs:
             model.__dict__.pop(_STATE_ATTR, None)
         raise
+    _sync_hf(model)
 
 
 def _attach(model: nn.Module, plan: AdapterPlan, fresh: bool, st: AdapterState) -> None:
@@ -245,6 +246,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     set_active(model, tuple(n for n in st.active if n != name))
     if not st.configs:
         _forget(model, st)
+    _sync_hf(model)
 
 
 def _remove_from_layers(model: nn.Module, name: str) -> None:
@@ -274,7 +276,16 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     for path, holder in list(saved_modules(model)):
         _replace(model, path, holder.current() if merge else holder.original_module)
     _forget(model, st)
+    _sync_hf(model)
     return model
+
+
+def _sync_hf(model: nn.Module) -> None:
+    """A transformers model answers transformers' adapter API (save_pretrained, set_adapter, ...) while it has
+    adapters, and no longer after (core/hf/model.py)."""
+    from .hf.model import sync  # imported here: hf builds on this module
+
+    sync(model)
 
 
 def _forget(model: nn.Module, st: AdapterState) -> None:

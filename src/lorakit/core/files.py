@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import AdapterFormatError, ShapeMismatchError
 from .api import AdapterPlan, adapted_layers, attach, get_config, plan_adapter, saved_modules
+from .hf.describe import describe_base
 from .registry import config_from_peft_dict
 
 CONFIG_NAME = "adapter_config.json"
@@ -81,7 +82,7 @@ def adapter_config_dict(model: nn.Module, name: str = "default") -> dict:
     hf_config = getattr(model, "config", None)
     if data.get("base_model_name_or_path") is None and hf_config is not None:
         data["base_model_name_or_path"] = getattr(hf_config, "_name_or_path", None) or None
-    return data
+    return describe_base(model, data)  # task_type (or auto_mapping) for PEFT's AutoPeftModel classes
 
 
 def write_adapter_files(directory: Union[str, os.PathLike], tensors: dict[str, torch.Tensor], config: dict) -> Path:

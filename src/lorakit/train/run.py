@@ -21,7 +21,7 @@ import torch
 
 from ..core.api import add_adapter, count_parameters, disabled
 from ..errors import ConfigError, LorakitError
-from ..loading.models import load_model, load_tokenizer, log_to_stderr, resolve_model
+from ..loading.models import BUILTIN_GGUF, load_model, load_tokenizer, log_to_stderr, resolve_model
 from ..loading.rows import Encoder, Example, encode_rows, label_names_of, read_rows
 from . import distributed
 from . import task as builtin
@@ -154,7 +154,7 @@ def _add_adapter(model, opts: TrainOptions, given: set[str], steps: int, log) ->
     """Add the adapter the options describe (its init seeded by --seed); returns (trainable, total) sizes."""
     torch.manual_seed(opts.seed)
     adapter_config = build_adapter_config(opts, opts.task, given, steps=steps)
-    adapter_config.base_model_name_or_path = _model_reference(opts.model)
+    adapter_config.base_model_name_or_path = _model_reference(opts.model, model)
     add_adapter(model, adapter_config)
     n_trainable, n_total = count_parameters(model)
     log(f"adapter: {opts.adapter} r={opts.r} on {opts.target_modules}: {n_trainable:,} trainable of "
@@ -233,9 +233,15 @@ def _rows(opts: TrainOptions) -> tuple[list[dict], list[dict]]:
     return rows, eval_rows
 
 
-def _model_reference(name: str) -> str:
-    """What adapter_config.json records as the base: a built-in or hub name as given, a local path resolved."""
+def _model_reference(name: str, model) -> str:
+    """What adapter_config.json records as the base, in a form PEFT's AutoPeftModel loads: a bundled model or a
+    GGUF file as the converted model directory lorakit cached (it loads offline), a local path resolved, a hub name
+    as given."""
     path = Path(name).expanduser()
+    if name in BUILTIN_GGUF or path.suffix.lower() == ".gguf":
+        loaded_from = getattr(getattr(model, "config", None), "_name_or_path", None)
+        if loaded_from and (Path(loaded_from) / "config.json").is_file():  # the converted directory this run loaded
+            return str(Path(loaded_from).resolve())
     return str(path.resolve()) if path.exists() else name
 
 
