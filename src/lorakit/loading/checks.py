@@ -41,11 +41,10 @@ def detect_format(row: dict[str, Any], task: str, where: Optional[str] = None) -
     where = where or where_of(row)
     keys = set(row)
     if task == "classify":
-        missing = [f for f, ok in (("text (or sentence)", keys & {"text", "sentence"}), ("label", "label" in keys))
-                   if not ok]
+        missing = [f for f, ok in (("text", keys & {"text", "sentence"}), ("label", "label" in keys)) if not ok]
         if missing:
-            raise DataError(f"{where}: --task classify needs the fields text (or sentence) and label; missing "
-                            f"{' and '.join(missing)} among {sorted(keys)}")
+            raise _fail(where, missing[0], f"is missing: --task classify needs the fields text (or sentence) and "
+                        f"label; found {sorted(keys)}")
         return "classify"
     for kind, fields in FORMAT_FIELDS.items():
         if set(fields) <= keys:
@@ -110,8 +109,8 @@ def check_label(value: Any, where: str) -> None:
     if isinstance(value, str):
         check_text(value, where, "label")
         return
-    kind = "a fractional number" if isinstance(value, float) else _kind(value)
-    raise _fail(where, "label", f"is {kind} ({value!r}); a label is an integer or a class name")
+    kind = f"a fractional number ({value})" if isinstance(value, float) else _kind(value)
+    raise _fail(where, "label", f"is {kind}; a label is an integer or a class name")
 
 
 def check_row(row: dict[str, Any], task: str, where: Optional[str] = None) -> str:
@@ -159,8 +158,8 @@ def check_rows(rows: Iterable[dict[str, Any]], task: str, source: str = "the dat
         if first is None:
             first = (kind, where)
         elif kind != first[0]:
-            raise DataError(f"{where}: a {FORMAT_NAMES[kind]} row (fields {sorted(row)}), but {first[1]} is a "
-                            f"{FORMAT_NAMES[first[0]]} row: every row of a file needs the same format")
+            raise DataError(f"{where}: a row in the {FORMAT_NAMES[kind]} format (fields {sorted(row)}), but {first[1]} "
+                            f"is in the {FORMAT_NAMES[first[0]]} format: every row of a file needs the same format")
     if first is None:
         raise DataError(f"{source} holds no rows")
     return first[0]

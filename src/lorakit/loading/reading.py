@@ -126,10 +126,12 @@ def _table_rows(p: Path, text: str, delimiter: str) -> Iterator[Row]:
             where = f"{p} line {reader.line_num}"
             if not cells or (len(cells) == 1 and not cells[0].strip()):
                 continue  # a blank line
-            if len(cells) != len(header):
-                missing = f": no value for {header[len(cells):]}" if len(cells) < len(header) else ""
-                raise DataError(f"{where}: has {len(cells)} fields but the header names {len(header)}{missing}"
-                                + (" (an unquoted separator inside a value?)" if len(cells) > len(header) else ""))
+            if len(cells) < len(header):
+                raise DataError(f"{where}, field {header[len(cells)]!r}: no value (the row has {len(cells)} of "
+                                f"the header's {len(header)} fields: {', '.join(header)})")
+            if len(cells) > len(header):
+                raise DataError(f"{where}: the row has {len(cells)} fields, the header names only {len(header)} "
+                                f"({', '.join(header)}); an unquoted separator inside a value?")
             yield Row(dict(zip(header, cells)), where)
     except csv.Error as e:
         raise DataError(f"{p} line {reader.line_num}: not valid {'TSV' if delimiter == chr(9) else 'CSV'}: {e}") \
