@@ -188,7 +188,7 @@ def test_builtin_recipe_ranks_below_user_settings(tmp_path):
     opts, _ = resolve_options(config=str(cfg), batch_size=2)
     assert opts.lr == 5e-4 and opts.batch_size == 2
     opts, _ = resolve_options(data="mine.jsonl")
-    assert opts.lr == 2e-4 and opts.train_examples == 0  # plain defaults with user data
+    assert opts.lr == 1e-3 and opts.train_examples == 0  # plain defaults with user data
 
 
 def test_classify_with_minilm(minilm_path, tmp_path):

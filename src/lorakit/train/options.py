@@ -91,8 +91,9 @@ class TrainOptions(ModelOptions, DataOptions, AdapterOptions):
     """Examples per micro-batch."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
-    lr: float = 2e-4
-    """Peak learning rate of AdamW (adapter parameters only)."""
+    lr: float = 1e-3
+    """Peak learning rate of AdamW (adapter parameters only). 1e-3 suits LoRA runs of a few hundred steps (the
+    default: one epoch); long runs on large models often use 2e-4 (the built-in demo's recipe uses 2e-3)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup: float = 0.05
