@@ -1,5 +1,6 @@
 """The functions behind `lorakit train | eval | merge | info` (registered in cli/app.py; `generate` is in
-cli/generate.py). Each takes its options dataclass, prints a human-readable result to stdout and returns the exit code."""
+cli/generate.py). Each takes its options dataclass, prints a human-readable result to stdout and returns the
+exit code."""
 
 from __future__ import annotations
 

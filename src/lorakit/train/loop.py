@@ -318,7 +318,8 @@ def _record(run: _Training, done: int, step_loss: float, bar, options) -> dict:
     if done % options.log_every == 0 or done == run.steps or done == run.start + 1:
         run.history.append(record)
     if bar is not None:
-        bar.set_postfix(loss=f"{record['running_loss']:.3f}", tok_s=f"{speed:.0f}", lr=f"{record['lr']:.2e}", refresh=False)
+        bar.set_postfix(loss=f"{record['running_loss']:.3f}", tok_s=f"{speed:.0f}", lr=f"{record['lr']:.2e}",
+                        refresh=False)
         bar.update(1)
     return record
 
