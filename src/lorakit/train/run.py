@@ -158,14 +158,14 @@ def _load_model(opts: TrainOptions, path: Optional[str], model, label_names: Opt
                 device: torch.device, dist: distributed.Distributed):
     """The model on its device, loaded from `path` (or the object given); --bits 4: its linear layers in NF4."""
     sharded = dist.shards_model(opts.strategy)  # FSDP: stays on the CPU; fully_shard moves each rank's shard
-    if model is None:
+    if model is None:  # --bits 4: loaded on the CPU, each layer quantized onto the device (never all dense there)
         model = load_model(path, opts.task, num_labels=opts.num_labels or len(label_names or []) or 2,
-                           device="cpu" if sharded else str(device))
-    if not sharded:
-        model.to(device)
+                           device="cpu" if sharded or opts.bits == 4 else str(device))
     if opts.bits == 4:  # QLoRA: the frozen base in NF4, the adapter (added next) in fp32
         compute = torch.bfloat16 if bf16_enabled(opts.precision, device) else torch.float32
         quantize(model, compute_dtype=compute, device=None if sharded else device)
+    if not sharded:
+        model.to(device)
     return model
 
 
