@@ -265,3 +265,17 @@ def test_encoder_names_the_row_of_an_unknown_label(tmp_path):
     encoder = D.Encoder(tiny_tokenizer(["a b"]), "classify", label_names=["x", "y"])
     with pytest.raises(DataError, match=r"c.jsonl line 2, field 'label': 'z' is not among"):
         D.encode_rows(encoder, rows)
+
+
+def test_answers_all_cut_away_fail_after_the_tokenizer_before_the_model(tmp_path, monkeypatch):
+    import importlib
+
+    from test_train_support import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "tiny")
+    monkeypatch.setattr(importlib.import_module("lorakit.train.run"), "load_model",
+                        lambda *a, **k: pytest.fail("the model was loaded"))
+    data = _write(tmp_path, "long.jsonl", jsonl(*[GOOD] * 4))
+    with pytest.raises(DataError, match="long.jsonl: no training example is left.*--max-length 1"):
+        lorakit.train(model=str(model), data=data, eval_data=data, max_length=1, output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -36,7 +36,8 @@ class DataOptions:
 
     data: Optional[str] = None
     """Training data: JSONL/JSON/CSV/TSV with prompt/completion, Alpaca instruction/input/output, chat `messages`,
-    plain `text`, or text/label (--task classify). Empty: the built-in task (generated, deterministic)."""
+    plain `text`, or text/label (--task classify); one format a file, every row checked before the model loads.
+    Empty: the built-in task (generated, deterministic)."""
     eval_data: Optional[str] = None
     """Held-out data in the same formats. Empty: --eval-fraction of --data is held out."""
     eval_fraction: float = 0.05
