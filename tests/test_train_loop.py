@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, DataError
 from lorakit.loading import rows as D
 from lorakit.train.batches import MicroBatches
 from lorakit.train.run import resolve_options
@@ -146,12 +146,12 @@ def test_data_files_csv_tsv_jsonl_and_errors(tmp_path):
     assert D.read_rows(tmp_path / "a.csv") == [{"prompt": "x, y", "completion": "z"}]
     assert D.detect_format(D.read_rows(tmp_path / "b.tsv")[0], "classify") == "classify"
     assert D.detect_format(D.read_rows(tmp_path / "c.json")[0], "causal") == "text"
-    with pytest.raises(ConfigError, match="cannot tell the data format"):
+    with pytest.raises(DataError, match="cannot tell the data format"):
         D.detect_format({"question": "q"}, "causal")
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         D.read_rows(tmp_path / "missing.jsonl")
     (tmp_path / "bad.jsonl").write_text("{not json\n")
-    with pytest.raises(ConfigError, match="could not be parsed"):
+    with pytest.raises(DataError, match="bad.jsonl line 1 column 2: not valid JSON"):
         D.read_rows(tmp_path / "bad.jsonl")
 
 
@@ -188,7 +188,7 @@ def test_builtin_recipe_ranks_below_user_settings(tmp_path):
     opts, _ = resolve_options(config=str(cfg), batch_size=2)
     assert opts.lr == 5e-4 and opts.batch_size == 2
     opts, _ = resolve_options(data="mine.jsonl")
-    assert opts.lr == 2e-4 and opts.train_examples == 0  # plain defaults with user data
+    assert opts.lr == 1e-3 and opts.train_examples == 0  # plain defaults with user data
 
 
 def test_classify_with_minilm(minilm_path, tmp_path):

@@ -65,7 +65,7 @@ register_command("train", "lorakit.train.options:TrainOptions", f"{_RUN}:run_tra
                  presets="lorakit.train.task:preset_for")
 register_command("eval", f"{_OPT}:EvalOptions", f"{_RUN}:run_eval",
                  "Score a base model or an adapter: accuracy, BLEU, exact match, perplexity.")
-register_command("generate", f"{_OPT}:GenerateOptions", f"{_RUN}:run_generate",
+register_command("generate", f"{_OPT}:GenerateOptions", "lorakit.cli.generate:run_generate",
                  "Generate from the base model and one or more adapters side by side.")
 register_command("merge", f"{_OPT}:MergeOptions", f"{_RUN}:run_merge",
                  "Merge an adapter into its base model and save a standalone Hugging Face model.")

@@ -1,5 +1,6 @@
-"""The functions behind `lorakit train | eval | generate | merge | info` (registered in cli/app.py). Each
-takes its options dataclass, prints a human-readable result to stdout and returns the exit code."""
+"""The functions behind `lorakit train | eval | merge | info` (registered in cli/app.py; `generate` is in
+cli/generate.py). Each takes its options dataclass, prints a human-readable result to stdout and returns the
+exit code."""
 
 from __future__ import annotations
 
@@ -9,18 +10,18 @@ from typing import Any, Optional
 
 import torch
 
-from ..core.api import delete_adapter, set_active, unload
+from ..core.api import set_active, unload
 from ..core.files import load_adapter, read_config, read_tensors
 from ..errors import AdapterFormatError, ConfigError
 from ..loading.models import BUILTIN_MODEL, load_pretrained, log_to_stderr
-from ..loading.rows import Encoder, label_names_of, read_rows
+from ..loading.rows import Encoder, check_rows, label_names_of, read_rows
 from ..train import task as builtin
 from ..train import train
 from ..train.evaluate import classify_scores, generate, generation_scores, heldout_loss
 from ..train.options import TrainOptions
 from ..train.report import format_scores
 from ..train.run import ADAPTER_DIR
-from .options import EvalOptions, GenerateOptions, InfoOptions, MergeOptions
+from .options import EvalOptions, InfoOptions, MergeOptions
 
 
 def run_train(options: TrainOptions) -> int:
@@ -75,10 +76,10 @@ def _saved_num_labels(directory: Path) -> Optional[int]:
 def run_eval(options: EvalOptions) -> int:
     """`lorakit eval`: score the base model or an adapter on --data (or the built-in task's held-out rows)."""
     adapters = [options.adapter] if options.adapter else []
+    rows = _eval_rows(options)  # read and checked before the model loads
     model, tokenizer, device = _load_with_adapters(options, adapters)
     if adapters:
         set_active(model, "adapter-0")
-    rows = _eval_rows(options)
     labels = label_names_of(rows) if options.task == "classify" else None
     encoder = Encoder(tokenizer, options.task, options.prompt_format, options.max_length, labels)
     examples = [encoder.encode(r) for r in rows]
@@ -101,6 +102,7 @@ def _eval_rows(options: EvalOptions) -> list[dict]:
     """The rows to score: --data, or the built-in task's held-out rows; the first --eval-examples of them."""
     if options.data:
         rows = read_rows(options.data)
+        check_rows(rows, options.task, options.data)
     else:
         if options.task != "causal":
             raise ConfigError("pass --data for --task classify")
@@ -124,41 +126,6 @@ def _grouped_refs(examples) -> list[list[str]]:
     for e in examples:
         by_prompt.setdefault(tuple(e.prompt_ids), []).append(e.reference)
     return [by_prompt[tuple(e.prompt_ids)] for e in examples]
-
-
-# --- generate -------------------------------------------------------------------------------------------
-def run_generate(options: GenerateOptions) -> int:
-    """`lorakit generate`: greedy outputs of the base model and each adapter, prompt by prompt."""
-    model, tokenizer, device = _load_with_adapters(options, [], base_from=(options.adapter or [None])[0])
-    prompts, shown = _prompts(options, tokenizer)
-    columns: list[tuple[str, list[str]]] = []
-    if options.with_base or not options.adapter:
-        columns.append(("base", generate(model, tokenizer, prompts, options.max_new_tokens, device=device)))
-    for a in options.adapter:  # one adapter in the model at a time: they may target different modules
-        load_adapter(model, adapter_dir(a), name="shown")
-        columns.append((a, generate(model, tokenizer, prompts, options.max_new_tokens, device=device)))
-        delete_adapter(model, "shown")
-    for j, prompt in enumerate(shown):
-        print(f"=== prompt {j + 1} ===\n{prompt.strip()}")
-        for name, outputs in columns:
-            print(f"--- {name}:\n{outputs[j]}")
-        print()
-    return 0
-
-
-def _prompts(options: GenerateOptions, tokenizer) -> tuple[list[list[int]], list[str]]:
-    """Token-id prompts and their text. Data files and the built-in task give their rendered prompts."""
-    if options.prompt:
-        texts = list(options.prompt)
-        if options.chat:
-            texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                                   add_generation_prompt=True) for t in texts]
-            return [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts], texts
-        return [list(tokenizer(t)["input_ids"]) for t in texts], texts
-    rows = read_rows(options.prompts_file) if options.prompts_file else builtin.builtin_rows(0, options.limit, 0)[1]
-    fmt = "chat" if options.chat else "auto"
-    examples = [Encoder(tokenizer, "causal", fmt).encode(r) for r in rows[: options.limit]]
-    return [e.prompt_ids for e in examples], [tokenizer.decode(e.prompt_ids) for e in examples]
 
 
 # --- merge ----------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from ..core.api import set_active
 from ..core.files import load_adapter, read_config, save_adapter
 from ..errors import AdapterNameError, ConfigError
 from ..loading.models import load_pretrained, log_to_stderr
-from ..loading.rows import Encoder, detect_format, encode_rows, read_rows
+from ..loading.checks import check_label, check_text
+from ..loading.rows import Encoder, Row, check_rows, encode_rows, read_rows, where_of
 from ..multi.combine import combine, weighted
 from ..multi.lorahub import batches_loss, lorahub_search
 from ..train.batches import collate
@@ -66,8 +67,8 @@ def compose(options: ComposeOptions) -> dict:
     if not fixed and not options.data:
         raise ConfigError("give --data (a few labelled examples to search the weights on) or --weights")
     rows = [as_train_row(r) for r in read_rows(options.data)[: options.examples]] if options.data else []
-    for row in rows:  # a bad file fails here, before any model loads
-        detect_format(row, "causal")
+    if rows:  # a bad file fails here (file, line, field), before any model loads
+        check_rows(rows, "causal", options.data)
     model, tokenizer, device = load_pretrained(options.model or _base_of(named), "causal", device=options.device,
                                                log=log_to_stderr)
     model.eval()
@@ -152,7 +153,13 @@ def as_train_row(row: dict[str, Any]) -> dict[str, Any]:
     pair = next((p for p in EXTRA_PAIRS if p[0] in row and p[1] in row), None)
     if pair is None:
         return row
-    return {"prompt": str(row[pair[0]]).strip() + "\n", "completion": str(row[pair[1]]).strip()}
+    for name in pair:  # checked as they are: a null or a list is not turned into text
+        if name == "label":
+            check_label(row[name], where_of(row))
+        else:
+            check_text(row[name], where_of(row), name, allow_empty=name == pair[0])
+    converted = {"prompt": str(row[pair[0]]).strip() + "\n", "completion": str(row[pair[1]]).strip()}
+    return Row(converted, row.where) if isinstance(row, Row) else converted
 
 
 def search_batch(tokenizer, rows: list[dict[str, Any]], max_length: int, source: Optional[str] = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from ..train.options import DataOptions, ModelOptions
+from ..train.options import ModelOptions
 
 
 def positional(default=None):
@@ -18,9 +18,20 @@ def positional(default=None):
 
 
 @dataclass
-class EvalOptions(ModelOptions, DataOptions):
+class EvalOptions(ModelOptions):
     """Options of `lorakit eval`."""
 
+    data: Optional[str] = None
+    """Data to score: JSONL/JSON/CSV/TSV with prompt/completion, Alpaca instruction/input/output, chat `messages`,
+    plain `text`, or text/label (--task classify), as `lorakit train --data` reads. Empty: the built-in task's
+    held-out rows."""
+    prompt_format: Literal["auto", "raw", "chat", "alpaca"] = "auto"
+    """How prompts are rendered, as in `lorakit train` (use the run's format). auto: chat template for
+    `messages`, the Alpaca template for Alpaca rows, the prompt verbatim for prompt/completion."""
+    max_length: int = 512
+    """Longest example in tokens; longer examples are cut from the left of the prompt."""
+    eval_examples: int = 0
+    """Score only the first N rows of --data (0: all; the built-in task: 40)."""
     adapter: Optional[str] = None
     """Adapter directory to evaluate (empty: the base model)."""
     metric: Literal["auto", "accuracy", "bleu", "exact", "perplexity"] = "auto"
@@ -42,9 +53,12 @@ class GenerateOptions(ModelOptions):
     prompt: list[str] = field(default_factory=list)
     """Prompts (several allowed). Empty: read --prompts-file, or a few prompts of the built-in task."""
     prompts_file: Optional[str] = None
-    """A data file (same formats as train) whose prompts are used."""
-    chat: bool = False
-    """Wrap each prompt as a user turn of the tokenizer's chat template."""
+    """A file of prompts: plain text, one prompt a line; or .jsonl/.json/.csv/.tsv rows with a `prompt` field,
+    or an `instruction` field (plus `input`) — answers in the rows are ignored, so training files work too."""
+    format: Literal["auto", "raw", "chat", "alpaca"] = "auto"
+    """How each prompt is rendered: raw (as it is), chat (a user turn of the chat template), alpaca (the Alpaca
+    template). auto: the format the adapter was trained with (its run's options.json), else chat for a model
+    with a chat template (instruct models), else raw."""
     with_base: bool = True
     """Also show the base model's output beside the adapters'."""
     max_new_tokens: int = 64

@@ -10,17 +10,21 @@ Row formats (detected from the keys of a row):
   text                              causal LM, loss on every token   (with task classify: text/label)
   text|sentence (+ text_pair) / label   sequence classification
 Each segment is tokenized on its own, so a prompt tokenizes the same in training and in generation.
+Reading files is loading/reading.py and checking rows loading/checks.py; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
+from .checks import check_labels, check_messages, check_row, check_rows, detect_format, label_names_of
+from .reading import Row, read_prompts, read_rows, where_of
+
+__all__ = ["IGNORE", "ALPACA_PROMPT", "Example", "Encoder", "encode_rows", "render_prompt", "Row", "read_rows",
+           "read_prompts", "where_of", "detect_format", "check_row", "check_rows", "check_messages",
+           "check_labels", "label_names_of"]
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
@@ -37,75 +41,6 @@ class Example:
     prompt_ids: list[int] = field(default_factory=list)  # what generation is given (all but the last answer)
     reference: str = ""  # the last answer's text (for exact match / BLEU)
     label: int = -1  # classify
-
-
-# --- reading rows ---------------------------------------------------------------------------------------
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a data file, as dicts.
-
-    Args:
-        path: a .jsonl/.ndjson file (one object a line), a .json file (a list of objects, or an object whose
-            "data" or "rows" is one), or a .csv/.tsv file with a header row (TSV is read unquoted, as GLUE's).
-
-    Returns:
-        The rows, at least one. Raises ConfigError for a missing, unreadable or empty file.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"data file {p} does not exist")
-    suffix = p.suffix.lower()
-    try:
-        if suffix in (".jsonl", ".ndjson"):
-            rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-        elif suffix == ".json":
-            data = json.loads(p.read_text(encoding="utf-8"))
-            rows = data.get("data", data.get("rows")) if isinstance(data, dict) else data
-        elif suffix in (".csv", ".tsv"):
-            with p.open(newline="", encoding="utf-8") as f:
-                if suffix == ".tsv":  # GLUE-style TSV has no quoting
-                    rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-                else:
-                    rows = list(csv.DictReader(f))
-        else:
-            raise ConfigError(f"data file {p}: unknown extension {suffix!r} (use .jsonl, .json, .csv or .tsv)")
-    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
-        raise ConfigError(f"data file {p} could not be parsed: {e}") from None
-    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-        raise ConfigError(f"data file {p} holds no rows (expected a list of objects / a header row)")
-    return rows
-
-
-def detect_format(row: dict[str, Any], task: str) -> str:
-    """The format of a row: 'classify', 'chat', 'alpaca', 'prompt_completion' or 'text' (see the module doc).
-
-    Args:
-        row: one data row.
-        task: 'causal' or 'classify' (a classify row needs text or sentence, and label).
-    """
-    keys = set(row)
-    if task == "classify":
-        if "label" in keys and keys & {"text", "sentence"}:
-            return "classify"
-        raise ConfigError(f"--task classify needs text (or sentence) and label columns; found {sorted(keys)}")
-    if "messages" in keys:
-        return "chat"
-    if {"instruction", "output"} <= keys:
-        return "alpaca"
-    if {"prompt", "completion"} <= keys:
-        return "prompt_completion"
-    if "text" in keys:
-        return "text"
-    raise ConfigError(f"cannot tell the data format from the columns {sorted(keys)}: expected prompt/completion, "
-                      "instruction/input/output, messages, or text")
-
-
-def label_names_of(rows: list[dict[str, Any]]) -> list[str]:
-    """Class names in a stable order: numeric labels by value, others alphabetically."""
-    names = {str(r["label"]).strip() for r in rows}
-    try:
-        return sorted(names, key=lambda s: float(s))
-    except ValueError:
-        return sorted(names)
 
 
 # --- tokenizing -----------------------------------------------------------------------------------------
@@ -131,7 +66,7 @@ class Encoder:
 
     def encode(self, row: dict[str, Any]) -> Example:
         """One row as an Example (tokens, loss labels, the generation prompt and the reference answer)."""
-        kind = detect_format(row, self.task)
+        kind = check_row(row, self.task)  # DataError naming file, line and field for a bad row
         if kind == "classify":
             return self._classify(row)
         if kind == "text":
@@ -166,8 +101,6 @@ class Encoder:
             raise ConfigError("this tokenizer has no chat template: use prompt/completion data or --prompt-format raw")
         messages = [t if isinstance(t, dict) else {"role": "assistant" if a else "user", "content": t}
                     for t, a in turns]
-        if not any(m.get("role") == "assistant" for m in messages):
-            raise ConfigError("a chat row has no assistant message to learn")
         ids, labels, rendered, prompt_ids, reference = [], [], "", [], ""
         for i, m in enumerate(messages):
             if m.get("role") != "assistant":
@@ -187,14 +120,14 @@ class Encoder:
         return self._fit(ids, labels, prompt_ids, reference)
 
     def _classify(self, row: dict[str, Any]) -> Example:
-        text = str(row.get("text", row.get("sentence", ""))).strip()
+        text = str(row["text"] if "text" in row else row["sentence"]).strip()
         pair = row.get("text_pair")
         enc = self.tok(text, str(pair).strip() if pair else None, truncation=True, max_length=self.max_length)
         raw = row["label"]
         names = self.label_names or []
         key = str(raw).strip()
         if key not in names:
-            raise ConfigError(f"label {raw!r} is not among the training labels {names}")
+            raise DataError(f"{where_of(row)}, field 'label': {raw!r} is not among the training labels {names}")
         return Example(list(enc["input_ids"]), [], label=names.index(key))
 
     def _ids(self, text: str, special: bool) -> list[int]:
@@ -225,3 +158,26 @@ def encode_rows(encoder: Encoder, rows: list[dict[str, Any]]) -> list[Example]:
     if encoder.task == "causal":
         examples = [e for e in examples if any(label != IGNORE for label in e.labels[1:])]
     return examples
+
+
+PROMPT_FORMATS = ("raw", "chat", "alpaca")
+
+
+def render_prompt(tokenizer, prompt_format: str, instruction: str, context: str = "") -> list[int]:
+    """The token ids a model is given to answer `instruction` (and its `context`, Alpaca's input), rendered the
+    way training renders a row's prompt in that format, so that generation sees what training saw.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        prompt_format: 'raw' (the text as it is), 'chat' (a user turn of the chat template, with the
+            generation prompt) or 'alpaca' (the Alpaca template).
+        instruction: the prompt, or the Alpaca instruction.
+        context: Alpaca's input ('' for none); other formats add it after a blank line.
+    """
+    if prompt_format not in PROMPT_FORMATS:
+        raise ConfigError(f"prompt format {prompt_format!r}: expected one of {', '.join(PROMPT_FORMATS)}")
+    if prompt_format == "alpaca":
+        row, fmt = {"instruction": instruction, "input": context, "output": "-"}, "auto"
+    else:
+        row, fmt = {"prompt": instruction + ("\n\n" + context if context else ""), "completion": "-"}, prompt_format
+    return Encoder(tokenizer, "causal", fmt, max_length=1 << 30).encode(row).prompt_ids

@@ -34,6 +34,7 @@ from .distributed import save_adapter as save_adapter_gathered
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
+LOSS_WINDOW = 10  # the progress bar's loss and metrics.json's final_loss: the mean of the last 10 step losses
 
 
 # --- loss -----------------------------------------------------------------------------------------------
@@ -194,7 +195,7 @@ class _Training:
     history: list[dict] = field(default_factory=list)
     tokens_done: int = 0  # input tokens of every micro-batch so far (all rows, on every rank)
     started: float = 0.0  # perf_counter when the first step began
-    smooth: Optional[float] = None  # exponential moving average of the step loss, for the progress bar
+    recent: list[float] = field(default_factory=list)  # the last LOSS_WINDOW step losses
 
 
 def train_loop(model, batches: MicroBatches, options, device: torch.device, out_dir: Path,
@@ -310,13 +311,15 @@ def _apply_step(run: _Training, step: int, options) -> None:
 # --- after a step -----------------------------------------------------------------------------------------
 def _record(run: _Training, done: int, step_loss: float, bar, options) -> dict:
     """The step's record (kept in the history every log_every steps, the first and the last) and the bar."""
-    run.smooth = step_loss if run.smooth is None else 0.9 * run.smooth + 0.1 * step_loss
+    run.recent = (run.recent + [step_loss])[-LOSS_WINDOW:]
     speed = run.tokens_done / max(1e-9, time.perf_counter() - run.started)
-    record = {"step": done, "loss": step_loss, "lr": run.optimizer.param_groups[0]["lr"], "tokens_per_s": speed}
+    record = {"step": done, "loss": step_loss, "running_loss": sum(run.recent) / len(run.recent),
+              "lr": run.optimizer.param_groups[0]["lr"], "tokens_per_s": speed}
     if done % options.log_every == 0 or done == run.steps or done == run.start + 1:
         run.history.append(record)
     if bar is not None:
-        bar.set_postfix(loss=f"{run.smooth:.3f}", tok_s=f"{speed:.0f}", lr=f"{record['lr']:.2e}", refresh=False)
+        bar.set_postfix(loss=f"{record['running_loss']:.3f}", tok_s=f"{speed:.0f}", lr=f"{record['lr']:.2e}",
+                        refresh=False)
         bar.update(1)
     return record
 

@@ -36,7 +36,8 @@ class DataOptions:
 
     data: Optional[str] = None
     """Training data: JSONL/JSON/CSV/TSV with prompt/completion, Alpaca instruction/input/output, chat `messages`,
-    plain `text`, or text/label (--task classify). Empty: the built-in task (generated, deterministic)."""
+    plain `text`, or text/label (--task classify); one format a file, every row checked before the model loads.
+    Empty: the built-in task (generated, deterministic)."""
     eval_data: Optional[str] = None
     """Held-out data in the same formats. Empty: --eval-fraction of --data is held out."""
     eval_fraction: float = 0.05
@@ -75,7 +76,14 @@ class TrainOptions(ModelOptions, DataOptions, AdapterOptions):
     """Every option of `lorakit.train` / `lorakit train`; each attribute's docstring is its --help text."""
 
     output_dir: str = "lorakit-run"
-    """Directory for the adapter, metrics.json, loss_curve.png, generations and checkpoints."""
+    """Directory for the adapter, metrics.json, loss_curve.png, generations and checkpoints. A directory that
+    already holds files is refused unless --overwrite or --resume is given."""
+    overwrite: bool = False
+    """Replace a previous run's files in --output-dir (adapter/, checkpoints/, metrics.json, options.json,
+    loss_curve.png, generations.md; nothing else there is touched)."""
+    bits: Literal[32, 4] = 32
+    """Bits per frozen base weight: 32 (the base as loaded) or 4 (QLoRA: the base's linear layers quantized to
+    NF4 with lorakit.quantize before the adapter is added; the adapter loads onto the unquantized base too)."""
     epochs: float = 1.0
     """Passes over the training data (ignored when --max-steps is set)."""
     max_steps: int = 0
@@ -84,8 +92,9 @@ class TrainOptions(ModelOptions, DataOptions, AdapterOptions):
     """Examples per micro-batch."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
-    lr: float = 2e-4
-    """Peak learning rate of AdamW (adapter parameters only)."""
+    lr: float = 1e-3
+    """Peak learning rate of AdamW (adapter parameters only). 1e-3 suits LoRA runs of a few hundred steps (the
+    default: one epoch); long runs on large models often use 2e-4 (the built-in demo's recipe uses 2e-3)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup: float = 0.05
@@ -111,9 +120,10 @@ class TrainOptions(ModelOptions, DataOptions, AdapterOptions):
     """Generation length for the before/after generations and generation scores."""
     score: Literal["auto", "exact", "bleu", "none"] = "auto"
     """Generation score of the held-out set before and after training. auto: the built-in task's own scorer,
-    accuracy for classify, none (held-out loss and perplexity only) for other data."""
+    accuracy for classify, none (held-out loss and perplexity only) for other data. generations.md is written
+    for every causal run, whatever the score."""
     samples: int = 4
-    """Before/after generations written to generations.md."""
+    """Held-out examples whose before/after generations are written to generations.md (causal runs)."""
     quiet: bool = False
     """No progress bar or summary lines."""
     nproc: int = 0

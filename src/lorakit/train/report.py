@@ -4,8 +4,47 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
+
+from ..errors import ConfigError
+from .distributed import LAUNCH_FILE
+
+# what a run writes into its output directory (--overwrite removes these, and only these)
+RUN_FILES = ("adapter", "checkpoints", "metrics.json", "options.json", "loss_curve.png", "generations.md")
+
+
+def check_output_dir(options) -> None:
+    """ConfigError when --output-dir already holds files and neither --overwrite nor --resume is given (a
+    torchrun worker started by --nproc finds only the launch file there). Changes nothing."""
+    out = Path(options.output_dir)
+    if options.resume or options.overwrite or not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--output-dir {out} is a file, not a directory")
+    held = sorted(p.name for p in out.iterdir() if p.name != LAUNCH_FILE)
+    if held:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise ConfigError(f"output directory {out} already holds files ({shown}): pass --overwrite to replace "
+                          "a previous run's, --resume to continue it, or choose another --output-dir")
+
+
+def prepare_output_dir(options, dist) -> Path:
+    """Create --output-dir (on the main process); with --overwrite, first remove a previous run's files
+    (RUN_FILES only: anything else in the directory is left alone)."""
+    out = Path(options.output_dir)
+    if dist.is_main:
+        if options.overwrite and not options.resume and out.is_dir():
+            for name in RUN_FILES:
+                path = out / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    return out
 
 
 def _clean(value: Any) -> Any:

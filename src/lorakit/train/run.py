@@ -22,16 +22,19 @@ import torch
 from ..core.api import add_adapter, count_parameters, disabled
 from ..errors import ConfigError, LorakitError
 from ..loading.models import BUILTIN_GGUF, load_model, load_tokenizer, log_to_stderr, resolve_model
-from ..loading.rows import Encoder, Example, encode_rows, label_names_of, read_rows
+from ..loading.rows import Example
+from ..quant.quantize import quantize
 from . import distributed
 from . import task as builtin
 from .adapter_options import build_adapter_config
 from .batches import MicroBatches
+from .data import encode_run_data, read_run_data
 from .evaluate import classify_scores, generate, generation_scores, heldout_loss
 from .fields import build_options, given_fields, read_config_file
 from .loop import bf16_enabled, total_steps, train_loop
 from .options import TrainOptions
-from .report import format_scores, plot_loss, write_generations, write_metrics
+from .report import (check_output_dir, format_scores, plot_loss, prepare_output_dir, write_generations,
+                     write_metrics)
 
 ADAPTER_DIR = "adapter"
 
@@ -81,21 +84,23 @@ def train(options: Optional[TrainOptions] = None, *, config: Optional[str] = Non
     dist, device = distributed.setup(opts.device)  # one process, or one of torchrun's
     log = _logger(opts.quiet or not dist.is_main)  # rank 0 alone prints and writes
     started = time.perf_counter()
+    check_output_dir(opts)  # before anything: an earlier run's files are never replaced by accident
     if opts.nproc > 1 and not dist.enabled:
         return _launched(opts, model, log)
-    distributed.check_options(opts, dist)
-    Path(opts.output_dir).mkdir(parents=True, exist_ok=True)
+    _check_run(opts, dist)
     seed_everything(opts.seed)
 
-    train_rows, eval_rows = _rows(opts)  # the data first: a bad file fails before minutes of model loading
-    model, tokenizer, label_names = _load_model(opts, model, tokenizer, train_rows, device, dist, log)
-    encoder = Encoder(tokenizer, opts.task, opts.prompt_format, opts.max_length, label_names)
-    train_set, eval_set = encode_rows(encoder, train_rows), encode_rows(encoder, eval_rows)
+    data = read_run_data(opts)  # read and checked first: a bad file fails before minutes of model loading
+    opts = dataclasses.replace(opts, prompt_format=data.prompt_format)  # options.json records what was used
+    path, tokenizer = _tokenizer(opts, model, tokenizer, log)
+    train_set, eval_set = encode_run_data(opts, tokenizer, data)  # tokenized before the model loads, too
+    model = _load_model(opts, path, model, data.label_names, device, dist)
     log(f"data: {len(train_set)} training / {len(eval_set)} held-out examples"
         + (" (built-in task)" if not opts.data else f" from {opts.data}"))
     batches = MicroBatches(train_set, opts.batch_size, opts.seed, pad_id=tokenizer.pad_token_id, task=opts.task)
     sizes = _add_adapter(model, opts, given, total_steps(opts, batches.per_epoch), log)
     _distribute(model, opts, dist, device, log)
+    prepare_output_dir(opts, dist)
 
     evaluate_fn = _scorer(opts, model, tokenizer, eval_set, tokenizer.pad_token_id, device)
     with disabled(model):
@@ -132,22 +137,36 @@ def _launched(opts: TrainOptions, model, log) -> TrainResult:
     return TrainResult(out_dir, out_dir / ADAPTER_DIR, metrics, None, None)
 
 
-def _load_model(opts: TrainOptions, model, tokenizer, train_rows: list[dict], device: torch.device,
-                dist: distributed.Distributed, log):
-    """(model on its device, tokenizer, class names or None): loaded from --model, or the objects given."""
-    if model is None:
-        path = resolve_model(opts.model, log)
-        tokenizer = tokenizer or load_tokenizer(path)
-    elif tokenizer is None:
-        raise ConfigError("pass the tokenizer together with a model object")
-    label_names = label_names_of(train_rows) if opts.task == "classify" else None
+def _check_run(opts: TrainOptions, dist: distributed.Distributed) -> None:
+    """Options that cannot run together (before anything loads)."""
+    distributed.check_options(opts, dist)
+    if opts.bits == 4 and opts.strategy == "fsdp" and (dist.enabled or opts.nproc > 1):
+        raise ConfigError("--bits 4 trains on a 4-bit base in one process or with --strategy ddp, not with fsdp")
+
+
+def _tokenizer(opts: TrainOptions, model, tokenizer, log) -> tuple[Optional[str], Any]:
+    """(the resolved --model path, or None for a model object; its tokenizer)."""
+    if model is not None:
+        if tokenizer is None:
+            raise ConfigError("pass the tokenizer together with a model object")
+        return None, tokenizer
+    path = resolve_model(opts.model, log)
+    return path, tokenizer or load_tokenizer(path)
+
+
+def _load_model(opts: TrainOptions, path: Optional[str], model, label_names: Optional[list[str]],
+                device: torch.device, dist: distributed.Distributed):
+    """The model on its device, loaded from `path` (or the object given); --bits 4: its linear layers in NF4."""
     sharded = dist.shards_model(opts.strategy)  # FSDP: stays on the CPU; fully_shard moves each rank's shard
-    if model is None:
+    if model is None:  # --bits 4: loaded on the CPU, each layer quantized onto the device (never all dense there)
         model = load_model(path, opts.task, num_labels=opts.num_labels or len(label_names or []) or 2,
-                           device="cpu" if sharded else str(device))
+                           device="cpu" if sharded or opts.bits == 4 else str(device))
+    if opts.bits == 4:  # QLoRA: the frozen base in NF4, the adapter (added next) in fp32
+        compute = torch.bfloat16 if bf16_enabled(opts.precision, device) else torch.float32
+        quantize(model, compute_dtype=compute, device=None if sharded else device)
     if not sharded:
         model.to(device)
-    return model, tokenizer, label_names
+    return model
 
 
 def _add_adapter(model, opts: TrainOptions, given: set[str], steps: int, log) -> tuple[int, int]:
@@ -193,7 +212,8 @@ def _metrics(opts: TrainOptions, sizes: tuple[int, int], before: dict, after: di
         "trainable_params": sizes[0], "total_params": sizes[1], "before": before, "after": after,
         "train": {"steps": steps[-1]["step"] if steps else 0, "seconds": train_seconds,
                   "tokens_per_s": steps[-1]["tokens_per_s"] if steps else 0.0,
-                  "final_loss": steps[-1]["loss"] if steps else None},
+                  # the progress bar's loss: the mean of the last loop.LOSS_WINDOW steps' losses
+                  "final_loss": steps[-1].get("running_loss", steps[-1]["loss"]) if steps else None},
         "wall_seconds": time.perf_counter() - started, "device": str(device),
         "processes": dist.world_size, "strategy": dist.strategy,
         "options": dataclasses.asdict(opts), "history": history,
@@ -206,31 +226,14 @@ def _report(opts: TrainOptions, metrics: dict, history: list[dict], tokenizer, e
     out_dir = Path(opts.output_dir)
     write_metrics(out_dir, metrics)
     plot_loss(out_dir, history, title=f"{opts.adapter} on {Path(opts.model).name}")
+    written = ["metrics.json", "loss_curve.png"]
     if before_texts is not None and after_texts is not None:
         k = min(opts.samples, len(eval_set))
         prompts = [tokenizer.decode(e.prompt_ids) for e in eval_set[:k]]
         write_generations(out_dir, prompts, [e.reference for e in eval_set[:k]], before_texts[:k], after_texts[:k])
-    log(f"wrote {adapter_dir}, metrics.json, loss_curve.png to {out_dir} "
+        written.append("generations.md")
+    log(f"wrote {adapter_dir}, {', '.join(written)} to {out_dir} "
         f"({metrics['wall_seconds']:.0f} s in all, {metrics['train']['seconds']:.0f} s training)")
-
-
-def _rows(opts: TrainOptions) -> tuple[list[dict], list[dict]]:
-    if not opts.data:
-        if opts.task != "causal":
-            raise ConfigError("the built-in task is a causal LM task: pass --data for --task classify")
-        return builtin.builtin_rows(opts.train_examples, opts.eval_examples or 40, opts.seed)
-    rows = read_rows(opts.data)
-    if opts.eval_data:
-        eval_rows = read_rows(opts.eval_data)
-    else:  # hold out a deterministic slice
-        order = random.Random(opts.seed).sample(range(len(rows)), len(rows))
-        n_eval = min(500, max(1, int(len(rows) * opts.eval_fraction)))
-        eval_rows, rows = [rows[i] for i in order[:n_eval]], [rows[i] for i in order[n_eval:]]
-    if opts.train_examples:
-        rows = rows[: opts.train_examples]
-    if opts.eval_examples:
-        eval_rows = eval_rows[: opts.eval_examples]
-    return rows, eval_rows
 
 
 def _model_reference(name: str, model) -> str:
@@ -255,9 +258,15 @@ def _scorer(opts: TrainOptions, model, tokenizer, eval_set: list[Example], pad_i
         if opts.task == "classify":
             return classify_scores(model, eval_set, pad_id, device=device), None
         scores = heldout_loss(model, eval_set, pad_id, device=device)
-        if not final or kind == "none" or not eval_set:
+        if not final or not eval_set:
             return scores, None
-        texts = generate(model, tokenizer, [e.prompt_ids for e in eval_set], opts.max_new_tokens, device=device)
+        # generations.md always; --score none generates only its --samples examples
+        shown = eval_set if kind != "none" else eval_set[: opts.samples]
+        if not shown:
+            return scores, None
+        texts = generate(model, tokenizer, [e.prompt_ids for e in shown], opts.max_new_tokens, device=device)
+        if kind == "none":
+            return scores, texts
         refs = [e.reference for e in eval_set]
         gen = builtin.score(texts, refs) if kind == "builtin" else generation_scores(texts, refs, kind)
         return {**gen, **scores}, texts
