@@ -232,8 +232,9 @@ def _check_effective_weights(model: nn.Module, plan: AdapterPlan, source: Path) 
         dtype = layer.base_weight().dtype
         dtype = dtype if dtype in FLOAT_DTYPES else torch.float32  # a packed 4-bit base computes in its own
         if not torch.isfinite(delta.delta_weight(layer).to(dtype)).all():
-            raise AdapterFormatError(f"{source}: the update for {path} (its factors' product, scaled) overflows "
-                                     f"{str(dtype).replace('torch.', '')}: it would give NaN or inf outputs")
+            raise AdapterFormatError(f"{source}: the update for {path} is not finite in "
+                                     f"{str(dtype).replace('torch.', '')} (its factors' product overflows, or its "
+                                     "scale is not finite): it would give NaN or inf outputs")
 
 
 def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], name: str = "default",
