@@ -176,10 +176,7 @@ def run_merge(options: MergeOptions) -> int:
     unload(model, merge=True)
     _check_finite_weights(model, options.adapter)
     diff = _check_logits(model, sample, expected, options.adapter) if expected is not None else None
-    out = Path(options.output)
-    with atomic_dir(out, replace_ok=_holds_a_model) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    out = write_merged(model, tokenizer, options.output)
     print(f"merged {options.adapter} into {options.model}: standalone model in {out}")
     if diff is not None:
         print(f"check: max |logit difference| merged vs adapted = {diff:.2e}")
@@ -207,6 +204,16 @@ def _check_logits(model, sample, expected: torch.Tensor, adapter: str) -> float:
         raise AdapterFormatError(f"the merged model's outputs differ from the adapted model's by {diff:.3g}; "
                                  "nothing was written")
     return diff
+
+
+def write_merged(model, tokenizer, output) -> Path:
+    """The merged model and its tokenizer as one directory, swapped in whole (core/atomic.py): a reader of
+    `output` sees the previous model or the new one."""
+    out = Path(output)
+    with atomic_dir(out, replace_ok=_holds_a_model) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
 
 
 def _holds_a_model(directory: Path) -> bool:
