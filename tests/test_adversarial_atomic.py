@@ -270,9 +270,10 @@ def test_merge_never_replaces_a_directory_of_other_files(tmp_path, merged_pair):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
 
 
-def test_a_stale_pickle_is_dropped_and_other_files_kept(tmp_path):
+def test_a_stale_pickle_and_old_temp_files_are_dropped_other_files_kept(tmp_path):
     target = lorakit.save_adapter(OLD, tmp_path / "a")
     torch.save({"x": torch.zeros(1)}, target / "adapter_model.bin")
+    (target / ".adapter_model.safetensors.k3j2.tmp").write_bytes(b"\0" * 64)  # an older lorakit's killed save
     (target / "sub").mkdir()
     (target / "sub" / "notes.txt").write_text("n\n")
     lorakit.save_adapter(NEW, target)

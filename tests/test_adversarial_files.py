@@ -168,3 +168,77 @@ def test_two_loaded_biases_come_back_in_order(tmp_path):
     lorakit.delete_adapter(model, "two")
     now = _biases(model)
     assert all(torch.equal(now[k], original[k]) for k in original)
+
+
+# --- lorakit merge: nothing non-finite is written -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    from test_train_support import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("merge-base"))
+
+
+def _llama_adapter(base, directory, a_value: float, b_value: float, alpha: float = 4.0, fill: bool = False):
+    """A q_proj adapter whose ΔW[0, 0] = a·b (r = 4, alpha = 4: scale 1), everything else 0; fill: every
+    entry of A is a and of B is b (ΔW = 4ab everywhere)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=alpha, target_modules=["q_proj"]))
+    lorakit.save_adapter(model, directory)
+
+    def factors(t):
+        for key in [k for k in t if "lora_" in k]:
+            value = a_value if "lora_A" in key else b_value
+            if fill:
+                t[key] = torch.full_like(t[key], value)
+            else:
+                t[key] = torch.zeros_like(t[key])
+                t[key][0, 0] = value
+
+    return _rewrite(directory, factors)
+
+
+def _merge(capsys, adapter, base, out, *extra):
+    from lorakit import cli
+
+    code = cli.main(["merge", str(adapter), "--model", str(base), "--output", str(out), *extra])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error" in line]  # (transformers' progress bars aside)
+    return code, "\n".join(errors)
+
+
+def test_merge_refuses_nan_logits_instead_of_comparing_nan(tiny_base, tmp_path, capsys):
+    """ΔW entries of 4e36 are finite in fp32 (the adapter loads) but the logits overflow: the old check
+    compared NaN with NaN, passed and wrote the model."""
+    adapter = _llama_adapter(tiny_base, tmp_path / "a", 1e18, 1e18, fill=True)
+    code, err = _merge(capsys, adapter, tiny_base, tmp_path / "merged")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "NaN or inf" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # nothing written, no temp left
+
+
+def test_merge_refuses_weights_that_overflow_once_merged(tiny_base, tmp_path, capsys):
+    """W[0, 0] = 3e38 in the base and ΔW[0, 0] = 3e38: each finite in fp32, their sum is not."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = tmp_path / "big-base"
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = 3e38
+    model.save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(base)
+    adapter = _llama_adapter(base, tmp_path / "a", 1.75e19, 1.75e19)
+    code, err = _merge(capsys, adapter, base, tmp_path / "merged", "--no-check")
+    assert code == 2 and "layers.0.self_attn.q_proj.weight" in err and "nothing was written" in err, err
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_of_a_nan_alpha_adapter_writes_nothing(tiny_base, tmp_path, capsys):
+    adapter = _llama_adapter(tiny_base, tmp_path / "a", 0.1, 0.1)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["lora_alpha"] = float("nan")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    code, err = _merge(capsys, adapter, tiny_base, tmp_path / "merged")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "merged").exists()

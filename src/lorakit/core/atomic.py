@@ -94,7 +94,11 @@ def swap_in(tmp: Path, target: Path) -> None:
         return
     aside = target.parent / temp_name(target.name, "old")
     os.rename(target, aside)  # from here until the next rename the target is absent: see readable()
-    os.rename(tmp, target)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(aside, target)  # put the old one back; the caller removes tmp
+        raise
     fsync_dir(target.parent)
     remove_dir(aside)
 
@@ -150,7 +154,14 @@ def _leftovers(parent: Path, kind: str, name: str = None) -> list[Path]:
         m = _TEMP.match(p.name)
         if m and m["kind"] == kind and (name is None or m["name"] == name):
             found.append(p)
-    return sorted(found, key=lambda p: p.stat().st_mtime_ns if p.exists() else 0, reverse=True)
+    return sorted(found, key=_mtime, reverse=True)
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:  # removed meanwhile by another save
+        return 0
 
 
 def readable(target: Union[str, os.PathLike]) -> Path:

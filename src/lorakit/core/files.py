@@ -77,7 +77,9 @@ def write_adapter_files(directory: Union[str, os.PathLike], tensors: dict[str, t
     as one atomic directory swap. Other files already in `directory` (a README, other adapters' subdirectories)
     are kept; an old adapter_model.bin is dropped (it would contradict the new weights)."""
     out = Path(directory)
-    with atomic.atomic_dir(out, carry=True, drop=(PICKLE_NAME,)) as tmp:
+    # not carried: an old pickle, and the per-file temp files that an interrupted save of older lorakits left
+    litter = [p.name for p in out.glob(".adapter_*.tmp")] if out.is_dir() else []
+    with atomic.atomic_dir(out, carry=True, drop=(PICKLE_NAME, *litter)) as tmp:
         write_adapter_into(tmp, tensors, config)
     return out
 
@@ -85,6 +87,9 @@ def write_adapter_files(directory: Union[str, os.PathLike], tensors: dict[str, t
 def write_adapter_into(directory: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
     """PEFT's two files written straight into `directory` (a temp directory that is swapped in as a whole)."""
     safetensors.torch.save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory / WEIGHTS_NAME, 0o666 & ~umask)  # safetensors creates 0600; give it ordinary permissions
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
