@@ -97,7 +97,7 @@ def _kill_at_random(target, save_forever, check, rounds: int = 12) -> set[str]:
                 save_forever(target)
             finally:
                 os._exit(1)
-        time.sleep(random.uniform(0.0, 0.08))
+        time.sleep(random.uniform(0.0, 0.25))  # a save takes ~10-100 ms: most kills land inside one
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         seen.add(check(target))
@@ -214,6 +214,31 @@ def test_checkpoint_save_killed_at_every_step(tmp_path):
     assert _kill_at_every_step(prepare, lambda out: save_new(out, 4), check, fallback=False) == {"old", "new"}
 
 
+def test_checkpoint_saves_killed_at_random_moments(tmp_path):
+    from lorakit.train.checkpoint import read_state
+
+    save = _trainer(1)
+    out = tmp_path / "run"
+    save(out, 1)
+
+    def save_forever(o):
+        step = 2
+        while True:
+            save(o, step)
+            step += 1
+
+    def check(o):
+        root = o / "checkpoints"
+        for p in root.glob("step-*"):
+            read_state(p)  # complete
+        save(o, 10_000)
+        names = sorted(p.name for p in root.iterdir())
+        assert len(names) == 2 and all(n.startswith("step-") for n in names) and names[-1] == "step-0010000"
+        return "ok"
+
+    assert _kill_at_random(out, save_forever, check, rounds=8) == {"ok"}
+
+
 # --- merge output -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def merged_pair(tmp_path_factory):
@@ -254,6 +279,30 @@ def test_merge_output_killed_at_every_step(tmp_path, merged_pair):
 
     assert _kill_at_every_step(prepare, lambda t: write_merged(new, tokenizer, t), check, fallback=False) == \
         {"old", "new"}
+
+
+def test_merge_output_killed_at_random_moments(tmp_path, merged_pair):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.cli.commands import write_merged
+
+    _, tokenizer, old, new = merged_pair
+    weights = [{k: v.clone() for k, v in m.state_dict().items()} for m in (old, new)]
+    target = write_merged(old, tokenizer, tmp_path / "merged")
+
+    def save_forever(t):
+        while True:
+            for model in (new, old):
+                write_merged(model, tokenizer, t)
+
+    def check(t):
+        got = AutoModelForCausalLM.from_pretrained(atomic.readable(t)).state_dict()
+        assert sum(all(torch.equal(got[k], w[k]) for k in w) for w in weights) == 1, "the merged directory is a mix"
+        write_merged(old, tokenizer, t)
+        assert [p.name for p in t.parent.iterdir()] == ["merged"]
+        return "ok"
+
+    assert _kill_at_random(target, save_forever, check, rounds=8) == {"ok"}
 
 
 def test_merge_never_replaces_a_directory_of_other_files(tmp_path, merged_pair):
