@@ -69,8 +69,21 @@ def _in_child(fn, kill_at: int = 0, fallback: bool = False) -> int:
             code = 0
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    return _wait(pid)
+
+
+def _wait(pid: int, limit_s: float = 120.0) -> int:
+    """The child's exit code; a child stuck after fork (never expected) is killed and fails the test."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("a forked child hung")
+        time.sleep(0.005)
 
 
 def _kill_at_every_step(prepare, save, check, fallback: bool) -> set[str]:
