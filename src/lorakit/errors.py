@@ -43,3 +43,7 @@ class DataError(LorakitError, ValueError):
 
 class CheckpointError(LorakitError, ValueError):
     """A training checkpoint that is missing, corrupt, or does not fit the run that resumes from it."""
+
+
+class OutputPathError(LorakitError, ValueError):
+    """An output path lorakit will not write to: not a directory, or a directory holding something else."""

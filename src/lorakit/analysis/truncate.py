@@ -14,14 +14,13 @@ modules_to_save and bias tensors are copied unchanged. The written adapter is re
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 
 from ..core.config import AdapterConfig
-from ..core.files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _atomic_write
+from ..core.files import PREFIX, write_adapter_files
 from ..core.registry import delta_class, factored_variant
 from .adapters import AdapterView, from_directory
 from .results import LayerAnalysis
@@ -59,9 +58,7 @@ def _layer_tensors(view: AdapterView, layer: LayerAnalysis, config: AdapterConfi
 
 
 def write_truncated(view: AdapterView, layers: list[LayerAnalysis], k: int, directory: Path) -> Path:
-    """Write the rank-k adapter to `directory` (each file to a temporary name, then renamed into place)."""
-    from safetensors.torch import save_file
-
+    """Write the rank-k adapter to `directory` (as a whole: see core/atomic.py)."""
     ranks = {la.path: min(k, max(1, la.spectrum.rank)) for la in layers}
     config = truncated_config(view, k, ranks)
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in view.extra_tensors.items()}
@@ -70,12 +67,7 @@ def write_truncated(view: AdapterView, layers: list[LayerAnalysis], k: int, dire
     data = config.to_peft_dict()
     data["inference_mode"] = True
     data["base_model_name_or_path"] = view.base_name
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME,
-                  lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
-    return directory
+    return write_adapter_files(directory, tensors, data)
 
 
 def relative_distance(x: Spectrum, y: Spectrum) -> float:

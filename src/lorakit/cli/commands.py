@@ -11,6 +11,7 @@ from typing import Any, Optional
 import torch
 
 from ..core.api import set_active, unload
+from ..core.atomic import atomic_dir
 from ..core.files import load_adapter, read_config, read_tensors
 from ..errors import AdapterFormatError, ConfigError
 from ..loading.models import BUILTIN_MODEL, load_pretrained, log_to_stderr
@@ -130,7 +131,9 @@ def _grouped_refs(examples) -> list[list[str]]:
 
 # --- merge ----------------------------------------------------------------------------------------------
 def run_merge(options: MergeOptions) -> int:
-    """`lorakit merge`: merge an adapter into its base and save a standalone model (checked on a sample)."""
+    """`lorakit merge`: merge an adapter into its base and save a standalone model. The merged weights must be
+    finite in their dtype and (with --check) give the adapted model's logits on a sample, or nothing is written;
+    the output directory appears whole (core/atomic.py)."""
     if not options.adapter:
         raise ConfigError("give the adapter directory: lorakit merge ADAPTER_DIR --output DIR")
     model, tokenizer, device = _load_with_adapters(options, [options.adapter])
@@ -138,18 +141,52 @@ def run_merge(options: MergeOptions) -> int:
     with torch.no_grad():
         expected = model(**sample).logits.float() if options.check else None
     unload(model, merge=True)
-    out = Path(options.output)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _check_finite_weights(model, options.adapter)
+    diff = _check_logits(model, sample, expected, options.adapter) if expected is not None else None
+    out = write_merged(model, tokenizer, options.output)
     print(f"merged {options.adapter} into {options.model}: standalone model in {out}")
-    if expected is not None:
-        with torch.no_grad():
-            got = model(**sample).logits.float()
-        diff = float((got - expected).abs().max())
+    if diff is not None:
         print(f"check: max |logit difference| merged vs adapted = {diff:.2e}")
-        if diff > 1e-3 * max(1.0, float(expected.abs().max())):
-            raise AdapterFormatError(f"the merged model's outputs differ from the adapted model's by {diff:.3g}")
     return 0
+
+
+def _check_finite_weights(model, adapter: str) -> None:
+    """Every floating tensor of the merged model is finite in its own dtype (W + ΔW can overflow fp16)."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise AdapterFormatError(f"merging {adapter} gives NaN or inf in {name} "
+                                     f"({str(t.dtype).replace('torch.', '')}); nothing was written")
+
+
+def _check_logits(model, sample, expected: torch.Tensor, adapter: str) -> float:
+    """The merged model's logits on the sample against the adapted model's; both must be finite (a NaN
+    difference fails: `not diff <= tolerance`). Returns the largest difference."""
+    with torch.no_grad():
+        got = model(**sample).logits.float()
+    if not (torch.isfinite(expected).all() and torch.isfinite(got).all()):
+        raise AdapterFormatError(f"{adapter}: the adapted or merged model gives NaN or inf logits on a sample; "
+                                 "nothing was written")
+    diff = float((got - expected).abs().max())
+    if not diff <= 1e-3 * max(1.0, float(expected.abs().max())):
+        raise AdapterFormatError(f"the merged model's outputs differ from the adapted model's by {diff:.3g}; "
+                                 "nothing was written")
+    return diff
+
+
+def write_merged(model, tokenizer, output) -> Path:
+    """The merged model and its tokenizer as one directory, swapped in whole (core/atomic.py): a reader of
+    `output` sees the previous model or the new one."""
+    out = Path(output)
+    with atomic_dir(out, replace_ok=_holds_a_model) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def _holds_a_model(directory: Path) -> bool:
+    """merge replaces an existing --output only when it is empty or an earlier model directory (config.json):
+    a directory of other files is never swapped away."""
+    return not any(directory.iterdir()) or (directory / "config.json").is_file()
 
 
 def _sample_input(tokenizer, device) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence, Union
 
+import torch
 from torch import nn
 
 from .adapted import AdaptedLayer
@@ -33,6 +34,8 @@ class AdapterState:
     configs: dict[str, AdapterConfig] = field(default_factory=dict)
     active: tuple[str, ...] = ()
     requires_grad_before: dict[str, bool] = field(default_factory=dict)  # restored by unload
+    # [base parameter, its value before, names of the loaded adapters that wrote it] (a loaded bias)
+    overwritten: list = field(default_factory=list)
 
 
 def state(model: nn.Module) -> AdapterState:
@@ -235,6 +238,31 @@ _merge = merge  # unload's `merge` flag shadows the function
 
 
 # --- removing -----------------------------------------------------------------------------------------
+def keep_originals(model: nn.Module, name: str, params: Sequence[nn.Parameter]) -> None:
+    """Remember the values of base parameters that adapter `name` is about to overwrite (a loaded bias), so
+    that delete_adapter (once no remaining adapter wrote them) and unload(merge=False) put them back."""
+    st = state(model)
+    for p in params:
+        entry = next((e for e in st.overwritten if e[0] is p), None)
+        if entry is None:
+            st.overwritten.append([p, p.detach().clone(), {name}])
+        else:
+            entry[2].add(name)
+
+
+def _restore_originals(st: AdapterState, gone: set[str]) -> None:
+    """Put back the base values that only adapters in `gone` had overwritten."""
+    kept = []
+    for entry in st.overwritten:
+        entry[2] -= gone
+        if entry[2]:
+            kept.append(entry)
+        else:
+            with torch.no_grad():
+                entry[0].copy_(entry[1])
+    st.overwritten = kept
+
+
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name` from the model (unmerging first); the last one gone leaves the base model as it was,
     with its requires_grad flags restored."""
@@ -243,6 +271,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     st = state(model)
     _remove_from_layers(model, name)
     del st.configs[name]
+    _restore_originals(st, {name})
     set_active(model, tuple(n for n in st.active if n != name))
     if not st.configs:
         _forget(model, st)
@@ -269,8 +298,10 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     st = state(model)
     if merge:
         _merge(model)
+        st.overwritten = []  # loaded biases are part of the merged model
     else:
         unmerge(model)
+        _restore_originals(st, set(st.configs))
     for path, layer in list(adapted_layers(model)):
         _replace(model, path, layer.base_layer)
     for path, holder in list(saved_modules(model)):

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Callable, Union
+from typing import Union
 
 import torch
 import safetensors.torch
 from torch import nn
 
 from ..errors import AdapterFormatError, ShapeMismatchError
-from .api import AdapterPlan, adapted_layers, attach, get_config, plan_adapter, saved_modules
+from . import atomic
+from .adapted import AdaptedLayer
+from .api import AdapterPlan, adapted_layers, attach, get_config, keep_originals, plan_adapter, saved_modules
 from .hf.describe import describe_base
 from .registry import config_from_peft_dict
 
@@ -52,22 +53,9 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     return out
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_adapter(model: nn.Module, directory: Union[str, os.PathLike], name: str = "default") -> Path:
-    """Write the adapter as PEFT does. Each file is written to a temporary name and renamed into place."""
+    """Write the adapter as PEFT does, as a whole: a reader of `directory` sees the old adapter or the new one,
+    never new weights with an old config (see core/atomic.py)."""
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model, name).items()}
     return write_adapter_files(directory, tensors, adapter_config_dict(model, name))
 
@@ -86,12 +74,24 @@ def adapter_config_dict(model: nn.Module, name: str = "default") -> dict:
 
 
 def write_adapter_files(directory: Union[str, os.PathLike], tensors: dict[str, torch.Tensor], config: dict) -> Path:
-    """Write PEFT's two files from CPU tensors (PEFT keys) and the config dict (e.g. gathered from a sharded model)."""
+    """Write PEFT's two files from CPU tensors (PEFT keys) and the config dict (e.g. gathered from a sharded model)
+    as one atomic directory swap. Other files already in `directory` (a README, other adapters' subdirectories)
+    are kept; an old adapter_model.bin is dropped (it would contradict the new weights)."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    # not carried: an old pickle, and the per-file temp files that an interrupted save of older lorakits left
+    litter = [p.name for p in out.glob(".adapter_*.tmp")] if out.is_dir() else []
+    with atomic.atomic_dir(out, carry=True, drop=(PICKLE_NAME, *litter)) as tmp:
+        write_adapter_into(tmp, tensors, config)
     return out
+
+
+def write_adapter_into(directory: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """PEFT's two files written straight into `directory` (a temp directory that is swapped in as a whole)."""
+    safetensors.torch.save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory / WEIGHTS_NAME, 0o666 & ~umask)  # safetensors creates 0600; give it ordinary permissions
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # --- reading ------------------------------------------------------------------------------------------
@@ -133,14 +133,27 @@ def read_tensors(directory: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     raise AdapterFormatError(f"{d} has neither {WEIGHTS_NAME} nor {PICKLE_NAME}")
 
 
-def _sort_tensors(model: nn.Module, plan: AdapterPlan, tensors: dict[str, torch.Tensor]):
-    """Assign every saved tensor to a delta, a modules_to_save copy or a base bias; raise on leftovers."""
+def weights_file(directory: Union[str, os.PathLike]) -> Path:
+    """The tensor file read_tensors reads in `directory` (named in every error about its contents)."""
+    d = Path(directory)
+    return d / WEIGHTS_NAME if (d / WEIGHTS_NAME).is_file() else d / PICKLE_NAME
+
+
+def _sort_tensors(model: nn.Module, plan: AdapterPlan, tensors: dict[str, torch.Tensor], source: Path):
+    """Assign every saved tensor to a delta, a modules_to_save copy or a base bias; raise on leftovers, on one
+    tensor saved twice (with and without the `base_model.model.` prefix) and on base biases the config
+    says were not saved (bias="none")."""
     per_delta = {p: {} for p in plan.deltas}
     per_saved = {p: {} for p in plan.saved}
-    biases, unknown = {}, []
+    biases, unknown, seen = {}, [], {}
     params = dict(model.named_parameters())
     for raw_key, t in tensors.items():
         key = raw_key[len(PREFIX):] if raw_key.startswith(PREFIX) else raw_key
+        plain = key.replace(".base_layer.", ".")
+        if plain in seen:
+            raise AdapterFormatError(f"{source}: {seen[plain]!r} and {raw_key!r} are the same tensor saved twice; "
+                                     "which one is meant is ambiguous")
+        seen[plain] = raw_key
         owner = max((p for p in plan.deltas if key.startswith(p + ".")), key=len, default=None)
         if owner is not None and key[len(owner) + 1:] in plan.deltas[owner].peft_tensors():
             per_delta[owner][key[len(owner) + 1:]] = t
@@ -149,14 +162,16 @@ def _sort_tensors(model: nn.Module, plan: AdapterPlan, tensors: dict[str, torch.
         if saved is not None:
             _sort_saved(model, saved, key[len(saved) + 1:], t, per_saved, biases)
             continue
-        plain = key.replace(".base_layer.", ".")
         if key.endswith("bias") and (key in params or plain in params):
             biases[key] = (params[key] if key in params else params[plain], t)  # the Parameter survives wrapping
             continue
         unknown.append(raw_key)
     if unknown:
-        raise AdapterFormatError(f"{len(unknown)} saved tensors match no module of this model (a different base "
-                                 f"model?): {unknown[:4]}")
+        raise AdapterFormatError(f"{source}: {len(unknown)} saved tensors match no module of this model (a different "
+                                 f"base model?): {unknown[:4]}")
+    if biases and plan.config.bias_mode == "none":
+        raise AdapterFormatError(f"{source} holds base-model biases {sorted(biases)[:4]} but its config says bias="
+                                 "'none' (no bias is saved); refusing to overwrite the model's frozen biases")
     return per_delta, per_saved, biases
 
 
@@ -174,30 +189,58 @@ def _sort_saved(model, path, rest, t, per_saved, biases) -> None:
         per_saved[path][rest] = t
 
 
-def _check(label: str, t: torch.Tensor, expected: torch.Tensor) -> None:
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what a saved float may be
+
+
+def _check(source: Path, label: str, t: torch.Tensor, expected: torch.Tensor) -> None:
+    """A saved tensor against the one it will be copied into: shape, a dtype that converts without losing
+    meaning (floats for floats, exactly the same dtype otherwise), finite once cast to the model's dtype."""
     if tuple(t.shape) != tuple(expected.shape):
-        raise ShapeMismatchError(f"{label}: saved shape {tuple(t.shape)} but this model needs {tuple(expected.shape)} "
-                                 "(a different base model, or r / rank_pattern changed?)")
-    if t.is_floating_point() and not torch.isfinite(t).all():
-        raise AdapterFormatError(f"{label} holds NaN or inf values")
+        raise ShapeMismatchError(f"{source}: {label}: saved shape {tuple(t.shape)} but this model needs "
+                                 f"{tuple(expected.shape)} (a different base model, or r / rank_pattern changed?)")
+    if expected.is_floating_point() != (t.dtype in FLOAT_DTYPES) or (
+            not expected.is_floating_point() and t.dtype != expected.dtype):
+        raise AdapterFormatError(f"{source}: {label} is saved as {str(t.dtype).replace('torch.', '')}, but the "
+                                 f"model holds {str(expected.dtype).replace('torch.', '')} there")
+    if expected.is_floating_point() and not torch.isfinite(t.to(expected.dtype)).all():
+        raise AdapterFormatError(f"{source}: {label} holds NaN or inf values (in the model's "
+                                 f"{str(expected.dtype).replace('torch.', '')})")
 
 
-def _validate(model, plan, per_delta, per_saved, biases) -> None:
+def _validate(model, plan, per_delta, per_saved, biases, source: Path) -> None:
     for path, delta in plan.deltas.items():
         missing = sorted(set(delta.peft_tensors()) - set(per_delta[path]))
         if missing:
-            raise AdapterFormatError(f"the file lacks {missing} for {path}")
+            raise AdapterFormatError(f"{source} lacks {missing} for {path}")
         for suffix, expected in delta.peft_tensors().items():
-            _check(f"{path}.{suffix}", per_delta[path][suffix], expected)
+            _check(source, f"{path}.{suffix}", per_delta[path][suffix], expected)
     for path, sd in per_saved.items():
         module = model.get_submodule(path)
         expected = getattr(module, "original_module", module).state_dict()  # not an existing SavedModule's copies
         if set(sd) != set(expected):
-            raise AdapterFormatError(f"modules_to_save {path}: saved keys {sorted(sd)} but the module has {sorted(expected)}")
+            raise AdapterFormatError(f"{source}: modules_to_save {path}: saved keys {sorted(sd)} but the module has "
+                                     f"{sorted(expected)}")
         for key, t in sd.items():
-            _check(f"{path}.{key}", t, expected[key])
+            _check(source, f"{path}.{key}", t, expected[key])
     for key, (param, t) in biases.items():
-        _check(key, t, param)
+        _check(source, key, t, param)
+
+
+@torch.no_grad()
+def _check_effective_weights(model: nn.Module, plan: AdapterPlan, source: Path) -> None:
+    """Every loaded delta's ΔW is finite in the base weight's dtype: finite factors whose product overflows
+    (or overflows fp16/bf16) would give NaN outputs. The deltas are not in the model yet: a layer not yet
+    adapted is viewed through a temporary AdaptedLayer that changes nothing."""
+    for path, delta in plan.deltas.items():
+        layer = model.get_submodule(path)
+        if not isinstance(layer, AdaptedLayer):
+            layer = AdaptedLayer(layer, delta.ops)
+        dtype = layer.base_weight().dtype
+        dtype = dtype if dtype in FLOAT_DTYPES else torch.float32  # a packed 4-bit base computes in its own
+        if not torch.isfinite(delta.delta_weight(layer).to(dtype)).all():
+            raise AdapterFormatError(f"{source}: the update for {path} is not finite in "
+                                     f"{str(dtype).replace('torch.', '')} (its factors' product overflows, or its "
+                                     "scale is not finite): it would give NaN or inf outputs")
 
 
 def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], name: str = "default",
@@ -205,14 +248,18 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], name: str
     """Load a PEFT or lorakit adapter directory into `model` as adapter `name` (inactive unless it is the
     model's first adapter, as in PEFT). trainable=False freezes it, like PEFT's is_trainable=False.
     Raises a LorakitError and leaves the model untouched if anything does not fit."""
+    directory = atomic.readable(directory)  # the old copy, in the instant a fallback save swaps directories
     config = read_config(directory)
     tensors = read_tensors(directory)
+    source = weights_file(directory)
     plan = plan_adapter(model, config, name)
-    per_delta, per_saved, biases = _sort_tensors(model, plan, tensors)
-    _validate(model, plan, per_delta, per_saved, biases)
+    per_delta, per_saved, biases = _sort_tensors(model, plan, tensors, source)
+    _validate(model, plan, per_delta, per_saved, biases, source)
     for path, delta in plan.deltas.items():
         delta.load_peft_tensors(per_delta[path])
+    _check_effective_weights(model, plan, source)
     attach(model, plan, fresh=False)
+    keep_originals(model, name, [param for param, _ in biases.values()])
     with torch.no_grad():
         for path, sd in per_saved.items():
             model.get_submodule(path).copies[name].load_state_dict(sd)

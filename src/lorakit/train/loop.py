@@ -5,18 +5,16 @@
         clip; AdamW step (adapter parameters only); schedule step; hooks.after_step(step); zero grads
         log; evaluate every N steps; checkpoint every N steps
 
-A checkpoint holds everything the next step depends on (adapter and optimizer tensors, schedule, the RNG
-states of torch/python/numpy, the step, which fixes the data position), so a resumed run ends with the same
-adapter, bit for bit on CPU, as a run that was never interrupted.
+A checkpoint (train/checkpoint.py: safetensors + JSON, never a pickle) holds everything the next step depends
+on (adapter and optimizer tensors, schedule, the RNG states of torch/python/numpy, the step, which fixes the
+data position), so a resumed run ends with the same adapter, bit for bit on CPU, as a run that was never
+interrupted.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-import os
-import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +27,9 @@ from ..core.api import training_hooks
 from ..errors import ConfigError
 from ..loading.rows import IGNORE
 from .batches import MicroBatches
-from .distributed import Distributed, gather_train_state, load_train_state, own_rng_state
-from .distributed import save_adapter as save_adapter_gathered
+from .checkpoint import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import Distributed
 
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.pt"
 LOSS_WINDOW = 10  # the progress bar's loss and metrics.json's final_loss: the mean of the last 10 step losses
 
 
@@ -95,83 +91,9 @@ def warmup_steps(options, total: int) -> int:
     return int(options.warmup * total) if options.warmup < 1 else int(options.warmup)
 
 
-# --- checkpoints ----------------------------------------------------------------------------------------
-def _rng_state() -> dict[str, Any]:
-    # the whole process's generators (torch, python, numpy, every GPU): what a resumed run continues from
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def trainable(model) -> dict[str, torch.nn.Parameter]:
     """{name: parameter} of the parameters being trained, in named_parameters order."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, history, hooks, keep: int = 2,
-                    dist: Distributed = Distributed()) -> Path:
-    """out_dir/checkpoints/step-NNNNNN/{trainer_state.pt, adapter/}; written to a temp dir, then renamed.
-    Collective under torch.distributed: the tensors are gathered whole (any world size can resume) and rank 0
-    writes them with every rank's RNG state."""
-    root = out_dir / CHECKPOINTS
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-{final.name}"
-    params, optim = gather_train_state(model, optimizer, dist)
-    rng = dist.gather_objects(_rng_state())
-    if dist.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    save_adapter_gathered(model, tmp / "adapter", dist)  # a usable PEFT adapter too
-    if dist.is_main:
-        state = {"step": step, "params": params, "optimizer": optim, "scheduler": scheduler.state_dict(),
-                 "rng": rng[0], "rng_ranks": rng, "history": history,
-                 "hooks": [h.state_dict() for h in hooks if hasattr(h, "state_dict")]}
-        torch.save(state, tmp / STATE_FILE)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(root.glob("step-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
-
-
-def latest_checkpoint(out_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint directory under `out_dir`, or None."""
-    done = [p for p in sorted((out_dir / CHECKPOINTS).glob("step-*")) if (p / STATE_FILE).is_file()]
-    return done[-1] if done else None
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, hooks,
-                    dist: Distributed = Distributed()) -> tuple[int, list]:
-    """Every rank reads the whole checkpoint (written by any number of processes) and takes its part."""
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
-    if set(state["params"]) != set(trainable(model)):
-        raise ConfigError(f"checkpoint {path} does not fit this model/adapter (different options?)")
-    load_train_state(model, optimizer, state["params"], state["optimizer"], dist)
-    scheduler.load_state_dict(state["scheduler"])
-    for hook, hook_state in zip([h for h in hooks if hasattr(h, "load_state_dict")], state["hooks"]):
-        hook.load_state_dict(hook_state)
-    _set_rng_state(own_rng_state(state, dist))
-    return state["step"], state["history"]
 
 
 # --- the loop -------------------------------------------------------------------------------------------
@@ -331,7 +253,8 @@ def _after_step(run: _Training, model, done: int, record: dict, options, out_dir
     if evaluate is not None and options.eval_every and done % options.eval_every == 0 and done < run.steps:
         run.history.append({"step": done, **_evaluate(model, evaluate)})
     if options.checkpoint_every and done % options.checkpoint_every == 0 and done < run.steps:
-        save_checkpoint(out_dir, done, model, run.optimizer, run.scheduler, run.history, run.hooks, dist=dist)
+        save_checkpoint(out_dir, done, model, run.optimizer, run.scheduler, run.history, run.hooks, options,
+                        dist=dist)
     if on_step is not None:
         on_step(done, record)
 

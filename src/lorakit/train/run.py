@@ -28,6 +28,7 @@ from . import distributed
 from . import task as builtin
 from .adapter_options import build_adapter_config
 from .batches import MicroBatches
+from .checkpoint import check_resume_options
 from .data import encode_run_data, read_run_data
 from .evaluate import classify_scores, generate, generation_scores, heldout_loss
 from .fields import build_options, given_fields, read_config_file
@@ -193,8 +194,12 @@ def _distribute(model, opts: TrainOptions, dist: distributed.Distributed, device
 
 def _run_loop(model, batches: MicroBatches, opts: TrainOptions, device: torch.device, evaluate_fn, on_step,
               dist: distributed.Distributed) -> tuple[list[dict], float]:
-    """options.json, then the training loop; returns (its history, seconds it took)."""
+    """options.json, then the training loop; returns (its history, seconds it took). A resumed run first checks
+    its options against the checkpoint's (refusing changes that alter the training), so options.json never
+    records values the run did not use."""
     out_dir = Path(opts.output_dir)
+    if opts.resume:
+        check_resume_options(out_dir, opts)
     if dist.is_main:
         (out_dir / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2) + "\n")
     t_train = time.perf_counter()
