@@ -315,6 +315,10 @@ def per_row(model: nn.Module, names: Sequence[Optional[str]], impl: str = "auto"
         yield model
 
 
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
+
+
 def _model_rows(args: tuple, kwargs: dict) -> Optional[int]:
     """The batch size of a model call: dimension 0 of its first tensor argument, or of input_ids / inputs_embeds."""
     for value in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
@@ -333,8 +337,8 @@ def _rows_checked(model: nn.Module, n_names: int) -> Iterator[None]:
     def check(module, args, kwargs):
         rows = None if generating[0] else _model_rows(args, kwargs)
         if rows is not None and rows != n_names:
-            raise MixedBatchError(f"per_row got {n_names} names but the model was called with {rows} rows: give one "
-                                  "name (or None) per row")
+            raise MixedBatchError(f"per_row has names for {_rows(n_names)} but the model was called with "
+                                  f"{_rows(rows)}: give one adapter name (or None) per row")
 
     hook = model.register_forward_pre_hook(check, with_kwargs=True)
     generate = getattr(model, "generate", None)
