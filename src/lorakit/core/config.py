@@ -60,7 +60,7 @@ class Check:
         if self.test(value):
             return None
         text = f"must be {self.want}, got {shown(value)}"
-        if isinstance(value, str) and value.lower() in ("true", "false"):
+        if "true or false" in self.want and isinstance(value, str) and value.lower() in ("true", "false"):
             text += " (a string; write true or false without quotes)"
         return text + self.detail(value)
 
@@ -85,7 +85,12 @@ def number(low: float = -math.inf, high: float = math.inf, open_low: bool = Fals
         f" in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}")
 
     def test(v: Any) -> bool:
-        if not (_is_int(v) or isinstance(v, float)) or not math.isfinite(v):
+        if not (_is_int(v) or isinstance(v, float)):
+            return False
+        try:
+            if not math.isfinite(float(v)):
+                return False
+        except OverflowError:  # an int beyond any float: every computation with it would overflow
             return False
         return (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
     return Check(f"a finite number{bounds}", test)
@@ -98,7 +103,8 @@ NULL = Check("null", lambda v: v is None)
 
 def one_of(*choices: Any) -> Check:
     """Exactly one of these values (of the same type: True is not 1)."""
-    return Check("one of " + ", ".join(map(repr, choices)), lambda v: any(type(v) is type(c) and v == c for c in choices))
+    want = "one of " + ", ".join(map(repr, choices))
+    return Check(want, lambda v: any(type(v) is type(c) and v == c for c in choices))
 
 
 def list_of(item: Check, what: str) -> Check:
@@ -128,7 +134,7 @@ def mapping(value: Check, keys: Check = TEXT) -> Check:
     """A dict {key passing `keys`: value passing `value`}; the message names the first bad entry."""
     def bad(v: Any) -> Optional[str]:
         for k, x in v.items():
-            for check, item, which in ((keys, k, "key"), (value, x, f"value of {k!r}")):
+            for check, item, which in ((keys, k, "key"), (value, x, f"value of {shown(k)}")):
                 if not check.test(item):
                     return f" (the {which} must be {check.want}, got {shown(item)}{check.detail(item)})"
         return None

@@ -60,6 +60,8 @@ PEFT_ADALORA_DEFAULT_TARGETS: dict[str, Union[list[str], str]] = {
     "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 
+MAX_STEPS = 2**31  # the largest step count of the schedule: far beyond any run, so a larger one is a typo
+
 
 @dataclass
 class AdaLoraConfig(LoraConfig):
@@ -74,13 +76,13 @@ class AdaLoraConfig(LoraConfig):
     field_checks: ClassVar[dict[str, Check]] = {
         "target_r": integer(1, MAX_RANK),
         "init_r": integer(1, MAX_RANK),
-        "tinit": integer(0),
-        "tfinal": integer(0),
-        "deltaT": integer(1),
+        "tinit": integer(0, MAX_STEPS),
+        "tfinal": integer(0, MAX_STEPS),
+        "deltaT": integer(1, MAX_STEPS),
         "beta1": number(0, 1, open_low=True, open_high=True),
         "beta2": number(0, 1, open_low=True, open_high=True),
         "orth_reg_weight": number(0),
-        "total_step": optional(integer(1)),
+        "total_step": optional(integer(1, MAX_STEPS)),
         "init_lora_weights": BOOLEAN,
         "rank_pattern": optional(mapping(list_of(BOOLEAN, "booleans"))),
     }
