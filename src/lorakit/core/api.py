@@ -108,9 +108,8 @@ def plan_adapter(model: nn.Module, config: Any, name: str) -> AdapterPlan:
     """Build the adapter's deltas for this model without changing the model. `config` is a lorakit config or a
     PEFT config object (registry.as_config); target_modules None takes PEFT's defaults for the model's type."""
     check_new_name(model, name)
-    config = as_config(config)
-    config.check()  # again: a field may have been set after construction
-    config = resolve_targets(model, config)
+    # The model keeps its own copy, checked again (a field may have been set since construction).
+    config = resolve_targets(model, as_config(config).with_updates())
     modules = dict(candidate_modules(model))
     cls = delta_class(config)
     targets = {path: ops_for(modules[path]) for path in find_targets(model, config)}

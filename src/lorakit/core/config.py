@@ -231,12 +231,6 @@ class AdapterConfig:
             self.modules_to_save = (self.modules_to_save or []) + extra
         self.validate()
 
-    def check(self) -> None:
-        """Every field's type and range, then the rules between fields (ConfigError). Runs on construction and
-        again when the config meets a model, in case a field was changed in between."""
-        self.check_fields()
-        self.validate()
-
     def check_fields(self) -> None:
         """Every field against its class's `field_checks` (all base classes'): ConfigError naming the first
         field whose value has the wrong type or is out of range."""

@@ -49,4 +49,3 @@ PEFT_DEFAULT_TARGETS: dict[str, Union[list[str], str]] = {
     "rwkv": ["key", "value", "receptance", "output"],
     "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
-
