@@ -183,7 +183,7 @@ def test_unsupported_layer_type_is_named():
 
 
 @pytest.mark.parametrize("bad", [dict(r=0), dict(r=2.5), dict(lora_dropout=1.5), dict(bias="some"),
-                                 dict(init_lora_weights="magic"), dict(target_modules=None)])
+                                 dict(init_lora_weights="magic"), dict(target_modules=3)])
 def test_invalid_config_values(bad):
     kwargs = dict(target_modules=["0"]) | bad
     with pytest.raises(ConfigError):

@@ -7,22 +7,24 @@ it (so io can validate loaded tensors against them first), and `attach` puts the
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 from torch import nn
 
 from .adapted import AdaptedLayer
-from .config import AdapterConfig
+from .config import AdapterConfig, shown
 from .delta import Delta
-from ..errors import AdapterNameError
-from .layers import ops_for
-from .registry import TRAINING_HOOKS, delta_class
+from ..errors import AdapterNameError, ConfigError
+from .layers import LayerOps, ops_for
+from .registry import TRAINING_HOOKS, as_config, delta_class
 from .saved import SavedModule
-from .targeting import candidate_modules, find_targets
+from .targeting import candidate_modules, find_targets, resolve_targets
 
 _STATE_ATTR = "lorakit_state"
 
@@ -76,22 +78,47 @@ class AdapterPlan:
     saved: list[str]  # module paths that get a modules_to_save copy
 
 
+# Adapters are held by name in torch ModuleDicts, so a name that is one of its attributes cannot be a key.
+RESERVED_NAMES = frozenset(dir(nn.ModuleDict()))
+
+
 def check_new_name(model: nn.Module, name: str) -> None:
     """AdapterNameError unless `name` is a valid adapter name not yet taken on `model`."""
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
-        raise AdapterNameError(f"adapter names are letters, digits, '_' and '-', got {name!r}")
+        raise AdapterNameError(f"adapter names are letters, digits, '_' and '-', got {shown(name)}")
+    if name in RESERVED_NAMES:
+        raise AdapterNameError(f"{name!r} cannot be an adapter name: it is an attribute of torch's ModuleDict, "
+                               "which holds the adapters by name")
     if name in state(model).configs:
         raise AdapterNameError(f"an adapter named {name!r} already exists; delete it first or pick another name")
 
 
-def plan_adapter(model: nn.Module, config: AdapterConfig, name: str) -> AdapterPlan:
-    """Build the adapter's deltas for this model without changing the model."""
+# A rank above both of a layer's dimensions adds nothing (ΔW's rank is at most min(in, out)). PEFT allows it and so
+# does lorakit, unless the factors would hold more values than this: then it is a typo that would allocate gigabytes.
+MAX_FACTOR_VALUES = 2**24
+
+
+def check_rank(config: AdapterConfig, path: str, ops: LayerOps) -> None:
+    """ConfigError for an absurd rank at `path`, before anything is allocated (see MAX_FACTOR_VALUES)."""
+    r, fan_in, out = config.rank_for(path), ops.in_features * math.prod(ops.kernel), ops.out_features
+    if r > max(fan_in, out) and r * (fan_in + out) > MAX_FACTOR_VALUES:
+        raise ConfigError(f"{type(config).__name__} field 'r' (or its rank_pattern entry) gives {path} rank {r}, "
+                          f"far above the layer's {out}×{fan_in} (ΔW's rank is at most {min(fan_in, out)}); "
+                          f"its factors would hold {r * (fan_in + out):,} values")
+
+
+def plan_adapter(model: nn.Module, config: Any, name: str) -> AdapterPlan:
+    """Build the adapter's deltas for this model without changing the model. `config` is a lorakit config or a
+    PEFT config object (registry.as_config); target_modules None takes PEFT's defaults for the model's type."""
     check_new_name(model, name)
-    if not isinstance(config, AdapterConfig):
-        raise TypeError(f"config must be a lorakit adapter config, got {type(config).__name__}")
+    # The model keeps its own copy, checked again (a field may have been set since construction).
+    config = resolve_targets(model, as_config(config).with_updates())
     modules = dict(candidate_modules(model))
     cls = delta_class(config)
-    deltas = {path: cls(ops_for(modules[path]), config, path) for path in find_targets(model, config)}
+    targets = {path: ops_for(modules[path]) for path in find_targets(model, config)}
+    for path, ops in targets.items():
+        check_rank(config, path, ops)
+    deltas = {path: cls(ops, config, path) for path, ops in targets.items()}
     saved = [path for path, m in model.named_modules() if path and _is_saved_target(config, path, m, model)]
     return AdapterPlan(name, config, deltas, saved)
 
@@ -172,7 +199,10 @@ def _train_biases(model: nn.Module, plan: AdapterPlan) -> None:
 
 def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn.Module:
     """Adapt `model` in place and freeze its base. The first adapter becomes active; later ones are
-    added inactive (as in PEFT): call set_active to use them. Returns the same model object."""
+    added inactive (as in PEFT): call set_active to use them. Returns the same model object.
+
+    `config` may also be a PEFT config (peft.LoraConfig, LoHaConfig, LoKrConfig, AdaLoraConfig), converted field by
+    field; target_modules None means PEFT's defaults for `model.config.model_type`."""
     attach(model, plan_adapter(model, config, name))
     return model
 
@@ -182,13 +212,27 @@ def require_adapters(model: nn.Module, names: Sequence[str]) -> None:
     """AdapterNameError naming the model's adapters unless every name in `names` is one of them."""
     known = state(model).configs
     for n in names:
-        if n not in known:
-            raise AdapterNameError(f"no adapter named {n!r}; this model has {sorted(known)}")
+        if not isinstance(n, str) or n not in known:
+            raise AdapterNameError(f"no adapter named {shown(n)}; this model has {sorted(known)}")
+
+
+def adapter_names(names: Union[str, Sequence[str]]) -> tuple[str, ...]:
+    """`names` as a tuple: a string is one name, a list (or other iterable) its distinct names. AdapterNameError for
+    a name listed twice (it would apply twice) or anything else."""
+    if isinstance(names, str):
+        return (names,)
+    if not isinstance(names, Iterable) or isinstance(names, (bytes, dict)):
+        raise AdapterNameError(f"expected an adapter name or a list of names, got {shown(names)}")
+    names = tuple(names)
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        raise AdapterNameError(f"adapter {shown(twice)} is listed twice; each adapter is used (or merged) once")
+    return names
 
 
 def set_active(model: nn.Module, names: Union[str, Sequence[str], None]) -> None:
     """Use one adapter, several (their outputs are summed), or none (None)."""
-    wanted = () if names is None else (names,) if isinstance(names, str) else tuple(names)
+    wanted = () if names is None else adapter_names(names)
     require_adapters(model, wanted)
     if any(layer.merged for _, layer in adapted_layers(model)):
         warnings.warn("lorakit: unmerging adapters before switching the active set", stacklevel=2)
@@ -220,9 +264,10 @@ def disabled(model: nn.Module):
             layer.merge(tuple(was_merged.get(n, ())))
 
 
-def merge(model: nn.Module, names: Optional[Sequence[str]] = None) -> None:
-    """Add the active (or named) adapters' ΔW into the base weights: no added latency afterwards."""
-    names = tuple(state(model).active if names is None else names)
+def merge(model: nn.Module, names: Union[str, Sequence[str], None] = None) -> None:
+    """Add the active (or named: one name or a list) adapters' ΔW into the base weights: no added latency
+    afterwards."""
+    names = state(model).active if names is None else adapter_names(names)
     require_adapters(model, names)
     for _, layer in adapted_layers(model):
         layer.merge(names)
@@ -279,17 +324,18 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 
 def _remove_from_layers(model: nn.Module, name: str) -> None:
-    """Take adapter `name` out of every layer; a wrapper left with no adapter goes too."""
+    """Take adapter `name` out of every layer; a wrapper left with no adapter goes too (also one a failed attach
+    left empty)."""
     for path, layer in list(adapted_layers(model)):
         if name in layer.deltas:
             del layer.deltas[name]
-            if not len(layer.deltas):
-                _replace(model, path, layer.base_layer)
+        if not len(layer.deltas):
+            _replace(model, path, layer.base_layer)
     for path, holder in list(saved_modules(model)):
         if name in holder.copies:
             del holder.copies[name]
-            if not len(holder.copies):
-                _replace(model, path, holder.original_module)
+        if not len(holder.copies):
+            _replace(model, path, holder.original_module)
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:

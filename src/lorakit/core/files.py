@@ -16,7 +16,7 @@ import torch
 import safetensors.torch
 from torch import nn
 
-from ..errors import AdapterFormatError, ShapeMismatchError
+from ..errors import AdapterFormatError, ConfigError, ShapeMismatchError
 from . import atomic
 from .adapted import AdaptedLayer
 from .api import AdapterPlan, adapted_layers, attach, get_config, keep_originals, plan_adapter, saved_modules
@@ -56,6 +56,9 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
 def save_adapter(model: nn.Module, directory: Union[str, os.PathLike], name: str = "default") -> Path:
     """Write the adapter as PEFT does, as a whole: a reader of `directory` sees the old adapter or the new one,
     never new weights with an old config (see core/atomic.py)."""
+    existing = next((p for p in (Path(directory), *Path(directory).parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise AdapterFormatError(f"cannot save the adapter into {directory}: {existing} exists and is not a directory")
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model, name).items()}
     return write_adapter_files(directory, tensors, adapter_config_dict(model, name))
 
@@ -106,11 +109,16 @@ def read_config(directory: Union[str, os.PathLike]):
         raise AdapterFormatError(f"{d} has no {CONFIG_NAME}")
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: JSONDecodeError, an over-long integer
         raise AdapterFormatError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise AdapterFormatError(f"{path} is nested too deeply to be an adapter config") from None
     if not isinstance(data, dict):
         raise AdapterFormatError(f"{path} must hold a JSON object")
-    return config_from_peft_dict(data)
+    try:
+        return config_from_peft_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def read_tensors(directory: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:

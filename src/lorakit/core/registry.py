@@ -6,13 +6,14 @@ its own `Variant`. Injection, files, training and the CLI look variants up here 
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..errors import ConfigError
+from .config import AdapterConfig, shown
 
 if TYPE_CHECKING:
-    from .config import AdapterConfig
     from .delta import Delta
 
 
@@ -71,9 +72,33 @@ def delta_class(config: "AdapterConfig") -> type["Delta"]:
 def config_from_peft_dict(data: dict[str, Any]) -> "AdapterConfig":
     """The config an adapter_config.json dict describes (its peft_type picks the class)."""
     peft_type = data.get("peft_type")
-    if peft_type not in CONFIGS:
-        raise ConfigError(f"unknown peft_type {peft_type!r}; lorakit reads {sorted(CONFIGS)}")
+    if not isinstance(peft_type, str) or peft_type not in CONFIGS:
+        raise ConfigError(f"unknown peft_type {shown(peft_type)}; lorakit reads {sorted(CONFIGS)}")
     return CONFIGS[peft_type].from_peft_dict({k: v for k, v in data.items() if k != "peft_type"})
+
+
+def as_config(config: Any) -> "AdapterConfig":
+    """A lorakit config as is; a PEFT config object (peft.LoraConfig, LoHaConfig, LoKrConfig, AdaLoraConfig...:
+    anything with `peft_type` and `to_dict()`) converted through its fields, without importing peft.
+    ConfigError for anything else, or for a PEFT option lorakit does not implement."""
+    if isinstance(config, AdapterConfig):
+        return config
+    to_dict = getattr(config, "to_dict", None)
+    if not callable(to_dict) or getattr(config, "peft_type", None) is None:
+        raise ConfigError(f"config must be a lorakit adapter config (e.g. lorakit.LoraConfig) or a PEFT config, "
+                          f"got {type(config).__name__}")
+    data = {k: _plain(v) for k, v in to_dict().items()}
+    data["peft_type"] = _plain(config.peft_type)
+    return config_from_peft_dict(data)
+
+
+def _plain(value: Any) -> Any:
+    """PEFT's in-memory values as they read from JSON: enums as their values, sets as sorted lists."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    return value
 
 
 def factored_variant() -> Variant:

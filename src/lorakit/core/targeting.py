@@ -8,9 +8,9 @@ from typing import Iterator
 
 from torch import nn
 
-from ..errors import TargetError
+from ..errors import ConfigError, TargetError
 from .adapted import AdaptedLayer
-from .config import AdapterConfig
+from .config import AdapterConfig, layers_pattern_regex
 from .layers import is_linear, ops_for
 from .saved import SavedModule
 
@@ -34,7 +34,7 @@ def _layer_index_ok(config: AdapterConfig, key: str) -> bool:
     else:
         match = None
         for pattern in [patterns] if isinstance(patterns, str) else patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            match = re.match(layers_pattern_regex(pattern), key)
             if match:
                 break
     if match is None:
@@ -75,6 +75,20 @@ def expand_all_linear(model: nn.Module, config: AdapterConfig) -> list[str]:
         if head is not None and (module is head or getattr(module, "base_layer", None) is head):
             excluded.add(name)
     return sorted(name for name, m in candidate_modules(model) if is_linear(m) and name not in excluded)
+
+
+def resolve_targets(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
+    """`config`, or when its target_modules is None a copy with PEFT's defaults for the model's type
+    (`model.config.model_type`, e.g. q_proj and v_proj for Llama). ConfigError when there is no default."""
+    if config.target_modules is not None:
+        return config
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    defaults = type(config).default_target_modules.get(model_type) if isinstance(model_type, str) else None
+    if defaults is None:
+        of = f"model type {model_type!r}" if model_type else f"a {type(model).__name__} (no config.model_type)"
+        raise ConfigError(f"{type(config).__name__} field 'target_modules' is not set and PEFT has no default for "
+                          f"{of}: give the module names, a regex, or 'all-linear'")
+    return config.with_updates(target_modules=list(defaults) if isinstance(defaults, list) else defaults)
 
 
 def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:

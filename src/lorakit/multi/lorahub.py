@@ -13,6 +13,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from ..core.api import adapter_names
 from ..errors import ConfigError
 from .combine import check_weights, weighted
 
@@ -37,7 +38,7 @@ def lorahub_search(model: nn.Module, adapters: Sequence[str], loss_fn: Callable[
     loss_fn inside weighted(model, w), under torch.no_grad(). Use combine(...) to keep the result."""
     from scipy.optimize import minimize
 
-    adapters = list(adapters)
+    adapters = list(adapter_names(adapters))
     check_weights(model, {a: 0.0 for a in adapters})
     if max_evals < len(adapters) + 1:
         raise ConfigError(f"max_evals must be at least the number of adapters + 1 ({len(adapters) + 1})")

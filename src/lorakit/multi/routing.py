@@ -6,9 +6,10 @@
 
 `per_row` fills every AdaptedLayer's `routing` slot (and the forward of every modules_to_save holder) for
 the block and restores them afterwards, also on errors. A row behaves exactly as the model would with
-`set_active(model, name)` (None: the base model). Dimension 0 of every adapted layer's input is the batch,
-or a multiple k of it (HF generate repeats each row k times for beams / returned sequences; flattened
-[B·T, in] token batches work the same way), so row i's name covers rows i·k .. i·k+k-1.
+`set_active(model, name)` (None: the base model). The model is called with one row per name (a call with
+another batch size is refused), except inside its `generate`, which repeats each row k times for beams /
+returned sequences. Dimension 0 of every adapted layer's input is the batch, or a multiple k of it (generate's
+copies; a layer fed flattened [B·T, in] tokens works the same way), so row i's name covers rows i·k .. i·k+k-1.
 
 Per layer, the low-rank deltas (those answering `Delta.linear_factors`: y + s·(drop(x)·Aᵀ)·Bᵀ on a linear)
 run together from a per-layer stack of all of them (stack.py, cached in layer_plans.py): Triton SGMV/BGMV
@@ -31,6 +32,7 @@ from torch import nn
 from . import kernels
 from ..core.adapted import AdaptedLayer
 from ..core.api import require_adapters
+from ..core.config import shown
 from ..core.patching import is_patched, patch_forward, unpatch_forward
 from ..core.saved import SavedModule
 from ..errors import MixedBatchError
@@ -244,11 +246,14 @@ def _wrappers(model: nn.Module) -> tuple[list[AdaptedLayer], list[SavedModule]]:
 
 
 def _check_names(model: nn.Module, names) -> list[Optional[str]]:
-    if isinstance(names, str) or not isinstance(names, Sequence) or not len(names):
-        raise MixedBatchError(f"per_row needs a non-empty list with one adapter name (or None) per row, got {names!r}")
+    if isinstance(names, str):
+        names = [names]  # one name: a batch of one row
+    if not isinstance(names, Sequence) or not len(names):
+        raise MixedBatchError(f"per_row needs a non-empty list with one adapter name (or None) per row, got "
+                              f"{shown(names)}")
     for n in names:
         if n is not None and not isinstance(n, str):
-            raise MixedBatchError(f"per_row names are adapter names or None, got {n!r}")
+            raise MixedBatchError(f"per_row names are adapter names or None, got {shown(n)}")
     require_adapters(model, [n for n in names if n is not None])
     return list(names)
 
@@ -306,8 +311,55 @@ def per_row(model: nn.Module, names: Sequence[Optional[str]], impl: str = "auto"
     def saved(holder: SavedModule, original: Callable, x: torch.Tensor, *args, **kwargs):
         return _saved_forward(plan, impl, holder, x, *args, **kwargs)  # the holder's own forward is not used
 
-    with routed(layers, Router(plan, impl, block_m), "per_row", holders, saved):
+    with routed(layers, Router(plan, impl, block_m), "per_row", holders, saved), _rows_checked(model, len(names)):
         yield model
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
+
+
+def _model_rows(args: tuple, kwargs: dict) -> Optional[int]:
+    """The batch size of a model call: dimension 0 of its first tensor argument, or of input_ids / inputs_embeds."""
+    for value in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+        if isinstance(value, torch.Tensor) and value.dim():
+            return value.shape[0]
+    return None
+
+
+@contextlib.contextmanager
+def _rows_checked(model: nn.Module, n_names: int) -> Iterator[None]:
+    """Each call of the model must have exactly one row per name: MixedBatchError before anything runs otherwise.
+    Only HF `generate` repeats each row for its beams / returned sequences (layers then see a multiple of the
+    batch): while the model's generate runs, the rows are left to the layers' own check (RowPlan.expanded)."""
+    generating = [False]
+
+    def check(module, args, kwargs):
+        rows = None if generating[0] else _model_rows(args, kwargs)
+        if rows is not None and rows != n_names:
+            raise MixedBatchError(f"per_row has names for {_rows(n_names)} but the model was called with "
+                                  f"{_rows(rows)}: give one adapter name (or None) per row")
+
+    hook = model.register_forward_pre_hook(check, with_kwargs=True)
+    generate = getattr(model, "generate", None)
+    prior = model.__dict__.get("generate")
+    if callable(generate):
+        @functools.wraps(generate)
+        def expanding_generate(*args, **kwargs):
+            generating[0] = True
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                generating[0] = False
+        model.__dict__["generate"] = expanding_generate  # this instance only, for the block
+    try:
+        yield
+    finally:
+        hook.remove()
+        if callable(generate):
+            model.__dict__.pop("generate", None)
+            if prior is not None:
+                model.__dict__["generate"] = prior
 
 
 __all__ = ["per_row", "routed", "MixedBatchError", "clear_stacks", "RowPlan", "Router"]

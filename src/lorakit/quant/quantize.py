@@ -17,7 +17,7 @@ from torch import nn
 from ..core.adapted import AdaptedLayer, weight_source_for
 from ..errors import ConfigError, TargetError
 from ..core.layers import ops_for
-from ..core.api import adapted_layers, state, unload
+from ..core.api import adapted_layers, adapter_names, require_adapters, state, unload
 from ..core.targeting import SEQ_CLS_HEAD_NAMES, candidate_modules
 from .bnb import is_bnb_linear4bit
 from .linear import NF4Linear
@@ -160,7 +160,8 @@ def merge_requantized(model: nn.Module, names=None) -> dict[str, Requantization]
     """Merge the active (or named) adapters into 4-bit bases by requantizing, then remove every adapter (as
     unload(merge=True) does). Lossy: returns, per 4-bit layer, the rounding error against the adapter's own
     change, and warns with the worst layer. Prefer dequantize() + unload(merge=True) unless 4 bits are a must."""
-    names = tuple(state(model).active if names is None else names)
+    names = state(model).active if names is None else adapter_names(names)
+    require_adapters(model, names)
     report = {}
     for path, layer in adapted_layers(model):
         source = layer.weight_source

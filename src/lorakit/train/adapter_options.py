@@ -9,6 +9,7 @@ A config class may declare how the run's generic options reach it (each variant'
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any, Optional
 
 from ..core.registry import VARIANTS
@@ -57,6 +58,22 @@ def _option_values(options, cls: type, fields: set[str], name: str, given: Optio
     return kwargs
 
 
+_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def _typed_booleans(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """--adapter-options as typed text (use_dora=False, use_rslora=yes): a true/false word given to a field that
+    takes a bool becomes that bool. The configs themselves refuse strings for bools (a "false" that reads as true)."""
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for key, value in values.items():
+        tp = hints.get(key)
+        takes_bool = tp is bool or bool in typing.get_args(tp)
+        if takes_bool and isinstance(value, str) and value.strip().lower() in _WORDS:
+            out[key] = _WORDS[value.strip().lower()]
+    return out
+
+
 def build_adapter_config(options, task: str, given: Optional[set[str]] = None, steps: Optional[int] = None):
     """The adapter config of `options.adapter` with the generic options it has, then --adapter-options.
 
@@ -80,7 +97,7 @@ def build_adapter_config(options, task: str, given: Optional[set[str]] = None, s
     unknown = sorted(set(options.adapter_options) - fields)
     if unknown:
         raise ConfigError(f"{name} has no option(s) {unknown}; its options are {sorted(fields)}")
-    kwargs.update(options.adapter_options)
+    kwargs.update(_typed_booleans(cls, options.adapter_options))
     kwargs.update(selector)
     if task == "classify":
         kwargs.setdefault("task_type", "SEQ_CLS")  # trains the classifier head too (modules_to_save)

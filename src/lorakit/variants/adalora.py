@@ -19,17 +19,48 @@ init_r booleans and the tensors keep only the True ranks; loading such a file re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Union
 
 import torch
 from torch import nn
 
 from .lora import LoraConfig
+from ..core.config import BOOLEAN, MAX_RANK, Check, integer, list_of, mapping, number, optional
 from ..core.delta import Delta
 from ..errors import ConfigError, TargetError
 from ..core.layers import LayerOps
 from ..core.api import adapted_layers, state
 from ..core.registry import Variant
+
+
+# PEFT's TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING (AdaLoraConfig's default_target_modules).
+PEFT_ADALORA_DEFAULT_TARGETS: dict[str, Union[list[str], str]] = {
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+    "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "key", "value", "dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
+    "gpt_bigcode": ["c_attn"],
+    "deberta": ["in_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+
+MAX_STEPS = 2**31  # the largest step count of the schedule: far beyond any run, so a larger one is a typo
 
 
 @dataclass
@@ -41,6 +72,20 @@ class AdaLoraConfig(LoraConfig):
     # fill the budget schedule's length unless the options set it.
     run_option_fields: ClassVar[dict[str, str]] = {"r": "init_r"}
     total_steps_field: ClassVar[Optional[str]] = "total_step"
+    default_target_modules: ClassVar[dict] = PEFT_ADALORA_DEFAULT_TARGETS
+    field_checks: ClassVar[dict[str, Check]] = {
+        "target_r": integer(1, MAX_RANK),
+        "init_r": integer(1, MAX_RANK),
+        "tinit": integer(0, MAX_STEPS),
+        "tfinal": integer(0, MAX_STEPS),
+        "deltaT": integer(1, MAX_STEPS),
+        "beta1": number(0, 1, open_low=True, open_high=True),
+        "beta2": number(0, 1, open_low=True, open_high=True),
+        "orth_reg_weight": number(0),
+        "total_step": optional(integer(1, MAX_STEPS)),
+        "init_lora_weights": BOOLEAN,
+        "rank_pattern": optional(mapping(list_of(BOOLEAN, "booleans"))),
+    }
 
     target_r: int = 8
     """Average rank per adapted layer at the end of the budget schedule."""
@@ -68,28 +113,17 @@ class AdaLoraConfig(LoraConfig):
         return "ADALORA"
 
     def validate(self) -> None:
-        for name in ("init_r", "target_r", "deltaT"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        self.check_dropout_and_bias()
-        if not isinstance(self.init_lora_weights, bool):
-            raise ConfigError(f"AdaLoRA's init_lora_weights must be True or False, got {self.init_lora_weights!r}")
         if self.use_dora or self.use_rslora or self.alpha_pattern:
             raise ConfigError("AdaLoRA does not use use_dora, use_rslora or alpha_pattern "
                               "(PEFT ignores or refuses them)")
-        if self.total_step is None or self.total_step <= 0:
+        if self.total_step is None:
             raise ConfigError("AdaLoRA needs total_step > 0: its rank budget is scheduled over it")
         if self.tinit >= self.total_step - self.tfinal:
             raise ConfigError("tinit must be smaller than total_step - tfinal (no budgeting phase is left)")
-        if self.orth_reg_weight < 0:
-            raise ConfigError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
-        if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
-            raise ConfigError(f"beta1 and beta2 must be in (0, 1), got {self.beta1!r}, {self.beta2!r}")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ConfigError("layers_to_transform cannot be used when target_modules is a regex string")
         for key, kept in (self.rank_pattern or {}).items():
-            if not (isinstance(kept, list) and len(kept) == self.init_r and all(isinstance(k, bool) for k in kept)):
+            if len(kept) != self.init_r:
                 raise ConfigError(f"rank_pattern[{key!r}] must be a list of init_r={self.init_r} booleans")
 
     def kept_ranks(self, module_name: str) -> list[bool]:

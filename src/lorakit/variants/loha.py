@@ -22,7 +22,7 @@ from torch import nn
 
 from ..core.layers import LayerOps
 from ..core.registry import Variant
-from ..errors import ConfigError
+from ..core.config import BOOLEAN, Check
 from .lycoris import LycorisConfig, LycorisDelta, check_lycoris_layer, kaiming_
 
 
@@ -32,14 +32,10 @@ class LoHaConfig(LycorisConfig):
 
     peft_type: ClassVar[str] = "LOHA"
     unsupported_peft_fields: ClassVar[dict[str, Any]] = {}
+    field_checks: ClassVar[dict[str, Check]] = {"init_weights": BOOLEAN}
 
     init_weights: bool = True
     """True: hada_w2_b zero (a no-op at step 0); False: all factors random (for tests)."""
-
-    def validate(self) -> None:
-        super().validate()
-        if not isinstance(self.init_weights, bool):
-            raise ConfigError(f"init_weights must be True or False, got {self.init_weights!r}")
 
 
 class LoHaDelta(LycorisDelta):

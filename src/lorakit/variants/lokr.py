@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..core.config import BOOLEAN, Check, integer, one_of
 from ..core.layers import LayerOps
 from .lycoris import LycorisConfig, LycorisDelta, check_lycoris_layer, kaiming_
 from ..core.registry import Variant
@@ -32,6 +32,12 @@ class LoKrConfig(LycorisConfig):
 
     peft_type: ClassVar[str] = "LOKR"
     unsupported_peft_fields: ClassVar[dict[str, Any]] = {}
+    field_checks: ClassVar[dict[str, Check]] = {
+        "decompose_both": BOOLEAN,
+        "decompose_factor": one_of(-1) | integer(1),
+        "rank_dropout_scale": BOOLEAN,
+        "init_weights": BOOLEAN | one_of("lycoris"),
+    }
 
     decompose_both: bool = False
     """Also factor the left Kronecker matrix w1 into lokr_w1_a · lokr_w1_b (when r is small enough)."""
@@ -41,13 +47,6 @@ class LoKrConfig(LycorisConfig):
     """Rescale the rows kept by rank_dropout to mean 1."""
     init_weights: Union[bool, str] = True
     """True: w1 zero (a no-op at step 0); "lycoris": w2 zero instead; False: all random (for tests)."""
-
-    def validate(self) -> None:
-        super().validate()
-        if not (isinstance(self.init_weights, bool) or self.init_weights == "lycoris"):
-            raise ConfigError(f"init_weights must be True, False or 'lycoris', got {self.init_weights!r}")
-        if not isinstance(self.decompose_factor, int) or self.decompose_factor == 0 or self.decompose_factor < -1:
-            raise ConfigError(f"decompose_factor must be -1 or a positive integer, got {self.decompose_factor!r}")
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:

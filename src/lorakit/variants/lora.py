@@ -11,11 +11,11 @@ from typing import Any, ClassVar, Optional, Union
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig, check_rank_pattern, pattern_value
+from ..core.config import BOOLEAN, MAX_RANK, AdapterConfig, Check, integer, number, one_of, pattern_value
 from ..core.delta import Delta
 from ..core.layers import LayerOps
 from ..core.registry import Variant
-from ..errors import ConfigError, ShapeMismatchError
+from ..errors import ShapeMismatchError
 
 
 @dataclass
@@ -30,6 +30,16 @@ class LoraConfig(AdapterConfig):
         "megatron_core": "megatron.core", "monteclora_config": None, "qalora_group_size": 16,
         "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False,
         "velora_config": None,
+    }
+    field_checks: ClassVar[dict[str, Check]] = {
+        "r": integer(1, MAX_RANK),
+        "lora_alpha": number(),
+        "lora_dropout": number(0, 1, open_high=True),
+        "use_rslora": BOOLEAN,
+        "init_lora_weights": BOOLEAN | one_of("gaussian", "pissa", "olora"),
+        "bias": one_of("none", "all", "lora_only"),
+        "fan_in_fan_out": BOOLEAN,
+        "use_dora": BOOLEAN,
     }
 
     r: int = 8
@@ -53,22 +63,6 @@ class LoraConfig(AdapterConfig):
     @property
     def variant(self) -> str:
         return "DORA" if self.use_dora else "LORA"
-
-    def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
-        self.check_dropout_and_bias()
-        init = self.init_lora_weights
-        if not (isinstance(init, bool) or init in ("gaussian", "pissa", "olora")):
-            raise ConfigError(f"init_lora_weights must be True, False, 'gaussian', 'pissa' or 'olora', got {init!r}")
-        check_rank_pattern(self.rank_pattern)
-
-    def check_dropout_and_bias(self) -> None:
-        """lora_dropout in [0, 1) and PEFT's bias values (shared with AdaLoRA's config)."""
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
 
     @property
     def bias_mode(self) -> str:

@@ -10,7 +10,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig, check_rank_pattern, pattern_value
+from ..core.config import BOOLEAN, MAX_RANK, AdapterConfig, Check, integer, number, pattern_value
 from ..core.delta import Delta
 from ..core.layers import LayerOps
 from ..errors import ConfigError, TargetError
@@ -22,6 +22,13 @@ class LycorisConfig(AdapterConfig):
 
     # A run's generic options under this config's names (train/adapter_options.py): PEFT calls it alpha here.
     run_option_fields: ClassVar[dict[str, str]] = {"lora_alpha": "alpha"}
+    field_checks: ClassVar[dict[str, Check]] = {
+        "r": integer(1, MAX_RANK),
+        "alpha": number(),
+        "rank_dropout": number(0, 1, open_high=True),
+        "module_dropout": number(0, 1, open_high=True),
+        "use_effective_conv2d": BOOLEAN,
+    }
 
     r: int = 8
     """Rank of each factor pair."""
@@ -35,12 +42,6 @@ class LycorisConfig(AdapterConfig):
     """CP ("Proposition 3", FedPara) decomposition for Conv1d/Conv2d with a kernel larger than 1."""
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
-        for name in ("rank_dropout", "module_dropout"):
-            if not 0.0 <= float(getattr(self, name)) < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        check_rank_pattern(self.rank_pattern)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern needs layers_to_transform")
 
