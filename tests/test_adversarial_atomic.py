@@ -29,7 +29,7 @@ from test_train_support import one_thread, save_tiny_llama  # noqa: F401
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="kills forked children")
 
 KILLED = 77
-FILESYSTEM_STEPS = [(os, "mkdir"), (os, "rename"), (os, "fsync"), (os, "link"), (os, "chmod"), (os, "unlink"),
+FILESYSTEM_STEPS = [(os, "mkdir"), (os, "rename"), (os, "replace"), (os, "fsync"), (os, "link"), (os, "chmod"), (os, "unlink"),
                     (os, "rmdir"), (atomic, "_exchange"), (safetensors.torch, "save_file"), (pathlib.Path, "write_text")]
 
 
@@ -343,3 +343,43 @@ def test_a_stale_pickle_and_old_temp_files_are_dropped_other_files_kept(tmp_path
     assert (target / "sub" / "notes.txt").read_text() == "n\n"
     assert json.loads((target / "adapter_config.json").read_text())["lora_alpha"] == 16
     shutil.rmtree(target)
+
+
+# --- single files (metrics.json, options.json, reports) ----------------------------------------------------
+def test_single_file_write_killed_at_every_step(tmp_path):
+    """atomic.write_text: a reader sees the old text or the new one, whole; no temp file outlives the next write."""
+    target = tmp_path / "metrics.json"
+    old, new = json.dumps({"v": "old" * 1000}), json.dumps({"v": "new" * 1000})
+
+    def prepare(k):
+        atomic.write_text(target, old)
+        return target
+
+    def check(t):
+        text = t.read_text()
+        assert text in (old, new), "a half-written file"
+        return "old" if text == old else "new"
+
+    seen, k, code = set(), 0, KILLED
+    while code == KILLED:  # kill before step 1, 2, ... until the write completes
+        k += 1
+        prepare(k)
+        code = _in_child(lambda: atomic.write_text(target, new), kill_at=k)
+        seen.add(check(target))
+    assert code == 0 and k >= 3 and seen == {"old", "new"}
+    atomic.write_text(target, old)
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # the killed writers' temp files are gone
+
+
+def test_single_file_write_that_fails_leaves_the_old_file(tmp_path):
+    target = tmp_path / "table.txt"
+    atomic.write_text(target, "old")
+
+    def broken(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic.write_file(target, broken)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["table.txt"]

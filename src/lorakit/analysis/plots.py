@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from ..core import atomic
 from .results import AdapterAnalysis, AnalysisResult, LayerAnalysis
 from .table import PHI_LABEL, phi_bases
 
@@ -31,7 +32,7 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: Path) -> str:
-    fig.savefig(path, dpi=DPI)
+    atomic.write_file(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format=Path(path).suffix.lstrip(".") or "png"))
     return str(path)
 
 

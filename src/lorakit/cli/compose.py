@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ..core import atomic
 from ..core.api import set_active
 from ..core.files import load_adapter, read_config, save_adapter
 from ..errors import AdapterNameError, ConfigError
@@ -94,7 +95,7 @@ def compose(options: ComposeOptions) -> dict:
         with torch.no_grad():
             summary["composed_loss"] = float(loss_fn(model))
     out = save_adapter(model, options.output, "composed")
-    (out / "compose.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic.write_text(out / "compose.json", json.dumps(summary, indent=2) + "\n")
     _print_summary(report, summary, out)
     return summary
 

@@ -185,15 +185,15 @@ def recover(target: Path) -> None:
 
 
 def clean_stale(parent: Path) -> None:
-    """Remove temp and aside directories left in `parent` by saves whose process is gone (killed).
-    A pid reused by another process keeps its leftovers until that process ends too."""
+    """Remove temp and aside directories (and single-file temps, see write_file) left in `parent` by saves whose
+    process is gone (killed). A pid reused by another process keeps its leftovers until that process ends too."""
     for kind in ("tmp", "old"):
         for p in _leftovers(parent, kind):
             m = _TEMP.match(p.name)
             if kind == "old" and not (parent / m["name"]).exists():
                 continue  # the only copy of that directory: recover() puts it back
             if not _alive(int(m["pid"])):
-                shutil.rmtree(p, ignore_errors=True)
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -258,3 +258,27 @@ def _link_or_copy(src, dst) -> None:
             os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+# --- single files ----------------------------------------------------------------------------------------
+def write_file(path: Union[str, os.PathLike], write: Callable[[Path], None]) -> Path:
+    """Write one file whole: `write(tmp)` fills a hidden temp file in the same directory, which is fsynced and
+    renamed onto `path` (os.replace is atomic for files). A reader sees the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path.parent)
+    tmp = path.parent / temp_name(path.name)
+    try:
+        write(tmp)
+        _fsync_path(str(tmp), os.O_RDONLY)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def write_text(path: Union[str, os.PathLike], text: str) -> Path:
+    """`write_file` for a UTF-8 text (metrics.json, options.json, reports)."""
+    return write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

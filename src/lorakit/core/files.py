@@ -234,6 +234,19 @@ def _validate(model, plan, per_delta, per_saved, biases, source: Path) -> None:
         _check(source, key, t, param)
 
 
+def sort_and_check(model: nn.Module, plan: AdapterPlan, tensors: dict[str, torch.Tensor], source: Path):
+    """Assign every saved tensor to a planned delta, a modules_to_save copy or a base bias, and check each
+    (dtype, shape, finite in the model's dtype); nothing in the model changes.
+
+    Returns:
+        (per_delta {path: {suffix: tensor}}, per_saved {path: state dict}, biases {key: (parameter, tensor)}).
+    Raises:
+        AdapterFormatError naming `source` (the weights file)."""
+    per_delta, per_saved, biases = _sort_tensors(model, plan, tensors, source)
+    _validate(model, plan, per_delta, per_saved, biases, source)
+    return per_delta, per_saved, biases
+
+
 @torch.no_grad()
 def _check_effective_weights(model: nn.Module, plan: AdapterPlan, source: Path) -> None:
     """Every loaded delta's ΔW is finite in the base weight's dtype: finite factors whose product overflows
@@ -261,8 +274,7 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], name: str
     tensors = read_tensors(directory)
     source = weights_file(directory)
     plan = plan_adapter(model, config, name)
-    per_delta, per_saved, biases = _sort_tensors(model, plan, tensors, source)
-    _validate(model, plan, per_delta, per_saved, biases, source)
+    per_delta, per_saved, biases = sort_and_check(model, plan, tensors, source)
     for path, delta in plan.deltas.items():
         delta.load_peft_tensors(per_delta[path])
     _check_effective_weights(model, plan, source)

@@ -100,8 +100,7 @@ def _plan_writes(model: nn.Module, name: str, directory) -> list[Write]:
         raise HotSwapError(f"adapter {name!r} is {current.variant}; {directory} holds {config.variant}")
     tensors = files.read_tensors(directory)
     plan = plan_adapter(model, config, _TEMP_NAME)
-    per_delta, per_saved, biases = files._sort_tensors(model, plan, tensors)
-    files._validate(model, plan, per_delta, per_saved, biases)
+    per_delta, per_saved, biases = files.sort_and_check(model, plan, tensors, files.weights_file(directory))
     loaded = {path: layer.deltas[name] for path, layer in adapted_layers(model) if name in layer.deltas}
     extra = sorted(set(plan.deltas) - set(loaded))
     if extra:

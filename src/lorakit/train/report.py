@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..core import atomic
 from ..errors import ConfigError
 from .distributed import LAUNCH_FILE
 
@@ -65,8 +66,7 @@ def _clean(value: Any) -> Any:
 def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> Path:
     """Write metrics.json (made JSON-safe: NaN/inf as null); returns its path."""
     path = out_dir / "metrics.json"
-    path.write_text(json.dumps(_clean(metrics), indent=2) + "\n")
-    return path
+    return atomic.write_text(path, json.dumps(_clean(metrics), indent=2) + "\n")
 
 
 def plot_loss(out_dir: Path, history: Sequence[dict[str, Any]], title: str = "training loss") -> Path:
@@ -90,7 +90,7 @@ def plot_loss(out_dir: Path, history: Sequence[dict[str, Any]], title: str = "tr
     ax.legend()
     fig.tight_layout()
     path = out_dir / "loss_curve.png"
-    fig.savefig(path)
+    atomic.write_file(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return path
 
@@ -103,8 +103,7 @@ def write_generations(out_dir: Path, prompts: Sequence[str], references: Sequenc
         lines += [f"## Example {i}", "", "**Prompt**", "", "```", prompt.strip(), "```", "",
                   f"- reference: `{ref}`", f"- before: `{b}`", f"- after:  `{a}`", ""]
     path = out_dir / "generations.md"
-    path.write_text("\n".join(lines))
-    return path
+    return atomic.write_text(path, "\n".join(lines))
 
 
 def format_scores(scores: dict[str, float]) -> str:

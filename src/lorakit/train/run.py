@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..core import atomic
 from ..core.api import add_adapter, count_parameters, disabled
 from ..errors import ConfigError, LorakitError
 from ..loading.models import BUILTIN_GGUF, load_model, load_tokenizer, log_to_stderr, resolve_model
@@ -201,7 +202,7 @@ def _run_loop(model, batches: MicroBatches, opts: TrainOptions, device: torch.de
     if opts.resume:
         check_resume_options(out_dir, opts)
     if dist.is_main:
-        (out_dir / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2) + "\n")
+        atomic.write_text(out_dir / "options.json", json.dumps(dataclasses.asdict(opts), indent=2) + "\n")
     t_train = time.perf_counter()
     history = train_loop(model, batches, opts, device, out_dir, evaluate=lambda: evaluate_fn(final=False)[0],
                          on_step=on_step, progress=not opts.quiet, dist=dist)
