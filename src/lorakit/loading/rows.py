@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import ConfigError
+from .chat import encode_chat
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
@@ -160,31 +161,10 @@ class Encoder:
         return [(str(row["prompt"]), False), (str(row["completion"]), True)]
 
     def _chat(self, turns: list[tuple[Any, bool]]) -> Example:
-        """Render with the chat template; every assistant turn is a target. Built turn by turn so that the
-        tokens before each answer are exactly the generation prompt at inference."""
-        if not getattr(self.tok, "chat_template", None):
-            raise ConfigError("this tokenizer has no chat template: use prompt/completion data or --prompt-format raw")
+        """Render with the chat template; every assistant turn is a target (loading/chat.py)."""
         messages = [t if isinstance(t, dict) else {"role": "assistant" if a else "user", "content": t}
                     for t, a in turns]
-        if not any(m.get("role") == "assistant" for m in messages):
-            raise ConfigError("a chat row has no assistant message to learn")
-        ids, labels, rendered, prompt_ids, reference = [], [], "", [], ""
-        for i, m in enumerate(messages):
-            if m.get("role") != "assistant":
-                continue
-            before = self.tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-            upto = self.tok.apply_chat_template(messages[: i + 1], tokenize=False)
-            if not before.startswith(rendered) or not upto.startswith(before):
-                raise ConfigError("the tokenizer's chat template does not render turns as prefixes of each other")
-            context = self._ids(before[len(rendered):], special=False)  # templates carry their own BOS
-            answer = self._ids(upto[len(before):], special=False)
-            ids += context
-            labels += [IGNORE] * len(context)
-            prompt_ids, reference = list(ids), str(m.get("content", ""))
-            ids += answer
-            labels += answer
-            rendered = upto
-        return self._fit(ids, labels, prompt_ids, reference)
+        return self._fit(*encode_chat(self.tok, messages))
 
     def _classify(self, row: dict[str, Any]) -> Example:
         text = str(row.get("text", row.get("sentence", ""))).strip()
