@@ -200,3 +200,36 @@ def test_packing_refuses_classification(minilm_path, tmp_path):
     data = write_jsonl(tmp_path / "cls.jsonl", [{"text": f"row {i}", "label": i % 2} for i in range(8)])
     with pytest.raises(ConfigError, match="--packing is for --task causal"):
         _run(minilm_path, data, tmp_path / "run", task="classify", packing=True, max_steps=1)
+
+
+def _reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                           enable_gqa=False):
+    """torch's varlen_attn (torch 2.13's signature) for CPU: sdpa segment by segment. q [T, H, D]."""
+    out = torch.empty_like(q)
+    for a, b in zip(cu_q.tolist(), cu_q[1:].tolist()):
+        seg = [x[a:b].transpose(0, 1)[None] for x in (q, k, v)]  # [1, H, t, D]
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(
+            *seg, is_causal=window_size == (-1, 0), scale=scale, enable_gqa=enable_gqa)[0].transpose(0, 1)
+    return out
+
+
+def test_varlen_attention_function_keeps_rows_apart(tiny_llama, monkeypatch):
+    """The GPU seam on CPU: transformers runs "lorakit_varlen" with the packed batch's cumulative lengths;
+    torch's varlen_attn (CUDA only) is stood in for by sdpa per segment."""
+    import torch.nn.attention.varlen as varlen
+
+    monkeypatch.setattr(varlen, "varlen_attn", _reference_varlen_attn)
+    assert pa.install_varlen(tiny_llama)  # its probe passed
+    assert tiny_llama.config._attn_implementation == pa.VARLEN and pa.choose_path(tiny_llama) == "varlen"
+    rows = _rows(128)
+    batch = collate_packed(rows, pad_id=0, budget=32, parts=2)
+    with torch.no_grad():
+        logits = tiny_llama(**pa.packed_inputs(tiny_llama, batch)).logits
+        padded = tiny_llama(**{k: v for k, v in collate(rows, 0, "causal").items() if k != "labels"}).logits
+    for part in range(2):
+        docs = batch["document_ids"][part]
+        for d in range(int(docs.max()) + 1):
+            ids = batch["input_ids"][part][docs == d].tolist()
+            row = next(i for i, r in enumerate(rows) if r.input_ids == ids)
+            torch.testing.assert_close(logits[part][docs == d], _alone(tiny_llama, rows[row]), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(padded[row, :len(ids)], _alone(tiny_llama, rows[row]), rtol=1e-5, atol=1e-5)

@@ -177,39 +177,48 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     from torch.nn.attention.varlen import varlen_attn
 
     b, h, t, d = query.shape
-    if key.shape[1] != h:  # grouped-query attention: repeat the key/value heads
-        key = key.repeat_interleave(h // key.shape[1], dim=1)
-        value = value.repeat_interleave(h // value.shape[1], dim=1)
-    q, k, v = (x.transpose(1, 2).reshape(b * t, h, d) for x in (query, key, value))
-    causal = getattr(module, "is_causal", True)
     params = inspect.signature(varlen_attn).parameters
-    extra = {"window_size": (-1, 0) if causal else (-1, -1)} if "window_size" in params else {"is_causal": causal}
+    extra = {"scale": scaling} if "scale" in params else {}
+    causal = getattr(module, "is_causal", True)
+    if "window_size" in params:  # torch 2.13: (-1, 0) is causal
+        extra["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        extra["is_causal"] = causal
+    if key.shape[1] != h:  # grouped-query attention
+        if "enable_gqa" in params:
+            extra["enable_gqa"] = True
+        else:  # an older torch: repeat the key/value heads
+            key = key.repeat_interleave(h // key.shape[1], dim=1)
+            value = value.repeat_interleave(h // value.shape[1], dim=1)
+    # [B, H, T, D] → [B·T, H, D]: the parts laid end to end, as cumulative_lengths counts them
+    q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))
     longest = kwargs["max_length_q"]
-    out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **extra)
+    out = varlen_attn(q, k, v, cu, cu, longest, longest, **extra)
     return out.reshape(b, t, h, d), None
 
 
 def use_varlen_attention(model) -> bool:
-    """Register "lorakit_varlen" with transformers and switch `model` to it (padded batches keep sdpa's masks
-    through the same registration). Returns False, changing nothing, where it cannot run."""
+    """On CUDA with torch's varlen_attn: switch `model` to "lorakit_varlen" (install_varlen). Returns whether
+    it did; elsewhere, or where the probe finds it inexact, nothing changes."""
     inner = _inner(model)
     if not varlen_available(next(inner.parameters()).device) or not getattr(inner, "_supports_attention_backend",
                                                                                 False):
         return False
+    return install_varlen(inner)
+
+
+def install_varlen(model) -> bool:
+    """Register "lorakit_varlen" with transformers (padded batches keep sdpa's masks through the same name),
+    switch `model` to it, and keep it only when the packed probe is exact (else the previous implementation)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(VARLEN, varlen_attention)
     AttentionMaskInterface.register(VARLEN, sdpa_mask)
-    previous = inner.config._attn_implementation
-    try:
-        inner.set_attn_implementation(VARLEN)
-    except (ValueError, AttributeError):
-        for m in inner.modules():
-            if hasattr(getattr(m, "config", None), "_attn_implementation"):
-                m.config._attn_implementation = VARLEN
-    if not probe_exact(inner, "varlen"):
-        inner.set_attn_implementation(previous)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(VARLEN)
+    if not probe_exact(model, "varlen"):
+        model.set_attn_implementation(previous)
         return False
-    inner.__dict__[PATH_ATTR] = "varlen"
+    model.__dict__[PATH_ATTR] = "varlen"
     return True
