@@ -132,9 +132,12 @@ def test_parts_split_rows_across_processes_and_sum_to_the_whole(tiny_llama):
     assert split["input_ids"].shape[0] == 2
     assert sorted(int(t) for t in (split["document_ids"] >= 0).sum(1)) == [20, 22]  # longest first onto the lighter part: 14+5+3 / 11+9
     loss, n = pa.packed_loss_sum(model, whole)
+    grads = _grads(model, loss)
     parts = [pa.packed_loss_sum(model, {k: v[r:r + 1] for k, v in split.items()}) for r in range(2)]
     assert sum(p[1] for p in parts) == n
     torch.testing.assert_close(sum(p[0] for p in parts), loss, rtol=1e-5, atol=1e-5)
+    for name, g in _grads(model, sum(p[0] for p in parts)).items():  # what DDP's all-reduce adds up
+        torch.testing.assert_close(g, grads[name], rtol=1e-4, atol=1e-6)
 
 
 def test_best_fit_decreasing_fills_bins_and_never_splits_a_row():
