@@ -179,6 +179,8 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     b, h, t, d = query.shape
     params = inspect.signature(varlen_attn).parameters
     extra = {"scale": scaling} if "scale" in params else {}
+    if "scale" not in params and scaling is not None:  # a torch without `scale`: it uses 1/sqrt(d)
+        query = query * (scaling * d ** 0.5)
     causal = getattr(module, "is_causal", True)
     if "window_size" in params:  # torch 2.13: (-1, 0) is causal
         extra["window_size"] = (-1, 0) if causal else (-1, -1)
