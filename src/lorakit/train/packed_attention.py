@@ -107,8 +107,8 @@ def choose_path(model, prefer: Optional[str] = None) -> str:
 @torch.no_grad()
 def probe_exact(model, path: str) -> bool:
     """Two short rows packed on `path`: True when the second row's logits are those of it run alone, to
-    within 1% of how far attention across the rows moves them (a scale-free test: a small random model's
-    leak is small, a real model's large)."""
+    within 1% (10% for bf16/fp16 weights) of how far attention across the rows moves them: a scale-free test
+    (a small random model's leak is small, a real model's large); a path that leaks misses it by ~100%."""
     vocab = model.get_input_embeddings().num_embeddings
     device = model.get_input_embeddings().weight.device
     g = torch.Generator().manual_seed(0)
@@ -132,7 +132,9 @@ def probe_exact(model, path: str) -> bool:
         model.__dict__.pop(PATH_ATTR, None)
         model.train(was_training)
     error, leak = (packed - alone).abs().max(), (across - alone).abs().max()
-    return bool(error <= 0.01 * leak)  # relative to the leak: exact at any weight scale
+    # relative to the leak, so exact at any weight scale; bf16/fp16 kernels round differently per shape (~0.5%)
+    share = 0.01 if model.get_input_embeddings().weight.dtype == torch.float32 else 0.1
+    return bool(error <= share * leak)
 
 
 # --- the loss ------------------------------------------------------------------------------------------------
