@@ -27,11 +27,11 @@ from . import distributed
 from . import task as builtin
 from .adapter_options import build_adapter_config
 from .batches import MicroBatches
-from .packing import training_batches
 from .evaluate import classify_scores, generate, generation_scores, heldout_loss
 from .fields import build_options, given_fields, read_config_file
 from .loop import bf16_enabled, total_steps, train_loop
 from .options import TrainOptions
+from .packing import training_batches
 from .report import format_scores, plot_loss, write_generations, write_metrics
 
 ADAPTER_DIR = "adapter"
