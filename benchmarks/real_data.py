@@ -182,7 +182,8 @@ def run_trl(case: str, shape: str, tokenizer, rows, budget: int, device: str, dt
                      max_length=budget, per_device_train_batch_size=1, gradient_accumulation_steps=1,
                      learning_rate=1e-5, bf16=dtype == torch.bfloat16, use_cpu=device == "cpu", report_to=[],
                      logging_steps=10_000, save_strategy="no", dataloader_num_workers=0, use_liger_kernel=liger,
-                     include_num_input_tokens_seen=True, optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
+                     include_num_input_tokens_seen=True,
+                     optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
                      disable_tqdm=True, dataset_num_proc=None)
     clock = Clock()
     try:

@@ -130,7 +130,8 @@ def test_parts_split_rows_across_processes_and_sum_to_the_whole(tiny_llama):
     whole = collate_packed(rows, pad_id=0, budget=48)
     split = collate_packed(rows, pad_id=0, budget=48, parts=2)
     assert split["input_ids"].shape[0] == 2
-    assert sorted(int(t) for t in (split["document_ids"] >= 0).sum(1)) == [20, 22]  # longest first onto the lighter part: 14+5+3 / 11+9
+    # longest first onto the lighter part: 14+5+3 / 11+9
+    assert sorted(int(t) for t in (split["document_ids"] >= 0).sum(1)) == [20, 22]
     loss, n = pa.packed_loss_sum(model, whole)
     grads = _grads(model, loss)
     parts = [pa.packed_loss_sum(model, {k: v[r:r + 1] for k, v in split.items()}) for r in range(2)]
