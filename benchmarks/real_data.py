@@ -43,7 +43,7 @@ from lorakit.loading.models import BUILTIN_MODEL, load_tokenizer, resolve_model 
 from lorakit.loading.rows import Encoder, encode_rows, read_rows  # noqa: E402
 from lorakit.train.batches import collate, epoch_order  # noqa: E402
 from lorakit.train.loop import causal_loss_sum  # noqa: E402
-from lorakit.train.packed_attention import packed_loss_sum, use_varlen_attention  # noqa: E402
+from lorakit.train.packed_attention import choose_path, packed_loss_sum, use_varlen_attention  # noqa: E402
 from lorakit.train.packing import PackedBatches, real_tokens  # noqa: E402
 
 SECTION = "## Real-data training: packing"
@@ -103,7 +103,9 @@ def lorakit_model(shape: str, device: str, dtype: torch.dtype):
 # --- lorakit cases ------------------------------------------------------------------------------------------
 def run_lorakit(case: str, shape: str, batches, device: str, dtype, warmup: int, steps: int) -> dict:
     model = lorakit_model(shape, device, dtype)
-    path = "varlen" if case != "padded" and device == "cuda" and use_varlen_attention(model) else "sdpa"
+    if case != "padded" and device == "cuda":
+        use_varlen_attention(model)  # torch's varlen_attn where its probe is exact
+    path = "sdpa, padding mask" if case == "padded" else choose_path(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device == "cuda")
     loss_sum = causal_loss_sum if case == "padded" else packed_loss_sum
