@@ -134,7 +134,7 @@ def test_loss_only_on_completion_tokens(tiny_dir):
                          {"role": "user", "content": "again"}, {"role": "assistant", "content": "blue"}]}
     c = enc.encode(chat)
     learned = tok.decode([t for t in c.labels if t != D.IGNORE])
-    assert learned == "red<|im_end|>\nblue<|im_end|>\n"
+    assert learned == "red<|im_end|>blue<|im_end|>"  # the template's newline after <|im_end|> is not learned
     assert c.reference == "blue"
     assert tok.decode(c.prompt_ids).endswith("again<|im_end|>\n<|im_start|>assistant\n")
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..errors import ConfigError, DataError
+from .chat import encode_chat
 from .checks import check_labels, check_messages, check_row, check_rows, detect_format, label_names_of
 from .reading import Row, read_prompts, read_rows, where_of
 
@@ -95,29 +96,10 @@ class Encoder:
         return [(str(row["prompt"]), False), (str(row["completion"]), True)]
 
     def _chat(self, turns: list[tuple[Any, bool]]) -> Example:
-        """Render with the chat template; every assistant turn is a target. Built turn by turn so that the
-        tokens before each answer are exactly the generation prompt at inference."""
-        if not getattr(self.tok, "chat_template", None):
-            raise ConfigError("this tokenizer has no chat template: use prompt/completion data or --prompt-format raw")
+        """Render with the chat template; every assistant turn is a target (loading/chat.py)."""
         messages = [t if isinstance(t, dict) else {"role": "assistant" if a else "user", "content": t}
                     for t, a in turns]
-        ids, labels, rendered, prompt_ids, reference = [], [], "", [], ""
-        for i, m in enumerate(messages):
-            if m.get("role") != "assistant":
-                continue
-            before = self.tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-            upto = self.tok.apply_chat_template(messages[: i + 1], tokenize=False)
-            if not before.startswith(rendered) or not upto.startswith(before):
-                raise ConfigError("the tokenizer's chat template does not render turns as prefixes of each other")
-            context = self._ids(before[len(rendered):], special=False)  # templates carry their own BOS
-            answer = self._ids(upto[len(before):], special=False)
-            ids += context
-            labels += [IGNORE] * len(context)
-            prompt_ids, reference = list(ids), str(m.get("content", ""))
-            ids += answer
-            labels += answer
-            rendered = upto
-        return self._fit(ids, labels, prompt_ids, reference)
+        return self._fit(*encode_chat(self.tok, messages))
 
     def _classify(self, row: dict[str, Any]) -> Example:
         text = str(row["text"] if "text" in row else row["sentence"]).strip()

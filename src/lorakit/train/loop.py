@@ -29,6 +29,9 @@ from ..loading.rows import IGNORE
 from .batches import MicroBatches
 from .checkpoint import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import Distributed
+from .loraplus import build_optimizer
+from .packed_attention import packed_loss_sum
+from .packing import real_tokens
 
 LOSS_WINDOW = 10  # the progress bar's loss and metrics.json's final_loss: the mean of the last 10 step losses
 
@@ -115,7 +118,8 @@ class _Training:
     steps: int
     start: int = 0
     history: list[dict] = field(default_factory=list)
-    tokens_done: int = 0  # input tokens of every micro-batch so far (all rows, on every rank)
+    tokens_done: int = 0  # real (not padding) input tokens of every micro-batch so far (all ranks' rows)
+    slots_done: int = 0  # token slots computed for them, padding included
     started: float = 0.0  # perf_counter when the first step began
     recent: list[float] = field(default_factory=list)  # the last LOSS_WINDOW step losses
 
@@ -152,10 +156,12 @@ def _build(model, batches: MicroBatches, options, device: torch.device) -> _Trai
         raise ConfigError("the model has no trainable parameters (was an adapter added?)")
     steps = total_steps(options, batches.per_epoch)
     warmup = warmup_steps(options, steps)
-    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    optimizer = build_optimizer(model, params, options)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps, warmup, options.schedule))
     loss_sum = causal_loss_sum if options.task == "causal" else classify_loss_sum
+    if getattr(batches, "packed", False):
+        loss_sum = packed_loss_sum
     return _Training(params, optimizer, scheduler, training_hooks(model), loss_sum,
                      bf16_enabled(options.precision, device), steps)
 
@@ -195,7 +201,8 @@ def _accumulate(run: _Training, forward, micro: list[dict[str, torch.Tensor]], o
     n_targets = sum(_count_targets(b, options.task) for b in micro)  # the step's loss is a mean over these
     own_loss = 0.0
     for k, batch in enumerate(micro):
-        run.tokens_done += int(batch["attention_mask"].sum())  # every rank holds the whole micro-batch
+        run.tokens_done += real_tokens(batch)  # every rank holds the whole micro-batch
+        run.slots_done += batch["input_ids"].numel()
         batch = {key: v.to(device) for key, v in dist.own_rows(batch).items()}
         with dist.grad_sync(last=k == len(micro) - 1):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.bf16):
@@ -236,7 +243,8 @@ def _record(run: _Training, done: int, step_loss: float, bar, options) -> dict:
     run.recent = (run.recent + [step_loss])[-LOSS_WINDOW:]
     speed = run.tokens_done / max(1e-9, time.perf_counter() - run.started)
     record = {"step": done, "loss": step_loss, "running_loss": sum(run.recent) / len(run.recent),
-              "lr": run.optimizer.param_groups[0]["lr"], "tokens_per_s": speed}
+              "lr": run.optimizer.param_groups[0]["lr"], "tokens_per_s": speed,
+              "tokens": run.tokens_done, "padding_fraction": 1 - run.tokens_done / max(1, run.slots_done)}
     if done % options.log_every == 0 or done == run.steps or done == run.start + 1:
         run.history.append(record)
     if bar is not None:

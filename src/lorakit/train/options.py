@@ -132,3 +132,11 @@ class TrainOptions(ModelOptions, DataOptions, AdapterOptions):
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """With several processes: ddp (a whole replica per process) or fsdp (FSDP2 fully_shard: the frozen base
     sharded across processes, in bf16 on GPU; only the adapter is trained)."""
+    packing: Optional[bool] = None
+    """Pack whole rows into fixed-token-budget micro-batches (no padding between rows; attention and positions
+    kept per row; the same per-token loss). Default: on for --task causal where the model keeps packed rows
+    apart without a quadratic mask (checked at start), else off."""
+    pack_tokens: int = 0
+    """Tokens per packed micro-batch (all processes together); 0: --batch-size rows of the mean row length."""
+    loraplus_lr_ratio: float = 0.0
+    """LoRA+: each adapter's B factor trains at this multiple of --lr (PEFT's create_loraplus_optimizer); 0: off."""

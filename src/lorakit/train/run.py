@@ -35,6 +35,7 @@ from .evaluate import classify_scores, generate, generation_scores, heldout_loss
 from .fields import build_options, given_fields, read_config_file
 from .loop import bf16_enabled, total_steps, train_loop
 from .options import TrainOptions
+from .packing import training_batches
 from .report import (check_output_dir, format_scores, plot_loss, prepare_output_dir, write_generations,
                      write_metrics)
 
@@ -99,7 +100,7 @@ def train(options: Optional[TrainOptions] = None, *, config: Optional[str] = Non
     model = _load_model(opts, path, model, data.label_names, device, dist)
     log(f"data: {len(train_set)} training / {len(eval_set)} held-out examples"
         + (" (built-in task)" if not opts.data else f" from {opts.data}"))
-    batches = MicroBatches(train_set, opts.batch_size, opts.seed, pad_id=tokenizer.pad_token_id, task=opts.task)
+    batches = training_batches(opts, train_set, tokenizer.pad_token_id, model, dist.world_size, device, log)
     sizes = _add_adapter(model, opts, given, total_steps(opts, batches.per_epoch), log)
     _distribute(model, opts, dist, device, log)
     prepare_output_dir(opts, dist)
@@ -218,6 +219,8 @@ def _metrics(opts: TrainOptions, sizes: tuple[int, int], before: dict, after: di
         "trainable_params": sizes[0], "total_params": sizes[1], "before": before, "after": after,
         "train": {"steps": steps[-1]["step"] if steps else 0, "seconds": train_seconds,
                   "tokens_per_s": steps[-1]["tokens_per_s"] if steps else 0.0,
+                  "tokens": steps[-1].get("tokens", 0) if steps else 0,
+                  "padding_fraction": steps[-1].get("padding_fraction") if steps else None,
                   # the progress bar's loss: the mean of the last loop.LOSS_WINDOW steps' losses
                   "final_loss": steps[-1].get("running_loss", steps[-1]["loss"]) if steps else None},
         "wall_seconds": time.perf_counter() - started, "device": str(device),
