@@ -59,9 +59,10 @@ SHAPES = {  # name: LlamaConfig overrides
 
 
 # --- data ---------------------------------------------------------------------------------------------------
-def load_examples(data: Path, repeat: int, max_length: int):
-    """(tokenizer, Examples, rows): alpaca_small through SmolLM2's tokenizer, repeated `repeat` times."""
-    tokenizer = load_tokenizer(resolve_model(BUILTIN_MODEL, log=lambda *a: None))
+def load_examples(data: Path, repeat: int, max_length: int, tokenizer_dir: str = None):
+    """(tokenizer, Examples, rows): alpaca_small through SmolLM2's tokenizer (the bundled model's, or a copy of its
+    tokenizer files in `tokenizer_dir` where the package is absent, as on the GPU machine), repeated `repeat` times."""
+    tokenizer = load_tokenizer(tokenizer_dir or resolve_model(BUILTIN_MODEL, log=lambda *a: None))
     rows = read_rows(data)
     examples = encode_rows(Encoder(tokenizer, "causal", "auto", max_length), rows)
     return tokenizer, examples * repeat, rows * repeat
@@ -273,6 +274,8 @@ def write_section(text: str) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "alpaca_small" / "alpaca_small.json"))
+    ap.add_argument("--tokenizer", default=None, help="a directory with SmolLM2's tokenizer files (default: the "
+                    "bundled model's)")
     ap.add_argument("--shapes", default="1b,8b")
     ap.add_argument("--cases", default="fixed,padded,packed,trl,trl_liger")
     ap.add_argument("--budget", type=int, default=8192, help="tokens per optimizer step")
@@ -297,7 +300,7 @@ def main(argv=None) -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.smoke:
         args.shapes, args.budget, args.steps, args.warmup, args.repeat = "tiny", 1024, 3, 1, 1
-    tokenizer, examples, rows = load_examples(Path(args.data), args.repeat, 512)
+    tokenizer, examples, rows = load_examples(Path(args.data), args.repeat, 512, args.tokenizer)
     packed = PackedBatches(examples, args.budget, seed=0, pad_id=tokenizer.pad_token_id)
     padded, rows_per_step = padded_batches(examples, args.budget)
     print(f"{len(examples)} rows, budget {args.budget}: packed {packed.per_epoch} micro-batches "
