@@ -23,7 +23,8 @@ import torch
 
 from ..errors import ConfigError
 from ..loading.rows import IGNORE, Example
-from .batches import epoch_order
+from .batches import MicroBatches, epoch_order
+from .packed_attention import choose_path, use_varlen_attention
 
 ROUND_TO = 64  # automatic budgets are a multiple of this (friendly shapes for the GPU kernels)
 
@@ -165,8 +166,6 @@ def padded_fraction(examples: list[Example], batch_size: int) -> float:
 def packing_by_default(model) -> bool:
     """Whether a causal model packs by default: transformers keeps packed rows apart for it without a
     quadratic mask (the "positions" or "varlen" path, measured by packed_attention's probe)."""
-    from .packed_attention import choose_path
-
     try:
         return choose_path(model) in ("positions", "varlen")
     except (ConfigError, AttributeError):
@@ -187,9 +186,6 @@ def training_batches(options, examples: list[Example], pad_id: int, model, parts
         device: where the model trains (CUDA: torch's varlen attention where it is exact).
         log: where the one summary line goes.
     """
-    from .batches import MicroBatches
-    from .packed_attention import choose_path, use_varlen_attention
-
     packing = options.packing
     if options.pack_tokens < 0:
         raise ConfigError(f"--pack-tokens must be >= 0 (0: automatic), got {options.pack_tokens}")
