@@ -290,7 +290,8 @@ def lora_linear_fast_path(layer: AdaptedLayer, x: torch.Tensor, *args, **kwargs)
         return pre
     out = _fuse(x, (layer,)) if not (args or kwargs) else "called with extra arguments"
     if type(out) is str:
-        note_fallback(layer, out)
+        if type(spec_or_reason(layer)) is not str:  # the input's fault: fusion_report gives the layer's own
+            note_fallback(layer, out)
         return layer.reference_forward(x, *args, **kwargs)
     layer.__dict__.pop(FALLBACK_ATTR, None)
     return out[0]
