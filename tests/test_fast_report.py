@@ -38,7 +38,7 @@ def _mixed():
 EXPECTED = [
     ("conv", "not a linear layer (conv)"),
     ("emb", "not a linear layer (embedding)"),
-    ("bf16", "adapter 'default' is torch.float32, the base weight torch.bfloat16"),
+    ("bf16", "adapter 'default' is torch.float32, the base weight torch.bfloat16 (fused under autocast)"),
     ("trained", "the base weight is trained"),
     ("loha", "adapter 'loha' (LoHaDelta) has no fused form in this mode"),
 ]
@@ -101,6 +101,21 @@ def test_autocast_runs_fused_casting_as_autocast_does(monkeypatch):
                        [x, *params]):
         assert a.dtype == p.dtype == torch.float32 and rel_norm(a, b) < 3e-2  # fp32 gradients, bf16 math
     assert lorakit.fusion_report(m) == []
+
+
+def test_adapters_in_another_dtype_than_the_base_fuse_under_autocast(monkeypatch):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 24))
+    lorakit.add_adapter(m, lorakit.LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+    m[0].base_layer.to(torch.bfloat16)  # a bf16 base, float32 adapters (master weights), as under mixed precision
+    lorakit.optimize(m)
+    calls = []
+    real = ll.FusedLoraLinears.apply
+    monkeypatch.setattr(ll.FusedLoraLinears, "apply", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(6, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = m[0](x), m[0].reference_forward(x)
+    assert calls and rel_norm(out, ref) < 2e-2
 
 
 def test_autocast_over_a_4bit_base_in_another_dtype_is_reported():

@@ -243,7 +243,7 @@ def _fuse(x: torch.Tensor, layers: Sequence[nn.Module]):
     cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None  # as autocast would
     specs = []
     for layer in layers:
-        spec = spec_or_reason(layer)
+        spec = spec_or_reason(layer, cast is not None)
         if type(spec) is str:
             return spec
         why = _check_input(x, spec, cast)
@@ -290,7 +290,7 @@ def lora_linear_fast_path(layer: AdaptedLayer, x: torch.Tensor, *args, **kwargs)
         return pre
     out = _fuse(x, (layer,)) if not (args or kwargs) else "called with extra arguments"
     if type(out) is str:
-        if type(spec_or_reason(layer)) is not str:  # the input's fault: fusion_report gives the layer's own
+        if type(spec_or_reason(layer, torch.is_autocast_enabled(x.device.type))) is not str:  # the input's fault
             note_fallback(layer, out)
         return layer.reference_forward(x, *args, **kwargs)
     layer.__dict__.pop(FALLBACK_ATTR, None)

@@ -26,8 +26,9 @@ Spec = tuple
 FALLBACK_ATTR = "_lorakit_not_fused"  # the last reason a layer's fast path fell back at call time
 
 
-def _delta_terms(layer: AdaptedLayer, d: dict, dtype: torch.dtype, w, source) -> Union[tuple, str]:
-    """(terms, scaled) of the layer's active deltas, or the reason they have no fused form."""
+def _delta_terms(layer: AdaptedLayer, d: dict, dtype, w, source) -> Union[tuple, str]:
+    """(terms, scaled) of the layer's active deltas, or the reason they have no fused form. dtype None: any
+    (under autocast everything is cast to one dtype)."""
     deltas = d["_modules"]["deltas"]._modules
     terms, scaled = [], None
     for name in d["active"]:
@@ -42,20 +43,21 @@ def _delta_terms(layer: AdaptedLayer, d: dict, dtype: torch.dtype, w, source) ->
             if got is None:
                 return f"adapter '{name}' ({type(delta).__name__}) has no fused form in this mode"
             factors, m, norm = got
-            if m.dtype != dtype:
-                return f"adapter '{name}' magnitude is {m.dtype}, the base weight {dtype}"
+            if dtype is not None and m.dtype != dtype:
+                return f"adapter '{name}' magnitude is {m.dtype}, the base weight {dtype} (fused under autocast)"
             scaled = (m, norm)
         a, b, s, p = factors
-        if a.dtype != dtype or b.dtype != dtype:
-            return f"adapter '{name}' is {a.dtype}, the base weight {dtype}"
+        if dtype is not None and (a.dtype != dtype or b.dtype != dtype):
+            return f"adapter '{name}' is {a.dtype}, the base weight {dtype} (fused under autocast)"
         terms.append((a, b, s, p if delta.__dict__["training"] else 0.0))
     if scaled is not None and len(terms) > 1:
         return "an output-scaled adapter (magnitude) is active together with other adapters"
     return terms, scaled
 
 
-def spec_or_reason(layer: nn.Module) -> Union[Spec, str]:
-    """The layer's spec (module docstring), or a one-line reason why it takes the reference path."""
+def spec_or_reason(layer: nn.Module, autocast: bool = False) -> Union[Spec, str]:
+    """The layer's spec (module docstring), or a one-line reason why it takes the reference path. autocast:
+    the call runs under autocast, which casts weights and factors to one dtype (their own dtypes may differ)."""
     d = layer.__dict__
     if type(layer) is nn.Linear:
         p = d["_parameters"]
@@ -83,7 +85,7 @@ def spec_or_reason(layer: nn.Module) -> Union[Spec, str]:
         w, source, dtype = None, src, src.dense_dtype
     else:
         return f"its weight source ({type(src).__name__}) cannot dequantise into a buffer"
-    got = _delta_terms(layer, d, dtype, w, source)
+    got = _delta_terms(layer, d, None if autocast else dtype, w, source)
     if type(got) is str:
         return got
     return w, base_p.get("bias"), got[0], source, got[1]
