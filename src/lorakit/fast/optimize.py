@@ -2,9 +2,11 @@
 the frozen parts); `lorakit.unoptimize(model)` takes them out again.
 
 What it does, each part switchable for measurement:
-- every adapted linear gets `fast_path = lora_linear_fast_path` (the fused autograd function; the
-  reference path is taken at call time whenever the layer is merged, disabled, routed, has dropout, a
-  delta without linear factors (Delta.linear_factors) or adapters in another dtype than its base);
+- every adapted linear gets `fast_path = lora_linear_fast_path` (the fused autograd function, for plain
+  low-rank deltas with or without dropout, output-scaled ones such as DoRA, dense or 4-bit bases, trained
+  or frozen biases, under autocast or not; the reference path is taken at call time whenever the layer is
+  merged, disabled, routed, has a delta of another form (see spec.py), adapters in another dtype than its
+  base outside autocast, or a trained base weight);
 - `group`: sibling projections that read one input (q/k/v, query/key/value; gate/up inside `glu`) run as
   one fused call;
 - `norms`, `rope`, `glu`, `fused_loss`: the HF family patches of families.py (Triton on GPU, torch on CPU);
@@ -13,6 +15,9 @@ The returned counts include "not_fused": the adapted layers that take the refere
 `fusion_report(model)`; `report=True` logs them to stderr through the `lorakit.fast` logger).
 The reference path (`AdaptedLayer.reference_forward`) is never changed. Call it again after adding
 adapters or layers: it is idempotent and only fills in what is missing.
+Under DDP or FSDP2 call it before wrapping: it patches the model's own modules, DDP's reducer sees the
+layers' own Parameters (the fused call takes them as inputs, grouped or not), and FSDP2 unshards a block's
+parameters in its pre-forward hook, before the block's fused calls read them.
 """
 
 from __future__ import annotations
