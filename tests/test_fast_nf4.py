@@ -116,3 +116,15 @@ def test_an_input_in_another_dtype_falls_back_and_is_reported():
     assert path == "q" and reason == "at its last call: input is torch.float64, the base weight torch.float32"
     m.q(x.float())  # a fused call clears it
     assert lorakit.fusion_report(m) == []
+
+
+def test_the_scratch_buffer_serves_inference_mode_then_training():
+    scratch.release()
+    m = _qlora(["q"])
+    lorakit.optimize(m)
+    x = torch.randn(3, 64)
+    with torch.inference_mode():  # the buffer is made here first (e.g. an evaluation before training)
+        first = m.q(x)
+    out = m.q(x.requires_grad_())
+    out.sum().backward()
+    assert torch.allclose(first, out.detach(), rtol=1e-6, atol=1e-6) and x.grad is not None

@@ -19,7 +19,8 @@ def scratch(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tenso
     key = (device, dtype)
     buf = _BUFFERS.get(key)
     if buf is None or buf.numel() < numel:
-        buf = _BUFFERS[key] = torch.empty(numel, device=device, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor even when first asked under inference_mode
+            buf = _BUFFERS[key] = torch.empty(numel, device=device, dtype=dtype)
     return buf
 
 
