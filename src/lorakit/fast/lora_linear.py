@@ -15,9 +15,10 @@ Saved: X (shared by all outputs; when X is an RMSNorm output carrying a recipe, 
 input and 1/rms instead, so X itself is never kept) and h ([N, R], R/in of X's size: cheaper to keep
 than to recompute with another read of X).
 Beyond that plain form (each asked through spec.py, each held to the reference by tests):
-- dropout: a term with dropout p reads xd = nn.Dropout's own kernel on x (torch.native_dropout: the same RNG
-  draw as the reference, so the same mask); its autograd keeps only the bool mask. Such terms get their own
-  columns of h (x-reading terms still share one GEMM); xd is saved for dA instead of x.
+- dropout: a term with dropout p reads xd = x ⊙ mask / (1 − p) (dropout.py: on CUDA nn.Dropout's own kernel,
+  the same mask as the reference for the same RNG state; on CPU a cheaper draw of the same distribution);
+  its autograd keeps only the bool mask. Such terms get their own columns of h (x-reading terms still share
+  one GEMM); xd is saved for dA instead of x.
 - an output-scaled term (Delta.scaled_linear_factors): y = f ⊙ z + b with z = x·Wᵀ + s·h·Bᵀ and f = m / norm
   (norm detached, from the rank-r factors); backward dm = Σ dY ⊙ z / norm, dZ = dY ⊙ f, db = Σ dY.
 - a 4-bit base (a weight source with write_dense): W is dequantised into one reused scratch buffer
@@ -38,6 +39,7 @@ from torch import nn
 
 from ..core.adapted import AdaptedLayer
 from . import recipes
+from .dropout import dropped
 from .scratch import dense_from_source
 from .spec import FALLBACK_ATTR, layer_spec, note_fallback, spec_or_reason  # noqa: F401  (layer_spec: re-exported)
 
@@ -263,8 +265,8 @@ def _fuse(x: torch.Tensor, layers: Sequence[nn.Module]):
             params += (to(scaled[0]), scaled[1])
         for a, bb, _, p in terms:
             params += (to(a), to(bb))
-            if p > 0:  # nn.Dropout's own kernel, same RNG draw: the mask equals the reference's
-                params.append(to(torch.native_dropout(x, p, True)[0]))
+            if p > 0:  # the mask as dropout.py draws it for this device; autograd keeps it as bool
+                params.append(to(dropped(x, p)))
             any_x = any_x or p == 0
         sources.append(source)
     norm = recipes.norm_recipe(x) if any_x and cast is None else None
