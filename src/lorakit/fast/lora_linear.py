@@ -56,7 +56,7 @@ class _Plan:
 
     def __init__(self, layout):
         self.outs, terms, k = [], [], 0  # outs: (w_idx, bias_idx, m_idx); m_idx + 1 holds the row norm
-        for j, (has_w, has_bias, scaled, ranks, scalings, dropped) in enumerate(layout):
+        for j, (has_w, has_bias, scaled, ranks, scalings, drop_flags) in enumerate(layout):
             w_idx = k if has_w else None
             k += has_w
             bias_idx = k if has_bias else None
@@ -64,7 +64,7 @@ class _Plan:
             m_idx = k if scaled else None
             k += 2 if scaled else 0
             self.outs.append((w_idx, bias_idx, m_idx))
-            for r, s, drop in zip(ranks, scalings, dropped):
+            for r, s, drop in zip(ranks, scalings, drop_flags):
                 terms.append([j, k, k + 1, 0, r, s, k + 2 if drop else None])
                 k += 3 if drop else 2
         col = 0
