@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 1 benchmarks/multi_gpu.py --strategy fsdp      # the one-GPU baseline
     torchrun --nproc-per-node 2 benchmarks/multi_gpu.py --strategy fsdp      # two GPUs, same batch per GPU
+    torchrun --nproc-per-node 2 benchmarks/multi_gpu.py --strategy ddp --optimize   # with lorakit.optimize()
 
 Each process trains LoRA (r=16, all linear layers) on the Llama-3-8B shape (random bf16 weights from config,
 sdpa attention) with --batch sequences of --seq tokens per GPU (weak scaling: the global batch grows with the
@@ -30,8 +31,10 @@ from lorakit.train.estimate import load_config  # noqa: E402
 from lorakit.train.loop import causal_loss_sum  # noqa: E402
 
 
-def build(shape: str, r: int, strategy: str, dist, device):
-    """The adapted model, wrapped. FSDP: built on the meta device and sharded before any memory is allocated."""
+def build(shape: str, r: int, strategy: str, dist, device, optimize: bool = False):
+    """The adapted model, wrapped. FSDP: built on the meta device and sharded before any memory is allocated.
+    optimize: lorakit.optimize() before wrapping (its patches go on the model's own modules; FSDP2 unshards each
+    block's parameters before the block's fused calls read them)."""
     from transformers import AutoModelForCausalLM
 
     config, _ = load_config(shape)
@@ -43,6 +46,8 @@ def build(shape: str, r: int, strategy: str, dist, device):
     for p in model.parameters():  # fp32 master weights for the adapter
         if p.requires_grad:
             p.data = p.data.float()
+    if optimize:
+        lorakit.optimize(model)
     distributed.wrap_model(model, dist, strategy, device, bf16=True)
     if strategy == "fsdp":
         model.to_empty(device=device)
@@ -65,6 +70,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--baseline", type=float, default=0.0, help="one-GPU tokens/s of the same case")
+    p.add_argument("--optimize", action="store_true", help="lorakit.optimize() before wrapping")
     p.add_argument("--json", default=None)
     p.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself (gloo)")
     args = p.parse_args()
@@ -72,7 +78,7 @@ def main() -> None:
     cuda = device.type == "cuda"
     if not dist.enabled:
         raise SystemExit("start me with torchrun (see --help)")
-    model = build(args.shape, args.r, args.strategy, dist, device)
+    model = build(args.shape, args.r, args.strategy, dist, device, args.optimize)
     forward = dist.forward_model(model)
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
@@ -99,7 +105,8 @@ def main() -> None:
     every = dist.gather_objects(mine)
     if dist.is_main:
         per_gpu = sum(m["tokens_per_s"] for m in every) / len(every)
-        row = {"shape": args.shape, "strategy": args.strategy, "gpus": dist.world_size, "batch_per_gpu": args.batch,
+        row = {"shape": args.shape, "strategy": args.strategy, "optimize": args.optimize, "gpus": dist.world_size,
+               "batch_per_gpu": args.batch,
                "seq": args.seq, "tokens_per_s_per_gpu": per_gpu, "tokens_per_s_total": per_gpu * len(every),
                "peak_gib_per_gpu": max(m["peak_gib"] for m in every),
                "device": torch.cuda.get_device_name() if cuda else "cpu",

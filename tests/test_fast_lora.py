@@ -160,11 +160,11 @@ def _fast_layer(**kw):
     return m
 
 
-@pytest.mark.parametrize("case", ["dropout", "dora", "merged", "disabled", "fp32_adapter_on_bf16", "autocast",
-                                  "trained_base_weight"])
+@pytest.mark.parametrize("case", ["merged", "disabled", "fp32_adapter_on_bf16", "trained_base_weight"])
 def test_fallbacks_take_the_reference_path(case, monkeypatch):
+    # dropout, DoRA and autocast are fused now (test_fast_dropout.py, test_fast_dora.py, test_fast_report.py)
     spy = Spy(monkeypatch)
-    m = _fast_layer(lora_dropout=0.1 if case == "dropout" else 0.0, use_dora=(case == "dora"))
+    m = _fast_layer()
     x = torch.randn(4, 24)
     if case == "merged":
         lorakit.merge(m)
@@ -178,9 +178,6 @@ def test_fallbacks_take_the_reference_path(case, monkeypatch):
         if case == "disabled":
             with lorakit.disabled(m):
                 out, ref = m.q(x), m.q.base_layer(x)
-        elif case == "autocast":
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out, ref = m.q(x), m.q.reference_forward(x)
         else:
             out, ref = m.q(x), m.q.reference_forward(x)
     assert spy.calls == []

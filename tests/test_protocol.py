@@ -12,6 +12,7 @@ from torch import nn
 
 import lorakit
 import lorakit.fast.lora_linear as ll
+from lorakit.fast import dropout as fast_dropout
 import lorakit.multi.layer_plans as layer_plans
 import lorakit.multi.routing as routing
 from lorakit.core import registry
@@ -139,14 +140,19 @@ def test_optimize_fuses_the_new_variant_with_equal_output_and_gradients(toy, mon
     assert all(_rel(g, r) < 1e-12 for g, r in zip(grads, ref_grads))
 
 
-def test_a_delta_with_dropout_takes_the_reference_path(toy, monkeypatch):
-    model = _model(drop=0.1).eval()
+def test_a_delta_with_dropout_is_fused_with_the_reference_mask(toy, monkeypatch):
+    monkeypatch.setitem(fast_dropout.MASK_SOURCE, "cpu", "native")  # nn.Dropout's kernel: the reference's mask
+    model = _model(drop=0.1)
     lorakit.optimize(model)
     calls = _spy_fused(monkeypatch)
     x = torch.randn(3, 12, dtype=torch.float64)
-    assert ll.layer_spec(model.q) is None
-    assert torch.equal(model.q(x), model.q.reference_forward(x))
-    assert not calls
+    torch.manual_seed(5)
+    ref = model.q.reference_forward(x)
+    torch.manual_seed(5)
+    out = model.q(x)
+    assert len(calls) == 1 and _rel(out, ref) < 1e-12  # the same RNG draw: the same dropout mask
+    model.eval()  # outside training the dropout is off: the same output on every call
+    assert _rel(model.q(x), model.q.reference_forward(x)) < 1e-12 and len(calls) == 2
 
 
 def _alone(model, name, x):

@@ -16,7 +16,7 @@ from .core.config import AdapterConfig
 from .core.files import adapter_state_dict, load_adapter, read_config, save_adapter
 from .errors import (AdapterFormatError, AdapterNameError, CheckpointError, ConfigError, DataError, HotSwapError,
                      LorakitError, MixedBatchError, QuantizedBaseError, ShapeMismatchError, TargetError)
-from .fast import optimize, unoptimize
+from .fast import fusion_report, optimize, unoptimize
 from .loading.models import bundled_model_path
 from .multi import combine, hot_swap, lorahub_search, per_row, weighted
 from .quant import NF4Linear, dequantize, merge_requantized, quantize
@@ -36,8 +36,8 @@ __all__ = [
     # many adapters on one base
     "per_row", "hot_swap", "combine", "weighted", "lorahub_search",
     # speed, a quantized base, training, analysis, the bundled models
-    "optimize", "unoptimize", "quantize", "dequantize", "merge_requantized", "NF4Linear", "train", "analyze",
-    "bundled_model_path",
+    "optimize", "unoptimize", "fusion_report", "quantize", "dequantize", "merge_requantized", "NF4Linear", "train",
+    "analyze", "bundled_model_path",
     # errors
     "LorakitError", "ConfigError", "TargetError", "AdapterNameError", "AdapterFormatError", "ShapeMismatchError",
     "QuantizedBaseError", "MixedBatchError", "HotSwapError", "DataError", "CheckpointError",

@@ -32,7 +32,10 @@ class DenseWeight:
         self.layer.weight.copy_(w)
 
 
-# (predicate, factory) pairs tried in order; a quantized base registers its own source here.
+# (predicate, factory) pairs tried in order; a quantized base registers its own source here. A source whose
+# weight is not a dense parameter may also offer `dense_shape` ((out, in)), `dense_dtype` and
+# `write_dense(out) -> out`: the dense weight written into a caller's buffer of that shape and dtype, so a
+# fused path can reuse one scratch buffer for every layer instead of a new dense copy per call.
 WEIGHT_SOURCES: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], DenseWeight]]] = []
 
 

@@ -5,7 +5,8 @@ below, so a variant is one file that subclasses Delta and registers itself (see 
 The base weight reaches a delta only through `layer.base_weight()` / `layer.set_base_weight()`.
 
 Low-rank deltas also answer the low-rank protocol: `linear_factors` (their live factors, for the fused
-linear of lorakit.fast and the stacked mixed-batch paths of lorakit.multi), `low_rank_factors` (detached
+linear of lorakit.fast and the stacked mixed-batch paths of lorakit.multi), `scaled_linear_factors` (the same
+factors plus a per-output magnitude over a row norm, for the fused linear), `low_rank_factors` (detached
 factors of ΔW), and `factors_writable` / `set_low_rank_factors` (hot-swap, combine, truncate write any
 s·B·A into them). A new low-rank variant gets all of those paths by implementing these, nothing else.
 """
@@ -88,6 +89,14 @@ class Delta(nn.Module):
         forward on a linear layer is exactly y + s·(drop_p(x)·Aᵀ)·Bᵀ, drop_p being nn.Dropout(p) in training
         (p = 0: no dropout); None otherwise (another form, another layer kind). Called on every forward of
         the fused and mixed-batch paths: keep it cheap (no new Parameters, no nn.Module.__getattr__)."""
+        return None
+
+    def scaled_linear_factors(self, w: torch.Tensor) -> Optional[tuple[LinearFactors, nn.Parameter, torch.Tensor]]:
+        """((A, B, s, p), m [out], norm [out]) when this delta's forward on a linear layer is an output-scaled
+        low-rank term, y' = (m / norm) ⊙ (y − b + s·(drop_p(x)·Aᵀ)·Bᵀ) + b with norm not differentiated (a
+        magnitude over a row norm, as in weight-decomposed adapters); None otherwise. `w` is the base weight
+        [out, in] as the caller holds it (the norm is computed from it, never from another dequantised copy);
+        m is the delta's live Parameter, norm a detached float32 tensor. Asked by the fused linear."""
         return None
 
     @torch.no_grad()

@@ -5,5 +5,6 @@ Everything here is an optional replacement of reference math, each held to the r
 """
 
 from .optimize import optimize, unoptimize
+from .report import fusion_report
 
-__all__ = ["optimize", "unoptimize"]
+__all__ = ["optimize", "unoptimize", "fusion_report"]

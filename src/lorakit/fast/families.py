@@ -22,7 +22,8 @@ from ..core.adapted import AdaptedLayer
 from ..core.patching import is_patched, patch_forward, unpatch_forward
 from . import recipes
 from .cross_entropy import linear_cross_entropy, shift_labels
-from .lora_linear import fused_linears, layer_spec, lora_linear_fast_path
+from .lora_linear import fused_linears, lora_linear_fast_path
+from .spec import layer_spec
 from .norms import fast_rms_forward, norm_style
 from .rope import make_fused_apply, set_fused_rope
 from .swiglu import act_kind, gated_act
@@ -115,7 +116,7 @@ def causal_lm_forward(model, original, *args, **kwargs):
     """Causal-LM forward that, in a training forward with labels, computes the loss from the hidden states
     without materialising the logits; any other call goes to `original`."""
     labels = kwargs.get("labels")
-    spec = layer_spec(model.lm_head) if type(model.lm_head) is nn.Linear else None
+    spec = layer_spec(model.lm_head) if type(model.lm_head) is nn.Linear else None  # (w, bias, ...)
     head = spec[:2] if spec is not None else None
     if (labels is None or not torch.is_grad_enabled() or head is None or kwargs.get("logits_to_keep", 0) != 0
             or "return_dict" in kwargs or kwargs.get("past_key_values") is not None):

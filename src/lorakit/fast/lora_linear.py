@@ -13,7 +13,19 @@ Backward, every product through the rank-r bottleneck, scalings as GEMM alphas (
   dB_t = s_t·dY_jᵀ·h_t
 Saved: X (shared by all outputs; when X is an RMSNorm output carrying a recipe, the norm's own saved
 input and 1/rms instead, so X itself is never kept) and h ([N, R], R/in of X's size: cheaper to keep
-than to recompute with another read of X). The per-call Python is kept lean (plain dict lookups, no
+than to recompute with another read of X).
+Beyond that plain form (each asked through spec.py, each held to the reference by tests):
+- dropout: a term with dropout p reads xd = x ⊙ mask / (1 − p) (dropout.py: on CUDA nn.Dropout's own kernel,
+  the same mask as the reference for the same RNG state; on CPU a cheaper draw of the same distribution);
+  its autograd keeps only the bool mask. Such terms get their own columns of h (x-reading terms still share
+  one GEMM); xd is saved for dA instead of x.
+- an output-scaled term (Delta.scaled_linear_factors): y = f ⊙ z + b with z = x·Wᵀ + s·h·Bᵀ and f = m / norm
+  (norm detached, from the rank-r factors); backward dm = Σ dY ⊙ z / norm, dZ = dY ⊙ f, db = Σ dY.
+- a 4-bit base (a weight source with write_dense): W is dequantised into one reused scratch buffer
+  (scratch.py) in forward and again in backward; nothing of W's size is allocated or saved.
+- autocast: x, W, biases and factors are cast to the autocast dtype as autocast would, then the call runs
+  with autocast off.
+The per-call Python is kept lean (plain dict lookups, no
 nn.Module.__getattr__): at 1B scale a LoRA step is bound by launch overhead, not by the GPU.
 """
 
@@ -25,8 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.adapted import AdaptedLayer, DenseWeight
+from ..core.adapted import AdaptedLayer
 from . import recipes
+from .dropout import dropped
+from .scratch import dense_from_source
+from .spec import FALLBACK_ATTR, note_fallback, spec_or_reason
 
 # Rank-r products in "rank-major" form (r as the GEMM's row count) where the BLAS runs the skinny forms
 # badly. Measured on CPU (MKL, one thread, N=2048, out=1536, r=8): x·Aᵀ 0.37 ms vs (A·xᵀ)ᵀ 0.21, and
@@ -34,58 +49,33 @@ from . import recipes
 RANK_MAJOR = {"cpu": True, "cuda": False}
 
 
-# --- which layers the fast path serves: cheap checks, made at every call -----------------------------
-def layer_spec(layer: nn.Module):
-    """(W [out, in], bias, [(A, B, s), ...]) of a frozen dense linear (plain, GPT-2 Conv1D or adapted with
-    deltas whose forward is y + s·(x·Aᵀ)·Bᵀ: `Delta.linear_factors` with no dropout), or None when it must
-    take the reference path: merged, disabled, routed, a delta of another form, dropout, adapters in another
-    dtype than the base, or a trained base weight."""
-    d = layer.__dict__
-    if type(layer) is nn.Linear:
-        p = d["_parameters"]
-        w = p["weight"]
-        return (w, p["bias"], ()) if not w.requires_grad else None
-    if not isinstance(layer, AdaptedLayer):
-        return None
-    if d["disabled"] or d["merged"] or d.get("routing") is not None or d["ops"].kind != "linear":
-        return None
-    if type(d["weight_source"]) is not DenseWeight:
-        return None
-    mods = d["_modules"]
-    base_p = mods["base_layer"]._parameters
-    w = base_p["weight"]
-    if w.requires_grad:  # a trained base weight needs dW: the reference path computes it
-        return None
-    deltas = mods["deltas"]._modules
-    terms = []
-    for name in d["active"]:
-        delta = deltas.get(name)
-        if delta is None:
-            continue
-        factors = delta.linear_factors()  # (A [r, in], B [out, r], s, dropout p), live Parameters
-        if factors is None or factors[3] != 0.0:
-            return None
-        a, b, s, _ = factors
-        if a.dtype != w.dtype or b.dtype != w.dtype:
-            return None
-        terms.append((a, b, s))
-    return (w.t() if d["ops"].transposed else w), base_p.get("bias"), terms
-
-
 # --- the autograd function -------------------------------------------------------------------------------
 class _Plan:
-    """Index bookkeeping for one layout (cached): where each output's W, bias and terms sit in `params`."""
+    """Index bookkeeping for one layout (cached): where each output's W, bias, magnitude and terms sit in
+    `params`. Columns of h: first the terms that read x itself (one GEMM), then each dropout term's own."""
 
     def __init__(self, layout):
-        self.w_idx, self.bias_idx, self.terms, k, col = [], [], [], 0, 0  # terms: (j, a_idx, b_idx, col, r, s)
-        for j, (has_bias, ranks, scalings) in enumerate(layout):
-            self.w_idx.append(k)
-            self.bias_idx.append(k + 1 if has_bias else None)
-            k += 2 if has_bias else 1
-            for r, s in zip(ranks, scalings):
-                self.terms.append((j, k, k + 1, col, r, s))
-                k, col = k + 2, col + r
+        self.outs, terms, k = [], [], 0  # outs: (w_idx, bias_idx, m_idx); m_idx + 1 holds the row norm
+        for j, (has_w, has_bias, scaled, ranks, scalings, drop_flags) in enumerate(layout):
+            w_idx = k if has_w else None
+            k += has_w
+            bias_idx = k if has_bias else None
+            k += has_bias
+            m_idx = k if scaled else None
+            k += 2 if scaled else 0
+            self.outs.append((w_idx, bias_idx, m_idx))
+            for r, s, drop in zip(ranks, scalings, drop_flags):
+                terms.append([j, k, k + 1, 0, r, s, k + 2 if drop else None])
+                k += 3 if drop else 2
+        col = 0
+        for t in sorted(terms, key=lambda t: t[6] is not None):  # x-reading terms first (stable)
+            t[3], col = col, col + t[4]
+        self.terms = [tuple(t) for t in terms]  # (j, a_idx, b_idx, col, r, s, xd_idx)
+        self.x_terms = [t for t in self.terms if t[6] is None]
+        self.drop_terms = sorted((t for t in self.terms if t[6] is not None), key=lambda t: t[3])
         self.n_params, self.rank = k, col
+        self.x_rank = sum(t[4] for t in self.x_terms)
+        self.n_scaled = sum(m is not None for _, _, m in self.outs)
 
 
 _PLANS: dict = {}
@@ -98,78 +88,122 @@ def _plan(layout) -> _Plan:
     return plan
 
 
+def _down(x2, a_x, drops, rank_major: bool) -> torch.Tensor:
+    """h = [x·A_xᵀ | xd_t·A_tᵀ ...] [N, R] (a view of [R, N] when rank-major); drops: [(xd_t [N, in], A_t)]."""
+    if rank_major:
+        parts = ([a_x @ x2.t()] if a_x is not None else []) + [a @ xd.t() for xd, a in drops]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).t()
+    parts = ([x2 @ a_x.t()] if a_x is not None else []) + [xd @ a.t() for xd, a in drops]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+def _weight(params, w_idx, sources, j, device) -> torch.Tensor:
+    """Output j's base weight: its Parameter, or its source's dense weight in the reused scratch buffer."""
+    return params[w_idx] if w_idx is not None else dense_from_source(sources[j], device)
+
+
 class FusedLoraLinears(torch.autograd.Function):
-    """layout: per output (has_bias, ranks, scalings); params: per output W, [bias], then A, B per term."""
+    """layout: per output (has W, has bias, scaled, ranks, scalings, dropped per term); params: per output
+    [W], [bias], [m, norm], then A, B, [dropped input] per term; sources: per output a weight source or None."""
 
     @staticmethod
-    def forward(ctx, x, norm_x, norm_rstd, norm_w, norm_offset, layout, *params):
+    def forward(ctx, x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources, *params):
         plan = _plan(layout)
         in_features = x.shape[-1]
         x2 = x.reshape(-1, in_features)
-        terms = plan.terms
-        a_all = None
-        if len(terms) > 0:
-            a_all = torch.cat([params[t[1]] for t in terms]) if len(terms) > 1 else params[terms[0][1]]
+        xt = plan.x_terms
+        a_x = None
+        if xt:
+            a_x = torch.cat([params[t[1]] for t in xt]) if len(xt) > 1 else params[xt[0][1]]
         rank_major = RANK_MAJOR.get(x.device.type, False)
-        h = None
-        if a_all is not None:  # [N, R] (a view of [R, N] when rank-major)
-            h = (a_all @ x2.t()).t() if rank_major else x2 @ a_all.t()
-        outs = [F.linear(x, params[wi], None if bi is None else params[bi])  # bias in the GEMM epilogue
-                for wi, bi in zip(plan.w_idx, plan.bias_idx)]
-        bts = []
-        for j, _, bi, col, r, s in terms:
-            bt = params[bi].t()
-            bts.append(bt)
+        drops = [(params[t[6]].reshape(-1, in_features), params[t[1]]) for t in plan.drop_terms]
+        h = _down(x2, a_x, drops, rank_major) if plan.rank > 0 else None
+        outs = []
+        for j, (wi, bi, mi) in enumerate(plan.outs):  # bias in the GEMM epilogue unless a magnitude follows
+            bias = None if bi is None or mi is not None else params[bi]
+            outs.append(F.linear(x, _weight(params, wi, sources, j, x.device), bias))
+        for j, _, bi, col, r, s, _ in plan.terms:
             y = outs[j]
-            y.view(-1, y.shape[-1]).addmm_(h[:, col:col + r], bt, alpha=s)  # LoRA term in the epilogue (beta=1)
+            y.view(-1, y.shape[-1]).addmm_(h[:, col:col + r], params[bi].t(), alpha=s)  # LoRA term, beta=1
+        zs = []
+        for j, (_, bi, mi) in enumerate(plan.outs):  # y = f ⊙ z + b, f = m / norm: z is kept for dm
+            if mi is not None:
+                z, f = outs[j], params[mi] / params[mi + 1].to(params[mi].dtype)
+                zs.append(z)
+                outs[j] = torch.addcmul(params[bi], z, f) if bi is not None else z * f
         ctx.plan, ctx.norm_offset, ctx.x_shape, ctx.rank_major = plan, norm_offset, x.shape, rank_major
+        ctx.sources = sources
         ctx.recipe_used = norm_x is not None
         if ctx.recipe_used:
             saved_x = (norm_x.reshape(-1, in_features), norm_rstd.reshape(-1), norm_w)
         else:
-            saved_x = (x2, None, None)
-        ctx.save_for_backward(*saved_x, h, a_all, *[params[wi] for wi in plan.w_idx], *bts)
+            saved_x = (x2 if xt else None, None, None)  # only dropout terms: x itself is not needed
+        ctx.save_for_backward(*saved_x, h, a_x, *zs, *params)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         plan: _Plan = ctx.plan
-        n_out = len(plan.w_idx)
-        x2, rstd, norm_w, h, a_all, *rest = ctx.saved_tensors
-        weights, bts = rest[:n_out], rest[n_out:]
-        needs = ctx.needs_input_grad[6:]  # after (x, norm_x, norm_rstd, norm_w, norm_offset, layout)
+        x2, rstd, norm_w, h, a_x, *rest = ctx.saved_tensors
+        zs, params = rest[:plan.n_scaled], rest[plan.n_scaled:]
+        needs = ctx.needs_input_grad[7:]  # after (x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources)
         gs = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
         out: list[Optional[torch.Tensor]] = [None] * plan.n_params  # W_j: frozen (checked before the call)
+        _output_grads(plan, gs, zs, params, needs, out)
 
         # gH (rank-major [R, N]) = s_t·(dY_j·B_t)ᵀ per term, written in place; zeros for unused outputs.
-        gh_t = x2.new_empty(plan.rank, x2.shape[0]) if plan.rank > 0 else None
-        for (j, _, _, col, r, s), bt in zip(plan.terms, bts):
+        n = h.shape[0] if h is not None else 0
+        gh_t = h.new_empty(plan.rank, n) if plan.rank > 0 else None
+        for j, _, bi, col, r, s, _ in plan.terms:
             if gs[j] is None:
                 gh_t[col:col + r].zero_()
             else:
-                gh_t[col:col + r].addmm_(bt, gs[j].t(), beta=0, alpha=s)
+                gh_t[col:col + r].addmm_(params[bi].t(), gs[j].t(), beta=0, alpha=s)
 
         dx = None
         if ctx.needs_input_grad[0]:
-            for g, w in zip(gs, weights):
+            for j, (g, (wi, _, _)) in enumerate(zip(gs, plan.outs)):
                 if g is not None:
+                    w = _weight(params, wi, ctx.sources, j, g.device)  # a 4-bit base: dequantised again
                     dx = g @ w if dx is None else dx.addmm_(g, w)
-            if gh_t is not None:
-                dx = gh_t.t() @ a_all if dx is None else dx.addmm_(gh_t.t(), a_all)
+            if a_x is not None:
+                gx = gh_t[:plan.x_rank].t()
+                dx = gx @ a_x if dx is None else dx.addmm_(gx, a_x)
             dx = dx.view(ctx.x_shape) if dx is not None else None
-
-        for j, bi in enumerate(plan.bias_idx):
-            if bi is not None and needs[bi] and gs[j] is not None:
-                out[bi] = gs[j].sum(0)
-        if gh_t is not None and any(needs[t[1]] for t in plan.terms):
-            d_a_all = _grad_a(gh_t, x2, rstd, norm_w, ctx.norm_offset, ctx.recipe_used)  # [R, in]
-            for _, ai, _, col, r, _ in plan.terms:
+        for _, ai, _, col, r, _, xi in plan.drop_terms:  # the dropped input's gradient; dropout's backward masks it
+            if needs[xi]:
+                out[xi] = (gh_t[col:col + r].t() @ params[ai]).view(ctx.x_shape)
+            if needs[ai]:
+                out[ai] = gh_t[col:col + r] @ params[xi].reshape(-1, params[xi].shape[-1])
+        if a_x is not None and any(needs[t[1]] for t in plan.x_terms):
+            d_a_x = _grad_a(gh_t[:plan.x_rank], x2, rstd, norm_w, ctx.norm_offset, ctx.recipe_used)  # [R0, in]
+            for _, ai, _, col, r, _, _ in plan.x_terms:
                 if needs[ai]:
-                    out[ai] = d_a_all[col:col + r]
-        for j, _, bi, col, r, s in plan.terms:
+                    out[ai] = d_a_x[col:col + r]
+        for j, _, bi, col, r, s, _ in plan.terms:
             if needs[bi] and gs[j] is not None:
                 out[bi] = _grad_b(gs[j], h[:, col:col + r], s, ctx.rank_major)
-        return (dx, None, None, None, None, None, *out)
+        return (dx, None, None, None, None, None, None, *out)
+
+
+def _output_grads(plan: _Plan, gs: list, zs, params, needs, out: list) -> None:
+    """Bias and magnitude gradients; then dY_j ← dY_j ⊙ f for output-scaled outputs (the gradient of z).
+    dm = Σ_rows dY ⊙ z / norm, db = Σ_rows dY (the bias sits outside the scale)."""
+    k = 0
+    for j, (_, bi, mi) in enumerate(plan.outs):
+        g = gs[j]
+        if bi is not None and needs[bi] and g is not None:
+            out[bi] = g.sum(0)
+        if mi is None:
+            continue
+        z, k = zs[k], k + 1
+        if g is None:
+            continue
+        m = params[mi]
+        norm = params[mi + 1].to(m.dtype)
+        if needs[mi]:
+            out[mi] = (g * z.view(-1, z.shape[-1])).sum(0).div_(norm)
+        gs[j] = g * (m / norm)
 
 
 def _grad_b(g: torch.Tensor, h: torch.Tensor, s: float, rank_major: bool) -> torch.Tensor:
@@ -189,39 +223,77 @@ def _grad_a(gh_t: torch.Tensor, x2: torch.Tensor, rstd, norm_w, offset: float, r
 
 
 # --- entry points ------------------------------------------------------------------------------------------
+def _check_input(x: torch.Tensor, spec, cast) -> Optional[str]:
+    """Why x cannot go through the fused call with this layer's spec, or None."""
+    w, _, terms, source, _ = spec
+    dtype, in_features = (w.dtype, w.shape[1]) if w is not None else (source.dense_dtype, source.dense_shape[1])
+    if x.shape[-1] != in_features:
+        return f"input width {x.shape[-1]}, the layer's {in_features}"
+    if cast is None and x.dtype != dtype:
+        return f"input is {x.dtype}, the base weight {dtype}"
+    if cast is not None and source is not None and dtype != cast:
+        return f"autocast to {cast} over a 4-bit base computing in {dtype}"
+    device = w.device if w is not None else (terms[0][0].device if terms else x.device)
+    if x.device != device:
+        return f"input on {x.device}, the layer on {device}"
+    return None
+
+
+def _fuse(x: torch.Tensor, layers: Sequence[nn.Module]):
+    """The fused outputs of `layers` on x, or the reason (a str) they must take the reference path."""
+    dev = x.device.type
+    cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None  # as autocast would
+    specs = []
+    for layer in layers:
+        spec = spec_or_reason(layer, cast is not None)
+        if type(spec) is str:
+            return spec
+        why = _check_input(x, spec, cast)
+        if why is not None:
+            return why
+        specs.append(spec)
+    if not any(spec[2] for spec in specs):
+        return "no active adapter on this layer"
+    to = (lambda t: t) if cast is None else (lambda t: t.to(cast))  # noqa: E731  (differentiable casts)
+    xc = to(x)
+    layout, params, sources, any_x = [], [], [], False
+    for w, b, terms, source, scaled in specs:  # dropout masks drawn in the reference's order: layer, then term
+        layout.append((w is not None, b is not None, scaled is not None, tuple(t[0].shape[0] for t in terms),
+                       tuple(t[2] for t in terms), tuple(t[3] > 0 for t in terms)))
+        params += [to(t) for t in (w, b) if t is not None]
+        if scaled is not None:
+            params += (to(scaled[0]), scaled[1])
+        for a, bb, _, p in terms:
+            params += (to(a), to(bb))
+            if p > 0:  # the mask as dropout.py draws it for this device; autograd keeps it as bool
+                params.append(to(dropped(x, p)))
+            any_x = any_x or p == 0
+        sources.append(source)
+    norm = recipes.norm_recipe(x) if any_x and cast is None else None
+    norm_args = (norm.x, norm.rstd, norm.weight, norm.offset) if norm is not None else (None, None, None, 0.0)
+    if cast is None:
+        return FusedLoraLinears.apply(xc, *norm_args, tuple(layout), tuple(sources), *params)
+    with torch.autocast(dev, enabled=False):
+        return FusedLoraLinears.apply(xc, *norm_args, tuple(layout), tuple(sources), *params)
+
+
 def fused_linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> Optional[tuple[torch.Tensor, ...]]:
     """The outputs of `layers` (adapted or plain frozen linears) on the same input x, through one fused
     function; None when any of them (or x) needs the reference path, or none has a LoRA term."""
-    if torch.is_autocast_enabled(x.device.type):
-        return None
-    layout, params, any_term = [], [], False
-    for layer in layers:
-        spec = layer_spec(layer)
-        if spec is None:
-            return None
-        w, b, terms = spec
-        if x.dtype != w.dtype or x.device != w.device or x.shape[-1] != w.shape[1]:
-            return None
-        layout.append((b is not None, tuple(a.shape[0] for a, _, _ in terms), tuple(s for _, _, s in terms)))
-        params.append(w)
-        if b is not None:
-            params.append(b)
-        for a, bb, _ in terms:
-            params += (a, bb)
-        any_term = any_term or len(terms) > 0
-    if not any_term:
-        return None
-    norm = recipes.norm_recipe(x)
-    norm_args = (norm.x, norm.rstd, norm.weight, norm.offset) if norm is not None else (None, None, None, 0.0)
-    return FusedLoraLinears.apply(x, *norm_args, tuple(layout), *params)
+    out = _fuse(x, layers)
+    return None if type(out) is str else out
 
 
 def lora_linear_fast_path(layer: AdaptedLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """The `fast_path` slot of an adapted linear: the fused function, or the reference when not eligible."""
+    """The `fast_path` slot of an adapted linear: the fused function, or the reference when not eligible
+    (the reason is kept on the layer for lorakit.fast.fusion_report)."""
     pre = recipes.take_precomputed(layer, x)
     if pre is not None:
         return pre
-    if args or kwargs:
+    out = _fuse(x, (layer,)) if not (args or kwargs) else "called with extra arguments"
+    if type(out) is str:
+        if type(spec_or_reason(layer, torch.is_autocast_enabled(x.device.type))) is not str:  # the input's fault
+            note_fallback(layer, out)
         return layer.reference_forward(x, *args, **kwargs)
-    out = fused_linears(x, (layer,))
-    return out[0] if out is not None else layer.reference_forward(x)
+    layer.__dict__.pop(FALLBACK_ATTR, None)
+    return out[0]

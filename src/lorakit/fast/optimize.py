@@ -2,15 +2,22 @@
 the frozen parts); `lorakit.unoptimize(model)` takes them out again.
 
 What it does, each part switchable for measurement:
-- every adapted linear gets `fast_path = lora_linear_fast_path` (the fused autograd function; the
-  reference path is taken at call time whenever the layer is merged, disabled, routed, has dropout, a
-  delta without linear factors (Delta.linear_factors) or adapters in another dtype than its base);
+- every adapted linear gets `fast_path = lora_linear_fast_path` (the fused autograd function, for plain
+  low-rank deltas with or without dropout, output-scaled ones such as DoRA, dense or 4-bit bases, trained
+  or frozen biases, under autocast or not; the reference path is taken at call time whenever the layer is
+  merged, disabled, routed, has a delta of another form (see spec.py), adapters in another dtype than its
+  base outside autocast, or a trained base weight);
 - `group`: sibling projections that read one input (q/k/v, query/key/value; gate/up inside `glu`) run as
   one fused call;
 - `norms`, `rope`, `glu`, `fused_loss`: the HF family patches of families.py (Triton on GPU, torch on CPU);
 - `checkpoint`: False, True (recompute each block) or "offload" (and keep its input on the CPU).
+The returned counts include "not_fused": the adapted layers that take the reference path (their reasons:
+`fusion_report(model)`; `report=True` logs them to stderr through the `lorakit.fast` logger).
 The reference path (`AdaptedLayer.reference_forward`) is never changed. Call it again after adding
 adapters or layers: it is idempotent and only fills in what is missing.
+Under DDP or FSDP2 call it before wrapping: it patches the model's own modules, DDP's reducer sees the
+layers' own Parameters (the fused call takes them as inputs, grouped or not), and FSDP2 unshards a block's
+parameters in its pre-forward hook, before the block's fused calls read them.
 """
 
 from __future__ import annotations
@@ -26,13 +33,15 @@ from ..errors import ConfigError
 from . import families
 from .checkpoint import checkpointed_forward
 from .lora_linear import lora_linear_fast_path
+from .report import fusion_report, log_report
 
 CHECKPOINT_SLOT = "checkpoint"  # stacks on a family patch of the same module (core/patching.py)
 
 
 def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: bool = True, glu: bool = True,
-             fused_loss: bool = True, checkpoint: Union[bool, str] = False) -> dict[str, int]:
-    """Install fast paths in place; returns how many modules got each one."""
+             fused_loss: bool = True, checkpoint: Union[bool, str] = False, report: bool = False) -> dict[str, int]:
+    """Install fast paths in place; returns how many modules got each one, and "not_fused": how many adapted
+    layers take the reference path (see fusion_report). report=True logs each of them with its reason."""
     if checkpoint not in (False, True, "offload"):
         raise ConfigError(f"checkpoint must be False, True or 'offload', got {checkpoint!r}")
     counts = {"linear": 0}
@@ -42,6 +51,10 @@ def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: 
             counts["linear"] += 1
     counts.update(families.install(model, group=group, norms=norms, rope=rope, glu=glu, fused_loss=fused_loss))
     counts["checkpoint"] = _install_checkpointing(model, checkpoint) if checkpoint else 0
+    rows = fusion_report(model)
+    counts["not_fused"] = len(rows)
+    if report:
+        log_report(rows)
     return counts
 
 

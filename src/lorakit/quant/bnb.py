@@ -77,6 +77,8 @@ def nf4_from_bnb(layer: nn.Module) -> NF4Tensor:
 class BnbWeight(QuantizedWeight):
     """Weight source of a bnb Linear4bit: dequantize with bnb; requantize (on request only) as PEFT does."""
 
+    write_dense = None  # no dequantisation into a caller's buffer: the fused linear takes the reference path
+
     def get(self) -> torch.Tensor:
         """The dense weight, dequantised from the layer's 4-bit storage."""
         return bnb_dense_weight(self.layer)

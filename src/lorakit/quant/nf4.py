@@ -196,3 +196,23 @@ def dequantize_nf4_reference(q: NF4Tensor, dtype: torch.dtype = torch.float32) -
     scales = q.block_scales()
     vals = F.pad(vals, (0, scales.numel() * q.block_size - vals.numel())).view(-1, q.block_size) * scales[:, None]
     return vals.view(-1)[:n].view(q.shape).to(dtype)
+
+
+CHUNK_BLOCKS = 4096  # blocks per chunk of dequantize_nf4_reference_into: a bounded fp32 temporary
+
+
+def dequantize_nf4_reference_into(q: NF4Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The reference dequantization written into `out` (contiguous, q.shape) chunk by chunk, each chunk computed
+    as in dequantize_nf4_reference (code value × block absmax in fp32, then cast): equal values, and no fp32
+    temporary larger than CHUNK_BLOCKS blocks."""
+    pairs = _tables(q.packed.device)["pairs"]
+    scales = q.block_scales()
+    flat, bs = out.view(-1), q.block_size
+    step = CHUNK_BLOCKS * bs  # values per chunk; a multiple of the block size (even: whole bytes)
+    for start in range(0, q.numel, step):
+        stop = min(start + step, q.numel)
+        vals = F.embedding(q.packed[start // 2:(stop + 1) // 2].int(), pairs).view(-1)
+        blocks = scales[start // bs:(start // bs) + -(-(stop - start) // bs)]
+        vals = F.pad(vals, (0, blocks.numel() * bs - vals.numel())).view(-1, bs) * blocks[:, None]
+        flat[start:stop].copy_(vals.view(-1)[:stop - start])
+    return out

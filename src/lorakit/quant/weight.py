@@ -21,6 +21,7 @@ from torch import nn
 from ..core.adapted import WEIGHT_SOURCES
 from ..errors import QuantizedBaseError
 from ..core.layers import EXTRA_LAYER_OPS, LayerOps
+from .dequant import dequantize_nf4_into
 from .linear import NF4Linear
 
 
@@ -83,6 +84,21 @@ class QuantizedWeight:
     def get(self) -> torch.Tensor:
         """The dense weight in the compute dtype, dequantised."""
         return self.layer.dense_weight()
+
+    @property
+    def dense_shape(self) -> tuple[int, int]:
+        """(out, in) of the dense weight."""
+        return self.layer.out_features, self.layer.in_features
+
+    @property
+    def dense_dtype(self) -> torch.dtype:
+        """The dtype get() and write_dense give (the layer's compute dtype)."""
+        return self.layer.compute_dtype
+
+    def write_dense(self, out: torch.Tensor) -> torch.Tensor:
+        """The dense weight written into `out` ([out, in], contiguous): a fused path's reused buffer, so no dense
+        copy is allocated per call."""
+        return dequantize_nf4_into(self.layer.nf4(), out)
 
     def requantize(self, w: torch.Tensor) -> None:
         """Quantise `w` back into the 4-bit storage."""

@@ -105,6 +105,9 @@ class TrainOptions(ModelOptions, DataOptions, AdapterOptions):
     """Clip the gradient norm to this value (0: no clipping)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (less memory, ~30% slower)."""
+    optimize: bool = False
+    """Install lorakit.optimize()'s fast paths (fused adapter linears, kernels for the frozen parts) before
+    DDP/FSDP wrapping; adapted layers that will not run fused are listed with the reason."""
     eval_every: int = 0
     """Evaluate the held-out loss every N optimizer steps (0: only before and after training)."""
     checkpoint_every: int = 0

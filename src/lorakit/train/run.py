@@ -22,6 +22,7 @@ import torch
 from ..core import atomic
 from ..core.api import add_adapter, count_parameters, disabled
 from ..errors import ConfigError, LorakitError
+from ..fast import fusion_report, optimize
 from ..loading.models import BUILTIN_GGUF, load_model, load_tokenizer, log_to_stderr, resolve_model
 from ..loading.rows import Example
 from ..quant.quantize import quantize
@@ -102,6 +103,8 @@ def train(options: Optional[TrainOptions] = None, *, config: Optional[str] = Non
         + (" (built-in task)" if not opts.data else f" from {opts.data}"))
     batches = training_batches(opts, train_set, tokenizer.pad_token_id, model, dist.world_size, device, log)
     sizes = _add_adapter(model, opts, given, total_steps(opts, batches.per_epoch), log)
+    if opts.optimize:
+        _optimize(model, log)
     _distribute(model, opts, dist, device, log)
     prepare_output_dir(opts, dist)
 
@@ -182,6 +185,16 @@ def _add_adapter(model, opts: TrainOptions, given: set[str], steps: int, log) ->
     log(f"adapter: {opts.adapter} r={opts.r} on {opts.target_modules}: {n_trainable:,} trainable of "
         f"{n_total:,} parameters ({100 * n_trainable / n_total:.3f}%)")
     return n_trainable, n_total
+
+
+def _optimize(model, log) -> None:
+    """--optimize: the fast paths, installed before any DDP/FSDP wrapping (they patch the model's own modules,
+    and FSDP2 unshards each block's parameters before its fused calls read them)."""
+    model.train()  # the report depends on the mode (dropout): give the training one
+    counts = optimize(model)
+    log(f"optimize: {counts['linear']} adapted linears on the fused path, {counts['not_fused']} not fused")
+    for path, reason in fusion_report(model):
+        log(f"  not fused: {path}: {reason}")
 
 
 def _distribute(model, opts: TrainOptions, dist: distributed.Distributed, device: torch.device, log) -> None:

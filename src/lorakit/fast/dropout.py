@@ -1,0 +1,46 @@
+"""The dropout of the fused linear's adapter input: xd = x ⊙ mask / (1 − p), its autograd keeping only the bool mask.
+
+Where the mask comes from, per device type (MASK_SOURCE):
+- "native": torch.native_dropout, nn.Dropout's own kernel: the same RNG draw as the reference path, so the same
+  mask for the same RNG state (on CUDA it is one fused Philox kernel);
+- "bits": 32 random bits per element compared with p·2³² (keep when ≥): the same distribution as the reference
+  (to 2⁻³², finer than a float32 uniform), from a different draw. On CPU, Bernoulli sampling costs ~10× more than
+  drawing raw random bits (measured: 22 ms vs 2 ms for 2048×1536 on one thread), and dominated the step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASK_SOURCE = {"cpu": "bits", "cuda": "native"}
+_NATIVE_BACKWARD = torch.ops.aten.native_dropout_backward  # g ⊙ mask · scale, one kernel
+
+
+def bits_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A bool mask of x's shape, each element True (kept) with probability 1 − p (to 2⁻³²)."""
+    n = x.numel()
+    bits = torch.randint(-2**63, 2**63 - 1, ((n + 1) // 2,), dtype=torch.int64, device=x.device)
+    threshold = min(-2**31 + round(p * 2**32), 2**31 - 1)  # uniform int32 ≥ threshold: probability 1 − p
+    return bits.view(torch.int32)[:n].view(x.shape) >= threshold
+
+
+class _MaskedScale(torch.autograd.Function):
+    """x ⊙ mask · scale; saves the bool mask only."""
+
+    @staticmethod
+    def forward(ctx, x, mask, scale):
+        ctx.save_for_backward(mask)
+        ctx.scale = scale
+        return _NATIVE_BACKWARD(x, mask, scale)
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved_tensors
+        return _NATIVE_BACKWARD(g, mask, ctx.scale), None, None
+
+
+def dropped(x: torch.Tensor, p: float) -> torch.Tensor:
+    """nn.Dropout(p) of x in training (0 < p < 1), its mask drawn as MASK_SOURCE says for x's device."""
+    if MASK_SOURCE.get(x.device.type, "native") == "native":
+        return torch.native_dropout(x, p, True)[0]
+    return _MaskedScale.apply(x, bits_mask(x, p), 1.0 / (1.0 - p))

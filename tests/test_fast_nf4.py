@@ -1,0 +1,132 @@
+"""The fused linear on a 4-bit (NF4) base against the NF4 reference path: forward and every gradient, alone, grouped
+and with DoRA and dropout; the dense weight is dequantised into one reused scratch buffer, never a new copy per call."""
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+import lorakit.fast.lora_linear as ll
+from lorakit.fast import dropout as fast_dropout
+from lorakit.fast import scratch
+from lorakit.fast.lora_linear import fused_linears, lora_linear_fast_path
+from lorakit.quant import nf4 as nf4_module
+from lorakit.quant import quantize_nf4
+from lorakit.quant.dequant import dequantize_nf4_into
+from lorakit.quant.nf4 import dequantize_nf4_reference, dequantize_nf4_reference_into
+from support import one_thread, randomise_adapters, rel_norm  # noqa: F401
+
+
+class Siblings(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(64, 48)
+        self.k = nn.Linear(64, 32, bias=False)
+        self.v = nn.Linear(64, 32)
+
+
+def _qlora(targets=("q", "k", "v"), **kw):
+    torch.manual_seed(0)
+    model = lorakit.quantize(Siblings(), compute_dtype=torch.float32, targets=["q", "k", "v"], block_size=32)
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), **kw))
+    randomise_adapters(model, seed=1)
+    return model
+
+
+def _grads(outs, inputs):
+    g = torch.Generator().manual_seed(1)
+    cot = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
+    return torch.autograd.grad(outs, inputs, cot, allow_unused=True)
+
+
+def _assert_close(a, b, tol=2e-6):
+    for u, v in zip(a, b):
+        assert (u is None) == (v is None)
+        if u is not None:
+            assert u.shape == v.shape and rel_norm(u, v) <= tol
+
+
+@pytest.mark.parametrize("shape", [(48, 64), (7, 9), (33, 65)])  # whole blocks, a ragged tail, odd sizes
+def test_dequantising_into_a_buffer_equals_the_reference(shape, monkeypatch):
+    monkeypatch.setattr(nf4_module, "CHUNK_BLOCKS", 3)  # several chunks, one of them partial
+    w = torch.randn(shape)
+    for double in (True, False):
+        q = quantize_nf4(w, 32, double)
+        for dtype in (torch.float32, torch.bfloat16):
+            out = torch.full(shape, float("nan"), dtype=dtype)
+            assert torch.equal(dequantize_nf4_reference_into(q, out), dequantize_nf4_reference(q, dtype))
+
+
+def test_the_triton_kernel_writes_the_same_buffer(kernel_device):
+    w = torch.randn(40, 64, device=kernel_device)
+    q = quantize_nf4(w, 64, True)
+    out = torch.empty(40, 64, device=kernel_device)
+    assert torch.equal(dequantize_nf4_into(q, out).cpu(), dequantize_nf4_reference(q, torch.float32).cpu())
+
+
+@pytest.mark.parametrize("kw", [{}, {"bias": "all"}, {"use_dora": True, "bias": "lora_only"}], ids=["lora", "bias", "dora"])
+def test_one_layer_matches_the_nf4_reference(kw):
+    m = _qlora(["q"], **kw)
+    assert lorakit.optimize(m)["not_fused"] == 0 and m.q.fast_path is lora_linear_fast_path
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    params = [p for p in m.parameters() if p.requires_grad]
+    ref, out = (m.q.reference_forward(x),), (m.q(x),)
+    assert lorakit.fusion_report(m) == []
+    _assert_close(out, ref)
+    _assert_close(_grads(out, [x, *params]), _grads(ref, [x, *params]))
+
+
+@pytest.mark.parametrize("rank_major", [True, False])
+def test_grouped_projections_with_dropout_match_the_nf4_reference(rank_major, monkeypatch):
+    monkeypatch.setitem(ll.RANK_MAJOR, "cpu", rank_major)
+    monkeypatch.setitem(fast_dropout.MASK_SOURCE, "cpu", "native")  # the reference's masks for one RNG state
+    m = _qlora(lora_dropout=0.1)
+    x = torch.randn(4, 6, 64, requires_grad=True)
+    params = [p for p in m.parameters() if p.requires_grad]
+    layers = (m.q, m.k, m.v)
+    torch.manual_seed(4)
+    ref = tuple(layer.reference_forward(x) for layer in layers)
+    torch.manual_seed(4)
+    out = fused_linears(x, layers)
+    assert out is not None
+    _assert_close(out, ref)
+    _assert_close(_grads(out, [x, *params]), _grads(ref, [x, *params]))
+
+
+def test_one_scratch_buffer_serves_every_layer_and_no_dense_weight_is_saved():
+    scratch.release()
+    m = _qlora()
+    lorakit.optimize(m)
+    x = torch.randn(8, 64, requires_grad=True)
+    sum(layer(x).sum() for layer in (m.q, m.k, m.v)).backward()
+    (buf,) = scratch._BUFFERS.values()
+    assert buf.numel() == 48 * 64  # the largest layer's weight, once
+    ptr = buf.data_ptr()
+    outs = fused_linears(x, (m.q, m.k, m.v))
+    saved = [t for t in outs[0].grad_fn.saved_tensors if t is not None]
+    assert not any(t.shape in {(48, 64), (32, 64)} for t in saved)  # W is dequantised again in backward
+    sum(o.sum() for o in outs).backward()
+    assert list(scratch._BUFFERS.values()) == [buf] and buf.data_ptr() == ptr  # reused, never reallocated
+
+
+def test_an_input_in_another_dtype_falls_back_and_is_reported():
+    m = _qlora(["q"])
+    lorakit.optimize(m)
+    x = torch.randn(2, 64, dtype=torch.float64)
+    assert torch.equal(m.q(x), m.q.reference_forward(x))
+    (path, reason), = lorakit.fusion_report(m)
+    assert path == "q" and reason == "at its last call: input is torch.float64, the base weight torch.float32"
+    m.q(x.float())  # a fused call clears it
+    assert lorakit.fusion_report(m) == []
+
+
+def test_the_scratch_buffer_serves_inference_mode_then_training():
+    scratch.release()
+    m = _qlora(["q"])
+    lorakit.optimize(m)
+    x = torch.randn(3, 64)
+    with torch.inference_mode():  # the buffer is made here first (e.g. an evaluation before training)
+        first = m.q(x)
+    out = m.q(x.requires_grad_())
+    out.sum().backward()
+    assert torch.allclose(first, out.detach(), rtol=1e-6, atol=1e-6) and x.grad is not None
