@@ -13,6 +13,7 @@ from torch import nn
 import lorakit
 import lorakit.fast.lora_linear as ll
 from lorakit.fast import dropout as fast_dropout
+from lorakit.fast import spec as fast_spec
 import lorakit.multi.layer_plans as layer_plans
 import lorakit.multi.routing as routing
 from lorakit.core import registry
@@ -131,7 +132,7 @@ def test_optimize_fuses_the_new_variant_with_equal_output_and_gradients(toy, mon
     ref_grads = torch.autograd.grad(ref.square().sum(), [x, *params])
     calls = _spy_fused(monkeypatch)
     assert lorakit.optimize(model)["linear"] == 3
-    spec = ll.layer_spec(model.q)
+    spec = fast_spec.layer_spec(model.q)
     assert spec is not None and spec[2][0][0] is model.q.deltas["a"].down  # the live parameters
     out = model(x)
     grads = torch.autograd.grad(out.square().sum(), [x, *params])
