@@ -6,8 +6,9 @@ Data: ../shared/data/alpaca_small (2,000 Alpaca rows) through SmolLM2's tokenize
 config (random weights, bf16, sdpa), LoRA r=16 alpha=32 on every linear, dropout 0, fused AdamW.
 
 Cases (each at --budget tokens per step):
-  fixed    one [1, budget] sequence of random tokens, lorakit + optimize(): the shape's ceiling, no data
-  padded   lorakit + optimize(), right-padded rows, budget/mean-length rows per step (the same real tokens)
+  fixed    budget/1024 rows of 1,024 random tokens (B8 T1024 at budget 8192: benchmarks/train_step.py's shape),
+           lorakit + optimize(): the fixed-shape figure the packed case is held to, no data
+  padded   lorakit + optimize(), micro-batches of 8 shuffled rows right-padded to their longest (unpacked training)
   packed   lorakit + optimize(), best-fit-decreasing packed micro-batches (lorakit.train --packing)
   trl      TRL SFTTrainer + PEFT, packing=True (BFD, padding-free): flash_attention_2 where flash-attn imports,
            else sdpa (transformers 5 keeps packed rows apart from position_ids); the script says which
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -68,10 +70,8 @@ def load_examples(data: Path, repeat: int, max_length: int, tokenizer_dir: str =
     return tokenizer, examples * repeat, rows * repeat
 
 
-def padded_batches(examples, budget: int, seed: int = 0):
-    """Right-padded micro-batches of budget/mean-length rows, shuffled (what unpacked training computes)."""
-    mean = sum(len(e.input_ids) for e in examples) / len(examples)
-    size = max(1, round(budget / mean))
+def padded_batches(examples, size: int = 8, seed: int = 0):
+    """Right-padded micro-batches of `size` shuffled rows (what unpacked training computes)."""
     order = epoch_order(len(examples), seed, 0)
     return [collate([examples[j] for j in order[i:i + size]], 0, "causal")
             for i in range(0, len(order) - size + 1, size)], size
@@ -252,8 +252,8 @@ def environment(device: str) -> str:
     versions = []
     for name in ("peft", "trl", "liger_kernel", "flash_attn"):
         try:
-            versions.append(f"{name} {__import__(name).__version__}")
-        except (ImportError, AttributeError):
+            versions.append(f"{name} {importlib.metadata.version(name.replace('_', '-'))}")
+        except importlib.metadata.PackageNotFoundError:
             versions.append(f"{name} missing")
     where = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     return (f"{datetime.date.today()} · {where} · torch {torch.__version__} · transformers "
@@ -282,6 +282,9 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=4, help="repetitions of the data set")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--padded-warmup", type=int, default=24, help="padded micro-batches before timing: each new "
+                    "padded length can compile new Triton specialisations, a one-time cost a short timing would count")
+    ap.add_argument("--padded-steps", type=int, default=48, help="padded micro-batches timed (8 rows each)")
     ap.add_argument("--smoke", action="store_true", help="CPU, the tiny shape, budget 1024, 3 steps, fp32")
     ap.add_argument("--out-dir", default="/tmp/lorakit-real-data")
     ap.add_argument("--json", default=None, help="append one JSON line per case to this file")
@@ -300,14 +303,17 @@ def main(argv=None) -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.smoke:
         args.shapes, args.budget, args.steps, args.warmup, args.repeat = "tiny", 1024, 3, 1, 1
+        args.padded_warmup, args.padded_steps = 1, 3
     tokenizer, examples, rows = load_examples(Path(args.data), args.repeat, 512, args.tokenizer)
     packed = PackedBatches(examples, args.budget, seed=0, pad_id=tokenizer.pad_token_id)
-    padded, rows_per_step = padded_batches(examples, args.budget)
+    padded, rows_per_step = padded_batches(examples)
     print(f"{len(examples)} rows, budget {args.budget}: packed {packed.per_epoch} micro-batches "
-          f"({100 * packed.padding_fraction():.1f}% padding); padded {rows_per_step} rows a step", flush=True)
+          f"({100 * packed.padding_fraction():.1f}% padding); padded {rows_per_step} rows a micro-batch", flush=True)
     g = torch.Generator().manual_seed(0)
+    row = min(1024, args.budget)  # rows of 1,024 tokens laid end to end, positions restarting per row
     fixed = [{"input_ids": (ids := torch.randint(3, 49152, (1, args.budget), generator=g)), "labels": ids,
-              "position_ids": torch.arange(args.budget)[None], "document_ids": torch.zeros_like(ids)}]
+              "position_ids": (torch.arange(args.budget) % row)[None],
+              "document_ids": (torch.arange(args.budget) // row)[None]}]
     out_dir = Path(args.out_dir)
     results = []
     for shape in args.shapes.split(","):
@@ -319,7 +325,8 @@ def main(argv=None) -> None:
                 continue
             batches = {"fixed": fixed, "padded": padded, "packed": [packed[i] for i in range(packed.per_epoch)]}[case]
             try:
-                results.append(run_lorakit(case, shape, batches, device, dtype, args.warmup, args.steps))
+                results.append(run_lorakit(case, shape, batches, device, dtype, *((args.padded_warmup, args.padded_steps) if case == "padded"
+                                                                                 else (args.warmup, args.steps))))
             except Exception as e:  # noqa: BLE001 - one failing case must not lose the others' numbers
                 results.append(_skipped(shape, case, f"failed: {repr(e)[:200]}"))
                 _free(device)
