@@ -8,7 +8,8 @@ config (random weights, bf16, sdpa), LoRA r=16 alpha=32 on every linear, dropout
 Cases (each at --budget tokens per step):
   fixed    budget/1024 rows of 1,024 random tokens (B8 T1024 at budget 8192: benchmarks/train_step.py's shape),
            lorakit + optimize(): the fixed-shape figure the packed case is held to, no data
-  padded   lorakit + optimize(), micro-batches of 8 shuffled rows right-padded to their longest (unpacked training)
+  padded   lorakit + optimize(), micro-batches of 8 shuffled rows right-padded to their longest, rounded up to a
+           multiple of 64 as `lorakit train --no-packing` does on CUDA (unpacked training)
   packed   lorakit + optimize(), best-fit-decreasing packed micro-batches (lorakit.train --packing)
   trl      TRL SFTTrainer + PEFT, packing=True (BFD, padding-free): flash_attention_2 where flash-attn imports,
            else sdpa (transformers 5 keeps packed rows apart from position_ids); the script says which
@@ -43,7 +44,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lorakit  # noqa: E402
 from lorakit.loading.models import BUILTIN_MODEL, load_tokenizer, resolve_model  # noqa: E402
 from lorakit.loading.rows import Encoder, encode_rows, read_rows  # noqa: E402
-from lorakit.train.batches import collate, epoch_order  # noqa: E402
+from lorakit.train.batches import CUDA_PAD_MULTIPLE, collate, epoch_order  # noqa: E402
 from lorakit.train.loop import causal_loss_sum  # noqa: E402
 from lorakit.train.packed_attention import choose_path, packed_loss_sum, use_varlen_attention  # noqa: E402
 from lorakit.train.packing import PackedBatches, real_tokens  # noqa: E402
@@ -73,7 +74,7 @@ def load_examples(data: Path, repeat: int, max_length: int, tokenizer_dir: str =
 def padded_batches(examples, size: int = 8, seed: int = 0):
     """Right-padded micro-batches of `size` shuffled rows (what unpacked training computes)."""
     order = epoch_order(len(examples), seed, 0)
-    return [collate([examples[j] for j in order[i:i + size]], 0, "causal")
+    return [collate([examples[j] for j in order[i:i + size]], 0, "causal", CUDA_PAD_MULTIPLE)
             for i in range(0, len(order) - size + 1, size)], size
 
 

@@ -237,3 +237,23 @@ def test_varlen_attention_function_keeps_rows_apart(tiny_llama, monkeypatch):
             row = next(i for i, r in enumerate(rows) if r.input_ids == ids)
             torch.testing.assert_close(logits[part][docs == d], _alone(tiny_llama, rows[row]), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(padded[row, :len(ids)], _alone(tiny_llama, rows[row]), rtol=1e-5, atol=1e-5)
+
+
+def test_padding_to_a_multiple_changes_shapes_not_the_step(tiny_llama):
+    """collate's pad_multiple (padded runs on CUDA round T up to 64): the loss, its target count and the adapter
+    gradients equal those of the tightest padding; only T grows."""
+    model = _adapted(tiny_llama)
+    rows = _rows(128, lengths=(9, 14, 5, 11))
+    tight = collate(rows, pad_id=0, task="causal")
+    rounded = collate(rows, pad_id=0, task="causal", pad_multiple=16)
+    assert tight["input_ids"].shape == (4, 14) and rounded["input_ids"].shape == (4, 16)
+    assert torch.equal(rounded["attention_mask"].sum(1), tight["attention_mask"].sum(1))
+    assert (rounded["labels"][:, 14:] == IGNORE).all()
+    loss_ref, n_ref = causal_loss_sum(model, tight)
+    grads_ref = _grads(model, loss_ref / n_ref)
+    loss, n = causal_loss_sum(model, rounded)
+    assert n == n_ref
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    grads = _grads(model, loss / n)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6)

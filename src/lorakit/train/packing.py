@@ -23,7 +23,7 @@ import torch
 
 from ..errors import ConfigError
 from ..loading.rows import IGNORE, Example
-from .batches import MicroBatches, epoch_order
+from .batches import CUDA_PAD_MULTIPLE, MicroBatches, epoch_order
 from .packed_attention import choose_path, use_varlen_attention
 
 ROUND_TO = 64  # automatic budgets are a multiple of this (friendly shapes for the GPU kernels)
@@ -200,7 +200,8 @@ def training_batches(options, examples: list[Example], pad_id: int, model, parts
     elif packing:
         choose_path(model)  # ConfigError when no path keeps the rows apart
     if not packing:
-        return MicroBatches(examples, options.batch_size, options.seed, pad_id=pad_id, task=options.task)
+        return MicroBatches(examples, options.batch_size, options.seed, pad_id=pad_id, task=options.task,
+                            pad_multiple=CUDA_PAD_MULTIPLE if device.type == "cuda" else 1)
     budget = options.pack_tokens or auto_budget(examples, options.batch_size)
     batches = PackedBatches(examples, budget, options.seed, pad_id, parts)
     log(f"packing: {len(examples)} rows into {batches.per_epoch} micro-batches of {budget} tokens "
