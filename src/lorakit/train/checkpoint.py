@@ -26,7 +26,8 @@ import torch
 from ..core import atomic, files
 from ..core.api import active_adapters
 from ..errors import CheckpointError, ConfigError
-from .distributed import Distributed, gather_adapter, gather_train_state, load_train_state, own_rng_state
+from .distributed import (Distributed, gather_adapter, gather_train_state, load_train_state, optimizer_names,
+                          own_rng_state)
 
 CHECKPOINTS = "checkpoints"
 STATE_JSON = "trainer_state.json"
@@ -34,11 +35,11 @@ STATE_TENSORS = "trainer_state.safetensors"
 LEGACY_STATE = "trainer_state.pt"  # pickled by lorakit before this format; never read
 FORMAT = "lorakit-checkpoint/1"
 
-# Options that may differ on --resume: where files go, what is printed or evaluated, on which device and how
+# Options that may differ on --resume: where files go (and whether an earlier run's may be replaced), what is printed or evaluated, on which device and how
 # many processes. Every other option changes the run's math (data, model, adapter, optimizer, schedule), so a
 # resumed run that changed it would silently train on the checkpoint's values: it is refused instead.
 RESUME_MAY_CHANGE = frozenset({
-    "output_dir", "resume", "quiet", "device", "nproc", "strategy", "gradient_checkpointing", "eval_every",
+    "output_dir", "resume", "overwrite", "quiet", "device", "nproc", "strategy", "gradient_checkpointing", "eval_every",
     "eval_examples", "checkpoint_every", "log_every", "max_new_tokens", "score", "samples"})
 
 
@@ -172,7 +173,11 @@ def read_state(path: Path) -> dict[str, Any]:
         tensors = safetensors.torch.load_file(tensor_file)
     except Exception as e:  # safetensors raises its own SafetensorError, and OSError for a missing file
         raise CheckpointError(f"{tensor_file} is missing, truncated or corrupt: {e}") from None
-    return from_plain(plain, tensors, source)
+    try:
+        return from_plain(plain, tensors, source)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # valid JSON, broken references
+        raise CheckpointError(f"{source} is damaged (a malformed tensor, array or item reference): "
+                              f"{type(e).__name__}: {e}") from None
 
 
 def check_fits(state: dict[str, Any], path: Path, named: dict[str, torch.Tensor]) -> None:
@@ -192,39 +197,61 @@ def check_fits(state: dict[str, Any], path: Path, named: dict[str, torch.Tensor]
                                   f"{tuple(p.shape)} (was r or another adapter option changed?)")
         if params[n].is_floating_point() and not torch.isfinite(params[n]).all():
             raise CheckpointError(f"{source}: {n} holds NaN or inf values")
-    optim = state.get("optimizer")
-    if not isinstance(optim, dict) or not isinstance(optim.get("state"), dict) or "param_groups" not in optim:
-        raise CheckpointError(f"{source} has no optimizer state")
-    shapes = [tuple(p.shape) for p in named.values()]
-    for index, moments in optim["state"].items():
-        if not isinstance(index, int) or not 0 <= index < len(shapes) or not isinstance(moments, dict):
-            raise CheckpointError(f"{source}: optimizer state {index!r} belongs to no trainable parameter")
-        for key, t in moments.items():
-            if isinstance(t, torch.Tensor) and t.dim() > 0 and tuple(t.shape) != shapes[index]:
-                raise CheckpointError(f"{source}: optimizer {key} of parameter {index} has shape {tuple(t.shape)}, "
-                                      f"the parameter {shapes[index]}")
+    _check_optimizer(state.get("optimizer"), source, named)
     for key in ("step", "scheduler", "rng_ranks", "history", "hooks"):
         if key not in state:
             raise CheckpointError(f"{source} lacks {key!r}")
+    step, history, ranks = state["step"], state["history"], state["rng_ranks"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{source}: step is {step!r}, not a count of steps")
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise CheckpointError(f"{source}: history is not a list of records")
+    if not isinstance(ranks, list) or not ranks or not all(isinstance(r, dict) for r in ranks):
+        raise CheckpointError(f"{source}: rng_ranks is not a non-empty list of RNG states")
+    if not isinstance(state["scheduler"], dict) or not isinstance(state["hooks"], list):
+        raise CheckpointError(f"{source}: the scheduler or hook states are not what lorakit writes")
+
+
+def _check_optimizer(optim: Any, source: Path, named: dict[str, torch.Tensor]) -> None:
+    """The optimizer state is keyed by trainable parameter name, and each moment has its parameter's shape."""
+    if not isinstance(optim, dict) or not isinstance(optim.get("state"), dict) \
+            or not isinstance(optim.get("param_groups"), list):
+        raise CheckpointError(f"{source} has no optimizer state")
+    for name, moments in optim["state"].items():
+        if name not in named or not isinstance(moments, dict):
+            raise CheckpointError(f"{source}: optimizer state {name!r} belongs to no trainable parameter")
+        for key, t in moments.items():
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and tuple(t.shape) != tuple(named[name].shape):
+                raise CheckpointError(f"{source}: optimizer {key} of {name} has shape {tuple(t.shape)}, "
+                                      f"the parameter {tuple(named[name].shape)}")
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, hooks,
                     dist: Distributed = Distributed()) -> tuple[int, list]:
     """Every rank reads the whole checkpoint (written by any number of processes) and takes its part.
     Everything is checked before anything is loaded. Returns (step, history)."""
+    source = path / STATE_JSON
     state = read_state(path)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     check_fits(state, path, named)
+    saved_groups = [g.get("params") if isinstance(g, dict) else None for g in state["optimizer"]["param_groups"]]
+    if saved_groups != optimizer_names(model, optimizer):
+        raise CheckpointError(f"{source}: its optimizer groups hold other parameters than this run's "
+                              "(was --loraplus-lr-ratio or the adapter changed?)")
+    stateful = [h for h in hooks if hasattr(h, "load_state_dict")]
+    if len(state["hooks"]) != len(stateful):
+        raise CheckpointError(f"{source} holds {len(state['hooks'])} training-hook states, this run has "
+                              f"{len(stateful)}")
     state["rng"] = state["rng_ranks"][0]
     try:
         load_train_state(model, optimizer, state["params"], state["optimizer"], dist)
         scheduler.load_state_dict(state["scheduler"])
-        for hook, hook_state in zip([h for h in hooks if hasattr(h, "load_state_dict")], state["hooks"]):
+        for hook, hook_state in zip(stateful, state["hooks"]):
             hook.load_state_dict(hook_state)
         set_rng_state(own_rng_state(state, dist))
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path / STATE_JSON} does not fit this run: {e}") from None
-    return int(state["step"]), list(state["history"])
+        raise CheckpointError(f"{source} does not fit this run: {e}") from None
+    return state["step"], list(state["history"])
 
 
 def check_resume_options(out_dir: Path, options) -> Path:
