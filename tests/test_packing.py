@@ -200,6 +200,19 @@ def test_packed_run_records_tokens_and_resumes_bitwise(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.parametrize("asked", [None, True, False])
+def test_options_record_the_packing_the_run_did(tmp_path, asked):
+    tiny_dir = save_tiny_llama(tmp_path / "model")
+    data = write_jsonl(tmp_path / "train.jsonl", _varied_rows(24))
+    result = _run(tiny_dir, data, tmp_path / "run", max_steps=1, packing=asked)
+    recorded = json.loads((tmp_path / "run" / "options.json").read_text())
+    assert recorded == result.metrics["options"]
+    assert recorded["packing"] in (True, False)
+    if asked is not None:
+        assert recorded["packing"] is asked
+    assert (recorded["pack_tokens"] > 0) == recorded["packing"]  # the budget the packed run used
+
+
 def test_packing_refuses_classification(minilm_path, tmp_path):
     data = write_jsonl(tmp_path / "cls.jsonl", [{"text": f"row {i}", "label": i % 2} for i in range(8)])
     with pytest.raises(ConfigError, match="--packing is for --task causal"):

@@ -41,6 +41,9 @@ FORMAT = "lorakit-checkpoint/1"
 RESUME_MAY_CHANGE = frozenset({
     "output_dir", "resume", "overwrite", "quiet", "device", "nproc", "strategy", "gradient_checkpointing", "eval_every",
     "eval_examples", "checkpoint_every", "log_every", "max_new_tokens", "score", "samples"})
+# Automatic values the run resolves once the model is loaded (runs record the resolved ones): an automatic value
+# on either side matches, and the run checks again with its resolved values before training.
+RESOLVED_LATER = {"packing": None, "pack_tokens": 0}
 
 
 # --- plain data <-> JSON + tensors --------------------------------------------------------------------------
@@ -265,7 +268,8 @@ def check_resume_options(out_dir: Path, options) -> Path:
         return path
     now = dataclasses.asdict(options)
     changed = [f"--{k.replace('_', '-')} {now[k]!r} (the checkpoint's run: {saved[k]!r})"
-               for k in now if k in saved and k not in RESUME_MAY_CHANGE and _differs(saved[k], now[k])]
+               for k in now if k in saved and k not in RESUME_MAY_CHANGE and _differs(saved[k], now[k])
+               and not (k in RESOLVED_LATER and RESOLVED_LATER[k] in (now[k], saved[k]))]
     if changed:
         raise CheckpointError(f"--resume from {path / STATE_JSON}: options that change the training differ from "
                               f"the run that wrote it: {'; '.join(changed)}. Resume with the same values, or "
