@@ -270,3 +270,31 @@ def test_padding_to_a_multiple_changes_shapes_not_the_step(tiny_llama):
     grads = _grads(model, loss / n)
     for name in grads_ref:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("field", ["attention_dropout", "attn_pdrop", "attention_probs_dropout_prob"])
+def test_no_varlen_attention_for_a_model_with_attention_dropout(tiny_llama, monkeypatch, field):
+    """The probe runs in eval mode (no dropout); training would then meet varlen's missing attention dropout."""
+    installs = []
+    monkeypatch.setattr(pa, "varlen_available", lambda device: True)
+    monkeypatch.setattr(pa, "install_varlen", lambda model, dtype=None: installs.append(model) or True)
+    setattr(tiny_llama.config, field, 0.1)
+    assert not pa.use_varlen_attention(tiny_llama) and installs == []
+    setattr(tiny_llama.config, field, 0.0)
+    tiny_llama.config.attention_dropout = 0.0
+    assert pa.use_varlen_attention(tiny_llama) and len(installs) == 1  # the same model without dropout: varlen
+
+
+def test_the_varlen_probe_runs_in_the_training_dtype(tiny_llama, monkeypatch):
+    """Flash varlen takes only fp16/bf16: a bf16 run probes it under bf16 autocast, as its steps call it."""
+    import torch.nn.attention.varlen as varlen
+
+    seen = []
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.append(q.dtype)
+        return _reference_varlen_attn(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(varlen, "varlen_attn", recording)
+    pa.install_varlen(tiny_llama, torch.bfloat16)
+    assert seen and set(seen) == {torch.bfloat16}

@@ -105,7 +105,9 @@ def train(options: Optional[TrainOptions] = None, *, config: Optional[str] = Non
     model = _load_model(opts, path, model, data.label_names, device, dist)
     log(f"data: {len(train_set)} training / {len(eval_set)} held-out examples"
         + (" (built-in task)" if not opts.data else f" from {opts.data}"))
-    batches = training_batches(opts, train_set, tokenizer.pad_token_id, model, dist.world_size, device, log)
+    compute = torch.bfloat16 if bf16_enabled(opts.precision, device) else None  # the varlen probe's autocast
+    batches = training_batches(opts, train_set, tokenizer.pad_token_id, model, dist.world_size, device, log,
+                               compute_dtype=compute)
     opts = _resolved_packing(opts, batches)
     sizes = _add_adapter(model, opts, given, total_steps(opts, batches.per_epoch), log)
     if opts.optimize:
