@@ -172,8 +172,11 @@ def _first_param(state):
     (lambda s: s.update(history=[1, 2]), "history"),
     (lambda s: s.update(hooks=[{}, {}, {}]), "3 training-hook states"),
     (lambda s: s["optimizer"].update(state={"no.such.parameter": {}}), "belongs to no trainable parameter"),
+    (lambda s: s.update(progress={"tokens": -5}), "progress tokens"),
+    (lambda s: s.update(progress={"recent": "1.0"}), "progress recent"),
 ], ids=["tensor-list", "ndarray-no-dtype", "items-1-element", "rng-empty", "rng-dict", "step-str", "step-float",
-        "history-dict", "history-ints", "hooks-count", "optimizer-foreign-name"])
+        "history-dict", "history-ints", "hooks-count", "optimizer-foreign-name", "progress-tokens",
+        "progress-recent"])
 def test_valid_json_with_bad_references_is_a_checkpoint_error(setup, edit, match):
     run = _killed_copy(setup, "bad-refs")
     _edit_state(run / STEP, edit)

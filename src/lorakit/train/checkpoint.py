@@ -124,10 +124,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # --- writing ------------------------------------------------------------------------------------------------
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, history, hooks, options=None,
-                    keep: int = 2, dist: Distributed = Distributed()) -> Path:
+                    keep: int = 2, dist: Distributed = Distributed(), progress: Optional[dict] = None) -> Path:
     """Write out_dir/checkpoints/step-NNNNNNN as a whole, then drop all but the `keep` newest. Collective under
     torch.distributed: the tensors are gathered whole (any world size can resume) and rank 0 writes them with
-    every rank's RNG state."""
+    every rank's RNG state. `progress`: the loop's running counts ({"tokens", "slots", "recent"}), so a resumed
+    run's metrics cover the whole run."""
     root = Path(out_dir) / CHECKPOINTS
     final = root / f"step-{step:07d}"
     params, optim = gather_train_state(model, optimizer, dist)
@@ -137,7 +138,7 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, histo
     if dist.is_main:
         state = {"format": FORMAT, "step": step, "params": params, "optimizer": optim,
                  "scheduler": scheduler.state_dict(), "rng_ranks": rng, "history": history,
-                 "hooks": [h.state_dict() for h in hooks if hasattr(h, "state_dict")],
+                 "hooks": [h.state_dict() for h in hooks if hasattr(h, "state_dict")], "progress": progress or {},
                  "options": dataclasses.asdict(options) if dataclasses.is_dataclass(options) else None}
         tensors: dict[str, torch.Tensor] = {}
         plain = to_plain(state, tensors)
@@ -213,6 +214,21 @@ def check_fits(state: dict[str, Any], path: Path, named: dict[str, torch.Tensor]
         raise CheckpointError(f"{source}: rng_ranks is not a non-empty list of RNG states")
     if not isinstance(state["scheduler"], dict) or not isinstance(state["hooks"], list):
         raise CheckpointError(f"{source}: the scheduler or hook states are not what lorakit writes")
+    _check_progress(state.get("progress", {}), source)
+
+
+def _check_progress(progress: Any, source: Path) -> None:
+    """The loop's running counts: {"tokens": int, "slots": int, "recent": [losses]} (absent keys: none yet)."""
+    if not isinstance(progress, dict):
+        raise CheckpointError(f"{source}: progress is not a record of the loop's counts")
+    for key in ("tokens", "slots"):
+        value = progress.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"{source}: progress {key} is {value!r}, not a count")
+    recent = progress.get("recent", [])
+    if not isinstance(recent, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               for v in recent):
+        raise CheckpointError(f"{source}: progress recent is not a list of losses")
 
 
 def _check_optimizer(optim: Any, source: Path, named: dict[str, torch.Tensor]) -> None:
@@ -230,9 +246,9 @@ def _check_optimizer(optim: Any, source: Path, named: dict[str, torch.Tensor]) -
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, hooks,
-                    dist: Distributed = Distributed()) -> tuple[int, list]:
+                    dist: Distributed = Distributed()) -> tuple[int, list, dict]:
     """Every rank reads the whole checkpoint (written by any number of processes) and takes its part.
-    Everything is checked before anything is loaded. Returns (step, history)."""
+    Everything is checked before anything is loaded. Returns (step, history, the loop's progress counts)."""
     source = path / STATE_JSON
     state = read_state(path)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -254,7 +270,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, hooks,
         set_rng_state(own_rng_state(state, dist))
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{source} does not fit this run: {e}") from None
-    return state["step"], list(state["history"])
+    return state["step"], list(state["history"]), dict(state.get("progress", {}))
 
 
 def check_resume_options(out_dir: Path, options) -> Path:
