@@ -298,3 +298,19 @@ def test_the_varlen_probe_runs_in_the_training_dtype(tiny_llama, monkeypatch):
     monkeypatch.setattr(varlen, "varlen_attn", recording)
     pa.install_varlen(tiny_llama, torch.bfloat16)
     assert seen and set(seen) == {torch.bfloat16}
+
+
+def test_resume_with_automatic_packing_matches_the_resolved_record(tmp_path):
+    """options.json and checkpoints record the packing the run resolved: resuming with packing left automatic
+    is the same run; asking for the other packing is refused."""
+    from lorakit.errors import CheckpointError
+
+    tiny_dir = save_tiny_llama(tmp_path / "model")
+    data = write_jsonl(tmp_path / "train.jsonl", _varied_rows(24))
+    first = _run(tiny_dir, data, tmp_path / "run", max_steps=3, checkpoint_every=1)
+    resolved = first.metrics["options"]["packing"]
+    assert resolved in (True, False)
+    with pytest.raises(CheckpointError, match="--packing"):
+        _run(tiny_dir, data, tmp_path / "run", max_steps=3, checkpoint_every=1, resume=True, packing=not resolved)
+    again = _run(tiny_dir, data, tmp_path / "run", max_steps=3, checkpoint_every=1, resume=True)
+    assert again.metrics["options"]["packing"] == resolved
