@@ -124,7 +124,7 @@ def _damage_param_nan(ckpt):
 
 def _damage_moment_shape(ckpt):
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    moments = state["optimizer"]["state"]["__items__"][0][1]
+    moments = next(iter(state["optimizer"]["state"].values()))  # keyed by parameter name
     tensors = load_file(ckpt / "trainer_state.safetensors")
     key = moments["exp_avg"]["__tensor__"]
     tensors[key] = torch.zeros(3, 3)
@@ -147,6 +147,65 @@ def test_damaged_checkpoint_is_a_clean_error(setup, damage, file, match):
         _resume(setup, run)
     assert str(run / STEP / file) in str(info.value)
     assert not (run / "adapter").exists()  # nothing trained, nothing written
+
+
+def _edit_state(ckpt, edit):
+    path = ckpt / "trainer_state.json"
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state))
+
+
+def _first_param(state):
+    return next(iter(state["params"]))
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda s: s["params"].update({_first_param(s): {"__tensor__": ["t0"]}}), "damaged"),
+    (lambda s: s["params"].update({_first_param(s): {"__ndarray__": "t0"}}), "damaged"),
+    (lambda s: s.update(scheduler={"__items__": [["only-a-key"]]}), "damaged"),
+    (lambda s: s.update(rng_ranks=[]), "rng_ranks"),
+    (lambda s: s.update(rng_ranks={"torch": 1}), "rng_ranks"),
+    (lambda s: s.update(step="2"), "step is '2'"),
+    (lambda s: s.update(step=2.5), "step is 2.5"),
+    (lambda s: s.update(history={"step": 1}), "history"),
+    (lambda s: s.update(history=[1, 2]), "history"),
+    (lambda s: s.update(hooks=[{}, {}, {}]), "3 training-hook states"),
+    (lambda s: s["optimizer"].update(state={"no.such.parameter": {}}), "belongs to no trainable parameter"),
+    (lambda s: s.update(progress={"tokens": -5}), "progress tokens"),
+    (lambda s: s.update(progress={"recent": "1.0"}), "progress recent"),
+], ids=["tensor-list", "ndarray-no-dtype", "items-1-element", "rng-empty", "rng-dict", "step-str", "step-float",
+        "history-dict", "history-ints", "hooks-count", "optimizer-foreign-name", "progress-tokens",
+        "progress-recent"])
+def test_valid_json_with_bad_references_is_a_checkpoint_error(setup, edit, match):
+    run = _killed_copy(setup, "bad-refs")
+    _edit_state(run / STEP, edit)
+    try:
+        with pytest.raises(CheckpointError, match=match) as info:
+            _resume(setup, run)
+        assert str(run / STEP / "trainer_state.json") in str(info.value)
+        assert not (run / "adapter").exists()
+    finally:
+        shutil.rmtree(run)
+
+
+def test_the_optimizer_state_is_keyed_by_parameter_name(setup):
+    state = json.loads((setup[0] / "whole" / STEP / "trainer_state.json").read_text())
+    names = set(state["params"])
+    assert set(state["optimizer"]["state"]) == names
+    assert {n for g in state["optimizer"]["param_groups"] for n in g["params"]} == names
+
+
+def test_a_run_started_with_overwrite_resumes_with_resume_alone(setup):
+    root = setup[0]
+    run = root / "overwritten"
+    run.mkdir()
+    (run / "stale.txt").write_text("an earlier run")
+    options = {**setup[1], "max_steps": 4}
+    lorakit.train(output_dir=str(run), overwrite=True, **{**options, "max_steps": 2, "checkpoint_every": 1})
+    assert (run / "checkpoints").is_dir()
+    resumed = lorakit.train(output_dir=str(run), resume=True, **{**options, "max_steps": 2, "checkpoint_every": 1})
+    assert resumed.metrics["train"]["steps"] == 2
 
 
 def test_changed_rank_is_refused_naming_the_file(setup):

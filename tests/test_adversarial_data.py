@@ -279,3 +279,39 @@ def test_answers_all_cut_away_fail_after_the_tokenizer_before_the_model(tmp_path
     with pytest.raises(DataError, match="long.jsonl: no training example is left.*--max-length 1"):
         lorakit.train(model=str(model), data=data, eval_data=data, max_length=1, output_dir=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+REFUSED_OPTIONS = [  # options that cannot run: refused before --overwrite removes the earlier run
+    ("loraplus-negative", {"loraplus_lr_ratio": -1.0}, "loraplus-lr-ratio must be >= 0"),
+    ("pack-tokens-negative", {"pack_tokens": -1}, "pack-tokens must be >= 0"),
+    ("packing-classify", {"packing": True, "task": "classify"}, "--packing is for --task causal"),
+    ("resume-without-checkpoint", {"resume": True}, "no checkpoint"),
+]
+
+
+@pytest.mark.parametrize("extra,match", [c[1:] for c in REFUSED_OPTIONS], ids=[c[0] for c in REFUSED_OPTIONS])
+def test_options_that_cannot_run_are_refused_before_the_output_dir_or_model(tmp_path, no_model, extra, match):
+    from lorakit.errors import LorakitError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text("an earlier run\n")  # what --overwrite would remove
+    rows = jsonl({"text": "a", "label": "x"}, {"text": "b", "label": "y"}) if extra.get("task") else jsonl(GOOD, GOOD)
+    data = _write(tmp_path, "d.jsonl", rows)
+    overwrite = {} if extra.get("resume") else {"overwrite": True}
+    with pytest.raises(LorakitError, match=match):
+        lorakit.train(model="no-model-needed", data=data, output_dir=str(out), quiet=True, **overwrite, **extra)
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]
+    assert (out / "metrics.json").read_text() == "an earlier run\n"
+
+
+def test_nproc_checks_the_data_before_launching(tmp_path, no_model, monkeypatch):
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("lorakit.train.distributed"), "launch",
+                        lambda *a, **k: pytest.fail("the workers were launched"))
+    data = _write(tmp_path, "bad.jsonl", jsonl(GOOD, {"prompt": "p", "completion": None}))
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="bad.jsonl"):
+        lorakit.train(model="no-model-needed", data=data, output_dir=str(out), quiet=True, nproc=2, device="cpu")
+    assert not out.exists()

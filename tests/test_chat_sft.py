@@ -89,3 +89,27 @@ def test_default_system_turn_and_user_turns_carry_no_loss(smol_tokenizer):
 def test_chat_without_assistant_turn_is_refused(smol_tokenizer):
     with pytest.raises(ConfigError, match="no assistant message"):
         encode_chat(smol_tokenizer, [{"role": "user", "content": "hi"}])
+
+
+NO_SYSTEM = ("{% for message in messages %}{% if message['role'] == 'system' %}"
+             "{{ raise_exception('System role not supported') }}{% endif %}"
+             "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}{% endfor %}"
+             "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_a_template_that_refuses_a_row_names_its_file_and_line(smol_tokenizer, tmp_path):
+    import json
+
+    from lorakit.errors import DataError
+    from lorakit.loading.rows import read_rows
+
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.chat_template = NO_SYSTEM
+    path = tmp_path / "chat.jsonl"
+    rows = [{"messages": CONVERSATION[1:3]},
+            {"messages": CONVERSATION[:3]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first, second = read_rows(str(path))
+    assert Encoder(tok).encode(first).labels  # the template renders a row without a system turn
+    with pytest.raises(DataError, match=r"chat\.jsonl line 2, field 'messages'.*System role not supported"):
+        Encoder(tok).encode(second)

@@ -204,3 +204,14 @@ def test_train_bits_4_trains_on_an_nf4_base(capsys, ws, tmp_path):
     assert json.loads((tmp_path / "cli" / "options.json").read_text())["bits"] == 4
     code, _, err = run_cli(capsys, *_train_args(ws, tmp_path / "bad", "--bits", "8"))
     assert code == 2 and "bits" in err and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("content", [b"[1, 2, 3]\n", b'"chat"\n', b"\xff\xfe not utf-8 \x80\n", b"{"],
+                         ids=["list", "string", "not-utf8", "truncated"])
+def test_a_damaged_options_json_means_format_unknown(tmp_path, content):
+    from lorakit.cli.generate import trained_format
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "options.json").write_bytes(content)
+    assert trained_format(str(tmp_path / "adapter")) is None

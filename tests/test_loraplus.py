@@ -71,3 +71,25 @@ def test_the_loop_moves_b_by_ratio_times_the_rate(tmp_path, ratio):
          for p in [d.linear_factors()[1].detach()]]
     expected = 1e-3 * (ratio or 1.0)
     assert max(float(t.abs().max()) for t in b) == pytest.approx(expected, rel=1e-3)
+
+
+def test_a_resumed_loraplus_run_is_bit_exact(tmp_path):
+    """LoRA+ groups put every B after every A: the checkpoint keys the moments by name, so they come back to
+    their own parameters and the resumed run ends exactly where an uninterrupted one does."""
+    import json
+    import shutil
+
+    tiny = save_tiny_llama(tmp_path / "m")
+    data = write_jsonl(tmp_path / "d.jsonl", copy_task_rows(32))
+    options = dict(model=str(tiny), data=str(data), max_steps=4, checkpoint_every=2, batch_size=4, lr=1e-3,
+                   r=4, target_modules=["q_proj", "v_proj"], loraplus_lr_ratio=16.0, quiet=True, score="none",
+                   eval_examples=2, lora_dropout=0.1)
+    whole = lorakit.train(output_dir=str(tmp_path / "whole"), **options)
+    run = tmp_path / "killed"  # what a kill after the step-2 checkpoint leaves
+    shutil.copytree(tmp_path / "whole" / "checkpoints", run / "checkpoints")
+    (run / "options.json").write_text((tmp_path / "whole" / "options.json").read_text())
+    resumed = lorakit.train(output_dir=str(run), resume=True, **options)
+    a, b = lorakit.adapter_state_dict(whole.model), lorakit.adapter_state_dict(resumed.model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state = json.loads((run / "checkpoints" / "step-0000002" / "trainer_state.json").read_text())
+    assert set(state["optimizer"]["state"]) == {n for n, p in whole.model.named_parameters() if p.requires_grad}

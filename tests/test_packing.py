@@ -200,6 +200,19 @@ def test_packed_run_records_tokens_and_resumes_bitwise(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.parametrize("asked", [None, True, False])
+def test_options_record_the_packing_the_run_did(tmp_path, asked):
+    tiny_dir = save_tiny_llama(tmp_path / "model")
+    data = write_jsonl(tmp_path / "train.jsonl", _varied_rows(24))
+    result = _run(tiny_dir, data, tmp_path / "run", max_steps=1, packing=asked)
+    recorded = json.loads((tmp_path / "run" / "options.json").read_text())
+    assert recorded == result.metrics["options"]
+    assert recorded["packing"] in (True, False)
+    if asked is not None:
+        assert recorded["packing"] is asked
+    assert (recorded["pack_tokens"] > 0) == recorded["packing"]  # the budget the packed run used
+
+
 def test_packing_refuses_classification(minilm_path, tmp_path):
     data = write_jsonl(tmp_path / "cls.jsonl", [{"text": f"row {i}", "label": i % 2} for i in range(8)])
     with pytest.raises(ConfigError, match="--packing is for --task causal"):
@@ -257,3 +270,47 @@ def test_padding_to_a_multiple_changes_shapes_not_the_step(tiny_llama):
     grads = _grads(model, loss / n)
     for name in grads_ref:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("field", ["attention_dropout", "attn_pdrop", "attention_probs_dropout_prob"])
+def test_no_varlen_attention_for_a_model_with_attention_dropout(tiny_llama, monkeypatch, field):
+    """The probe runs in eval mode (no dropout); training would then meet varlen's missing attention dropout."""
+    installs = []
+    monkeypatch.setattr(pa, "varlen_available", lambda device: True)
+    monkeypatch.setattr(pa, "install_varlen", lambda model, dtype=None: installs.append(model) or True)
+    setattr(tiny_llama.config, field, 0.1)
+    assert not pa.use_varlen_attention(tiny_llama) and installs == []
+    setattr(tiny_llama.config, field, 0.0)
+    tiny_llama.config.attention_dropout = 0.0
+    assert pa.use_varlen_attention(tiny_llama) and len(installs) == 1  # the same model without dropout: varlen
+
+
+def test_the_varlen_probe_runs_in_the_training_dtype(tiny_llama, monkeypatch):
+    """Flash varlen takes only fp16/bf16: a bf16 run probes it under bf16 autocast, as its steps call it."""
+    import torch.nn.attention.varlen as varlen
+
+    seen = []
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.append(q.dtype)
+        return _reference_varlen_attn(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(varlen, "varlen_attn", recording)
+    pa.install_varlen(tiny_llama, torch.bfloat16)
+    assert seen and set(seen) == {torch.bfloat16}
+
+
+def test_resume_with_automatic_packing_matches_the_resolved_record(tmp_path):
+    """options.json and checkpoints record the packing the run resolved: resuming with packing left automatic
+    is the same run; asking for the other packing is refused."""
+    from lorakit.errors import CheckpointError
+
+    tiny_dir = save_tiny_llama(tmp_path / "model")
+    data = write_jsonl(tmp_path / "train.jsonl", _varied_rows(24))
+    first = _run(tiny_dir, data, tmp_path / "run", max_steps=3, checkpoint_every=1)
+    resolved = first.metrics["options"]["packing"]
+    assert resolved in (True, False)
+    with pytest.raises(CheckpointError, match="--packing"):
+        _run(tiny_dir, data, tmp_path / "run", max_steps=3, checkpoint_every=1, resume=True, packing=not resolved)
+    again = _run(tiny_dir, data, tmp_path / "run", max_steps=3, checkpoint_every=1, resume=True)
+    assert again.metrics["options"]["packing"] == resolved

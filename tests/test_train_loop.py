@@ -82,6 +82,13 @@ def test_resume_after_kill_gives_the_same_adapter_bitwise(tiny_dir, copy_data, t
     # and the history has every step's loss exactly once
     steps = [h["step"] for h in resumed.metrics["history"] if "loss" in h]
     assert steps == sorted(set(steps))
+    # the history and the run's totals are those of the uninterrupted run (all but the speeds, which are timed)
+    def untimed(history):
+        return [{k: v for k, v in h.items() if k != "tokens_per_s"} for h in history]
+
+    assert untimed(resumed.metrics["history"]) == untimed(full.metrics["history"])
+    for key in ("steps", "tokens", "padding_fraction", "final_loss"):
+        assert resumed.metrics["train"][key] == full.metrics["train"][key], key
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_dir, copy_data, tmp_path):

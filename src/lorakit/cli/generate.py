@@ -62,8 +62,10 @@ def trained_format(adapter: str) -> Optional[str]:
         if not path.is_file():
             continue
         try:
-            recorded = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        if not isinstance(recorded, dict):  # a list, a number: not a run's options, so the format is unknown
             return None
         fmt = recorded.get("prompt_format")
         if fmt in PROMPT_FORMATS:

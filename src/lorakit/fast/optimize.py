@@ -3,7 +3,7 @@ the frozen parts); `lorakit.unoptimize(model)` takes them out again.
 
 What it does, each part switchable for measurement:
 - every adapted linear gets `fast_path = lora_linear_fast_path` (the fused autograd function, for plain
-  low-rank deltas with or without dropout, output-scaled ones such as DoRA, dense or 4-bit bases, trained
+  low-rank deltas with or without dropout, output-scaled deltas, dense or 4-bit bases, trained
   or frozen biases, under autocast or not; the reference path is taken at call time whenever the layer is
   merged, disabled, routed, has a delta of another form (see spec.py), adapters in another dtype than its
   base outside autocast, or a trained base weight);

@@ -75,7 +75,7 @@ class Encoder:
             return self._fit(ids, list(ids), [], "")  # loss on every token (the first has no context)
         turns = self._turns(kind, row)  # [(text, is_answer)]
         if self.prompt_format == "chat" or kind == "chat":
-            return self._chat(turns)
+            return self._chat(turns, where_of(row))
         prompt, answer = turns[0][0], turns[1][0]
         prompt_ids = self._ids(prompt, special=True)
         answer_ids = self._ids(answer, special=False) + self._eos()
@@ -95,11 +95,19 @@ class Encoder:
             return [(prompt, False), (str(row["output"]), True)]
         return [(str(row["prompt"]), False), (str(row["completion"]), True)]
 
-    def _chat(self, turns: list[tuple[Any, bool]]) -> Example:
-        """Render with the chat template; every assistant turn is a target (loading/chat.py)."""
+    def _chat(self, turns: list[tuple[Any, bool]], where: str) -> Example:
+        """Render with the chat template; every assistant turn is a target (loading/chat.py). A template that
+        refuses the row (a system role it lacks, turns that do not alternate) is a DataError naming the row."""
+        from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
         messages = [t if isinstance(t, dict) else {"role": "assistant" if a else "user", "content": t}
                     for t, a in turns]
-        return self._fit(*encode_chat(self.tok, messages))
+        try:
+            return self._fit(*encode_chat(self.tok, messages))
+        except (ConfigError, TemplateError) as e:
+            field_name = "messages" if turns and isinstance(turns[0][0], dict) else "prompt"
+            raise DataError(f"{where}, field '{field_name}': the tokenizer's chat template refuses this row: "
+                            f"{e}") from None
 
     def _classify(self, row: dict[str, Any]) -> Example:
         text = str(row["text"] if "text" in row else row["sentence"]).strip()

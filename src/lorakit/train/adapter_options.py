@@ -62,8 +62,8 @@ _WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "o
 
 
 def _typed_booleans(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """--adapter-options as typed text (use_dora=False, use_rslora=yes): a true/false word given to a field that
-    takes a bool becomes that bool. The configs themselves refuse strings for bools (a "false" that reads as true)."""
+    """--adapter-options as typed text (a boolean adapter option given as false, no or yes): a true/false word
+    given to a field that takes a bool becomes that bool. The configs themselves refuse strings for bools (a "false" that reads as true)."""
     hints = typing.get_type_hints(cls)
     out = dict(values)
     for key, value in values.items():

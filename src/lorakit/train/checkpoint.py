@@ -26,7 +26,8 @@ import torch
 from ..core import atomic, files
 from ..core.api import active_adapters
 from ..errors import CheckpointError, ConfigError
-from .distributed import Distributed, gather_adapter, gather_train_state, load_train_state, own_rng_state
+from .distributed import (Distributed, gather_adapter, gather_train_state, load_train_state, optimizer_names,
+                          own_rng_state)
 
 CHECKPOINTS = "checkpoints"
 STATE_JSON = "trainer_state.json"
@@ -34,12 +35,15 @@ STATE_TENSORS = "trainer_state.safetensors"
 LEGACY_STATE = "trainer_state.pt"  # pickled by lorakit before this format; never read
 FORMAT = "lorakit-checkpoint/1"
 
-# Options that may differ on --resume: where files go, what is printed or evaluated, on which device and how
+# Options that may differ on --resume: where files go (and whether an earlier run's may be replaced), what is printed or evaluated, on which device and how
 # many processes. Every other option changes the run's math (data, model, adapter, optimizer, schedule), so a
 # resumed run that changed it would silently train on the checkpoint's values: it is refused instead.
 RESUME_MAY_CHANGE = frozenset({
-    "output_dir", "resume", "quiet", "device", "nproc", "strategy", "gradient_checkpointing", "eval_every",
+    "output_dir", "resume", "overwrite", "quiet", "device", "nproc", "strategy", "gradient_checkpointing", "eval_every",
     "eval_examples", "checkpoint_every", "log_every", "max_new_tokens", "score", "samples"})
+# Automatic values the run resolves once the model is loaded (runs record the resolved ones): an automatic value
+# on either side matches, and the run checks again with its resolved values before training.
+RESOLVED_LATER = {"packing": None, "pack_tokens": 0}
 
 
 # --- plain data <-> JSON + tensors --------------------------------------------------------------------------
@@ -120,10 +124,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # --- writing ------------------------------------------------------------------------------------------------
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, history, hooks, options=None,
-                    keep: int = 2, dist: Distributed = Distributed()) -> Path:
+                    keep: int = 2, dist: Distributed = Distributed(), progress: Optional[dict] = None) -> Path:
     """Write out_dir/checkpoints/step-NNNNNNN as a whole, then drop all but the `keep` newest. Collective under
     torch.distributed: the tensors are gathered whole (any world size can resume) and rank 0 writes them with
-    every rank's RNG state."""
+    every rank's RNG state. `progress`: the loop's running counts ({"tokens", "slots", "recent"}), so a resumed
+    run's metrics cover the whole run."""
     root = Path(out_dir) / CHECKPOINTS
     final = root / f"step-{step:07d}"
     params, optim = gather_train_state(model, optimizer, dist)
@@ -133,7 +138,7 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, histo
     if dist.is_main:
         state = {"format": FORMAT, "step": step, "params": params, "optimizer": optim,
                  "scheduler": scheduler.state_dict(), "rng_ranks": rng, "history": history,
-                 "hooks": [h.state_dict() for h in hooks if hasattr(h, "state_dict")],
+                 "hooks": [h.state_dict() for h in hooks if hasattr(h, "state_dict")], "progress": progress or {},
                  "options": dataclasses.asdict(options) if dataclasses.is_dataclass(options) else None}
         tensors: dict[str, torch.Tensor] = {}
         plain = to_plain(state, tensors)
@@ -172,7 +177,11 @@ def read_state(path: Path) -> dict[str, Any]:
         tensors = safetensors.torch.load_file(tensor_file)
     except Exception as e:  # safetensors raises its own SafetensorError, and OSError for a missing file
         raise CheckpointError(f"{tensor_file} is missing, truncated or corrupt: {e}") from None
-    return from_plain(plain, tensors, source)
+    try:
+        return from_plain(plain, tensors, source)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # valid JSON, broken references
+        raise CheckpointError(f"{source} is damaged (a malformed tensor, array or item reference): "
+                              f"{type(e).__name__}: {e}") from None
 
 
 def check_fits(state: dict[str, Any], path: Path, named: dict[str, torch.Tensor]) -> None:
@@ -192,39 +201,76 @@ def check_fits(state: dict[str, Any], path: Path, named: dict[str, torch.Tensor]
                                   f"{tuple(p.shape)} (was r or another adapter option changed?)")
         if params[n].is_floating_point() and not torch.isfinite(params[n]).all():
             raise CheckpointError(f"{source}: {n} holds NaN or inf values")
-    optim = state.get("optimizer")
-    if not isinstance(optim, dict) or not isinstance(optim.get("state"), dict) or "param_groups" not in optim:
-        raise CheckpointError(f"{source} has no optimizer state")
-    shapes = [tuple(p.shape) for p in named.values()]
-    for index, moments in optim["state"].items():
-        if not isinstance(index, int) or not 0 <= index < len(shapes) or not isinstance(moments, dict):
-            raise CheckpointError(f"{source}: optimizer state {index!r} belongs to no trainable parameter")
-        for key, t in moments.items():
-            if isinstance(t, torch.Tensor) and t.dim() > 0 and tuple(t.shape) != shapes[index]:
-                raise CheckpointError(f"{source}: optimizer {key} of parameter {index} has shape {tuple(t.shape)}, "
-                                      f"the parameter {shapes[index]}")
+    _check_optimizer(state.get("optimizer"), source, named)
     for key in ("step", "scheduler", "rng_ranks", "history", "hooks"):
         if key not in state:
             raise CheckpointError(f"{source} lacks {key!r}")
+    step, history, ranks = state["step"], state["history"], state["rng_ranks"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{source}: step is {step!r}, not a count of steps")
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise CheckpointError(f"{source}: history is not a list of records")
+    if not isinstance(ranks, list) or not ranks or not all(isinstance(r, dict) for r in ranks):
+        raise CheckpointError(f"{source}: rng_ranks is not a non-empty list of RNG states")
+    if not isinstance(state["scheduler"], dict) or not isinstance(state["hooks"], list):
+        raise CheckpointError(f"{source}: the scheduler or hook states are not what lorakit writes")
+    _check_progress(state.get("progress", {}), source)
+
+
+def _check_progress(progress: Any, source: Path) -> None:
+    """The loop's running counts: {"tokens": int, "slots": int, "recent": [losses]} (absent keys: none yet)."""
+    if not isinstance(progress, dict):
+        raise CheckpointError(f"{source}: progress is not a record of the loop's counts")
+    for key in ("tokens", "slots"):
+        value = progress.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"{source}: progress {key} is {value!r}, not a count")
+    recent = progress.get("recent", [])
+    if not isinstance(recent, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               for v in recent):
+        raise CheckpointError(f"{source}: progress recent is not a list of losses")
+
+
+def _check_optimizer(optim: Any, source: Path, named: dict[str, torch.Tensor]) -> None:
+    """The optimizer state is keyed by trainable parameter name, and each moment has its parameter's shape."""
+    if not isinstance(optim, dict) or not isinstance(optim.get("state"), dict) \
+            or not isinstance(optim.get("param_groups"), list):
+        raise CheckpointError(f"{source} has no optimizer state")
+    for name, moments in optim["state"].items():
+        if name not in named or not isinstance(moments, dict):
+            raise CheckpointError(f"{source}: optimizer state {name!r} belongs to no trainable parameter")
+        for key, t in moments.items():
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and tuple(t.shape) != tuple(named[name].shape):
+                raise CheckpointError(f"{source}: optimizer {key} of {name} has shape {tuple(t.shape)}, "
+                                      f"the parameter {tuple(named[name].shape)}")
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, hooks,
-                    dist: Distributed = Distributed()) -> tuple[int, list]:
+                    dist: Distributed = Distributed()) -> tuple[int, list, dict]:
     """Every rank reads the whole checkpoint (written by any number of processes) and takes its part.
-    Everything is checked before anything is loaded. Returns (step, history)."""
+    Everything is checked before anything is loaded. Returns (step, history, the loop's progress counts)."""
+    source = path / STATE_JSON
     state = read_state(path)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     check_fits(state, path, named)
+    saved_groups = [g.get("params") if isinstance(g, dict) else None for g in state["optimizer"]["param_groups"]]
+    if saved_groups != optimizer_names(model, optimizer):
+        raise CheckpointError(f"{source}: its optimizer groups hold other parameters than this run's "
+                              "(was --loraplus-lr-ratio or the adapter changed?)")
+    stateful = [h for h in hooks if hasattr(h, "load_state_dict")]
+    if len(state["hooks"]) != len(stateful):
+        raise CheckpointError(f"{source} holds {len(state['hooks'])} training-hook states, this run has "
+                              f"{len(stateful)}")
     state["rng"] = state["rng_ranks"][0]
     try:
         load_train_state(model, optimizer, state["params"], state["optimizer"], dist)
         scheduler.load_state_dict(state["scheduler"])
-        for hook, hook_state in zip([h for h in hooks if hasattr(h, "load_state_dict")], state["hooks"]):
+        for hook, hook_state in zip(stateful, state["hooks"]):
             hook.load_state_dict(hook_state)
         set_rng_state(own_rng_state(state, dist))
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path / STATE_JSON} does not fit this run: {e}") from None
-    return int(state["step"]), list(state["history"])
+        raise CheckpointError(f"{source} does not fit this run: {e}") from None
+    return state["step"], list(state["history"]), dict(state.get("progress", {}))
 
 
 def check_resume_options(out_dir: Path, options) -> Path:
@@ -238,7 +284,8 @@ def check_resume_options(out_dir: Path, options) -> Path:
         return path
     now = dataclasses.asdict(options)
     changed = [f"--{k.replace('_', '-')} {now[k]!r} (the checkpoint's run: {saved[k]!r})"
-               for k in now if k in saved and k not in RESUME_MAY_CHANGE and _differs(saved[k], now[k])]
+               for k in now if k in saved and k not in RESUME_MAY_CHANGE and _differs(saved[k], now[k])
+               and not (k in RESOLVED_LATER and RESOLVED_LATER[k] in (now[k], saved[k]))]
     if changed:
         raise CheckpointError(f"--resume from {path / STATE_JSON}: options that change the training differ from "
                               f"the run that wrote it: {'; '.join(changed)}. Resume with the same values, or "

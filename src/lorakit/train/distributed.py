@@ -248,18 +248,21 @@ def save_adapter(model: nn.Module, directory, dist: Distributed, name: Optional[
 
 
 # --- checkpoint state -----------------------------------------------------------------------------------
-def trainable_names(model: nn.Module) -> list[str]:
-    """Trainable parameter names in the optimizer's order (the loop builds it from named_parameters)."""
-    return [n for n, p in model.named_parameters() if p.requires_grad]
+def optimizer_names(model: nn.Module, optimizer) -> list[list[str]]:
+    """The names of the optimizer's parameters, group by group in its own order (LoRA+ groups put every B after
+    every A, so this is not named_parameters order)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [[name_of[id(p)] for p in group["params"]] for group in optimizer.param_groups]
 
 
 def gather_train_state(model: nn.Module, optimizer, dist: Distributed) -> tuple[dict, dict]:
-    """(adapter parameters by name, optimizer state) as whole CPU tensors in the single-process checkpoint
-    format (optimizer state keyed by parameter index), so a checkpoint resumes on any number of processes.
+    """(adapter parameters by name, optimizer state keyed by parameter NAME) as whole CPU tensors: one format
+    for any number of processes and any group order, so a checkpoint resumes on any number of processes.
     Collective; rank 0 gets the tensors, the other ranks ({}, {})."""
     if not dist.enabled:
+        names = [n for group in optimizer_names(model, optimizer) for n in group]
         return ({n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
-                optimizer.state_dict())
+                _keyed_by_name(optimizer.state_dict(), names))
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     # Parameter by parameter, not get_state_dict(ignore_frozen_params=True): that one walks the whole model's
@@ -269,17 +272,19 @@ def gather_train_state(model: nn.Module, optimizer, dist: Distributed) -> tuple[
                                                                                 cpu_offload=True))
     if not dist.is_main:
         return {}, {}
-    return params, _keyed_by_index(optim, trainable_names(model))
+    return params, optim  # torch keys the full state dict by parameter name already
 
 
 def load_train_state(model: nn.Module, optimizer, params: dict, optim_state: dict, dist: Distributed) -> None:
-    """Inverse of gather_train_state on every rank (each has read the whole checkpoint): shards it under FSDP."""
+    """Inverse of gather_train_state on every rank (each has read the whole checkpoint): shards it under FSDP.
+    `optim_state` is keyed by parameter name; its groups must list the optimizer's own names."""
     if not dist.enabled:
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if p.requires_grad:
                     p.copy_(params[n])
-        optimizer.load_state_dict(optim_state)
+        names = [n for group in optimizer_names(model, optimizer) for n in group]
+        optimizer.load_state_dict(_keyed_by_index(optim_state, names))
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -290,17 +295,18 @@ def load_train_state(model: nn.Module, optimizer, params: dict, optim_state: dic
             if p.requires_grad:
                 whole = params[n].to(p.device, p.dtype)
                 p.copy_(distribute_tensor(whole, p.device_mesh, p.placements) if isinstance(p, DTensor) else whole)
-    set_optimizer_state_dict(model, optimizer, _keyed_by_name(optim_state, trainable_names(model)),
-                             options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
 
 
 def _keyed_by_index(optim: dict, names: list[str]) -> dict:
+    """Name-keyed optimizer state → torch's index-keyed form for an optimizer whose parameters are `names`."""
     index = {n: i for i, n in enumerate(names)}
     return {"state": {index[n]: s for n, s in optim["state"].items()},
             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in optim["param_groups"]]}
 
 
 def _keyed_by_name(optim: dict, names: list[str]) -> dict:
+    """torch's index-keyed optimizer state (indices in `names` order) → keyed by parameter name."""
     return {"state": {names[i]: s for i, s in optim["state"].items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optim["param_groups"]]}
 

@@ -171,7 +171,9 @@ def _resume(run: _Training, model, out_dir: Path, dist: Distributed) -> None:
     ckpt = latest_checkpoint(out_dir)
     if ckpt is None:
         raise ConfigError(f"--resume: no checkpoint in {out_dir / CHECKPOINTS}")
-    run.start, run.history = load_checkpoint(ckpt, model, run.optimizer, run.scheduler, run.hooks, dist)
+    run.start, run.history, progress = load_checkpoint(ckpt, model, run.optimizer, run.scheduler, run.hooks, dist)
+    run.tokens_done, run.slots_done = progress.get("tokens", 0), progress.get("slots", 0)
+    run.recent = [float(v) for v in progress.get("recent", [])]
 
 
 def _enter_training(model, options) -> None:
@@ -245,7 +247,7 @@ def _record(run: _Training, done: int, step_loss: float, bar, options) -> dict:
     record = {"step": done, "loss": step_loss, "running_loss": sum(run.recent) / len(run.recent),
               "lr": run.optimizer.param_groups[0]["lr"], "tokens_per_s": speed,
               "tokens": run.tokens_done, "padding_fraction": 1 - run.tokens_done / max(1, run.slots_done)}
-    if done % options.log_every == 0 or done == run.steps or done == run.start + 1:
+    if done % options.log_every == 0 or done == run.steps or done == 1:  # a resumed run logs as a whole one
         run.history.append(record)
     if bar is not None:
         bar.set_postfix(loss=f"{record['running_loss']:.3f}", tok_s=f"{speed:.0f}", lr=f"{record['lr']:.2e}",
@@ -262,7 +264,8 @@ def _after_step(run: _Training, model, done: int, record: dict, options, out_dir
         run.history.append({"step": done, **_evaluate(model, evaluate)})
     if options.checkpoint_every and done % options.checkpoint_every == 0 and done < run.steps:
         save_checkpoint(out_dir, done, model, run.optimizer, run.scheduler, run.history, run.hooks, options,
-                        dist=dist)
+                        dist=dist, progress={"tokens": run.tokens_done, "slots": run.slots_done,
+                                             "recent": list(run.recent)})
     if on_step is not None:
         on_step(done, record)
 

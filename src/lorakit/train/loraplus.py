@@ -51,10 +51,15 @@ def param_groups(model, params: list[torch.nn.Parameter], lr: float, ratio: floa
     return [{"params": ps, "lr": rates[k]} for k, ps in groups.items() if ps or k == "base"]
 
 
+def check_ratio(ratio: float) -> None:
+    """ConfigError unless the LoRA+ ratio is >= 0 (0: off)."""
+    if not ratio >= 0:
+        raise ConfigError(f"--loraplus-lr-ratio must be >= 0 (0: off), got {ratio}")
+
+
 def build_optimizer(model, params: list[torch.nn.Parameter], options) -> torch.optim.Optimizer:
     """AdamW on `params` (options.lr, options.weight_decay); LoRA+ groups when options.loraplus_lr_ratio > 0."""
     ratio = getattr(options, "loraplus_lr_ratio", 0.0)
-    if not ratio >= 0:
-        raise ConfigError(f"--loraplus-lr-ratio must be >= 0 (0: off), got {ratio}")
+    check_ratio(ratio)
     groups = param_groups(model, params, options.lr, ratio) if ratio > 0 else params
     return torch.optim.AdamW(groups, lr=options.lr, weight_decay=options.weight_decay)

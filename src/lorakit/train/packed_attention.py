@@ -105,10 +105,12 @@ def choose_path(model, prefer: Optional[str] = None) -> str:
 
 
 @torch.no_grad()
-def probe_exact(model, path: str) -> bool:
+def probe_exact(model, path: str, compute_dtype: Optional[torch.dtype] = None) -> bool:
     """Two short rows packed on `path`: True when the second row's logits are those of it run alone, to
-    within 1% (10% for bf16/fp16 weights) of how far attention across the rows moves them: a scale-free test
-    (a small random model's leak is small, a real model's large); a path that leaks misses it by ~100%."""
+    within 1% (10% for bf16/fp16 weights or compute) of how far attention across the rows moves them: a
+    scale-free test (a small random model's leak is small, a real model's large); a path that leaks misses it
+    by ~100%. `compute_dtype`: the autocast dtype the run trains in (None: autocast off), so a kernel that
+    takes only half precision (flash varlen) is probed as training will call it."""
     vocab = model.get_input_embeddings().num_embeddings
     device = model.get_input_embeddings().weight.device
     g = torch.Generator().manual_seed(0)
@@ -119,7 +121,7 @@ def probe_exact(model, path: str) -> bool:
     was_training = model.training
     model.eval()
     try:
-        with torch.autocast(device.type, enabled=False):
+        with torch.autocast(device.type, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None):
             model.__dict__[PATH_ATTR] = path
             packed = model(**packed_inputs(model, batch)).logits[0, 5:].float()
             alone = model(input_ids=batch["input_ids"][:, 5:], use_cache=False).logits[0].float()
@@ -133,7 +135,8 @@ def probe_exact(model, path: str) -> bool:
         model.train(was_training)
     error, leak = (packed - alone).abs().max(), (across - alone).abs().max()
     # relative to the leak, so exact at any weight scale; bf16/fp16 kernels round differently per shape (~0.5%)
-    share = 0.01 if model.get_input_embeddings().weight.dtype == torch.float32 else 0.1
+    full = model.get_input_embeddings().weight.dtype == torch.float32 and compute_dtype in (None, torch.float32)
+    share = 0.01 if full else 0.1
     return bool(error <= share * leak)
 
 
@@ -178,6 +181,11 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise ConfigError("packed varlen attention has no attention dropout: set the model's attention_dropout to 0")
     from torch.nn.attention.varlen import varlen_attn
 
+    kind = query.device.type
+    if query.dtype == torch.float32 and torch.is_autocast_enabled(kind):
+        # rotary embeddings promote q/k to fp32 under autocast; flash varlen takes only fp16/bf16 (as
+        # transformers' flash-attention integration does, compute in the autocast dtype)
+        query, key, value = (x.to(torch.get_autocast_dtype(kind)) for x in (query, key, value))
     b, h, t, d = query.shape
     params = inspect.signature(varlen_attn).parameters
     extra = {"scale": scaling} if "scale" in params else {}
@@ -201,17 +209,30 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.reshape(b, t, h, d), None
 
 
-def use_varlen_attention(model) -> bool:
-    """On CUDA with torch's varlen_attn: switch `model` to "lorakit_varlen" (install_varlen). Returns whether
-    it did; elsewhere, or where the probe finds it inexact, nothing changes."""
+ATTENTION_DROPOUT_FIELDS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+
+
+def attention_dropout(config) -> float:
+    """The model config's attention dropout probability (0 when it names none)."""
+    values = [getattr(config, f, None) for f in ATTENTION_DROPOUT_FIELDS]
+    return max([float(v) for v in values if isinstance(v, (int, float))], default=0.0)
+
+
+def use_varlen_attention(model, compute_dtype: Optional[torch.dtype] = None) -> bool:
+    """On CUDA with torch's varlen_attn: switch `model` to "lorakit_varlen" (install_varlen), probed in the
+    run's `compute_dtype` (autocast; None: off). Returns whether it did; elsewhere, where the probe finds it
+    inexact, or for a model with attention dropout (varlen_attn has none; the probe runs in eval mode, where
+    dropout is off, so training would fail), nothing changes."""
     inner = _inner(model)
     if not varlen_available(next(inner.parameters()).device) or not getattr(inner, "_supports_attention_backend",
                                                                                 False):
         return False
-    return install_varlen(inner)
+    if attention_dropout(inner.config) > 0:
+        return False
+    return install_varlen(inner, compute_dtype)
 
 
-def install_varlen(model) -> bool:
+def install_varlen(model, compute_dtype: Optional[torch.dtype] = None) -> bool:
     """Register "lorakit_varlen" with transformers (padded batches keep sdpa's masks through the same name),
     switch `model` to it, and keep it only when the packed probe is exact (else the previous implementation)."""
     from transformers import AttentionInterface
@@ -221,7 +242,7 @@ def install_varlen(model) -> bool:
     AttentionMaskInterface.register(VARLEN, sdpa_mask)
     previous = model.config._attn_implementation
     model.set_attn_implementation(VARLEN)
-    if not probe_exact(model, "varlen"):
+    if not probe_exact(model, "varlen", compute_dtype):
         model.set_attn_implementation(previous)
         return False
     model.__dict__[PATH_ATTR] = "varlen"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from typing import Optional
 
 import torch
 
@@ -172,8 +173,16 @@ def packing_by_default(model) -> bool:
         return False
 
 
+def check_packing_options(options) -> None:
+    """ConfigError for packing options that cannot run (checked before the model loads)."""
+    if options.pack_tokens < 0:
+        raise ConfigError(f"--pack-tokens must be >= 0 (0: automatic), got {options.pack_tokens}")
+    if options.task != "causal" and options.packing:
+        raise ConfigError("--packing is for --task causal: a classifier reads one row per sequence")
+
+
 def training_batches(options, examples: list[Example], pad_id: int, model, parts: int, device: torch.device,
-                     log=print):
+                     log=print, compute_dtype: Optional[torch.dtype] = None):
     """The run's micro-batches: PackedBatches when packing is on (asked, or by default where it is exact),
     else MicroBatches of `options.batch_size` right-padded rows.
 
@@ -185,16 +194,12 @@ def training_batches(options, examples: list[Example], pad_id: int, model, parts
         parts: processes of the run (each micro-batch is split into that many parts).
         device: where the model trains (CUDA: torch's varlen attention where it is exact).
         log: where the one summary line goes.
+        compute_dtype: the autocast dtype the run trains in (None: off), for the varlen attention's probe.
     """
-    packing = options.packing
-    if options.pack_tokens < 0:
-        raise ConfigError(f"--pack-tokens must be >= 0 (0: automatic), got {options.pack_tokens}")
-    if options.task != "causal":
-        if packing:
-            raise ConfigError("--packing is for --task causal: a classifier reads one row per sequence")
-        packing = False
+    check_packing_options(options)
+    packing = options.packing if options.task == "causal" else False
     if packing is not False and device.type == "cuda":
-        use_varlen_attention(model)
+        use_varlen_attention(model, compute_dtype)
     if packing is None:
         packing = packing_by_default(model)
     elif packing:

@@ -35,8 +35,9 @@ from .data import encode_run_data, read_run_data
 from .evaluate import classify_scores, generate, generation_scores, heldout_loss
 from .fields import build_options, given_fields, read_config_file
 from .loop import bf16_enabled, total_steps, train_loop
+from .loraplus import check_ratio
 from .options import TrainOptions
-from .packing import training_batches
+from .packing import check_packing_options, training_batches
 from .report import (check_output_dir, format_scores, plot_loss, prepare_output_dir, write_generations,
                      write_metrics)
 
@@ -89,19 +90,25 @@ def train(options: Optional[TrainOptions] = None, *, config: Optional[str] = Non
     log = _logger(opts.quiet or not dist.is_main)  # rank 0 alone prints and writes
     started = time.perf_counter()
     check_output_dir(opts)  # before anything: an earlier run's files are never replaced by accident
-    if opts.nproc > 1 and not dist.enabled:
-        return _launched(opts, model, log)
-    _check_run(opts, dist)
+    _check_run(opts, dist)  # options alone, then the data: a bad file fails before minutes of model loading,
     seed_everything(opts.seed)
-
-    data = read_run_data(opts)  # read and checked first: a bad file fails before minutes of model loading
+    data = read_run_data(opts)  # before --nproc starts workers, and before the output directory is touched
+    launched = opts
     opts = dataclasses.replace(opts, prompt_format=data.prompt_format)  # options.json records what was used
+    if opts.resume:  # refuses a changed option (or no checkpoint) before the model loads
+        check_resume_options(Path(opts.output_dir), opts)
+    if opts.nproc > 1 and not dist.enabled:
+        return _launched(launched, model, log)
+
     path, tokenizer = _tokenizer(opts, model, tokenizer, log)
     train_set, eval_set = encode_run_data(opts, tokenizer, data)  # tokenized before the model loads, too
     model = _load_model(opts, path, model, data.label_names, device, dist)
     log(f"data: {len(train_set)} training / {len(eval_set)} held-out examples"
         + (" (built-in task)" if not opts.data else f" from {opts.data}"))
-    batches = training_batches(opts, train_set, tokenizer.pad_token_id, model, dist.world_size, device, log)
+    compute = torch.bfloat16 if bf16_enabled(opts.precision, device) else None  # the varlen probe's autocast
+    batches = training_batches(opts, train_set, tokenizer.pad_token_id, model, dist.world_size, device, log,
+                               compute_dtype=compute)
+    opts = _resolved_packing(opts, batches)
     sizes = _add_adapter(model, opts, given, total_steps(opts, batches.per_epoch), log)
     if opts.optimize:
         _optimize(model, log)
@@ -144,10 +151,20 @@ def _launched(opts: TrainOptions, model, log) -> TrainResult:
 
 
 def _check_run(opts: TrainOptions, dist: distributed.Distributed) -> None:
-    """Options that cannot run together (before anything loads)."""
+    """Options that cannot run (alone or together), before anything is read, loaded or written."""
     distributed.check_options(opts, dist)
+    check_ratio(opts.loraplus_lr_ratio)
+    check_packing_options(opts)
     if opts.bits == 4 and opts.strategy == "fsdp" and (dist.enabled or opts.nproc > 1):
         raise ConfigError("--bits 4 trains on a 4-bit base in one process or with --strategy ddp, not with fsdp")
+
+
+def _resolved_packing(opts: TrainOptions, batches) -> TrainOptions:
+    """The options with packing as the run did it (True/False) and, packed, the token budget it used: what
+    options.json, the checkpoints and metrics.json record."""
+    if getattr(batches, "packed", False):
+        return dataclasses.replace(opts, packing=True, pack_tokens=batches.budget)
+    return dataclasses.replace(opts, packing=False)
 
 
 def _tokenizer(opts: TrainOptions, model, tokenizer, log) -> tuple[Optional[str], Any]:
@@ -211,7 +228,7 @@ def _run_loop(model, batches: MicroBatches, opts: TrainOptions, device: torch.de
               dist: distributed.Distributed) -> tuple[list[dict], float]:
     """options.json, then the training loop; returns (its history, seconds it took). A resumed run first checks
     its options against the checkpoint's (refusing changes that alter the training), so options.json never
-    records values the run did not use."""
+    records values the run did not use (checked again here: packing left automatic is known only now)."""
     out_dir = Path(opts.output_dir)
     if opts.resume:
         check_resume_options(out_dir, opts)
