@@ -173,7 +173,7 @@ def test_save_adapter_onto_a_file_is_refused(two, tmp_path, where):
     existing = tmp_path / "existing"
     existing.write_text("keep me")
     target = existing if where == "file" else existing / "sub"
-    with pytest.raises(AdapterFormatError, match="exists and is not a directory"):
+    with pytest.raises(lorakit.OutputPathError, match="exists and is not a directory"):
         lorakit.save_adapter(two, target, name="a")
     assert existing.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
 

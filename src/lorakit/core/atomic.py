@@ -32,6 +32,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import sys
 from pathlib import Path
 from typing import Callable, Iterator, Union
@@ -40,6 +41,11 @@ from ..errors import OutputPathError
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
 _RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether `name` is a save's temp or aside name (temp_name's)."""
+    return _TEMP.match(name) is not None
 
 
 def temp_name(name: str, kind: str = "tmp") -> str:
@@ -61,6 +67,7 @@ def atomic_dir(target: Union[str, os.PathLike], carry: bool = False, drop: tuple
         OutputPathError: the target exists and is not a directory, or replace_ok refused it."""
     target = Path(os.path.realpath(target))  # a symlinked target: replace the directory it points to
     parent = target.parent
+    check_parents(target)
     parent.mkdir(parents=True, exist_ok=True)
     recover(target)
     clean_stale(parent)
@@ -80,6 +87,15 @@ def atomic_dir(target: Union[str, os.PathLike], carry: bool = False, drop: tuple
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_parents(path: Union[str, os.PathLike]) -> None:
+    """Raise OutputPathError when `path` cannot become a directory or hold a file because the nearest existing
+    folder above it is a file (mkdir would raise NotADirectoryError or FileExistsError halfway)."""
+    path = Path(path)
+    existing = next((p for p in path.parents if os.path.lexists(p)), None)
+    if existing is not None and not existing.is_dir():
+        raise OutputPathError(f"cannot write {path}: {existing} exists and is not a directory")
 
 
 def swap_in(tmp: Path, target: Path) -> None:
@@ -210,11 +226,14 @@ def _alive(pid: int) -> bool:
 
 # --- durability -----------------------------------------------------------------------------------------
 def fsync_tree(root: Path) -> None:
-    """fsync every file under `root`, then every directory bottom-up (their entries), so that a crash after
-    the rename cannot expose a directory whose files are still empty."""
+    """fsync every regular file under `root`, then every directory bottom-up (their entries), so that a crash
+    after the rename cannot expose a directory whose files are still empty. Other entries (symlinks, a dangling
+    one included, FIFOs, sockets) are not opened: they hold no data of ours, and opening a FIFO would block."""
     for dirpath, _, filenames in os.walk(root, topdown=False):
         for f in filenames:
-            _fsync_path(os.path.join(dirpath, f), os.O_RDONLY)
+            path = os.path.join(dirpath, f)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                _fsync_path(path, os.O_RDONLY)
         fsync_dir(Path(dirpath))
 
 
@@ -265,6 +284,9 @@ def write_file(path: Union[str, os.PathLike], write: Callable[[Path], None]) -> 
     """Write one file whole: `write(tmp)` fills a hidden temp file in the same directory, which is fsynced and
     renamed onto `path` (os.replace is atomic for files). A reader sees the old file or the new one."""
     path = Path(path)
+    check_parents(path)
+    if path.is_dir():
+        raise OutputPathError(f"cannot write the file {path}: a directory of that name exists")
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path.parent)
     tmp = path.parent / temp_name(path.name)
