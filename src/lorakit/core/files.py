@@ -254,7 +254,8 @@ def _sort_tensors(model: nn.Module, plan: AdapterPlan, tensors: dict[str, torch.
             continue
         saved = next((p for p in plan.saved if key.startswith(p + ".")), None)
         if saved is not None:
-            _sort_saved(model, saved, key[len(saved) + 1:], t, per_saved, biases)
+            if not _sort_saved(model, saved, key[len(saved) + 1:], t, per_saved, biases):
+                unknown.append(raw_key)
             continue
         if key.endswith("bias") and (key in params or plain in params):
             biases[key] = (params[key] if key in params else params[plain], t)  # the Parameter survives wrapping
@@ -269,18 +270,23 @@ def _sort_tensors(model: nn.Module, plan: AdapterPlan, tensors: dict[str, torch.
     return per_delta, per_saved, biases
 
 
-def _sort_saved(model, path, rest, t, per_saved, biases) -> None:
+def _sort_saved(model, path, rest, t, per_saved, biases) -> bool:
     """A modules_to_save tensor. PEFT with bias="all" also writes `<path>.modules_to_save.<k>` (the copy's
-    tensor again) and `<path>.original_module.<k>` (the original's); load those as PEFT does."""
+    tensor again) and `<path>.original_module.<k>` (the original's bias); load those as PEFT does. False for an
+    `original_module` tensor that is not one of the original's biases (it would overwrite a frozen base weight)."""
     head, _, tail = rest.partition(".")
     if head == "modules_to_save":
         per_saved[path].setdefault(tail, t)
     elif head == "original_module":
         module = model.get_submodule(path)
         original = getattr(module, "original_module", module)
-        biases[f"{path}.{rest}"] = (original.get_parameter(tail), t)
+        param = dict(original.named_parameters()).get(tail)
+        if param is None or not tail.endswith("bias"):
+            return False
+        biases[f"{path}.{rest}"] = (param, t)
     else:
         per_saved[path][rest] = t
+    return True
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what a saved float may be
