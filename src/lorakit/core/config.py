@@ -46,6 +46,9 @@ def shown(value: Any) -> str:
     return _SHORT.repr(value)
 
 
+CLASSIFIER_HEADS = ("classifier", "score")  # the heads PEFT's SEQ_CLS model adds to modules_to_save itself
+
+
 class Check:
     """One field's type and range. `want` completes "must be ..."; `test(value)` says whether a value fits;
     `detail(value)` may add why it does not (a regex's error, the bad entry of a dict). `a | b` accepts either."""
@@ -225,7 +228,7 @@ class AdapterConfig:
         self.check_fields()
         if self.task_type == "SEQ_CLS":
             # PEFT's PeftModelForSequenceClassification adds these names itself.
-            extra = [n for n in ("classifier", "score") if n not in (self.modules_to_save or [])]
+            extra = [n for n in CLASSIFIER_HEADS if n not in (self.modules_to_save or [])]
             self.modules_to_save = (self.modules_to_save or []) + extra
         self.validate()
 

@@ -16,7 +16,7 @@ import torch
 import safetensors.torch
 from torch import nn
 
-from ..errors import AdapterFormatError, ConfigError, OutputPathError, ShapeMismatchError
+from ..errors import AdapterFormatError, CheckpointError, ConfigError, OutputPathError, ShapeMismatchError
 from . import atomic
 from .adapted import AdaptedLayer
 from .api import AdapterPlan, adapted_layers, attach, get_config, keep_originals, plan_adapter, saved_modules
@@ -51,6 +51,44 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
             if key.endswith("bias") and not internal and (bias_mode == "all" or key in own):
                 out[f"{PREFIX}{key}"] = p
     return out
+
+
+def adapter_state_dict_from(model: nn.Module, name: str, state_dict: dict) -> dict[str, torch.Tensor]:
+    """adapter_state_dict(model, name) as CPU copies, every value taken from `state_dict`: a full model state dict
+    under the model's own keys (what a Trainer gathers under ZeRO-3 / sharded FSDP, where the live parameters are
+    empty). Tensors are matched by the name each live tensor has in model.state_dict(), never by storage.
+
+    Raises:
+        CheckpointError: `state_dict` lacks one of the adapter's tensors, or holds it with another shape."""
+    names = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
+
+    def passed(live: torch.Tensor, required: bool = True) -> torch.Tensor:
+        key = names.get(id(live))
+        if key is None or key not in state_dict:
+            if not required:
+                return live
+            raise CheckpointError(f"the state dict passed for adapter {name!r} has no {key or 'tensor'!r}")
+        t = state_dict[key]
+        shape = tuple(getattr(live, "ds_shape", live.shape))  # DeepSpeed ZeRO-3 keeps the full shape aside
+        if live.numel() and tuple(t.shape) != shape:
+            raise CheckpointError(f"the state dict passed for adapter {name!r} holds {key!r} with shape "
+                                  f"{tuple(t.shape)}; the model has {shape}")
+        return t
+
+    # the deltas hold the passed values while their save-time tensors are computed (a variant may derive them)
+    own = [t for _, layer in adapted_layers(model) if name in layer.deltas
+           for t in (*layer.deltas[name].parameters(), *layer.deltas[name].buffers())]
+    originals = [t.data for t in own]
+    try:
+        with torch.no_grad():
+            for t in own:
+                t.data = passed(t, required=isinstance(t, nn.Parameter)).to(t.dtype)
+            return {k: passed(v).detach().to("cpu", copy=True).contiguous() if id(v) in names
+                    else v.detach().to("cpu", copy=True).contiguous()
+                    for k, v in adapter_state_dict(model, name).items()}
+    finally:
+        for t, data in zip(own, originals):
+            t.data = data
 
 
 def save_adapter(model: nn.Module, directory: Union[str, os.PathLike], name: str = "default") -> Path:
