@@ -190,3 +190,22 @@ def test_lorahub_search_takes_one_name_as_a_string(two):
     x = torch.randn(4, 16)
     result = lorakit.lorahub_search(two, "b", lambda m: float(m(x).square().mean()), max_evals=3)
     assert list(result.weights) == ["b"]
+
+
+def test_an_error_while_syncing_transformers_state_rolls_the_adapter_back(monkeypatch):
+    from lorakit.core.hf import model as hf_model
+
+    net = nn.Sequential(nn.Linear(4, 4))
+    real, calls = hf_model.sync, []
+
+    def failing(model):
+        calls.append(model)
+        if len(calls) == 1:
+            raise RuntimeError("sync failed")
+        real(model)
+
+    monkeypatch.setattr(hf_model, "sync", failing)
+    with pytest.raises(RuntimeError, match="sync failed"):
+        lorakit.add_adapter(net, lorakit.LoraConfig(r=2, target_modules=["0"]))
+    assert lorakit.list_adapters(net) == [] and isinstance(net[0], nn.Linear)
+    assert all(p.requires_grad for p in net.parameters())

@@ -28,7 +28,7 @@ _COMMON_PEFT_FIELDS: dict[str, Any] = {
 }
 
 MAX_RANK = 2**16
-"""The largest rank (r, a rank_pattern value, AdaLoRA's init_r) any config takes: far above any layer's size, and
+"""The largest rank (r, a rank_pattern value, a variant's own rank field) any config takes: far above any layer's size, and
 small enough that a typo is refused before it allocates (plan_adapter also weighs the rank against each layer)."""
 
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -172,6 +172,8 @@ class AdapterConfig:
     run_option_fields: ClassVar[dict[str, str]] = {}
     # The field that takes the run's number of optimizer steps (a schedule's length), if the variant has one.
     total_steps_field: ClassVar[Optional[str]] = None
+    # The field that states the adapter's rank (named in messages about an absurd rank).
+    rank_field: ClassVar[str] = "r"
 
     # PEFT's per-model-type default target_modules (model.config.model_type → names), used when target_modules is
     # None; resolved when the config meets a model (core/targeting.resolve_targets).

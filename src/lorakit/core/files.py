@@ -19,7 +19,8 @@ from torch import nn
 from ..errors import AdapterFormatError, CheckpointError, ConfigError, OutputPathError, ShapeMismatchError
 from . import atomic
 from .adapted import AdaptedLayer
-from .api import AdapterPlan, adapted_layers, attach, get_config, keep_originals, plan_adapter, saved_modules
+from .api import AdapterPlan, adapted_layers, attach, get_config, plan_adapter, saved_modules
+from .originals import keep_originals
 from .hf.describe import describe_base
 from .registry import config_from_peft_dict
 

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from ..core import files
-from ..core.api import adapted_layers, get_config, keep_originals, plan_adapter, saved_modules
+from ..core.api import adapted_layers, get_config, plan_adapter, saved_modules
+from ..core.originals import keep_originals
 from ..errors import AdapterFormatError, HotSwapError
 from .layer_plans import clear_stacks
 
