@@ -424,4 +424,5 @@ def test_classifier_heads_are_one_constant():
     from lorakit.core.hf import describe
 
     assert describe.CLASSIFIER_HEADS is config.CLASSIFIER_HEADS
-    assert lorakit.LoraConfig(target_modules=["q"], task_type="SEQ_CLS").modules_to_save == list(config.CLASSIFIER_HEADS)
+    seq_cls = lorakit.LoraConfig(target_modules=["q"], task_type="SEQ_CLS")
+    assert seq_cls.modules_to_save == list(config.CLASSIFIER_HEADS)

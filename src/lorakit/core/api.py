@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence, Union
 
-import torch
 from torch import nn
 
 from .adapted import AdaptedLayer
@@ -206,7 +205,8 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") 
     """Adapt `model` in place and freeze its base. The first adapter becomes active; later ones are
     added inactive (as in PEFT): call set_active to use them. Returns the same model object.
 
-    `config` may also be a PEFT config object of any registered variant, converted field by field; target_modules None means PEFT's defaults for `model.config.model_type`."""
+    `config` may also be a PEFT config object of any registered variant, converted field by field;
+    target_modules None means PEFT's defaults for `model.config.model_type`."""
     attach(model, plan_adapter(model, config, name))
     return model
 
