@@ -464,3 +464,18 @@ def test_an_unexpected_filesystem_error_names_the_output_path(tmp_path, monkeypa
         lorakit.save_adapter(NEW, tmp_path / "out")
     assert str(tmp_path / "out") in str(caught.value) and "No space left" in str(caught.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_only_this_hosts_leftovers_of_ended_saves_are_cleaned(tmp_path):
+    """A pid means nothing on another host (a folder shared by containers or machines): its temp dirs stay."""
+    ended = os.fork()
+    if ended == 0:
+        os._exit(0)
+    os.waitpid(ended, 0)  # a pid that no process of this host has now
+    ours = tmp_path / f".adapter.tmp-{atomic.temp_name('x').split('-')[1]}-{ended}-0a1b2c3d"  # this host's tag
+    theirs = tmp_path / f".adapter.tmp-hotherhost-{ended}-0a1b2c3d"
+    older = tmp_path / f".adapter.tmp-{ended}-0a1b2c3d"  # an older lorakit's name, without the host
+    for d in (ours, theirs, older):
+        d.mkdir()
+    lorakit.save_adapter(NEW, tmp_path / "adapter")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["adapter", theirs.name])

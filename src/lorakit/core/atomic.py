@@ -1,6 +1,6 @@
 """Whole-directory atomic writes: a reader sees the old directory or the new one, complete, never a mix.
 
-    with atomic_dir("out/adapter") as tmp:    # tmp = out/.adapter.tmp-<pid>-<token>, in the same parent
+    with atomic_dir("out/adapter") as tmp:    # tmp = out/.adapter.tmp-h<host>-<pid>-<token>, same parent
         write files into tmp
     # on leaving the block: every file and tmp are fsynced, then tmp takes the target's place in one step
 
@@ -18,9 +18,15 @@ How the new directory takes the place of the old one. POSIX has no atomic "repla
   `readable(target)` (which load_adapter calls) then answers the aside copy, and the next save into the same
   parent renames an orphaned aside copy back first, so a kill at that moment loses nothing.
 
-Temp and aside directories of saves that were killed (their process is gone) are removed by the next save
-into the same parent. A failed write (an exception in the block) removes its temp directory and leaves the
-target as it was.
+Temp and aside directories of saves that were killed (their process, on this host, is gone) are removed by the
+next save into the same parent. A failed write (an exception in the block) removes its temp directory and leaves
+the target as it was. A file in the way (the target, or a folder above it, is a file) is an OutputPathError
+before anything is written, here and in write_file.
+
+Replacing a whole directory is not always right: it cannot replace the working directory (the process would be
+left in a deleted one), a mount point (EBUSY), a folder whose parent is read-only, or a folder other processes
+write into meanwhile (their files would be lost). Writers that may meet those (adapter saves: core/writing.py)
+write file by file with write_file instead, in an order that keeps every state a reader can see meaningful.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import stat
 import sys
 from pathlib import Path
@@ -39,7 +46,11 @@ from typing import Callable, Iterator, Union
 
 from ..errors import OutputPathError
 
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
+# .<name>.<kind>-h<host>-<pid>-<token>; names without the host tag are older lorakits' (taken as this host's)
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<host>h[A-Za-z0-9]*)-)?(?P<pid>\d+)-[0-9a-f]+$")
+# A pid means something only on its own host (and in its own pid namespace, which the host name tells apart for
+# containers): leftovers of another host's saves are never taken for stale.
+_HOST = "h" + re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40]
 _RENAME_EXCHANGE = 2  # linux/fs.h
 
 
@@ -50,7 +61,7 @@ def is_temp_name(name: str) -> bool:
 
 def temp_name(name: str, kind: str = "tmp") -> str:
     """The hidden sibling name of a save in progress (kind "tmp") or of an old copy set aside ("old")."""
-    return f".{name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+    return f".{name}.{kind}-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 @contextlib.contextmanager
@@ -195,21 +206,29 @@ def recover(target: Path) -> None:
     if target.exists():
         return
     for aside in _leftovers(target.parent, "old", target.name):
-        if not _alive(int(_TEMP.match(aside.name)["pid"])):
+        if _stale(_TEMP.match(aside.name)):
             os.rename(aside, target)
             return
 
 
 def clean_stale(parent: Path) -> None:
     """Remove temp and aside directories (and single-file temps, see write_file) left in `parent` by saves whose
-    process is gone (killed). A pid reused by another process keeps its leftovers until that process ends too."""
+    process is gone (killed). A pid reused by another process keeps its leftovers until that process ends too;
+    another host's leftovers (a folder shared between machines or containers) are left alone."""
     for kind in ("tmp", "old"):
         for p in _leftovers(parent, kind):
             m = _TEMP.match(p.name)
             if kind == "old" and not (parent / m["name"]).exists():
                 continue  # the only copy of that directory: recover() puts it back
-            if not _alive(int(m["pid"])):
+            if _stale(m):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _stale(m: re.Match) -> bool:
+    """Whether the save that named this leftover is gone: it ran on this host and its process has ended."""
+    if m["host"] is not None and m["host"] != _HOST:
+        return False  # os.kill cannot tell about another host's processes
+    return not _alive(int(m["pid"]))
 
 
 def _alive(pid: int) -> bool:
