@@ -479,3 +479,18 @@ def test_only_this_hosts_leftovers_of_ended_saves_are_cleaned(tmp_path):
         d.mkdir()
     lorakit.save_adapter(NEW, tmp_path / "adapter")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["adapter", theirs.name])
+
+
+def test_saves_never_toggle_the_process_umask(tmp_path, monkeypatch):
+    """os.umask is process-wide: toggling it during a save races every other thread's file creation."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+
+    def refused(*a):
+        raise AssertionError("os.umask called during a save")
+
+    monkeypatch.setattr(os, "umask", refused)
+    target = lorakit.save_adapter(NEW, tmp_path / "a")
+    (target / "notes.txt").write_text("in place next time\n")
+    lorakit.save_adapter(OLD, target)
+    assert (target / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
