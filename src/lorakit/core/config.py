@@ -29,7 +29,8 @@ _COMMON_PEFT_FIELDS: dict[str, Any] = {
 
 MAX_RANK = 2**16
 """The largest rank (r, a rank_pattern value, a variant's own rank field) any config takes: far above any layer's
-size, and small enough that a typo is refused before it allocates (plan_adapter also weighs the rank against each layer)."""
+size, and small enough that a typo is refused before it allocates (plan_adapter also weighs the rank against each
+layer)."""
 
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 """PEFT's TaskType values."""

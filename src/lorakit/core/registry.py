@@ -24,10 +24,10 @@ class Variant:
     name: the registry key (`config.variant`), e.g. "LORA" or "DORA".
     config: its config dataclass (PEFT's fields; `config.peft_type` names the adapter_config.json type).
     delta: its `Delta` subclass.
-    selector: config fields that pick this variant inside a shared config class (DoRA: {"use_dora": True}).
+    selector: config fields that pick this variant inside a shared config class (e.g. {"<flag>": True}).
     training_hook: factory(model, adapter_name, config) of an object with
         extra_loss() -> Tensor | None   (added to the loss before backward)
-        after_step(step: int) -> None   (after optimizer.step(), before zero_grad; e.g. AdaLoRA's allocator)
+        after_step(step: int) -> None   (after optimizer.step(), before zero_grad; e.g. a rank allocator)
         on_save() -> None               (before the adapter is written)
     factored_config: for a variant whose deltas hold any rank-r product s·B·A (`Delta.factors_writable`),
         factory(r, source=None, **common) of its config at rank r: `source`, a config of this same
