@@ -377,3 +377,12 @@ def test_cli_train_with_a_bad_adapter_option_exits_2_with_one_line(capsys, works
                          "--max-steps", "1", "--quiet", "--score", "none", "--output-dir", str(out), *flags)
     assert code == 2 and f"'{field}'" in _one_line(err)
     assert not (out / "adapter").exists()
+
+
+def test_absurd_rank_names_the_variants_own_rank_field():
+    model = nn.Sequential(nn.Linear(300, 300))
+    snap = _snapshot(model)
+    with pytest.raises(ConfigError, match=r"field 'init_r' .*rank 60000, far above"):
+        lorakit.add_adapter(model, lorakit.AdaLoraConfig(init_r=60_000, target_r=4, total_step=10,
+                                                         target_modules=["0"]))
+    assert_untouched(model, snap)

@@ -242,3 +242,27 @@ def test_merge_of_a_nan_alpha_adapter_writes_nothing(tiny_base, tmp_path, capsys
     code, err = _merge(capsys, adapter, tiny_base, tmp_path / "merged")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "merged").exists()
+
+
+def _saved_with_head(tmp_path):
+    model = _net()
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules=["0"], modules_to_save=["2"], bias="all",
+                                                  init_lora_weights=False))
+    return lorakit.save_adapter(model, tmp_path / "head")
+
+
+@pytest.mark.parametrize("tail", ["weight", "nope"])
+def test_original_module_tensors_other_than_biases_are_refused(tmp_path, tail):
+    """`<saved module>.original_module.<k>` may only restore a bias of the original (PEFT's bias="all" layout):
+    a weight would overwrite the frozen base, an unknown name must be an AdapterFormatError, not AttributeError."""
+    directory = _saved_with_head(tmp_path)
+    _rewrite(directory, lambda t: t.update({f"base_model.model.2.original_module.{tail}": torch.full((8, 32), 7.0)}))
+    err = _expect_refused(_net(), directory, "match no module")
+    assert isinstance(err, AdapterFormatError) and f"original_module.{tail}" in str(err)
+
+
+def test_original_module_biases_still_load(tmp_path):
+    directory = _saved_with_head(tmp_path)
+    _rewrite(directory, lambda t: t.update({"base_model.model.2.original_module.bias": torch.full((8,), 7.0)}))
+    model = lorakit.load_adapter(_net(), directory)
+    assert torch.equal(model[2].original_module.bias, torch.full((8,), 7.0))

@@ -173,7 +173,7 @@ def test_save_adapter_onto_a_file_is_refused(two, tmp_path, where):
     existing = tmp_path / "existing"
     existing.write_text("keep me")
     target = existing if where == "file" else existing / "sub"
-    with pytest.raises(AdapterFormatError, match="exists and is not a directory"):
+    with pytest.raises(lorakit.OutputPathError, match="exists and is not a directory"):
         lorakit.save_adapter(two, target, name="a")
     assert existing.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
 
@@ -190,3 +190,22 @@ def test_lorahub_search_takes_one_name_as_a_string(two):
     x = torch.randn(4, 16)
     result = lorakit.lorahub_search(two, "b", lambda m: float(m(x).square().mean()), max_evals=3)
     assert list(result.weights) == ["b"]
+
+
+def test_an_error_while_syncing_transformers_state_rolls_the_adapter_back(monkeypatch):
+    from lorakit.core.hf import model as hf_model
+
+    net = nn.Sequential(nn.Linear(4, 4))
+    real, calls = hf_model.sync, []
+
+    def failing(model):
+        calls.append(model)
+        if len(calls) == 1:
+            raise RuntimeError("sync failed")
+        real(model)
+
+    monkeypatch.setattr(hf_model, "sync", failing)
+    with pytest.raises(RuntimeError, match="sync failed"):
+        lorakit.add_adapter(net, lorakit.LoraConfig(r=2, target_modules=["0"]))
+    assert lorakit.list_adapters(net) == [] and isinstance(net[0], nn.Linear)
+    assert all(p.requires_grad for p in net.parameters())

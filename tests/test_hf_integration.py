@@ -366,3 +366,63 @@ def test_trainer_imported_after_the_adapter_is_patched_when_it_loads():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
+
+
+def test_merged_save_of_two_active_adapters_with_dora_matches_the_model(llama_dir, tmp_path):
+    """A weight-normalised delta scales what was merged before it: the merged file chains the merges as
+    lorakit.merge does, so it answers what the model in memory answers."""
+    from transformers import AutoModelForCausalLM
+    from support import randomise_adapters
+
+    model = _llama(llama_dir)
+    lorakit.add_adapter(model, _lora(), name="plain")
+    lorakit.add_adapter(model, _lora(use_dora=True), name="dora")
+    randomise_adapters(model, std=0.2)
+    lorakit.set_active(model, ["plain", "dora"])
+    lorakit.merge(model)
+    expected = _logits(model)
+    lorakit.unmerge(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "merged", merged=True)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(_logits(saved), expected, atol=1e-5, rtol=1e-5)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before if ".deltas." not in k)  # restored bit for bit
+
+
+def test_save_pretrained_takes_the_values_of_the_state_dict_passed(llama_dir, tmp_path):
+    """A Trainer passes a gathered state dict (under ZeRO-3 / sharded FSDP the live parameters are empty): its
+    values are written, matched by name, whatever their storage."""
+    model = lorakit.add_adapter(_llama(llama_dir), _lora(init_lora_weights=False))
+    gathered = {k: v.detach().clone() + 1.0 for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "a", state_dict=gathered)
+    saved = _load_file(tmp_path / "a" / "adapter_model.safetensors")
+    live = lorakit.adapter_state_dict(model)
+    assert saved.keys() == live.keys()
+    assert all(torch.equal(saved[k], live[k].detach() + 1.0) for k in live)
+    from_api = model.get_adapter_state_dict(state_dict=gathered)
+    assert all(torch.equal(from_api[k[len("base_model.model."):]], saved[k]) for k in saved)
+    missing = {k: v for k, v in gathered.items() if "lora_A" not in k}
+    with pytest.raises(lorakit.CheckpointError, match="lora_A"):
+        model.save_pretrained(tmp_path / "b", state_dict=missing)
+    assert not (tmp_path / "b").exists()
+
+
+def test_transformers_add_and_delete_adapter_refuse_bad_input_before_changing_anything(llama_dir):
+    model = _llama(llama_dir)
+    lorakit.add_adapter(model, _lora(), name="a")
+    lorakit.add_adapter(model, _lora(), name="b")
+    with pytest.raises(lorakit.ConfigError, match="PEFT config"):
+        model.add_adapter({"r": 4}, adapter_name="c")  # a dict is no config: lorakit's ConfigError, not TypeError
+    with pytest.raises(lorakit.AdapterNameError, match="'a'"):
+        model.delete_adapter(["a", "b", "a"])  # a name listed twice: nothing is deleted
+    assert lorakit.list_adapters(model) == ["a", "b"]
+
+
+def test_classifier_heads_are_one_constant():
+    from lorakit.core import config
+    from lorakit.core.hf import describe
+
+    assert describe.CLASSIFIER_HEADS is config.CLASSIFIER_HEADS
+    seq_cls = lorakit.LoraConfig(target_modules=["q"], task_type="SEQ_CLS")
+    assert seq_cls.modules_to_save == list(config.CLASSIFIER_HEADS)

@@ -129,3 +129,29 @@ def test_compiled_model_is_not_recompiled(base, tmp_path):
     assert not torch.equal(second, first)
     assert float((second - expected).abs().max() / expected.abs().max()) < 1e-5
     torch._dynamo.reset()
+
+
+def test_delete_after_hot_swap_restores_the_swapped_in_base_biases(tmp_path):
+    """An adapter loaded without biases, hot-swapped with a file that writes base biases: deleting it (or
+    unloading without merging) puts the base's own biases back."""
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+
+    def saved(label, bias):
+        model = net()
+        lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False,
+                                                      bias=bias))
+        with torch.no_grad():
+            model[0].bias.fill_(5.0)
+        return lorakit.save_adapter(model, tmp_path / label)
+
+    plain, with_bias = saved("plain", "none"), saved("biased", "all")
+    for finish in (lambda m: lorakit.delete_adapter(m, "default"), lambda m: lorakit.unload(m, merge=False)):
+        model = net()
+        original = model[0].bias.detach().clone()
+        lorakit.load_adapter(model, plain)
+        lorakit.hot_swap(model, "default", with_bias)
+        assert torch.equal(model[0].bias, torch.full_like(original, 5.0))
+        model = finish(model) or model
+        assert torch.equal(model[0].bias, original)

@@ -15,7 +15,8 @@ from .core.api import (active_adapters, adapted_layers, add_adapter, count_param
 from .core.config import AdapterConfig
 from .core.files import adapter_state_dict, load_adapter, read_config, save_adapter
 from .errors import (AdapterFormatError, AdapterNameError, CheckpointError, ConfigError, DataError, HotSwapError,
-                     LorakitError, MixedBatchError, QuantizedBaseError, ShapeMismatchError, TargetError)
+                     LorakitError, MixedBatchError, OutputPathError, QuantizedBaseError, ShapeMismatchError,
+                     TargetError)
 from .fast import fusion_report, optimize, unoptimize
 from .loading.models import bundled_model_path
 from .multi import combine, hot_swap, lorahub_search, per_row, weighted
@@ -40,5 +41,5 @@ __all__ = [
     "analyze", "bundled_model_path",
     # errors
     "LorakitError", "ConfigError", "TargetError", "AdapterNameError", "AdapterFormatError", "ShapeMismatchError",
-    "QuantizedBaseError", "MixedBatchError", "HotSwapError", "DataError", "CheckpointError",
+    "QuantizedBaseError", "MixedBatchError", "HotSwapError", "DataError", "CheckpointError", "OutputPathError",
 ]

@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence, Union
 
-import torch
 from torch import nn
 
 from .adapted import AdaptedLayer
@@ -22,6 +21,7 @@ from .config import AdapterConfig, shown
 from .delta import Delta
 from ..errors import AdapterNameError, ConfigError
 from .layers import LayerOps, ops_for
+from .originals import restore_originals
 from .registry import TRAINING_HOOKS, as_config, delta_class
 from .saved import SavedModule
 from .targeting import candidate_modules, find_targets, resolve_targets
@@ -102,7 +102,8 @@ def check_rank(config: AdapterConfig, path: str, ops: LayerOps) -> None:
     """ConfigError for an absurd rank at `path`, before anything is allocated (see MAX_FACTOR_VALUES)."""
     r, fan_in, out = config.rank_for(path), ops.in_features * math.prod(ops.kernel), ops.out_features
     if r > max(fan_in, out) and r * (fan_in + out) > MAX_FACTOR_VALUES:
-        raise ConfigError(f"{type(config).__name__} field 'r' (or its rank_pattern entry) gives {path} rank {r}, "
+        raise ConfigError(f"{type(config).__name__} field {config.rank_field!r} (or its rank_pattern entry) gives "
+                          f"{path} rank {r}, "
                           f"far above the layer's {out}×{fan_in} (ΔW's rank is at most {min(fan_in, out)}); "
                           f"its factors would hold {r * (fan_in + out):,} values")
 
@@ -144,15 +145,18 @@ def attach(model: nn.Module, plan: AdapterPlan, fresh: bool = True) -> None:
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         _attach(model, plan, fresh, st)
+        _sync_hf(model)
     except BaseException:
         _remove_from_layers(model, plan.name)
         for p, flag in flags:
             p.requires_grad_(flag)
         st.configs.pop(plan.name, None)
+        st.active = tuple(n for n in st.active if n != plan.name)
         if not st.configs:
             model.__dict__.pop(_STATE_ATTR, None)
+        with contextlib.suppress(Exception):  # the bridge follows the rolled-back state; the first error is raised
+            _sync_hf(model)
         raise
-    _sync_hf(model)
 
 
 def _attach(model: nn.Module, plan: AdapterPlan, fresh: bool, st: AdapterState) -> None:
@@ -201,8 +205,8 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") 
     """Adapt `model` in place and freeze its base. The first adapter becomes active; later ones are
     added inactive (as in PEFT): call set_active to use them. Returns the same model object.
 
-    `config` may also be a PEFT config (peft.LoraConfig, LoHaConfig, LoKrConfig, AdaLoraConfig), converted field by
-    field; target_modules None means PEFT's defaults for `model.config.model_type`."""
+    `config` may also be a PEFT config object of any registered variant, converted field by field;
+    target_modules None means PEFT's defaults for `model.config.model_type`."""
     attach(model, plan_adapter(model, config, name))
     return model
 
@@ -283,31 +287,6 @@ _merge = merge  # unload's `merge` flag shadows the function
 
 
 # --- removing -----------------------------------------------------------------------------------------
-def keep_originals(model: nn.Module, name: str, params: Sequence[nn.Parameter]) -> None:
-    """Remember the values of base parameters that adapter `name` is about to overwrite (a loaded bias), so
-    that delete_adapter (once no remaining adapter wrote them) and unload(merge=False) put them back."""
-    st = state(model)
-    for p in params:
-        entry = next((e for e in st.overwritten if e[0] is p), None)
-        if entry is None:
-            st.overwritten.append([p, p.detach().clone(), {name}])
-        else:
-            entry[2].add(name)
-
-
-def _restore_originals(st: AdapterState, gone: set[str]) -> None:
-    """Put back the base values that only adapters in `gone` had overwritten."""
-    kept = []
-    for entry in st.overwritten:
-        entry[2] -= gone
-        if entry[2]:
-            kept.append(entry)
-        else:
-            with torch.no_grad():
-                entry[0].copy_(entry[1])
-    st.overwritten = kept
-
-
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name` from the model (unmerging first); the last one gone leaves the base model as it was,
     with its requires_grad flags restored."""
@@ -316,7 +295,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     st = state(model)
     _remove_from_layers(model, name)
     del st.configs[name]
-    _restore_originals(st, {name})
+    restore_originals(st, {name})
     set_active(model, tuple(n for n in st.active if n != name))
     if not st.configs:
         _forget(model, st)
@@ -347,7 +326,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         st.overwritten = []  # loaded biases are part of the merged model
     else:
         unmerge(model)
-        _restore_originals(st, set(st.configs))
+        restore_originals(st, set(st.configs))
     for path, layer in list(adapted_layers(model)):
         _replace(model, path, layer.base_layer)
     for path, holder in list(saved_modules(model)):

@@ -1,6 +1,6 @@
 """Whole-directory atomic writes: a reader sees the old directory or the new one, complete, never a mix.
 
-    with atomic_dir("out/adapter") as tmp:    # tmp = out/.adapter.tmp-<pid>-<token>, in the same parent
+    with atomic_dir("out/adapter") as tmp:    # tmp = out/.adapter.tmp-h<host>-<pid>-<token>, same parent
         write files into tmp
     # on leaving the block: every file and tmp are fsynced, then tmp takes the target's place in one step
 
@@ -18,9 +18,15 @@ How the new directory takes the place of the old one. POSIX has no atomic "repla
   `readable(target)` (which load_adapter calls) then answers the aside copy, and the next save into the same
   parent renames an orphaned aside copy back first, so a kill at that moment loses nothing.
 
-Temp and aside directories of saves that were killed (their process is gone) are removed by the next save
-into the same parent. A failed write (an exception in the block) removes its temp directory and leaves the
-target as it was.
+Temp and aside directories of saves that were killed (their process, on this host, is gone) are removed by the
+next save into the same parent. A failed write (an exception in the block) removes its temp directory and leaves
+the target as it was. A file in the way (the target, or a folder above it, is a file) is an OutputPathError
+before anything is written, here and in write_file.
+
+Replacing a whole directory is not always right: it cannot replace the working directory (the process would be
+left in a deleted one), a mount point (EBUSY), a folder whose parent is read-only, or a folder other processes
+write into meanwhile (their files would be lost). Writers that may meet those (adapter saves: core/writing.py)
+write file by file with write_file instead, in an order that keeps every state a reader can see meaningful.
 """
 
 from __future__ import annotations
@@ -32,19 +38,30 @@ import os
 import re
 import secrets
 import shutil
+import socket
+import stat
 import sys
 from pathlib import Path
 from typing import Callable, Iterator, Union
 
 from ..errors import OutputPathError
 
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
+# .<name>.<kind>-h<host>-<pid>-<token>; names without the host tag are older lorakits' (taken as this host's)
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<host>h[A-Za-z0-9]*)-)?(?P<pid>\d+)-[0-9a-f]+$")
+# A pid means something only on its own host (and in its own pid namespace, which the host name tells apart for
+# containers): leftovers of another host's saves are never taken for stale.
+_HOST = "h" + re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40]
 _RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether `name` is a save's temp or aside name (temp_name's)."""
+    return _TEMP.match(name) is not None
 
 
 def temp_name(name: str, kind: str = "tmp") -> str:
     """The hidden sibling name of a save in progress (kind "tmp") or of an old copy set aside ("old")."""
-    return f".{name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+    return f".{name}.{kind}-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 @contextlib.contextmanager
@@ -61,6 +78,7 @@ def atomic_dir(target: Union[str, os.PathLike], carry: bool = False, drop: tuple
         OutputPathError: the target exists and is not a directory, or replace_ok refused it."""
     target = Path(os.path.realpath(target))  # a symlinked target: replace the directory it points to
     parent = target.parent
+    check_parents(target)
     parent.mkdir(parents=True, exist_ok=True)
     recover(target)
     clean_stale(parent)
@@ -80,6 +98,15 @@ def atomic_dir(target: Union[str, os.PathLike], carry: bool = False, drop: tuple
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_parents(path: Union[str, os.PathLike]) -> None:
+    """Raise OutputPathError when `path` cannot become a directory or hold a file because the nearest existing
+    folder above it is a file (mkdir would raise NotADirectoryError or FileExistsError halfway)."""
+    path = Path(path)
+    existing = next((p for p in path.parents if os.path.lexists(p)), None)
+    if existing is not None and not existing.is_dir():
+        raise OutputPathError(f"cannot write {path}: {existing} exists and is not a directory")
 
 
 def swap_in(tmp: Path, target: Path) -> None:
@@ -179,21 +206,29 @@ def recover(target: Path) -> None:
     if target.exists():
         return
     for aside in _leftovers(target.parent, "old", target.name):
-        if not _alive(int(_TEMP.match(aside.name)["pid"])):
+        if _stale(_TEMP.match(aside.name)):
             os.rename(aside, target)
             return
 
 
 def clean_stale(parent: Path) -> None:
     """Remove temp and aside directories (and single-file temps, see write_file) left in `parent` by saves whose
-    process is gone (killed). A pid reused by another process keeps its leftovers until that process ends too."""
+    process is gone (killed). A pid reused by another process keeps its leftovers until that process ends too;
+    another host's leftovers (a folder shared between machines or containers) are left alone."""
     for kind in ("tmp", "old"):
         for p in _leftovers(parent, kind):
             m = _TEMP.match(p.name)
             if kind == "old" and not (parent / m["name"]).exists():
                 continue  # the only copy of that directory: recover() puts it back
-            if not _alive(int(m["pid"])):
+            if _stale(m):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _stale(m: re.Match) -> bool:
+    """Whether the save that named this leftover is gone: it ran on this host and its process has ended."""
+    if m["host"] is not None and m["host"] != _HOST:
+        return False  # os.kill cannot tell about another host's processes
+    return not _alive(int(m["pid"]))
 
 
 def _alive(pid: int) -> bool:
@@ -210,11 +245,14 @@ def _alive(pid: int) -> bool:
 
 # --- durability -----------------------------------------------------------------------------------------
 def fsync_tree(root: Path) -> None:
-    """fsync every file under `root`, then every directory bottom-up (their entries), so that a crash after
-    the rename cannot expose a directory whose files are still empty."""
+    """fsync every regular file under `root`, then every directory bottom-up (their entries), so that a crash
+    after the rename cannot expose a directory whose files are still empty. Other entries (symlinks, a dangling
+    one included, FIFOs, sockets) are not opened: they hold no data of ours, and opening a FIFO would block."""
     for dirpath, _, filenames in os.walk(root, topdown=False):
         for f in filenames:
-            _fsync_path(os.path.join(dirpath, f), os.O_RDONLY)
+            path = os.path.join(dirpath, f)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                _fsync_path(path, os.O_RDONLY)
         fsync_dir(Path(dirpath))
 
 
@@ -265,6 +303,9 @@ def write_file(path: Union[str, os.PathLike], write: Callable[[Path], None]) -> 
     """Write one file whole: `write(tmp)` fills a hidden temp file in the same directory, which is fsynced and
     renamed onto `path` (os.replace is atomic for files). A reader sees the old file or the new one."""
     path = Path(path)
+    check_parents(path)
+    if path.is_dir():
+        raise OutputPathError(f"cannot write the file {path}: a directory of that name exists")
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path.parent)
     tmp = path.parent / temp_name(path.name)

@@ -28,8 +28,9 @@ _COMMON_PEFT_FIELDS: dict[str, Any] = {
 }
 
 MAX_RANK = 2**16
-"""The largest rank (r, a rank_pattern value, AdaLoRA's init_r) any config takes: far above any layer's size, and
-small enough that a typo is refused before it allocates (plan_adapter also weighs the rank against each layer)."""
+"""The largest rank (r, a rank_pattern value, a variant's own rank field) any config takes: far above any layer's
+size, and small enough that a typo is refused before it allocates (plan_adapter also weighs the rank against each
+layer)."""
 
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 """PEFT's TaskType values."""
@@ -44,6 +45,9 @@ _SHORT.maxlevel = 2
 def shown(value: Any) -> str:
     """A short repr for messages (long strings and deep or huge containers are cut)."""
     return _SHORT.repr(value)
+
+
+CLASSIFIER_HEADS = ("classifier", "score")  # the heads PEFT's SEQ_CLS model adds to modules_to_save itself
 
 
 class Check:
@@ -169,6 +173,8 @@ class AdapterConfig:
     run_option_fields: ClassVar[dict[str, str]] = {}
     # The field that takes the run's number of optimizer steps (a schedule's length), if the variant has one.
     total_steps_field: ClassVar[Optional[str]] = None
+    # The field that states the adapter's rank (named in messages about an absurd rank).
+    rank_field: ClassVar[str] = "r"
 
     # PEFT's per-model-type default target_modules (model.config.model_type → names), used when target_modules is
     # None; resolved when the config meets a model (core/targeting.resolve_targets).
@@ -225,7 +231,7 @@ class AdapterConfig:
         self.check_fields()
         if self.task_type == "SEQ_CLS":
             # PEFT's PeftModelForSequenceClassification adds these names itself.
-            extra = [n for n in ("classifier", "score") if n not in (self.modules_to_save or [])]
+            extra = [n for n in CLASSIFIER_HEADS if n not in (self.modules_to_save or [])]
             self.modules_to_save = (self.modules_to_save or []) + extra
         self.validate()
 

@@ -1,6 +1,6 @@
 """PEFT's default target_modules per model type (`model.config.model_type`), used when a config leaves
 target_modules unset. Copied from PEFT 0.21.2's utils/constants.py (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
-which PEFT also uses for LoHa and LoKr, among others); a variant with its own table sets its config's
+which PEFT also uses for several other variants); a variant with its own table sets its config's
 `default_target_modules`. lorakit does not import peft: the tests compare this copy with PEFT's tables."""
 
 from __future__ import annotations

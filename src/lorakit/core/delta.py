@@ -1,4 +1,4 @@
-"""The weight-delta protocol: what every variant (LoRA, DoRA, LoHa, LoKr, AdaLoRA) implements.
+"""The weight-delta protocol: what every registered variant (variants/<name>.py) implements.
 
 A `Delta` is one adapter's change to one base layer. The adapted layer only ever calls the methods
 below, so a variant is one file that subclasses Delta and registers itself (see registry.py).
@@ -60,12 +60,12 @@ class Delta(nn.Module):
 
     # --- state in PEFT's names --------------------------------------------------------------------
     def peft_tensors(self) -> dict[str, torch.Tensor]:
-        """{PEFT key suffix (e.g. "lora_A.weight"): parameter}; the suffix follows the module path."""
+        """{PEFT key suffix (the name PEFT gives the tensor): parameter}; the suffix follows the module path."""
         raise NotImplementedError
 
     def peft_tensors_for_save(self) -> dict[str, torch.Tensor]:
         """What save_adapter writes; the same as peft_tensors() unless the variant drops state at save
-        time (AdaLoRA leaves out its pruned ranks, as PEFT does)."""
+        time (e.g. ranks pruned away during training, left out as PEFT does)."""
         return self.peft_tensors()
 
     @torch.no_grad()
@@ -107,7 +107,7 @@ class Delta(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} cannot hold arbitrary low-rank factors")
 
     def regularizer(self) -> Optional[torch.Tensor]:
-        """An extra training loss term for this delta (AdaLoRA's orthogonality), or None."""
+        """An extra training loss term for this delta (e.g. an orthogonality regulariser), or None."""
         return None
 
     def on_attach(self, layer: "AdaptedLayer") -> None:

@@ -16,16 +16,16 @@ import torch
 import safetensors.torch
 from torch import nn
 
-from ..errors import AdapterFormatError, ConfigError, ShapeMismatchError
+from ..errors import AdapterFormatError, CheckpointError, ConfigError, ShapeMismatchError
 from . import atomic
 from .adapted import AdaptedLayer
-from .api import AdapterPlan, adapted_layers, attach, get_config, keep_originals, plan_adapter, saved_modules
+from .api import AdapterPlan, adapted_layers, attach, get_config, plan_adapter, saved_modules
+from .originals import keep_originals
+from .writing import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, write_adapter_files
+from .writing import write_adapter_into  # noqa: F401  (files.write_adapter_into: checkpoints write into their temp dir)
 from .hf.describe import describe_base
 from .registry import config_from_peft_dict
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 
@@ -53,12 +53,50 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     return out
 
 
+def adapter_state_dict_from(model: nn.Module, name: str, state_dict: dict) -> dict[str, torch.Tensor]:
+    """adapter_state_dict(model, name) as CPU copies, every value taken from `state_dict`: a full model state dict
+    under the model's own keys (what a Trainer gathers under ZeRO-3 / sharded FSDP, where the live parameters are
+    empty). Tensors are matched by the name each live tensor has in model.state_dict(), never by storage.
+
+    Raises:
+        CheckpointError: `state_dict` lacks one of the adapter's tensors, or holds it with another shape."""
+    names = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
+
+    def passed(live: torch.Tensor, required: bool = True) -> torch.Tensor:
+        key = names.get(id(live))
+        if key is None or key not in state_dict:
+            if not required:
+                return live
+            raise CheckpointError(f"the state dict passed for adapter {name!r} has no {key or 'tensor'!r}")
+        t = state_dict[key]
+        shape = tuple(getattr(live, "ds_shape", live.shape))  # DeepSpeed ZeRO-3 keeps the full shape aside
+        if live.numel() and tuple(t.shape) != shape:
+            raise CheckpointError(f"the state dict passed for adapter {name!r} holds {key!r} with shape "
+                                  f"{tuple(t.shape)}; the model has {shape}")
+        return t
+
+    # the deltas hold the passed values while their save-time tensors are computed (a variant may derive them)
+    own = [t for _, layer in adapted_layers(model) if name in layer.deltas
+           for t in (*layer.deltas[name].parameters(), *layer.deltas[name].buffers())]
+    originals = [t.data for t in own]
+    try:
+        with torch.no_grad():
+            for t in own:
+                t.data = passed(t, required=isinstance(t, nn.Parameter)).to(t.dtype)
+            return {k: passed(v).detach().to("cpu", copy=True).contiguous() if id(v) in names
+                    else v.detach().to("cpu", copy=True).contiguous()
+                    for k, v in adapter_state_dict(model, name).items()}
+    finally:
+        for t, data in zip(own, originals):
+            t.data = data
+
+
 def save_adapter(model: nn.Module, directory: Union[str, os.PathLike], name: str = "default") -> Path:
-    """Write the adapter as PEFT does, as a whole: a reader of `directory` sees the old adapter or the new one,
-    never new weights with an old config (see core/atomic.py)."""
-    existing = next((p for p in (Path(directory), *Path(directory).parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise AdapterFormatError(f"cannot save the adapter into {directory}: {existing} exists and is not a directory")
+    """Write the adapter as PEFT does: a reader of `directory` sees the old adapter whole, the new one whole, or (in
+    place, see write_adapter_files) for a moment no adapter, never new weights with an old config.
+
+    Raises:
+        OutputPathError: `directory` cannot be written (a file in its way, no permission, a full disk...)."""
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model, name).items()}
     return write_adapter_files(directory, tensors, adapter_config_dict(model, name))
 
@@ -74,27 +112,6 @@ def adapter_config_dict(model: nn.Module, name: str = "default") -> dict:
     if data.get("base_model_name_or_path") is None and hf_config is not None:
         data["base_model_name_or_path"] = getattr(hf_config, "_name_or_path", None) or None
     return describe_base(model, data)  # task_type (or auto_mapping) for PEFT's AutoPeftModel classes
-
-
-def write_adapter_files(directory: Union[str, os.PathLike], tensors: dict[str, torch.Tensor], config: dict) -> Path:
-    """Write PEFT's two files from CPU tensors (PEFT keys) and the config dict (e.g. gathered from a sharded model)
-    as one atomic directory swap. Other files already in `directory` (a README, other adapters' subdirectories)
-    are kept; an old adapter_model.bin is dropped (it would contradict the new weights)."""
-    out = Path(directory)
-    # not carried: an old pickle, and the per-file temp files that an interrupted save of older lorakits left
-    litter = [p.name for p in out.glob(".adapter_*.tmp")] if out.is_dir() else []
-    with atomic.atomic_dir(out, carry=True, drop=(PICKLE_NAME, *litter)) as tmp:
-        write_adapter_into(tmp, tensors, config)
-    return out
-
-
-def write_adapter_into(directory: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """PEFT's two files written straight into `directory` (a temp directory that is swapped in as a whole)."""
-    safetensors.torch.save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory / WEIGHTS_NAME, 0o666 & ~umask)  # safetensors creates 0600; give it ordinary permissions
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # --- reading ------------------------------------------------------------------------------------------
@@ -168,7 +185,8 @@ def _sort_tensors(model: nn.Module, plan: AdapterPlan, tensors: dict[str, torch.
             continue
         saved = next((p for p in plan.saved if key.startswith(p + ".")), None)
         if saved is not None:
-            _sort_saved(model, saved, key[len(saved) + 1:], t, per_saved, biases)
+            if not _sort_saved(model, saved, key[len(saved) + 1:], t, per_saved, biases):
+                unknown.append(raw_key)
             continue
         if key.endswith("bias") and (key in params or plain in params):
             biases[key] = (params[key] if key in params else params[plain], t)  # the Parameter survives wrapping
@@ -183,18 +201,23 @@ def _sort_tensors(model: nn.Module, plan: AdapterPlan, tensors: dict[str, torch.
     return per_delta, per_saved, biases
 
 
-def _sort_saved(model, path, rest, t, per_saved, biases) -> None:
+def _sort_saved(model, path, rest, t, per_saved, biases) -> bool:
     """A modules_to_save tensor. PEFT with bias="all" also writes `<path>.modules_to_save.<k>` (the copy's
-    tensor again) and `<path>.original_module.<k>` (the original's); load those as PEFT does."""
+    tensor again) and `<path>.original_module.<k>` (the original's bias); load those as PEFT does. False for an
+    `original_module` tensor that is not one of the original's biases (it would overwrite a frozen base weight)."""
     head, _, tail = rest.partition(".")
     if head == "modules_to_save":
         per_saved[path].setdefault(tail, t)
     elif head == "original_module":
         module = model.get_submodule(path)
         original = getattr(module, "original_module", module)
-        biases[f"{path}.{rest}"] = (original.get_parameter(tail), t)
+        param = dict(original.named_parameters()).get(tail)
+        if param is None or not tail.endswith("bias"):
+            return False
+        biases[f"{path}.{rest}"] = (param, t)
     else:
         per_saved[path][rest] = t
+    return True
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what a saved float may be

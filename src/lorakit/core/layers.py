@@ -53,7 +53,7 @@ class LayerOps:
 
     def add_up(self, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """y + up(h, b) as one GEMM with a beta=1 epilogue (no separate elementwise pass over y)."""
-        rows = math.prod(y.shape[:-1])  # explicit: h may have rank 0 (an AdaLoRA layer pruned to nothing)
+        rows = math.prod(y.shape[:-1])  # explicit: h may have rank 0 (a layer whose ranks were all pruned away)
         out = torch.addmm(y.reshape(rows, y.shape[-1]), h.reshape(rows, h.shape[-1]), b.t())
         return out.view(y.shape)
 

@@ -24,10 +24,10 @@ class Variant:
     name: the registry key (`config.variant`), e.g. "LORA" or "DORA".
     config: its config dataclass (PEFT's fields; `config.peft_type` names the adapter_config.json type).
     delta: its `Delta` subclass.
-    selector: config fields that pick this variant inside a shared config class (DoRA: {"use_dora": True}).
+    selector: config fields that pick this variant inside a shared config class (e.g. {"<flag>": True}).
     training_hook: factory(model, adapter_name, config) of an object with
         extra_loss() -> Tensor | None   (added to the loss before backward)
-        after_step(step: int) -> None   (after optimizer.step(), before zero_grad; e.g. AdaLoRA's allocator)
+        after_step(step: int) -> None   (after optimizer.step(), before zero_grad; e.g. a rank allocator)
         on_save() -> None               (before the adapter is written)
     factored_config: for a variant whose deltas hold any rank-r product s·B·A (`Delta.factors_writable`),
         factory(r, source=None, **common) of its config at rank r: `source`, a config of this same
@@ -78,15 +78,15 @@ def config_from_peft_dict(data: dict[str, Any]) -> "AdapterConfig":
 
 
 def as_config(config: Any) -> "AdapterConfig":
-    """A lorakit config as is; a PEFT config object (peft.LoraConfig, LoHaConfig, LoKrConfig, AdaLoraConfig...:
-    anything with `peft_type` and `to_dict()`) converted through its fields, without importing peft.
+    """A lorakit config as is; a PEFT config object (anything with `peft_type` and `to_dict()`, for each variant
+    the registry knows) converted through its fields, without importing peft.
     ConfigError for anything else, or for a PEFT option lorakit does not implement."""
     if isinstance(config, AdapterConfig):
         return config
     to_dict = getattr(config, "to_dict", None)
     if not callable(to_dict) or getattr(config, "peft_type", None) is None:
-        raise ConfigError(f"config must be a lorakit adapter config (e.g. lorakit.LoraConfig) or a PEFT config, "
-                          f"got {type(config).__name__}")
+        raise ConfigError("config must be a lorakit adapter config (an AdapterConfig subclass instance) or a PEFT "
+                          f"config, got {type(config).__name__}")
     data = {k: _plain(v) for k, v in to_dict().items()}
     data["peft_type"] = _plain(config.peft_type)
     return config_from_peft_dict(data)

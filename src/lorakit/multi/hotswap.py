@@ -27,6 +27,7 @@ from torch import nn
 
 from ..core import files
 from ..core.api import adapted_layers, get_config, plan_adapter, saved_modules
+from ..core.originals import keep_originals
 from ..errors import AdapterFormatError, HotSwapError
 from .layer_plans import clear_stacks
 
@@ -93,7 +94,8 @@ def _generic_writes(old: nn.Module, fresh, tensors) -> list[Write]:
 SWAPPERS: dict[type, Swapper] = {}
 
 
-def _plan_writes(model: nn.Module, name: str, directory) -> list[Write]:
+def _plan_writes(model: nn.Module, name: str, directory) -> tuple[list[Write], list[nn.Parameter]]:
+    """Every write the swap makes (all checks done), and the base parameters (biases) among their targets."""
     current = get_config(model, name)
     config = files.read_config(directory)
     if config.variant != current.variant:
@@ -115,7 +117,7 @@ def _plan_writes(model: nn.Module, name: str, directory) -> list[Write]:
         writes += swapper(old, fresh, per_delta.get(path))
     writes += _saved_writes(model, name, per_saved)
     writes += [functools.partial(_copy, param, t) for param, t in biases.values()]
-    return writes
+    return writes, [param for param, _ in biases.values()]
 
 
 def _saved_writes(model: nn.Module, name: str, per_saved: dict) -> list[Write]:
@@ -140,9 +142,10 @@ def hot_swap(model: nn.Module, name: str, directory: Union[str, os.PathLike]) ->
     if any(name in layer.merged for layer in layers):
         raise HotSwapError(f"adapter {name!r} is merged into the base weights; call lorakit.unmerge(model) first")
     try:
-        writes = _plan_writes(model, name, directory)
+        writes, base_params = _plan_writes(model, name, directory)
     except (KeyError, IndexError) as e:  # a file whose keys fit no delta the way its config says
         raise AdapterFormatError(f"{directory}: tensors do not fit the adapter's config ({e})") from None
+    keep_originals(model, name, base_params)  # delete_adapter / unload(merge=False) put the base biases back
     for write in writes:
         write()
     clear_stacks(model)

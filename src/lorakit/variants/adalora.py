@@ -72,6 +72,7 @@ class AdaLoraConfig(LoraConfig):
     # fill the budget schedule's length unless the options set it.
     run_option_fields: ClassVar[dict[str, str]] = {"r": "init_r"}
     total_steps_field: ClassVar[Optional[str]] = "total_step"
+    rank_field: ClassVar[str] = "init_r"
     default_target_modules: ClassVar[dict] = PEFT_ADALORA_DEFAULT_TARGETS
     field_checks: ClassVar[dict[str, Check]] = {
         "target_r": integer(1, MAX_RANK),

@@ -6,15 +6,10 @@ Each function takes the model first; `model.sync` binds them onto an adapted HF 
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import json
 from typing import Optional, Union
 
 from ... import errors
 from .. import api, files
-from ..config import AdapterConfig
-from ..registry import config_from_peft_dict
 
 
 def set_adapter(model, adapter_name: Union[str, list[str]]) -> None:
@@ -59,13 +54,13 @@ def add_adapter(model, adapter_config, adapter_name: Optional[str] = None) -> No
     """Add a fresh adapter from a lorakit config or a PEFT config object and make it the active one (transformers'
     add_adapter activates it, unlike lorakit.add_adapter)."""
     name = adapter_name or "default"
-    api.add_adapter(model, as_lorakit_config(adapter_config), name)
+    api.add_adapter(model, adapter_config, name)  # a lorakit or PEFT config; ConfigError for anything else
     api.set_active(model, name)
 
 
 def delete_adapter(model, adapter_names: Union[str, list[str]]) -> None:
     """Remove these adapters; with the last one gone the model is its base again."""
-    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    names = api.adapter_names(adapter_names)  # AdapterNameError for a name listed twice, before anything changes
     api.require_adapters(model, names)
     for name in names:
         api.delete_adapter(model, name)
@@ -73,26 +68,9 @@ def delete_adapter(model, adapter_names: Union[str, list[str]]) -> None:
 
 def get_adapter_state_dict(model, adapter_name: Optional[str] = None, state_dict=None) -> dict:
     """The adapter's tensors under PEFT's keys without the `base_model.model.` prefix (transformers' format);
-    the active adapter when no name is given."""
+    the active adapter when no name is given. With `state_dict` (a full model state dict, e.g. gathered from a
+    sharded model) the values are taken from it, matched by name (CheckpointError for a missing tensor)."""
     name = adapter_name or (api.active_adapters(model) or api.list_adapters(model))[0]
-    return {k[len(files.PREFIX):]: v for k, v in files.adapter_state_dict(model, name).items()}
-
-
-def as_lorakit_config(config) -> AdapterConfig:
-    """A lorakit config as is; a PEFT config object (anything with peft_type and to_dict) through its
-    adapter_config.json fields, so options lorakit does not implement are refused as for a file."""
-    if isinstance(config, AdapterConfig):
-        return config
-    if hasattr(config, "peft_type") and hasattr(config, "to_dict"):
-        return config_from_peft_dict(json.loads(json.dumps(config.to_dict(), default=_jsonable)))
-    raise TypeError(f"adapter_config must be a lorakit or PEFT config, got {type(config).__name__}")
-
-
-def _jsonable(value):
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    if dataclasses.is_dataclass(value):
-        return dataclasses.asdict(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+    tensors = (files.adapter_state_dict(model, name) if state_dict is None
+               else files.adapter_state_dict_from(model, name, state_dict))
+    return {k[len(files.PREFIX):]: v for k, v in tensors.items()}

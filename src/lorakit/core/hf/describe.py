@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
+from ..config import CLASSIFIER_HEADS
+
 # Class-name endings → PEFT's TaskType names. ForConditionalGeneration depends on the architecture (below).
 _TASK_BY_SUFFIX = (
     ("ForCausalLM", "CAUSAL_LM"),
@@ -15,7 +17,6 @@ _TASK_BY_SUFFIX = (
     ("ForQuestionAnswering", "QUESTION_ANS"),
     ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
 )
-_CLASSIFIER_HEADS = ("classifier", "score")  # the heads PEFT's SEQ_CLS model adds to modules_to_save
 
 
 def is_hf_model(model) -> bool:
@@ -33,7 +34,7 @@ def task_type_of(model, modules_to_save: Optional[list] = None) -> Optional[str]
     name = type(model).__name__
     for suffix, task in _TASK_BY_SUFFIX:
         if name.endswith(suffix):
-            if task == "SEQ_CLS" and not set(modules_to_save or ()) & set(_CLASSIFIER_HEADS):
+            if task == "SEQ_CLS" and not set(modules_to_save or ()) & set(CLASSIFIER_HEADS):
                 return None
             return task
     if name.endswith("ForConditionalGeneration"):

@@ -87,7 +87,7 @@ def save_pretrained(model, save_directory: Union[str, os.PathLike], is_main_proc
         if state_dict is None:
             files.save_adapter(model, target, name)
         else:
-            files.write_adapter_files(target, _tensors_from(model, name, state_dict),
+            files.write_adapter_files(target, files.adapter_state_dict_from(model, name, state_dict),
                                       files.adapter_config_dict(model, name))
     return None
 
@@ -97,17 +97,6 @@ def _adapters_in_save_order(model, selected: Optional[Sequence[str]]) -> list[st
     api.require_adapters(model, names)
     first = next((n for n in api.active_adapters(model) if n in names), names[0] if names else None)
     return [first, *[n for n in names if n != first]] if first is not None else []
-
-
-def _tensors_from(model, name: str, state_dict: dict) -> dict[str, torch.Tensor]:
-    """The adapter's PEFT-keyed tensors taken from a full state dict (matched to the live tensors by storage)."""
-    keys = {(t.data_ptr(), tuple(t.shape)): k for k, t in model.state_dict(keep_vars=True).items()}
-    out = {}
-    for peft_key, live in files.adapter_state_dict(model, name).items():
-        key = keys.get((live.data_ptr(), tuple(live.shape)))
-        t = state_dict.get(key, live) if key is not None else live
-        out[peft_key] = t.detach().to("cpu", copy=True).contiguous()
-    return out
 
 
 # --- a merged, standalone model ---------------------------------------------------------------------------
@@ -125,12 +114,14 @@ def save_merged(model, save_directory, **kwargs) -> None:
 
 @torch.no_grad()
 def merged_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's state dict under its base keys, with W + ΣΔW (fp32 sum, base dtype) for the active adapters
-    not merged yet, and no lorakit-internal keys."""
+    """The model's state dict under its base keys, with the active adapters not merged yet merged into the base
+    weights exactly as lorakit.merge merges them (each delta's own merge, in the active order: an output-scaled
+    delta such as a weight-normalised one scales what was merged before it), and no lorakit-internal keys. Each
+    layer is merged, read and restored bit for bit, so the model in memory ends as it was."""
     active = api.active_adapters(model)
     out = {k: v for k, v in model.state_dict().items() if ".deltas." not in k and ".copies." not in k}
     for path, layer in api.adapted_layers(model):
-        names = [n for n in active if n in layer.deltas and n not in layer.merged]
+        names = tuple(n for n in active if n in layer.deltas and n not in layer.merged)
         if not names:
             continue
         w = layer.base_weight()
@@ -138,12 +129,25 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
         if key not in out or tuple(out[key].shape) != tuple(w.shape) or not w.is_floating_point():
             raise errors.QuantizedBaseError(f"{path}: the base weight is stored quantized; lorakit.dequantize(model) "
                                             "first, or lorakit.merge_requantized")
-        out[key] = (w.float() + sum(layer.deltas[n].delta_weight(layer) for n in names)).to(w.dtype)
+        out[key] = _merged_weight(layer, names)
     for path, holder in api.saved_modules(model):
         chosen = next((holder.copies[n] for n in active if n in holder.copies), None)
         if chosen is not None:
             out.update({f"{path}.{k}": v for k, v in chosen.state_dict().items()})
     return out
+
+
+def _merged_weight(layer, names: tuple[str, ...]) -> torch.Tensor:
+    """A copy of `layer`'s base weight with `names` merged as layer.merge does; the layer is restored after."""
+    original = layer.base_weight().detach().clone()
+    before = len(layer.merged)
+    try:
+        layer.merge(names)
+        return layer.base_weight().detach().clone()
+    finally:
+        while len(layer.merged) > before:  # ours only, last first: an adapter merged earlier stays merged
+            layer.deltas[layer.merged.pop()].unmerge(layer)
+        layer.set_base_weight(original)  # bit for bit, whatever rounding the unmerge left
 
 
 _METHODS = {

@@ -122,7 +122,7 @@ def _matched(model, name: str, directory: Path) -> list[tuple[torch.Tensor, torc
                                          f"adapter {name!r} needs {tuple(t.shape)}")
         if saved[key].is_floating_point() and not torch.isfinite(saved[key]).all():
             raise errors.CheckpointError(f"checkpoint {directory}: {key} holds NaN or inf values")
-        if t.data_ptr() not in storages:  # a tensor built at save time (AdaLoRA's pruned ranks), not a parameter
+        if t.data_ptr() not in storages:  # a tensor built at save time (pruned ranks left out), not a parameter
             raise errors.CheckpointError(f"adapter {name!r}: {key} is not stored as saved (pruned ranks?); "
                                          "it cannot be restored in place")
     return [(t, saved[key].to(t.device, t.dtype)) for key, t in live.items()]
