@@ -22,7 +22,6 @@ from .adapted import AdaptedLayer
 from .api import AdapterPlan, adapted_layers, attach, get_config, plan_adapter, saved_modules
 from .originals import keep_originals
 from .writing import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, write_adapter_files
-from .writing import write_adapter_into  # noqa: F401  (files.write_adapter_into: checkpoints write into their temp dir)
 from .hf.describe import describe_base
 from .registry import config_from_peft_dict
 

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import safetensors.torch
 import torch
 
-from ..core import atomic, files
+from ..core import atomic, files, writing
 from ..core.api import active_adapters
 from ..errors import CheckpointError, ConfigError
 from .distributed import (Distributed, gather_adapter, gather_train_state, load_train_state, optimizer_names,
@@ -144,7 +144,7 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, histo
         plain = to_plain(state, tensors)
         with atomic.atomic_dir(final) as tmp:
             (tmp / "adapter").mkdir()
-            files.write_adapter_into(tmp / "adapter", adapter, files.adapter_config_dict(model, name))
+            writing.write_adapter_into(tmp / "adapter", adapter, files.adapter_config_dict(model, name))
             safetensors.torch.save_file(tensors, tmp / STATE_TENSORS)
             (tmp / STATE_JSON).write_text(json.dumps(plain) + "\n")
         for old in sorted(root.glob("step-*"))[:-keep]:
