@@ -209,8 +209,9 @@ def test_failed_save_leaves_the_old_files(saved, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(lorakit.OutputPathError, match="disk full") as raised:  # names the path, keeps the cause
         lorakit.save_adapter(model, saved)
+    assert str(saved) in str(raised.value) and isinstance(raised.value.__cause__, OSError)
     assert {f.name: f.read_bytes() for f in saved.iterdir()} == before  # no partial file, no temp file left
 
 

@@ -46,4 +46,5 @@ class CheckpointError(LorakitError, ValueError):
 
 
 class OutputPathError(LorakitError, ValueError):
-    """An output path lorakit will not write to: not a directory, or a directory holding something else."""
+    """An output path lorakit cannot or will not write to: a file in the way, a directory holding something else, or
+    a filesystem error while writing (disk full, permissions; the OSError is the __cause__)."""
