@@ -137,8 +137,9 @@ class TrainOptions(ModelOptions, DataOptions, AdapterOptions):
     sharded across processes, in bf16 on GPU; only the adapter is trained)."""
     packing: Optional[bool] = None
     """Pack whole rows into fixed-token-budget micro-batches (no padding between rows; attention and positions
-    kept per row; the same per-token loss). Default: on for --task causal where the model keeps packed rows
-    apart without a quadratic mask (checked at start), else off."""
+    kept per row; the same per-token loss). Default: on for --task causal where torch's varlen attention keeps
+    packed rows apart (CUDA; checked at start), else off (elsewhere rows are kept apart by a mask over the whole
+    pack, which on short rows costs more than the padding it saves)."""
     pack_tokens: int = 0
     """Tokens per packed micro-batch (all processes together); 0: --batch-size rows of the mean row length."""
     loraplus_lr_ratio: float = 0.0
