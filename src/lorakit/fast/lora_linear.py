@@ -239,6 +239,10 @@ def _check_input(x: torch.Tensor, spec, cast) -> Optional[str]:
     return None
 
 
+class _LayerReason(str):
+    """A reason that lies in the layer itself (spec_or_reason's), not in the call's input."""
+
+
 def _fuse(x: torch.Tensor, layers: Sequence[nn.Module]):
     """The fused outputs of `layers` on x, or the reason (a str) they must take the reference path."""
     dev = x.device.type
@@ -247,7 +251,7 @@ def _fuse(x: torch.Tensor, layers: Sequence[nn.Module]):
     for layer in layers:
         spec = spec_or_reason(layer, cast is not None)
         if type(spec) is str:
-            return spec
+            return _LayerReason(spec)
         why = _check_input(x, spec, cast)
         if why is not None:
             return why
@@ -281,7 +285,7 @@ def fused_linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> Optional[tupl
     """The outputs of `layers` (adapted or plain frozen linears) on the same input x, through one fused
     function; None when any of them (or x) needs the reference path, or none has a LoRA term."""
     out = _fuse(x, layers)
-    return None if type(out) is str else out
+    return None if isinstance(out, str) else out
 
 
 def lora_linear_fast_path(layer: AdaptedLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -291,8 +295,8 @@ def lora_linear_fast_path(layer: AdaptedLayer, x: torch.Tensor, *args, **kwargs)
     if pre is not None:
         return pre
     out = _fuse(x, (layer,)) if not (args or kwargs) else "called with extra arguments"
-    if type(out) is str:
-        if type(spec_or_reason(layer, torch.is_autocast_enabled(x.device.type))) is not str:  # the input's fault
+    if isinstance(out, str):
+        if not isinstance(out, _LayerReason):  # the input's fault: the report cannot see it without the call
             note_fallback(layer, out)
         return layer.reference_forward(x, *args, **kwargs)
     layer.__dict__.pop(FALLBACK_ATTR, None)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..core.adapted import AdaptedLayer, DenseWeight
+from ..core.delta import Delta
 from .scratch import dense_from_source
 
 Spec = tuple
@@ -37,6 +38,8 @@ def _delta_terms(layer: AdaptedLayer, d: dict, dtype, w, source) -> Union[tuple,
             continue
         factors = delta.linear_factors()  # (A [r, in], B [out, r], s, dropout p), live Parameters
         if factors is None:
+            if type(delta).scaled_linear_factors is Delta.scaled_linear_factors:  # the protocol's "no": skip W
+                return f"adapter '{name}' ({type(delta).__name__}) has no fused form in this mode"
             full = w if w is not None else dense_from_source(source, d["_modules"]["base_layer"].weight.device)
             with torch.no_grad():
                 got = delta.scaled_linear_factors(full)
