@@ -4,13 +4,22 @@ device the Triton kernel tests run on."""
 import copy
 import importlib.resources
 import os
+import threading
 import warnings
 
 import pytest
 import torch
+import tqdm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Tests fork children and SIGKILL them mid-save (the atomic-write tests). tqdm guards its bars with a lock shared
+# across fork (a multiprocessing RLock), and transformers' save_pretrained / from_pretrained draw bars: a child
+# killed inside a bar's write would hold that lock forever and hang the parent at its next bar. A plain
+# per-process lock, set before any bar is drawn, keeps each process's bars to itself.
+tqdm.tqdm.set_lock(threading.RLock())
+
 warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
 
 # Without CUDA, the Triton kernel tests run on CPU tensors in Triton's interpreter. Triton reads TRITON_INTERPRET
