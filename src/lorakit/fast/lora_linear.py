@@ -20,7 +20,11 @@ Beyond that plain form (each asked through spec.py, each held to the reference b
   its autograd keeps only the bool mask. Such terms get their own columns of h (x-reading terms still share
   one GEMM); xd is saved for dA instead of x.
 - an output-scaled term (Delta.scaled_linear_factors): y = f ⊙ z + b with z = x·Wᵀ + s·h·Bᵀ and f = m / norm
-  (norm detached, from the rank-r factors); backward dm = Σ dY ⊙ z / norm, dZ = dY ⊙ f, db = Σ dY.
+  (norm detached, from the rank-r factors). f goes where it costs least: on W and B (y = x·(f⊙W)ᵀ + s·h·(f⊙B)ᵀ,
+  an [out, in] pass) when the call has more rows than W has columns, else on the output (an [N, out] pass);
+  backward likewise scales W, B and dB, or dY. y itself is saved (the next op keeps it anyway): z = (y − b)/f, so
+  dm = Σ dY ⊙ z / norm = Σ dY ⊙ (y − b) / m, dZ = dY ⊙ f, db = Σ dY. (An entry of m that is exactly 0 gets
+  dm = 0 there: its z is not recoverable from y. m starts at ‖W_i‖ and no training step lands on 0 exactly.)
 - a 4-bit base (a weight source with write_dense): W is dequantised into one reused scratch buffer
   (scratch.py) in forward and again in backward; nothing of W's size is allocated or saved.
 - autocast: x, W, biases and factors are cast to the autocast dtype as autocast would, then the call runs
@@ -31,6 +35,7 @@ nn.Module.__getattr__): at 1B scale a LoRA step is bound by launch overhead, not
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -47,6 +52,13 @@ from .spec import FALLBACK_ATTR, note_fallback, spec_or_reason
 # badly. Measured on CPU (MKL, one thread, N=2048, out=1536, r=8): x·Aᵀ 0.37 ms vs (A·xᵀ)ᵀ 0.21, and
 # dYᵀ·h as [out, r] 33 ms vs as [r, out] 1.4. On an H100 both forms cost the same (benchmarks/lora_gemm_forms.py).
 RANK_MAJOR = {"cpu": True, "cuda": False}
+
+
+# An output-scaled delta's f goes on W when the call has more rows than W has columns (rows > in): one [out, in]
+# pass instead of one over the [rows, out] output, in forward and again in backward.
+def scale_weights(rows: int, in_features: int) -> bool:
+    """Whether an output-scaled output puts its row factor f on W and B (else on the output and dY)."""
+    return rows > in_features
 
 
 # --- the autograd function -------------------------------------------------------------------------------
@@ -118,19 +130,23 @@ class FusedLoraLinears(torch.autograd.Function):
         rank_major = RANK_MAJOR.get(x.device.type, False)
         drops = [(params[t[6]].reshape(-1, in_features), params[t[1]]) for t in plan.drop_terms]
         h = _down(x2, a_x, drops, rank_major) if plan.rank > 0 else None
+        rows = x2.shape[0]
+        fs = _row_factors(plan, params)  # output-scaled outputs: f = m / norm [out]
+        on_w = [f is not None and scale_weights(rows, in_features) for f in fs]
         outs = []
-        for j, (wi, bi, mi) in enumerate(plan.outs):  # bias in the GEMM epilogue unless a magnitude follows
-            bias = None if bi is None or mi is not None else params[bi]
-            outs.append(F.linear(x, _weight(params, wi, sources, j, x.device), bias))
+        for j, (wi, bi, mi) in enumerate(plan.outs):  # bias in the GEMM epilogue unless f goes on the output
+            w = _weight(params, wi, sources, j, x.device)
+            w = w * fs[j].to(w.dtype)[:, None] if on_w[j] else w  # f⊙W [out, in]
+            bias = None if bi is None or (mi is not None and not on_w[j]) else params[bi]
+            outs.append(F.linear(x, w, bias))
         for j, _, bi, col, r, s, _ in plan.terms:
-            y = outs[j]
-            y.view(-1, y.shape[-1]).addmm_(h[:, col:col + r], params[bi].t(), alpha=s)  # LoRA term, beta=1
-        zs = []
-        for j, (_, bi, mi) in enumerate(plan.outs):  # y = f ⊙ z + b, f = m / norm: z is kept for dm
-            if mi is not None:
-                z, f = outs[j], params[mi] / params[mi + 1].to(params[mi].dtype)
-                zs.append(z)
-                outs[j] = torch.addcmul(params[bi], z, f) if bi is not None else z * f
+            y, b = outs[j], params[bi]
+            b = b * fs[j].to(b.dtype)[:, None] if on_w[j] else b  # f⊙B [out, r]
+            y.view(-1, y.shape[-1]).addmm_(h[:, col:col + r], b.t(), alpha=s)  # LoRA term, beta=1
+        for j, (_, bi, mi) in enumerate(plan.outs):  # y = f ⊙ z + b on the output: in place, y is ours
+            if mi is not None and not on_w[j]:
+                outs[j].mul_(fs[j]) if bi is None else outs[j].mul_(fs[j]).add_(params[bi])
+        ys = [outs[j] for j, f in enumerate(fs) if f is not None]  # kept for dm
         ctx.plan, ctx.norm_offset, ctx.x_shape, ctx.rank_major = plan, norm_offset, x.shape, rank_major
         ctx.sources = sources
         ctx.recipe_used = norm_x is not None
@@ -138,18 +154,19 @@ class FusedLoraLinears(torch.autograd.Function):
             saved_x = (norm_x.reshape(-1, in_features), norm_rstd.reshape(-1), norm_w)
         else:
             saved_x = (x2 if xt else None, None, None)  # only dropout terms: x itself is not needed
-        ctx.save_for_backward(*saved_x, h, a_x, *zs, *params)
+        ctx.save_for_backward(*saved_x, h, a_x, *ys, *params)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         plan: _Plan = ctx.plan
         x2, rstd, norm_w, h, a_x, *rest = ctx.saved_tensors
-        zs, params = rest[:plan.n_scaled], rest[plan.n_scaled:]
+        ys, params = rest[:plan.n_scaled], rest[plan.n_scaled:]
         needs = ctx.needs_input_grad[7:]  # after (x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources)
         gs = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
         out: list[Optional[torch.Tensor]] = [None] * plan.n_params  # W_j: frozen (checked before the call)
-        _output_grads(plan, gs, zs, params, needs, out)
+        rows = math.prod(ctx.x_shape[:-1])
+        fw = _output_grads(plan, gs, ys, params, needs, out, rows, ctx.x_shape[-1])  # f where it goes on W, B
 
         # gH (rank-major [R, N]) = s_t·(dY_j·B_t)ᵀ per term, written in place; zeros for unused outputs.
         n = h.shape[0] if h is not None else 0
@@ -158,13 +175,15 @@ class FusedLoraLinears(torch.autograd.Function):
             if gs[j] is None:
                 gh_t[col:col + r].zero_()
             else:
-                gh_t[col:col + r].addmm_(params[bi].t(), gs[j].t(), beta=0, alpha=s)
+                b = params[bi] if fw[j] is None else params[bi] * fw[j].to(params[bi].dtype)[:, None]  # dY·(f⊙B)
+                gh_t[col:col + r].addmm_(b.t(), gs[j].t(), beta=0, alpha=s)
 
         dx = None
         if ctx.needs_input_grad[0]:
             for j, (g, (wi, _, _)) in enumerate(zip(gs, plan.outs)):
                 if g is not None:
                     w = _weight(params, wi, ctx.sources, j, g.device)  # a 4-bit base: dequantised again
+                    w = w if fw[j] is None else w * fw[j].to(w.dtype)[:, None]  # dZ·W = dY·(f⊙W)
                     dx = g @ w if dx is None else dx.addmm_(g, w)
             if a_x is not None:
                 gx = gh_t[:plan.x_rank].t()
@@ -182,28 +201,45 @@ class FusedLoraLinears(torch.autograd.Function):
                     out[ai] = d_a_x[col:col + r]
         for j, _, bi, col, r, s, _ in plan.terms:
             if needs[bi] and gs[j] is not None:
-                out[bi] = _grad_b(gs[j], h[:, col:col + r], s, ctx.rank_major)
+                d_b = _grad_b(gs[j], h[:, col:col + r], s, ctx.rank_major)
+                out[bi] = d_b if fw[j] is None else d_b * fw[j].to(d_b.dtype)[:, None]  # dZᵀ·h = f ⊙ (dYᵀ·h)
         return (dx, None, None, None, None, None, None, *out)
 
 
-def _output_grads(plan: _Plan, gs: list, zs, params, needs, out: list) -> None:
-    """Bias and magnitude gradients; then dY_j ← dY_j ⊙ f for output-scaled outputs (the gradient of z).
-    dm = Σ_rows dY ⊙ z / norm, db = Σ_rows dY (the bias sits outside the scale)."""
-    k = 0
+def _row_factors(plan: _Plan, params) -> list:
+    """Per output: f = m / norm [out] (in m's dtype) for an output-scaled output, else None."""
+    return [None if mi is None else params[mi] / params[mi + 1].to(params[mi].dtype) for _, _, mi in plan.outs]
+
+
+def _output_grads(plan: _Plan, gs: list, ys, params, needs, out: list, rows: int, in_features: int) -> list:
+    """Bias and magnitude gradients of every output; then, for output-scaled ones, where f goes: dY_j ← dY_j ⊙ f
+    (an [N, out] pass) or, when cheaper (scale_weights), left on dY and returned per output for W, B and dB.
+    dm = Σ_rows dY ⊙ (y − b) / m (= Σ dY ⊙ z / norm), db = Σ_rows dY (the bias sits outside the scale).
+
+    Returns:
+        Per output: f [out] where the caller scales W, B and dB with it, else None.
+    """
+    fs, on_w, k = _row_factors(plan, params), [None] * len(plan.outs), 0
     for j, (_, bi, mi) in enumerate(plan.outs):
         g = gs[j]
         if bi is not None and needs[bi] and g is not None:
             out[bi] = g.sum(0)
         if mi is None:
             continue
-        z, k = zs[k], k + 1
+        y, k = ys[k], k + 1
         if g is None:
             continue
         m = params[mi]
-        norm = params[mi + 1].to(m.dtype)
         if needs[mi]:
-            out[mi] = (g * z.view(-1, z.shape[-1])).sum(0).div_(norm)
-        gs[j] = g * (m / norm)
+            y = y.view(-1, y.shape[-1])
+            y = y - params[bi] if bi is not None else y
+            dm = (g * y).sum(0)
+            out[mi] = torch.where(m != 0, dm / m, torch.zeros_like(dm))
+        if scale_weights(rows, in_features):
+            on_w[j] = fs[j]
+        else:
+            gs[j] = g * fs[j]
+    return on_w
 
 
 def _grad_b(g: torch.Tensor, h: torch.Tensor, s: float, rank_major: bool) -> torch.Tensor:
