@@ -67,7 +67,11 @@ def lora_config(targets, r, alpha, **kw):
 def prepare(case: str, model, targets, r, alpha, task_type=None):
     """Apply a case to a fresh model; returns (model, trainable params, injection seconds)."""
     t0 = time.perf_counter()
-    if case in ("floor", "floor_opt"):
+    if case in ("liger_floor", "peft_liger"):  # Liger Kernel's RMSNorm, RoPE, SwiGLU and fused linear+CE
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model)  # it also patches the class's forward: main runs these last
+    if case in ("floor", "floor_opt", "liger_floor"):
         model.requires_grad_(False)
         model.enable_input_require_grads()
         if case == "floor_opt":
@@ -76,7 +80,7 @@ def prepare(case: str, model, targets, r, alpha, task_type=None):
         from peft import LoraConfig, get_peft_model
 
         cfg = LoraConfig(**lora_config(targets, r, alpha), task_type=task_type)
-        model = get_peft_model(model, cfg, autocast_adapter_dtype=(case == "peft"))
+        model = get_peft_model(model, cfg, autocast_adapter_dtype=(case == "peft"))  # peft_bf16, peft_liger: bf16
     else:
         use_dora = case.startswith("dora")
         lorakit.add_adapter(model, lorakit.LoraConfig(**lora_config(targets, r, alpha), use_dora=use_dora,
@@ -287,7 +291,9 @@ def main(argv=None) -> None:
     ap.add_argument("--cpu", action="store_true", help="the MiniLM CPU case")
     ap.add_argument("--shapes", default="1b,8b")
     ap.add_argument("--cases", default=None, help="comma list; GPU default: floor,peft,peft_bf16,ref,opt,floor_opt,"
-                    "1b:dora_ref,1b:dora (shape: limits a case to one shape); also opt_ckpt, opt_offload, and ablations "
+                    "1b:dora_ref,1b:dora (shape: limits a case to one shape); also liger_floor, peft_liger "
+                    "(need liger-kernel),"
+                    "opt_ckpt, opt_offload, and ablations "
                     "opt-group|norms|rope|glu|fused_loss")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
@@ -306,6 +312,7 @@ def main(argv=None) -> None:
         print(environment("cpu"))
     else:
         cases = (args.cases or "floor,peft,peft_bf16,ref,opt,floor_opt,1b:dora_ref,1b:dora").split(",")
+        cases.sort(key=lambda c: "liger" in c)  # Liger patches the model class for good: its cases come last
         for shape in args.shapes.split(","):
             for case in cases:
                 only, _, case = case.rpartition(":")  # "1b:opt-glu" runs on the 1b shape only
