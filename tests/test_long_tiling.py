@@ -138,3 +138,31 @@ def test_offload_defaults_to_auto_tiling_and_unoptimize_clears_it(tiny_llama):
     assert families.TILE_ATTR not in model.model.layers[0].mlp.__dict__
     with pytest.raises(lorakit.errors.ConfigError, match="tile_mlp"):
         lorakit.optimize(model, tile_mlp=-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("style", ["llama", "gemma"])
+def test_norm_remake_gives_the_norm_output_exactly(dtype, style):
+    """The tiled MLP keeps the norm's input and 1/rms instead of its output: the rows it remakes must be
+    the very output (bit for bit), or the backward would differentiate another function."""
+    from lorakit.fast import recipes
+    from lorakit.fast.norms import rms_norm
+    from lorakit.fast.tiling import norm_remake
+
+    torch.manual_seed(0)
+    x = (3 * torch.randn(1, 37, 48)).to(dtype)
+    w = (1 + 0.1 * torch.randn(48)).to(dtype)
+    y = rms_norm(x, w, 1e-6, style)
+    remake = norm_remake(recipes.norm_recipe(y), dtype)
+    rows = torch.cat([remake(i, min(i + 8, 37)) for i in range(0, 37, 8)])
+    assert rows.dtype == dtype and torch.equal(rows, y.reshape(37, 48))
+
+
+def test_whole_model_tiling_remakes_the_norm_output(tiny_llama, monkeypatch):
+    model = _adapted(tiny_llama)
+    lorakit.optimize(model, checkpoint="offload", tile_mlp=8)
+    made = []
+    real = families.norm_remake
+    monkeypatch.setattr(families, "norm_remake", lambda r, d: made.append(d) or real(r, d))
+    _grads(model, _long_batch())
+    assert len(made) == 2 * 2  # each layer: in the first (no-grad) forward and in its recompute

@@ -138,8 +138,17 @@ class _OffloadedBlock(torch.autograd.Function):
         with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []), torch.enable_grad():
             _restore_device_rng(ctx.device, ctx.rng)
             out = ctx.run(hidden)
+        _drop_values_if_unread(out)
         torch.autograd.backward(out, dout)
         return hidden.grad, None, None, None
+
+
+def _drop_values_if_unread(out: torch.Tensor) -> None:
+    """Free the recomputed block output's memory (one hidden state per token) before its backward, when the op
+    that made it is an addition (the residual), which keeps neither operand nor result for its backward:
+    autograd then needs only the output's shape."""
+    if type(out.grad_fn).__name__ == "AddBackward0" and out._base is None:
+        out.untyped_storage().resize_(0)
 
 
 def _device_rng_state(device: torch.device):

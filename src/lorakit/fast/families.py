@@ -27,7 +27,7 @@ from .spec import layer_spec
 from .norms import fast_rms_forward, norm_style
 from .rope import make_fused_apply, set_fused_rope
 from .swiglu import act_kind, gated_act
-from .tiling import tile_rows_for, tiled_rows
+from .tiling import norm_remake, tile_rows_for, tiled_rows
 
 SIBLING_GROUPS = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
 
@@ -108,7 +108,9 @@ def mlp_forward(module, original, kind, x):
         else:
             rows = least = int(tile)
         if x.numel() // x.shape[-1] > least:
-            return tiled_rows(lambda xt: _gated_mlp(module, kind, xt), x, rows, list(module.parameters()))
+            recipe = recipes.norm_recipe(x)  # x is a norm's output: remade per tile, not kept
+            remake = norm_remake(recipe, x.dtype) if recipe is not None else None
+            return tiled_rows(lambda xt: _gated_mlp(module, kind, xt), x, rows, list(module.parameters()), remake)
     return _gated_mlp(module, kind, x)
 
 

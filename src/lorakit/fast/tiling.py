@@ -14,7 +14,7 @@ the sequence).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -27,7 +27,8 @@ def tile_rows_for(width: int, element_size: int) -> int:
 
 
 def tiled_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows: int,
-               params: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+               params: Sequence[torch.Tensor] = (), remake: Optional[Callable[[int, int], torch.Tensor]] = None
+               ) -> torch.Tensor:
     """fn(x), computed `rows` tokens at a time.
 
     Args:
@@ -36,6 +37,8 @@ def tiled_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows
         rows: tokens per tile (≥ 1).
         params: the tensors fn reads that need gradients (e.g. LoRA factors); their gradients are returned
             to autograd as those of the tiled function's inputs.
+        remake: remake(i0, i1) gives rows i0:i1 of x exactly, from tensors kept anyway (an RMSNorm's input
+            and 1/rms: `norm_remake`); the backward then uses it and x itself is not kept.
 
     Returns:
         fn(x) as [..., d_out].
@@ -43,7 +46,7 @@ def tiled_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows
     x2 = x.reshape(-1, x.shape[-1])
     trained = [p for p in params if p.requires_grad]
     if torch.is_grad_enabled() and (x2.requires_grad or trained):
-        out = _TiledRows.apply(x2, fn, rows, len(trained), *trained)
+        out = _TiledRows.apply(x2, fn, rows, remake, *trained)
     else:
         out = _tiles_no_grad(fn, x2, rows)
     return out.view(*x.shape[:-1], out.shape[-1])
@@ -61,34 +64,56 @@ def _tiles_no_grad(fn, x2: torch.Tensor, rows: int) -> torch.Tensor:
 
 class _TiledRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, fn, rows: int, n_params: int, *params):
-        ctx.fn, ctx.rows = fn, rows
+    def forward(ctx, x2, fn, rows: int, remake, *params):
+        ctx.fn, ctx.rows, ctx.remake = fn, rows, remake
         ctx.rng = _rng_state(x2.device)
-        ctx.save_for_backward(x2, *params)
+        ctx.x_meta = (x2.shape, x2.dtype, x2.device)
+        ctx.save_for_backward(x2 if remake is None else None, *params)
         with torch.no_grad():
             return _tiles_no_grad(fn, x2, rows)
 
     @staticmethod
     def backward(ctx, dout):
         x2, *params = ctx.saved_tensors
+        shape, dtype, device = ctx.x_meta
         need_x = ctx.needs_input_grad[0]
-        dx = torch.empty_like(x2) if need_x else None
+        dx = torch.empty(shape, dtype=dtype, device=device) if need_x else None
         grads: list = [None] * len(params)
-        devices = [x2.device] if x2.device.type == "cuda" else []
+        devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            _set_rng_state(x2.device, ctx.rng)
-            for i0 in range(0, x2.shape[0], ctx.rows):
-                xt = x2[i0:i0 + ctx.rows].detach().requires_grad_(need_x)
+            _set_rng_state(device, ctx.rng)
+            for i0 in range(0, shape[0], ctx.rows):
+                i1 = min(i0 + ctx.rows, shape[0])
+                with torch.no_grad():
+                    xt = x2[i0:i1] if ctx.remake is None else ctx.remake(i0, i1)
+                xt = xt.detach().requires_grad_(need_x)
                 out = ctx.fn(xt)
                 wrt = ([xt] if need_x else []) + list(params)
-                got = torch.autograd.grad(out, wrt, dout[i0:i0 + ctx.rows], allow_unused=True)
+                got = torch.autograd.grad(out, wrt, dout[i0:i1], allow_unused=True)
                 if need_x:
-                    dx[i0:i0 + ctx.rows] = got[0]
+                    dx[i0:i1] = got[0]
                     got = got[1:]
                 grads = [g if a is None else a if g is None else a.add_(g) for a, g in zip(grads, got)]
                 del out, got
-        ctx.fn = None
+        ctx.fn = ctx.remake = None
         return (dx, None, None, None, *grads)
+
+
+def norm_remake(recipe, dtype: torch.dtype) -> Callable[[int, int], torch.Tensor]:
+    """remake(i0, i1): rows i0:i1 of an RMSNorm's output from its recipe (fast/recipes.NormRecipe), computed as
+    the norm's kernels compute it ("llama": dtype(x·rstd)·w; "gemma": x·rstd·(1 + w), in float32), so
+    equal to the output it made."""
+    d = recipe.x.shape[-1]
+    x2, rstd = recipe.x.reshape(-1, d), recipe.rstd.reshape(-1)
+    w = recipe.weight.float() + recipe.offset
+
+    def remake(i0: int, i1: int) -> torch.Tensor:
+        xhat = x2[i0:i1].float() * rstd[i0:i1, None]
+        if recipe.offset == 0:  # Llama's recipe rounds x·rstd to the model dtype before the weight
+            xhat = xhat.to(dtype).float()
+        return (xhat * w).to(dtype)
+
+    return remake
 
 
 def _rng_state(device: torch.device):
