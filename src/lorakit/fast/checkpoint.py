@@ -6,7 +6,9 @@ checkpoint="offload": each block's input goes to pinned CPU memory instead, and 
 recompute. On a GPU the copies run on a side stream (one per device) and overlap compute: the device→host copy
 of block i's input runs while block i computes (the caching allocator keeps the input's memory until the copy
 ends: record_stream), and during block i's backward the input of block i − 1 is already coming back
-(a prefetch), so at most two block inputs are on the device at once. Without CUDA the copies are plain ones.
+(a prefetch, for inputs up to PREFETCH_BYTES: beyond that, at hundreds of thousands of tokens, the copy
+takes a few percent of the block's quadratic attention time, and the memory is worth more than the overlap).
+Without CUDA the copies are plain ones.
 Only the gradients of parameters that are leaves (LoRA factors, trained biases) are accumulated, through
 `.grad`, as with reentrant checkpointing: use loss.backward(), not torch.autograd.grad.
 """
@@ -58,6 +60,7 @@ def checkpointed_forward(block, original, offload: bool, *args, **kwargs):
     return (out, *tail) if tail else out
 
 
+PREFETCH_BYTES = 2**30  # largest block input that is brought back ahead of its backward (Llama-3-8B: 131k tokens)
 STASH_ATTR = "_lorakit_offloaded_input"  # on a block's output: the _Stash of that block's input
 
 
@@ -82,8 +85,11 @@ class _Stash:
         hidden.record_stream(side)  # its memory is not reused before the copy ends
 
     def prefetch(self) -> None:
-        """Start copying the input back to the device on the side stream (nothing without CUDA)."""
+        """Start copying the input back to the device on the side stream (nothing without CUDA or beyond
+        PREFETCH_BYTES)."""
         if self.cpu is None or self.fetched is not None or self.device.type != "cuda":
+            return
+        if self.cpu.numel() * self.cpu.element_size() > PREFETCH_BYTES:
             return
         side = _side_stream(self.device)
         gpu = torch.empty(self.cpu.shape, dtype=self.cpu.dtype, device=self.device)
