@@ -144,7 +144,8 @@ def run(args) -> list[str]:
     vocab = model.config.vocab_size
     lorakit.add_adapter(model, lorakit.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear"))
     model.train()
-    lines = [f"Llama-3-8B shape ({args.layers} of {FULL_LAYERS} layers built)" if not args.cpu else "tiny shape (CPU)"]
+    lines = [(f"Llama-3-8B shape ({args.layers} of {FULL_LAYERS} layers built)" if not args.cpu else "tiny shape (CPU)")
+             + f", sdpa backend: {args.sdpa}"]
     if args.check:
         lines.append(check(model, vocab, device, args.check_tokens))
         print(lines[-1])
@@ -190,6 +191,19 @@ def run(args) -> list[str]:
     return lines
 
 
+def sdpa_backend(name: str):
+    """A context restricting sdpa to one backend ("auto": no restriction)."""
+    import contextlib
+
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+    return sdpa_kernel([backend])
+
+
 def append(path: Path, argv: list[str], lines: list[str]) -> None:
     """Add this run's section (command, device, date, table) to BENCHMARKS.md."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
@@ -213,6 +227,8 @@ def main(argv=None) -> None:
     ap.add_argument("--legacy", action="store_true", help="the offload of before (no side stream, MLPs untiled)")
     ap.add_argument("--check", action="store_true", help="only compare offload+tiling with recompute at --check-tokens")
     ap.add_argument("--check-tokens", type=int, default=4096)
+    ap.add_argument("--sdpa", choices=("auto", "flash", "cudnn", "efficient"), default="auto",
+                    help="restrict scaled_dot_product_attention to one backend (auto: torch's choice)")
     ap.add_argument("--cpu", action="store_true", help="the tiny shape on CPU, small lengths (checks the script)")
     ap.add_argument("--append", default="", help="append the result to this markdown file (e.g. BENCHMARKS.md)")
     args = ap.parse_args(argv)
@@ -223,7 +239,8 @@ def main(argv=None) -> None:
         args.check_tokens = min(args.check_tokens, 512)
     elif not torch.cuda.is_available():
         sys.exit("no CUDA device: use --cpu")
-    lines = run(args)
+    with sdpa_backend(args.sdpa):
+        lines = run(args)
     if args.append:
         append(Path(args.append), argv, lines)
 
