@@ -13,7 +13,7 @@ chunked loss), NF4 or bf16 base, inside an emulated 80 GiB card (torch.cuda.set_
 --bits, LoRA factors, grads and AdamW moments) as one ballast tensor: the device holds what the whole model
 holds, but the step does N/32 of the attention work (a 32-layer step at 700k tokens is ~20 minutes of flash
 attention on an H200). The per-token memory is one block's working set, the same for 2 layers as for 32; the
-block inputs of all layers live in pinned host memory (--layers 32 at 700k: ~175 GiB of host RAM).
+block inputs of all layers live in pinned host memory (--layers 32 at 700k: ~171 GiB of host RAM).
 Each length runs one real training step (forward, backward, AdamW); peak = torch.cuda.max_memory_allocated.
 --append BENCHMARKS.md adds the command, device, date and table.
 """
