@@ -80,7 +80,7 @@ def legacy_offload() -> None:
 
     class Legacy(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, hidden, anchor, run, stashed):
+        def forward(ctx, hidden, anchor, run, stashed, overlap):
             ctx.run, ctx.device = run, hidden.device
             ctx.rng = ckpt._device_rng_state(hidden.device)
             ctx.cpu = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=hidden.is_cuda)
@@ -98,7 +98,7 @@ def legacy_offload() -> None:
                 ckpt._restore_device_rng(ctx.device, ctx.rng)
                 out = ctx.run(hidden)
             torch.autograd.backward(out, dout)
-            return hidden.grad, None, None, None
+            return hidden.grad, None, None, None, None
 
     ckpt._OffloadedBlock = Legacy
 

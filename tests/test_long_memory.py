@@ -90,3 +90,15 @@ def test_the_recomputed_block_output_is_freed_before_its_backward(llama, monkeyp
     model(input_ids=ids, labels=ids).loss.backward()
     assert freed == [0, 0]
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_a_block_whose_input_stays_unchanged_may_overlap_its_copy(llama):
+    """Offloaded copies overlap a block's compute only once its first call showed it leaves its input alone."""
+    model = _model(llama)
+    layers = list(model.model.layers)
+    assert not any(ckpt.OVERLAP_ATTR in layer.__dict__ for layer in layers)
+    ids = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(layer.__dict__[ckpt.OVERLAP_ATTR] is True for layer in layers)
+    lorakit.unoptimize(model)
+    assert not any(ckpt.OVERLAP_ATTR in layer.__dict__ for layer in layers)

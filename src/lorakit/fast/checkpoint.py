@@ -8,6 +8,8 @@ of block i's input runs while block i computes (the caching allocator keeps the 
 ends: record_stream), and during block i's backward the input of block i − 1 is already coming back
 (a prefetch, for inputs up to PREFETCH_BYTES: beyond that, at hundreds of thousands of tokens, the copy
 takes a few percent of the block's quadratic attention time, and the memory is worth more than the overlap).
+A block's first call copies before computing and checks that the block leaves its input unchanged (its
+version counter); only then do its later copies overlap its compute.
 Without CUDA the copies are plain ones.
 Only the gradients of parameters that are leaves (LoRA factors, trained biases) are accumulated, through
 `.grad`, as with reentrant checkpointing: use loss.backward(), not torch.autograd.grad.
@@ -54,12 +56,18 @@ def checkpointed_forward(block, original, offload: bool, *args, **kwargs):
 
     anchor = torch.empty((), device=hidden.device, requires_grad=True)  # keeps the block in the graph
     stashed: list = []
-    out = _OffloadedBlock.apply(hidden, anchor, run, stashed)
+    version = hidden._version
+    out = _OffloadedBlock.apply(hidden, anchor, run, stashed, block.__dict__.get(OVERLAP_ATTR, False))
+    if version == hidden._version:  # the block leaves its input alone: its copy may overlap its compute
+        block.__dict__.setdefault(OVERLAP_ATTR, True)
+    else:  # the copy must finish before the block runs (the block writes its input in place)
+        block.__dict__[OVERLAP_ATTR] = False
     if isinstance(out, torch.Tensor):  # the next block's input: its backward prefetches this block's input
         out.__dict__[STASH_ATTR] = stashed[0]
     return (out, *tail) if tail else out
 
 
+OVERLAP_ATTR = "_lorakit_offload_overlap"  # on a block: its input is not written in place, copies may overlap
 PREFETCH_BYTES = 2**30  # largest block input that is brought back ahead of its backward (Llama-3-8B: 131k tokens)
 STASH_ATTR = "_lorakit_offloaded_input"  # on a block's output: the _Stash of that block's input
 
@@ -83,6 +91,11 @@ class _Stash:
             self.copied = torch.cuda.Event()
             self.copied.record(side)
         hidden.record_stream(side)  # its memory is not reused before the copy ends
+
+    def wait(self) -> None:
+        """Make the compute stream wait until the copy to the host has ended."""
+        if self.copied is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.copied)
 
     def prefetch(self) -> None:
         """Start copying the input back to the device on the side stream (nothing without CUDA or beyond
@@ -126,10 +139,12 @@ def _side_stream(device: torch.device):
 
 class _OffloadedBlock(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, anchor, run, stashed):
+    def forward(ctx, hidden, anchor, run, stashed, overlap):
         ctx.run, ctx.device = run, hidden.device
         ctx.rng = _device_rng_state(hidden.device)
         ctx.stash = _Stash(hidden)
+        if not overlap:  # a block's first call, or one that writes its input: the copy first
+            ctx.stash.wait()
         ctx.previous = hidden.__dict__.get(STASH_ATTR)  # the block before's input, when it fed this one
         stashed.append(ctx.stash)
         with torch.no_grad():
@@ -146,7 +161,7 @@ class _OffloadedBlock(torch.autograd.Function):
             out = ctx.run(hidden)
         _drop_values_if_unread(out)
         torch.autograd.backward(out, dout)
-        return hidden.grad, None, None, None
+        return hidden.grad, None, None, None, None
 
 
 def _drop_values_if_unread(out: torch.Tensor) -> None:

@@ -35,7 +35,7 @@ from ..core.blocks import repeated_blocks
 from ..core.patching import patch_forward, unpatch_forward
 from ..errors import ConfigError
 from . import families
-from .checkpoint import checkpointed_forward
+from .checkpoint import OVERLAP_ATTR, checkpointed_forward
 from .lora_linear import lora_linear_fast_path
 from .report import fusion_report, log_report
 
@@ -81,4 +81,5 @@ def unoptimize(model: nn.Module) -> None:
             layer.fast_path = None
     for m in model.modules():  # the checkpoint patch went on last: it comes off first
         unpatch_forward(m, slot=CHECKPOINT_SLOT)
+        m.__dict__.pop(OVERLAP_ATTR, None)
     families.uninstall(model)
