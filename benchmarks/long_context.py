@@ -173,15 +173,18 @@ def run(args) -> list[str]:
     for tokens in args.lengths:
         try:
             times = [one_step(model, opt, tokens, vocab, device) for _ in range(args.steps)]
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError) as e:  # e.g. a kernel's own length limit: say which
             opt.zero_grad(set_to_none=True)
-            lines.append(f"| {tokens:,} | out of memory | {predicted.peak_bytes(tokens) / GIB:.1f} | | | |")
+            what = "out of memory" if isinstance(e, torch.OutOfMemoryError) else f"error: {str(e).splitlines()[0][:120]}"
+            lines.append(f"| {tokens:,} | {what} | {predicted.peak_bytes(tokens) / GIB:.1f} | | | |")
             print(lines[-1])
             break
         seconds = sorted(t for t, _ in times[1:] or times)[len(times[1:] or times) // 2]
         peak = max(p for _, p in times)
         slope = (f"{(peak - previous[1]) / (tokens - previous[0]) * 1000 / GIB:.3f}" if previous else "")
-        lines.append(f"| {tokens:,} | {peak / GIB:.2f} | {predicted.peak_bytes(tokens) / GIB:.1f} | {slope} | "
+        measured = f"{peak / GIB:.2f}" if not args.cpu else "n/a (CPU)"
+        expected = f"{predicted.peak_bytes(tokens) / GIB:.1f}" if not args.cpu else ""
+        lines.append(f"| {tokens:,} | {measured} | {expected} | {slope if not args.cpu else ''} | "
                      f"{seconds:.2f} | {tokens / seconds:,.0f} |")
         print(lines[-1], flush=True)
         previous, longest = (tokens, peak), tokens
