@@ -160,7 +160,9 @@ def run(args) -> list[str]:
                      f"cap {args.gpu_memory:g} GiB of {total / GIB:.0f}")
     if args.legacy:
         legacy_offload()
-    lorakit.optimize(model, checkpoint="offload", tile_mlp=False if args.legacy else None)
+    counts = lorakit.optimize(model, checkpoint="offload", tile_mlp=False if args.legacy else None)
+    lines.append(f"optimize: {counts['linear']} fused linears, {counts['not_fused']} not fused, "
+                 f"{counts['checkpoint']} offloaded blocks, {counts['tiled_mlp']} tiled MLPs")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     predicted = estimate_max_context("llama-3-8b", r=args.r, bits=bits, gpu_memory_gib=args.gpu_memory)
     lines += [f"bits {bits}, LoRA r{args.r} all-linear, B=1, offload{' (legacy)' if args.legacy else ''}; "
