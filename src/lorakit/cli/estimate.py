@@ -8,6 +8,8 @@ from typing import Literal
 
 from ..train.estimate import KNOWN_SHAPES, TRAINABLE_BYTES, Estimate, estimate, weights_table
 
+DEFAULT_TARGETS = ["q_proj", "v_proj"]
+
 
 @dataclass
 class EstimateOptions:
@@ -17,7 +19,7 @@ class EstimateOptions:
     """A local model directory, a config.json, or a known shape name (see --list-shapes)."""
     r: int = 8
     """LoRA rank."""
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     """Adapted modules (names or suffixes), or 'all-linear'."""
     bits: Literal[32, 16, 8, 4] = 16
     """Bits per frozen weight: 32 (fp32, e.g. CPU), 16 (bf16/fp16), 8 (int8), 4 (NF4, ≈4.13 bits with absmax)."""
@@ -29,6 +31,12 @@ class EstimateOptions:
     """Bytes per activation element; 0: 4 for --bits 32, else 2 (bf16 autocast)."""
     gradient_checkpointing: bool = False
     """Estimate with activations recomputed per layer (only layer inputs are kept)."""
+    max_context: bool = False
+    """Print the longest sequence (batch 1) that trains in --gpu-memory on the long-context path
+    (optimize(checkpoint="offload"): offloaded block inputs, tiled MLPs, chunked loss), with each per-token
+    and fixed term of the account. --targets defaults to all-linear here."""
+    gpu_memory: float = 80.0
+    """GPU memory in GiB (2^30 bytes), for --max-context."""
     list_shapes: bool = False
     """List the known shape names and exit."""
 
@@ -44,6 +52,8 @@ def run_estimate(options: EstimateOptions) -> int:
         for name, values in KNOWN_SHAPES.items():
             print(f"{name:<14} {values['model_type']}")
         return 0
+    if options.max_context:
+        return _print_max_context(options)
     est = estimate(options.model, options.r, options.targets, options.bits, options.batch, options.seq,
                    options.activation_bytes, options.gradient_checkpointing)
     _print_setup(options, est)
@@ -75,3 +85,29 @@ def _print_table(est: Estimate) -> None:
     print("weights alone by precision:")
     for label, n in weights_table(params):
         print(f"  {label:<12}{gb(n):>12}")
+
+
+def _print_max_context(options: EstimateOptions) -> int:
+    from ..train.context_estimate import GIB, estimate_max_context, prefetch_tokens
+
+    targets = ["all-linear"] if options.targets == DEFAULT_TARGETS else options.targets
+    est = estimate_max_context(options.model, options.r, targets, options.bits, options.gpu_memory)
+    precision = {32: "fp32", 16: "bf16", 8: "int8", 4: "NF4"}[options.bits]
+    print(f"{est.shape.name}, LoRA r={options.r} on {','.join(targets)}, {precision} weights, batch 1, "
+          f"{options.gpu_memory:g} GiB; optimize(checkpoint=\"offload\") with tiled MLPs")
+    print("\nper token (one block's backward at its peak):")
+    for term in est.per_token:
+        if term.size:
+            print(f"  {term.name:<40}{term.size:>9,.0f} B   {term.why}")
+    print(f"  {'total':<40}{est.bytes_per_token:>9,.0f} B   = {est.bytes_per_token * 1000 / GIB:.3f} GiB per 1k tokens")
+    print("\nfixed:")
+    for term in est.fixed:
+        print(f"  {term.name:<40}{term.size / GIB:>9.2f} GiB {term.why}")
+    print(f"  {'total':<40}{est.fixed_bytes / GIB:>9.2f} GiB")
+    tokens = est.max_tokens
+    print(f"\nlongest context: {tokens:,} tokens (peak {est.peak_bytes(tokens) / GIB:.1f} GiB)")
+    print(f"host memory for the offloaded block inputs: {est.host_bytes_per_token * tokens / GIB:.0f} GiB pinned "
+          f"({est.host_bytes_per_token / 1024:.0f} KiB per token)")
+    print(f"(sequences up to {prefetch_tokens(est.shape):,} tokens also prefetch one block input: "
+          f"+{2 * est.shape.hidden:,} B per token)")
+    return 0

@@ -27,6 +27,7 @@ from .spec import layer_spec
 from .norms import fast_rms_forward, norm_style
 from .rope import make_fused_apply, set_fused_rope
 from .swiglu import act_kind, gated_act
+from .tiling import norm_remake, tile_rows_for, tiled_rows
 
 SIBLING_GROUPS = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
 
@@ -91,14 +92,49 @@ def gated_mlp_kind(module: nn.Module):
     return act_kind(module.act_fn)
 
 
+TILE_ATTR = "_lorakit_tile_mlp"  # rows per tile, or "auto", set on gated MLPs by optimize (tile_mlp)
+
+
 def mlp_forward(module, original, kind, x):
-    """Gated MLP forward: gate/up in one fused call, act(g)·u in one kernel, then down."""
+    """Gated MLP forward: gate/up in one fused call, act(g)·u in one kernel, then down. Under
+    optimize(checkpoint="offload") a long sequence runs in row tiles (tiling.py) so that the [T, intermediate]
+    tensors exist for one tile at a time."""
+    tile = module.__dict__.get(TILE_ATTR)
+    if tile:
+        if tile == "auto":  # tiles of ~TILE_BYTES; shorter sequences keep the one-pass (faster) route
+            width = getattr(module, "intermediate_size", None) or 4 * x.shape[-1]
+            rows = tile_rows_for(width, x.element_size())
+            least = 4 * rows
+        else:
+            rows = least = int(tile)
+        if x.numel() // x.shape[-1] > least:
+            recipe = recipes.norm_recipe(x)  # x is a norm's output: remade per tile, not kept
+            remake = norm_remake(recipe, x.dtype) if recipe is not None else None
+            return tiled_rows(lambda xt: _gated_mlp(module, kind, xt), x, rows, list(module.parameters()), remake)
+    return _gated_mlp(module, kind, x)
+
+
+def _gated_mlp(module, kind, x):
     gate, up = module.gate_proj, module.up_proj
     outs = None
     if isinstance(gate, AdaptedLayer) or isinstance(up, AdaptedLayer):
         outs = fused_linears(x, (gate, up))
     g, u = outs if outs is not None else (gate(x), up(x))
     return module.down_proj(gated_act(g, u, kind))
+
+
+def set_mlp_tiling(model: nn.Module, tile) -> int:
+    """Tile every patched gated MLP of `model` over the sequence: tile = rows per tile, "auto", or 0/None (off).
+    Returns how many MLPs were set."""
+    count = 0
+    for _, m in model.named_modules():
+        if gated_mlp_kind(m) is not None and is_patched(m):
+            if tile:
+                m.__dict__[TILE_ATTR] = tile
+            else:
+                m.__dict__.pop(TILE_ATTR, None)
+            count += 1
+    return count
 
 
 # --- causal-LM head and loss -----------------------------------------------------------------------------------
@@ -166,3 +202,4 @@ def uninstall(model: nn.Module) -> None:
     for _, m in model.named_modules():
         unpatch_forward(m)
         m.__dict__.pop("_lorakit_group_ok", None)
+        m.__dict__.pop(TILE_ATTR, None)

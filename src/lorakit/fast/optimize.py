@@ -10,7 +10,11 @@ What it does, each part switchable for measurement:
 - `group`: sibling projections that read one input (q/k/v, query/key/value; gate/up inside `glu`) run as
   one fused call;
 - `norms`, `rope`, `glu`, `fused_loss`: the HF family patches of families.py (Triton on GPU, torch on CPU);
-- `checkpoint`: False, True (recompute each block) or "offload" (and keep its input on the CPU).
+- `checkpoint`: False, True (recompute each block) or "offload" (and keep its input in pinned CPU memory,
+  copied on a side stream; the long-context mode);
+- `tile_mlp`: gated MLPs run in sequence tiles (tiling.py) so that their [T, intermediate] tensors exist for
+  one tile at a time: "auto" (the default under checkpoint="offload": tiles of ~256 MiB, sequences
+  shorter than four tiles untiled), a number of rows per tile, or False.
 The returned counts include "not_fused": the adapted layers that take the reference path (their reasons:
 `fusion_report(model)`; `report=True` logs them to stderr through the `lorakit.fast` logger).
 The reference path (`AdaptedLayer.reference_forward`) is never changed. Call it again after adding
@@ -31,7 +35,7 @@ from ..core.blocks import repeated_blocks
 from ..core.patching import patch_forward, unpatch_forward
 from ..errors import ConfigError
 from . import families
-from .checkpoint import checkpointed_forward
+from .checkpoint import OVERLAP_ATTR, checkpointed_forward
 from .lora_linear import lora_linear_fast_path
 from .report import fusion_report, log_report
 
@@ -39,11 +43,17 @@ CHECKPOINT_SLOT = "checkpoint"  # stacks on a family patch of the same module (c
 
 
 def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: bool = True, glu: bool = True,
-             fused_loss: bool = True, checkpoint: Union[bool, str] = False, report: bool = False) -> dict[str, int]:
+             fused_loss: bool = True, checkpoint: Union[bool, str] = False, tile_mlp: Union[None, bool, int, str] = None,
+             report: bool = False) -> dict[str, int]:
     """Install fast paths in place; returns how many modules got each one, and "not_fused": how many adapted
-    layers take the reference path (see fusion_report). report=True logs each of them with its reason."""
+    layers take the reference path (see fusion_report). report=True logs each of them with its reason.
+    tile_mlp None: "auto" under checkpoint="offload", else off (see the module docstring)."""
     if checkpoint not in (False, True, "offload"):
         raise ConfigError(f"checkpoint must be False, True or 'offload', got {checkpoint!r}")
+    if tile_mlp is None:
+        tile_mlp = "auto" if checkpoint == "offload" else False
+    if not (tile_mlp in (False, "auto") or (type(tile_mlp) is int and tile_mlp > 0)):
+        raise ConfigError(f"tile_mlp must be False, 'auto' or a positive number of rows, got {tile_mlp!r}")
     counts = {"linear": 0}
     for _, layer in adapted_layers(model):
         if layer.ops.kind == "linear" and layer.fast_path is None:
@@ -51,6 +61,7 @@ def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: 
             counts["linear"] += 1
     counts.update(families.install(model, group=group, norms=norms, rope=rope, glu=glu, fused_loss=fused_loss))
     counts["checkpoint"] = _install_checkpointing(model, checkpoint) if checkpoint else 0
+    counts["tiled_mlp"] = families.set_mlp_tiling(model, tile_mlp) if tile_mlp else 0
     rows = fusion_report(model)
     counts["not_fused"] = len(rows)
     if report:
@@ -70,4 +81,5 @@ def unoptimize(model: nn.Module) -> None:
             layer.fast_path = None
     for m in model.modules():  # the checkpoint patch went on last: it comes off first
         unpatch_forward(m, slot=CHECKPOINT_SLOT)
+        m.__dict__.pop(OVERLAP_ATTR, None)
     families.uninstall(model)

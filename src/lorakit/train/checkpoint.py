@@ -39,7 +39,8 @@ FORMAT = "lorakit-checkpoint/1"
 # many processes. Every other option changes the run's math (data, model, adapter, optimizer, schedule), so a
 # resumed run that changed it would silently train on the checkpoint's values: it is refused instead.
 RESUME_MAY_CHANGE = frozenset({
-    "output_dir", "resume", "overwrite", "quiet", "device", "nproc", "strategy", "gradient_checkpointing", "eval_every",
+    "output_dir", "resume", "overwrite", "quiet", "device", "nproc", "strategy", "gradient_checkpointing", "checkpoint",
+    "eval_every",
     "eval_examples", "checkpoint_every", "log_every", "max_new_tokens", "score", "samples"})
 # Automatic values the run resolves once the model is loaded (runs record the resolved ones): an automatic value
 # on either side matches, and the run checks again with its resolved values before training.

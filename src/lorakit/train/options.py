@@ -108,6 +108,10 @@ class TrainOptions(ModelOptions, DataOptions, AdapterOptions):
     optimize: bool = False
     """Install lorakit.optimize()'s fast paths (fused adapter linears, kernels for the frozen parts) before
     DDP/FSDP wrapping; adapted layers that will not run fused are listed with the reason."""
+    checkpoint: Literal["none", "recompute", "offload"] = "none"
+    """Block checkpointing through lorakit.optimize() (turns on --optimize): recompute (each block's activations
+    recomputed in its backward), or offload (each block's input kept in pinned CPU memory, long sequences' MLPs
+    run in tiles: the long-context mode; `lorakit estimate --max-context` gives the longest sequence that fits)."""
     eval_every: int = 0
     """Evaluate the held-out loss every N optimizer steps (0: only before and after training)."""
     checkpoint_every: int = 0

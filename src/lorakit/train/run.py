@@ -110,8 +110,8 @@ def train(options: Optional[TrainOptions] = None, *, config: Optional[str] = Non
                                compute_dtype=compute)
     opts = _resolved_packing(opts, batches)
     sizes = _add_adapter(model, opts, given, total_steps(opts, batches.per_epoch), log)
-    if opts.optimize:
-        _optimize(model, log)
+    if opts.optimize or opts.checkpoint != "none":
+        _optimize(model, log, opts.checkpoint)
     _distribute(model, opts, dist, device, log)
     prepare_output_dir(opts, dist)
 
@@ -157,6 +157,9 @@ def _check_run(opts: TrainOptions, dist: distributed.Distributed) -> None:
     check_packing_options(opts)
     if opts.bits == 4 and opts.strategy == "fsdp" and (dist.enabled or opts.nproc > 1):
         raise ConfigError("--bits 4 trains on a 4-bit base in one process or with --strategy ddp, not with fsdp")
+    if opts.checkpoint != "none" and opts.gradient_checkpointing:
+        raise ConfigError(f"--checkpoint {opts.checkpoint} and --gradient-checkpointing both checkpoint the blocks: "
+                          "give one of them")
 
 
 def _resolved_packing(opts: TrainOptions, batches) -> TrainOptions:
@@ -204,12 +207,13 @@ def _add_adapter(model, opts: TrainOptions, given: set[str], steps: int, log) ->
     return n_trainable, n_total
 
 
-def _optimize(model, log) -> None:
-    """--optimize: the fast paths, installed before any DDP/FSDP wrapping (they patch the model's own modules,
-    and FSDP2 unshards each block's parameters before its fused calls read them)."""
+def _optimize(model, log, checkpoint: str = "none") -> None:
+    """--optimize / --checkpoint: the fast paths, installed before any DDP/FSDP wrapping (they patch the model's
+    own modules, and FSDP2 unshards each block's parameters before its fused calls read them)."""
     model.train()  # the report depends on the mode (dropout): give the training one
-    counts = optimize(model)
-    log(f"optimize: {counts['linear']} adapted linears on the fused path, {counts['not_fused']} not fused")
+    counts = optimize(model, checkpoint={"none": False, "recompute": True, "offload": "offload"}[checkpoint])
+    log(f"optimize: {counts['linear']} adapted linears on the fused path, {counts['not_fused']} not fused"
+        + (f"; {counts['checkpoint']} blocks checkpointed ({checkpoint})" if checkpoint != "none" else ""))
     for path, reason in fusion_report(model):
         log(f"  not fused: {path}: {reason}")
 
