@@ -204,6 +204,6 @@ def dropout_mask(seed: int, stream: int, shape: tuple, p: float, device) -> torc
     n_rows, k = shape
     out = torch.empty(n_rows, k, dtype=torch.int8, device=device)
     if out.numel():
-        _mask_kernel[(triton.cdiv(n_rows, 16), triton.cdiv(k, 64))](
-            out, seed, stream, n_rows, k, _threshold(p), BM=16, BK=64, ROUNDS=PHILOX_ROUNDS)
+        _mask_kernel[(triton.cdiv(n_rows, 64), triton.cdiv(k, 128))](
+            out, seed, stream, n_rows, k, _threshold(p), BM=64, BK=128, ROUNDS=PHILOX_ROUNDS)
     return out.bool()
