@@ -30,7 +30,6 @@ from ..triton_gate import tl, triton
 # Philox rounds: 7 is the fewest that Salmon et al. (SC'11) found Crush-resistant (BigCrush clean); 10 (Triton's
 # and cuRAND's default) adds margin. The mask draw is the kernels' main ALU cost, and dropout needs no more.
 PHILOX_ROUNDS = 7
-GROUP = 8  # columns per Philox call: 4 words × 2 halves of 16 bits
 
 if triton is not None:
 
@@ -64,10 +63,12 @@ if triton is not None:
             xb = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
             keep = _keep(seed, stream0 + t, rows, k0, BM, BK, threshold, ROUNDS)  # [BM, BK]
             ab = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # [BK, RP]
-            acc = tl.dot(tl.where(keep, xb, 0.0), ab, acc, input_precision=PRECISION)  # [BM, RP] += xd·A_tᵀ
+            xd = tl.where(keep, xb, tl.zeros_like(xb))  # [BM, BK], x's dtype
+            acc = tl.dot(xd, ab, acc, input_precision=PRECISION)  # [BM, RP] += xd·A_tᵀ
             x_ptrs += BK
             a_ptrs += BK
-        h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + (t * R + offs_r)[None, :] * stride_hc  # [BM, RP]
+        cols = (t * R + offs_r).to(tl.int64)  # [RP]: the term's columns of h_run
+        h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :] * stride_hc  # [BM, RP]
         tl.store(h_ptrs, (acc * scale).to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
 
     @triton.jit(do_not_specialize=["seed", "stream0", "threshold"])
@@ -98,7 +99,8 @@ if triton is not None:
                 gx = tl.dot(gh, ab, input_precision=PRECISION)  # [BM, BK] = gh_tᵀ·A_t
                 dx_acc += tl.where(keep, gx, 0.0)
             if NEED_DA:
-                part = tl.dot(tl.trans(gh), tl.where(keep, xb, 0.0), input_precision=PRECISION)  # [RP, BK]
+                xd = tl.where(keep, xb, tl.zeros_like(xb))  # [BM, BK], x's dtype
+                part = tl.dot(tl.trans(gh), xd, input_precision=PRECISION)  # [RP, BK] = gh_t·xd
                 tl.atomic_add(da_ptr + ranks[:, None] * K + cols[None, :], part * scale,
                               mask=r_ok[:, None] & col_ok[None, :])  # dA_t [r, in] fp32, summed over row blocks
         if NEED_DX:
