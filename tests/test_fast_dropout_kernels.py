@@ -15,6 +15,7 @@ import lorakit
 import lorakit.fast.lora_linear as ll
 from lorakit.fast import dropout as fast_dropout
 from lorakit.fast import dropout_kernels as dk
+from lorakit.fast import recipes
 from lorakit.fast.lora_linear import fused_linears
 from support import rel_norm
 
@@ -186,6 +187,37 @@ def test_only_x_is_saved_and_seeded_runs_repeat(philox):
     assert all(torch.equal(a, b) for a, b in zip(outs, again))  # torch.manual_seed repeats the masks
     other = fused_linears(x, (m.q, m.k, m.v))
     assert not torch.equal(outs[0], other[0])  # the next call draws new masks
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0], ids=["llama", "gemma"])
+def test_an_rms_norm_output_is_rebuilt_in_backward_not_saved(philox, monkeypatch, offset):
+    dev = philox
+    m = _model(torch.float32, dev)  # with terms that read x itself: they use the recipe as well
+    layers = (m.q, m.k, m.v)
+    raw = torch.randn(3, 6, 24, device=dev, requires_grad=True)
+    norm_w = torch.randn(24, device=dev) / 3
+    params = [p for p in m.parameters() if p.requires_grad]
+
+    def normed(tag):
+        rstd = raw.detach().square().mean(-1).add(1e-6).rsqrt()  # [3, 6] float32
+        n = raw * rstd[..., None] * (norm_w + offset)  # the linear's input [3, 6, 24]
+        if tag:  # as the RMSNorm fast path tags its output
+            recipes.tag_norm_output(n, raw.detach(), rstd, norm_w, offset)
+        return n
+
+    seeds = _seeds_of(monkeypatch)
+    outs = fused_linears(normed(True), layers)
+    saved = [t for t in outs[0].grad_fn.saved_tensors if t is not None and t.numel() == raw.numel()]
+    assert len(saved) == 1 and saved[0].data_ptr() == raw.data_ptr()  # the norm's input, not its output
+    g = torch.Generator().manual_seed(1)
+    cot = [torch.randn(o.shape, generator=g).to(dev) for o in outs]
+    got = torch.autograd.grad(outs, [raw, *params], cot)
+    masks = [dk.dropout_mask(seeds[0], i, (18, 24), 0.25, dev).view(raw.shape) for i in range(3)]
+    _with_masks(monkeypatch, masks)
+    ref_outs = tuple(layer.reference_forward(normed(False)) for layer in layers)
+    want = torch.autograd.grad(ref_outs, [raw, *params], cot)
+    for a, b in zip((*outs, *got), (*ref_outs, *want)):
+        assert rel_norm(a, b) <= 1e-5
 
 
 def test_a_checkpointed_recompute_draws_the_same_masks(philox, monkeypatch):

@@ -30,6 +30,7 @@ from ..triton_gate import tl, triton
 # Philox rounds: 7 is the fewest that Salmon et al. (SC'11) found Crush-resistant (BigCrush clean); 10 (Triton's
 # and cuRAND's default) adds margin. The mask draw is the kernels' main ALU cost, and dropout needs no more.
 PHILOX_ROUNDS = 7
+BACK_BLOCK = (64, 64)  # rows × columns per backward program: each dA element takes N/64 fp32 atomic adds
 
 if triton is not None:
 
@@ -46,11 +47,11 @@ if triton is not None:
         return tl.reshape(halves, (BM, BK)) >= threshold  # [BM, BK]
 
     @triton.jit(do_not_specialize=["seed", "stream0", "threshold"])
-    def _drop_down(x_ptr, a_ptr, h_ptr, seed, stream0, n_rows, K, stride_xm, stride_hm, stride_hc, scale, threshold,
+    def _drop_down(x_ptr, a_ptr, h_ptr, seed, stream0, n_terms, n_rows, K, stride_xm, stride_hm, stride_hc, scale, threshold,
                    R: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr,
                    PRECISION: tl.constexpr):
-        t = tl.program_id(1)  # the run's term
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)  # [BM]
+        t = tl.program_id(0) % n_terms  # the run's term: a row block's terms run side by side (x from L2)
+        rows = (tl.program_id(0) // n_terms) * BM + tl.arange(0, BM)  # [BM]
         offs_r = tl.arange(0, RP)  # [RP]
         offs_k = tl.arange(0, BK)  # [BK]
         row_ok = rows < n_rows
@@ -72,10 +73,10 @@ if triton is not None:
         tl.store(h_ptrs, (acc * scale).to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
 
     @triton.jit(do_not_specialize=["seed", "stream0", "threshold"])
-    def _drop_back(x_ptr, a_ptr, gh_ptr, dx_ptr, da_ptr, seed, stream0, n_terms, n_rows, K, stride_xm, stride_dxm,
-                   stride_ghr, scale, threshold, R: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr,
-                   BK: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, ROUNDS: tl.constexpr,
-                   PRECISION: tl.constexpr):
+    def _drop_back(x_ptr, rstd_ptr, w_ptr, a_ptr, gh_ptr, dx_ptr, da_ptr, seed, stream0, n_terms, n_rows, K,
+                   stride_xm, stride_dxm, stride_ghr, offset, scale, threshold, R: tl.constexpr, RP: tl.constexpr,
+                   BM: tl.constexpr, BK: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr,
+                   RECIPE: tl.constexpr, ROUNDS: tl.constexpr, PRECISION: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)  # [BM]
         k0 = tl.program_id(1) * BK
         cols = k0 + tl.arange(0, BK)  # [BK]
@@ -87,6 +88,10 @@ if triton is not None:
         rows64 = rows.to(tl.int64)
         if NEED_DA:
             xb = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=tile_ok, other=0.0)  # [BM, BK]
+            if RECIPE:  # x is a norm's input: the linear's input x·rstd·(w + offset), rebuilt in float32
+                rstd = tl.load(rstd_ptr + rows64, mask=row_ok, other=0.0)  # [BM] float32
+                w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) + offset  # [BK]
+                xb = (xb.to(tl.float32) * rstd[:, None] * w[None, :]).to(a_ptr.dtype.element_ty)  # [BM, BK]
         dx_acc = tl.zeros((BM, BK), dtype=tl.float32)  # [BM, BK]: Σ_t (gh_tᵀ·A_t) ⊙ m_t
         for t in range(n_terms):
             keep = _keep(seed, stream0 + t, rows, k0, BM, BK, threshold, ROUNDS)  # [BM, BK]
@@ -102,7 +107,7 @@ if triton is not None:
                 xd = tl.where(keep, xb, tl.zeros_like(xb))  # [BM, BK], x's dtype
                 part = tl.dot(tl.trans(gh), xd, input_precision=PRECISION)  # [RP, BK] = gh_t·xd
                 tl.atomic_add(da_ptr + ranks[:, None] * K + cols[None, :], part * scale,
-                              mask=r_ok[:, None] & col_ok[None, :])  # dA_t [r, in] fp32, summed over row blocks
+                              mask=r_ok[:, None] & col_ok[None, :], sem="relaxed")  # dA_t [r, in] fp32, summed over row blocks
         if NEED_DX:
             dx_ptrs = dx_ptr + rows64[:, None] * stride_dxm + cols[None, :]  # [BM, BK]
             dx = tl.load(dx_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
@@ -165,14 +170,14 @@ def drop_down(x2: torch.Tensor, a_run: torch.Tensor, h_run: torch.Tensor, seed: 
     if n_rows == 0:
         return
     bm = _down_rows(n_rows, n_terms, x2.device)
-    _drop_down[(triton.cdiv(n_rows, bm), n_terms)](
-        x2, a_run, h_run, seed, stream0, n_rows, k, x2.stride(0), h_run.stride(0), h_run.stride(1), 1.0 / (1.0 - p),
+    _drop_down[(triton.cdiv(n_rows, bm) * n_terms,)](
+        x2, a_run, h_run, seed, stream0, n_terms, n_rows, k, x2.stride(0), h_run.stride(0), h_run.stride(1), 1.0 / (1.0 - p),
         _threshold(p), R=rank, RP=_padded(rank), BM=bm, BK=64, ROUNDS=PHILOX_ROUNDS, PRECISION=_precision(x2.dtype),
         num_warps=4)
 
 
 def drop_back(x2: torch.Tensor, a_run: torch.Tensor, gh_run: torch.Tensor, dx2, da32, seed: int, stream0: int,
-              rank: int, p: float) -> None:
+              rank: int, p: float, norm=None) -> None:
     """Backward of a run of dropout terms, masks drawn again as drop_down drew them: dx2 += Σ_t ((gh_tᵀ·A_t) ⊙ m_t)
     / (1 − p) in place, and da32 += [gh_t·(x ⊙ m_t) / (1 − p)]_t.
 
@@ -182,16 +187,20 @@ def drop_back(x2: torch.Tensor, a_run: torch.Tensor, gh_run: torch.Tensor, dx2, 
         dx2: the input's gradient [N, in] to add into, or None when not needed.
         da32: a zeroed float32 [n·r, in] to add the A gradients into, or None when not needed.
         seed, stream0, rank, p: as given to drop_down.
+        norm: None, or (rstd float32 [N], w [in], offset) when x2 is an RMSNorm's input and the linear's input
+            was x2·rstd·(w + offset) (fast/recipes.py): rebuilt tile by tile, never stored.
     """
     n_rows, k = x2.shape
     if n_rows == 0 or (dx2 is None and da32 is None):
         return
-    bm, bk = 64, 64
+    bm, bk = BACK_BLOCK
+    rstd, w, offset = norm if norm is not None else (x2, x2, 0.0)  # placeholders, never read
     _drop_back[(triton.cdiv(n_rows, bm), triton.cdiv(k, bk))](
-        x2, a_run, gh_run, dx2 if dx2 is not None else x2, da32 if da32 is not None else gh_run, seed, stream0,
-        a_run.shape[0] // rank, n_rows, k, x2.stride(0), dx2.stride(0) if dx2 is not None else 0, gh_run.stride(0),
-        1.0 / (1.0 - p), _threshold(p), R=rank, RP=_padded(rank), BM=bm, BK=bk, NEED_DX=dx2 is not None,
-        NEED_DA=da32 is not None, ROUNDS=PHILOX_ROUNDS, PRECISION=_precision(x2.dtype), num_warps=4)
+        x2, rstd, w, a_run, gh_run, dx2 if dx2 is not None else x2, da32 if da32 is not None else gh_run, seed,
+        stream0, a_run.shape[0] // rank, n_rows, k, x2.stride(0), dx2.stride(0) if dx2 is not None else 0,
+        gh_run.stride(0), float(offset), 1.0 / (1.0 - p), _threshold(p), R=rank, RP=_padded(rank), BM=bm, BK=bk,
+        NEED_DX=dx2 is not None, NEED_DA=da32 is not None, RECIPE=norm is not None, ROUNDS=PHILOX_ROUNDS,
+        PRECISION=_precision(a_run.dtype), num_warps=4)
 
 
 def dropout_mask(seed: int, stream: int, shape: tuple, p: float, device) -> torch.Tensor:

@@ -142,13 +142,14 @@ def _a_run(params, a_idx) -> torch.Tensor:
     return params[a_idx[0]].contiguous() if len(a_idx) == 1 else torch.cat([params[i] for i in a_idx])
 
 
-def _back_in_kernel(plan: _Plan, x2, gh_t, dx2, params, needs, seed: int, out: list) -> None:
+def _back_in_kernel(plan: _Plan, x2, norm, gh_t, dx2, params, needs, seed: int, out: list) -> None:
     """Each run of in-kernel dropout terms: dx2 += Σ_t ((gH_t·A_t) ⊙ m_t) / (1 − p) in place (when dx2 is
-    given) and out[A_t] = gH_t·(x ⊙ m_t) / (1 − p), the masks drawn again from `seed`."""
+    given) and out[A_t] = gH_t·(x ⊙ m_t) / (1 − p), the masks drawn again from `seed`. norm: (rstd, w, offset)
+    when x2 is an RMSNorm's input (the kernel rebuilds X from it), else None."""
     for col, r, p, a_idx, stream in plan.kernel_runs:
         need_da = any(needs[i] for i in a_idx)
         da32 = x2.new_zeros(len(a_idx) * r, x2.shape[1], dtype=torch.float32) if need_da else None
-        drop_back(x2, _a_run(params, a_idx), gh_t[col:col + r * len(a_idx)], dx2, da32, seed, stream, r, p)
+        drop_back(x2, _a_run(params, a_idx), gh_t[col:col + r * len(a_idx)], dx2, da32, seed, stream, r, p, norm)
         if need_da:
             da = da32.to(params[a_idx[0]].dtype)  # [n·r, in]
             for i, ai in enumerate(a_idx):
@@ -198,7 +199,7 @@ class FusedLoraLinears(torch.autograd.Function):
                 outs[j] = torch.addcmul(params[bi], z, f) if bi is not None else z * f
         ctx.plan, ctx.norm_offset, ctx.x_shape, ctx.rank_major = plan, norm_offset, x.shape, rank_major
         ctx.sources, ctx.drop_seed = sources, seed
-        ctx.recipe_used = norm_x is not None  # never together with in-kernel dropout (_fuse): those need x
+        ctx.recipe_used = norm_x is not None
         if ctx.recipe_used:
             saved_x = (norm_x.reshape(-1, in_features), norm_rstd.reshape(-1), norm_w)
         else:  # only dropped-tensor terms: x itself is not needed
@@ -237,11 +238,12 @@ class FusedLoraLinears(torch.autograd.Function):
                 gx = gh_t[:plan.x_rank].t()
                 dx = gx @ a_x if dx is None else dx.addmm_(gx, a_x)
             if dx is None and plan.kernel_runs:
-                dx = x2.new_zeros(x2.shape)
+                dx = h.new_zeros(h.shape[0], ctx.x_shape[-1])
             dx = dx.view(ctx.x_shape) if dx is not None else None
         if plan.kernel_runs:  # dX and dA of the in-kernel dropout terms, their masks drawn again
             dx2 = dx.view(-1, dx.shape[-1]) if dx is not None else None
-            _back_in_kernel(plan, x2, gh_t, dx2, params, needs, ctx.drop_seed, out)
+            norm = (rstd, norm_w, ctx.norm_offset) if ctx.recipe_used else None
+            _back_in_kernel(plan, x2, norm, gh_t, dx2, params, needs, ctx.drop_seed, out)
         for _, ai, _, col, r, _, xi in plan.tensor_drops:  # the dropped input's gradient; dropout's backward masks it
             if needs[xi]:
                 out[xi] = (gh_t[col:col + r].t() @ params[ai]).view(ctx.x_shape)
@@ -355,7 +357,7 @@ def _fuse(x: torch.Tensor, layers: Sequence[nn.Module]):
                 params.append(to(dropped(x, p)))
             any_x = any_x or p == 0
         sources.append(source)
-    norm = recipes.norm_recipe(x) if any_x and cast is None and seed is None else None
+    norm = recipes.norm_recipe(x) if (any_x or seed is not None) and cast is None else None
     norm_args = (norm.x, norm.rstd, norm.weight, norm.offset) if norm is not None else (None, None, None, 0.0)
     if cast is None:
         return FusedLoraLinears.apply(xc, *norm_args, tuple(layout), tuple(sources), *params)
