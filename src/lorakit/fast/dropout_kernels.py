@@ -203,6 +203,44 @@ def drop_back(x2: torch.Tensor, a_run: torch.Tensor, gh_run: torch.Tensor, dx2, 
         PRECISION=_precision(a_run.dtype), num_warps=4)
 
 
+def _a_run(params, a_idx) -> torch.Tensor:
+    """A run's A's stacked [n·r, in] (the parameter itself for one term)."""
+    return params[a_idx[0]].contiguous() if len(a_idx) == 1 else torch.cat([params[i] for i in a_idx])
+
+
+def runs_down(x2: torch.Tensor, h: torch.Tensor, runs, params, seed: int) -> None:
+    """The fused linear's forward for its runs of in-kernel dropout terms: each run's columns of h, by drop_down.
+
+    Args:
+        x2: the input [N, in]; h: the fused call's h [N, R] (any strides), written in place.
+        runs: (first column of h, r, p, indices of the terms' A in params, first stream) per run.
+        params: the fused call's parameters; seed: the call's Philox key.
+    """
+    for col, r, p, a_idx, stream in runs:
+        drop_down(x2, _a_run(params, a_idx), h[:, col:col + r * len(a_idx)], seed, stream, r, p)
+
+
+def runs_back(x2: torch.Tensor, norm, gh_t: torch.Tensor, dx2, runs, params, needs, seed: int, out: list) -> None:
+    """The fused linear's backward for its runs of in-kernel dropout terms, masks drawn again:
+    dx2 += Σ_t ((gH_t·A_t) ⊙ m_t) / (1 − p) in place, and out[A_t] = gH_t·(x ⊙ m_t) / (1 − p) where needed.
+
+    Args:
+        x2: the saved input [N, in] (an RMSNorm's input when norm is given); norm: None or (rstd, w, offset).
+        gh_t: the gradient of h, rank-major [R, N]; dx2: the input's gradient [N, in], or None.
+        runs, params, seed: as given to runs_down; needs: per parameter, whether its gradient is needed.
+        out: the gradients per parameter, filled in for the terms' A.
+    """
+    for col, r, p, a_idx, stream in runs:
+        need_da = any(needs[i] for i in a_idx)
+        da32 = x2.new_zeros(len(a_idx) * r, x2.shape[1], dtype=torch.float32) if need_da else None
+        drop_back(x2, _a_run(params, a_idx), gh_t[col:col + r * len(a_idx)], dx2, da32, seed, stream, r, p, norm)
+        if need_da:
+            da = da32.to(params[a_idx[0]].dtype)  # [n·r, in]
+            for i, ai in enumerate(a_idx):
+                if needs[ai]:
+                    out[ai] = da[i * r:(i + 1) * r]
+
+
 def dropout_mask(seed: int, stream: int, shape: tuple, p: float, device) -> torch.Tensor:
     """The keep mask the kernels draw for (seed, stream) over an [N, in] input (for tests and debugging).
 

@@ -43,7 +43,7 @@ from torch import nn
 from ..core.adapted import AdaptedLayer
 from . import recipes
 from .dropout import dropped, mask_source
-from .dropout_kernels import drop_back, drop_down
+from .dropout_kernels import runs_back, runs_down
 from .scratch import dense_from_source
 from .spec import FALLBACK_ATTR, note_fallback, spec_or_reason
 
@@ -132,29 +132,8 @@ def _down_in_kernel(x2, a_x, plan: _Plan, params, seed: int, rank_major: bool) -
             torch.mm(a_x, x2.t(), out=h_t[:plan.x_rank])
         else:
             h[:, :plan.x_rank] = x2 @ a_x.t()
-    for col, r, p, a_idx, stream in plan.kernel_runs:
-        drop_down(x2, _a_run(params, a_idx), h[:, col:col + r * len(a_idx)], seed, stream, r, p)
+    runs_down(x2, h, plan.kernel_runs, params, seed)
     return h
-
-
-def _a_run(params, a_idx) -> torch.Tensor:
-    """A run's A's stacked [n·r, in] (the parameter itself for one term)."""
-    return params[a_idx[0]].contiguous() if len(a_idx) == 1 else torch.cat([params[i] for i in a_idx])
-
-
-def _back_in_kernel(plan: _Plan, x2, norm, gh_t, dx2, params, needs, seed: int, out: list) -> None:
-    """Each run of in-kernel dropout terms: dx2 += Σ_t ((gH_t·A_t) ⊙ m_t) / (1 − p) in place (when dx2 is
-    given) and out[A_t] = gH_t·(x ⊙ m_t) / (1 − p), the masks drawn again from `seed`. norm: (rstd, w, offset)
-    when x2 is an RMSNorm's input (the kernel rebuilds X from it), else None."""
-    for col, r, p, a_idx, stream in plan.kernel_runs:
-        need_da = any(needs[i] for i in a_idx)
-        da32 = x2.new_zeros(len(a_idx) * r, x2.shape[1], dtype=torch.float32) if need_da else None
-        drop_back(x2, _a_run(params, a_idx), gh_t[col:col + r * len(a_idx)], dx2, da32, seed, stream, r, p, norm)
-        if need_da:
-            da = da32.to(params[a_idx[0]].dtype)  # [n·r, in]
-            for i, ai in enumerate(a_idx):
-                if needs[ai]:
-                    out[ai] = da[i * r:(i + 1) * r]
 
 
 def _weight(params, w_idx, sources, j, device) -> torch.Tensor:
@@ -243,7 +222,7 @@ class FusedLoraLinears(torch.autograd.Function):
         if plan.kernel_runs:  # dX and dA of the in-kernel dropout terms, their masks drawn again
             dx2 = dx.view(-1, dx.shape[-1]) if dx is not None else None
             norm = (rstd, norm_w, ctx.norm_offset) if ctx.recipe_used else None
-            _back_in_kernel(plan, x2, norm, gh_t, dx2, params, needs, ctx.drop_seed, out)
+            runs_back(x2, norm, gh_t, dx2, plan.kernel_runs, params, needs, ctx.drop_seed, out)
         for _, ai, _, col, r, _, xi in plan.tensor_drops:  # the dropped input's gradient; dropout's backward masks it
             if needs[xi]:
                 out[xi] = (gh_t[col:col + r].t() @ params[ai]).view(ctx.x_shape)
