@@ -143,6 +143,8 @@ def _outs_and_grads(fn, x, params):
 @pytest.mark.parametrize("mixed", [True, False], ids=["with_plain_terms", "dropout_only"])
 def test_fused_qkv_equals_the_reference_with_the_kernels_masks(philox, monkeypatch, dtype, mixed):
     dev = philox
+    if not mixed:  # the backward splits the three terms' run into launches of two and one
+        monkeypatch.setattr(dk, "MAX_TERMS", 2)
     m = _model(dtype, dev, mixed=mixed)
     layers = (m.q, m.k, m.v)
     x = torch.randn(3, 7, 24, device=dev, dtype=dtype, requires_grad=True)

@@ -51,9 +51,9 @@ if triton is not None:
         return tl.reshape(halves, (BM, BK)) >= threshold  # [BM, BK]
 
     @triton.jit(do_not_specialize=["seed", "stream0", "threshold"])
-    def _drop_down(x_ptr, a_ptr, h_ptr, seed, stream0, n_terms, n_rows, K, stride_xm, stride_hm, stride_hc, scale, threshold,
-                   R: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr,
-                   PRECISION: tl.constexpr):
+    def _drop_down(x_ptr, a_ptr, h_ptr, seed, stream0, n_terms, n_rows, K, stride_xm, stride_hm, stride_hc, scale,
+                   threshold, R: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                   ROUNDS: tl.constexpr, PRECISION: tl.constexpr):
         t = tl.program_id(0) % n_terms  # the run's term: a row block's terms run side by side (x from L2)
         rows = (tl.program_id(0) // n_terms) * BM + tl.arange(0, BM)  # [BM]
         offs_r = tl.arange(0, RP)  # [RP]
@@ -212,9 +212,9 @@ def drop_down(x2: torch.Tensor, a_run: torch.Tensor, h_run: torch.Tensor, seed: 
         return
     bm = _down_rows(n_rows, n_terms, x2.device)
     _drop_down[(triton.cdiv(n_rows, bm) * n_terms,)](
-        x2, a_run, h_run, seed, stream0, n_terms, n_rows, k, x2.stride(0), h_run.stride(0), h_run.stride(1), 1.0 / (1.0 - p),
-        _threshold(p), R=rank, RP=_padded(rank), BM=bm, BK=64, ROUNDS=PHILOX_ROUNDS, PRECISION=_precision(x2.dtype),
-        num_warps=4)
+        x2, a_run, h_run, seed, stream0, n_terms, n_rows, k, x2.stride(0), h_run.stride(0), h_run.stride(1),
+        1.0 / (1.0 - p), _threshold(p), R=rank, RP=_padded(rank), BM=bm, BK=64, ROUNDS=PHILOX_ROUNDS,
+        PRECISION=_precision(x2.dtype), num_warps=4)
 
 
 def drop_back(x2: torch.Tensor, a_run: torch.Tensor, gh_run: torch.Tensor, dx2, need_da: bool, seed: int,

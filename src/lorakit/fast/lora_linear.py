@@ -223,7 +223,7 @@ class FusedLoraLinears(torch.autograd.Function):
             dx2 = dx.view(-1, dx.shape[-1]) if dx is not None else None
             norm = (rstd, norm_w, ctx.norm_offset) if ctx.recipe_used else None
             runs_back(x2, norm, gh_t, dx2, plan.kernel_runs, params, needs, ctx.drop_seed, out)
-        for _, ai, _, col, r, _, xi in plan.tensor_drops:  # the dropped input's gradient; dropout's backward masks it
+        for _, ai, _, col, r, _, xi in plan.tensor_drops:  # the dropped input's grad; dropout's backward masks it
             if needs[xi]:
                 out[xi] = (gh_t[col:col + r].t() @ params[ai]).view(ctx.x_shape)
             if needs[ai]:
