@@ -3,7 +3,8 @@ identically, in backward (on CUDA, or on CPU tensors under Triton's interpreter;
 
 A dropout term t reads xd_t = x ⊙ m_t / (1 − p). Its mask bit for element (row, col) is a function of
 (seed, stream, row, col) alone: one Philox4x32 call with the 64-bit key `seed` and the counter
-(col // 8, row, stream, 0) gives 4×32 random bits, i.e. eight 16-bit values, one per column of the group of 8;
+(col // 8, row, stream, 0) gives 4×32 random bits, i.e. eight 16-bit values, one per column of the group of 8
+(in a fixed order: tl.interleave of the words, then of each word's halves);
 an element is kept when its value ≥ round(p·2¹⁶) (keep probability 1 − p to 2⁻¹⁶). Row and column sit in
 separate 32-bit counter words, so there is no flat offset to overflow at N·in ≥ 2³¹, and any tile whose
 columns start at a multiple of 8 draws the same bits. `seed` is drawn once per fused call from torch's
@@ -46,9 +47,9 @@ if triton is not None:
         c1 = tl.broadcast_to(rows.to(tl.uint32)[:, None], (BM, BK // 8))  # [BM, BK/8]
         c2 = c1 * 0 + stream.to(tl.uint32)  # [BM, BK/8]
         r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c1 * 0, ROUNDS)  # 4 × [BM, BK/8] uint32
-        words = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # [BM, BK/8, 2, 2]
-        halves = tl.join(words & 0xFFFF, words >> 16)  # [BM, BK/8, 2, 2, 2]: 16-bit values
-        return tl.reshape(halves, (BM, BK)) >= threshold  # [BM, BK]
+        words = tl.interleave(tl.interleave(r0, r1), tl.interleave(r2, r3))  # [BM, BK/2]: 4 words per group
+        halves = tl.interleave(words & 0xFFFF, words >> 16)  # [BM, BK]: 16-bit values, 8 per group
+        return halves >= threshold  # [BM, BK]
 
     @triton.jit(do_not_specialize=["seed", "stream0", "threshold"])
     def _drop_down(x_ptr, a_ptr, h_ptr, seed, stream0, n_terms, n_rows, K, stride_xm, stride_hm, stride_hc, scale,
@@ -77,15 +78,15 @@ if triton is not None:
         tl.store(h_ptrs, (acc * scale).to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
 
     @triton.jit
-    def _x_tile(x_ptr, rstd_ptr, w_ptr, rows64, cols, row_ok, col_ok, stride_xm, offset, RECIPE: tl.constexpr,
-                dtype: tl.constexpr):
-        """The linear's input tile [BM, BK]: x itself, or x·rstd·(w + offset) rebuilt from a norm's input."""
+    def _x_tile(x_ptr, rstd_ptr, w_ptr, rows64, cols, row_ok, col_ok, stride_xm, offset, RECIPE: tl.constexpr):
+        """The linear's input tile [BM, BK]: x itself, or x·rstd·(w + offset) rebuilt (float32) from a norm's
+        input."""
         xb = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                      other=0.0)  # [BM, BK]
         if RECIPE:
             rstd = tl.load(rstd_ptr + rows64, mask=row_ok, other=0.0)  # [BM] float32
             w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) + offset  # [BK]
-            xb = (xb.to(tl.float32) * rstd[:, None] * w[None, :]).to(dtype)  # [BM, BK]
+            xb = xb.to(tl.float32) * rstd[:, None] * w[None, :]  # [BM, BK]
         return xb
 
     @triton.jit
@@ -116,8 +117,8 @@ if triton is not None:
             row_ok = rows < n_rows
             rows64 = rows.to(tl.int64)
             if NEED_DA:
-                xb = _x_tile(x_ptr, rstd_ptr, w_ptr, rows64, cols, row_ok, col_ok, stride_xm, offset, RECIPE,
-                             a_ptr.dtype.element_ty)  # [BM, BK]
+                xb = _x_tile(x_ptr, rstd_ptr, w_ptr, rows64, cols, row_ok, col_ok, stride_xm, offset,
+                             RECIPE).to(a_ptr.dtype.element_ty)  # [BM, BK] in the factors' dtype
             dx_acc = tl.zeros((BM, BK), dtype=tl.float32)  # [BM, BK]: Σ_t (gh_tᵀ·A_t) ⊙ m_t
             for t in tl.static_range(TERMS):
                 keep = _keep(seed, stream0 + t, rows, k0, BM, BK, threshold, ROUNDS)  # [BM, BK]
