@@ -136,7 +136,7 @@ def _outs_and_grads(fn, x, params):
     outs = fn(x)
     g = torch.Generator().manual_seed(1)
     cot = [torch.randn(o.shape, generator=g).to(o.device, o.dtype) for o in outs]
-    return outs, torch.autograd.grad(outs, [x, *params], cot)
+    return outs, torch.autograd.grad(outs, [x, *params] if x.requires_grad else params, cot)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -161,11 +161,11 @@ def test_fused_qkv_equals_the_reference_with_the_kernels_masks(philox, monkeypat
         assert a.shape == b.shape and rel_norm(a.float(), b.float()) <= TOL[dtype]
 
 
-def test_one_layer_rank_eight_fp32_through_optimize(philox, monkeypatch):
+def test_one_layer_rank_eight_fp32_through_optimize_input_without_grad(philox, monkeypatch):
     dev = philox
     m = _model(torch.float32, dev, rank=8, mixed=False)
     lorakit.optimize(m)
-    x = torch.randn(2, 9, 24, device=dev, requires_grad=True)
+    x = torch.randn(2, 9, 24, device=dev)  # as after frozen embeddings: the backward computes no dX
     params = [p for p in m.k.parameters() if p.requires_grad]  # k's A and B (k has no bias)
     seeds = _seeds_of(monkeypatch)
     out = _outs_and_grads(lambda t: (m.k(t),), x, params)

@@ -4,7 +4,8 @@ Where the mask comes from, per device type (MASK_SOURCE, read through mask_sourc
 - "philox" (CUDA): drawn inside the fused linear's Triton kernels (dropout_kernels.py) from a per-call seed and
   never stored; backward draws it again. The same distribution as the reference (keep probability 1 − p to
   2⁻¹⁶), from a different draw: a seeded run repeats itself but not the reference path's masks. Where Triton may
-  not run (lorakit.triton_gate: LORAKIT_TRITON=0, no Triton) it falls back to "native";
+  not run (lorakit.triton_gate: LORAKIT_TRITON=0, no Triton), and under torch.compile (the per-call seed is a
+  Python int that a compiled graph would guard on), it falls back to "native";
 - "native": torch.native_dropout, nn.Dropout's own kernel: the same RNG draw as the reference path, so the same
   mask for the same RNG state (on CUDA it is one fused Philox kernel); xd is an autograd input of the fused call,
   its autograd keeping only the bool mask;
@@ -38,10 +39,12 @@ def mask_source(device: torch.device) -> str:
         device: the input's device.
     Returns:
         MASK_SOURCE's entry for the device type, "native" when none is set or when it says "philox" and Triton
-        may not run there.
+        may not run there (or torch.compile is tracing).
     """
     source = MASK_SOURCE.get(device.type, "native")
-    return "native" if source == "philox" and not triton_gate.runs_on(device) else source
+    if source == "philox" and (not triton_gate.runs_on(device) or torch.compiler.is_compiling()):
+        return "native"
+    return source
 
 
 class _MaskedScale(torch.autograd.Function):
