@@ -1,18 +1,26 @@
-"""The dropout of the fused linear's adapter input: xd = x ⊙ mask / (1 − p), its autograd keeping only the bool mask.
+"""The dropout of the fused linear's adapter input: xd = x ⊙ mask / (1 − p).
 
-Where the mask comes from, per device type (MASK_SOURCE):
+Where the mask comes from, per device type (MASK_SOURCE, read through mask_source):
+- "philox" (CUDA): drawn inside the fused linear's Triton kernels (dropout_kernels.py) from a per-call seed and
+  never stored; backward draws it again. The same distribution as the reference (keep probability 1 − p to
+  2⁻¹⁶), from a different draw: a seeded run repeats itself but not the reference path's masks. Where Triton may
+  not run (lorakit.triton_gate: LORAKIT_TRITON=0, no Triton), and under torch.compile (the per-call seed is a
+  Python int that a compiled graph would guard on), it falls back to "native";
 - "native": torch.native_dropout, nn.Dropout's own kernel: the same RNG draw as the reference path, so the same
-  mask for the same RNG state (on CUDA it is one fused Philox kernel);
-- "bits": 32 random bits per element compared with p·2³² (keep when ≥): the same distribution as the reference
-  (to 2⁻³², finer than a float32 uniform), from a different draw. On CPU, Bernoulli sampling costs ~10× more than
-  drawing raw random bits (measured: 22 ms vs 2 ms for 2048×1536 on one thread), and dominated the step.
+  mask for the same RNG state (on CUDA it is one fused Philox kernel); xd is an autograd input of the fused call,
+  its autograd keeping only the bool mask;
+- "bits" (CPU): 32 random bits per element compared with p·2³² (keep when ≥): the same distribution as the
+  reference (to 2⁻³², finer than a float32 uniform), from a different draw. On CPU, Bernoulli sampling costs ~10×
+  more than drawing raw random bits (measured: 22 ms vs 2 ms for 2048×1536 on one thread), and dominated the step.
 """
 
 from __future__ import annotations
 
 import torch
 
-MASK_SOURCE = {"cpu": "bits", "cuda": "native"}
+from .. import triton_gate
+
+MASK_SOURCE = {"cpu": "bits", "cuda": "philox"}
 _NATIVE_BACKWARD = torch.ops.aten.native_dropout_backward  # g ⊙ mask · scale, one kernel
 
 
@@ -22,6 +30,21 @@ def bits_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     bits = torch.randint(-2**63, 2**63 - 1, ((n + 1) // 2,), dtype=torch.int64, device=x.device)
     threshold = min(-2**31 + round(p * 2**32), 2**31 - 1)  # uniform int32 ≥ threshold: probability 1 − p
     return bits.view(torch.int32)[:n].view(x.shape) >= threshold
+
+
+def mask_source(device: torch.device) -> str:
+    """Where the fused linear's dropout masks come from on `device`: "philox", "native" or "bits" (see above).
+
+    Args:
+        device: the input's device.
+    Returns:
+        MASK_SOURCE's entry for the device type, "native" when none is set or when it says "philox" and Triton
+        may not run there (or torch.compile is tracing).
+    """
+    source = MASK_SOURCE.get(device.type, "native")
+    if source == "philox" and (not triton_gate.runs_on(device) or torch.compiler.is_compiling()):
+        return "native"
+    return source
 
 
 class _MaskedScale(torch.autograd.Function):
@@ -40,7 +63,8 @@ class _MaskedScale(torch.autograd.Function):
 
 
 def dropped(x: torch.Tensor, p: float) -> torch.Tensor:
-    """nn.Dropout(p) of x in training (0 < p < 1), its mask drawn as MASK_SOURCE says for x's device."""
-    if MASK_SOURCE.get(x.device.type, "native") == "native":
+    """nn.Dropout(p) of x in training (0 < p < 1) as a tensor: random bits where MASK_SOURCE says "bits" for x's
+    device, else nn.Dropout's own kernel (the in-kernel "philox" masks are drawn by the fused linear itself)."""
+    if MASK_SOURCE.get(x.device.type, "native") != "bits":
         return torch.native_dropout(x, p, True)[0]
     return _MaskedScale.apply(x, bits_mask(x, p), 1.0 / (1.0 - p))

@@ -15,10 +15,13 @@ Saved: X (shared by all outputs; when X is an RMSNorm output carrying a recipe, 
 input and 1/rms instead, so X itself is never kept) and h ([N, R], R/in of X's size: cheaper to keep
 than to recompute with another read of X).
 Beyond that plain form (each asked through spec.py, each held to the reference by tests):
-- dropout: a term with dropout p reads xd = x ⊙ mask / (1 − p) (dropout.py: on CUDA nn.Dropout's own kernel,
-  the same mask as the reference for the same RNG state; on CPU a cheaper draw of the same distribution);
-  its autograd keeps only the bool mask. Such terms get their own columns of h (x-reading terms still share
-  one GEMM); xd is saved for dA instead of x.
+- dropout: a term with dropout p reads xd = x ⊙ mask / (1 − p). Such terms get their own columns of h
+  (x-reading terms still share one GEMM). Where Triton runs (CUDA; dropout.mask_source says "philox") the mask
+  is never stored: the term passes no tensor, only the call's seed, and dropout_kernels.py draws its mask in
+  the kernels (forward h columns; backward dA and dX += (gH·A) ⊙ mask / (1 − p) in one pass); only x is saved,
+  once for all terms. Elsewhere (dropout.py: nn.Dropout's own kernel, or on CPU a cheaper draw of the same
+  distribution) the dropped xd is an autograd input whose autograd keeps only the bool mask; xd is saved for
+  dA instead of x.
 - an output-scaled term (Delta.scaled_linear_factors): y = f ⊙ z + b with z = x·Wᵀ + s·h·Bᵀ and f = m / norm
   (norm detached, from the rank-r factors). f goes where it costs least: on W and B (y = x·(f⊙W)ᵀ + s·h·(f⊙B)ᵀ,
   an [out, in] pass) when the call has more rows than W has columns, else on the output (an [N, out] pass);
@@ -44,7 +47,9 @@ from torch import nn
 
 from ..core.adapted import AdaptedLayer
 from . import recipes
-from .dropout import dropped
+from .dropout import dropped, mask_source
+from .dropout_kernels import runs_back, runs_down
+from .lora_grads import grad_a, grad_b, output_grads, row_factors
 from .scratch import dense_from_source
 from .spec import FALLBACK_ATTR, note_fallback, spec_or_reason
 
@@ -68,6 +73,7 @@ class _Plan:
 
     def __init__(self, layout):
         self.outs, terms, k = [], [], 0  # outs: (w_idx, bias_idx, m_idx); m_idx + 1 holds the row norm
+        in_kernel = {}  # xd_idx → p of a dropout term whose mask the kernels draw (its param is the call's seed)
         for j, (has_w, has_bias, scaled, ranks, scalings, drop_flags) in enumerate(layout):
             w_idx = k if has_w else None
             k += has_w
@@ -78,6 +84,8 @@ class _Plan:
             self.outs.append((w_idx, bias_idx, m_idx))
             for r, s, drop in zip(ranks, scalings, drop_flags):
                 terms.append([j, k, k + 1, 0, r, s, k + 2 if drop else None])
+                if type(drop) is float:
+                    in_kernel[k + 2] = drop
                 k += 3 if drop else 2
         col = 0
         for t in sorted(terms, key=lambda t: t[6] is not None):  # x-reading terms first (stable)
@@ -85,9 +93,26 @@ class _Plan:
         self.terms = [tuple(t) for t in terms]  # (j, a_idx, b_idx, col, r, s, xd_idx)
         self.x_terms = [t for t in self.terms if t[6] is None]
         self.drop_terms = sorted((t for t in self.terms if t[6] is not None), key=lambda t: t[3])
+        self.tensor_drops = [t for t in self.drop_terms if t[6] not in in_kernel]  # a dropped input each
+        self.kernel_runs = _kernel_runs(self.drop_terms, in_kernel)
         self.n_params, self.rank = k, col
         self.x_rank = sum(t[4] for t in self.x_terms)
         self.n_scaled = sum(m is not None for _, _, m in self.outs)
+
+
+def _kernel_runs(drop_terms, in_kernel: dict) -> tuple:
+    """Consecutive in-kernel dropout terms of one rank and one p, each run one launch per kernel:
+    (first column of h, r, p, A indices, first stream). A term's stream is its index among the dropout terms."""
+    runs = []
+    for stream, (_, ai, _, col, r, _, xi) in enumerate(drop_terms):
+        if xi not in in_kernel:
+            continue
+        last = runs[-1] if runs else None
+        if last is not None and last[1:3] == [r, in_kernel[xi]] and last[0] + len(last[3]) * r == col:
+            last[3].append(ai)
+        else:
+            runs.append([col, r, in_kernel[xi], [ai], stream])
+    return tuple((col, r, p, tuple(a_idx), stream) for col, r, p, a_idx, stream in runs)
 
 
 _PLANS: dict = {}
@@ -109,14 +134,30 @@ def _down(x2, a_x, drops, rank_major: bool) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
+def _down_in_kernel(x2, a_x, plan: _Plan, params, seed: int, rank_major: bool) -> torch.Tensor:
+    """h [N, R] (a view of [R, N] when rank-major): x-reading terms by one GEMM, each run of in-kernel dropout
+    terms by drop_down (masks drawn from `seed`, nothing of x's size written)."""
+    n = x2.shape[0]
+    h_t = x2.new_empty(plan.rank, n) if rank_major else None
+    h = h_t.t() if rank_major else x2.new_empty(n, plan.rank)
+    if a_x is not None:  # terms with and without dropout in one call
+        if rank_major:
+            torch.mm(a_x, x2.t(), out=h_t[:plan.x_rank])
+        else:
+            h[:, :plan.x_rank] = x2 @ a_x.t()
+    runs_down(x2, h, plan.kernel_runs, params, seed)
+    return h
+
+
 def _weight(params, w_idx, sources, j, device) -> torch.Tensor:
     """Output j's base weight: its Parameter, or its source's dense weight in the reused scratch buffer."""
     return params[w_idx] if w_idx is not None else dense_from_source(sources[j], device)
 
 
 class FusedLoraLinears(torch.autograd.Function):
-    """layout: per output (has W, has bias, scaled, ranks, scalings, dropped per term); params: per output
-    [W], [bias], [m, norm], then A, B, [dropped input] per term; sources: per output a weight source or None."""
+    """layout: per output (has W, has bias, scaled, ranks, scalings, dropout per term: False, True for a dropped
+    input tensor, or p for in-kernel masks); params: per output [W], [bias], [m, norm], then A, B, [dropped input
+    or the call's seed (an int)] per term; sources: per output a weight source or None."""
 
     @staticmethod
     def forward(ctx, x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources, *params):
@@ -128,10 +169,15 @@ class FusedLoraLinears(torch.autograd.Function):
         if xt:
             a_x = torch.cat([params[t[1]] for t in xt]) if len(xt) > 1 else params[xt[0][1]]
         rank_major = RANK_MAJOR.get(x.device.type, False)
-        drops = [(params[t[6]].reshape(-1, in_features), params[t[1]]) for t in plan.drop_terms]
-        h = _down(x2, a_x, drops, rank_major) if plan.rank > 0 else None
+        seed = params[plan.drop_terms[0][6]] if plan.kernel_runs else None  # the call's Philox key (an int)
+        if seed is not None:
+            x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+            h = _down_in_kernel(x2, a_x, plan, params, seed, rank_major)
+        else:
+            drops = [(params[t[6]].reshape(-1, in_features), params[t[1]]) for t in plan.tensor_drops]
+            h = _down(x2, a_x, drops, rank_major) if plan.rank > 0 else None
         rows = x2.shape[0]
-        fs = _row_factors(plan, params)  # output-scaled outputs: f = m / norm [out]
+        fs = row_factors(plan, params)  # output-scaled outputs: f = m / norm [out]
         on_w = [f is not None and scale_weights(rows, in_features) for f in fs]
         outs = []
         for j, (wi, bi, mi) in enumerate(plan.outs):  # bias in the GEMM epilogue unless f goes on the output
@@ -148,12 +194,14 @@ class FusedLoraLinears(torch.autograd.Function):
                 outs[j].mul_(fs[j]) if bi is None else outs[j].mul_(fs[j]).add_(params[bi])
         ys = [outs[j] for j, f in enumerate(fs) if f is not None]  # kept for dm
         ctx.plan, ctx.norm_offset, ctx.x_shape, ctx.rank_major = plan, norm_offset, x.shape, rank_major
-        ctx.sources = sources
+        ctx.sources, ctx.drop_seed = sources, seed
         ctx.recipe_used = norm_x is not None
         if ctx.recipe_used:
             saved_x = (norm_x.reshape(-1, in_features), norm_rstd.reshape(-1), norm_w)
-        else:
-            saved_x = (x2 if xt else None, None, None)  # only dropout terms: x itself is not needed
+        else:  # only dropped-tensor terms: x itself is not needed
+            saved_x = (x2 if xt or seed is not None else None, None, None)
+        if seed is not None:  # the seed slots hold ints, which autograd does not save
+            params = [None if type(t) is int else t for t in params]
         ctx.save_for_backward(*saved_x, h, a_x, *ys, *params)
         return tuple(outs)
 
@@ -165,8 +213,8 @@ class FusedLoraLinears(torch.autograd.Function):
         needs = ctx.needs_input_grad[7:]  # after (x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources)
         gs = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
         out: list[Optional[torch.Tensor]] = [None] * plan.n_params  # W_j: frozen (checked before the call)
-        rows = math.prod(ctx.x_shape[:-1])
-        fw = _output_grads(plan, gs, ys, params, needs, out, rows, ctx.x_shape[-1])  # f where it goes on W, B
+        on_weights = scale_weights(math.prod(ctx.x_shape[:-1]), ctx.x_shape[-1])
+        fw = output_grads(plan, gs, ys, params, needs, out, on_weights)  # f where it goes on W, B
 
         # gH (rank-major [R, N]) = s_t·(dY_j·B_t)ᵀ per term, written in place; zeros for unused outputs.
         n = h.shape[0] if h is not None else 0
@@ -188,74 +236,28 @@ class FusedLoraLinears(torch.autograd.Function):
             if a_x is not None:
                 gx = gh_t[:plan.x_rank].t()
                 dx = gx @ a_x if dx is None else dx.addmm_(gx, a_x)
+            if dx is None and plan.kernel_runs:
+                dx = h.new_zeros(h.shape[0], ctx.x_shape[-1])
             dx = dx.view(ctx.x_shape) if dx is not None else None
-        for _, ai, _, col, r, _, xi in plan.drop_terms:  # the dropped input's gradient; dropout's backward masks it
+        if plan.kernel_runs:  # dX and dA of the in-kernel dropout terms, their masks drawn again
+            dx2 = dx.view(-1, dx.shape[-1]) if dx is not None else None
+            norm = (rstd, norm_w, ctx.norm_offset) if ctx.recipe_used else None
+            runs_back(x2, norm, gh_t, dx2, plan.kernel_runs, params, needs, ctx.drop_seed, out)
+        for _, ai, _, col, r, _, xi in plan.tensor_drops:  # the dropped input's grad; dropout's backward masks it
             if needs[xi]:
                 out[xi] = (gh_t[col:col + r].t() @ params[ai]).view(ctx.x_shape)
             if needs[ai]:
                 out[ai] = gh_t[col:col + r] @ params[xi].reshape(-1, params[xi].shape[-1])
         if a_x is not None and any(needs[t[1]] for t in plan.x_terms):
-            d_a_x = _grad_a(gh_t[:plan.x_rank], x2, rstd, norm_w, ctx.norm_offset, ctx.recipe_used)  # [R0, in]
+            d_a_x = grad_a(gh_t[:plan.x_rank], x2, rstd, norm_w, ctx.norm_offset, ctx.recipe_used)  # [R0, in]
             for _, ai, _, col, r, _, _ in plan.x_terms:
                 if needs[ai]:
                     out[ai] = d_a_x[col:col + r]
         for j, _, bi, col, r, s, _ in plan.terms:
             if needs[bi] and gs[j] is not None:
-                d_b = _grad_b(gs[j], h[:, col:col + r], s, ctx.rank_major)
+                d_b = grad_b(gs[j], h[:, col:col + r], s, ctx.rank_major)
                 out[bi] = d_b if fw[j] is None else d_b * fw[j].to(d_b.dtype)[:, None]  # dZᵀ·h = f ⊙ (dYᵀ·h)
         return (dx, None, None, None, None, None, None, *out)
-
-
-def _row_factors(plan: _Plan, params) -> list:
-    """Per output: f = m / norm [out] (in m's dtype) for an output-scaled output, else None."""
-    return [None if mi is None else params[mi] / params[mi + 1].to(params[mi].dtype) for _, _, mi in plan.outs]
-
-
-def _output_grads(plan: _Plan, gs: list, ys, params, needs, out: list, rows: int, in_features: int) -> list:
-    """Bias and magnitude gradients of every output; then, for output-scaled ones, where f goes: dY_j ← dY_j ⊙ f
-    (an [N, out] pass) or, when cheaper (scale_weights), left on dY and returned per output for W, B and dB.
-    dm = Σ_rows dY ⊙ (y − b) / m (= Σ dY ⊙ z / norm), db = Σ_rows dY (the bias sits outside the scale).
-
-    Returns:
-        Per output: f [out] where the caller scales W, B and dB with it, else None.
-    """
-    fs, on_w, k = _row_factors(plan, params), [None] * len(plan.outs), 0
-    for j, (_, bi, mi) in enumerate(plan.outs):
-        g = gs[j]
-        if bi is not None and needs[bi] and g is not None:
-            out[bi] = g.sum(0)
-        if mi is None:
-            continue
-        y, k = ys[k], k + 1
-        if g is None:
-            continue
-        m = params[mi]
-        if needs[mi]:
-            y = y.view(-1, y.shape[-1])
-            y = y - params[bi] if bi is not None else y
-            dm = (g * y).sum(0)
-            out[mi] = torch.where(m != 0, dm / m, torch.zeros_like(dm))
-        if scale_weights(rows, in_features):
-            on_w[j] = fs[j]
-        else:
-            gs[j] = g * fs[j]
-    return on_w
-
-
-def _grad_b(g: torch.Tensor, h: torch.Tensor, s: float, rank_major: bool) -> torch.Tensor:
-    """s·dYᵀ·h [out, r] (computed as [r, out] and seen transposed when rank-major)."""
-    if rank_major:
-        return g.new_empty(h.shape[1], g.shape[1]).addmm_(h.t(), g, beta=0, alpha=s).t()
-    return g.new_empty(g.shape[1], h.shape[1]).addmm_(g.t(), h, beta=0, alpha=s)
-
-
-def _grad_a(gh_t: torch.Tensor, x2: torch.Tensor, rstd, norm_w, offset: float, recipe_used: bool) -> torch.Tensor:
-    """dA_all = gHᵀ·X. From an RMSNorm recipe X = x·rstd·(w + offset), so gHᵀ·X = ((gH·rstd)ᵀ·x)·(w + offset):
-    X is never rebuilt; three launches on [R, N] / [R, in] factors. Scales gh_t in place (dX is done)."""
-    if not recipe_used:
-        return gh_t @ x2
-    d_a = gh_t.mul_(rstd) @ x2  # rstd float32 [N]: the product is formed in float32, stored in gh's dtype
-    return d_a.mul_(norm_w) if offset == 0 else torch.addcmul(d_a, d_a, norm_w)
 
 
 # --- entry points ------------------------------------------------------------------------------------------
@@ -273,6 +275,11 @@ def _check_input(x: torch.Tensor, spec, cast) -> Optional[str]:
     if x.device != device:
         return f"input on {x.device}, the layer on {device}"
     return None
+
+
+def _drop_flag(p: float, seed) -> object:
+    """A term's dropout in the layout: False (reads x), True (a dropped input tensor) or p (in-kernel masks)."""
+    return False if p <= 0 else True if seed is None else float(p)
 
 
 class _LayerReason(str):
@@ -296,20 +303,25 @@ def _fuse(x: torch.Tensor, layers: Sequence[nn.Module]):
         return "no active adapter on this layer"
     to = (lambda t: t) if cast is None else (lambda t: t.to(cast))  # noqa: E731  (differentiable casts)
     xc = to(x)
+    seed = None  # in-kernel masks: one Philox key per call from torch's CPU generator (seeded runs repeat)
+    if any(t[3] > 0 for spec in specs for t in spec[2]) and mask_source(x.device) == "philox":
+        seed = int(torch.randint(2**62, 2**63 - 1, ()))  # ≥ 2³¹: always a 64-bit kernel argument
     layout, params, sources, any_x = [], [], [], False
     for w, b, terms, source, scaled in specs:  # dropout masks drawn in the reference's order: layer, then term
         layout.append((w is not None, b is not None, scaled is not None, tuple(t[0].shape[0] for t in terms),
-                       tuple(t[2] for t in terms), tuple(t[3] > 0 for t in terms)))
+                       tuple(t[2] for t in terms), tuple(_drop_flag(t[3], seed) for t in terms)))
         params += [to(t) for t in (w, b) if t is not None]
         if scaled is not None:
             params += (to(scaled[0]), scaled[1])
         for a, bb, _, p in terms:
             params += (to(a), to(bb))
-            if p > 0:  # the mask as dropout.py draws it for this device; autograd keeps it as bool
+            if p > 0 and seed is not None:
+                params.append(seed)
+            elif p > 0:  # the mask as dropout.py draws it for this device; autograd keeps it as bool
                 params.append(to(dropped(x, p)))
             any_x = any_x or p == 0
         sources.append(source)
-    norm = recipes.norm_recipe(x) if any_x and cast is None else None
+    norm = recipes.norm_recipe(x) if (any_x or seed is not None) and cast is None else None
     norm_args = (norm.x, norm.rstd, norm.weight, norm.offset) if norm is not None else (None, None, None, 0.0)
     if cast is None:
         return FusedLoraLinears.apply(xc, *norm_args, tuple(layout), tuple(sources), *params)
