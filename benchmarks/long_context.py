@@ -28,9 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-# large pinned blocks are not rounded up to a power of two (a 5.7 GB block input would take 8 GB of host RAM),
-# and the device allocator grows segments instead of fragmenting multi-GB blocks
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True,pinned_max_round_threshold_mb:64")
+# the device allocator grows segments instead of fragmenting multi-GB blocks. (Newer torch can also stop rounding
+# large pinned blocks up to a power of two, `pinned_max_round_threshold_mb`; torch 2.11 refuses that key.)
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
