@@ -12,7 +12,7 @@ import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 from torch import nn
 
@@ -24,7 +24,8 @@ from .layers import LayerOps, ops_for
 from .originals import restore_originals
 from .registry import TRAINING_HOOKS, as_config, delta_class
 from .saved import SavedModule
-from .targeting import candidate_modules, find_parameter_targets, find_targets, resolve_targets, wrapped_parameters
+from .targeting import (adapted_layer_at, candidate_modules, find_parameter_targets, find_targets, resolve_targets,
+                        wrapped_parameters)
 
 _STATE_ATTR = "lorakit_state"
 
@@ -131,16 +132,6 @@ def plan_adapter(model: nn.Module, config: Any, name: str) -> AdapterPlan:
     deltas.update({t.path: cls(t.ops, config, t.key) for t in parameters})
     saved = [path for path, m in model.named_modules() if path and _is_saved_target(config, path, m, model)]
     return AdapterPlan(name, config, deltas, saved, {t.path: t.module_path for t in parameters})
-
-
-def adapted_layer_at(model: nn.Module, path: str, ops: LayerOps) -> Optional[AdaptedLayer]:
-    """The AdaptedLayer at `path` that adapts what `ops` does (the same parameter, for a parameter target), or None
-    when there is none yet (the path may not exist yet: a nested parameter wrapper)."""
-    try:
-        layer = model.get_submodule(path)
-    except AttributeError:
-        return None
-    return layer if isinstance(layer, AdaptedLayer) and layer.ops.weight_name == ops.weight_name else None
 
 
 def _is_saved_target(config: AdapterConfig, path: str, module: nn.Module, model: nn.Module) -> bool:

@@ -20,7 +20,8 @@ from ..errors import AdapterFormatError, CheckpointError, ConfigError, ShapeMism
 from . import atomic
 from .adapted import AdaptedLayer
 from .layers import ParameterOps
-from .api import AdapterPlan, adapted_layer_at, adapted_layers, attach, get_config, plan_adapter, saved_modules
+from .api import AdapterPlan, adapted_layers, attach, get_config, plan_adapter, saved_modules
+from .targeting import adapted_layer_at
 from .originals import keep_originals
 from .writing import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, write_adapter_files
 from .hf.describe import describe_base

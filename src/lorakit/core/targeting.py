@@ -5,14 +5,14 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 from torch import nn
 
 from ..errors import ConfigError, TargetError
 from .adapted import AdaptedLayer
 from .config import AdapterConfig, layers_pattern_regex
-from .layers import ParameterOps, is_linear, ops_for
+from .layers import LayerOps, ParameterOps, is_linear, ops_for
 from .saved import SavedModule
 
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
@@ -160,6 +160,16 @@ class ParameterTarget:
 def _matches_parameter(wanted: list[str], key: str) -> bool:
     """PEFT's rule for target_parameters: the full name, or a `.`-suffix of it."""
     return key in wanted or any(key.endswith(f".{w}") for w in wanted)
+
+
+def adapted_layer_at(model: nn.Module, path: str, ops: LayerOps) -> Optional[AdaptedLayer]:
+    """The AdaptedLayer at `path` that adapts what `ops` does (the same parameter, for a parameter target), or None
+    when there is none yet (the path may not exist yet: a nested parameter wrapper)."""
+    try:
+        layer = model.get_submodule(path)
+    except AttributeError:
+        return None
+    return layer if isinstance(layer, AdaptedLayer) and layer.ops.weight_name == ops.weight_name else None
 
 
 def wrapped_parameters(module: nn.Module) -> list[str]:

@@ -79,6 +79,7 @@ class LoraConfig(AdapterConfig):
 
     @property
     def parameter_targets(self) -> list[str]:
+        """target_parameters as a list ([] when unset)."""
         return list(self.target_parameters or [])
 
     @property
