@@ -105,6 +105,29 @@ def test_merge_unmerge_unload_and_delete_are_exact(family):
     assert rel_max(_logits(model, x), y_base) <= 1e-5  # one merge/unmerge cycle's fp32 rounding
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_without_target_modules_peft_defaults_for_the_model_type_are_adapted_too(family, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_moe(family)
+    get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_parameters=EXPERTS)).save_pretrained(tmp_path)
+    ours = lorakit.add_adapter(copy.deepcopy(base), lorakit.LoraConfig(r=2, target_parameters=EXPERTS))
+    peft_keys = safetensors.torch.load_file(tmp_path / "adapter_model.safetensors").keys()
+    assert set(lorakit.adapter_state_dict(ours)) == set(peft_keys)
+    assert not any("q_proj" in k for k in peft_keys)  # PEFT's Mixtral defaults do not apply next to parameters
+
+
+def test_the_moe_model_types_peft_converts_are_those_lorakit_lists():
+    from peft.utils import transformers_weight_conversion as conversion
+
+    from lorakit.core.default_targets import PEFT_MOE_CONVERTED_TYPES
+
+    fused = {base for base, targets in conversion._MOE_FUSED_TARGETS.items() if targets}
+    converted = {t for t, base in conversion._MODEL_TO_CONVERSION_PATTERN.items()
+                 if base in fused and conversion._MOE_TARGET_MODULE_MAPPING.get(base)}
+    assert PEFT_MOE_CONVERTED_TYPES == converted
+
+
 def test_the_router_stays_frozen_unless_modules_to_save_names_it(tmp_path):
     from peft import PeftModel
 

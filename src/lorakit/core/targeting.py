@@ -12,6 +12,7 @@ from torch import nn
 from ..errors import ConfigError, TargetError
 from .adapted import AdaptedLayer
 from .config import AdapterConfig, layers_pattern_regex
+from .default_targets import PEFT_MOE_CONVERTED_TYPES
 from .layers import LayerOps, ParameterOps, is_linear, ops_for
 from .saved import SavedModule
 
@@ -82,13 +83,15 @@ def expand_all_linear(model: nn.Module, config: AdapterConfig) -> list[str]:
 
 def resolve_targets(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
     """`config`, or when its target_modules is None a copy with PEFT's defaults for the model's type
-    (`model.config.model_type`, e.g. q_proj and v_proj for Llama). ConfigError when there is no default."""
+    (`model.config.model_type`, e.g. q_proj and v_proj for Llama). Next to target_parameters, none where PEFT has no
+    default or converts the model type's config for fused experts (PEFT_MOE_CONVERTED_TYPES). ConfigError when
+    there is no default and no target_parameters."""
     if config.target_modules is not None:
         return config
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     defaults = type(config).default_target_modules.get(model_type) if isinstance(model_type, str) else None
-    if defaults is None and config.parameter_targets:
-        return config.with_updates(target_modules=[])  # parameters only (PEFT: no default, no module)
+    if config.parameter_targets and (defaults is None or model_type in PEFT_MOE_CONVERTED_TYPES):
+        return config.with_updates(target_modules=[])  # parameters only, as PEFT does here
     if defaults is None:
         of = f"model type {model_type!r}" if model_type else f"a {type(model).__name__} (no config.model_type)"
         raise ConfigError(f"{type(config).__name__} field 'target_modules' is not set and PEFT has no default for "
