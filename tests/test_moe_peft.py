@@ -105,6 +105,20 @@ def test_merge_unmerge_unload_and_delete_are_exact(family):
     assert rel_max(_logits(model, x), y_base) <= 1e-5  # one merge/unmerge cycle's fp32 rounding
 
 
+def test_the_model_state_dict_keeps_base_keys_and_loads_into_an_adapted_copy():
+    base = tiny_moe("mixtral")
+    x = torch.randint(0, 64, (2, 9))
+    trained = lorakit.add_adapter(copy.deepcopy(base), _config())
+    randomise(trained, ".deltas.")
+    state = trained.state_dict()
+    assert set(base.state_dict()) <= set(state)  # experts.gate_up_proj, not experts.base_layer.base_layer...
+    assert {k for k in state if ".deltas." in k} == {f"model.layers.{i}.mlp.experts.{inner}deltas.default.lora_{f}"
+                                                     for i in (0, 1) for inner in ("", "base_layer.") for f in "AB"}
+    fresh = lorakit.add_adapter(copy.deepcopy(base), _config())
+    fresh.load_state_dict(state, strict=True)
+    assert torch.equal(_logits(fresh, x), _logits(trained, x))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_without_target_modules_peft_defaults_for_the_model_type_are_adapted_too(family, tmp_path):
     from peft import LoraConfig, get_peft_model
