@@ -71,7 +71,7 @@ def test_rank_one_delta_has_exactly_one_nonzero_singular_value():
     assert dense.effective_rank == pytest.approx(1.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("variant,case", matrix())
+@pytest.mark.parametrize("variant,case", matrix(without=("experts",)))  # analysis refuses expert stacks
 def test_spectrum_matches_delta_weight_for_every_variant_and_layer(variant, case, tmp_path):
     """Every variant x layer type: the reported σ equal svdvals of the protocol's dense ΔW, and U·Σ·Vᵀ is ΔW in
     the canonical orientation. From the directory alone the same spectrum comes out, or (ΔW depends on W,

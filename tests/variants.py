@@ -18,13 +18,18 @@ import lorakit
 @dataclass
 class VariantCase:
     name: str
-    make: Callable[[list, bool], lorakit.AdapterConfig]  # (target_modules, fresh) -> config
+    make: Callable[[list, bool], lorakit.AdapterConfig]  # (targets, fresh) -> config
     layer_kinds: tuple[str, ...]  # which LAYER_CASES it supports
     noop_at_init: bool = True
 
 
+def _targets(targets) -> dict:
+    """A layer case's targets as config fields: module names, or a dict of fields (parameter targets)."""
+    return targets if isinstance(targets, dict) else {"target_modules": targets}
+
+
 def _lora(targets, fresh):
-    return lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=True if fresh else False)
+    return lorakit.LoraConfig(r=4, lora_alpha=8, init_lora_weights=True if fresh else False, **_targets(targets))
 
 
 def _dora(targets, fresh):
@@ -47,7 +52,7 @@ def _adalora(targets, fresh):
 
 
 VARIANTS: list[VariantCase] = [
-    VariantCase("lora", _lora, ("linear", "embedding", "conv1d", "conv2d", "conv3d", "gpt2")),
+    VariantCase("lora", _lora, ("linear", "embedding", "conv1d", "conv2d", "conv3d", "gpt2", "experts")),
     VariantCase("dora", _dora, ("linear", "embedding", "conv1d", "conv2d", "conv3d", "gpt2")),
     VariantCase("loha", _loha, ("linear", "conv1d", "conv2d")),  # PEFT: Linear, Conv1d, Conv2d
     VariantCase("lokr", _lokr, ("linear", "conv1d", "conv2d")),  # PEFT: Linear, Conv1d, Conv2d
@@ -60,8 +65,7 @@ class LayerCase:
     kind: str
     factory: Callable[[], nn.Module]
     inputs: Callable[[], torch.Tensor]
-    targets: list
-
+    targets: list  # target_modules, or a dict of target fields
     def build(self) -> nn.Module:
         """The same base model (seed 0) on every call."""
         torch.manual_seed(0)
@@ -82,6 +86,15 @@ def _gpt2():
 
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(cfg).eval()
+
+
+def _moe():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=24, num_experts=4,
+                         num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=8, max_position_embeddings=32, initializer_range=0.2)
+    return Qwen3MoeForCausalLM(cfg).eval()
 
 
 class _Logits(nn.Module):
@@ -107,11 +120,15 @@ LAYER_CASES: list[LayerCase] = [
     LayerCase("conv2d", _conv(2), _conv_input(2), ["0", "2"]),
     LayerCase("conv3d", _conv(3), _conv_input(3), ["0", "2"]),
     LayerCase("gpt2", lambda: _Logits(_gpt2()), lambda: torch.randint(0, 64, (2, 9)), ["c_attn", "c_proj", "c_fc"]),
+    # a MoE's fused 3-D expert weights, two parameters of one module (PEFT's target_parameters): only LoRA, as in PEFT
+    LayerCase("experts", lambda: _Logits(_moe()), lambda: torch.randint(0, 64, (2, 9)),
+              {"target_modules": [], "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}),
 ]
 
 
-def matrix():
-    """(variant, layer case) pairs for pytest.mark.parametrize, with readable ids."""
+def matrix(without: tuple[str, ...] = ()):
+    """(variant, layer case) pairs for pytest.mark.parametrize, with readable ids; `without`: layer kinds left out."""
     import pytest
 
-    return [pytest.param(v, c, id=f"{v.name}-{c.kind}") for v in VARIANTS for c in LAYER_CASES if c.kind in v.layer_kinds]
+    return [pytest.param(v, c, id=f"{v.name}-{c.kind}") for v in VARIANTS for c in LAYER_CASES
+            if c.kind in v.layer_kinds and c.kind not in without]

@@ -109,9 +109,16 @@ def _delta_keys(layers: dict[str, AdapterLayer]) -> set[str]:
     return {f"{PREFIX}{p}.{suffix}" for p, entry in layers.items() for suffix in entry.delta.peft_tensors()}
 
 
+def _refuse_parameter_targets(config: AdapterConfig, what: str) -> None:
+    if config.parameter_targets:
+        raise ConfigError(f"{what} adapts parameters (target_parameters {config.parameter_targets}); the analysis "
+                          "reads one ΔW matrix per layer, and an expert stack's ΔW is one matrix per expert")
+
+
 def from_model(model: nn.Module, name: str, label: Optional[str] = None) -> AdapterView:
     """Adapter `name` of a model it is attached to."""
     config = get_config(model, name)
+    _refuse_parameter_targets(config, f"adapter {name!r}")
     layers = _sorted({p: AdapterLayer(p, layer, layer.deltas[name]) for p, layer in adapted_layers(model)
                       if name in layer.deltas})
     if any(name in layer.merged for _, layer in adapted_layers(model)):
@@ -148,6 +155,7 @@ def detach(view: AdapterView) -> None:
 def from_directory(directory: Union[str, os.PathLike], label: Optional[str] = None) -> AdapterView:
     """An adapter directory without its base model: each delta on a stand-in layer (see skeleton.py)."""
     config = read_config(directory)
+    _refuse_parameter_targets(config, str(directory))
     per_path, rest = skeleton.group_tensors(read_tensors(directory), config)
     if not per_path:
         raise AdapterFormatError(f"{directory} holds no {config.variant} tensors")

@@ -208,6 +208,7 @@ def adapter_info(directory: str) -> dict[str, Any]:
         "rank": raw.get("r"), "rank_pattern": raw.get("rank_pattern") or {},
         "alpha": raw.get(config.run_option_fields.get("lora_alpha", "lora_alpha")),  # the variant's alpha field
         "target_modules": raw.get("target_modules"),
+        **({"target_parameters": raw["target_parameters"]} if raw.get("target_parameters") else {}),
         "modules_to_save": raw.get("modules_to_save"),
         "parameters": int(sum(t.numel() for t in tensors.values())), "tensors": len(tensors), "dtypes": dtypes,
         "size_on_disk_bytes": size, "base_model": raw.get("base_model_name_or_path"),

@@ -17,19 +17,21 @@ from .layers import LayerOps, ops_for
 
 
 class DenseWeight:
-    """The default weight source: the base layer's own weight parameter, updated in place."""
+    """The default weight source: the base layer's own weight parameter (or the parameter `name`), updated in
+    place."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, name: str = "weight"):
         self.layer = layer
+        self.name = name
 
     def get(self) -> torch.Tensor:
         """The base layer's weight parameter itself."""
-        return self.layer.weight
+        return getattr(self.layer, self.name)
 
     @torch.no_grad()
     def set(self, w: torch.Tensor) -> None:
         """Copy `w` into the weight in place (the parameter keeps its identity)."""
-        self.layer.weight.copy_(w)
+        getattr(self.layer, self.name).copy_(w)
 
 
 # (predicate, factory) pairs tried in order; a quantized base registers its own source here. A source whose
@@ -39,8 +41,11 @@ class DenseWeight:
 WEIGHT_SOURCES: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], DenseWeight]]] = []
 
 
-def weight_source_for(layer: nn.Module):
-    """The weight source of `layer`: the first registered one that claims it, else its dense weight."""
+def weight_source_for(layer: nn.Module, name: str = "weight"):
+    """The weight source of `layer`: the first registered one that claims it, else its dense weight. `name`: another
+    parameter of the layer (a parameter target), always a dense one."""
+    if name != "weight":
+        return DenseWeight(layer, name)
     for matches, factory in WEIGHT_SOURCES:
         if matches(layer):
             return factory(layer)
@@ -60,8 +65,12 @@ class KeepsBaseKeys(nn.Module):
     @staticmethod
     def _hide_inner(module, state_dict, prefix, local_metadata) -> None:
         inner = prefix + module.inner_name + "."
+        child = module._modules.get(module.inner_name)
+        # A wrapper nested in this one (two parameters of one module adapted) keeps its own modules under base_layer.
+        nested = {n + "." for n in child._modules if n != child.inner_name} if isinstance(child, KeepsBaseKeys) else ()
         for key in [k for k in state_dict if k.startswith(inner)]:
-            state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+            if not key[len(inner):].startswith(tuple(nested)):
+                state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
 
     @staticmethod
     def _restore_inner(module, state_dict, prefix, *args) -> None:
@@ -88,7 +97,9 @@ class AdaptedLayer(KeepsBaseKeys):
         super().__init__()
         self.base_layer = base_layer
         self.ops = ops or ops_for(base_layer)
-        self.weight_source = weight_source_for(base_layer)
+        # ops.layer: the base layer, or for a parameter target the module holding it (base_layer may then be
+        # the wrapper of another of its parameters)
+        self.weight_source = weight_source_for(self.ops.layer, self.ops.weight_name)
         self.deltas = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.merged: list[str] = []  # names merged into the base weight, in merge order
@@ -115,13 +126,9 @@ class AdaptedLayer(KeepsBaseKeys):
 
     def reference_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The reference math every fast path is tested against."""
-        y = self.base_layer(x, *args, **kwargs)
-        if self.disabled:
-            return y
-        for name in self.active:
-            if name in self.deltas and name not in self.merged:  # an adapter need not target every layer
-                y = self.deltas[name](x, y, self)
-        return y
+        live = () if self.disabled else [self.deltas[name] for name in self.active
+                                         if name in self.deltas and name not in self.merged]  # need not target every layer
+        return self.ops.run(self, live, x, *args, **kwargs)
 
     def merge(self, names: tuple[str, ...]) -> None:
         """Add the named adapters' ΔW into the base weight (each once; in order)."""

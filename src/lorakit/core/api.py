@@ -19,12 +19,13 @@ from torch import nn
 from .adapted import AdaptedLayer
 from .config import AdapterConfig, shown
 from .delta import Delta
-from ..errors import AdapterNameError, ConfigError
+from ..errors import AdapterNameError, ConfigError, TargetError
 from .layers import LayerOps, ops_for
 from .originals import restore_originals
 from .registry import TRAINING_HOOKS, as_config, delta_class
 from .saved import SavedModule
-from .targeting import candidate_modules, find_targets, resolve_targets
+from .targeting import (adapted_layer_at, candidate_modules, find_parameter_targets, find_targets, resolve_targets,
+                        wrapped_parameters)
 
 _STATE_ATTR = "lorakit_state"
 
@@ -76,6 +77,9 @@ class AdapterPlan:
     config: AdapterConfig
     deltas: dict[str, Delta]  # module path → new delta (not yet in the model)
     saved: list[str]  # module paths that get a modules_to_save copy
+    # where a new wrapper goes when that is not the delta's own path: a parameter target's module (its wrappers
+    # nest there, innermost first, in the order of `deltas`)
+    wrap_at: dict[str, str] = field(default_factory=dict)
 
 
 # Adapters are held by name in torch ModuleDicts, so a name that is one of its attributes cannot be a key.
@@ -117,11 +121,17 @@ def plan_adapter(model: nn.Module, config: Any, name: str) -> AdapterPlan:
     modules = dict(candidate_modules(model))
     cls = delta_class(config)
     targets = {path: ops_for(modules[path]) for path in find_targets(model, config)}
-    for path, ops in targets.items():
-        check_rank(config, path, ops)
+    wrapped = [p for p in targets if wrapped_parameters(model.get_submodule(p))]
+    if wrapped:
+        raise TargetError(f"target_modules match {wrapped[:3]}, whose parameters another adapter adapts as "
+                          "target_parameters; adapt a module one way only")
+    parameters = find_parameter_targets(model, config, list(targets))
+    for key, ops in [*targets.items(), *((t.key, t.ops) for t in parameters)]:
+        check_rank(config, key, ops)
     deltas = {path: cls(ops, config, path) for path, ops in targets.items()}
+    deltas.update({t.path: cls(t.ops, config, t.key) for t in parameters})
     saved = [path for path, m in model.named_modules() if path and _is_saved_target(config, path, m, model)]
-    return AdapterPlan(name, config, deltas, saved)
+    return AdapterPlan(name, config, deltas, saved, {t.path: t.module_path for t in parameters})
 
 
 def _is_saved_target(config: AdapterConfig, path: str, module: nn.Module, model: nn.Module) -> bool:
@@ -165,11 +175,12 @@ def _attach(model: nn.Module, plan: AdapterPlan, fresh: bool, st: AdapterState) 
         model.requires_grad_(False)
         model.__dict__[_STATE_ATTR] = st
     for path, delta in plan.deltas.items():
-        layer = model.get_submodule(path)
-        if not isinstance(layer, AdaptedLayer):
-            layer = AdaptedLayer(layer, delta.ops)
+        layer = adapted_layer_at(model, path, delta.ops)
+        if layer is None:
+            wrap_at = plan.wrap_at.get(path, path)
+            layer = AdaptedLayer(model.get_submodule(wrap_at), delta.ops)
             layer.active = st.active
-            _replace(model, path, layer)
+            _replace(model, wrap_at, layer)
         layer.deltas[plan.name] = delta
         layer.train(layer.base_layer.training)  # an eval-mode model gets eval-mode adapters (no live dropout)
         if fresh:
@@ -305,7 +316,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def _remove_from_layers(model: nn.Module, name: str) -> None:
     """Take adapter `name` out of every layer; a wrapper left with no adapter goes too (also one a failed attach
     left empty)."""
-    for path, layer in list(adapted_layers(model)):
+    for path, layer in reversed(list(adapted_layers(model))):  # nested wrappers (parameter targets) inner first
         if name in layer.deltas:
             del layer.deltas[name]
         if not len(layer.deltas):
@@ -327,7 +338,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     else:
         unmerge(model)
         restore_originals(st, set(st.configs))
-    for path, layer in list(adapted_layers(model)):
+    for path, layer in reversed(list(adapted_layers(model))):  # nested wrappers inner first
         _replace(model, path, layer.base_layer)
     for path, holder in list(saved_modules(model)):
         _replace(model, path, holder.current() if merge else holder.original_module)

@@ -261,6 +261,12 @@ class AdapterConfig:
         the layers this adapter adapts). Variants with PEFT's `bias` option map it here."""
         return "none"
 
+    @property
+    def parameter_targets(self) -> list[str]:
+        """Names of parameters (not modules) this config adapts, PEFT's `target_parameters`; [] for a variant
+        without that option."""
+        return []
+
     def rank_for(self, module_name: str) -> int:
         """The rank of the delta at `module_name` (rank_pattern overrides)."""
         raise NotImplementedError

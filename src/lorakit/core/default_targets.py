@@ -49,3 +49,13 @@ PEFT_DEFAULT_TARGETS: dict[str, Union[list[str], str]] = {
     "rwkv": ["key", "value", "receptance", "output"],
     "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
+
+# MoE model types whose layout transformers 5 changed (fused experts). PEFT 0.21.2 first converts a config for such a
+# model (peft/utils/transformers_weight_conversion.py), which turns an unset target_modules into an empty one: next
+# to target_parameters, the defaults above do not apply to these types (of them, only Mixtral has defaults).
+PEFT_MOE_CONVERTED_TYPES = frozenset({
+    "afmoe", "cohere2_moe", "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "ernie4_5_moe", "exaone_moe",
+    "flex_olmo", "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm_moe_dsa", "hunyuan_v1_moe", "longcat_flash", "mellum",
+    "minimax", "minimax_m2", "mixtral", "olmoe", "qwen3_moe", "qwen3_next", "qwen3_omni_moe", "qwen3_omni_moe_thinker",
+    "solar_open",
+})

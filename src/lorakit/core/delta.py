@@ -38,7 +38,9 @@ class Delta(nn.Module):
 
     # --- the math -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, y: torch.Tensor, layer: "AdaptedLayer") -> torch.Tensor:
-        """x: the layer's input; y: the output so far. Returns y with this adapter applied."""
+        """x: the layer's input; y: the output so far. Returns y with this adapter applied. On a parameter target
+        (`ParameterOps`) the adapted quantity is the parameter itself: x is the base parameter W, y the parameter so
+        far, and the result is what the module computes with (y + ΔW for an additive delta)."""
         raise NotImplementedError
 
     def delta_weight(self, layer: "AdaptedLayer") -> torch.Tensor:

@@ -19,7 +19,9 @@ from torch import nn
 from ..errors import AdapterFormatError, CheckpointError, ConfigError, ShapeMismatchError
 from . import atomic
 from .adapted import AdaptedLayer
+from .layers import ParameterOps
 from .api import AdapterPlan, adapted_layers, attach, get_config, plan_adapter, saved_modules
+from .targeting import adapted_layer_at
 from .originals import keep_originals
 from .writing import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, write_adapter_files
 from .hf.describe import describe_base
@@ -103,7 +105,8 @@ def save_adapter(model: nn.Module, directory: Union[str, os.PathLike], name: str
 def adapter_config_dict(model: nn.Module, name: str = "default") -> dict:
     """The adapter_config.json contents of adapter `name`."""
     config = get_config(model, name)
-    targets = sorted(p for p, layer in adapted_layers(model) if name in layer.deltas)
+    targets = sorted(p for p, layer in adapted_layers(model)
+                     if name in layer.deltas and not isinstance(layer.ops, ParameterOps))  # modules only
     data = config.to_peft_dict()
     data["target_modules"] = targets if isinstance(config.target_modules, str) else config.target_modules
     data["inference_mode"] = True
@@ -173,13 +176,14 @@ def _sort_tensors(model: nn.Module, plan: AdapterPlan, tensors: dict[str, torch.
     params = dict(model.named_parameters())
     for raw_key, t in tensors.items():
         key = raw_key[len(PREFIX):] if raw_key.startswith(PREFIX) else raw_key
-        plain = key.replace(".base_layer.", ".")
+        owner = max((p for p in plan.deltas if key.startswith(p + ".")), key=len, default=None)
+        owned = owner is not None and key[len(owner) + 1:] in plan.deltas[owner].peft_tensors()
+        plain = key if owned else key.replace(".base_layer.", ".")  # nested wrappers own `.base_layer.` keys
         if plain in seen:
             raise AdapterFormatError(f"{source}: {seen[plain]!r} and {raw_key!r} are the same tensor saved twice; "
                                      "which one is meant is ambiguous")
         seen[plain] = raw_key
-        owner = max((p for p in plan.deltas if key.startswith(p + ".")), key=len, default=None)
-        if owner is not None and key[len(owner) + 1:] in plan.deltas[owner].peft_tensors():
+        if owned:
             per_delta[owner][key[len(owner) + 1:]] = t
             continue
         saved = next((p for p in plan.saved if key.startswith(p + ".")), None)
@@ -275,9 +279,7 @@ def _check_effective_weights(model: nn.Module, plan: AdapterPlan, source: Path) 
     (or overflows fp16/bf16) would give NaN outputs. The deltas are not in the model yet: a layer not yet
     adapted is viewed through a temporary AdaptedLayer that changes nothing."""
     for path, delta in plan.deltas.items():
-        layer = model.get_submodule(path)
-        if not isinstance(layer, AdaptedLayer):
-            layer = AdaptedLayer(layer, delta.ops)
+        layer = adapted_layer_at(model, path, delta.ops) or AdaptedLayer(delta.ops.layer, delta.ops)
         dtype = layer.base_weight().dtype
         dtype = dtype if dtype in FLOAT_DTYPES else torch.float32  # a packed 4-bit base computes in its own
         if not torch.isfinite(delta.delta_weight(layer).to(dtype)).all():

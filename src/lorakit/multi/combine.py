@@ -102,6 +102,9 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, rank: Opt
     for n in weights:
         if get_config(model, n).modules_to_save:
             raise ConfigError(f"adapter {n!r} has modules_to_save; combine mixes weight deltas only")
+        if get_config(model, n).parameter_targets:
+            raise ConfigError(f"adapter {n!r} adapts parameters (target_parameters): combine mixes the deltas of "
+                              "modules only (PEFT's add_weighted_adapter refuses them too)")
     layers = {p: m for p, m in adapted_layers(model) if any(n in m.deltas for n in weights)}
     factors = {p: _svd_of_sum(m, weights) for p, m in layers.items()}
     exact = max((_numerical_rank(s, (left.shape[0], right.shape[1])) for left, s, right in factors.values()), default=1)

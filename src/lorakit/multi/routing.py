@@ -273,6 +273,10 @@ def routed(layers: Sequence[AdaptedLayer], route: Callable, who: str, holders: S
         who: the caller's name, for the error messages.
         holders, saved_forward: modules_to_save holders and their per-row forward (None: left alone).
     Raises MixedBatchError if adapters are merged or another routing is active (blocks do not nest)."""
+    weight_side = [m for m in layers if not m.ops.output_side]
+    if weight_side:
+        raise MixedBatchError(f"{who} cannot route rows through adapters of parameters (target_parameters): their "
+                              "update is to the weight, shared by every row of the batch (PEFT refuses it too)")
     merged = sorted({n for m in layers for n in m.merged})
     if merged:
         raise MixedBatchError(f"{who} needs unmerged adapters, but {merged} are merged: call lorakit.unmerge(model)")

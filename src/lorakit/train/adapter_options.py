@@ -16,7 +16,7 @@ from ..core.registry import VARIANTS
 from ..errors import ConfigError
 
 # The run options every variant may take, under these names unless its config renames them.
-RUN_OPTIONS = ("r", "lora_alpha", "lora_dropout", "target_modules")
+RUN_OPTIONS = ("r", "lora_alpha", "lora_dropout", "target_modules", "target_parameters")
 
 
 def adapter_variants() -> dict[str, tuple[type, dict[str, Any]]]:
@@ -45,6 +45,10 @@ def _option_values(options, cls: type, fields: set[str], name: str, given: Optio
         value = getattr(options, option)
         if option == "target_modules" and value == ["all-linear"]:
             value = "all-linear"
+        if option == "target_modules" and options.target_parameters and given is not None and option not in given:
+            value = []  # parameters alone (PEFT: target_modules=[])
+        if option == "target_parameters" and not value:
+            continue  # not set: the config's own default (None)
         explicit = given is not None and option in given
         own = option in fields
         alias = renames.get(option)

@@ -67,6 +67,9 @@ class AdapterOptions:
     """Dropout on the adapter's input."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Modules to adapt: names or suffixes (q_proj v_proj, or q_proj,v_proj), a regex, or 'all-linear'."""
+    target_parameters: list[str] = field(default_factory=list)
+    """Parameters to adapt, by name or suffix: a MoE's fused expert weights (experts.gate_up_proj
+    experts.down_proj). Given alone, only these are adapted (target_modules becomes empty unless also given)."""
     adapter_options: dict = field(default_factory=dict)
     """Any other field of the variant's config, as JSON ('{"use_rslora": true}') or key=value pairs."""
 

@@ -202,7 +202,11 @@ def _add_adapter(model, opts: TrainOptions, given: set[str], steps: int, log) ->
     adapter_config.base_model_name_or_path = _model_reference(opts.model, model)
     add_adapter(model, adapter_config)
     n_trainable, n_total = count_parameters(model)
-    log(f"adapter: {opts.adapter} r={opts.r} on {opts.target_modules}: {n_trainable:,} trainable of "
+    targets = adapter_config.target_modules
+    if adapter_config.parameter_targets:
+        targets = f"{targets} and parameters {adapter_config.parameter_targets}" if targets else \
+            f"parameters {adapter_config.parameter_targets}"
+    log(f"adapter: {opts.adapter} r={opts.r} on {targets}: {n_trainable:,} trainable of "
         f"{n_total:,} parameters ({100 * n_trainable / n_total:.3f}%)")
     return n_trainable, n_total
 

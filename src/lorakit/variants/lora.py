@@ -11,11 +11,12 @@ from typing import Any, ClassVar, Optional, Union
 import torch
 from torch import nn
 
-from ..core.config import BOOLEAN, MAX_RANK, AdapterConfig, Check, integer, number, one_of, pattern_value
+from ..core.config import (BOOLEAN, MAX_RANK, TEXT, AdapterConfig, Check, integer, list_of, number, one_of, optional,
+                           pattern_value, shown)
 from ..core.delta import Delta
 from ..core.layers import LayerOps
 from ..core.registry import Variant
-from ..errors import ShapeMismatchError
+from ..errors import ConfigError, ShapeMismatchError
 
 
 @dataclass
@@ -28,7 +29,7 @@ class LoraConfig(AdapterConfig):
         "ensure_weight_tying": False, "eva_config": None, "kasa_config": None, "layer_replication": None,
         "loftq_config": {}, "lora_bias": False, "lora_ga_config": None, "megatron_config": None,
         "megatron_core": "megatron.core", "monteclora_config": None, "qalora_group_size": 16,
-        "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False,
+        "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False,
         "velora_config": None,
     }
     field_checks: ClassVar[dict[str, Check]] = {
@@ -40,6 +41,7 @@ class LoraConfig(AdapterConfig):
         "bias": one_of("none", "all", "lora_only"),
         "fan_in_fan_out": BOOLEAN,
         "use_dora": BOOLEAN,
+        "target_parameters": optional(list_of(TEXT, "parameter names")),
     }
 
     r: int = 8
@@ -59,6 +61,26 @@ class LoraConfig(AdapterConfig):
     """Set for layers storing weight as [in, out] (GPT-2's Conv1D); lorakit detects those layers itself."""
     use_dora: bool = False
     """Weight-decomposed LoRA (DoRA)."""
+    target_parameters: Optional[list[str]] = None
+    """Parameters to adapt directly, by full name or `.`-suffix (e.g. ["experts.gate_up_proj", "experts.down_proj"]
+    for a MoE's fused 3-D expert weights); set target_modules=[] to adapt nothing else (PEFT's rules)."""
+
+    def validate(self) -> None:
+        """PEFT's limits for parameter targets: no dropout, DoRA, fan_in_fan_out or data-dependent init."""
+        if not self.target_parameters:
+            return
+        refused = {"lora_dropout": self.lora_dropout != 0, "use_dora": self.use_dora,
+                   "fan_in_fan_out": self.fan_in_fan_out,
+                   "init_lora_weights": self.init_lora_weights in ("pissa", "olora")}
+        bad = [f"{k}={shown(getattr(self, k))}" for k, on in refused.items() if on]
+        if bad:
+            raise ConfigError(f"{type(self).__name__} field 'target_parameters' cannot be combined with "
+                              f"{', '.join(bad)} (a parameter's update does not see the activations; as in PEFT)")
+
+    @property
+    def parameter_targets(self) -> list[str]:
+        """target_parameters as a list ([] when unset)."""
+        return list(self.target_parameters or [])
 
     @property
     def variant(self) -> str:
@@ -94,14 +116,16 @@ class LoraDelta(Delta):
 
     def __init__(self, ops: LayerOps, config: LoraConfig, module_name: str):
         super().__init__(ops, config, module_name)
+        if not ops.single_matrix:  # a stack of experts' ΔW_e is no single product s·B·A
+            self.factors_writable = False
         self._linear = self.factors_writable and ops.kind == "linear"  # linear_factors applies
         self.r = config.rank_for(module_name)
         self.scaling = lora_scaling(config.alpha_for(module_name), self.r, config.use_rslora)
         self.init = config.init_lora_weights
         factory = {"device": ops.device, "dtype": ops.dtype}
-        unit = (1,) * len(ops.kernel)
-        self.lora_A = nn.Parameter(torch.empty(self.r, ops.in_features, *ops.kernel, **factory))  # [r, in, *k]
-        self.lora_B = nn.Parameter(torch.empty(ops.out_features, self.r, *unit, **factory))  # [out, r, *1]
+        a_shape, b_shape = ops.factor_shapes(self.r)  # [r, in, *k], [out, r, *1] (experts: [E·r, in], [out, E·r])
+        self.lora_A = nn.Parameter(torch.empty(a_shape, **factory))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, **factory))
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self._init_factors()
 
@@ -140,13 +164,11 @@ class LoraDelta(Delta):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, layer) -> torch.Tensor:
         a, b = self.lora_A, self.lora_B
-        h = self.ops.down(self.dropout(x).to(a.dtype) if self.ops.kind != "embedding" else x, a)  # [..., r]
+        h = self.ops.down(self.ops.adapter_input(x, self.dropout, a.dtype), a)  # [..., r]
         return self.ops.add_up(y, (h * self.scaling).to(y.dtype), b.to(y.dtype))
 
     def delta_weight(self, layer) -> torch.Tensor:
-        b, a = self.lora_B.float().flatten(1), self.lora_A.float().flatten(1)  # [out, r], [r, in·k]
-        w_c = (b @ a).view(self.ops.out_features, self.ops.in_features, *self.ops.kernel) * self.scaling
-        return self.ops.to_layer_layout(w_c)
+        return self.ops.to_layer_layout(self.ops.factor_product(self.lora_B.float(), self.lora_A.float()) * self.scaling)
 
     # --- the low-rank protocol (core/delta.py) -------------------------------------------------------
     def low_rank_factors(self):
