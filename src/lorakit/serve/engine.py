@@ -41,7 +41,7 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     # engine-side state
     cache_row: int = -1
-    position: int = 0  # the position of the next token to run
+    position: int = 0  # tokens in the cache: the position `last` runs at
     last: int = 0
     produced: int = 0
     generator: Optional[torch.Generator] = None
@@ -193,6 +193,8 @@ class Engine:
                 self._finish(req, "error", f"decode failed: {e}")
             return
         live = [r for r in rows if r is not None]
+        for req in live:
+            req.position += 1
         self._take(live, logits[[r.cache_row for r in live]])
 
     def _take(self, reqs: Sequence[Request], logits: torch.Tensor) -> None:
@@ -205,8 +207,7 @@ class Engine:
                 self._finish(req, "done", "stop")
                 continue
             req.emit("token", token)
-            req.position += 1
-            if req.produced >= req.max_tokens or req.position >= self.steps.cache.max_len - 1:
+            if req.produced >= req.max_tokens or req.position >= self.steps.cache.sink:  # no column left to run it
                 self._finish(req, "done", "length")
 
 
