@@ -114,6 +114,7 @@ class Engine:
             self._run_calls()
             self._drop_cancelled()
             self._admit()
+            self._drop_cancelled()  # also rows cancelled at their first token
             if self.running:
                 self._decode()
             else:
