@@ -16,6 +16,7 @@ an OpenAI error body before anything reaches the engine; a client that goes away
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional
@@ -52,11 +53,21 @@ class TextStream:
                  gone: Callable[[], "asyncio.Future"]):
         self.served, self.req, self.events, self.stops, self.gone = served, req, events, stops, gone
         self.ids: list[int] = []
+        self.text = ""
         self.sent = 0
         self.hold = max((len(s) for s in stops), default=1) - 1
+        self._prefix = self._read = 0  # the decoded window: ids[_prefix:_read] is text already taken
 
-    def _text(self) -> str:
-        return self.served.tokenizer.decode(self.ids, skip_special_tokens=True)
+    def _grow(self, final: bool) -> None:
+        """Append the new tokens' text. Incremental detokenization (as vLLM does it): decode a window of a few
+        tokens before and after the new ones and keep the difference, instead of decoding everything again; a
+        token that ends half a UTF-8 character waits for the next one (unless this is the end)."""
+        decode = self.served.tokenizer.decode
+        before = decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        after = decode(self.ids[self._prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self.ids)
 
     async def pieces(self) -> AsyncIterator[tuple[str, Optional[str]]]:
         """Yield text pieces; the last one carries the finish reason ("stop" or "length")."""
@@ -75,7 +86,8 @@ class TextStream:
                 raise P.APIError(500, str(value), "server_error")
             if kind == "token":
                 self.ids.append(value)
-            text = self._text()
+            self._grow(final=kind == "done")
+            text = self.text
             cut = self._stop_at(text)
             if cut is not None:
                 self.req.cancel()
@@ -84,7 +96,7 @@ class TextStream:
             if kind == "done":
                 yield text[self.sent:], "length" if value == "length" else "stop"
                 return
-            safe = len(text) - self.hold - (1 if text.endswith("\ufffd") else 0)  # half a UTF-8 character waits
+            safe = len(text) - self.hold  # what can no longer be the start of a stop string
             if safe > self.sent:
                 yield text[self.sent:safe], None
                 self.sent = safe
@@ -169,6 +181,44 @@ def build_app(served: Served) -> FastAPI:
     return app
 
 
+class Mailbox:
+    """Hands engine events to asyncio queues of one event loop: one loop wake-up per batch of events (a decode step
+    of 64 rows makes 64 events), not one per event."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.pending: list = []
+        self.lock = threading.Lock()
+        self.scheduled = False
+
+    def post(self, events: "asyncio.Queue", item) -> None:
+        """Queue `item` for `events` (any thread)."""
+        with self.lock:
+            self.pending.append((events, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # the loop has closed (shutdown)
+            pass
+
+    def _flush(self) -> None:
+        with self.lock:
+            items, self.pending, self.scheduled = self.pending, [], False
+        for events, item in items:
+            events.put_nowait(item)
+
+
+_MAILBOXES: dict = {}
+
+
+def _mailbox(loop) -> Mailbox:
+    if loop not in _MAILBOXES:
+        _MAILBOXES[loop] = Mailbox(loop)
+    return _MAILBOXES[loop]
+
+
 def _completion_prompts(served: Served, prompt) -> list[list[int]]:
     """Token ids of each prompt of a /v1/completions request."""
     if isinstance(prompt, str):
@@ -237,17 +287,15 @@ def _start(served: Served, body: P._Sampling, name: Optional[str], ids: list[int
     if slot is None:  # unloaded since the check above
         raise P.model_not_found(body.model)
     events: asyncio.Queue = asyncio.Queue()
+    mailbox = _mailbox(loop)
 
     def emit(kind, value):  # engine thread → this request's queue on the event loop
-        try:
-            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
-        except RuntimeError:  # the loop has closed (shutdown)
-            pass
+        mailbox.post(events, (kind, value))
 
     temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI's default
     req = Request(prompt=ids, adapter_slot=slot, max_tokens=max_tokens, emit=emit,
                   temperature=temperature, top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed,
-                  stop_ids=served.stop_ids)
+                  stop_ids=frozenset() if body.ignore_eos else served.stop_ids)
     served.engine.submit(req)
     return TextStream(served, req, events, body.stops(), http.is_disconnected)
 

@@ -27,6 +27,7 @@ class _Sampling(BaseModel):
     stream: Optional[bool] = False
     stream_options: Optional[dict[str, Any]] = None
     n: Optional[int] = Field(default=1, ge=1)
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever the model's end token
 
     def stops(self) -> list[str]:
         """The stop strings, as a list (empty strings dropped)."""
