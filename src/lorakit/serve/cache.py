@@ -16,6 +16,7 @@ stacks, row slots, tokens and positions are static buffers rewritten in place be
 
 from __future__ import annotations
 
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -105,11 +106,9 @@ class Steps:
         self._captured: dict[tuple[int, int], tuple] = {}
         self._generation = -1
         slots = cache.keys[0].shape[0]
-        self._tokens = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
-        self._positions = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
-        self._cols = torch.full((slots, 1), cache.sink, dtype=torch.long, device=self.device)
-        self._slot_index = torch.full((slots,), table.none_slot, dtype=torch.long, device=self.device)
-        self._slot_gid = torch.full((slots,), -1, dtype=torch.int32, device=self.device)
+        # The decode step's inputs, one static buffer (one host→device copy per step), rows:
+        # 0 token, 1 position, 2 cache column written, 3 adapter slot (long), 4 adapter gid (-1: none)
+        self._inputs = torch.zeros(5, slots, dtype=torch.long, device=self.device)
 
     def _route(self, slots: Sequence[int], index: torch.Tensor, gid: torch.Tensor) -> None:
         none = self.table.none_slot
@@ -143,28 +142,33 @@ class Steps:
         """One token for each of rows 0..n-1 (position -1: an idle row); returns logits [n, V] (fp32)."""
         n = len(tokens)
         kv_len = _bucket(max(positions) + 1, self.cache.max_len - 1) if self.graphs else max(positions) + 1
-        rows = _bucket(n, self._tokens.shape[0]) if self.graphs else n
+        rows = _bucket(n, self._inputs.shape[1]) if self.graphs else n
         pad = rows - n
         cols = [p if p >= 0 else self.cache.sink for p in positions] + [self.cache.sink] * pad
         none = self.table.none_slot
         slots = list(adapter_slots) + [none] * pad
         host = torch.tensor([list(tokens) + [self.pad_id] * pad, [max(p, 0) for p in positions] + [0] * pad, cols,
                              slots, [s if s != none else -1 for s in slots]], dtype=torch.long)
-        self._tokens[:rows, 0].copy_(host[0], non_blocking=True)
-        self._positions[:rows, 0].copy_(host[1], non_blocking=True)
-        self._cols[:rows, 0].copy_(host[2], non_blocking=True)
-        self._slot_index[:rows].copy_(host[3], non_blocking=True)
-        self._slot_gid[:rows].copy_(host[4], non_blocking=True)
-        if not self.graphs:
-            self._route(adapter_slots, self._slot_index[:rows], self._slot_gid[:rows])
-            return self._decode_eager(rows, kv_len)[:n]
-        return self._replay(rows, kv_len)[:n]
+        self._inputs[:, :rows].copy_(host, non_blocking=True)
+        if self.graphs:
+            try:
+                return self._replay(rows, kv_len)[:n]
+            except RuntimeError as e:  # a model or kernel that cannot be captured: decode eagerly from now on
+                print(f"lorakit serve: CUDA graph capture failed ({e}); decoding without graphs", file=sys.stderr)
+                self.graphs = False
+                self._captured.clear()
+        self.table.rows.active = any(s != none for s in slots)
+        return self._decode_eager(rows, kv_len)[:n]
 
     def _decode_eager(self, rows: int, kv_len: int) -> torch.Tensor:
+        """The decode step on rows 0..rows-1 from the static inputs (what a graph captures)."""
+        inputs = self._inputs[:, :rows]
+        table_rows = self.table.rows
+        table_rows.index, table_rows.gid = inputs[3], inputs[4].to(torch.int32)
         cache = self.cache
-        cache.rows, cache.write_cols, cache.kv_len = None, self._cols[:rows], kv_len
-        positions = self._positions[:rows]
-        out = self.model(input_ids=self._tokens[:rows], position_ids=positions,
+        cache.rows, cache.write_cols, cache.kv_len = None, inputs[2, :, None], kv_len
+        positions = inputs[1, :, None]
+        out = self.model(input_ids=inputs[0, :, None], position_ids=positions,
                          attention_mask=attention_mask(positions, kv_len, self.dtype), past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
@@ -181,8 +185,8 @@ class Steps:
         return logits
 
     def _capture(self, rows: int, kv_len: int):
-        """A CUDA graph of the decode step for `rows` rows attending `kv_len` columns (LoRA always on)."""
-        self._route([0], self._slot_index[:rows], self._slot_gid[:rows])
+        """A CUDA graph of the decode step for `rows` rows attending `kv_len` columns (LoRA always on: rows
+        without an adapter have gid -1, which the kernel skips)."""
         self.table.rows.active = bool(self.table.stacks)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
