@@ -65,8 +65,9 @@ def setup(tmp_path_factory):
     model = load_model(path, "causal").eval()
     dirs = _make_adapters(tmp_path_factory.mktemp("adapters"), model)
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(lorakit.__file__).parents[1]),
-                                                         os.environ.get("PYTHONPATH", "")])}
+    # one thread: two threads that spin for each other stall badly on a busy 2-core box
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(lorakit.__file__).parents[1]),
+                                                                                os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "lorakit.cli", "serve", "--model", BASE, "--port", str(port), "--max-batch", "8",
            "--max-len", "128", "--max-loras", "4", "--adapter"] + [f"{n}={dirs[n]}" for n in ("a", "b", "c")]
     log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
