@@ -73,19 +73,25 @@ class TextStream:
         """Yield text pieces; the last one carries the finish reason ("stop" or "length")."""
         waited = 0.0
         while True:
-            try:
-                kind, value = await asyncio.wait_for(self.events.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                waited += 1.0
-                if waited > TOKEN_TIMEOUT_S or await self.gone():
-                    self.req.cancel()
-                    raise P.APIError(500 if waited > TOKEN_TIMEOUT_S else 499, "request abandoned", "server_error")
-                continue
+            if self.events.empty():
+                try:
+                    events = [await asyncio.wait_for(self.events.get(), timeout=1.0)]
+                except asyncio.TimeoutError:
+                    waited += 1.0
+                    if waited > TOKEN_TIMEOUT_S or await self.gone():
+                        self.req.cancel()
+                        raise P.APIError(500 if waited > TOKEN_TIMEOUT_S else 499, "request abandoned",
+                                         "server_error")
+                    continue
+            else:
+                events = [self.events.get_nowait()]
             waited = 0.0
+            while events[-1][0] == "token" and not self.events.empty():  # a slow reader takes what has come at once
+                events.append(self.events.get_nowait())
+            kind, value = events[-1]
             if kind == "error":
                 raise P.APIError(500, str(value), "server_error")
-            if kind == "token":
-                self.ids.append(value)
+            self.ids += [v for k, v in events if k == "token"]
             self._grow(final=kind == "done")
             text = self.text
             cut = self._stop_at(text)
