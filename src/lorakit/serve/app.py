@@ -16,6 +16,7 @@ an OpenAI error body before anything reaches the engine; a client that goes away
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 import time
 from dataclasses import dataclass
@@ -115,7 +116,10 @@ class TextStream:
 
 def build_app(served: Served) -> FastAPI:
     """The FastAPI application over `served` (see the module docstring)."""
-    app = FastAPI(title="lorakit serve", docs_url=None, redoc_url=None, openapi_url=None)
+    options = dict(title="lorakit serve", docs_url=None, redoc_url=None, openapi_url=None)
+    if "telemetry" in inspect.signature(FastAPI).parameters:  # FastAPI ≥ 0.160 instruments every request by default
+        options["telemetry"] = {"tracing": False, "metrics": False, "logs": False}
+    app = FastAPI(**options)
     served.created = int(time.time())
 
     @app.exception_handler(P.APIError)
