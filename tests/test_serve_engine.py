@@ -190,3 +190,17 @@ def test_engine_rows_end_on_their_own_terms(served):
     finally:
         engine.stop()
     assert not any(t.name == "lorakit-serve-engine" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--adapter", "x=/no/such/dir"], "not an adapter directory"),
+    (["--adapter", "a=/tmp", "a=/tmp"], "given twice"),
+    (["--adapter", "=/tmp"], "NAME=DIR"),
+    (["--max-batch", "0"], "--max-batch"),
+])
+def test_cli_refuses_bad_options_before_loading_anything(argv, says, capsys):
+    from lorakit.cli.app import main
+
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lorakit serve: error:") and says in err and len(err.splitlines()) == 1
