@@ -190,6 +190,37 @@ def hf_generate_case(model_dir: Path, args, device: str) -> dict:
                 ttft_p99=float("nan"))
 
 
+@torch.no_grad()
+def check_graphs(model_dir: Path, adapters: list[str], device: str) -> str:
+    """The captured decode step against the eager one, in process: 8 rows, 4 adapters + base rows, 6 steps."""
+    from lorakit.serve.cache import Steps, cache_for
+    from lorakit.serve.server import ServeOptions, build_served
+
+    served, engine = build_served(ServeOptions(model=str(model_dir), adapter=adapters[:4], max_batch=8, max_len=64,
+                                               max_lora_rank=16, device=device))
+    engine.stop()
+    table, graphed = engine.table, engine.steps
+    eager = Steps(graphed.model, cache_for(graphed.model, 8, 65), table, 1, graphs=False)
+    names = [a.split("=")[0] for a in adapters[:4]]
+    slots = [table.slot_of(names[i % len(names)]) for i in range(4)] + [table.none_slot] * 4
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 9, 13, 3, 7, 11, 2, 6)]
+    worst, agree, total = 0.0, 0, 0
+    logits = [steps.prefill(prompts, list(range(8)), slots) for steps in (graphed, eager)]
+    positions = [len(p) for p in prompts]
+    for _ in range(6):
+        tokens = logits[1].argmax(-1).tolist()  # both follow the eager path's tokens
+        logits = [steps.decode(tokens, positions, slots) for steps in (graphed, eager)]
+        positions = [p + 1 for p in positions]
+        worst = max(worst, float((logits[0] - logits[1]).abs().max() / logits[1].abs().max()))
+        agree += int((logits[0].argmax(-1) == logits[1].argmax(-1)).sum())
+        total += 8
+    table.close()
+    how = ("CPU, no CUDA graphs" if device != "cuda" else "CUDA graphs used" if graphed.graphs else
+           "CUDA graphs NOT used (capture failed, see stderr)")
+    return f"{how}: decode vs eager decode, max |Δlogit|/max|logit| {worst:.2e}, argmax agree {agree}/{total}"
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -235,6 +266,8 @@ def main(argv=None) -> None:
         args.vocab = model.config.vocab_size
         adapters = make_adapters(model, root, args.adapters, args.rank)
         del model
+        check = check_graphs(model_dir, adapters, device)
+        print(check, flush=True)
         if device == "cuda":
             torch.cuda.empty_cache()
         rows = [serve_case(f"{args.adapters} adapters, one per client", model_dir, adapters, args, root),
@@ -243,7 +276,7 @@ def main(argv=None) -> None:
     env = train_step.environment(device)
     what = (f"{args.shape} shape, {args.clients} concurrent clients, {args.prompt}-token prompts, {args.new} new "
             f"tokens, rank {args.rank} on {len(TARGETS)} linear layers")
-    text = f"{env}; {what}\n\n{table(rows)}"
+    text = f"{env}; {what}\n\n{check}\n\n{table(rows)}"
     print(text)
     if args.append:
         command = "python benchmarks/serve.py " + " ".join(sys.argv[1:] if argv is None else argv)
