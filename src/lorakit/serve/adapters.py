@@ -27,7 +27,7 @@ from torch import nn
 from ..core.adapted import AdaptedLayer
 from ..core.api import adapted_layers, delete_adapter, get_config, list_adapters, saved_modules
 from ..core.files import load_adapter
-from ..errors import ServeError
+from ..errors import AdapterFormatError, ServeError
 from ..multi import kernels
 from ..multi.routing import routed
 from ..multi.stack import AdapterStack, padded_rank
@@ -112,7 +112,7 @@ class AdapterTable:
         if not free:
             raise ServeError(f"all {self.max_loras} adapter slots are in use (--max-loras); unload one first")
         layers_before = {id(layer) for _, layer in adapted_layers(self.model)}
-        load_adapter(self.model, Path(directory), name=name)
+        load_adapter(self.model, adapter_dir(directory), name=name)
         try:
             rank = self._check_stackable(name)
         except ServeError:
@@ -230,6 +230,18 @@ class AdapterTable:
     def names(self) -> list[str]:
         """The served adapter names, in load order."""
         return [n for n in list_adapters(self.model) if n in self.slots]
+
+
+def adapter_dir(path: str):
+    """An adapter directory, or a `lorakit train` output directory holding one in adapter/ (AdapterFormatError
+    otherwise)."""
+    from ..train.run import ADAPTER_DIR  # imported here: the training package is large
+
+    p = Path(path)
+    for candidate in (p, p / ADAPTER_DIR):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise AdapterFormatError(f"{p} is not an adapter directory (no adapter_config.json in it or in {p / ADAPTER_DIR})")
 
 
 def _out_in(layer: AdaptedLayer) -> tuple[int, int]:

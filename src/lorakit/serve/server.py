@@ -74,10 +74,9 @@ def build_served(options: ServeOptions, log=print):
     started. Raises a LorakitError (ConfigError, AdapterFormatError, ServeError, ...) before serving on bad input."""
     import torch
 
-    from ..cli.commands import adapter_dir
     from ..loading.models import load_pretrained
     from ..train.evaluate import stop_token_ids
-    from .adapters import AdapterTable
+    from .adapters import AdapterTable, adapter_dir
     from .app import Served
     from .cache import Steps, cache_for
     from .engine import Engine
