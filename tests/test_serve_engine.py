@@ -204,3 +204,26 @@ def test_cli_refuses_bad_options_before_loading_anything(argv, says, capsys):
     assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lorakit serve: error:") and says in err and len(err.splitlines()) == 1
+
+
+def test_sampling_rows_keep_their_own_settings():
+    from lorakit.serve.engine import sample
+
+    logits = torch.tensor([[0.0, 3.0, 2.9, -5.0]] * 4)
+    reqs = [Request(prompt=[1], adapter_slot=0, max_tokens=1, emit=None, temperature=t, top_p=p)
+            for t, p in [(0.0, 1.0), (1.0, 0.3), (1.0, 1.0), (5.0, 0.9)]]
+    for r in reqs[2:]:
+        r.generator = torch.Generator().manual_seed(0)
+    seen = [set() for _ in reqs]
+    for _ in range(60):
+        for i, token in enumerate(sample(logits, reqs).tolist()):
+            seen[i].add(token)
+    assert seen[0] == {1} and seen[1] == {1}  # greedy; top_p 0.3 keeps only the most likely token
+    assert {1, 2} <= seen[2] and seen[3] <= {0, 1, 2} and len(seen[3]) >= 2  # top_p 0.9 at T=5 drops the tail
+    again = [torch.Generator().manual_seed(0) for _ in range(2)]
+    for r, g in zip(reqs[2:], again):
+        r.generator = g
+    first = [sample(logits, reqs).tolist()[2:] for _ in range(5)]
+    for r in reqs[2:]:
+        r.generator = torch.Generator().manual_seed(0)
+    assert [sample(logits, reqs).tolist()[2:] for _ in range(5)] == first  # seeded rows repeat

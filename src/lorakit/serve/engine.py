@@ -213,18 +213,29 @@ class Engine:
 
 
 def sample(logits: torch.Tensor, reqs: Sequence[Request]) -> torch.Tensor:
-    """Next token per row [B]: argmax for temperature 0, else temperature and top-p (nucleus) sampling, each
-    row from its own seeded generator (or the global one)."""
+    """Next token per row [B]: argmax for temperature 0, else temperature and top-p (nucleus) sampling, all sampled
+    rows at once; a row with a seed draws from its own generator (the same tokens whatever shares the batch)."""
     chosen = logits.argmax(-1)
-    for i, req in enumerate(reqs):
-        if req.temperature <= 0:
-            continue
-        probs = torch.softmax(logits[i] / req.temperature, -1)
-        if req.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            drop = sorted_p.cumsum(-1) - sorted_p > req.top_p  # keep the smallest head whose mass reaches top_p
-            probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
-        chosen[i] = torch.multinomial(probs, 1, generator=req.generator)[0]
+    hot = [i for i, r in enumerate(reqs) if r.temperature > 0]
+    if not hot:
+        return chosen
+    device = logits.device
+    rows = torch.tensor(hot, device=device)
+    temperature = torch.tensor([reqs[i].temperature for i in hot], device=device, dtype=logits.dtype)
+    probs = torch.softmax(logits[rows] / temperature[:, None], -1)  # [H, V]
+    if any(reqs[i].top_p < 1.0 for i in hot):
+        top_p = torch.tensor([reqs[i].top_p for i in hot], device=device, dtype=probs.dtype)
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p[:, None]  # keep the smallest head whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0.0))
+    picked = torch.empty(len(hot), dtype=torch.long, device=device)
+    free = [j for j, i in enumerate(hot) if reqs[i].generator is None]
+    if free:
+        picked[free] = torch.multinomial(probs[free], 1)[:, 0]
+    for j, i in enumerate(hot):
+        if reqs[i].generator is not None:
+            picked[j] = torch.multinomial(probs[j], 1, generator=reqs[i].generator)[0]
+    chosen[rows] = picked
     return chosen
 
 
