@@ -21,10 +21,12 @@ MAX_LEN = 48
 
 @pytest.fixture
 def served(tiny_llama, tmp_path):
-    """(model, table, steps, adapter dirs): adapters x (q, v; rank 4) and y (k, o, up; rank 8) loaded."""
+    """(model, table, steps, adapter dirs): adapters x (q, v; rank 4) and y (k, o, up; rank 8) loaded, z and w
+    saved only (3 slots)."""
     dirs = {}
-    for seed, (name, targets, r) in enumerate([("x", ["q_proj", "v_proj"], 4), ("y", ["k_proj", "o_proj", "up_proj"], 8),
-                                               ("z", ["q_proj", "up_proj"], 2), ("w", ["gate_proj"], 4)]):
+    specs = [("x", ["q_proj", "v_proj"], 4), ("y", ["k_proj", "o_proj", "up_proj"], 8), ("z", ["q_proj", "up_proj"], 2),
+             ("w", ["gate_proj"], 4)]  # z adapts only layers x and y adapt; w a layer none of them does
+    for seed, (name, targets, r) in enumerate(specs):
         lorakit.add_adapter(tiny_llama, small_lora(r=r, target_modules=targets), name)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():

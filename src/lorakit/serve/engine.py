@@ -18,7 +18,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ..errors import LorakitError
 from .adapters import AdapterTable
 from .cache import Steps
 
@@ -111,15 +110,19 @@ class Engine:
     # --- the loop ----------------------------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stopping.is_set():
-            self._run_calls()
-            self._drop_cancelled()
-            self._admit()
-            self._drop_cancelled()  # also rows cancelled at their first token
-            if self.running:
-                self._decode()
-            else:
-                self._wake.wait(0.05)
-                self._wake.clear()
+            try:
+                self._run_calls()
+                self._drop_cancelled()
+                self._admit()
+                self._drop_cancelled()  # also rows cancelled at their first token
+                if self.running:
+                    self._decode()
+                else:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+            except Exception as e:  # noqa: BLE001 (sampling, a sink): the running rows fail, the thread lives on
+                for req in list(self.running.values()):
+                    self._finish(req, "error", f"engine step failed: {e}")
         for req in list(self.running.values()) + self._held + _drain(self._waiting):
             req.emit("error", "the server is shutting down")
 
@@ -168,7 +171,7 @@ class Engine:
         try:
             logits = self.steps.prefill([r.prompt for r in batch], [r.cache_row for r in batch],
                                         [r.adapter_slot for r in batch])
-        except (LorakitError, RuntimeError) as e:  # e.g. out of memory: only these rows fail
+        except Exception as e:  # noqa: BLE001 (out of memory, a model error): only these rows fail
             for req in batch:
                 with self.table_lock:
                     self.table.release(req.adapter_slot)
@@ -189,7 +192,7 @@ class Engine:
         slots = [r.adapter_slot if r else self.table.none_slot for r in rows]
         try:
             logits = self.steps.decode(tokens, positions, slots)
-        except (LorakitError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 (as in _admit)
             for req in [r for r in rows if r is not None]:
                 self._finish(req, "error", f"decode failed: {e}")
             return
