@@ -218,14 +218,14 @@ def test_sampling_rows_keep_their_own_settings():
         r.generator = torch.Generator().manual_seed(0)
     seen = [set() for _ in reqs]
     for _ in range(60):
-        for i, token in enumerate(sample(logits, reqs).tolist()):
+        for i, token in enumerate(sample(logits, reqs)):
             seen[i].add(token)
     assert seen[0] == {1} and seen[1] == {1}  # greedy; top_p 0.3 keeps only the most likely token
     assert {1, 2} <= seen[2] and seen[3] <= {0, 1, 2} and len(seen[3]) >= 2  # top_p 0.9 at T=5 drops the tail
     again = [torch.Generator().manual_seed(0) for _ in range(2)]
     for r, g in zip(reqs[2:], again):
         r.generator = g
-    first = [sample(logits, reqs).tolist()[2:] for _ in range(5)]
+    first = [sample(logits, reqs)[2:] for _ in range(5)]
     for r in reqs[2:]:
         r.generator = torch.Generator().manual_seed(0)
-    assert [sample(logits, reqs).tolist()[2:] for _ in range(5)] == first  # seeded rows repeat
+    assert [sample(logits, reqs)[2:] for _ in range(5)] == first  # seeded rows repeat

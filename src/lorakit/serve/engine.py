@@ -182,7 +182,7 @@ class Engine:
             self.running[req.cache_row] = req
             if req.seed is not None:
                 req.generator = torch.Generator(device=logits.device).manual_seed(req.seed)
-        self._take(batch, logits)
+        self._take(batch, logits, list(range(len(batch))))
 
     def _decode(self) -> None:
         n = max(self.running) + 1
@@ -199,11 +199,11 @@ class Engine:
         live = [r for r in rows if r is not None]
         for req in live:
             req.position += 1
-        self._take(live, logits[[r.cache_row for r in live]])
+        self._take(live, logits, [r.cache_row for r in live])  # idle rows' logits are never gathered
 
-    def _take(self, reqs: Sequence[Request], logits: torch.Tensor) -> None:
+    def _take(self, reqs: Sequence[Request], logits: torch.Tensor, rows: list[int]) -> None:
         """Sample each row's next token, hand it over, and finish rows at an end token or max_tokens."""
-        chosen = sample(logits, reqs).tolist()
+        chosen = sample(logits, reqs, rows)
         for req, token in zip(reqs, chosen):
             req.last = token
             req.produced += 1
@@ -215,31 +215,33 @@ class Engine:
                 self._finish(req, "done", "length")
 
 
-def sample(logits: torch.Tensor, reqs: Sequence[Request]) -> torch.Tensor:
-    """Next token per row [B]: argmax for temperature 0, else temperature and top-p (nucleus) sampling, all sampled
-    rows at once; a row with a seed draws from its own generator (the same tokens whatever shares the batch)."""
-    chosen = logits.argmax(-1)
+def sample(logits: torch.Tensor, reqs: Sequence[Request], rows: Optional[Sequence[int]] = None) -> list[int]:
+    """Next token of each request (reqs[i] reads logits[rows[i]]; rows default 0..): argmax for temperature 0,
+    else temperature and top-p (nucleus) sampling, all sampled rows at once; a row with a seed draws from its own
+    generator (no other request consumes its random numbers)."""
+    rows = list(range(len(reqs))) if rows is None else list(rows)
+    greedy = logits.argmax(-1)  # [n]: one reduction over every row, idle ones included, no gather
     hot = [i for i, r in enumerate(reqs) if r.temperature > 0]
-    if not hot:
-        return chosen
-    device = logits.device
-    rows = torch.tensor(hot, device=device)
-    temperature = torch.tensor([reqs[i].temperature for i in hot], device=device, dtype=logits.dtype)
-    probs = torch.softmax(logits[rows] / temperature[:, None], -1)  # [H, V]
-    if any(reqs[i].top_p < 1.0 for i in hot):
-        top_p = torch.tensor([reqs[i].top_p for i in hot], device=device, dtype=probs.dtype)
-        sorted_p, order = probs.sort(-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p[:, None]  # keep the smallest head whose mass reaches top_p
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0.0))
-    picked = torch.empty(len(hot), dtype=torch.long, device=device)
-    free = [j for j, i in enumerate(hot) if reqs[i].generator is None]
-    if free:
-        picked[free] = torch.multinomial(probs[free], 1)[:, 0]
-    for j, i in enumerate(hot):
-        if reqs[i].generator is not None:
-            picked[j] = torch.multinomial(probs[j], 1, generator=reqs[i].generator)[0]
-    chosen[rows] = picked
-    return chosen
+    if hot:
+        device = logits.device
+        temperature = torch.tensor([reqs[i].temperature for i in hot], device=device, dtype=logits.dtype)
+        probs = torch.softmax(logits[torch.tensor([rows[i] for i in hot], device=device)] / temperature[:, None], -1)
+        if any(reqs[i].top_p < 1.0 for i in hot):
+            top_p = torch.tensor([reqs[i].top_p for i in hot], device=device, dtype=probs.dtype)
+            sorted_p, order = probs.sort(-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p > top_p[:, None]  # keep the smallest head whose mass reaches top_p
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0.0))
+        picked = torch.empty(len(hot), dtype=torch.long, device=device)
+        free = [j for j, i in enumerate(hot) if reqs[i].generator is None]
+        if free:
+            picked[free] = torch.multinomial(probs[free], 1)[:, 0]
+        for j, i in enumerate(hot):
+            if reqs[i].generator is not None:
+                picked[j] = torch.multinomial(probs[j], 1, generator=reqs[i].generator)[0]
+        greedy = greedy.clone()
+        greedy[torch.tensor([rows[i] for i in hot], device=device)] = picked
+    chosen = greedy.tolist()  # the step's one device → host transfer
+    return [chosen[r] for r in rows]
 
 
 def _drain(q: "queue.Queue") -> list:
