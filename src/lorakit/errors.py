@@ -48,3 +48,8 @@ class CheckpointError(LorakitError, ValueError):
 class OutputPathError(LorakitError, ValueError):
     """An output path lorakit cannot or will not write to: a file in the way, a directory holding something else, or
     a filesystem error while writing (disk full, permissions; the OSError is the __cause__)."""
+
+
+class ServeError(LorakitError, ValueError):
+    """`lorakit serve` cannot serve what was asked: an adapter it cannot stack (no low-rank linear form, trained
+    biases, modules_to_save), no free adapter slot, a model whose attention it cannot batch, a bad option."""

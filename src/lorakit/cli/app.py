@@ -79,6 +79,8 @@ register_command("analyze", "lorakit.cli.analyze:AnalyzeOptions", "lorakit.cli.a
 register_command("compose", "lorakit.cli.compose:ComposeOptions", "lorakit.cli.compose:compose",
                  "Compose adapters: exact weighted sum at a chosen rank; weights searched LoraHub-style on a few "
                  "examples.")
+register_command("serve", "lorakit.serve.server:ServeOptions", "lorakit.serve.server:run_serve",
+                 "Serve the base model and many adapters behind one OpenAI-compatible HTTP endpoint (one batch).")
 
 
 # --- options dataclass → argparse -----------------------------------------------------------------------

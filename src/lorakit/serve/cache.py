@@ -1,0 +1,213 @@
+"""The server's KV cache and its two model steps: prefill of new rows, decode of every running row.
+
+The cache has one slot per running request: per layer, keys and values [slots, kv_heads, max_len, head_dim]
+(allocated once). Each row writes its new tokens at its own positions (columns), so rows of different lengths
+share a batch; a query at position p attends to columns 0..p of its own slot and nothing else:
+    mask[b, 0, q, j] = 0 if j ≤ position[b, q] else -inf          (an additive float mask, as eager/SDPA take)
+Columns past a row's position hold stale values of an earlier request; the mask hides them. The last column
+is a sink: padding and idle rows write there, and no position reaches it.
+
+Prefill takes new rows left-padded to one width, so every row's last prompt token is the last column and the
+model computes logits for that column only (`logits_to_keep=1`, whatever its head). Decode runs rows
+0..n-1 of the slots with one token each (idle slots below n run a dummy token into the sink). On CUDA the
+decode step is captured as a CUDA graph per (rows, attended columns) bucket and replayed: the adapter
+stacks, row slots, tokens and positions are static buffers rewritten in place between replays.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+
+from ..errors import ServeError
+from .adapters import AdapterTable
+
+
+class SlotCache(Cache):
+    """Per-slot KV store with per-row write positions (see the module docstring). The step that runs sets
+    `rows` (each batch row's slot, None: rows 0..B-1), `write_cols` [B, q] and `kv_len`."""
+
+    is_compileable = False
+
+    def __init__(self, n_layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int, dtype, device):
+        super().__init__(layers=[])
+        shape = (slots, kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.max_len = max_len
+        self.rows: Optional[torch.Tensor] = None
+        self.write_cols: Optional[torch.Tensor] = None
+        self.kv_len = 0
+
+    @property
+    def sink(self) -> int:
+        """The column padding and idle rows write to; never attended."""
+        return self.max_len - 1
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write key/value states [B, H, q, D] at each row's columns; return the attended [B, H, kv_len, D]."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        n = key_states.shape[0]
+        rows = torch.arange(n, device=keys.device) if self.rows is None else self.rows
+        # advanced indices rows [B, 1] and columns [B, q] around a slice: the target is [B, q, H, D]
+        keys[rows[:, None], :, self.write_cols] = key_states.transpose(1, 2)
+        values[rows[:, None], :, self.write_cols] = value_states.transpose(1, 2)
+        if self.rows is None:
+            return keys[:n, :, : self.kv_len], values[:n, :, : self.kv_len]
+        return (keys[:, :, : self.kv_len].index_select(0, self.rows),
+                values[:, :, : self.kv_len].index_select(0, self.rows))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Columns attended by the running step (the model asks only when no positions are given)."""
+        return self.kv_len
+
+
+def attention_mask(positions: torch.Tensor, kv_len: int, dtype) -> torch.Tensor:
+    """[B, 1, q, kv_len] additive mask: query at position p sees columns 0..p."""
+    cols = torch.arange(kv_len, device=positions.device)
+    seen = cols[None, None, None, :] <= positions[:, None, :, None]
+    return torch.zeros(seen.shape, dtype=dtype, device=positions.device).masked_fill_(~seen, torch.finfo(dtype).min)
+
+
+def cache_for(model: nn.Module, slots: int, max_len: int) -> SlotCache:
+    """A SlotCache shaped for a decoder-only HF model (its text config); ServeError for attention it cannot batch."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(config, "sliding_window", None)
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"} or (window is not None and getattr(config, "use_sliding_window", True)
+                                       and window < max_len):
+        raise ServeError(f"{config.model_type}: layers {sorted(kinds)} with sliding window {window}; lorakit serve "
+                         "batches full-attention decoders only (or pass --max-len ≤ the window)")
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    weight = next(model.parameters())
+    return SlotCache(config.num_hidden_layers, slots, max_len, kv_heads, head_dim, weight.dtype, weight.device)
+
+
+class Steps:
+    """The model calls of a server: `prefill` (new rows) and `decode` (one token for rows 0..n-1)."""
+
+    def __init__(self, model: nn.Module, cache: SlotCache, table: AdapterTable, pad_id: int, graphs: bool):
+        self.model = model
+        self.cache = cache
+        self.table = table
+        self.pad_id = pad_id
+        self.device = cache.keys[0].device
+        self.dtype = cache.keys[0].dtype
+        self.graphs = graphs and self.device.type == "cuda"
+        self._captured: dict[tuple[int, int], tuple] = {}
+        self._generation = -1
+        slots = cache.keys[0].shape[0]
+        # The decode step's inputs, one static buffer (one host→device copy per step), rows:
+        # 0 token, 1 position, 2 cache column written, 3 adapter slot (long), 4 adapter gid (-1: none)
+        self._inputs = torch.zeros(5, slots, dtype=torch.long, device=self.device)
+
+    def _route(self, slots: Sequence[int], index: torch.Tensor, gid: torch.Tensor) -> None:
+        none = self.table.none_slot
+        rows = self.table.rows
+        rows.index, rows.gid = index, gid
+        rows.active = any(s != none for s in slots)
+
+    @torch.no_grad()
+    def prefill(self, prompts: Sequence[Sequence[int]], cache_rows: Sequence[int], adapter_slots: Sequence[int]):
+        """Run new rows' prompts into their cache slots; returns the logits [B, V] (fp32) of each last token."""
+        width = max(len(p) for p in prompts)
+        if width >= self.cache.max_len:
+            raise ServeError(f"a prompt of {width} tokens does not fit --max-len {self.cache.max_len}")
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in prompts], device=self.device)
+        pads = torch.tensor([width - len(p) for p in prompts], device=self.device)
+        positions = (torch.arange(width, device=self.device)[None, :] - pads[:, None]).clamp_(min=0)  # [B, T]
+        real = torch.arange(width, device=self.device)[None, :] >= pads[:, None]
+        cache = self.cache
+        cache.rows = torch.tensor(list(cache_rows), device=self.device)
+        cache.write_cols = torch.where(real, positions, torch.full_like(positions, cache.sink))
+        cache.kv_len = width
+        index = torch.tensor(list(adapter_slots), device=self.device)
+        gid = torch.where(index == self.table.none_slot, -1, index).to(torch.int32)
+        self._route(adapter_slots, index, gid)
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=attention_mask(positions, width,
+                         self.dtype), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    @torch.no_grad()
+    def decode(self, tokens: Sequence[int], positions: Sequence[int], adapter_slots: Sequence[int]) -> torch.Tensor:
+        """One token for each of rows 0..n-1 (position -1: an idle row); returns logits [n, V] (fp32)."""
+        n = len(tokens)
+        kv_len = _bucket(max(positions) + 1, self.cache.max_len - 1) if self.graphs else max(positions) + 1
+        rows = _bucket(n, self._inputs.shape[1]) if self.graphs else n
+        pad = rows - n
+        cols = [p if p >= 0 else self.cache.sink for p in positions] + [self.cache.sink] * pad
+        none = self.table.none_slot
+        slots = list(adapter_slots) + [none] * pad
+        host = torch.tensor([list(tokens) + [self.pad_id] * pad, [max(p, 0) for p in positions] + [0] * pad, cols,
+                             slots, [s if s != none else -1 for s in slots]], dtype=torch.long)
+        self._inputs[:, :rows].copy_(host, non_blocking=True)
+        if self.graphs:
+            try:
+                return self._replay(rows, kv_len)[:n]
+            except RuntimeError as e:  # a model or kernel that cannot be captured: decode eagerly from now on
+                print(f"lorakit serve: CUDA graph capture failed ({e}); decoding without graphs", file=sys.stderr)
+                self.graphs = False
+                self._captured.clear()
+        self.table.rows.active = any(s != none for s in slots)
+        return self._decode_eager(rows, kv_len)[:n]
+
+    def _decode_eager(self, rows: int, kv_len: int) -> torch.Tensor:
+        """The decode step on rows 0..rows-1 from the static inputs (what a graph captures)."""
+        inputs = self._inputs[:, :rows]
+        table_rows = self.table.rows
+        table_rows.index, table_rows.gid = inputs[3], inputs[4].to(torch.int32)
+        cache = self.cache
+        cache.rows, cache.write_cols, cache.kv_len = None, inputs[2, :, None], kv_len
+        positions = inputs[1, :, None]
+        out = self.model(input_ids=inputs[0, :, None], position_ids=positions,
+                         attention_mask=attention_mask(positions, kv_len, self.dtype), past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    def _replay(self, rows: int, kv_len: int) -> torch.Tensor:
+        if self._generation != self.table.generation:  # the adapter stacks were reallocated
+            self._captured.clear()
+            self._generation = self.table.generation
+        key = (rows, kv_len)
+        if key not in self._captured:
+            self._captured[key] = self._capture(rows, kv_len)
+        graph, logits = self._captured[key]
+        graph.replay()
+        return logits
+
+    def _capture(self, rows: int, kv_len: int):
+        """A CUDA graph of the decode step for `rows` rows attending `kv_len` columns (LoRA always on: rows
+        without an adapter have gid -1, which the kernel skips)."""
+        self.table.rows.active = bool(self.table.stacks)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm-up outside the graph: kernels compiled, workspaces allocated
+            for _ in range(2):
+                self._decode_eager(rows, kv_len)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool()):
+            logits = self._decode_eager(rows, kv_len)
+        return graph, logits
+
+    def _pool(self):
+        if not hasattr(self, "_graph_pool"):
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        return self._graph_pool
+
+
+def _bucket(n: int, limit: int) -> int:
+    """The captured size for n: the next power of two ≥ 8, at most `limit`."""
+    size = 8
+    while size < n:
+        size *= 2
+    return min(size, limit)
