@@ -42,12 +42,6 @@ def _assert_close(a, b, tol):
             assert u.shape == v.shape and rel_norm(u, v) <= tol
 
 
-@pytest.fixture(params=["on_weights", "on_outputs"], autouse=True)
-def where_f_goes(request, monkeypatch):
-    """f = m / norm on W and B, or on the output and dY: the fused path picks by shape; both are held here."""
-    monkeypatch.setattr(ll, "scale_weights", lambda rows, in_features: request.param == "on_weights")
-
-
 @pytest.fixture(params=[True, False], ids=["rank_major", "natural"])
 def form(request, monkeypatch):
     monkeypatch.setitem(ll.RANK_MAJOR, "cpu", request.param)

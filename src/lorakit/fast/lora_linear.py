@@ -23,11 +23,7 @@ Beyond that plain form (each asked through spec.py, each held to the reference b
   distribution) the dropped xd is an autograd input whose autograd keeps only the bool mask; xd is saved for
   dA instead of x.
 - an output-scaled term (Delta.scaled_linear_factors): y = f ⊙ z + b with z = x·Wᵀ + s·h·Bᵀ and f = m / norm
-  (norm detached, from the rank-r factors). f goes where it costs least: on W and B (y = x·(f⊙W)ᵀ + s·h·(f⊙B)ᵀ,
-  an [out, in] pass) when the call has more rows than W has columns, else on the output (an [N, out] pass);
-  backward likewise scales W, B and dB, or dY. y itself is saved (the next op keeps it anyway): z = (y − b)/f, so
-  dm = Σ dY ⊙ z / norm = Σ dY ⊙ (y − b) / m, dZ = dY ⊙ f, db = Σ dY. (An entry of m that is exactly 0 gets
-  dm = 0 there: its z is not recoverable from y. m starts at ‖W_i‖ and no training step lands on 0 exactly.)
+  (norm detached, from the rank-r factors); backward dm = Σ dY ⊙ z / norm, dZ = dY ⊙ f, db = Σ dY.
 - a 4-bit base (a weight source with write_dense): W is dequantised into one reused scratch buffer
   (scratch.py) in forward and again in backward; nothing of W's size is allocated or saved.
 - autocast: x, W, biases and factors are cast to the autocast dtype as autocast would, then the call runs
@@ -38,7 +34,6 @@ nn.Module.__getattr__): at 1B scale a LoRA step is bound by launch overhead, not
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -49,7 +44,7 @@ from ..core.adapted import AdaptedLayer
 from . import recipes
 from .dropout import dropped, mask_source
 from .dropout_kernels import runs_back, runs_down
-from .lora_grads import grad_a, grad_b, output_grads, row_factors
+from .lora_grads import grad_a, grad_b, output_grads
 from .scratch import dense_from_source
 from .spec import FALLBACK_ATTR, note_fallback, spec_or_reason
 
@@ -57,13 +52,6 @@ from .spec import FALLBACK_ATTR, note_fallback, spec_or_reason
 # badly. Measured on CPU (MKL, one thread, N=2048, out=1536, r=8): x·Aᵀ 0.37 ms vs (A·xᵀ)ᵀ 0.21, and
 # dYᵀ·h as [out, r] 33 ms vs as [r, out] 1.4. On an H100 both forms cost the same (benchmarks/lora_gemm_forms.py).
 RANK_MAJOR = {"cpu": True, "cuda": False}
-
-
-# An output-scaled delta's f goes on W when the call has more rows than W has columns (rows > in): one [out, in]
-# pass instead of one over the [rows, out] output, in forward and again in backward.
-def scale_weights(rows: int, in_features: int) -> bool:
-    """Whether an output-scaled output puts its row factor f on W and B (else on the output and dY)."""
-    return rows > in_features
 
 
 # --- the autograd function -------------------------------------------------------------------------------
@@ -176,23 +164,19 @@ class FusedLoraLinears(torch.autograd.Function):
         else:
             drops = [(params[t[6]].reshape(-1, in_features), params[t[1]]) for t in plan.tensor_drops]
             h = _down(x2, a_x, drops, rank_major) if plan.rank > 0 else None
-        rows = x2.shape[0]
-        fs = row_factors(plan, params)  # output-scaled outputs: f = m / norm [out]
-        on_w = [f is not None and scale_weights(rows, in_features) for f in fs]
         outs = []
-        for j, (wi, bi, mi) in enumerate(plan.outs):  # bias in the GEMM epilogue unless f goes on the output
-            w = _weight(params, wi, sources, j, x.device)
-            w = w * fs[j].to(w.dtype)[:, None] if on_w[j] else w  # f⊙W [out, in]
-            bias = None if bi is None or (mi is not None and not on_w[j]) else params[bi]
-            outs.append(F.linear(x, w, bias))
+        for j, (wi, bi, mi) in enumerate(plan.outs):  # bias in the GEMM epilogue unless a magnitude follows
+            bias = None if bi is None or mi is not None else params[bi]
+            outs.append(F.linear(x, _weight(params, wi, sources, j, x.device), bias))
         for j, _, bi, col, r, s, _ in plan.terms:
-            y, b = outs[j], params[bi]
-            b = b * fs[j].to(b.dtype)[:, None] if on_w[j] else b  # f⊙B [out, r]
-            y.view(-1, y.shape[-1]).addmm_(h[:, col:col + r], b.t(), alpha=s)  # LoRA term, beta=1
-        for j, (_, bi, mi) in enumerate(plan.outs):  # y = f ⊙ z + b on the output: in place, y is ours
-            if mi is not None and not on_w[j]:
-                outs[j].mul_(fs[j]) if bi is None else outs[j].mul_(fs[j]).add_(params[bi])
-        ys = [outs[j] for j, f in enumerate(fs) if f is not None]  # kept for dm
+            y = outs[j]
+            y.view(-1, y.shape[-1]).addmm_(h[:, col:col + r], params[bi].t(), alpha=s)  # LoRA term, beta=1
+        zs = []
+        for j, (_, bi, mi) in enumerate(plan.outs):  # y = f ⊙ z + b, f = m / norm: z is kept for dm
+            if mi is not None:
+                z, f = outs[j], params[mi] / params[mi + 1].to(params[mi].dtype)
+                zs.append(z)
+                outs[j] = torch.addcmul(params[bi], z, f) if bi is not None else z * f
         ctx.plan, ctx.norm_offset, ctx.x_shape, ctx.rank_major = plan, norm_offset, x.shape, rank_major
         ctx.sources, ctx.drop_seed = sources, seed
         ctx.recipe_used = norm_x is not None
@@ -202,19 +186,18 @@ class FusedLoraLinears(torch.autograd.Function):
             saved_x = (x2 if xt or seed is not None else None, None, None)
         if seed is not None:  # the seed slots hold ints, which autograd does not save
             params = [None if type(t) is int else t for t in params]
-        ctx.save_for_backward(*saved_x, h, a_x, *ys, *params)
+        ctx.save_for_backward(*saved_x, h, a_x, *zs, *params)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         plan: _Plan = ctx.plan
         x2, rstd, norm_w, h, a_x, *rest = ctx.saved_tensors
-        ys, params = rest[:plan.n_scaled], rest[plan.n_scaled:]
+        zs, params = rest[:plan.n_scaled], rest[plan.n_scaled:]
         needs = ctx.needs_input_grad[7:]  # after (x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources)
         gs = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
         out: list[Optional[torch.Tensor]] = [None] * plan.n_params  # W_j: frozen (checked before the call)
-        on_weights = scale_weights(math.prod(ctx.x_shape[:-1]), ctx.x_shape[-1])
-        fw = output_grads(plan, gs, ys, params, needs, out, on_weights)  # f where it goes on W, B
+        output_grads(plan, gs, zs, params, needs, out)
 
         # gH (rank-major [R, N]) = s_t·(dY_j·B_t)ᵀ per term, written in place; zeros for unused outputs.
         n = h.shape[0] if h is not None else 0
@@ -223,15 +206,13 @@ class FusedLoraLinears(torch.autograd.Function):
             if gs[j] is None:
                 gh_t[col:col + r].zero_()
             else:
-                b = params[bi] if fw[j] is None else params[bi] * fw[j].to(params[bi].dtype)[:, None]  # dY·(f⊙B)
-                gh_t[col:col + r].addmm_(b.t(), gs[j].t(), beta=0, alpha=s)
+                gh_t[col:col + r].addmm_(params[bi].t(), gs[j].t(), beta=0, alpha=s)
 
         dx = None
         if ctx.needs_input_grad[0]:
             for j, (g, (wi, _, _)) in enumerate(zip(gs, plan.outs)):
                 if g is not None:
                     w = _weight(params, wi, ctx.sources, j, g.device)  # a 4-bit base: dequantised again
-                    w = w if fw[j] is None else w * fw[j].to(w.dtype)[:, None]  # dZ·W = dY·(f⊙W)
                     dx = g @ w if dx is None else dx.addmm_(g, w)
             if a_x is not None:
                 gx = gh_t[:plan.x_rank].t()
@@ -255,8 +236,7 @@ class FusedLoraLinears(torch.autograd.Function):
                     out[ai] = d_a_x[col:col + r]
         for j, _, bi, col, r, s, _ in plan.terms:
             if needs[bi] and gs[j] is not None:
-                d_b = grad_b(gs[j], h[:, col:col + r], s, ctx.rank_major)
-                out[bi] = d_b if fw[j] is None else d_b * fw[j].to(d_b.dtype)[:, None]  # dZᵀ·h = f ⊙ (dYᵀ·h)
+                out[bi] = grad_b(gs[j], h[:, col:col + r], s, ctx.rank_major)
         return (dx, None, None, None, None, None, None, *out)
 
 

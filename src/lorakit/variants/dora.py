@@ -72,8 +72,7 @@ class DoraDelta(LoraDelta):
         """‖W_i‖² per row, fp32 [out]; recomputed only when W is another tensor or was written in place."""
         key = (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
         if self._w_sq_cache[0] != key:
-            wide = torch.promote_types(w.dtype, torch.float32)  # accumulates in fp32 at least, no fp32 copy of W
-            self._w_sq_cache = (key, torch.linalg.vector_norm(w, dim=1, dtype=wide).square().float())
+            self._w_sq_cache = (key, w.float().pow(2).sum(1))
         return self._w_sq_cache[1]
 
     @torch.no_grad()
@@ -82,7 +81,7 @@ class DoraDelta(LoraDelta):
         w = w_c.flatten(1)  # [out, in·k]
         a = self.lora_A.detach().flatten(1).float()  # [r, in·k]
         b = self.lora_B.detach().flatten(1).float()  # [out, r]
-        wa = F.linear(w, a.to(w.dtype)).float()  # W·Aᵀ [out, r]: W's own dtype (fp32 accumulation), no fp32 copy of W
+        wa = F.linear(w.float(), a)  # W·Aᵀ [out, r]
         bat = b @ F.linear(a, a)  # B·(A·Aᵀ) [out, r]
         s = self.scaling
         sq = self._w_sq_norm(w) + (2 * s) * (b * wa).sum(1) + (s * s) * (bat * b).sum(1)
