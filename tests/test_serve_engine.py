@@ -229,3 +229,23 @@ def test_sampling_rows_keep_their_own_settings():
     for r in reqs[2:]:
         r.generator = torch.Generator().manual_seed(0)
     assert [sample(logits, reqs)[2:] for _ in range(5)] == first  # seeded rows repeat
+
+
+def test_a_vanishing_temperature_samples_greedily_beside_other_rows():
+    from lorakit.serve.engine import sample
+
+    logits = torch.tensor([[0.0, 3.0, 2.9, -5.0], [1.0, 0.0, 4.0, 0.5]])
+    tiny = Request(prompt=[1], adapter_slot=0, max_tokens=1, emit=None, temperature=1e-40)  # logits/T overflow
+    hot = Request(prompt=[1], adapter_slot=0, max_tokens=1, emit=None, temperature=1.0, top_p=0.5)
+    assert sample(logits, [tiny, hot]) == [1, 2]
+
+
+def test_seeds_torch_cannot_take_are_refused_at_the_request():
+    from pydantic import ValidationError
+
+    from lorakit.serve.protocol import CompletionRequest
+
+    assert CompletionRequest(model="m", prompt="x", seed=2**64 - 1).seed == 2**64 - 1
+    for seed in (2**64, -(2**63) - 1):
+        with pytest.raises(ValidationError):
+            CompletionRequest(model="m", prompt="x", seed=seed)
