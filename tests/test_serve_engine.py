@@ -131,6 +131,22 @@ def test_unload_waits_for_the_last_row_and_new_layers_reallocate(served):
                                    reference(model, dirs, name, seq), atol=1e-4, rtol=1e-4)
 
 
+def test_a_load_that_fails_mid_rebuild_leaves_the_server_as_it_was(served, monkeypatch):
+    model, table, steps, dirs = served
+    generation, stacks, before = table.generation, dict(table.stacks), lorakit.list_adapters(model)
+
+    def out_of_memory(*args):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr("lorakit.serve.adapters.padded_rank", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        table.load("w", str(dirs["w"]))  # gate_proj: new stacks needed, and their allocation fails
+    assert table.slot_of("w") is None and lorakit.list_adapters(model) == before
+    assert table.generation == generation and table.stacks == stacks
+    seq = [4, 5, 6, 7]
+    torch.testing.assert_close(steps.prefill([seq], [0], [table.slot_of("y")])[0], reference(model, dirs, "y", seq),
+                               atol=1e-4, rtol=1e-4)  # the routing still runs y's rows
+
+
 def test_an_adapter_without_a_low_rank_form_is_refused_untouched(served, tmp_path):
     model, table, _, _ = served
     before = lorakit.list_adapters(model)
