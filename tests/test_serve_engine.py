@@ -215,10 +215,14 @@ def test_engine_rows_end_on_their_own_terms(served):
     (["--adapter", "a=/tmp", "a=/tmp"], "given twice"),
     (["--adapter", "=/tmp"], "NAME=DIR"),
     (["--max-batch", "0"], "--max-batch"),
+    (["--max-loras", "0"], "--max-loras"),
 ])
-def test_cli_refuses_bad_options_before_loading_anything(argv, says, capsys):
+def test_cli_refuses_bad_options_before_loading_anything(argv, says, capsys, monkeypatch):
     from lorakit.cli.app import main
 
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the options were checked")
+    monkeypatch.setattr("lorakit.loading.models.load_pretrained", no_model)
     assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lorakit serve: error:") and says in err and len(err.splitlines()) == 1
