@@ -82,3 +82,11 @@ def test_cli_bad_input_exits_2_with_one_line(capsys, argv):
     code = cli.main(["estimate", "--max-context", *argv])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, on", [([], "all-linear"), (["--targets", "q_proj", "v_proj"], "q_proj,v_proj")])
+def test_cli_max_context_targets_all_linear_unless_given(capsys, argv, on):
+    assert cli.main(["estimate", "--max-context", "--model", "llama-3-8b", *argv]) == 0
+    assert f"LoRA r=8 on {on}," in capsys.readouterr().out.splitlines()[0]
+    assert cli.main(["estimate", "--model", "llama-3-8b"]) == 0  # without --max-context: q_proj, v_proj
+    assert "LoRA r=8 on q_proj,v_proj:" in capsys.readouterr().out
