@@ -57,7 +57,8 @@ def test_monotone_in_memory_bits_and_rank():
     assert estimate_max_context("llama-3-70b", r=16, bits=16, gpu_memory_gib=80).max_tokens == 0
 
 
-@pytest.mark.parametrize("kw", [dict(gpu_memory_gib=0), dict(gpu_memory_gib=-8), dict(r=0), dict(bits=3),
+@pytest.mark.parametrize("kw", [dict(gpu_memory_gib=0), dict(gpu_memory_gib=-8), dict(gpu_memory_gib=float("inf")),
+                                dict(gpu_memory_gib=float("nan")), dict(r=0), dict(bits=3),
                                 dict(targets=["no_such_layer"])])
 def test_bad_input_is_a_config_error(kw):
     with pytest.raises(ConfigError):
@@ -75,9 +76,17 @@ def test_cli_prints_the_account(capsys):
     assert "host memory" in out
 
 
-@pytest.mark.parametrize("argv", [["--gpu-memory", "0"], ["--gpu-memory", "lots"], ["--model", "no-such-model"],
-                                  ["--bits", "3"]])
+@pytest.mark.parametrize("argv", [["--gpu-memory", "0"], ["--gpu-memory", "inf"], ["--gpu-memory", "lots"],
+                                  ["--model", "no-such-model"], ["--bits", "3"]])
 def test_cli_bad_input_exits_2_with_one_line(capsys, argv):
     code = cli.main(["estimate", "--max-context", *argv])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, on", [([], "all-linear"), (["--targets", "q_proj", "v_proj"], "q_proj,v_proj")])
+def test_cli_max_context_targets_all_linear_unless_given(capsys, argv, on):
+    assert cli.main(["estimate", "--max-context", "--model", "llama-3-8b", *argv]) == 0
+    assert f"LoRA r=8 on {on}," in capsys.readouterr().out.splitlines()[0]
+    assert cli.main(["estimate", "--model", "llama-3-8b"]) == 0  # without --max-context: q_proj, v_proj
+    assert "LoRA r=8 on q_proj,v_proj:" in capsys.readouterr().out

@@ -131,6 +131,22 @@ def test_unload_waits_for_the_last_row_and_new_layers_reallocate(served):
                                    reference(model, dirs, name, seq), atol=1e-4, rtol=1e-4)
 
 
+def test_a_load_that_fails_mid_rebuild_leaves_the_server_as_it_was(served, monkeypatch):
+    model, table, steps, dirs = served
+    generation, stacks, before = table.generation, dict(table.stacks), lorakit.list_adapters(model)
+
+    def out_of_memory(*args):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr("lorakit.serve.adapters.padded_rank", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        table.load("w", str(dirs["w"]))  # gate_proj: new stacks needed, and their allocation fails
+    assert table.slot_of("w") is None and lorakit.list_adapters(model) == before
+    assert table.generation == generation and table.stacks == stacks
+    seq = [4, 5, 6, 7]
+    torch.testing.assert_close(steps.prefill([seq], [0], [table.slot_of("y")])[0], reference(model, dirs, "y", seq),
+                               atol=1e-4, rtol=1e-4)  # the routing still runs y's rows
+
+
 def test_an_adapter_without_a_low_rank_form_is_refused_untouched(served, tmp_path):
     model, table, _, _ = served
     before = lorakit.list_adapters(model)
@@ -199,10 +215,14 @@ def test_engine_rows_end_on_their_own_terms(served):
     (["--adapter", "a=/tmp", "a=/tmp"], "given twice"),
     (["--adapter", "=/tmp"], "NAME=DIR"),
     (["--max-batch", "0"], "--max-batch"),
+    (["--max-loras", "0"], "--max-loras"),
 ])
-def test_cli_refuses_bad_options_before_loading_anything(argv, says, capsys):
+def test_cli_refuses_bad_options_before_loading_anything(argv, says, capsys, monkeypatch):
     from lorakit.cli.app import main
 
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the options were checked")
+    monkeypatch.setattr("lorakit.loading.models.load_pretrained", no_model)
     assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lorakit serve: error:") and says in err and len(err.splitlines()) == 1
@@ -229,3 +249,23 @@ def test_sampling_rows_keep_their_own_settings():
     for r in reqs[2:]:
         r.generator = torch.Generator().manual_seed(0)
     assert [sample(logits, reqs)[2:] for _ in range(5)] == first  # seeded rows repeat
+
+
+def test_a_vanishing_temperature_samples_greedily_beside_other_rows():
+    from lorakit.serve.engine import sample
+
+    logits = torch.tensor([[0.0, 3.0, 2.9, -5.0], [1.0, 0.0, 4.0, 0.5]])
+    tiny = Request(prompt=[1], adapter_slot=0, max_tokens=1, emit=None, temperature=1e-40)  # logits/T overflow
+    hot = Request(prompt=[1], adapter_slot=0, max_tokens=1, emit=None, temperature=1.0, top_p=0.5)
+    assert sample(logits, [tiny, hot]) == [1, 2]
+
+
+def test_seeds_torch_cannot_take_are_refused_at_the_request():
+    from pydantic import ValidationError
+
+    from lorakit.serve.protocol import CompletionRequest
+
+    assert CompletionRequest(model="m", prompt="x", seed=2**64 - 1).seed == 2**64 - 1
+    for seed in (2**64, -(2**63) - 1):
+        with pytest.raises(ValidationError):
+            CompletionRequest(model="m", prompt="x", seed=seed)

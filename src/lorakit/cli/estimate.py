@@ -3,7 +3,7 @@ lorakit.train.estimate)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from ..train.estimate import KNOWN_SHAPES, TRAINABLE_BYTES, Estimate, estimate, weights_table
@@ -19,8 +19,8 @@ class EstimateOptions:
     """A local model directory, a config.json, or a known shape name (see --list-shapes)."""
     r: int = 8
     """LoRA rank."""
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    """Adapted modules (names or suffixes), or 'all-linear'."""
+    targets: list[str] = field(default_factory=list)
+    """Adapted modules (names or suffixes), or 'all-linear'; default q_proj v_proj (all-linear with --max-context)."""
     bits: Literal[32, 16, 8, 4] = 16
     """Bits per frozen weight: 32 (fp32, e.g. CPU), 16 (bf16/fp16), 8 (int8), 4 (NF4, ≈4.13 bits with absmax)."""
     batch: int = 1
@@ -54,6 +54,7 @@ def run_estimate(options: EstimateOptions) -> int:
         return 0
     if options.max_context:
         return _print_max_context(options)
+    options = replace(options, targets=options.targets or list(DEFAULT_TARGETS))
     est = estimate(options.model, options.r, options.targets, options.bits, options.batch, options.seq,
                    options.activation_bytes, options.gradient_checkpointing)
     _print_setup(options, est)
@@ -90,7 +91,7 @@ def _print_table(est: Estimate) -> None:
 def _print_max_context(options: EstimateOptions) -> int:
     from ..train.context_estimate import GIB, estimate_max_context, prefetch_tokens
 
-    targets = ["all-linear"] if options.targets == DEFAULT_TARGETS else options.targets
+    targets = options.targets or ["all-linear"]  # an explicit --targets q_proj v_proj is kept
     est = estimate_max_context(options.model, options.r, targets, options.bits, options.gpu_memory)
     precision = {32: "fp32", 16: "bf16", 8: "int8", 4: "NF4"}[options.bits]
     print(f"{est.shape.name}, LoRA r={options.r} on {','.join(targets)}, {precision} weights, batch 1, "

@@ -120,10 +120,16 @@ class AdapterTable:
             raise
         layers_now = {id(layer) for _, layer in adapted_layers(self.model)}
         self.slots[name] = free[0]
-        if layers_now != layers_before or rank > self._rank or not self.stacks:
-            self._rebuild(max(rank, self._rank))
-        else:
-            self._write_slot(free[0], name)
+        try:
+            if layers_now != layers_before or rank > self._rank or not self.stacks:
+                self._rebuild(max(rank, self._rank))
+            else:
+                self._write_slot(free[0], name)
+        except BaseException:  # out of memory for the new stacks, ...: the table and model as they were
+            del self.slots[name]
+            self._zero_slot(free[0])
+            delete_adapter(self.model, name)
+            raise
 
     def _check_stackable(self, name: str) -> int:
         """The adapter's largest rank; ServeError where it has no low-rank linear form or touches the base."""
@@ -179,32 +185,33 @@ class AdapterTable:
     def _rebuild(self, rank: int) -> None:
         """New stacks for every adapted layer (R = the padded max of rank and --max-lora-rank), every served
         adapter written into its slot, and the routing context re-entered for the current layers."""
-        self._routing.close()
-        self._rank = rank
-        self.stacks = {}
+        # The new stacks are built and filled aside; the running ones (and the routing) change only once that
+        # succeeded, so a failure (out of memory) leaves the server serving as before.
         layers = [layer for _, layer in adapted_layers(self.model)]
+        stacks = {}
         for layer in layers:
             weight = layer.base_weight()
             r = padded_rank(max(rank, self.max_rank), weight.device)
             n_out, n_in = _out_in(layer)
             shape = (self.max_loras + 1, r)
-            self.stacks[id(layer)] = AdapterStack(
+            stacks[id(layer)] = AdapterStack(
                 torch.zeros(*shape, n_in, dtype=weight.dtype, device=weight.device),
                 torch.zeros(*shape, n_out, dtype=weight.dtype, device=weight.device),
                 torch.zeros(self.max_loras + 1, device=weight.device), torch.zeros(self.max_loras + 1), 0.0)
-        for name, slot in self.slots.items():
-            self._write_slot(slot, name)
-        for slot, name in self.leaving.items():
-            self._write_slot(slot, name)
+        for slot, name in [*((s, n) for n, s in self.slots.items()), *self.leaving.items()]:
+            self._write_slot(slot, name, stacks)
+        self._routing.close()
+        self._rank = rank
+        self.stacks = stacks
         self.generation += 1
         if layers:
             self._routing = contextlib.ExitStack()
             self._routing.enter_context(routed(layers, StackRouter(self.stacks, self.rows), "lorakit serve"))
 
     @torch.no_grad()
-    def _write_slot(self, slot: int, name: str) -> None:
+    def _write_slot(self, slot: int, name: str, stacks: Optional[dict[int, AdapterStack]] = None) -> None:
         for _, layer in adapted_layers(self.model):
-            stack = self.stacks[id(layer)]
+            stack = (self.stacks if stacks is None else stacks)[id(layer)]
             stack.a[slot].zero_()
             stack.bt[slot].zero_()
             stack.scale[slot] = 0.0

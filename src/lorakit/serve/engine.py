@@ -215,13 +215,18 @@ class Engine:
                 self._finish(req, "done", "length")
 
 
+# Temperatures below this sample greedily (their limit, as vLLM does): logits / 1e-40 overflow to inf, softmax gives
+# NaN, and multinomial would fail the whole step, every other request's row included.
+GREEDY_BELOW = 1e-5
+
+
 def sample(logits: torch.Tensor, reqs: Sequence[Request], rows: Optional[Sequence[int]] = None) -> list[int]:
-    """Next token of each request (reqs[i] reads logits[rows[i]]; rows default 0..): argmax for temperature 0,
-    else temperature and top-p (nucleus) sampling, all sampled rows at once; a row with a seed draws from its own
-    generator (no other request consumes its random numbers)."""
+    """Next token of each request (reqs[i] reads logits[rows[i]]; rows default 0..): argmax for temperature 0 (and
+    below GREEDY_BELOW), else temperature and top-p (nucleus) sampling, all sampled rows at once; a row with a seed
+    draws from its own generator (no other request consumes its random numbers)."""
     rows = list(range(len(reqs))) if rows is None else list(rows)
     greedy = logits.argmax(-1)  # [n]: one reduction over every row, idle ones included, no gather
-    hot = [i for i, r in enumerate(reqs) if r.temperature > 0]
+    hot = [i for i, r in enumerate(reqs) if r.temperature >= GREEDY_BELOW]
     if hot:
         device = logits.device
         temperature = torch.tensor([reqs[i].temperature for i in hot], device=device, dtype=logits.dtype)

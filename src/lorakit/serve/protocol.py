@@ -23,7 +23,7 @@ class _Sampling(BaseModel):
     temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
     stream: Optional[bool] = False
     stream_options: Optional[dict[str, Any]] = None
     n: Optional[int] = Field(default=1, ge=1)

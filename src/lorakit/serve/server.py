@@ -85,6 +85,9 @@ def build_served(options: ServeOptions, log=print):
     dirs = [(name, adapter_dir(directory)) for name, directory in pairs]  # checked before the model loads
     if options.max_batch < 1 or options.max_len < 8:
         raise ServeError(f"--max-batch must be ≥ 1 and --max-len ≥ 8 (got {options.max_batch}, {options.max_len})")
+    if options.max_loras < 1 or options.max_lora_rank < 1 or options.max_prefill_tokens < 1:
+        raise ServeError(f"--max-loras, --max-lora-rank and --max-prefill-tokens must be ≥ 1 (got {options.max_loras}, "
+                         f"{options.max_lora_rank}, {options.max_prefill_tokens})")
     model, tokenizer, device = load_pretrained(options.model, "causal", device=options.device, log=log)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         options.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)

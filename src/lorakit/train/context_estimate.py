@@ -14,6 +14,7 @@ Every term is listed with its reason by `context_terms`; `lorakit estimate --max
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -124,7 +125,7 @@ def estimate_max_context(model: str, r: int = 16, targets=None, bits: int = 4, g
     Returns:
         A ContextEstimate (max_tokens, its terms, peak_bytes(T)).
     """
-    if not gpu_memory_gib > 0:
+    if not (gpu_memory_gib > 0 and math.isfinite(gpu_memory_gib)):  # inf would make max_tokens NaN
         raise ConfigError(f"--gpu-memory must be a positive number of GiB, got {gpu_memory_gib}")
     if r < 1:
         raise ConfigError(f"--r must be at least 1, got {r}")
