@@ -181,7 +181,8 @@ class FusedLoraLinears(torch.autograd.Function):
         ctx.sources, ctx.drop_seed = sources, seed
         ctx.recipe_used = norm_x is not None
         if ctx.recipe_used:
-            saved_x = (norm_x.reshape(-1, in_features), norm_rstd.reshape(-1), norm_w)
+            nx = norm_x.reshape(-1, in_features)  # the dropout kernels read its rows with unit stride
+            saved_x = (nx if nx.stride(-1) == 1 else nx.contiguous(), norm_rstd.reshape(-1), norm_w)
         else:  # only dropped-tensor terms: x itself is not needed
             saved_x = (x2 if xt or seed is not None else None, None, None)
         if seed is not None:  # the seed slots hold ints, which autograd does not save

@@ -177,6 +177,8 @@ def build_app(served: Served) -> FastAPI:
             await run_in_threadpool(served.engine.call, lambda: table.load(body.lora_name, body.lora_path))
         except LorakitError as e:
             raise P.APIError(400, str(e), param="lora_path")
+        except Exception as e:  # out of memory, a stopped engine: still an OpenAI error body
+            raise P.APIError(500, f"loading {body.lora_name!r} failed: {e}", "server_error")
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
@@ -186,6 +188,8 @@ def build_app(served: Served) -> FastAPI:
             await run_in_threadpool(served.engine.call, lambda: table.unload(body.lora_name))
         except LorakitError as e:
             raise P.APIError(404, str(e), "not_found_error", "lora_name", "model_not_found")
+        except Exception as e:  # a stopped engine: still an OpenAI error body
+            raise P.APIError(500, f"unloading {body.lora_name!r} failed: {e}", "server_error")
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     return app
