@@ -16,7 +16,7 @@ from typing import Literal, Optional
 from ..core.atomic import write_file
 from ..core.files import read_config
 from ..errors import ConfigError
-from .gguf_model import copy_tokenizer_fields, family_of, fill_writer, write_gguf
+from .gguf_model import check_gguf_output, copy_tokenizer_fields, family_of, fill_writer, write_gguf
 from .gguf_vocab import add_vocab
 from .merged import adapter_dir, base_config, merged_model, source_gguf
 
@@ -81,22 +81,37 @@ def run_export(options: ExportOptions) -> int:
     return 0
 
 
-def check_gguf_output(output: Path) -> None:
-    """The GGUF output path: a file name ending in .gguf whose directory is not an existing file."""
-    if output.suffix.lower() != ".gguf":
-        raise ConfigError(f"--output {output}: a GGUF file name must end in .gguf")
-    if output.is_dir():
-        raise ConfigError(f"--output {output} is a directory; give a .gguf file name")
-
-
 def export_merged_gguf(adapter: Path, output: Path, model: Optional[str], outtype: str,
                        log=_log) -> tuple[Path, int]:
     """Merge `adapter` into its base and write one GGUF file (atomically). Returns (path, tensor count)."""
+    check_gguf_output(output)
+    base_config(adapter, model, log)  # an unsupported architecture fails before any weight loads
+    merged, tokenizer, base_path, base_name, _ = merged_model(adapter, model, log)
+    label = adapter.parent.name if adapter.name == "adapter" else adapter.name
+    return write_merged_gguf(merged, tokenizer, base_path, base_name, output, outtype,
+                             name=f"{Path(str(base_name)).name} + {label}")
+
+
+def write_merged_gguf(merged, tokenizer, base_path: str, base_name: str, output: Path, outtype: str,
+                      name: str) -> tuple[Path, int]:
+    """Write a merged (plain Hugging Face) model as one GGUF file, atomically; its tokenizer comes from the
+    base's GGUF file where the base was loaded from one, else from `tokenizer` and the files in `base_path`.
+
+    Args:
+        merged: the model (llama / mistral / qwen2 / qwen3 architecture), no lorakit modules left in it.
+        tokenizer: its Hugging Face tokenizer.
+        base_path: the base model's local directory (tokenizer.json, tokenizer_config.json, chat template).
+        base_name: the base as named by the user (a bundled name or a .gguf path selects the GGUF's tokenizer).
+        output: the .gguf file.
+        outtype: f32, f16, bf16 or q8_0.
+        name: general.name.
+
+    Returns:
+        (the written path, the number of tensors).
+    """
     import gguf
 
     check_gguf_output(output)
-    base_config(adapter, model, log)  # an unsupported architecture fails before any weight loads
-    merged, tokenizer, base_path, base_name, bits = merged_model(adapter, model, log)
     family = family_of(merged.config)
     source = source_gguf(base_name)
 
@@ -108,7 +123,5 @@ def export_merged_gguf(adapter: Path, output: Path, model: Optional[str], outtyp
                       llama_arch=family.arch == "LLAMA")
 
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, family.arch)])
-    name = f"{Path(str(base_name)).name} + {adapter.parent.name if adapter.name == 'adapter' else adapter.name}"
     count = fill_writer(writer, merged, outtype, name, add_tokenizer)
-    out = write_file(output, lambda tmp: write_gguf(writer, tmp))
-    return out, count
+    return write_file(output, lambda tmp: write_gguf(writer, tmp)), count

@@ -18,6 +18,7 @@ conversion/qwen.py Qwen2Model / Qwen3Model):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,6 +230,14 @@ def fill_writer(writer: Any, model: torch.nn.Module, outtype: str, name: str,
     return count
 
 
+def check_gguf_output(output: Path) -> None:
+    """The GGUF output path: a file name ending in .gguf whose directory is not an existing file."""
+    if output.suffix.lower() != ".gguf":
+        raise ConfigError(f"--output {output}: a GGUF file name must end in .gguf")
+    if output.is_dir():
+        raise ConfigError(f"--output {output} is a directory; give a .gguf file name")
+
+
 def write_gguf(writer: Any, path: Path) -> None:
     """Write a filled GGUFWriter to `path` (header, keys, tensors) and close it."""
     writer.write_header_to_file(path=path)
@@ -241,18 +250,25 @@ def copy_tokenizer_fields(source_gguf: Path, writer: Any) -> None:
     """Copy every tokenizer.* key of a GGUF file (tokens, merges, special ids, chat template) into `writer`:
     the tokenizer of a base model that was itself loaded from a GGUF (e.g. the bundled SmolLM2), as the file's
     llama.cpp converter wrote it."""
+    stat = source_gguf.stat()
+    fields = _tokenizer_fields(str(source_gguf.resolve()), stat.st_size, stat.st_mtime_ns)
+    if not fields:
+        raise ConfigError(f"{source_gguf} holds no tokenizer.* metadata to copy")
+    for key, value, vtype, sub_type in fields:
+        writer.add_key_value(key, value, vtype, sub_type=sub_type)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_fields(path: str, size: int, mtime_ns: int) -> tuple:
+    """(key, value, type, sub type) of a GGUF file's tokenizer.* keys; cached per file version (gguf's reader
+    parses a 50k-token list element by element)."""
     import gguf
 
-    reader = gguf.GGUFReader(source_gguf)
-    found = False
+    reader = gguf.GGUFReader(path)
+    out = []
     for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        found = True
-        main = field.types[0]
-        if main == gguf.GGUFValueType.ARRAY:
-            writer.add_key_value(key, field.contents(), main, sub_type=field.types[-1])
-        else:
-            writer.add_key_value(key, field.contents(), main)
-    if not found:
-        raise ConfigError(f"{source_gguf} holds no tokenizer.* metadata to copy")
+        if key.startswith("tokenizer."):
+            main = field.types[0]
+            sub = field.types[-1] if main == gguf.GGUFValueType.ARRAY else None
+            out.append((key, field.contents(), main, sub))
+    return tuple(out)
