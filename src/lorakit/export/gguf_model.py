@@ -250,18 +250,22 @@ def copy_tokenizer_fields(source_gguf: Path, writer: Any) -> None:
     """Copy every tokenizer.* key of a GGUF file (tokens, merges, special ids, chat template) into `writer`:
     the tokenizer of a base model that was itself loaded from a GGUF (e.g. the bundled SmolLM2), as the file's
     llama.cpp converter wrote it."""
-    stat = source_gguf.stat()
-    fields = _tokenizer_fields(str(source_gguf.resolve()), stat.st_size, stat.st_mtime_ns)
+    fields = tokenizer_fields(source_gguf)
     if not fields:
         raise ConfigError(f"{source_gguf} holds no tokenizer.* metadata to copy")
     for key, value, vtype, sub_type in fields:
         writer.add_key_value(key, value, vtype, sub_type=sub_type)
 
 
+def tokenizer_fields(path: Path) -> tuple:
+    """(key, value, gguf value type, array item type or None) of every tokenizer.* key of a GGUF file, read with
+    gguf's reader; cached per file version (the reader parses a 50k-token list element by element)."""
+    stat = Path(path).stat()
+    return _read_tokenizer_fields(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
 @functools.lru_cache(maxsize=4)
-def _tokenizer_fields(path: str, size: int, mtime_ns: int) -> tuple:
-    """(key, value, type, sub type) of a GGUF file's tokenizer.* keys; cached per file version (gguf's reader
-    parses a 50k-token list element by element)."""
+def _read_tokenizer_fields(path: str, size: int, mtime_ns: int) -> tuple:
     import gguf
 
     reader = gguf.GGUFReader(path)
