@@ -64,6 +64,22 @@ def smollm_tokenizer_dir(target: Path) -> Path:
     return target
 
 
+def byte_tokenizer_dir(target: Path) -> Path:
+    """A byte-level BPE tokenizer of 256 byte tokens and two specials (ids 256, 257), no merges: small enough
+    for tiny models whose GGUFs must still carry a tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    bpe = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(alphabet)}, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>")
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    tok.save_pretrained(target)
+    return target
+
+
 def tiny_causal(model_type: str, vocab_size: int = 128, seed: int = 0):
     """A small Llama (GQA: 4 heads, 2 key-value heads) or Qwen2 / Qwen3 causal LM from a config."""
     import transformers
