@@ -137,9 +137,9 @@ def _output_config(view: AdapterView, raw: dict, rank: int, refit: bool, paths) 
     return config
 
 
-def _refit_view(adapter: Path, model: Optional[str], log) -> AdapterView:
-    """The adapter's layers with ΔW readable: alone where ΔW is its own factors, on the base model otherwise."""
-    view = from_directory(adapter)
+def _refit_view(adapter: Path, view: AdapterView, model: Optional[str], log) -> AdapterView:
+    """The adapter's layers with ΔW readable: `view` (the adapter alone) where every ΔW is its own factors, the
+    adapter attached to its base model otherwise."""
     if all(entry.delta.low_rank_factors() is not None for entry in view.layers.values()):
         return view
     base = base_model_name(adapter, model)
@@ -163,37 +163,15 @@ def convert_for_engine(adapter: Path, engine: str, output: Path, max_rank: int =
     """
     raw = json.loads((adapter / "adapter_config.json").read_text())
     config = read_config(adapter)
-    tensors = read_tensors(adapter)
-    saved = list(from_directory(adapter).extra_tensors)  # modules_to_save copies (and biases): no delta owns them
-    changes = []
-    if config.modules_to_save or saved:
-        what = config.modules_to_save or sorted({k.rsplit(".", 2)[0] for k in saved})
-        if not drop_modules_to_save:
-            raise ConfigError(f"{adapter / 'adapter_config.json'}: field modules_to_save {what} holds whole trained "
-                              f"copies of layers, which {engine} refuses and LoRA cannot express. Merge instead "
-                              "(lorakit merge / lorakit export --format gguf), or pass --drop-modules-to-save to "
-                              "serve the adapter without them (those layers then stay as in the base model)")
-        changes.append(f"modules_to_save {what} dropped: those layers stay as in the base model")
-    if (raw.get("bias") or "none") != "none":
-        raise ConfigError(f"{adapter / 'adapter_config.json'}: field bias is {raw['bias']!r}; trained bias tensors "
-                          f"have no LoRA form and {engine} refuses them: merge the adapter instead")
-    limit = max_rank or DEFAULT_MAX_RANK[engine]
-    top = max(_ranks(raw))
-    rank = min(top, limit) if limit else top
-    plain = config.variant == factored_variant().name
-    refit = not plain or top > rank or bool(raw.get("rank_pattern") or raw.get("alpha_pattern"))
-    if not plain:
-        changes.append(f"{config.variant} refitted as a plain LoRA of rank {rank} by SVD of each layer's ΔW")
-    elif top > rank:
-        changes.append(f"rank {top} truncated to {rank} (--max-lora-rank) by SVD: the best rank-{rank} fit")
-    elif refit:
-        changes.append(f"rank_pattern / alpha_pattern folded into one rank {rank}, scale 1 (lora_alpha = r)")
-    view = _refit_view(adapter, model, log) if refit else from_directory(adapter)
+    view = from_directory(adapter)
+    changes = _unservable_parts(adapter, raw, config.modules_to_save, view, engine, drop_modules_to_save)
+    rank, refit = _plan(raw, config.variant, engine, max_rank, changes)
     report = EngineReport(engine, output, rank, refit, changes)
     if refit:
+        view = _refit_view(adapter, view, model, log)
         out_tensors = _refit_tensors(view, rank, report)
     else:
-        out_tensors = {k: t for k, t in tensors.items() if k not in saved}
+        out_tensors = {k: t for k, t in read_tensors(adapter).items() if k not in view.extra_tensors}
     data = _output_config(view, raw, rank, refit, view.layers)
     if data.get("target_modules") != raw.get("target_modules"):
         before = raw.get("target_modules")
@@ -204,6 +182,40 @@ def convert_for_engine(adapter: Path, engine: str, output: Path, max_rank: int =
         raise ConfigError(f"the converted adapter would still be refused by {engine}: {'; '.join(problems)}")
     write_adapter_files(output, out_tensors, data)
     return report
+
+
+def _unservable_parts(adapter: Path, raw: dict, modules_to_save, view: AdapterView, engine: str,
+                      drop: bool) -> list[str]:
+    """Refuse bias tensors, and modules_to_save unless `drop` (then say so); returns the changes so far."""
+    source = adapter / "adapter_config.json"
+    if (raw.get("bias") or "none") != "none":
+        raise ConfigError(f"{source}: field bias is {raw['bias']!r}; trained bias tensors have no LoRA form and "
+                          f"{engine} refuses them: merge the adapter instead (lorakit merge / --format gguf)")
+    if not (modules_to_save or view.extra_tensors):
+        return []
+    what = modules_to_save or sorted({k[len(PREFIX):].rsplit(".", 1)[0] for k in view.extra_tensors})
+    if not drop:
+        raise ConfigError(f"{source}: field modules_to_save {what} holds whole trained copies of layers, which "
+                          f"{engine} refuses and LoRA cannot express. Merge instead (lorakit merge / lorakit export "
+                          "--format gguf), or pass --drop-modules-to-save to serve the adapter without them "
+                          "(those layers then stay as in the base model)")
+    return [f"modules_to_save {what} dropped: those layers stay as in the base model"]
+
+
+def _plan(raw: dict, variant: str, engine: str, max_rank: int, changes: list[str]) -> tuple[int, bool]:
+    """(the output rank, whether the layers are refitted), the reason appended to `changes`."""
+    limit = max_rank or DEFAULT_MAX_RANK[engine]
+    top = max(_ranks(raw))
+    rank = min(top, limit) if limit else top
+    plain = variant == factored_variant().name
+    refit = not plain or top > rank or bool(raw.get("rank_pattern") or raw.get("alpha_pattern"))
+    if not plain:
+        changes.append(f"{variant} refitted as a plain LoRA of rank {rank} by SVD of each layer's ΔW")
+    elif top > rank:
+        changes.append(f"rank {top} truncated to {rank} (--max-lora-rank) by SVD: the best rank-{rank} fit")
+    elif refit:
+        changes.append(f"rank_pattern / alpha_pattern folded into one rank {rank}, scale 1 (lora_alpha = r)")
+    return rank, refit
 
 
 def _refit_tensors(view: AdapterView, rank: int, report: EngineReport) -> dict:
