@@ -80,13 +80,13 @@ def byte_tokenizer_dir(target: Path) -> Path:
     return target
 
 
-def tiny_causal(model_type: str, vocab_size: int = 128, seed: int = 0):
+def tiny_causal(model_type: str, vocab_size: int = 128, seed: int = 0, head_dim: int = 8):
     """A small Llama (GQA: 4 heads, 2 key-value heads) or Qwen2 / Qwen3 causal LM from a config."""
     import transformers
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, head_dim=8,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, head_dim=head_dim,
                   tie_word_embeddings=False)
     classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
                "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}

@@ -138,3 +138,31 @@ def test_dora_and_modules_to_save_are_refused(tmp_path, llama_dir):
         export_adapter_gguf(saved, tmp_path / "s.gguf", model=None)
     assert not (tmp_path / "d.gguf").exists() and not (tmp_path / "s.gguf").exists()
     assert json.loads((dora / "adapter_config.json").read_text())["use_dora"] is True
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_each_family_reads_back_through_transformers(tmp_path, tokenizer_dir, family):
+    """The merged GGUF of every supported family, read by transformers' GGUF loader, is the merged model."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.loading.models import load_model
+
+    # 264 rows: ids past the tokenizer's (and any it adds for its family) are written as [PAD<id>] tokens.
+    # transformers' GGUF loader ignores qwen3.attention.key_length (the file has it, as llama.cpp writes it) and
+    # takes Qwen3's default head_dim, 128: the tiny Qwen3 uses that width.
+    head_dim = 128 if family == "qwen3" else 8
+    base_dir = save_base(tiny_causal(family, 264, head_dim=head_dim), tmp_path / family, tokenizer_dir)
+    adapter, model = _adapter_on(base_dir, tmp_path / "adapter", std=0.2)
+    unload(model, merge=True)
+    out, _ = write_merged_gguf(model, load_tokenizer(str(base_dir)), str(base_dir), str(base_dir),
+                               tmp_path / "m.gguf", "f32", name=family)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 7, 42, 250, 3, 99]])
+    with torch.no_grad():
+        want = model(ids).logits
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-4, atol=1e-5)
+        assert float((load_model(str(base_dir), "causal")(ids).logits - want).abs().max()) > 1e-3
+    fields = gguf_fields(out)
+    assert fields["tokenizer.ggml.pre"] == ("gpt-2" if family == "llama" else "qwen2")
+    assert len(fields["tokenizer.ggml.tokens"]) == 264 and fields["tokenizer.ggml.tokens"][263] == "[PAD263]"
+    assert fields[f"{family}.attention.key_length"] == head_dim

@@ -122,10 +122,13 @@ def add_vocab(writer: Any, tokenizer: Any, tokenizer_dir: Path, model_type: str,
         raise ConfigError(f"{tokenizer_dir} has no tokenizer.json: GGUF export needs a fast (tokenizers) tokenizer")
     if llama_arch:
         _add_prefix_space(writer, tokenizer_dir)
-    try:
-        vocab = gguf.LlamaHfVocab(tokenizer_dir)  # sentencepiece-style BPE; raises for byte-level BPE
-    except (FileNotFoundError, TypeError):
-        vocab = None
+    tokenizer_json = json.loads(path.read_text(encoding="utf-8"))
+    vocab = None
+    if not _byte_level(tokenizer_json):
+        try:
+            vocab = gguf.LlamaHfVocab(tokenizer_dir)  # sentencepiece-style BPE; raises for byte-level BPE
+        except (FileNotFoundError, TypeError):
+            pass
     if vocab is not None:
         tokens, scores, types = zip(*vocab.all_tokens())
         writer.add_tokenizer_model("llama")
@@ -135,7 +138,6 @@ def add_vocab(writer: Any, tokenizer: Any, tokenizer_dir: Path, model_type: str,
         writer.add_token_types(list(types))
         gguf.SpecialVocab(tokenizer_dir, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
         return "llama"
-    tokenizer_json = json.loads(path.read_text(encoding="utf-8"))
     if (tokenizer_json.get("model") or {}).get("type") != "BPE":
         raise ConfigError(f"{path}: field model.type is {(tokenizer_json.get('model') or {}).get('type')!r}; "
                           "GGUF export handles BPE tokenizers (byte-level or sentencepiece-style)")
@@ -149,6 +151,14 @@ def add_vocab(writer: Any, tokenizer: Any, tokenizer_dir: Path, model_type: str,
     if llama_arch and vocab_size == NO_BOS_LLAMA_VOCAB:
         writer.add_add_bos_token(False)
     return "gpt2"
+
+
+def _byte_level(tokenizer_json: dict) -> bool:
+    """A ByteLevel pre-tokenizer splits text into GPT-2 byte symbols: a byte-level BPE whatever its decoder says
+    (transformers' GGUF-converted tokenizers add a byte-fallback decoder to byte-level vocabularies)."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    return any(p.get("type") == "ByteLevel" for p in parts)
 
 
 def _add_prefix_space(writer: Any, tokenizer_dir: Path) -> None:
