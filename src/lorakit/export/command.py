@@ -16,7 +16,7 @@ from typing import Literal, Optional
 from ..core.atomic import write_file
 from ..core.files import read_config
 from ..errors import ConfigError
-from .gguf_model import check_gguf_output, copy_tokenizer_fields, family_of, fill_writer, write_gguf
+from .gguf_model import BYTES_PER_WEIGHT, check_gguf_output, copy_tokenizer_fields, family_of, fill_writer, write_gguf
 from .gguf_vocab import add_vocab
 from .merged import adapter_dir, base_config, merged_model, source_gguf
 
@@ -36,8 +36,8 @@ class ExportOptions:
     DoRA and other variants become a plain LoRA fitted by SVD, ranks above --max-rank are truncated (errors
     reported), target_modules become leaf names; modules_to_save are refused unless --drop-modules-to-save."""
     model: Optional[str] = None
-    """Base model: a Hugging Face directory, a .gguf file or a bundled model name. Default: the adapter's
-    base_model_name_or_path where it is a local path or bundled name, else the bundled SmolLM2."""
+    """Base model: a Hugging Face directory, a .gguf file, a bundled model name or a hub name. Default: the
+    adapter's base_model_name_or_path, else the bundled SmolLM2."""
     outtype: Literal["f32", "f16", "bf16", "q8_0"] = "f16"
     """GGUF tensor type of the 2-D weights (norms and biases stay f32; rows q8_0 cannot block fall back to f16)."""
     output: Optional[str] = None
@@ -83,10 +83,22 @@ def run_export(options: ExportOptions) -> int:
 
 def export_merged_gguf(adapter: Path, output: Path, model: Optional[str], outtype: str,
                        log=_log) -> tuple[Path, int]:
-    """Merge `adapter` into its base and write one GGUF file (atomically). Returns (path, tensor count)."""
+    """Merge `adapter` into its base and write one GGUF file, atomically.
+
+    Args:
+        adapter: the adapter directory (an NF4-trained run's adapter merges onto its dequantised NF4 base).
+        output: the .gguf file.
+        model: the base model (None: the adapter's base_model_name_or_path, else the bundled SmolLM2).
+        outtype: f32, f16, bf16 or q8_0.
+        log: where the memory line and progress go.
+
+    Returns:
+        (the written path, the number of tensors).
+    """
     check_gguf_output(output)
     base_config(adapter, model, log)  # an unsupported architecture fails before any weight loads
-    merged, tokenizer, base_path, base_name, _ = merged_model(adapter, model, log)
+    merged, tokenizer, base_path, base_name, _ = merged_model(adapter, model, log,
+                                                              output_bytes=BYTES_PER_WEIGHT[outtype])
     label = adapter.parent.name if adapter.name == "adapter" else adapter.name
     return write_merged_gguf(merged, tokenizer, base_path, base_name, output, outtype,
                              name=f"{Path(str(base_name)).name} + {label}")

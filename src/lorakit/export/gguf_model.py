@@ -29,7 +29,7 @@ import torch
 
 from ..errors import ConfigError
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 int8 + an f16 scale a block
 
 
 @dataclass(frozen=True)

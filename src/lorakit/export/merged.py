@@ -40,14 +40,11 @@ def adapter_dir(path: str) -> Path:
 
 
 def base_model_name(adapter: Path, model: Optional[str]) -> str:
-    """--model when given (not the default), else the adapter's base_model_name_or_path when it is the bundled
-    model or an existing path, else the bundled model."""
-    if model and model != BUILTIN_MODEL:
+    """--model when given, else the adapter's base_model_name_or_path (a bundled name, a local path or a hub
+    name), else the bundled model."""
+    if model:
         return model
-    recorded = read_config(adapter).base_model_name_or_path
-    if recorded and (recorded in BUILTIN_GGUF or Path(recorded).exists()):
-        return recorded
-    return model or BUILTIN_MODEL
+    return read_config(adapter).base_model_name_or_path or BUILTIN_MODEL
 
 
 def source_gguf(name: str) -> Optional[Path]:
@@ -158,12 +155,22 @@ def merge_into_base(model, bits: int) -> None:
     unload(model, merge=True)
 
 
-def merged_model(adapter: Path, model: Optional[str], log: Callable[[str], None]):
-    """(merged model, tokenizer, resolved base path, base name, bits): the adapter merged into its base."""
+def merged_model(adapter: Path, model: Optional[str], log: Callable[[str], None], output_bytes: float = 0.0):
+    """The adapter merged into its base, after a line stating the memory that takes.
+
+    Args:
+        adapter: the adapter directory.
+        model: the base model (None: the one base_model_name picks).
+        log: where the memory line (and a first GGUF conversion's progress) goes.
+        output_bytes: bytes a parameter the caller's output buffers will hold (e.g. 2 for an f16 GGUF).
+
+    Returns:
+        (merged model, tokenizer, resolved base path, base name, bits the adapter was trained on).
+    """
     name = base_model_name(adapter, model)
     path = resolve_model(name, log)
     bits = trained_bits(adapter)
-    need = memory_needed(path, bits, extra_bytes_per_param=2.0)
+    need = memory_needed(path, bits, extra_bytes_per_param=output_bytes)
     if need is not None:
         log(need.describe())
     merged, tokenizer = load_adapted(adapter, path, bits)
