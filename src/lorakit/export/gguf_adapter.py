@@ -96,8 +96,6 @@ def export_adapter_gguf(adapter: Path, output: Path, model: Optional[str], outty
     writer.add_name(f"{view.label} (LoRA)")
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for path, b, a, s in pairs:
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise ConfigError(f"{adapter}: layer {path} holds NaN or inf values; nothing was written")
         b = b * (s * a.shape[0] / alpha)  # 1 unless this layer's scale differs from alpha / r
         heads = qk_heads(config, f"{path}.weight")
         if heads is not None:

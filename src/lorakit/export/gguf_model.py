@@ -99,15 +99,20 @@ def tensor_qtype(gguf_name: str, data: np.ndarray, outtype: str):
 
 
 def add_tensor(writer: Any, gguf_name: str, data: np.ndarray, outtype: str) -> None:
-    """Quantize `data` (float32, torch layout) to its type and add it to the writer."""
+    """Quantize `data` (float32, torch layout) to its type and add it to the writer; ConfigError if it holds
+    NaN or inf, or overflows f16 (nothing non-finite is written)."""
     import gguf
 
+    if not np.isfinite(data).all():  # numpy's check: ~10x faster than torch's on a 28M-element embedding
+        raise ConfigError(f"{gguf_name} holds NaN or inf values; nothing was written")
     qtype = tensor_qtype(gguf_name, data, outtype)
     try:
         packed = gguf.quants.quantize(data, qtype)
     except gguf.QuantError:  # rows not a multiple of the block: F16, as llama.cpp's converter falls back
         qtype = gguf.GGMLQuantizationType.F16
         packed = gguf.quants.quantize(data, qtype)
+    if packed.dtype == np.float16 and not np.isfinite(packed).all():
+        raise ConfigError(f"{gguf_name} has values beyond f16's range (±65504); use --outtype bf16 or f32")
     writer.add_tensor(gguf_name, packed, raw_dtype=qtype)
 
 
@@ -207,7 +212,7 @@ def model_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 def fill_writer(writer: Any, model: torch.nn.Module, outtype: str, name: str,
                 add_tokenizer: Callable[[Any], None]) -> int:
     """Add metadata, hyperparameters, tokenizer and every tensor of `model` to a GGUFWriter; returns the
-    number of tensors. Non-finite weights are refused before anything is written."""
+    number of tensors. Non-finite weights are refused (add_tensor) before anything is written."""
     import gguf
 
     config = model.config
@@ -223,8 +228,6 @@ def fill_writer(writer: Any, model: torch.nn.Module, outtype: str, name: str,
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.numpy())
         count += 1
     for hf_name, data in model_tensors(model):
-        if not bool(torch.isfinite(data).all()):
-            raise ConfigError(f"{hf_name} holds NaN or inf values; nothing was written")
         add_tensor(writer, gguf_tensor_name(name_map, hf_name), data.numpy(), outtype)
         count += 1
     return count
