@@ -109,7 +109,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         if default not in (None, "", [], {}) and not f.metadata.get("positional"):
             help_text += f" (default: {default})"
         help_text = help_text.replace("%", "%%")
-        flags = [_flag(f.name)] + ([f.metadata["flag"]] if f.metadata.get("flag") else [])
+        flags = ([f.metadata["flag"]] if f.metadata.get("flag") else []) + [_flag(f.name)]
         if f.metadata.get("positional"):
             parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=help_text)
         elif inner is bool:
