@@ -59,7 +59,8 @@ def test_tokenizer_metadata_matches_llama_cpps_converter(tmp_path):
     writer = gguf.GGUFWriter(path=None, arch="llama")
     add_vocab(writer, load_tokenizer(str(tokenizer_dir)), tokenizer_dir, "llama", 49152, llama_arch=True)
     write_gguf(writer, tmp_path / "vocab.gguf")
-    ours, reference = tokenizer_metadata(tmp_path / "vocab.gguf"), tokenizer_metadata(builtin_gguf_path("smollm2-135m-instruct"))
+    ours = tokenizer_metadata(tmp_path / "vocab.gguf")
+    reference = tokenizer_metadata(builtin_gguf_path("smollm2-135m-instruct"))
     assert ours["tokenizer.ggml.model"] == "gpt2" and ours["tokenizer.ggml.pre"] == "smollm"
     assert len(ours["tokenizer.ggml.tokens"]) == 49152
     assert ours["tokenizer.chat_template"].startswith("{% for message in messages %}")
@@ -67,7 +68,8 @@ def test_tokenizer_metadata_matches_llama_cpps_converter(tmp_path):
 
 
 def test_pre_tokenizer_names_follow_the_split_rule():
-    qwen = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    qwen = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+            r"|\s+(?!\S)|\s+")
     llama3 = qwen.replace(r"\p{N}|", r"\p{N}{1,3}|")
     split = lambda regex: {"type": "Sequence", "pretokenizers": [  # noqa: E731
         {"type": "Split", "pattern": {"Regex": regex}}, {"type": "ByteLevel"}]}

@@ -81,7 +81,8 @@ def qk_heads(config: Any, hf_name: str) -> Optional[int]:
 
 
 def gguf_tensor_name(name_map: Any, hf_name: str) -> str:
-    """The GGUF name of a Hugging Face parameter (e.g. model.layers.0.self_attn.q_proj.weight → blk.0.attn_q.weight)."""
+    """The GGUF name of a Hugging Face parameter (gguf's tensor-name map), e.g.
+    model.layers.0.self_attn.q_proj.weight → blk.0.attn_q.weight."""
     new = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if new is None:
         raise ConfigError(f"no GGUF tensor name for {hf_name} in gguf's tensor-name map")
@@ -93,7 +94,8 @@ def tensor_qtype(gguf_name: str, data: np.ndarray, outtype: str):
     import gguf
 
     t = gguf.GGMLQuantizationType
-    if data.ndim <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith((".weight", ".lora_a", ".lora_b")):
+    stored_as_is = not gguf_name.endswith((".weight", ".lora_a", ".lora_b"))  # biases, and any other tensor
+    if data.ndim <= 1 or gguf_name.endswith("_norm.weight") or stored_as_is:
         return t.F32
     return {"f32": t.F32, "f16": t.F16, "bf16": t.BF16, "q8_0": t.Q8_0}[outtype]
 
