@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from export_support import gguf_fields, saved_adapter, tokenizer_metadata
+from support import one_thread  # noqa: F401  (autouse: one torch thread; two spin against each other here)
 from lorakit import unload
 from lorakit.export.command import write_merged_gguf
 from lorakit.loading.models import BUILTIN_MODEL, bundled_model_path, builtin_gguf_path, load_model, load_tokenizer
