@@ -49,7 +49,9 @@ SGLANG_TARGET_STRINGS = ("all", "all-linear")
 
 
 def _ranks(config: dict) -> list[int]:
-    return [int(config.get("r") or 0), *(int(v) for v in (config.get("rank_pattern") or {}).values())]
+    """r and every rank_pattern rank (AdaLoRA writes a kept-rank mask per module: its count of kept ranks)."""
+    patterns = (config.get("rank_pattern") or {}).values()
+    return [int(config.get("r") or 0), *(sum(map(bool, v)) if isinstance(v, list) else int(v) for v in patterns)]
 
 
 def engine_problems(config: dict, engine: str, max_rank: int = 0) -> list[str]:
