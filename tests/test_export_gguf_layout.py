@@ -168,3 +168,31 @@ def test_each_family_reads_back_through_transformers(tmp_path, tokenizer_dir, fa
     assert fields["tokenizer.ggml.pre"] == ("gpt-2" if family == "llama" else "qwen2")
     assert len(fields["tokenizer.ggml.tokens"]) == 264 and fields["tokenizer.ggml.tokens"][263] == "[PAD263]"
     assert fields[f"{family}.attention.key_length"] == head_dim
+
+
+def test_bf16_and_q8_0_tensor_types(tmp_path, llama_dir):
+    """bf16 / q8_0 weights as gguf.quants packs them (q8_0 rows that 32-blocks cannot split fall back to f16),
+    norms in f32; transformers reads the bf16 file back to the model within bf16's rounding."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.loading.models import load_model
+
+    model = load_model(str(llama_dir), "causal")
+    tokenizer = load_tokenizer(str(llama_dir))
+    for outtype in ("bf16", "q8_0"):
+        write_merged_gguf(model, tokenizer, str(llama_dir), str(llama_dir), tmp_path / f"{outtype}.gguf", outtype,
+                          name=outtype)
+    kinds = {n: kind for n, (_, kind, _) in gguf_tensors(tmp_path / "bf16.gguf").items()}
+    assert kinds["blk.0.attn_q.weight"] == "BF16" and kinds["blk.0.attn_norm.weight"] == "F32"
+    q8 = {n: (kind, ne) for n, (_, kind, ne) in gguf_tensors(tmp_path / "q8_0.gguf").items()}
+    assert q8["blk.0.attn_q.weight"] == ("Q8_0", (32, 32))  # rows of 32: one block each
+    assert q8["blk.0.ffn_down.weight"][0] == "Q8_0" and q8["output_norm.weight"][0] == "F32"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="bf16.gguf", dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 7, 42, 250, 3, 99]])
+    with torch.no_grad():
+        want = model(ids).logits
+        assert float((loaded(ids).logits - want).abs().max() / want.abs().max()) <= 2e-2
+    adapter, _ = _adapter_on(llama_dir, tmp_path / "adapter")  # r = 4: lora_b's rows (ne0 = r) cannot block
+    out, _ = export_adapter_gguf(adapter, tmp_path / "a.gguf", model=None, outtype="q8_0")
+    kinds = {n: kind for n, (_, kind, _) in gguf_tensors(out).items()}
+    assert kinds["blk.0.attn_q.weight.lora_a"] == "Q8_0" and kinds["blk.0.attn_q.weight.lora_b"] == "F16"
