@@ -40,9 +40,16 @@ def truncated_config(view: AdapterView, k: int, ranks: dict[str, int]) -> Adapte
 
 
 @torch.no_grad()
-def _layer_tensors(view: AdapterView, layer: LayerAnalysis, config: AdapterConfig,
-                   rank: int) -> dict[str, torch.Tensor]:
-    """The layer's top-`rank` factors as the output delta's tensors {file key: tensor}, in the input's dtype."""
+def layer_tensors(view: AdapterView, layer: LayerAnalysis, config: AdapterConfig,
+                  rank: int) -> dict[str, torch.Tensor]:
+    """The layer's top-`rank` factors as the output delta's tensors {file key: tensor}, in the input's dtype
+    (a delta of `config`'s rank larger than `rank` gets zero-padded factors).
+
+    Args:
+        view: the adapter the layer belongs to.
+        layer: the layer's analysis (its path and ΔW's spectrum).
+        config: the output adapter's config (a variant whose deltas hold arbitrary factors).
+        rank: how many singular directions to keep."""
     entry = view.layers[layer.path]
     delta = delta_class(config)(entry.layer.ops, config, layer.path)
     assert delta.factors_writable, "truncated adapters hold a plain low-rank product"
@@ -63,7 +70,7 @@ def write_truncated(view: AdapterView, layers: list[LayerAnalysis], k: int, dire
     config = truncated_config(view, k, ranks)
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in view.extra_tensors.items()}
     for la in layers:
-        tensors.update(_layer_tensors(view, la, config, ranks[la.path]))
+        tensors.update(layer_tensors(view, la, config, ranks[la.path]))
     data = config.to_peft_dict()
     data["inference_mode"] = True
     data["base_model_name_or_path"] = view.base_name

@@ -81,6 +81,9 @@ register_command("compose", "lorakit.cli.compose:ComposeOptions", "lorakit.cli.c
                  "examples.")
 register_command("serve", "lorakit.serve.server:ServeOptions", "lorakit.serve.server:run_serve",
                  "Serve the base model and many adapters behind one OpenAI-compatible HTTP endpoint (one batch).")
+register_command("export", "lorakit.export.command:ExportOptions", "lorakit.export.command:run_export",
+                 "Deploy an adapter: merged GGUF for llama.cpp/Ollama, the adapter as a llama.cpp LoRA GGUF, or "
+                 "checked and converted for vLLM / SGLang (--for).")
 
 
 # --- options dataclass → argparse -----------------------------------------------------------------------
@@ -97,7 +100,8 @@ def _metavar(tp: Any) -> Optional[str]:
 
 def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """One argument per field. Values stay strings here and are typed by fields.build_options, so that the
-    config file and the flags go through the same checks. Defaults are SUPPRESSed: only given flags appear."""
+    config file and the flags go through the same checks. Defaults are SUPPRESSed: only given flags appear.
+    A field's metadata "flag" adds a second spelling (e.g. `--for` for for_engine, a Python keyword)."""
     docs, types = field_docs(cls), field_types(cls)
     for f in dataclasses.fields(cls):
         tp = types[f.name]
@@ -107,16 +111,18 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         if default not in (None, "", [], {}) and not f.metadata.get("positional"):
             help_text += f" (default: {default})"
         help_text = help_text.replace("%", "%%")
+        flags = ([f.metadata["flag"]] if f.metadata.get("flag") else []) + [_flag(f.name)]
         if f.metadata.get("positional"):
             parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=help_text)
         elif inner is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text)
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
         elif typing.get_origin(inner) in (list, dict) or inner in (list, dict):
-            parser.add_argument(_flag(f.name), nargs="+", default=argparse.SUPPRESS, help=help_text,
+            parser.add_argument(*flags, dest=f.name, nargs="+", default=argparse.SUPPRESS, help=help_text,
                                 metavar="VALUE")
         else:
-            parser.add_argument(_flag(f.name), default=argparse.SUPPRESS, help=help_text, metavar=_metavar(tp))
+            parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, help=help_text,
+                                metavar=_metavar(tp))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,11 +10,13 @@ from typing import Any, Optional
 
 import torch
 
-from ..core.api import set_active, unload
+from ..core.api import set_active
 from ..core.atomic import atomic_dir
 from ..core.files import load_adapter, read_config, read_tensors
 from ..errors import AdapterFormatError, ConfigError
-from ..loading.models import BUILTIN_MODEL, load_pretrained, log_to_stderr
+from ..export.engines import engine_support
+from ..export.merged import load_adapted, memory_needed, merge_into_base, trained_bits
+from ..loading.models import BUILTIN_MODEL, load_pretrained, log_to_stderr, resolve_model
 from ..loading.rows import Encoder, check_rows, label_names_of, read_rows
 from ..train import task as builtin
 from ..train import train
@@ -133,21 +135,41 @@ def _grouped_refs(examples) -> list[list[str]]:
 def run_merge(options: MergeOptions) -> int:
     """`lorakit merge`: merge an adapter into its base and save a standalone model. The merged weights must be
     finite in their dtype and (with --check) give the adapted model's logits on a sample, or nothing is written;
-    the output directory appears whole (core/atomic.py)."""
+    the output directory appears whole (core/atomic.py). An adapter of a `--bits 4` run is merged onto the NF4
+    base it was trained on, dequantised to float32 (lorakit.export.merged), with the memory that takes stated."""
     if not options.adapter:
         raise ConfigError("give the adapter directory: lorakit merge ADAPTER_DIR --output DIR")
-    model, tokenizer, device = _load_with_adapters(options, [options.adapter])
+    bits = trained_bits(adapter_dir(options.adapter))
+    if bits == 4:
+        model, tokenizer, device = _load_nf4_trained(options)
+    else:
+        model, tokenizer, device = _load_with_adapters(options, [options.adapter])
     sample = _sample_input(tokenizer, device)
     with torch.no_grad():
         expected = model(**sample).logits.float() if options.check else None
-    unload(model, merge=True)
+    merge_into_base(model, bits)
     _check_finite_weights(model, options.adapter)
     diff = _check_logits(model, sample, expected, options.adapter) if expected is not None else None
     out = write_merged(model, tokenizer, options.output)
-    print(f"merged {options.adapter} into {options.model}: standalone model in {out}")
+    base = "its NF4-quantised base (as trained), dequantised to float32" if bits == 4 else options.model
+    print(f"merged {options.adapter} into {base}: standalone model in {out}")
     if diff is not None:
         print(f"check: max |logit difference| merged vs adapted = {diff:.2e}")
     return 0
+
+
+def _load_nf4_trained(options: MergeOptions):
+    """(model, tokenizer, device) of a --bits 4 run: the base re-quantised to NF4 on the CPU with the adapter on
+    it, after a line stating the memory the merge needs."""
+    if options.task != "causal":
+        raise ConfigError("merging a --bits 4 run is done for --task causal models")
+    adapter = adapter_dir(options.adapter)
+    path = resolve_model(base_model_of(options.adapter, options.model), log_to_stderr)
+    need = memory_needed(path, 4)
+    if need is not None:
+        log_to_stderr(need.describe())
+    model, tokenizer = load_adapted(adapter, path, 4)
+    return model, tokenizer, torch.device("cpu")
 
 
 def _check_finite_weights(model, adapter: str) -> None:
@@ -212,7 +234,17 @@ def adapter_info(directory: str) -> dict[str, Any]:
         "modules_to_save": raw.get("modules_to_save"),
         "parameters": int(sum(t.numel() for t in tensors.values())), "tensors": len(tensors), "dtypes": dtypes,
         "size_on_disk_bytes": size, "base_model": raw.get("base_model_name_or_path"),
+        "serving_engines": _engines_line(d),
     }
+
+
+def _engines_line(directory: Path) -> str:
+    """Which serving engines load the directory as it is (their default limits), and why the others refuse."""
+    parts = []
+    for engine, problems in engine_support(directory).items():
+        parts.append(f"{engine}: loads as is" if not problems else f"{engine}: no ({'; '.join(problems)})")
+    return "; ".join(parts) + ("" if all("loads as is" in p for p in parts) else
+                               " — lorakit export DIR --for ENGINE --output OUT converts it")
 
 
 def run_info(options: InfoOptions) -> int:
