@@ -23,7 +23,7 @@ from ..train import train
 from ..train.evaluate import classify_scores, generate, generation_scores, heldout_loss
 from ..train.options import TrainOptions
 from ..train.report import format_scores
-from ..train.run import ADAPTER_DIR
+from ..train.layout import adapter_dir
 from .options import EvalOptions, InfoOptions, MergeOptions
 
 
@@ -34,16 +34,6 @@ def run_train(options: TrainOptions) -> int:
 
 
 # --- shared helpers -------------------------------------------------------------------------------------
-def adapter_dir(path: str) -> Path:
-    """An adapter directory, or a `lorakit train` output directory holding one in adapter/."""
-    p = Path(path)
-    if (p / "adapter_config.json").is_file():
-        return p
-    if (p / ADAPTER_DIR / "adapter_config.json").is_file():
-        return p / ADAPTER_DIR
-    raise AdapterFormatError(f"{p} is not an adapter directory (no adapter_config.json in it or in {p / ADAPTER_DIR})")
-
-
 def base_model_of(adapter: Optional[str], model: str) -> str:
     """--model, or, when left at its default, the base recorded in the adapter's config."""
     if adapter and model == BUILTIN_MODEL:

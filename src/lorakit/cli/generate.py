@@ -16,7 +16,8 @@ from ..core.files import load_adapter
 from ..loading.rows import PROMPT_FORMATS, Encoder, read_prompts, render_prompt
 from ..train import task as builtin
 from ..train.evaluate import generate
-from .commands import _load_with_adapters, adapter_dir
+from ..train.layout import adapter_dir
+from .commands import _load_with_adapters
 from .options import GenerateOptions
 
 

@@ -18,7 +18,8 @@ from ..core.files import read_config
 from ..errors import ConfigError
 from .gguf_model import BYTES_PER_WEIGHT, check_gguf_output, copy_tokenizer_fields, family_of, fill_writer, write_gguf
 from .gguf_vocab import add_vocab
-from .merged import adapter_dir, base_config, merged_model, source_gguf
+from ..train.layout import adapter_dir
+from .merged import base_config, merged_model, source_gguf
 
 
 @dataclass

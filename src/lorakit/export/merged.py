@@ -22,21 +22,11 @@ import torch
 
 from ..core.api import unload
 from ..core.files import load_adapter, read_config
-from ..errors import AdapterFormatError, ConfigError
+from ..errors import ConfigError
 from ..loading.models import BUILTIN_GGUF, BUILTIN_MODEL, builtin_gguf_path, load_model, load_tokenizer, resolve_model
+from ..train.layout import ADAPTER_DIR
 
-ADAPTER_DIR = "adapter"  # where `lorakit train` puts the adapter inside its output directory
 NF4_BYTES_PER_PARAM = 0.5 + 4 / 64 + 1 / 256  # 4-bit codes, double-quantised absmax per 64, its scales (approx.)
-
-
-def adapter_dir(path: str) -> Path:
-    """An adapter directory, or a `lorakit train` output directory holding one in adapter/."""
-    p = Path(path)
-    if (p / "adapter_config.json").is_file():
-        return p
-    if (p / ADAPTER_DIR / "adapter_config.json").is_file():
-        return p / ADAPTER_DIR
-    raise AdapterFormatError(f"{p} is not an adapter directory (no adapter_config.json in it or in {p / ADAPTER_DIR})")
 
 
 def base_model_name(adapter: Path, model: Optional[str]) -> str:

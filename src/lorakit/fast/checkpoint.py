@@ -141,7 +141,7 @@ class _OffloadedBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, anchor, run, stashed, overlap):
         ctx.run, ctx.device = run, hidden.device
-        ctx.rng = _device_rng_state(hidden.device)
+        ctx.rng = device_rng_state(hidden.device)
         ctx.stash = _Stash(hidden)
         if not overlap:  # a block's first call, or one that writes its input: the copy first
             ctx.stash.wait()
@@ -157,7 +157,7 @@ class _OffloadedBlock(torch.autograd.Function):
             ctx.previous.prefetch()  # comes back while this block recomputes and backpropagates
         ctx.stash = ctx.previous = None
         with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []), torch.enable_grad():
-            _restore_device_rng(ctx.device, ctx.rng)
+            restore_device_rng(ctx.device, ctx.rng)
             out = ctx.run(hidden)
         _drop_values_if_unread(out)
         torch.autograd.backward(out, dout)
@@ -172,12 +172,14 @@ def _drop_values_if_unread(out: torch.Tensor) -> None:
         out.untyped_storage().resize_(0)
 
 
-def _device_rng_state(device: torch.device):
-    # what a block's dropout draws from: the CPU generator and, on a GPU, that device's (no Python RNG)
+def device_rng_state(device: torch.device):
+    """What dropout inside a recomputed region draws from: the CPU generator's state and, on a GPU, that
+    device's (no Python RNG); restore_device_rng puts it back before the recompute."""
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
-def _restore_device_rng(device: torch.device, state) -> None:
+def restore_device_rng(device: torch.device, state) -> None:
+    """Set the generators back to a device_rng_state."""
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)

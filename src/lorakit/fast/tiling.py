@@ -18,6 +18,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .checkpoint import device_rng_state, restore_device_rng
+
 TILE_BYTES = 256 * 2**20  # one tile's widest intermediate (e.g. the MLP's gate output)
 
 
@@ -66,7 +68,7 @@ class _TiledRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, fn, rows: int, remake, *params):
         ctx.fn, ctx.rows, ctx.remake = fn, rows, remake
-        ctx.rng = _rng_state(x2.device)
+        ctx.rng = device_rng_state(x2.device)
         ctx.x_meta = (x2.shape, x2.dtype, x2.device)
         ctx.save_for_backward(x2 if remake is None else None, *params)
         with torch.no_grad():
@@ -81,7 +83,7 @@ class _TiledRows(torch.autograd.Function):
         grads: list = [None] * len(params)
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            _set_rng_state(device, ctx.rng)
+            restore_device_rng(device, ctx.rng)
             for i0 in range(0, shape[0], ctx.rows):
                 i1 = min(i0 + ctx.rows, shape[0])
                 with torch.no_grad():
@@ -114,14 +116,3 @@ def norm_remake(recipe, dtype: torch.dtype) -> Callable[[int, int], torch.Tensor
         return (xhat * w).to(dtype)
 
     return remake
-
-
-def _rng_state(device: torch.device):
-    # what dropout inside fn draws from: the CPU generator and, on a GPU, that device's
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _set_rng_state(device: torch.device, state) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)

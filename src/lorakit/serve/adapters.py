@@ -18,7 +18,6 @@ low-rank protocol (`Delta.linear_factors`) only; one without that form on some l
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -27,10 +26,11 @@ from torch import nn
 from ..core.adapted import AdaptedLayer
 from ..core.api import adapted_layers, delete_adapter, get_config, list_adapters, saved_modules
 from ..core.files import load_adapter
-from ..errors import AdapterFormatError, ServeError
+from ..errors import ServeError
 from ..multi import kernels
 from ..multi.routing import routed
 from ..multi.stack import AdapterStack, padded_rank
+from ..train.layout import adapter_dir
 from .. import triton_gate
 
 
@@ -237,18 +237,6 @@ class AdapterTable:
     def names(self) -> list[str]:
         """The served adapter names, in load order."""
         return [n for n in list_adapters(self.model) if n in self.slots]
-
-
-def adapter_dir(path: str):
-    """An adapter directory, or a `lorakit train` output directory holding one in adapter/ (AdapterFormatError
-    otherwise)."""
-    from ..train.run import ADAPTER_DIR  # imported here: the training package is large
-
-    p = Path(path)
-    for candidate in (p, p / ADAPTER_DIR):
-        if (candidate / "adapter_config.json").is_file():
-            return candidate
-    raise AdapterFormatError(f"{p} is not an adapter directory (no adapter_config.json in it or in {p / ADAPTER_DIR})")
 
 
 def _out_in(layer: AdaptedLayer) -> tuple[int, int]:

@@ -76,7 +76,8 @@ def build_served(options: ServeOptions, log=print):
 
     from ..loading.models import load_pretrained
     from ..train.evaluate import stop_token_ids
-    from .adapters import AdapterTable, adapter_dir
+    from ..train.layout import adapter_dir
+    from .adapters import AdapterTable
     from .app import Served
     from .cache import Steps, cache_for
     from .engine import Engine

@@ -34,14 +34,13 @@ from .checkpoint import check_resume_options
 from .data import encode_run_data, read_run_data
 from .evaluate import classify_scores, generate, generation_scores, heldout_loss
 from .fields import build_options, given_fields, read_config_file
+from .layout import ADAPTER_DIR
 from .loop import bf16_enabled, total_steps, train_loop
 from .loraplus import check_ratio
 from .options import TrainOptions
 from .packing import check_packing_options, training_batches
 from .report import (check_output_dir, format_scores, plot_loss, prepare_output_dir, write_generations,
                      write_metrics)
-
-ADAPTER_DIR = "adapter"
 
 
 @dataclass
