@@ -8,8 +8,10 @@ the adapter GGUF (`--lora`).
 
 The adapter is a LoRA (r=8, all seven projections) with small random factors on the bundled SmolLM2-135M-Instruct:
 it changes the answers, and an error in the q/k permutation, the scale or the tokenizer would show as different
-tokens. Both sides are fed the same token ids (from transformers' chat template); llama.cpp's own tokenization of
-the prompt text is compared as well.
+tokens. Each llama.cpp run is compared with transformers on the same weights: the same GGUF file read by
+transformers' GGUF loader (the merged files), or the base GGUF read so plus the adapter attached by lorakit (the
+--lora run); llama.cpp keeps its KV cache in f32 here. Both sides get the same token ids (transformers' chat
+template) and stop at the end-of-turn token; llama.cpp's own tokenization of the prompt text is compared too.
 """
 
 from __future__ import annotations
@@ -29,24 +31,34 @@ SECTION = "## export: llama.cpp runs the exported GGUFs"
 PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.", "List three primary colors."]
 
 
-def greedy_hf(model, ids: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n)
+def greedy_hf(model, ids: list[int], n: int, eos: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos,
+                             pad_token_id=eos)
     return out[0, len(ids):].tolist()
 
 
-def greedy_llama_cpp(llm, ids: list[int], n: int) -> list[int]:
+def greedy_llama_cpp(llm, ids: list[int], n: int, eos: int) -> list[int]:
     llm.reset()
     got = []
     for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0, reset=True):
         got.append(int(token))
-        if len(got) == n:
+        if len(got) == n or token == eos:
             break
     return got
+
+
+def hf_from_gguf(path: Path):
+    """transformers' own reading of a GGUF file (float32)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--std", type=float, default=0.004, help="std of the random adapter factors")
     parser.add_argument("--append", action="store_true", help="append the table to BENCHMARKS.md")
     args = parser.parse_args()
     from llama_cpp import Llama, __version__ as llama_cpp_version
@@ -60,42 +72,48 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="lorakit-llama-cpp-"))
     path = str(bundled_model_path())
     tokenizer, base = load_tokenizer(path), load_model(path, "causal").eval()
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     write_merged_gguf(base, tokenizer, path, BUILTIN_MODEL, work / "base-f16.gguf", "f16", name="base")
-    model = load_model(path, "causal").eval()
-    lorakit.add_adapter(model, lorakit.LoraConfig(r=8, lora_alpha=16, target_modules=[
+    torch.manual_seed(0)
+    lorakit.add_adapter(base, lorakit.LoraConfig(r=8, lora_alpha=16, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         base_model_name_or_path=BUILTIN_MODEL))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in base.named_parameters():
             if ".deltas." in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.002)
-    lorakit.save_adapter(model, work / "adapter")
+                p.add_(torch.randn(p.shape, generator=g) * args.std)
+    lorakit.save_adapter(base, work / "adapter")
     export_adapter_gguf(work / "adapter", work / "adapter.gguf", model=None, outtype="f32", log=lambda _: None)
-    lorakit.unload(model, merge=True)
+    merged = lorakit.unload(base, merge=True)
     for outtype in ("f16", "q8_0"):
-        write_merged_gguf(model, tokenizer, path, BUILTIN_MODEL, work / f"merged-{outtype}.gguf", outtype, name="m")
-    runs = {"merged f16": dict(model_path=str(work / "merged-f16.gguf")),
-            "merged q8_0": dict(model_path=str(work / "merged-q8_0.gguf")),
-            "base f16 + --lora adapter": dict(model_path=str(work / "base-f16.gguf"),
-                                              lora_path=str(work / "adapter.gguf"))}
+        write_merged_gguf(merged, tokenizer, path, BUILTIN_MODEL, work / f"merged-{outtype}.gguf", outtype, name="m")
+    base_f16 = hf_from_gguf(work / "base-f16.gguf")
+    plain = {}
+    lora_ref = hf_from_gguf(work / "base-f16.gguf")
+    lorakit.load_adapter(lora_ref, work / "adapter")
+    runs = {"merged f16": (dict(model_path=str(work / "merged-f16.gguf")), hf_from_gguf(work / "merged-f16.gguf")),
+            "merged q8_0": (dict(model_path=str(work / "merged-q8_0.gguf")), hf_from_gguf(work / "merged-q8_0.gguf")),
+            "base f16 + --lora adapter": (dict(model_path=str(work / "base-f16.gguf"),
+                                               lora_path=str(work / "adapter.gguf")), lora_ref)}
     rows = []
     for prompt in PROMPTS:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
         ids = tokenizer(text).input_ids
-        want = greedy_hf(model, ids, args.tokens)
-        base_tokens = greedy_hf(base, ids, args.tokens)
-        for label, kw in runs.items():
-            llm = Llama(n_ctx=256, seed=0, verbose=False, logits_all=False, **kw)
-            got = greedy_llama_cpp(llm, ids, args.tokens)
+        plain[prompt] = greedy_hf(base_f16, ids, args.tokens, eos)
+        for label, (kw, reference) in runs.items():
+            want = greedy_hf(reference, ids, args.tokens, eos)
+            llm = Llama(n_ctx=256, seed=0, verbose=False, type_k=0, type_v=0, **kw)  # 0: GGML_TYPE_F32
+            got = greedy_llama_cpp(llm, ids, args.tokens, eos)
             same_tok = llm.tokenize(text.encode(), add_bos=False, special=True) == ids
-            rows.append((prompt, label, got == want, same_tok, want != base_tokens, tokenizer.decode(got)))
+            rows.append((prompt, label, got == want, same_tok, want != plain[prompt], tokenizer.decode(got)))
             del llm
     lines = [SECTION, "", f"`python benchmarks/export_llama_cpp.py` — {datetime.date.today()}, "
              f"{platform.processor() or platform.machine()}, llama-cpp-python {llama_cpp_version}, "
-             f"{args.tokens} greedy tokens, SmolLM2-135M-Instruct + a random LoRA r=8", "",
-             "| prompt | llama.cpp runs | tokens = transformers' | prompt tokenized alike | adapter changed the answer "
+             f"up to {args.tokens} greedy tokens, SmolLM2-135M-Instruct + a random LoRA r=8 (factor std {args.std})", "",
+             "| prompt | llama.cpp runs | tokens = transformers' (same weights) | prompt tokenized alike "
+             "| adapter changed the answer "
              "| llama.cpp's text |", "|---|---|---|---|---|---|"]
     for prompt, label, same, same_tok, changed, text in rows:
         shown = text.replace("\n", " ").replace("|", "\\|")
