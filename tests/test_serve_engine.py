@@ -228,6 +228,23 @@ def test_cli_refuses_bad_options_before_loading_anything(argv, says, capsys, mon
     assert err.startswith("lorakit serve: error:") and says in err and len(err.splitlines()) == 1
 
 
+def test_cli_refuses_a_port_in_use_before_loading_anything(capsys, monkeypatch):
+    import socket
+
+    from lorakit.cli.app import main
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the port was checked")
+    monkeypatch.setattr("lorakit.loading.models.load_pretrained", no_model)
+    with socket.socket() as taken:  # a listening socket holds the port (SO_REUSEADDR does not share it)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lorakit serve: error:") and f"--port {port}" in err and len(err.splitlines()) == 1
+
+
 def test_sampling_rows_keep_their_own_settings():
     from lorakit.serve.engine import sample
 

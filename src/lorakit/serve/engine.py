@@ -86,12 +86,6 @@ class Engine:
                 self.table.acquire(slot)
             return slot
 
-    def unreserve(self, slot: int) -> None:
-        """Give back a slot from `reserve` for a request that was never submitted (on the engine thread: the
-        last release of an unloaded adapter changes the model)."""
-        self._calls.put((lambda: self.table.release(slot), queue.Queue(maxsize=1)))
-        self._wake.set()
-
     def submit(self, request: Request) -> None:
         """Queue a request; it joins the batch between two decode steps."""
         self._waiting.put(request)

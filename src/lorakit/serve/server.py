@@ -69,9 +69,10 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def build_served(options: ServeOptions, log=print):
+def build_served(options: ServeOptions, log=print, check_port: bool = False):
     """(Served, engine) ready to answer: model loaded in --dtype, adapters in their slots, the engine thread
-    started. Raises a LorakitError (ConfigError, AdapterFormatError, ServeError, ...) before serving on bad input."""
+    started. Raises a LorakitError (ConfigError, AdapterFormatError, ServeError, ...) before serving on bad input;
+    with check_port, also when --host/--port cannot be bound (before the model loads)."""
     import torch
 
     from ..loading.models import load_pretrained
@@ -89,6 +90,8 @@ def build_served(options: ServeOptions, log=print):
     if options.max_loras < 1 or options.max_lora_rank < 1 or options.max_prefill_tokens < 1:
         raise ServeError(f"--max-loras, --max-lora-rank and --max-prefill-tokens must be ≥ 1 (got {options.max_loras}, "
                          f"{options.max_lora_rank}, {options.max_prefill_tokens})")
+    if check_port:
+        _check_port(options.host, options.port)
     model, tokenizer, device = load_pretrained(options.model, "causal", device=options.device, log=log)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         options.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -108,6 +111,20 @@ def build_served(options: ServeOptions, log=print):
     return served, engine
 
 
+def _check_port(host: str, port: int) -> None:
+    """Refuse an address that cannot be bound now, before minutes of model loading (uvicorn would end with its
+    own log line and exit 1). SO_REUSEADDR as uvicorn sets it, so a socket in TIME_WAIT is no obstacle."""
+    import socket
+
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except (OSError, OverflowError) as e:
+        raise ServeError(f"--host {host} --port {port}: cannot listen there ({e})") from None
+
+
 def run_serve(options: ServeOptions) -> int:
     """`lorakit serve`: serve until interrupted (Ctrl-C / SIGTERM), then stop the engine."""
     try:
@@ -118,7 +135,7 @@ def run_serve(options: ServeOptions) -> int:
         raise ServeError(f"lorakit serve needs FastAPI and uvicorn: pip install 'lorakit[serve]' ({e})") from None
     from ..loading.models import log_to_stderr
 
-    served, engine = build_served(options, log=log_to_stderr)
+    served, engine = build_served(options, log=log_to_stderr, check_port=True)
     app = build_app(served)
     # The engine thread and the HTTP loop share the GIL: a short switch interval gives the GIL back to the engine
     # soon after the GPU step it waited on, instead of after up to 5 ms of HTTP work.
