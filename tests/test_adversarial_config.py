@@ -369,8 +369,9 @@ def workspace(tmp_path_factory):
     (["--adapter-options", "rank_pattern=[1]"], "rank_pattern"),
     (["--adapter-options", "r=1000000000"], "r"),
     (["--target-modules", "(", "--adapter", "loha", "--adapter-options", "init_weights=2"], "init_weights"),
+    (["--adapter-options", "modules_to_save=[lm_head]"], "modules_to_save"),  # unquoted: not a list of one name
 ], ids=["use_dora-word", "rslora-number", "alpha-NaN", "alpha-inf", "task_type", "rank_pattern", "huge-r",
-        "loha-init"])
+        "loha-init", "unquoted-list"])
 def test_cli_train_with_a_bad_adapter_option_exits_2_with_one_line(capsys, workspace, flags, field):
     out = workspace / f"run-{field}"
     code, err = _run_cli(capsys, "train", "--model", str(workspace / "tiny"), "--data", str(workspace / "train.jsonl"),

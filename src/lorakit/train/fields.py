@@ -112,7 +112,12 @@ def _coerce_dict(name: str, value: Any) -> dict:
                 raise ConfigError(f"option {name!r}: invalid JSON {item!r}: {e}") from None
         elif "=" in item:
             key, _, raw = item.partition("=")
-            out[key.strip()] = _parse_scalar(raw.strip())
+            key, raw = key.strip(), raw.strip()
+            value = _parse_scalar(raw)
+            if isinstance(value, str) and raw.startswith(("[", "{")):  # meant as a list or object: not plain text
+                raise ConfigError(f"option {name!r}: field {key!r}: {raw!r} is not valid JSON (strings inside need "
+                                  f"quotes, e.g. {key}='[\"a\", \"b\"]')")
+            out[key] = value
         else:
             raise ConfigError(f"option {name!r} takes JSON or key=value pairs, got {item!r}")
     return out
