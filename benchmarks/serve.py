@@ -21,7 +21,6 @@ import datetime
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,7 +94,8 @@ def start_server(model_dir: Path, adapters: list[str], args, log: Path):
     if adapters:
         cmd += ["--adapter", *adapters]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     import httpx
 
@@ -107,7 +107,8 @@ def start_server(model_dir: Path, adapters: list[str], args, log: Path):
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     proc.kill()
     raise SystemExit("server not ready in 600 s")
 

@@ -14,7 +14,7 @@ from lorakit.errors import ServeError
 from lorakit.serve.adapters import AdapterTable
 from lorakit.serve.cache import Steps, cache_for
 from lorakit.serve.engine import Engine, Request
-from support import one_thread, small_lora  # noqa: F401  (fixture)
+from support import one_thread, randomise_adapters, small_lora  # noqa: F401  (fixture)
 
 MAX_LEN = 48
 
@@ -28,11 +28,7 @@ def served(tiny_llama, tmp_path):
              ("w", ["gate_proj"], 4)]  # z adapts only layers x and y adapt; w a layer none of them does
     for seed, (name, targets, r) in enumerate(specs):
         lorakit.add_adapter(tiny_llama, small_lora(r=r, target_modules=targets), name)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for _, layer in lorakit.adapted_layers(tiny_llama):
-                for p in layer.deltas[name].parameters() if name in layer.deltas else ():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        randomise_adapters(tiny_llama, seed=seed)  # the only adapter on the model: each is deleted once saved
         dirs[name] = lorakit.save_adapter(tiny_llama, tmp_path / name, name)
         lorakit.delete_adapter(tiny_llama, name)
     table = AdapterTable(tiny_llama, max_loras=3, max_rank=8)

