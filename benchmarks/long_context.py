@@ -82,7 +82,7 @@ def legacy_offload() -> None:
         @staticmethod
         def forward(ctx, hidden, anchor, run, stashed, overlap):
             ctx.run, ctx.device = run, hidden.device
-            ctx.rng = ckpt._device_rng_state(hidden.device)
+            ctx.rng = ckpt.device_rng_state(hidden.device)
             ctx.cpu = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=hidden.is_cuda)
             ctx.cpu.copy_(hidden, non_blocking=True)
             stashed.append(None)
@@ -95,7 +95,7 @@ def legacy_offload() -> None:
             ctx.cpu = None
             devices = [ctx.device] if ctx.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices), torch.enable_grad():
-                ckpt._restore_device_rng(ctx.device, ctx.rng)
+                ckpt.restore_device_rng(ctx.device, ctx.rng)
                 out = ctx.run(hidden)
             torch.autograd.backward(out, dout)
             return hidden.grad, None, None, None, None
