@@ -103,6 +103,24 @@ def _random_case(dtype, n_rows, tokens, device, n_in=160, n_out=200, ranks=(4, 1
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_bgmv_sums_every_input_chunk(dtype, tol, kernel_device):
+    """An input wider than one shrink chunk (three chunks, the last one partial): every chunk's partial sum
+    reaches h, idle rows stay untouched."""
+    from lorakit.multi import triton_lora
+
+    n_in = 2 * triton_lora.BGMV_CHUNK + 76
+    torch.manual_seed(1)
+    stack, slot_map, row_gids, x, y, slot_tok = _random_case(dtype, 5, 1, kernel_device, n_in=n_in, n_out=136)
+    f32 = kernels.AdapterStack(stack.a.float(), stack.bt.float(), stack.scale, stack.p)
+    ref = token_reference(x.float(), y.float(), f32, slot_tok)
+    out = y.clone()
+    kernels.bgmv(x, out, stack, slot_map, torch.tensor(row_gids, device=kernel_device).int())
+    assert float((out.float() - ref).norm() / (ref - y.float()).norm()) < tol
+    untouched = slot_tok == stack.none_slot
+    assert torch.equal(out[untouched], y[untouched])
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("tokens", [1, 7, 64])
 def test_kernels_match_the_torch_reference(dtype, tol, tokens, monkeypatch, kernel_device):
     dev = kernel_device

@@ -11,6 +11,7 @@ import torch
 
 import lorakit
 from lorakit.errors import ServeError
+from lorakit.serve import attention
 from lorakit.serve.adapters import AdapterTable
 from lorakit.serve.cache import Steps, cache_for
 from lorakit.serve.engine import Engine, Request
@@ -56,8 +57,19 @@ def reference(model, dirs, adapter, ids) -> torch.Tensor:
             layer.routing = routing
 
 
-def test_rows_of_different_lengths_and_adapters_share_steps(served):
+@pytest.mark.parametrize("grouped", [False, True], ids=["sdpa", "grouped-decode"])
+def test_rows_of_different_lengths_and_adapters_share_steps(served, grouped, monkeypatch):
     model, table, steps, dirs = served
+    grouped_calls = []
+    if grouped:  # the server's attention: decode queries grouped per key/value head (4 query heads, 2 kv heads)
+        real = torch.nn.functional.scaled_dot_product_attention
+
+        def spy(q, k, *args, **kwargs):
+            grouped_calls.append(q.shape[1] == k.shape[1] == 2 and q.shape[2] == 2)  # [B, Hkv, g, D]
+            return real(q, k, *args, **kwargs)
+
+        monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+        attention.install(model)
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (5, 9, 3)]
     adapters = ["y", None, "x"]
@@ -81,6 +93,7 @@ def test_rows_of_different_lengths_and_adapters_share_steps(served):
         for r, (seq, adapter, _) in by_row.items():
             seq.append(nxt[r])
             torch.testing.assert_close(out[r], reference(model, dirs, adapter, seq), atol=1e-4, rtol=1e-4)
+    assert sum(grouped_calls) == (4 * 2 if grouped else 0)  # every decode step, every layer
 
 
 def test_idle_rows_below_the_last_running_row_change_nothing(served):

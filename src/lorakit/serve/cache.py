@@ -106,9 +106,13 @@ class Steps:
         self._captured: dict[tuple[int, int], tuple] = {}
         self._generation = -1
         slots = cache.keys[0].shape[0]
-        # The decode step's inputs, one static buffer (one host→device copy per step), rows:
-        # 0 token, 1 position, 2 cache column written, 3 adapter slot (long), 4 adapter gid (-1: none)
-        self._inputs = torch.zeros(5, slots, dtype=torch.long, device=self.device)
+        # Each cache row's latest token, on the device: samples are written here and the next decode step reads
+        # them, so a step can be launched before the host has seen the previous step's tokens.
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
+        # The decode step's other inputs, one static buffer (one host→device copy per step), rows:
+        # 0 position, 1 cache column written, 2 adapter slot (long), 3 adapter gid (-1: none)
+        self._inputs = torch.zeros(4, slots, dtype=torch.long, device=self.device)
+        self._staging = Staging(self.device)
 
     def _route(self, slots: Sequence[int], index: torch.Tensor, gid: torch.Tensor) -> None:
         none = self.table.none_slot
@@ -122,15 +126,16 @@ class Steps:
         width = max(len(p) for p in prompts)
         if width >= self.cache.max_len:
             raise ServeError(f"a prompt of {width} tokens does not fit --max-len {self.cache.max_len}")
-        ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in prompts], device=self.device)
-        pads = torch.tensor([width - len(p) for p in prompts], device=self.device)
+        ids = self._staging.put([[self.pad_id] * (width - len(p)) + list(p) for p in prompts]).to(self.device,
+                                                                                                 non_blocking=True)
+        pads = self._staging.put([[width - len(p) for p in prompts]])[0].to(self.device, non_blocking=True)
         positions = (torch.arange(width, device=self.device)[None, :] - pads[:, None]).clamp_(min=0)  # [B, T]
         real = torch.arange(width, device=self.device)[None, :] >= pads[:, None]
         cache = self.cache
-        cache.rows = torch.tensor(list(cache_rows), device=self.device)
+        cache.rows = self._staging.put([list(cache_rows)])[0].to(self.device, non_blocking=True)
         cache.write_cols = torch.where(real, positions, torch.full_like(positions, cache.sink))
         cache.kv_len = width
-        index = torch.tensor(list(adapter_slots), device=self.device)
+        index = self._staging.put([list(adapter_slots)])[0].to(self.device, non_blocking=True)
         gid = torch.where(index == self.table.none_slot, -1, index).to(torch.int32)
         self._route(adapter_slots, index, gid)
         out = self.model(input_ids=ids, position_ids=positions, attention_mask=attention_mask(positions, width,
@@ -138,17 +143,21 @@ class Steps:
         return out.logits[:, -1].float()
 
     @torch.no_grad()
-    def decode(self, tokens: Sequence[int], positions: Sequence[int], adapter_slots: Sequence[int]) -> torch.Tensor:
-        """One token for each of rows 0..n-1 (position -1: an idle row); returns logits [n, V] (fp32)."""
-        n = len(tokens)
+    def decode(self, tokens: Optional[Sequence[int]], positions: Sequence[int],
+               adapter_slots: Sequence[int]) -> torch.Tensor:
+        """One token for each of rows 0..n-1 (position -1: an idle row); returns logits [n, V] (fp32). tokens
+        None: each row's token is its latest sample in `self.tokens` (written on the device by the caller)."""
+        n = len(positions)
         kv_len = _bucket(max(positions) + 1, self.cache.max_len - 1) if self.graphs else max(positions) + 1
         rows = _bucket(n, self._inputs.shape[1]) if self.graphs else n
         pad = rows - n
+        if tokens is not None:
+            self.tokens[:n].copy_(self._staging.put([list(tokens)])[0], non_blocking=True)
         cols = [p if p >= 0 else self.cache.sink for p in positions] + [self.cache.sink] * pad
         none = self.table.none_slot
         slots = list(adapter_slots) + [none] * pad
-        host = torch.tensor([list(tokens) + [self.pad_id] * pad, [max(p, 0) for p in positions] + [0] * pad, cols,
-                             slots, [s if s != none else -1 for s in slots]], dtype=torch.long)
+        host = self._staging.put([[max(p, 0) for p in positions] + [0] * pad, cols, slots,
+                                  [s if s != none else -1 for s in slots]])
         self._inputs[:, :rows].copy_(host, non_blocking=True)
         if self.graphs:
             try:
@@ -164,11 +173,11 @@ class Steps:
         """The decode step on rows 0..rows-1 from the static inputs (what a graph captures)."""
         inputs = self._inputs[:, :rows]
         table_rows = self.table.rows
-        table_rows.index, table_rows.gid = inputs[3], inputs[4].to(torch.int32)
+        table_rows.index, table_rows.gid = inputs[2], inputs[3].to(torch.int32)
         cache = self.cache
-        cache.rows, cache.write_cols, cache.kv_len = None, inputs[2, :, None], kv_len
-        positions = inputs[1, :, None]
-        out = self.model(input_ids=inputs[0, :, None], position_ids=positions,
+        cache.rows, cache.write_cols, cache.kv_len = None, inputs[1, :, None], kv_len
+        positions = inputs[0, :, None]
+        out = self.model(input_ids=self.tokens[:rows, None], position_ids=positions,
                          attention_mask=attention_mask(positions, kv_len, self.dtype), past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
@@ -203,6 +212,21 @@ class Steps:
         if not hasattr(self, "_graph_pool"):
             self._graph_pool = torch.cuda.graph_pool_handle()
         return self._graph_pool
+
+
+class Staging:
+    """Host → device copies that never wait for the device: lists of ints become a long tensor in pinned memory
+    (on CUDA; a plain tensor elsewhere), which a non-blocking copy reads asynchronously. A copy from pageable
+    memory would wait for the device's queue, and the server's next step would wait for the one running."""
+
+    def __init__(self, device: torch.device):
+        self.pin = device.type == "cuda"
+
+    def put(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        """[len(rows), len(rows[0])] long tensor of `rows` (pinned on CUDA; the caching host allocator keeps it
+        until the copies that read it have run)."""
+        host = torch.tensor(rows, dtype=torch.long)
+        return host.pin_memory() if self.pin else host
 
 
 def _bucket(n: int, limit: int) -> int:

@@ -6,6 +6,12 @@ with one prefill, and (4) runs one decode step for every running row, each row w
 (per-row routing), sampling settings and generator. Each new token is handed to the request's `emit` callback
 (the HTTP side turns it into text, stop strings and SSE); nothing a request does reaches another row: a
 failing prefill or step fails only the rows it ran.
+
+Steps run one ahead of the host (on CUDA): a step's samples stay on the device (Steps.tokens), where the next
+step reads them, and reach the host through a pinned copy that is read only after the next step is launched.
+So the device never waits for the host's per-token work (emit, stop checks, the HTTP side), and the host waits
+for the device without holding the GIL. The price: a row that samples a stop token runs one more step, whose
+token is dropped; rows are launched at most max_tokens times and never past the cache.
 """
 
 from __future__ import annotations
@@ -40,14 +46,25 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     # engine-side state
     cache_row: int = -1
-    position: int = 0  # tokens in the cache: the position `last` runs at
-    last: int = 0
-    produced: int = 0
+    position: int = 0  # tokens in the cache after the steps launched so far
+    launched: int = 0  # samples launched (prefill and decode steps)
+    produced: int = 0  # samples delivered to emit
+    finished: bool = False
     generator: Optional[torch.Generator] = None
 
     def cancel(self) -> None:
         """Ask the engine to drop this row at the next step (thread-safe)."""
         self.cancelled.set()
+
+
+@dataclass
+class Launched:
+    """A launched step's samples on their way to the host: reqs[i] takes host[index[i]] once `ready` is done."""
+
+    reqs: list
+    index: list
+    host: torch.Tensor
+    ready: Optional[Any]  # a CUDA event (None on CPU, where the copy is done at once)
 
 
 class Engine:
@@ -65,6 +82,7 @@ class Engine:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lorakit-serve-engine", daemon=True)
         self._held: list[Request] = []
+        self._launched: list[Launched] = []  # oldest first; at most two in flight
         self.table_lock = threading.Lock()  # the HTTP side reads table.slots while the engine changes them
 
     def start(self) -> None:
@@ -105,16 +123,19 @@ class Engine:
     def _loop(self) -> None:
         while not self._stopping.is_set():
             try:
+                if not self._calls.empty():
+                    self._deliver(keep=0)  # adapter loads run with nothing in flight
                 self._run_calls()
                 self._drop_cancelled()
                 self._admit()
                 self._drop_cancelled()  # also rows cancelled at their first token
-                if self.running:
-                    self._decode()
-                else:
+                launched = self._decode() if self.running else False
+                self._deliver(keep=1 if launched else 0)
+                if not self.running and not self._launched:
                     self._wake.wait(0.05)
                     self._wake.clear()
             except Exception as e:  # noqa: BLE001 (sampling, a sink): the running rows fail, the thread lives on
+                self._launched.clear()
                 for req in list(self.running.values()):
                     self._finish(req, "error", f"engine step failed: {e}")
         for req in list(self.running.values()) + self._held + _drain(self._waiting):
@@ -133,6 +154,9 @@ class Engine:
                 answer.put((False, e))
 
     def _finish(self, req: Request, kind: str, value: Any) -> None:
+        if req.finished:
+            return
+        req.finished = True
         self.running.pop(req.cache_row, None)
         with self.table_lock:
             self.table.release(req.adapter_slot)
@@ -165,6 +189,12 @@ class Engine:
         try:
             logits = self.steps.prefill([r.prompt for r in batch], [r.cache_row for r in batch],
                                         [r.adapter_slot for r in batch])
+            for req in batch:
+                if req.seed is not None:
+                    req.generator = torch.Generator(device=logits.device).manual_seed(req.seed)
+            chosen = sample_on_device(logits, batch)  # [B]
+            rows = self.steps._staging.put([[r.cache_row for r in batch]])[0].to(logits.device, non_blocking=True)
+            self.steps.tokens.index_copy_(0, rows, chosen)
         except Exception as e:  # noqa: BLE001 (out of memory, a model error): only these rows fail
             for req in batch:
                 with self.table_lock:
@@ -172,41 +202,69 @@ class Engine:
                 req.emit("error", f"prefill failed: {e}")
             return
         for req in batch:
-            req.position = len(req.prompt)
+            req.position, req.launched = len(req.prompt), 1
             self.running[req.cache_row] = req
-            if req.seed is not None:
-                req.generator = torch.Generator(device=logits.device).manual_seed(req.seed)
-        self._take(batch, logits, list(range(len(batch))))
+        self._launch(batch, list(range(len(batch))), chosen)
 
-    def _decode(self) -> None:
-        n = max(self.running) + 1
-        rows = [self.running.get(i) for i in range(n)]
-        tokens = [r.last if r else 0 for r in rows]
+    def _can_run(self, req: Request) -> bool:
+        """Another decode step for req: samples left to launch and a cache column to write."""
+        return not req.finished and req.launched < req.max_tokens and req.position < self.steps.cache.sink
+
+    def _decode(self) -> bool:
+        """Launch one decode step for every running row that can take one; False when none can."""
+        live = [r for r in self.running.values() if self._can_run(r)]
+        if not live:
+            return False
+        n = max(r.cache_row for r in live) + 1
+        rows: list[Optional[Request]] = [None] * n
+        for req in live:
+            rows[req.cache_row] = req
         positions = [r.position if r else -1 for r in rows]
         slots = [r.adapter_slot if r else self.table.none_slot for r in rows]
         try:
-            logits = self.steps.decode(tokens, positions, slots)
+            logits = self.steps.decode(None, positions, slots)  # tokens: each row's latest sample, on the device
+            chosen = sample_on_device(logits, live, [r.cache_row for r in live])  # [n], indexed by cache row
+            self.steps.tokens[:n].copy_(chosen)
         except Exception as e:  # noqa: BLE001 (as in _admit)
-            for req in [r for r in rows if r is not None]:
+            for req in live:
                 self._finish(req, "error", f"decode failed: {e}")
-            return
-        live = [r for r in rows if r is not None]
+            return False
         for req in live:
             req.position += 1
-        self._take(live, logits, [r.cache_row for r in live])  # idle rows' logits are never gathered
+            req.launched += 1
+        self._launch(live, [r.cache_row for r in live], chosen)
+        return True
 
-    def _take(self, reqs: Sequence[Request], logits: torch.Tensor, rows: list[int]) -> None:
-        """Sample each row's next token, hand it over, and finish rows at an end token or max_tokens."""
-        chosen = sample(logits, reqs, rows)
-        for req, token in zip(reqs, chosen):
-            req.last = token
-            req.produced += 1
-            if token in req.stop_ids:
-                self._finish(req, "done", "stop")
-                continue
-            req.emit("token", token)
-            if req.produced >= req.max_tokens or req.position >= self.steps.cache.sink:  # no column left to run it
-                self._finish(req, "done", "length")
+    def _launch(self, reqs: list, index: list, chosen: torch.Tensor) -> None:
+        """Start the copy of a step's samples to the host; _deliver hands them out later."""
+        if chosen.is_cuda:
+            host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
+            host.copy_(chosen, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host, ready = chosen, None
+        self._launched.append(Launched(reqs, index, host, ready))
+
+    def _deliver(self, keep: int) -> None:
+        """Hand out the samples of every launched step but the newest `keep`: emit tokens, finish rows at an end
+        token, at max_tokens or at the end of the cache."""
+        while len(self._launched) > keep:
+            step = self._launched.pop(0)
+            if step.ready is not None:
+                step.ready.synchronize()  # releases the GIL while the device works
+            values = step.host.tolist()
+            for req, i in zip(step.reqs, step.index):
+                if req.finished:  # cancelled, or an end token in an earlier step: this sample is dropped
+                    continue
+                token = values[i]
+                req.produced += 1
+                if token in req.stop_ids:
+                    self._finish(req, "done", "stop")
+                    continue
+                req.emit("token", token)
+                if req.produced >= req.max_tokens or (req.produced == req.launched and not self._can_run(req)):
+                    self._finish(req, "done", "length")
 
 
 # Temperatures below this sample greedily (their limit, as vLLM does): logits / 1e-40 overflow to inf, softmax gives
@@ -215,32 +273,45 @@ GREEDY_BELOW = 1e-5
 
 
 def sample(logits: torch.Tensor, reqs: Sequence[Request], rows: Optional[Sequence[int]] = None) -> list[int]:
-    """Next token of each request (reqs[i] reads logits[rows[i]]; rows default 0..): argmax for temperature 0 (and
-    below GREEDY_BELOW), else temperature and top-p (nucleus) sampling, all sampled rows at once; a row with a seed
-    draws from its own generator (no other request consumes its random numbers)."""
+    """Next token of each request as a list (see sample_on_device): reqs[i] reads logits[rows[i]]."""
     rows = list(range(len(reqs))) if rows is None else list(rows)
-    greedy = logits.argmax(-1)  # [n]: one reduction over every row, idle ones included, no gather
-    hot = [i for i, r in enumerate(reqs) if r.temperature >= GREEDY_BELOW]
-    if hot:
-        device = logits.device
-        temperature = torch.tensor([reqs[i].temperature for i in hot], device=device, dtype=logits.dtype)
-        probs = torch.softmax(logits[torch.tensor([rows[i] for i in hot], device=device)] / temperature[:, None], -1)
-        if any(reqs[i].top_p < 1.0 for i in hot):
-            top_p = torch.tensor([reqs[i].top_p for i in hot], device=device, dtype=probs.dtype)
-            sorted_p, order = probs.sort(-1, descending=True)
-            drop = sorted_p.cumsum(-1) - sorted_p > top_p[:, None]  # keep the smallest head whose mass reaches top_p
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0.0))
-        picked = torch.empty(len(hot), dtype=torch.long, device=device)
-        free = [j for j, i in enumerate(hot) if reqs[i].generator is None]
-        if free:
-            picked[free] = torch.multinomial(probs[free], 1)[:, 0]
-        for j, i in enumerate(hot):
-            if reqs[i].generator is not None:
-                picked[j] = torch.multinomial(probs[j], 1, generator=reqs[i].generator)[0]
-        greedy = greedy.clone()
-        greedy[torch.tensor([rows[i] for i in hot], device=device)] = picked
-    chosen = greedy.tolist()  # the step's one device → host transfer
+    chosen = sample_on_device(logits, reqs, rows).tolist()
     return [chosen[r] for r in rows]
+
+
+def sample_on_device(logits: torch.Tensor, reqs: Sequence[Request], rows: Optional[Sequence[int]] = None):
+    """Next token of every logits row, on the device ([n] long; rows no request reads get their argmax):
+    argmax for temperature 0 (and below GREEDY_BELOW), else temperature and top-p (nucleus) sampling, all sampled
+    rows at once; a row with a seed draws from its own generator (no other request consumes its random numbers).
+    reqs[i] reads logits[rows[i]] (rows default 0..)."""
+    rows = list(range(len(reqs))) if rows is None else list(rows)
+    chosen = logits.argmax(-1)  # [n]: one reduction over every row, idle ones included, no gather
+    hot = [i for i, r in enumerate(reqs) if r.temperature >= GREEDY_BELOW]
+    if not hot:
+        return chosen
+    device = logits.device
+    at = _on(device, [rows[i] for i in hot], torch.long)
+    temperature = _on(device, [reqs[i].temperature for i in hot], logits.dtype)
+    probs = torch.softmax(logits[at] / temperature[:, None], -1)
+    if any(reqs[i].top_p < 1.0 for i in hot):
+        top_p = _on(device, [reqs[i].top_p for i in hot], probs.dtype)
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p[:, None]  # keep the smallest head whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0.0))
+    picked = torch.empty(len(hot), dtype=torch.long, device=device)
+    free = [j for j, i in enumerate(hot) if reqs[i].generator is None]
+    if free:
+        picked[free] = torch.multinomial(probs[free], 1)[:, 0]
+    for j, i in enumerate(hot):
+        if reqs[i].generator is not None:
+            picked[j] = torch.multinomial(probs[j], 1, generator=reqs[i].generator)[0]
+    return chosen.index_copy(0, at, picked)
+
+
+def _on(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
+    """values as a tensor on device, copied from pinned memory on CUDA (a pageable copy waits for the device)."""
+    host = torch.tensor(values, dtype=dtype)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
 
 
 def _drain(q: "queue.Queue") -> list:

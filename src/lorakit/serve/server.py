@@ -80,6 +80,7 @@ def build_served(options: ServeOptions, log=print, check_port: bool = False):
     from ..train.layout import adapter_dir
     from .adapters import AdapterTable
     from .app import Served
+    from .attention import install as install_attention
     from .cache import Steps, cache_for
     from .engine import Engine
 
@@ -96,6 +97,8 @@ def build_served(options: ServeOptions, log=print, check_port: bool = False):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         options.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     model.to(dtype).eval()
+    if getattr(model, "_supports_attention_backend", False):
+        install_attention(model)  # decode without repeating key/value heads (see serve/attention.py)
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or options.max_len
     max_len = min(options.max_len, limit) + 1  # one more column: the cache's sink
     table = AdapterTable(model, options.max_loras, options.max_lora_rank)
