@@ -20,6 +20,7 @@ import asyncio
 import datetime
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -113,22 +114,27 @@ def start_server(model_dir: Path, adapters: list[str], args, log: Path):
     raise SystemExit("server not ready in 600 s")
 
 
+GENERATED = re.compile(rb'"text": ?"(?!")')  # a completion chunk with text in it
+
+
 async def one_request(client, url: str, model: str, prompt: list[int], new: int) -> dict:
+    """One streamed completion. The stream is read as raw byte blocks (not parsed line by line: 64 streams of
+    per-token events would make this load generator the bottleneck); the first block with generated text
+    stamps the time to first token, and the usage chunk at the end gives the token count."""
     body = {"model": model, "prompt": prompt, "max_tokens": new, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     sent = time.perf_counter()
     first = None
-    tokens = 0
+    tail = b""
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif first is None and chunk["choices"][0]["text"]:
+        async for block in r.aiter_bytes():
+            if first is None and GENERATED.search(block):
                 first = time.perf_counter()
+            tail = (tail + block)[-4096:]
+    last = [line for line in tail.decode().splitlines() if line.startswith('data: {"')][-1]
+    usage = json.loads(last[6:]).get("usage")  # the chunk before [DONE]
+    tokens = usage["completion_tokens"] if usage else 0
     return dict(sent=sent, first=first, end=time.perf_counter(), tokens=tokens)
 
 
