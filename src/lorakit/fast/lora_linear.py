@@ -45,6 +45,7 @@ from . import recipes
 from .dropout import dropped, mask_source
 from .dropout_kernels import runs_back, runs_down
 from .lora_grads import grad_a, grad_b, output_grads
+from .scaled_kernels import scale_output
 from .scratch import dense_from_source
 from .spec import FALLBACK_ATTR, note_fallback, spec_or_reason
 
@@ -174,9 +175,8 @@ class FusedLoraLinears(torch.autograd.Function):
         zs = []
         for j, (_, bi, mi) in enumerate(plan.outs):  # y = f ⊙ z + b, f = m / norm: z is kept for dm
             if mi is not None:
-                z, f = outs[j], params[mi] / params[mi + 1].to(params[mi].dtype)
-                zs.append(z)
-                outs[j] = torch.addcmul(params[bi], z, f) if bi is not None else z * f
+                zs.append(outs[j])
+                outs[j] = scale_output(outs[j], params[mi], params[mi + 1], params[bi] if bi is not None else None)
         ctx.plan, ctx.norm_offset, ctx.x_shape, ctx.rank_major = plan, norm_offset, x.shape, rank_major
         ctx.sources, ctx.drop_seed = sources, seed
         ctx.recipe_used = norm_x is not None

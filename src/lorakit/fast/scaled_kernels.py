@@ -1,0 +1,256 @@
+"""The per-output stages of the fused linear's output-scaled term (Delta.scaled_linear_factors: a magnitude m over
+a row norm, f = m / norm per output column), each in one Triton pass where a kernel may run (CUDA, or CPU tensors
+under Triton's interpreter; lorakit.triton_gate), else today's torch math:
+
+  row_norm        ‖W_i + s·(B·A)_i‖ float32 [out] in one launch: each program reads a block of W's rows once and
+                  accumulates ‖W_i‖², W·Aᵀ [rows, r] and A·Aᵀ [r, r] in fp32 (16-bit operands multiply exactly),
+                  then ‖W_i‖² + 2s⟨B_i, (W·Aᵀ)_i⟩ + s²⟨B_i, (B·A·Aᵀ)_i⟩. No fp32 copy of W, nothing of W's size written.
+  scale_output    y = f ⊙ z (+ b)                                     forward, [N, out], z the GEMM output
+  scale_grads     dZ = dY ⊙ f,  dm = Σ_rows dY ⊙ z / norm,  db = Σ_rows dY
+                  backward: one pass reads dY and z and writes dZ; each program sums a strip of rows in fp32 into
+                  per-strip partials, which one small kernel sums in a fixed order (deterministic, no atomics),
+                  divides by the norm and casts to m's (and b's) dtype.
+f is formed in every kernel from m and norm as the torch path forms it, m / norm.to(m.dtype) rounded to m's dtype,
+so no f, cast of the norm or product of the output's size is ever stored.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from .. import triton_gate
+from ..triton_gate import tl, triton
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 keeps the torch path (exact tests)
+TILE = (32, 128)  # rows × columns of an elementwise tile
+PROGRAMS_PER_SM = 8  # the backward splits rows into strips until there are this many programs per SM
+FINISH_COLS = 256  # columns per program of the partial-sum kernel
+
+if triton is not None:
+
+    @triton.jit
+    def _factor(m_ptr, norm_ptr, cols, col_ok):
+        """f [BN] float32 holding m / norm.to(m.dtype) rounded to m's dtype (the torch path's f)."""
+        m = tl.load(m_ptr + cols, mask=col_ok, other=0.0)  # [BN], m's dtype
+        norm = tl.load(norm_ptr + cols, mask=col_ok, other=1.0).to(m.dtype)  # [BN]
+        return (m.to(tl.float32) / norm.to(tl.float32)).to(m.dtype).to(tl.float32)
+
+    @triton.jit
+    def _row_norm(w_ptr, a_ptr, b_ptr, norm_ptr, n_out, K, stride_w0, stride_w1, stride_b0, stride_b1, s,
+                  R: tl.constexpr, RP: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr, MIXED: tl.constexpr,
+                  PRECISION: tl.constexpr):
+        rows = tl.program_id(0) * BO + tl.arange(0, BO)  # [BO] output rows of W
+        offs_r = tl.arange(0, RP)  # [RP]
+        offs_k = tl.arange(0, BK)  # [BK]
+        row_ok = rows < n_out
+        r_ok = offs_r < R
+        rows64 = rows.to(tl.int64)
+        wa = tl.zeros((BO, RP), dtype=tl.float32)  # [BO, RP] W·Aᵀ
+        aat = tl.zeros((RP, RP), dtype=tl.float32)  # [RP, RP] A·Aᵀ
+        w_sq = tl.zeros((BO,), dtype=tl.float32)  # [BO] ‖W_i‖²
+        for k0 in range(0, K, BK):
+            cols = k0 + offs_k
+            k_ok = cols < K
+            wb = tl.load(w_ptr + rows64[:, None] * stride_w0 + cols[None, :] * stride_w1,
+                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BO, BK]
+            ab = tl.load(a_ptr + offs_r[:, None] * K + cols[None, :], mask=r_ok[:, None] & k_ok[None, :],
+                         other=0.0)  # [RP, BK]
+            if MIXED:  # W and A in different dtypes: both as float32
+                wb = wb.to(tl.float32)
+                ab = ab.to(tl.float32)
+            wf = wb.to(tl.float32)
+            w_sq += tl.sum(wf * wf, 1)
+            wa = tl.dot(wb, tl.trans(ab), wa, input_precision=PRECISION)
+            aat = tl.dot(ab, tl.trans(ab), aat, input_precision=PRECISION)
+        bb = tl.load(b_ptr + rows64[:, None] * stride_b0 + offs_r[None, :] * stride_b1,
+                     mask=row_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)  # [BO, RP]
+        cross = tl.sum(bb * wa, 1)  # [BO] ⟨B_i, (W·Aᵀ)_i⟩
+        bat = tl.dot(bb, aat, input_precision="ieee")  # [BO, RP] B·A·Aᵀ
+        quad = tl.sum(bat * bb, 1)  # [BO] ⟨B_i, (B·A·Aᵀ)_i⟩
+        sq = w_sq + 2.0 * s * cross + s * s * quad
+        tl.store(norm_ptr + rows, tl.sqrt(tl.maximum(sq, 0.0)), mask=row_ok)
+
+    @triton.jit
+    def _scale_fwd(z_ptr, y_ptr, m_ptr, norm_ptr, b_ptr, n_rows, n_cols, stride_z, stride_y, HAS_BIAS: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)  # [BM]
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)  # [BN]
+        col_ok = cols < n_cols
+        tile_ok = (rows < n_rows)[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)
+        f = _factor(m_ptr, norm_ptr, cols, col_ok)  # [BN]
+        z = tl.load(z_ptr + rows64[:, None] * stride_z + cols[None, :], mask=tile_ok, other=0.0)  # [BM, BN]
+        y = z.to(tl.float32) * f[None, :]
+        if HAS_BIAS:
+            y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows64[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=tile_ok)
+
+    @triton.jit
+    def _scale_back(g_ptr, z_ptr, dz_ptr, m_ptr, norm_ptr, part_ptr, n_rows, n_cols, strip_rows, stride_g, stride_z,
+                    stride_dz, NEED_DM: tl.constexpr, NEED_DB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        strip = tl.program_id(0)
+        first = strip * strip_rows
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)  # [BN]
+        col_ok = cols < n_cols
+        f = _factor(m_ptr, norm_ptr, cols, col_ok)  # [BN]
+        acc_m = tl.zeros((BN,), dtype=tl.float32)  # Σ_rows dY ⊙ z
+        acc_b = tl.zeros((BN,), dtype=tl.float32)  # Σ_rows dY
+        for m0 in range(first, tl.minimum(first + strip_rows, n_rows), BM):
+            rows = m0 + tl.arange(0, BM)  # [BM]
+            rows64 = rows.to(tl.int64)
+            tile_ok = (rows < n_rows)[:, None] & col_ok[None, :]
+            g = tl.load(g_ptr + rows64[:, None] * stride_g + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+            tl.store(dz_ptr + rows64[:, None] * stride_dz + cols[None, :], (g * f[None, :]).to(dz_ptr.dtype.element_ty),
+                     mask=tile_ok)
+            if NEED_DM:
+                z = tl.load(z_ptr + rows64[:, None] * stride_z + cols[None, :], mask=tile_ok, other=0.0)
+                acc_m += tl.sum(g * z.to(tl.float32), 0)
+            if NEED_DB:
+                acc_b += tl.sum(g, 0)
+        part = part_ptr + strip.to(tl.int64) * 2 * n_cols  # this strip's [2, out] partials: Σ dY ⊙ z, Σ dY
+        if NEED_DM:
+            tl.store(part + cols, acc_m, mask=col_ok)
+        if NEED_DB:
+            tl.store(part + n_cols + cols, acc_b, mask=col_ok)
+
+    @triton.jit
+    def _finish(part_ptr, norm_ptr, dm_ptr, db_ptr, n_strips, n_cols, NEED_DM: tl.constexpr, NEED_DB: tl.constexpr,
+                BN: tl.constexpr):
+        cols = tl.program_id(0) * BN + tl.arange(0, BN)  # [BN]
+        col_ok = cols < n_cols
+        dm = tl.zeros((BN,), dtype=tl.float32)
+        db = tl.zeros((BN,), dtype=tl.float32)
+        for strip in range(0, n_strips):  # a fixed order: the same sums on every run
+            part = part_ptr + strip * 2 * n_cols
+            if NEED_DM:
+                dm += tl.load(part + cols, mask=col_ok, other=0.0)
+            if NEED_DB:
+                db += tl.load(part + n_cols + cols, mask=col_ok, other=0.0)
+        if NEED_DM:
+            norm = tl.load(norm_ptr + cols, mask=col_ok, other=1.0)
+            tl.store(dm_ptr + cols, (dm / norm).to(dm_ptr.dtype.element_ty), mask=col_ok)
+        if NEED_DB:
+            tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    if not torch.cuda.is_available():  # the Triton interpreter, on CPU tensors
+        return 4
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _kernels_run(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype in KERNEL_DTYPES for t in tensors) and triton_gate.use_triton(*tensors)
+
+
+def _padded(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _norm_rows(n_out: int, device: torch.device) -> int:
+    """Rows of W per row_norm program: the largest of 64/32/16 that still gives two programs per SM."""
+    want = 2 * _sm_count(device.index or 0)
+    for bo in (64, 32):
+        if triton.cdiv(n_out, bo) >= want:
+            return bo
+    return 16
+
+
+def row_norm(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> Optional[torch.Tensor]:
+    """‖W + s·B·A‖ per output row, float32 [out], by one kernel; None where no kernel may run (the caller then
+    computes it its own way). Offered to Delta.scaled_linear_factors as its `row_norm`.
+
+    Args:
+        w: the base weight [out, in], any strides (GPT-2's Conv1D gives a transposed view).
+        a: A [r, in]; b: B [out, r]; s: the term's scaling.
+    Returns:
+        The row norms, float32 [out], or None.
+    """
+    if w.dim() != 2 or a.dim() != 2 or not _kernels_run(w, a, b):
+        return None
+    n_out, k = w.shape
+    r = a.shape[0]
+    a = a.detach().contiguous()
+    norm = torch.empty(n_out, device=w.device, dtype=torch.float32)
+    if n_out == 0:
+        return norm
+    mixed = a.dtype != w.dtype
+    bo = _norm_rows(n_out, w.device)
+    _row_norm[(triton.cdiv(n_out, bo),)](
+        w, a, b, norm, n_out, k, w.stride(0), w.stride(1), b.stride(0), b.stride(1), float(s), R=r, RP=_padded(r),
+        BO=bo, BK=64, MIXED=mixed, PRECISION="ieee" if mixed or a.dtype == torch.float32 else "tf32", num_warps=4)
+    return norm
+
+
+def _torch_output(z, m, norm, bias) -> torch.Tensor:
+    f = m / norm.to(m.dtype)
+    return torch.addcmul(bias, z, f) if bias is not None else z * f
+
+
+def scale_output(z: torch.Tensor, m: torch.Tensor, norm: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y = f ⊙ z (+ bias), f = m / norm.to(m.dtype): the forward of an output-scaled term.
+
+    Args:
+        z: the unscaled output [..., out] (x·Wᵀ + s·h·Bᵀ); m: the magnitude [out]; norm: the row norm float32 [out].
+        bias: the base bias [out] (added after the scale) or None.
+    Returns:
+        y, a new tensor of z's shape and dtype.
+    """
+    if not _kernels_run(z, m) or z.stride(-1) != 1:
+        return _torch_output(z, m, norm, bias)
+    z2 = z.view(-1, z.shape[-1])
+    y = torch.empty_like(z2)
+    bm, bn = TILE
+    n_rows, n_cols = z2.shape
+    if z2.numel():
+        _scale_fwd[(triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bn))](
+            z2, y, m, norm, bias if bias is not None else m, n_rows, n_cols, z2.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, BM=bm, BN=bn, num_warps=4)
+    return y.view(z.shape)
+
+
+def _torch_grads(g, z, m, norm, need_dm: bool, need_db: bool) -> tuple:
+    norm_m = norm.to(m.dtype)
+    dm = (g * z).sum(0).div_(norm_m) if need_dm else None
+    db = g.sum(0) if need_db else None
+    return g * (m / norm_m), dm, db
+
+
+def scale_grads(g: torch.Tensor, z: torch.Tensor, m: torch.Tensor, norm: torch.Tensor, need_dm: bool,
+                bias: Optional[torch.Tensor] = None) -> tuple:
+    """The backward of scale_output in one pass over dY and z: (dZ, dm, db).
+
+    Args:
+        g: dY [N, out]; z: the saved unscaled output [N, out]; m: the magnitude [out]; norm: float32 [out].
+        need_dm: whether to compute dm. bias: the base bias when its gradient is wanted (for its dtype), else None.
+    Returns:
+        dZ = dY ⊙ f [N, out] in g's dtype; dm = Σ_rows dY ⊙ z / norm in m's dtype (or None);
+        db = Σ_rows dY in the bias's dtype (or None).
+    """
+    need_db = bias is not None
+    if not _kernels_run(g, z, m) or g.stride(-1) != 1 or z.stride(-1) != 1:
+        return _torch_grads(g, z, m, norm, need_dm, need_db)
+    n_rows, n_cols = g.shape
+    dz = torch.empty(n_rows, n_cols, device=g.device, dtype=g.dtype)
+    if n_rows == 0:  # nothing summed: zero gradients
+        return dz, m.new_zeros(m.shape) if need_dm else None, bias.new_zeros(bias.shape) if need_db else None
+    bm, bn = TILE
+    col_blocks, row_blocks = triton.cdiv(n_cols, bn), triton.cdiv(n_rows, bm)
+    strips = max(1, min(row_blocks, triton.cdiv(PROGRAMS_PER_SM * _sm_count(g.device.index or 0), col_blocks)))
+    strip_rows = triton.cdiv(row_blocks, strips) * bm
+    strips = triton.cdiv(n_rows, strip_rows)
+    part = torch.empty(strips, 2, n_cols, device=g.device, dtype=torch.float32)  # the needed halves all written
+    _scale_back[(strips, col_blocks)](
+        g, z, dz, m, norm, part, n_rows, n_cols, strip_rows, g.stride(0), z.stride(0), dz.stride(0),
+        NEED_DM=need_dm, NEED_DB=need_db, BM=bm, BN=bn, num_warps=4)
+    dm = torch.empty_like(m) if need_dm else None
+    db = torch.empty_like(bias) if need_db else None
+    if need_dm or need_db:
+        _finish[(triton.cdiv(n_cols, FINISH_COLS),)](
+            part, norm, dm if need_dm else part, db if need_db else part, strips, n_cols, NEED_DM=need_dm,
+            NEED_DB=need_db, BN=FINISH_COLS, num_warps=4)
+    return dz, dm, db
