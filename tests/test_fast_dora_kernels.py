@@ -24,8 +24,8 @@ def _randn(g, *shape, dev, dtype, scale=1.0):
 @pytest.mark.parametrize("dtype,rank", [(torch.float32, 4), (torch.bfloat16, 16), (torch.float16, 8)])
 def test_row_norm_equals_the_norm_of_the_merged_weight(kernel_device, dtype, rank):
     dev, g, s = kernel_device, torch.Generator().manual_seed(0), 1.5
-    w = _randn(g, 40, 70, dev=dev, dtype=dtype)  # 40 rows: a short last block; 70 columns: a short last tile
-    a, b = _randn(g, rank, 70, dev=dev, dtype=dtype, scale=0.3), _randn(g, 40, rank, dev=dev, dtype=dtype, scale=0.3)
+    w = _randn(g, 40, 150, dev=dev, dtype=dtype)  # 40 rows: a short last block; 150 columns: two tiles, one short
+    a, b = _randn(g, rank, 150, dev=dev, dtype=dtype, scale=0.3), _randn(g, 40, rank, dev=dev, dtype=dtype, scale=0.3)
     want = (w.double() + s * b.double() @ a.double()).norm(dim=1)  # B·A materialised, in float64
     got = sk.row_norm(w, a, b, s)
     assert got.dtype == torch.float32 and rel_norm(got, want) <= 1e-6
@@ -75,6 +75,8 @@ def test_scale_grads_equal_the_torch_math(kernel_device, monkeypatch, dtype, pro
     assert dm2 is None and db2 is None and torch.equal(dz2, dz)
     again = sk.scale_grads(dy, z, m, norm, True, bias)
     assert all(torch.equal(u, v) for u, v in zip(again, (dz, dm, db)))  # strips summed in a fixed order
+    columns_apart = sk.scale_grads(dy.t().contiguous().t(), z, m, norm, True, bias)  # dY with stride(-1) ≠ 1
+    assert all(torch.equal(u, v) for u, v in zip(columns_apart, (dz, dm, db)))
 
 
 # --- the fused DoRA linear with the kernels ----------------------------------------------------------------------

@@ -50,7 +50,7 @@ if triton is not None:
         rows64 = rows.to(tl.int64)
         wa = tl.zeros((BO, RP), dtype=tl.float32)  # [BO, RP] W·Aᵀ
         aat = tl.zeros((RP, RP), dtype=tl.float32)  # [RP, RP] A·Aᵀ
-        w_sq = tl.zeros((BO,), dtype=tl.float32)  # [BO] ‖W_i‖²
+        w_sq = tl.zeros((BO, BK), dtype=tl.float32)  # [BO, BK] ‖W_i‖² by column, summed at the end
         for k0 in range(0, K, BK):
             cols = k0 + offs_k
             k_ok = cols < K
@@ -62,7 +62,7 @@ if triton is not None:
                 wb = wb.to(tl.float32)
                 ab = ab.to(tl.float32)
             wf = wb.to(tl.float32)
-            w_sq += tl.sum(wf * wf, 1)
+            w_sq += wf * wf
             wa = tl.dot(wb, tl.trans(ab), wa, input_precision=PRECISION)
             aat = tl.dot(ab, tl.trans(ab), aat, input_precision=PRECISION)
         bb = tl.load(b_ptr + rows64[:, None] * stride_b0 + offs_r[None, :] * stride_b1,
@@ -70,7 +70,7 @@ if triton is not None:
         cross = tl.sum(bb * wa, 1)  # [BO] ⟨B_i, (W·Aᵀ)_i⟩
         bat = tl.dot(bb, aat, input_precision="ieee")  # [BO, RP] B·A·Aᵀ
         quad = tl.sum(bat * bb, 1)  # [BO] ⟨B_i, (B·A·Aᵀ)_i⟩
-        sq = w_sq + 2.0 * s * cross + s * s * quad
+        sq = tl.sum(w_sq, 1) + 2.0 * s * cross + s * s * quad
         tl.store(norm_ptr + rows, tl.sqrt(tl.maximum(sq, 0.0)), mask=row_ok)
 
     @triton.jit
@@ -96,8 +96,8 @@ if triton is not None:
         cols = tl.program_id(1) * BN + tl.arange(0, BN)  # [BN]
         col_ok = cols < n_cols
         f = _factor(m_ptr, norm_ptr, cols, col_ok)  # [BN]
-        acc_m = tl.zeros((BN,), dtype=tl.float32)  # Σ_rows dY ⊙ z
-        acc_b = tl.zeros((BN,), dtype=tl.float32)  # Σ_rows dY
+        acc_m = tl.zeros((BM, BN), dtype=tl.float32)  # Σ_rows dY ⊙ z, summed over its rows at the end
+        acc_b = tl.zeros((BM, BN), dtype=tl.float32)  # Σ_rows dY (no cross-thread reduction inside the loop)
         for m0 in range(first, tl.minimum(first + strip_rows, n_rows), BM):
             rows = m0 + tl.arange(0, BM)  # [BM]
             rows64 = rows.to(tl.int64)
@@ -107,14 +107,14 @@ if triton is not None:
                      mask=tile_ok)
             if NEED_DM:
                 z = tl.load(z_ptr + rows64[:, None] * stride_z + cols[None, :], mask=tile_ok, other=0.0)
-                acc_m += tl.sum(g * z.to(tl.float32), 0)
+                acc_m += g * z.to(tl.float32)
             if NEED_DB:
-                acc_b += tl.sum(g, 0)
+                acc_b += g
         part = part_ptr + strip.to(tl.int64) * 2 * n_cols  # this strip's [2, out] partials: Σ dY ⊙ z, Σ dY
         if NEED_DM:
-            tl.store(part + cols, acc_m, mask=col_ok)
+            tl.store(part + cols, tl.sum(acc_m, 0), mask=col_ok)
         if NEED_DB:
-            tl.store(part + n_cols + cols, acc_b, mask=col_ok)
+            tl.store(part + n_cols + cols, tl.sum(acc_b, 0), mask=col_ok)
 
     @triton.jit
     def _finish(part_ptr, norm_ptr, dm_ptr, db_ptr, n_strips, n_cols, NEED_DM: tl.constexpr, NEED_DB: tl.constexpr,
@@ -182,7 +182,7 @@ def row_norm(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> Opt
     bo = _norm_rows(n_out, w.device)
     _row_norm[(triton.cdiv(n_out, bo),)](
         w, a, b, norm, n_out, k, w.stride(0), w.stride(1), b.stride(0), b.stride(1), float(s), R=r, RP=_padded(r),
-        BO=bo, BK=64, MIXED=mixed, PRECISION="ieee" if mixed or a.dtype == torch.float32 else "tf32", num_warps=4)
+        BO=bo, BK=128, MIXED=mixed, PRECISION="ieee" if mixed or a.dtype == torch.float32 else "tf32", num_warps=4)
     return norm
 
 
@@ -200,9 +200,10 @@ def scale_output(z: torch.Tensor, m: torch.Tensor, norm: torch.Tensor, bias: Opt
     Returns:
         y, a new tensor of z's shape and dtype.
     """
-    if not _kernels_run(z, m) or z.stride(-1) != 1:
+    if not _kernels_run(z, m):
         return _torch_output(z, m, norm, bias)
-    z2 = z.view(-1, z.shape[-1])
+    z2 = z.reshape(-1, z.shape[-1])
+    z2 = z2 if z2.stride(-1) == 1 else z2.contiguous()
     y = torch.empty_like(z2)
     bm, bn = TILE
     n_rows, n_cols = z2.shape
@@ -232,8 +233,10 @@ def scale_grads(g: torch.Tensor, z: torch.Tensor, m: torch.Tensor, norm: torch.T
         db = Σ_rows dY in the bias's dtype (or None).
     """
     need_db = bias is not None
-    if not _kernels_run(g, z, m) or g.stride(-1) != 1 or z.stride(-1) != 1:
+    if not _kernels_run(g, z, m):
         return _torch_grads(g, z, m, norm, need_dm, need_db)
+    g = g if g.stride(-1) == 1 else g.contiguous()  # one copy, still fewer passes than the torch math
+    z = z if z.stride(-1) == 1 else z.contiguous()
     n_rows, n_cols = g.shape
     dz = torch.empty(n_rows, n_cols, device=g.device, dtype=g.dtype)
     if n_rows == 0:  # nothing summed: zero gradients
