@@ -11,7 +11,8 @@ under Triton's interpreter; lorakit.triton_gate), else today's torch math:
                   per-strip partials, which one small kernel sums in a fixed order (deterministic, no atomics),
                   divides by the norm and casts to m's (and b's) dtype.
 f is formed in every kernel from m and norm as the torch path forms it, m / norm.to(m.dtype) rounded to m's dtype,
-so no f, cast of the norm or product of the output's size is ever stored.
+so no f, cast of the norm or product of the output's size is ever stored. float64, LORAKIT_TRITON=0, CPU tensors
+outside the interpreter, and torch.compile's tracing keep the torch math.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..triton_gate import tl, triton
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 keeps the torch path (exact tests)
 TILE = (32, 128)  # rows × columns of an elementwise tile
 PROGRAMS_PER_SM = 8  # the backward splits rows into strips until there are this many programs per SM
-FINISH_COLS = 256  # columns per program of the partial-sum kernel
+FINISH_BLOCK = (32, 128)  # strips × columns per step of the partial-sum kernel
 
 if triton is not None:
 
@@ -118,22 +119,25 @@ if triton is not None:
 
     @triton.jit
     def _finish(part_ptr, norm_ptr, dm_ptr, db_ptr, n_strips, n_cols, NEED_DM: tl.constexpr, NEED_DB: tl.constexpr,
-                BN: tl.constexpr):
+                SB: tl.constexpr, BN: tl.constexpr):
         cols = tl.program_id(0) * BN + tl.arange(0, BN)  # [BN]
         col_ok = cols < n_cols
-        dm = tl.zeros((BN,), dtype=tl.float32)
-        db = tl.zeros((BN,), dtype=tl.float32)
-        for strip in range(0, n_strips):  # a fixed order: the same sums on every run
-            part = part_ptr + strip * 2 * n_cols
+        offs_s = tl.arange(0, SB)  # [SB]
+        dm = tl.zeros((SB, BN), dtype=tl.float32)  # [SB, BN]: strips s0 + i summed into row i, then over rows
+        db = tl.zeros((SB, BN), dtype=tl.float32)
+        for s0 in range(0, n_strips, SB):  # a fixed order: the same sums on every run
+            strips = s0 + offs_s
+            ok = (strips < n_strips)[:, None] & col_ok[None, :]
+            part = part_ptr + strips.to(tl.int64)[:, None] * 2 * n_cols + cols[None, :]  # [SB, BN]
             if NEED_DM:
-                dm += tl.load(part + cols, mask=col_ok, other=0.0)
+                dm += tl.load(part, mask=ok, other=0.0)
             if NEED_DB:
-                db += tl.load(part + n_cols + cols, mask=col_ok, other=0.0)
+                db += tl.load(part + n_cols, mask=ok, other=0.0)
         if NEED_DM:
             norm = tl.load(norm_ptr + cols, mask=col_ok, other=1.0)
-            tl.store(dm_ptr + cols, (dm / norm).to(dm_ptr.dtype.element_ty), mask=col_ok)
+            tl.store(dm_ptr + cols, (tl.sum(dm, 0) / norm).to(dm_ptr.dtype.element_ty), mask=col_ok)
         if NEED_DB:
-            tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_ok)
+            tl.store(db_ptr + cols, tl.sum(db, 0).to(db_ptr.dtype.element_ty), mask=col_ok)
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,7 +148,10 @@ def _sm_count(index: int) -> int:
 
 
 def _kernels_run(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype in KERNEL_DTYPES for t in tensors) and triton_gate.use_triton(*tensors)
+    """Kernels for these tensors: Triton may run on them, their dtypes have kernels, and torch.compile is not
+    tracing (it fuses the torch math itself)."""
+    return (all(t.dtype in KERNEL_DTYPES for t in tensors) and triton_gate.use_triton(*tensors)
+            and not torch.compiler.is_compiling())
 
 
 def _padded(r: int) -> int:
@@ -253,7 +260,8 @@ def scale_grads(g: torch.Tensor, z: torch.Tensor, m: torch.Tensor, norm: torch.T
     dm = torch.empty_like(m) if need_dm else None
     db = torch.empty_like(bias) if need_db else None
     if need_dm or need_db:
-        _finish[(triton.cdiv(n_cols, FINISH_COLS),)](
+        sb, fbn = FINISH_BLOCK
+        _finish[(triton.cdiv(n_cols, fbn),)](
             part, norm, dm if need_dm else part, db if need_db else part, strips, n_cols, NEED_DM=need_dm,
-            NEED_DB=need_db, BN=FINISH_COLS, num_warps=4)
+            NEED_DB=need_db, SB=sb, BN=fbn, num_warps=4)
     return dz, dm, db
