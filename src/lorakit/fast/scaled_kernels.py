@@ -26,8 +26,12 @@ from .. import triton_gate
 from ..triton_gate import tl, triton
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 keeps the torch path (exact tests)
-TILE = (32, 128)  # rows × columns of an elementwise tile
-PROGRAMS_PER_SM = 8  # the backward splits rows into strips until there are this many programs per SM
+# Tile sizes and warps from the sm_90 builds' register counts (cuobjdump): no spills, at least two programs per SM.
+TILE = (32, 128)  # rows × columns of an elementwise tile (8 warps: 54 registers forward, 116 backward)
+WARPS = 8
+NORM_BLOCKS = {32: 64, 16: 128}  # rows of W per row_norm program → columns per step (155 / 128 registers; 64
+                                 # when W and A differ in dtype, both then float32)
+PROGRAMS_PER_SM = 4  # the backward splits rows into strips until there are this many programs per SM
 FINISH_BLOCK = (32, 128)  # strips × columns per step of the partial-sum kernel
 
 if triton is not None:
@@ -159,12 +163,8 @@ def _padded(r: int) -> int:
 
 
 def _norm_rows(n_out: int, device: torch.device) -> int:
-    """Rows of W per row_norm program: the largest of 64/32/16 that still gives two programs per SM."""
-    want = 2 * _sm_count(device.index or 0)
-    for bo in (64, 32):
-        if triton.cdiv(n_out, bo) >= want:
-            return bo
-    return 16
+    """Rows of W per row_norm program: 32 where that still gives two programs per SM, else 16."""
+    return 32 if triton.cdiv(n_out, 32) >= 2 * _sm_count(device.index or 0) else 16
 
 
 def row_norm(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> Optional[torch.Tensor]:
@@ -189,7 +189,7 @@ def row_norm(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> Opt
     bo = _norm_rows(n_out, w.device)
     _row_norm[(triton.cdiv(n_out, bo),)](
         w, a, b, norm, n_out, k, w.stride(0), w.stride(1), b.stride(0), b.stride(1), float(s), R=r, RP=_padded(r),
-        BO=bo, BK=128, MIXED=mixed, PRECISION="ieee" if mixed or a.dtype == torch.float32 else "tf32", num_warps=4)
+        BO=bo, BK=64 if mixed else NORM_BLOCKS[bo], MIXED=mixed, PRECISION="ieee" if mixed or a.dtype == torch.float32 else "tf32", num_warps=4)
     return norm
 
 
@@ -217,7 +217,7 @@ def scale_output(z: torch.Tensor, m: torch.Tensor, norm: torch.Tensor, bias: Opt
     if z2.numel():
         _scale_fwd[(triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bn))](
             z2, y, m, norm, bias if bias is not None else m, n_rows, n_cols, z2.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, BM=bm, BN=bn, num_warps=4)
+            HAS_BIAS=bias is not None, BM=bm, BN=bn, num_warps=WARPS)
     return y.view(z.shape)
 
 
@@ -256,7 +256,7 @@ def scale_grads(g: torch.Tensor, z: torch.Tensor, m: torch.Tensor, norm: torch.T
     part = torch.empty(strips, 2, n_cols, device=g.device, dtype=torch.float32)  # the needed halves all written
     _scale_back[(strips, col_blocks)](
         g, z, dz, m, norm, part, n_rows, n_cols, strip_rows, g.stride(0), z.stride(0), dz.stride(0),
-        NEED_DM=need_dm, NEED_DB=need_db, BM=bm, BN=bn, num_warps=4)
+        NEED_DM=need_dm, NEED_DB=need_db, BM=bm, BN=bn, num_warps=WARPS)
     dm = torch.empty_like(m) if need_dm else None
     db = torch.empty_like(bias) if need_db else None
     if need_dm or need_db:
