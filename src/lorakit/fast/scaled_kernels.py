@@ -185,11 +185,12 @@ def row_norm(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> Opt
     norm = torch.empty(n_out, device=w.device, dtype=torch.float32)
     if n_out == 0:
         return norm
-    mixed = a.dtype != w.dtype
+    mixed = a.dtype != w.dtype  # then both as float32
     bo = _norm_rows(n_out, w.device)
+    precision = "ieee" if mixed or a.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
     _row_norm[(triton.cdiv(n_out, bo),)](
         w, a, b, norm, n_out, k, w.stride(0), w.stride(1), b.stride(0), b.stride(1), float(s), R=r, RP=_padded(r),
-        BO=bo, BK=64 if mixed else NORM_BLOCKS[bo], MIXED=mixed, PRECISION="ieee" if mixed or a.dtype == torch.float32 else "tf32", num_warps=4)
+        BO=bo, BK=64 if mixed else NORM_BLOCKS[bo], MIXED=mixed, PRECISION=precision, num_warps=4)
     return norm
 
 
