@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 import lorakit
+import lorakit.fast.lora_linear as ll
+from lorakit.fast import lora_grads
 from lorakit.fast import scaled_kernels as sk
 from lorakit.fast import spec
 from lorakit.fast.lora_linear import fused_linears
@@ -60,7 +62,7 @@ def test_scale_output_equals_the_torch_math(kernel_device, dtype, with_bias):
 @pytest.mark.parametrize("programs_per_sm", [8, 0], ids=["strips", "one_strip"])
 def test_scale_grads_equal_the_torch_math(kernel_device, monkeypatch, dtype, programs_per_sm):
     monkeypatch.setattr(sk, "PROGRAMS_PER_SM", programs_per_sm)
-    monkeypatch.setattr(sk, "FINISH_BLOCK", (2, 128))  # three strips summed two at a time: a short last step
+    monkeypatch.setattr(sk, "FINISH_BLOCK", (2, 128))  # five strips of 16 rows summed two at a time: a short last step
     dev, g = kernel_device, torch.Generator().manual_seed(2)
     n, out = 75, 140
     dy, z = _randn(g, n, out, dev=dev, dtype=dtype), _randn(g, n, out, dev=dev, dtype=dtype)
@@ -80,6 +82,32 @@ def test_scale_grads_equal_the_torch_math(kernel_device, monkeypatch, dtype, pro
     assert all(torch.equal(u, v) for u, v in zip(again, (dz, dm, db)))  # strips summed in a fixed order
     columns_apart = sk.scale_grads(dy.t().contiguous().t(), z, m, norm, True, bias)  # dY with stride(-1) ≠ 1
     assert all(torch.equal(u, v) for u, v in zip(columns_apart, (dz, dm, db)))
+
+
+@pytest.mark.parametrize("dtype,rank", [(torch.float32, 4), (torch.bfloat16, 16), (torch.float16, 8)])
+def test_the_terms_up_projection_is_added_in_the_kernels(kernel_device, dtype, rank):
+    dev, g, s, n, out = kernel_device, torch.Generator().manual_seed(5), 0.75, 70, 150
+    base, dy = _randn(g, n, out, dev=dev, dtype=dtype), _randn(g, n, out, dev=dev, dtype=dtype)
+    h_t = _randn(g, rank, n, dev=dev, dtype=dtype)  # rank-major [r, N]: h is a view with stride(0) = 1
+    b = _randn(g, out, rank, dev=dev, dtype=dtype, scale=0.5)
+    m = _randn(g, out, dev=dev, dtype=dtype).abs() + 0.5
+    norm = torch.rand(out, generator=g).to(dev) + 0.5
+    bias = _randn(g, out, dev=dev, dtype=dtype)
+    up = (h_t.t(), b, s)
+    assert sk.takes_up(base, h_t.t(), b)
+    z = base.double() + s * h_t.double().t() @ b.double().t()  # [N, out] the output with its LoRA term
+    f = (m.double() / norm.to(dtype).double()).to(dtype).double()
+    before = base.clone()
+    y = sk.scale_output(base, m, norm, bias, up)
+    assert torch.equal(base, before)  # the term is added to the tiles, not to the saved output
+    assert rel_norm(y, z * f + bias.double()) <= TOL[dtype]
+    dz, dm, db = sk.scale_grads(dy, base, m, norm, True, bias, up)
+    assert rel_norm(dz, dy.double() * f) <= TOL[dtype]
+    assert rel_norm(dm, (dy.double() * z).sum(0) / norm.to(dtype).double()) <= TOL[dtype]
+    assert rel_norm(db, dy.double().sum(0)) <= TOL[dtype]
+    assert not sk.takes_up(base, h_t.t().float() if dtype != torch.float32 else h_t.t().double(), b)  # dtypes differ
+    wide = torch.zeros(n, 65, device=dev, dtype=dtype)
+    assert not sk.takes_up(base, wide, torch.zeros(out, 65, device=dev, dtype=dtype))  # r = 65: left to addmm_
 
 
 # --- the fused DoRA linear with the kernels ----------------------------------------------------------------------
@@ -102,7 +130,8 @@ def _dora(dev, dtype):
 
 @pytest.fixture
 def kernels_only(monkeypatch):
-    """Fails a test whose fused call takes a torch fallback of the scaled stages; counts the row-norm kernel calls."""
+    """Fails a test whose fused call takes a torch fallback of the scaled stages; records the row-norm kernel calls
+    (True each) and the scale stages' calls with whether they were given the term's up-projection."""
     def refuse(*args):
         raise AssertionError("the torch path ran where the kernels should")
 
@@ -116,6 +145,12 @@ def kernels_only(monkeypatch):
         return norm
 
     monkeypatch.setattr(spec, "row_norm", counted)
+    for module, name in ((ll, "scale_output"), (lora_grads, "scale_grads")):  # each given the term's up-projection
+        def given_up(*args, _fn=getattr(module, name), _name=name):
+            calls.append((_name, args[-1] is not None))
+            return _fn(*args)
+
+        monkeypatch.setattr(module, name, given_up)
     return calls
 
 
@@ -129,9 +164,10 @@ def test_fused_qkv_with_the_kernels_equals_the_reference(kernel_device, kernels_
     layers = (m.q, m.k, m.v)
     g = torch.Generator().manual_seed(4)
     out = fused_linears(x, layers)
-    assert out is not None and kernels_only == [True] * 3  # one row-norm kernel per output
+    assert out is not None and kernels_only == [True] * 3 + [("scale_output", True)] * 3  # a row norm per output
     cot = [torch.randn(o.shape, generator=g).to(dev, dtype) for o in out]
     got = torch.autograd.grad(out, [x, *params], cot)
+    assert kernels_only[6:] == [("scale_grads", True)] * 3
     ref = tuple(layer.reference_forward(x) for layer in layers)
     want = torch.autograd.grad(ref, [x, *params], cot)
     tol = TOL[dtype] if dtype == torch.float32 else 2e-2  # bf16: the reference rounds every intermediate
@@ -147,7 +183,7 @@ def test_one_layer_through_optimize_uses_the_kernels(kernel_device, kernels_only
     x = torch.randn(2, 9, 40, device=dev)  # an input without grad: only the adapter's gradients
     params = [p for p in m.q.parameters() if p.requires_grad]
     out = m.q(x)
-    assert kernels_only == [True]
+    assert kernels_only == [True, ("scale_output", True)]
     got = torch.autograd.grad(out.square().sum(), params)
     ref = m.q.reference_forward(x)
     want = torch.autograd.grad(ref.square().sum(), params)

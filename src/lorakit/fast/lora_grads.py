@@ -8,9 +8,10 @@ import torch
 from .scaled_kernels import scale_grads
 
 
-def output_grads(plan, gs: list, zs, params, needs, out: list) -> None:
+def output_grads(plan, gs: list, zs, params, needs, out: list, ups: dict) -> None:
     """Bias and magnitude gradients; then dY_j ← dY_j ⊙ f for output-scaled outputs (the gradient of z).
-    dm = Σ_rows dY ⊙ z / norm, db = Σ_rows dY (the bias sits outside the scale)."""
+    dm = Σ_rows dY ⊙ z / norm, db = Σ_rows dY (the bias sits outside the scale). ups: output j → its term's
+    (h, B, s) where the saved z lacks s·h·Bᵀ (the scale kernels add it again)."""
     k = 0
     for j, (_, bi, mi) in enumerate(plan.outs):
         g = gs[j]
@@ -23,7 +24,7 @@ def output_grads(plan, gs: list, zs, params, needs, out: list) -> None:
         if g is None:
             continue
         gs[j], dm, db = scale_grads(g, z.view(-1, z.shape[-1]), params[mi], params[mi + 1], needs[mi],
-                                    params[bi] if need_db else None)  # one pass over dY and z where kernels run
+                                    params[bi] if need_db else None, ups.get(j))  # one pass where kernels run
         if needs[mi]:
             out[mi] = dm
         if need_db:
