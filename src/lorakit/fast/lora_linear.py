@@ -24,8 +24,9 @@ Beyond that plain form (each asked through spec.py, each held to the reference b
   dA instead of x.
 - an output-scaled term (Delta.scaled_linear_factors): y = f ⊙ z + b with z = x·Wᵀ + s·h·Bᵀ and f = m / norm
   (norm detached, from the rank-r factors); backward dm = Σ dY ⊙ z / norm, dZ = dY ⊙ f, db = Σ dY. Where Triton
-  runs, scaled_kernels.py does each stage in one pass (the norm in one launch, the forward scale, and dZ, dm, db
-  from one read of dY and z); z is saved for dm.
+  runs, scaled_kernels.py does each stage in one pass: the norm in one launch; forward adds the output's one term
+  s·h·Bᵀ and scales in the same pass (instead of addmm_), saving the base GEMM's output; backward reads dY and that
+  output once for dZ, dm, db. Elsewhere z (with its term) is saved and scaled by torch ops.
 - a 4-bit base (a weight source with write_dense): W is dequantised into one reused scratch buffer
   (scratch.py) in forward and again in backward; nothing of W's size is allocated or saved.
 - autocast: x, W, biases and factors are cast to the autocast dtype as autocast would, then the call runs

@@ -5,11 +5,14 @@ under Triton's interpreter; lorakit.triton_gate), else today's torch math:
   row_norm        ‖W_i + s·(B·A)_i‖ float32 [out] in one launch: each program reads a block of W's rows once and
                   accumulates ‖W_i‖², W·Aᵀ [rows, r] and A·Aᵀ [r, r] in fp32 (16-bit operands multiply exactly),
                   then ‖W_i‖² + 2s⟨B_i, (W·Aᵀ)_i⟩ + s²⟨B_i, (B·A·Aᵀ)_i⟩. No fp32 copy of W, nothing of W's size written.
-  scale_output    y = f ⊙ z (+ b)                                     forward, [N, out], z the GEMM output
+  scale_output    y = f ⊙ z (+ b),  z = x·Wᵀ + s·h·Bᵀ                 forward, [N, out]: given the base GEMM's
+                  output, each tile adds the term's up-projection s·h·Bᵀ itself (a rank-r tl.dot, rounded to the
+                  output dtype as addmm_ rounds) and scales it: one pass where LoRA has its addmm_ pass, so the
+                  forward costs what LoRA's does; the base GEMM's output is what backward is given (takes_up)
   scale_grads     dZ = dY ⊙ f,  dm = Σ_rows dY ⊙ z / norm,  db = Σ_rows dY
-                  backward: one pass reads dY and z and writes dZ; each program sums a strip of rows in fp32 into
-                  per-strip partials, which one small kernel sums in a fixed order (deterministic, no atomics),
-                  divides by the norm and casts to m's (and b's) dtype.
+                  backward: one pass reads dY and the saved output (z rebuilt tile by tile) and writes dZ; each
+                  program sums a strip of rows in fp32 into per-strip partials, which one small kernel sums in a
+                  fixed order (deterministic, no atomics), divides by the norm and casts to m's (and b's) dtype.
 f is formed in every kernel from m and norm as the torch path forms it, m / norm.to(m.dtype) rounded to m's dtype,
 so no f, cast of the norm or product of the output's size is ever stored. float64, LORAKIT_TRITON=0, CPU tensors
 outside the interpreter, and torch.compile's tracing keep the torch math.
