@@ -93,12 +93,15 @@ class Delta(nn.Module):
         the fused and mixed-batch paths: keep it cheap (no new Parameters, no nn.Module.__getattr__)."""
         return None
 
-    def scaled_linear_factors(self, w: torch.Tensor) -> Optional[tuple[LinearFactors, nn.Parameter, torch.Tensor]]:
+    def scaled_linear_factors(self, w: torch.Tensor, row_norm=None) -> Optional[tuple[LinearFactors, nn.Parameter,
+                                                                                  torch.Tensor]]:
         """((A, B, s, p), m [out], norm [out]) when this delta's forward on a linear layer is an output-scaled
         low-rank term, y' = (m / norm) ⊙ (y − b + s·(drop_p(x)·Aᵀ)·Bᵀ) + b with norm not differentiated (a
         magnitude over a row norm, as in weight-decomposed adapters); None otherwise. `w` is the base weight
         [out, in] as the caller holds it (the norm is computed from it, never from another dequantised copy);
-        m is the delta's live Parameter, norm a detached float32 tensor. Asked by the fused linear."""
+        m is the delta's live Parameter, norm a detached float32 tensor. Asked by the fused linear, which may offer
+        `row_norm(w, A, B, s)`: ‖W + s·B·A‖ per row (float32 [out]) by its own kernel, or None where it has none;
+        a delta whose norm is that row norm may use it instead of computing its own."""
         return None
 
     @torch.no_grad()

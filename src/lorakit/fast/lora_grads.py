@@ -5,25 +5,30 @@ from __future__ import annotations
 
 import torch
 
+from .scaled_kernels import scale_grads
 
-def output_grads(plan, gs: list, zs, params, needs, out: list) -> None:
+
+def output_grads(plan, gs: list, zs, params, needs, out: list, ups: dict) -> None:
     """Bias and magnitude gradients; then dY_j ← dY_j ⊙ f for output-scaled outputs (the gradient of z).
-    dm = Σ_rows dY ⊙ z / norm, db = Σ_rows dY (the bias sits outside the scale)."""
+    dm = Σ_rows dY ⊙ z / norm, db = Σ_rows dY (the bias sits outside the scale). ups: output j → its term's
+    (h, B, s) where the saved z lacks s·h·Bᵀ (the scale kernels add it again)."""
     k = 0
     for j, (_, bi, mi) in enumerate(plan.outs):
         g = gs[j]
-        if bi is not None and needs[bi] and g is not None:
-            out[bi] = g.sum(0)
+        need_db = bi is not None and needs[bi] and g is not None
         if mi is None:
+            if need_db:
+                out[bi] = g.sum(0)
             continue
         z, k = zs[k], k + 1
         if g is None:
             continue
-        m = params[mi]
-        norm = params[mi + 1].to(m.dtype)
+        gs[j], dm, db = scale_grads(g, z.view(-1, z.shape[-1]), params[mi], params[mi + 1], needs[mi],
+                                    params[bi] if need_db else None, ups.get(j))  # one pass where kernels run
         if needs[mi]:
-            out[mi] = (g * z.view(-1, z.shape[-1])).sum(0).div_(norm)
-        gs[j] = g * (m / norm)
+            out[mi] = dm
+        if need_db:
+            out[bi] = db
 
 
 def grad_b(g: torch.Tensor, h: torch.Tensor, s: float, rank_major: bool) -> torch.Tensor:

@@ -23,7 +23,10 @@ Beyond that plain form (each asked through spec.py, each held to the reference b
   distribution) the dropped xd is an autograd input whose autograd keeps only the bool mask; xd is saved for
   dA instead of x.
 - an output-scaled term (Delta.scaled_linear_factors): y = f ⊙ z + b with z = x·Wᵀ + s·h·Bᵀ and f = m / norm
-  (norm detached, from the rank-r factors); backward dm = Σ dY ⊙ z / norm, dZ = dY ⊙ f, db = Σ dY.
+  (norm detached, from the rank-r factors); backward dm = Σ dY ⊙ z / norm, dZ = dY ⊙ f, db = Σ dY. Where Triton
+  runs, scaled_kernels.py does each stage in one pass: the norm in one launch; forward adds the output's one term
+  s·h·Bᵀ and scales in the same pass (instead of addmm_), saving the base GEMM's output; backward reads dY and that
+  output once for dZ, dm, db. Elsewhere z (with its term) is saved and scaled by torch ops.
 - a 4-bit base (a weight source with write_dense): W is dequantised into one reused scratch buffer
   (scratch.py) in forward and again in backward; nothing of W's size is allocated or saved.
 - autocast: x, W, biases and factors are cast to the autocast dtype as autocast would, then the call runs
@@ -45,6 +48,7 @@ from . import recipes
 from .dropout import dropped, mask_source
 from .dropout_kernels import runs_back, runs_down
 from .lora_grads import grad_a, grad_b, output_grads
+from .scaled_kernels import scale_output, takes_up
 from .scratch import dense_from_source
 from .spec import FALLBACK_ATTR, note_fallback, spec_or_reason
 
@@ -86,6 +90,8 @@ class _Plan:
         self.n_params, self.rank = k, col
         self.x_rank = sum(t[4] for t in self.x_terms)
         self.n_scaled = sum(m is not None for _, _, m in self.outs)
+        ones = [t for t in self.terms if self.outs[t[0]][2] is not None and sum(u[0] == t[0] for u in self.terms) == 1]
+        self.scaled_ups = {t[0]: t for t in ones}  # output-scaled j → its one term (the scale kernels may take it)
 
 
 def _kernel_runs(drop_terms, in_kernel: dict) -> tuple:
@@ -137,6 +143,21 @@ def _down_in_kernel(x2, a_x, plan: _Plan, params, seed: int, rank_major: bool) -
     return h
 
 
+def _scaled_ups(plan: _Plan, outs, h, params, taken=None) -> dict:
+    """{j: (h_t [N, r], B_t, s_t)} for the output-scaled outputs whose one term's s·h·Bᵀ the scale kernels add
+    themselves (scaled_kernels.takes_up); in backward `taken` names the outputs that forward gave them."""
+    if not plan.scaled_ups:
+        return {}
+    ups = {}
+    for j, (_, _, bi, col, r, s, _) in plan.scaled_ups.items():
+        if taken is not None and j not in taken:
+            continue
+        up = (h[:, col:col + r], params[bi], s)
+        if taken is not None or takes_up(outs[j], *up[:2]):
+            ups[j] = up
+    return ups
+
+
 def _weight(params, w_idx, sources, j, device) -> torch.Tensor:
     """Output j's base weight: its Parameter, or its source's dense weight in the reused scratch buffer."""
     return params[w_idx] if w_idx is not None else dense_from_source(sources[j], device)
@@ -168,15 +189,18 @@ class FusedLoraLinears(torch.autograd.Function):
         for j, (wi, bi, mi) in enumerate(plan.outs):  # bias in the GEMM epilogue unless a magnitude follows
             bias = None if bi is None or mi is not None else params[bi]
             outs.append(F.linear(x, _weight(params, wi, sources, j, x.device), bias))
+        ups = _scaled_ups(plan, outs, h, params)  # output-scaled j → its term's up-projection, taken by the kernels
         for j, _, bi, col, r, s, _ in plan.terms:
-            y = outs[j]
-            y.view(-1, y.shape[-1]).addmm_(h[:, col:col + r], params[bi].t(), alpha=s)  # LoRA term, beta=1
+            if j not in ups:
+                y = outs[j]
+                y.view(-1, y.shape[-1]).addmm_(h[:, col:col + r], params[bi].t(), alpha=s)  # LoRA term, beta=1
         zs = []
         for j, (_, bi, mi) in enumerate(plan.outs):  # y = f ⊙ z + b, f = m / norm: z is kept for dm
             if mi is not None:
-                z, f = outs[j], params[mi] / params[mi + 1].to(params[mi].dtype)
-                zs.append(z)
-                outs[j] = torch.addcmul(params[bi], z, f) if bi is not None else z * f
+                zs.append(outs[j])
+                outs[j] = scale_output(outs[j], params[mi], params[mi + 1], params[bi] if bi is not None else None,
+                                       ups.get(j))
+        ctx.ups = tuple(ups)
         ctx.plan, ctx.norm_offset, ctx.x_shape, ctx.rank_major = plan, norm_offset, x.shape, rank_major
         ctx.sources, ctx.drop_seed = sources, seed
         ctx.recipe_used = norm_x is not None
@@ -198,7 +222,7 @@ class FusedLoraLinears(torch.autograd.Function):
         needs = ctx.needs_input_grad[7:]  # after (x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources)
         gs = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
         out: list[Optional[torch.Tensor]] = [None] * plan.n_params  # W_j: frozen (checked before the call)
-        output_grads(plan, gs, zs, params, needs, out)
+        output_grads(plan, gs, zs, params, needs, out, _scaled_ups(plan, None, h, params, ctx.ups))
 
         # gH (rank-major [R, N]) = s_t·(dY_j·B_t)ᵀ per term, written in place; zeros for unused outputs.
         n = h.shape[0] if h is not None else 0

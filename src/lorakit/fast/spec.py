@@ -21,6 +21,7 @@ from torch import nn
 
 from ..core.adapted import AdaptedLayer, DenseWeight
 from ..core.delta import Delta
+from .scaled_kernels import row_norm
 from .scratch import dense_from_source
 
 Spec = tuple
@@ -42,7 +43,7 @@ def _delta_terms(layer: AdaptedLayer, d: dict, dtype, w, source) -> Union[tuple,
                 return f"adapter '{name}' ({type(delta).__name__}) has no fused form in this mode"
             full = w if w is not None else dense_from_source(source, d["_modules"]["base_layer"].weight.device)
             with torch.no_grad():
-                got = delta.scaled_linear_factors(full)
+                got = delta.scaled_linear_factors(full, row_norm)  # the norm by one kernel where it runs
             if got is None:
                 return f"adapter '{name}' ({type(delta).__name__}) has no fused form in this mode"
             factors, m, norm = got

@@ -117,10 +117,10 @@ class DoraDelta(LoraDelta):
             return t * f
         return torch.addcmul((1 - f) * bias.view(f.shape).to(y.dtype), t, f)
 
-    def scaled_linear_factors(self, w: torch.Tensor):
+    def scaled_linear_factors(self, w: torch.Tensor, row_norm=None):
         """((lora_A, lora_B, s, 0.0), m, ‖W + s·BA‖_row) on a linear layer, W = `w` [out, in]: the forward is then
         f ⊙ (y − b + s·BAx) + b, f = m / norm. None with dropout in training, where PEFT's form feeds the dropped
-        input to W as well (see the module docstring)."""
+        input to W as well (see the module docstring). The norm by the caller's `row_norm` where it offers one."""
         d = self.__dict__
         if d["ops"].kind != "linear":
             return None
@@ -128,7 +128,9 @@ class DoraDelta(LoraDelta):
         if type(drop) is not nn.Identity and (type(drop) is not nn.Dropout or d["training"]):
             return None
         p = d["_parameters"]
-        return (p["lora_A"], p["lora_B"], d["scaling"], 0.0), p["lora_magnitude_vector"], self.weight_norm(w)
+        a, b, s = p["lora_A"], p["lora_B"], d["scaling"]
+        norm = row_norm(w, a, b, s) if row_norm is not None else None
+        return (a, b, s, 0.0), p["lora_magnitude_vector"], norm if norm is not None else self.weight_norm(w)
 
     def _lora_weight(self) -> torch.Tensor:
         """s·BA, canonical [out, in, *k], fp32."""
