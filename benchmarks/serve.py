@@ -138,16 +138,23 @@ async def one_request(client, url: str, model: str, prompt: list[int], new: int)
     return dict(sent=sent, first=first, end=time.perf_counter(), tokens=tokens)
 
 
-async def one_round(url: str, models: list[str], args, seed: int) -> dict:
+async def all_rounds(url: str, models: list[str], args) -> list[dict]:
+    """A warm-up round (kernels compiled, graphs captured, connections opened), then args.rounds measured rounds;
+    the clients keep their connections between rounds, as a service's clients do."""
     import httpx
 
+    limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await one_round(client, url, models, args, seed=99)
+        return [await one_round(client, url, models, args, seed=r) for r in range(args.rounds)]
+
+
+async def one_round(client, url: str, models: list[str], args, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(3, args.vocab, (args.clients, args.prompt), generator=g).tolist()
-    limits = httpx.Limits(max_connections=args.clients + 8)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        start = time.perf_counter()
-        rs = await asyncio.gather(*[one_request(client, url, models[i % len(models)], prompts[i], args.new)
-                                    for i in range(args.clients)])
+    start = time.perf_counter()
+    rs = await asyncio.gather(*[one_request(client, url, models[i % len(models)], prompts[i], args.new)
+                                for i in range(args.clients)])
     assert all(r["tokens"] == args.new for r in rs), [r["tokens"] for r in rs]
     end = max(r["end"] for r in rs)
     last_first = max(r["first"] for r in rs)
@@ -161,8 +168,7 @@ def serve_case(name: str, model_dir: Path, adapters: list[str], args, root: Path
     proc, url = start_server(model_dir, adapters, args, root / f"{name}.log")
     try:
         models = [a.split("=")[0] for a in adapters] or [str(model_dir)]
-        asyncio.run(one_round(url, models, args, seed=99))  # warm-up: kernels compiled, graphs captured
-        rounds = [asyncio.run(one_round(url, models, args, seed=r)) for r in range(args.rounds)]
+        rounds = asyncio.run(all_rounds(url, models, args))
     finally:
         proc.kill()
         proc.wait(timeout=60)

@@ -25,6 +25,7 @@ import torch
 from ..triton_gate import tl, triton
 
 BGMV_CHUNK = 512  # input columns per BGMV shrink program (4 iterations of 128)
+BGMV_EXPAND = (512, 256, 4)  # BGMV expand: output columns per program, columns per step, warps
 
 
 @triton.jit
@@ -140,9 +141,9 @@ def _bgmv_shrink(x_ptr, a_ptr, part_ptr, gid_ptr, slot_map_ptr, K, stride_xm, st
 
 @triton.jit
 def _bgmv_expand(part_ptr, a_ptr, bt_ptr, y_ptr, gid_ptr, slot_map_ptr, scale_ptr, N, stride_bs, stride_ym,
-                 R: tl.constexpr, PARTS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Program (row, column block): h = scale·Σ_parts part[row] (rounded to the factors' dtype, as the reference
-    rounds its h), then y[row, block] += h·Bᵀ[slot, :, block]."""
+                 R: tl.constexpr, PARTS: tl.constexpr, COLS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (row, column range of COLS): h = scale·Σ_parts part[row] (rounded to the factors' dtype, as the
+    reference rounds its h), then y[row, range] += h·Bᵀ[slot, :, range], BLOCK_N columns at a time."""
     row = tl.program_id(0).to(tl.int64)
     gid = tl.load(gid_ptr + row)
     slot = tl.load(slot_map_ptr + tl.maximum(gid, 0))
@@ -153,13 +154,15 @@ def _bgmv_expand(part_ptr, a_ptr, bt_ptr, y_ptr, gid_ptr, slot_map_ptr, scale_pt
     for p in tl.static_range(PARTS):
         h += tl.load(part_ptr + (row * PARTS + p) * R + offs_r, mask=(offs_r < R) & valid, other=0.0)
     h = (h * tl.load(scale_ptr + slot)).to(a_ptr.dtype.element_ty).to(tl.float32)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = (offs_n < N) & valid
-    bv = tl.load(bt_ptr + slot * stride_bs + offs_r[:, None] * N + offs_n[None, :],
-                 mask=n_mask[None, :], other=0.0).to(tl.float32)  # [R, BLOCK_N]
-    y_ptrs = y_ptr + row * stride_ym + offs_n
-    y = tl.load(y_ptrs, mask=n_mask, other=0.0)
-    tl.store(y_ptrs, (y.to(tl.float32) + tl.sum(bv * h[:, None], axis=0)).to(y_ptr.dtype.element_ty), mask=n_mask)
+    for n0 in tl.static_range(0, COLS, BLOCK_N):
+        offs_n = tl.program_id(1) * COLS + n0 + tl.arange(0, BLOCK_N)
+        n_mask = (offs_n < N) & valid
+        bv = tl.load(bt_ptr + slot * stride_bs + offs_r[:, None] * N + offs_n[None, :],
+                     mask=n_mask[None, :], other=0.0).to(tl.float32)  # [R, BLOCK_N]
+        y_ptrs = y_ptr + row * stride_ym + offs_n
+        y = tl.load(y_ptrs, mask=n_mask, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + tl.sum(bv * h[:, None], axis=0)).to(y_ptr.dtype.element_ty),
+                 mask=n_mask)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -221,8 +224,8 @@ def bgmv(x2, y2, a, bt, scale, slot_map, token_gid) -> None:
     partial = torch.empty(n_rows, parts, rank, device=x2.device, dtype=torch.float32)  # [N, parts, R]
     _bgmv_shrink[(n_rows, parts)](x2, a, partial, token_gid, slot_map, k_in, x2.stride(0), a.stride(0),
                                   R=rank, CHUNK=BGMV_CHUNK, BLOCK_K=128, num_warps=4)
-    block_n = 128
-    _bgmv_expand[(n_rows, triton.cdiv(n_out, block_n))](
+    cols, block_n, warps = BGMV_EXPAND
+    _bgmv_expand[(n_rows, triton.cdiv(n_out, cols))](
         partial, a, bt, y2, token_gid, slot_map, scale, n_out, bt.stride(0), y2.stride(0),
-        R=rank, PARTS=parts, BLOCK_N=block_n, num_warps=4)
+        R=rank, PARTS=parts, COLS=cols, BLOCK_N=block_n, num_warps=warps)
 
