@@ -96,6 +96,13 @@ def test_rows_of_different_lengths_and_adapters_share_steps(served, grouped, mon
     assert sum(grouped_calls) == (4 * 2 if grouped else 0)  # every decode step, every layer
 
 
+@pytest.mark.parametrize("limit", [1, 5, 8, 9, 64, 265, 2049])
+def test_graphs_captured_up_front_cover_every_step_size(limit):
+    from lorakit.serve.cache import _bucket, _buckets
+
+    assert _buckets(limit) == sorted({_bucket(n, limit) for n in range(1, limit + 1)})
+
+
 def test_idle_rows_below_the_last_running_row_change_nothing(served):
     model, table, steps, dirs = served
     seq = [3, 4, 5, 6]

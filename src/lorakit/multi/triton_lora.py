@@ -25,7 +25,8 @@ import torch
 from ..triton_gate import tl, triton
 
 BGMV_CHUNK = 512  # input columns per BGMV shrink program (4 iterations of 128)
-BGMV_EXPAND = (512, 256, 4)  # BGMV expand: output columns per program, columns per step, warps
+BGMV_EXPAND = (512, 512, 2)  # BGMV expand: output columns per program, columns per step, warps (fastest of 96
+# settings timed on an H200 at Llama-1B decode shapes, 64 rows: 5.4–8.7 µs per call for shrink + expand)
 
 
 @triton.jit

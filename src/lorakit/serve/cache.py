@@ -182,6 +182,26 @@ class Steps:
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
 
+    @torch.no_grad()
+    def capture_all(self) -> int:
+        """Capture the decode graph of every (rows, columns) bucket now, before any request (a capture takes tens
+        of milliseconds, and captured on first use it stalls every running row). The inputs point every row at
+        the cache's sink column and no adapter, so the captures write nothing a request reads. Returns the number
+        of graphs (0 without CUDA graphs)."""
+        if not self.graphs:
+            return 0
+        none = self.table.none_slot
+        self._inputs[0].zero_()
+        self._inputs[1].fill_(self.cache.sink)
+        self._inputs[2].fill_(none)
+        self._inputs[3].fill_(-1)
+        self._generation = self.table.generation
+        for rows in _buckets(self._inputs.shape[1]):
+            for kv_len in _buckets(self.cache.max_len - 1):
+                if (rows, kv_len) not in self._captured:
+                    self._captured[(rows, kv_len)] = self._capture(rows, kv_len)
+        return len(self._captured)
+
     def _replay(self, rows: int, kv_len: int) -> torch.Tensor:
         if self._generation != self.table.generation:  # the adapter stacks were reallocated
             self._captured.clear()
@@ -227,6 +247,11 @@ class Staging:
         until the copies that read it have run)."""
         host = torch.tensor(rows, dtype=torch.long)
         return host.pin_memory() if self.pin else host
+
+
+def _buckets(limit: int) -> list[int]:
+    """Every size _bucket returns for n in 1..limit."""
+    return sorted({_bucket(n, limit) for n in [1] + [2 ** k for k in range(3, limit.bit_length() + 1)] + [limit]})
 
 
 def _bucket(n: int, limit: int) -> int:

@@ -107,6 +107,9 @@ def build_served(options: ServeOptions, log=print, check_port: bool = False):
     cache = cache_for(model, options.max_batch, max_len)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     steps = Steps(model, cache, table, pad, options.cuda_graphs)
+    captured = steps.capture_all()
+    if captured:
+        log(f"lorakit serve: {captured} CUDA graphs of the decode step captured")
     engine = Engine(steps, table, options.max_batch, options.max_prefill_tokens)
     served = Served(engine, tokenizer, options.served_name or options.model, max_len - 1,
                     frozenset(stop_token_ids(model, tokenizer)))
