@@ -21,10 +21,16 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache
 
 from ..errors import ServeError
 from .adapters import AdapterTable
+
+
+# Prefill batches change shape with every admission (rows × longest prompt); cuDNN's attention builds an
+# execution plan per new shape (milliseconds of host time each), the memory-efficient kernel takes any shape.
+PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class SlotCache(Cache):
@@ -138,8 +144,9 @@ class Steps:
         index = self._staging.put([list(adapter_slots)])[0].to(self.device, non_blocking=True)
         gid = torch.where(index == self.table.none_slot, -1, index).to(torch.int32)
         self._route(adapter_slots, index, gid)
-        out = self.model(input_ids=ids, position_ids=positions, attention_mask=attention_mask(positions, width,
-                         self.dtype), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        with sdpa_kernel(PREFILL_BACKENDS):
+            out = self.model(input_ids=ids, position_ids=positions, attention_mask=attention_mask(positions, width,
+                             self.dtype), past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
 
     @torch.no_grad()
