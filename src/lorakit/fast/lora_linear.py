@@ -42,8 +42,8 @@ from torch import nn
 
 from ..core.adapted import AdaptedLayer
 from . import recipes
+from . import dropout_hash, dropout_kernels
 from .dropout import dropped, mask_source
-from .dropout_kernels import runs_back, runs_down
 from .lora_grads import grad_a, grad_b, output_grads
 from .scratch import dense_from_source
 from .spec import FALLBACK_ATTR, note_fallback, spec_or_reason
@@ -52,6 +52,8 @@ from .spec import FALLBACK_ATTR, note_fallback, spec_or_reason
 # badly. Measured on CPU (MKL, one thread, N=2048, out=1536, r=8): x·Aᵀ 0.37 ms vs (A·xᵀ)ᵀ 0.21, and
 # dYᵀ·h as [out, r] 33 ms vs as [r, out] 1.4. On an H100 both forms cost the same (benchmarks/lora_gemm_forms.py).
 RANK_MAJOR = {"cpu": True, "cuda": False}
+# Where the masks of terms that pass only the call's seed are drawn, by dropout.mask_source's answer.
+_MASK_ENGINES = {"philox": dropout_kernels, "hash": dropout_hash}
 
 
 # --- the autograd function -------------------------------------------------------------------------------
@@ -122,9 +124,9 @@ def _down(x2, a_x, drops, rank_major: bool) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
-def _down_in_kernel(x2, a_x, plan: _Plan, params, seed: int, rank_major: bool) -> torch.Tensor:
-    """h [N, R] (a view of [R, N] when rank-major): x-reading terms by one GEMM, each run of in-kernel dropout
-    terms by drop_down (masks drawn from `seed`, nothing of x's size written)."""
+def _down_in_kernel(x2, a_x, plan: _Plan, params, seed: int, rank_major: bool, engine) -> torch.Tensor:
+    """h [N, R] (a view of [R, N] when rank-major): x-reading terms by one GEMM, each run of dropout terms
+    with seeded masks by the mask engine (masks drawn from `seed`, nothing of x's size kept)."""
     n = x2.shape[0]
     h_t = x2.new_empty(plan.rank, n) if rank_major else None
     h = h_t.t() if rank_major else x2.new_empty(n, plan.rank)
@@ -133,7 +135,7 @@ def _down_in_kernel(x2, a_x, plan: _Plan, params, seed: int, rank_major: bool) -
             torch.mm(a_x, x2.t(), out=h_t[:plan.x_rank])
         else:
             h[:, :plan.x_rank] = x2 @ a_x.t()
-    runs_down(x2, h, plan.kernel_runs, params, seed)
+    engine.runs_down(x2, h, plan.kernel_runs, params, seed)
     return h
 
 
@@ -157,10 +159,11 @@ class FusedLoraLinears(torch.autograd.Function):
         if xt:
             a_x = torch.cat([params[t[1]] for t in xt]) if len(xt) > 1 else params[xt[0][1]]
         rank_major = RANK_MAJOR.get(x.device.type, False)
-        seed = params[plan.drop_terms[0][6]] if plan.kernel_runs else None  # the call's Philox key (an int)
+        seed = params[plan.drop_terms[0][6]] if plan.kernel_runs else None  # the call's mask seed (an int)
+        engine = _MASK_ENGINES[mask_source(x.device)] if seed is not None else None
         if seed is not None:
             x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-            h = _down_in_kernel(x2, a_x, plan, params, seed, rank_major)
+            h = _down_in_kernel(x2, a_x, plan, params, seed, rank_major, engine)
         else:
             drops = [(params[t[6]].reshape(-1, in_features), params[t[1]]) for t in plan.tensor_drops]
             h = _down(x2, a_x, drops, rank_major) if plan.rank > 0 else None
@@ -178,7 +181,7 @@ class FusedLoraLinears(torch.autograd.Function):
                 zs.append(z)
                 outs[j] = torch.addcmul(params[bi], z, f) if bi is not None else z * f
         ctx.plan, ctx.norm_offset, ctx.x_shape, ctx.rank_major = plan, norm_offset, x.shape, rank_major
-        ctx.sources, ctx.drop_seed = sources, seed
+        ctx.sources, ctx.drop_seed, ctx.mask_engine = sources, seed, engine
         ctx.recipe_used = norm_x is not None
         if ctx.recipe_used:
             nx = norm_x.reshape(-1, in_features)  # the dropout kernels read its rows with unit stride
@@ -224,7 +227,7 @@ class FusedLoraLinears(torch.autograd.Function):
         if plan.kernel_runs:  # dX and dA of the in-kernel dropout terms, their masks drawn again
             dx2 = dx.view(-1, dx.shape[-1]) if dx is not None else None
             norm = (rstd, norm_w, ctx.norm_offset) if ctx.recipe_used else None
-            runs_back(x2, norm, gh_t, dx2, plan.kernel_runs, params, needs, ctx.drop_seed, out)
+            ctx.mask_engine.runs_back(x2, norm, gh_t, dx2, plan.kernel_runs, params, needs, ctx.drop_seed, out)
         for _, ai, _, col, r, _, xi in plan.tensor_drops:  # the dropped input's grad; dropout's backward masks it
             if needs[xi]:
                 out[xi] = (gh_t[col:col + r].t() @ params[ai]).view(ctx.x_shape)
@@ -284,8 +287,8 @@ def _fuse(x: torch.Tensor, layers: Sequence[nn.Module]):
         return "no active adapter on this layer"
     to = (lambda t: t) if cast is None else (lambda t: t.to(cast))  # noqa: E731  (differentiable casts)
     xc = to(x)
-    seed = None  # in-kernel masks: one Philox key per call from torch's CPU generator (seeded runs repeat)
-    if any(t[3] > 0 for spec in specs for t in spec[2]) and mask_source(x.device) == "philox":
+    seed = None  # seeded masks: one key per call from torch's CPU generator (seeded runs repeat)
+    if any(t[3] > 0 for spec in specs for t in spec[2]) and mask_source(x.device) in _MASK_ENGINES:
         seed = int(torch.randint(2**62, 2**63 - 1, ()))  # ≥ 2³¹: always a 64-bit kernel argument
     layout, params, sources, any_x = [], [], [], False
     for w, b, terms, source, scaled in specs:  # dropout masks drawn in the reference's order: layer, then term

@@ -1,0 +1,175 @@
+"""Dropout terms of the fused linear on CPU: masks from a counter-based hash in torch's integer ops, drawn from the
+call's seed in forward and drawn again in backward, never stored (the CPU twin of dropout_kernels.py).
+
+A dropout term t reads xd_t = x ⊙ m_t / (1 − p). Its mask is a function of (seed, stream, element) alone: the
+term's two 32-bit keys (k1, k2) come from (seed, stream) by SplitMix64; word w = 0, 1, … over the flattened
+[N, in] input gives
+    h_w = lowbias32(w + k1, with k2 xor'ed in after the first multiply)   (all mod 2³²)
+and its two 16-bit halves (as torch's int16 view lays them out) are the values of elements 2w and 2w + 1. An
+element is kept when its value ≥ round(p·2¹⁶): keep probability 1 − p to 2⁻¹⁶, the quantisation of the CUDA
+kernels. lowbias32 is C. Wellons' xorshift-multiply integer hash (github.com/skeeto/hash-prospector: the best
+two-multiply 32-bit hash his avalanche search found). `seed` is drawn once per fused call from torch's default
+CPU generator, so torch.manual_seed repeats a run and checkpoint recomputation (which restores the RNG) replays
+it; `stream` is the term's index among the call's dropout terms, so every adapted layer of a q/k/v group draws
+its own mask.
+
+Why a hash: on CPU, torch's Bernoulli sampling and its mt19937 random bits are scalar loops (measured on one
+thread, 2048×384 fp32: bernoulli_ 9.2 ms, 64 random bits per 4 elements 1.8 ms), while the hash is 12 whole-tensor
+int32 ops over half as many words (~0.5 ms). The mask comes out as 0/1 in x's dtype (a comparison written
+straight into a float tensor): multiplying by a bool mask costs ~30× more on CPU (an unvectorised cast).
+
+Per term, forward: mask (in x's dtype) → xd = mask ⊙ x in place → h_t = (A_t·xdᵀ)/(1 − p) (a GEMM alpha); nothing
+of x's size saved. Backward: the mask again, dx += ((gH_tᵀ·A_t) ⊙ mask)/(1 − p) (one addcmul_), then
+dA_t = gH_t·(mask ⊙ x)/(1 − p) through lora_grads.grad_a (an RMSNorm recipe's x is its input, rescaled as there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .lora_grads import grad_a
+
+_M32, _M64 = 2**32 - 1, 2**64 - 1
+_COUNTERS: dict = {}  # device → int32 arange, the word counters (grown on demand, read-only)
+_MAX_WORDS = 2**30  # words per chunk of the hash (an int32 arange); bigger inputs are hashed chunk by chunk
+
+
+def _signed32(v: int) -> int:
+    """v mod 2³² as a signed 32-bit Python int (what an int32 tensor op takes)."""
+    v &= _M32
+    return v - 2**32 if v >= 2**31 else v
+
+
+_MUL1, _MUL2 = _signed32(0x7FEB352D), _signed32(0x846CA68B)  # lowbias32's multipliers
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def stream_keys(seed: int, stream: int) -> tuple[int, int]:
+    """The two signed 32-bit keys (k1, k2) of one term's mask.
+
+    Args:
+        seed: the fused call's seed (any Python int); stream: the term's index among the call's dropout terms.
+    Returns:
+        (k1, k2): k1 offsets the word counter, k2 is xor'ed in after the first multiply.
+    """
+    z = _splitmix64(_splitmix64(seed & _M64) ^ stream)
+    return _signed32(z), _signed32(z >> 32)
+
+
+def _counters(n: int, device: torch.device) -> torch.Tensor:
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < n:
+        have = _COUNTERS[device] = torch.arange(max(n, 2**16), dtype=torch.int32, device=device)
+    return have[:n]
+
+
+def _xorshift_right(h: torch.Tensor, tmp: torch.Tensor, s: int) -> None:
+    """h ^= h >>> s (a logical shift: the arithmetic one, then the sign copies masked off)."""
+    torch.bitwise_right_shift(h, s, out=tmp)
+    h.bitwise_xor_(tmp.bitwise_and_((1 << (32 - s)) - 1))
+
+
+def _hash_words(first: int, n: int, k1: int, k2: int, device) -> torch.Tensor:
+    """lowbias32 of the words first … first + n − 1 under keys (k1, k2): int32 [n]."""
+    h = torch.add(_counters(n, device), _signed32(first + k1))  # int32 arithmetic wraps (mod 2³²)
+    tmp = torch.empty_like(h)
+    _xorshift_right(h, tmp, 16)
+    h.mul_(_MUL1).bitwise_xor_(k2)
+    _xorshift_right(h, tmp, 15)
+    h.mul_(_MUL2)
+    _xorshift_right(h, tmp, 16)
+    return h
+
+
+def _threshold(p: float) -> int:
+    """16-bit values ≥ this are kept: probability 1 − p (to 2⁻¹⁶)."""
+    return min(round(p * 65536), 65536)
+
+
+def keep_mask(seed: int, stream: int, shape: tuple, p: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """The keep mask of one dropout term: 1 where an element is kept, 0 where dropped.
+
+    Args:
+        seed: the fused call's seed; stream: the term's index among the call's dropout terms.
+        shape: the input's shape (any; elements in row-major order); p: the dropout probability.
+        dtype: the mask's dtype (x's, so that multiplying by it stays vectorised); device: where to build it.
+    Returns:
+        A contiguous tensor of `shape` and `dtype` holding 0 and 1.
+    """
+    n = 1
+    for d in shape:
+        n *= d
+    k1, k2 = stream_keys(seed, stream)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    flat = out.view(-1)
+    cut = _threshold(p) - 32768  # compare the halves as signed int16: u ≥ t ⇔ u − 2¹⁵ ≥ t − 2¹⁵
+    for first in range(0, (n + 1) // 2, _MAX_WORDS):
+        words = min(_MAX_WORDS, (n + 1) // 2 - first)
+        part = flat[2 * first:2 * (first + words)]
+        if cut > 32767:  # p rounds to 1: nothing kept
+            part.zero_()
+            continue
+        halves = _hash_words(first, words, k1, k2, device).view(torch.int16)[:part.numel()]  # [2·words]
+        torch.ge(halves, cut, out=part)
+    return out
+
+
+def _a_rows(h: torch.Tensor, xd: torch.Tensor, a: torch.Tensor, scale: float) -> None:
+    """h [N, r] (any strides; a rank-major buffer's transposed rows) = scale·xd·Aᵀ, in place."""
+    if h.stride(0) == 1:  # a transposed view of contiguous [r, N] rows: the rank-major GEMM form
+        h.t().addmm_(a, xd.t(), beta=0, alpha=scale)
+    else:
+        h.addmm_(xd, a.t(), beta=0, alpha=scale)
+
+
+def _terms(runs):
+    """(first column of h, r, p, A index, stream) per dropout term of the runs."""
+    for col, r, p, a_idx, stream in runs:
+        for i, ai in enumerate(a_idx):
+            yield col + i * r, r, p, ai, stream + i
+
+
+def runs_down(x2: torch.Tensor, h: torch.Tensor, runs, params, seed: int) -> None:
+    """The fused linear's forward for its dropout terms: each term's columns of h = (x ⊙ m_t)·A_tᵀ / (1 − p).
+
+    Args:
+        x2: the input [N, in]; h: the fused call's h [N, R] (any strides), written in place.
+        runs: (first column of h, r, p, indices of the terms' A in params, first stream) per run of terms.
+        params: the fused call's parameters; seed: the call's seed.
+    """
+    for col, r, p, ai, stream in _terms(runs):
+        xd = keep_mask(seed, stream, x2.shape, p, x2.dtype, x2.device).mul_(x2)  # [N, in], unscaled
+        _a_rows(h[:, col:col + r], xd, params[ai], 1.0 / (1.0 - p))
+
+
+def runs_back(x2: torch.Tensor, norm, gh_t: torch.Tensor, dx2, runs, params, needs, seed: int, out: list) -> None:
+    """The fused linear's backward for its dropout terms, masks drawn again:
+    dx2 += Σ_t ((gH_tᵀ·A_t) ⊙ m_t) / (1 − p) in place, and out[A_t] = gH_t·(x ⊙ m_t) / (1 − p) where needed.
+
+    Args:
+        x2: the saved input [N, in] (an RMSNorm's input when norm is given); norm: None or (rstd, w, offset).
+        gh_t: the gradient of h, rank-major [R, N] (the terms' rows are scaled in place for dA).
+        dx2: the input's gradient [N, in], or None.
+        runs, params, seed: as given to runs_down; needs: per parameter, whether its gradient is needed.
+        out: the gradients per parameter, filled in for the terms' A.
+    """
+    gx = None  # [N, in] scratch for gH_tᵀ·A_t, reused across terms
+    rstd, norm_w, offset = norm if norm is not None else (None, None, 0.0)
+    for col, r, p, ai, stream in _terms(runs):
+        if dx2 is None and not needs[ai]:
+            continue
+        scale = 1.0 / (1.0 - p)
+        mask = keep_mask(seed, stream, x2.shape, p, x2.dtype, x2.device)  # [N, in]
+        g = gh_t[col:col + r]  # [r, N]
+        if dx2 is not None:
+            gx = torch.mm(g.t(), params[ai], out=gx) if gx is not None else g.t() @ params[ai]
+            dx2.addcmul_(gx, mask, value=scale)
+        if needs[ai]:
+            d_a = grad_a(g, mask.mul_(x2), rstd, norm_w, offset, norm is not None)  # [r, in]
+            out[ai] = d_a.mul_(scale)
