@@ -39,6 +39,10 @@ _M32, _M64 = 2**32 - 1, 2**64 - 1
 # 2¹⁵ words 13.6 ms, 2¹⁷ 7.1 ms, the whole 2²⁰·1.5 at once 9.6 ms.
 CHUNK_WORDS = 2**17
 _COUNTERS: dict = {}  # device → int32 arange [CHUNK_WORDS], the word counters of a chunk (read-only)
+_CONSTANTS: dict = {}  # device → the hash's constants as 0-dim int32 tensors (read-only)
+# Keep each term's mask from forward to backward as int8 (1 byte per element; nn.Dropout keeps a bool mask and
+# the dropped input, 5 bytes in fp32) rather than drawing it again: the hash is the path's main cost.
+KEEP_MASKS = True
 _LOCAL = threading.local()  # per thread: reused buffers (fresh multi-MiB tensors pay page faults on every call)
 
 
@@ -79,6 +83,18 @@ def _counters(device) -> torch.Tensor:
     return have
 
 
+def _constants(device) -> tuple:
+    """lowbias32's shifts, logical-shift masks and multipliers as 0-dim int32 tensors (a Python scalar operand
+    costs torch a tensor conversion per op: ~4 µs against ~1.5 µs)."""
+    device = torch.device(device)
+    have = _CONSTANTS.get(device)
+    if have is None:
+        values = (16, 15, 0xFFFF, 0x1FFFF, _signed32(0x7FEB352D), _signed32(0x846CA68B))
+        with torch.inference_mode(False):
+            have = _CONSTANTS[device] = tuple(torch.tensor(v, dtype=torch.int32, device=device) for v in values)
+    return have
+
+
 def buffer(slot: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
     """This thread's reused flat buffer `slot` of at least `numel` elements (valid until the slot is asked again).
 
@@ -101,23 +117,18 @@ def release() -> None:
     _LOCAL.__dict__.pop("buffers", None)
 
 
-def _xorshift_right(h: torch.Tensor, tmp: torch.Tensor, s: int) -> None:
-    """h ^= h >>> s (a logical shift: the arithmetic one, then the sign copies masked off)."""
-    torch.bitwise_right_shift(h, s, out=tmp)
-    h.bitwise_xor_(tmp.bitwise_and_((1 << (32 - s)) - 1))
-
-
-def _hash_words(first: int, n: int, k1: int, k2: int, device) -> torch.Tensor:
+def _hash_words(first: int, n: int, k1: int, k2: torch.Tensor, consts: tuple, device) -> torch.Tensor:
     """lowbias32 of the words first … first + n − 1 (n ≤ CHUNK_WORDS) under keys (k1, k2): int32 [n], a view of
-    a reused buffer."""
+    a reused buffer. Each xorshift is a logical one: the arithmetic shift, then its sign copies masked off."""
+    s16, s15, low16, low17, mul1, mul2 = consts
     h = buffer("words", n, torch.int32, device)
     tmp = buffer("shifted", n, torch.int32, device)
     torch.add(_counters(device)[:n], _signed32(first + k1), out=h)  # int32 arithmetic wraps (mod 2³²)
-    _xorshift_right(h, tmp, 16)
-    h.mul_(_MUL1).bitwise_xor_(k2)
-    _xorshift_right(h, tmp, 15)
-    h.mul_(_MUL2)
-    _xorshift_right(h, tmp, 16)
+    h.bitwise_xor_(torch.bitwise_right_shift(h, s16, out=tmp).bitwise_and_(low16))
+    h.mul_(mul1).bitwise_xor_(k2)
+    h.bitwise_xor_(torch.bitwise_right_shift(h, s15, out=tmp).bitwise_and_(low17))
+    h.mul_(mul2)
+    h.bitwise_xor_(torch.bitwise_right_shift(h, s16, out=tmp).bitwise_and_(low16))
     return h
 
 
@@ -127,32 +138,47 @@ def _threshold(p: float) -> int:
 
 
 def keep_mask(seed: int, stream: int, shape: tuple, p: float, dtype: torch.dtype, device,
-              out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The keep mask of one dropout term: 1 where an element is kept, 0 where dropped.
+              out: Optional[torch.Tensor] = None, times: Optional[torch.Tensor] = None,
+              kept: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The keep mask of one dropout term: 1 where an element is kept, 0 where dropped (optionally times x).
 
     Args:
         seed: the fused call's seed; stream: the term's index among the call's dropout terms.
         shape: the input's shape (any; elements in row-major order); p: the dropout probability.
-        dtype: the mask's dtype (x's, so that multiplying by it stays vectorised); device: where to build it.
+        dtype: the mask's dtype (x's to multiply by it, or int8 to keep it: either stays vectorised, unlike bool);
+            device: where to build it.
         out: a contiguous tensor of `shape` and `dtype` to write into, or None for a new one.
+        times: None, or a contiguous tensor x of `shape`: `out` then holds mask ⊙ x, multiplied chunk by chunk
+            while the chunk's mask is still in cache.
+        kept: None, or a contiguous int8 tensor of `shape` that also receives the mask.
     Returns:
-        `out` (or a new contiguous tensor of `shape` and `dtype`) holding 0 and 1.
+        `out` (or a new contiguous tensor of `shape` and `dtype`): the mask, or mask ⊙ x.
     """
     n = 1
     for d in shape:
         n *= d
     k1, k2 = stream_keys(seed, stream)
     out = torch.empty(shape, dtype=dtype, device=device) if out is None else out
-    flat = out.view(-1)
+    flat, x_flat = out.view(-1), times.view(-1) if times is not None else None
     cut = _threshold(p) - 32768  # compare the halves as signed int16: u ≥ t ⇔ u − 2¹⁵ ≥ t − 2¹⁵
+    if cut > 32767:  # p rounds to 1: nothing kept
+        if kept is not None:
+            kept.zero_()
+        return out.zero_()
+    consts = _constants(device)
+    k2 = torch.tensor(k2, dtype=torch.int32, device=device)
+    cut = torch.tensor(cut, dtype=torch.int16, device=device)
     for first in range(0, (n + 1) // 2, CHUNK_WORDS):
         words = min(CHUNK_WORDS, (n + 1) // 2 - first)
-        part = flat[2 * first:2 * (first + words)]
-        if cut > 32767:  # p rounds to 1: nothing kept
-            part.zero_()
-            continue
-        halves = _hash_words(first, words, k1, k2, device).view(torch.int16)[:part.numel()]  # [2·words]
-        torch.ge(halves, cut, out=part)
+        lo, hi = 2 * first, min(2 * (first + words), n)
+        halves = _hash_words(first, words, k1, k2, consts, device).view(torch.int16)[:hi - lo]  # [2·words]
+        if kept is not None:
+            torch.ge(halves, cut, out=kept.view(-1)[lo:hi])
+            flat[lo:hi].copy_(kept.view(-1)[lo:hi])
+        else:
+            torch.ge(halves, cut, out=flat[lo:hi])
+        if x_flat is not None:
+            flat[lo:hi].mul_(x_flat[lo:hi])
     return out
 
 
@@ -171,22 +197,30 @@ def _terms(runs):
             yield col + i * r, r, p, ai, stream + i
 
 
-def runs_down(x2: torch.Tensor, h: torch.Tensor, runs, params, seed: int) -> None:
+def runs_down(x2: torch.Tensor, h: torch.Tensor, runs, params, seed: int) -> tuple:
     """The fused linear's forward for its dropout terms: each term's columns of h = (x ⊙ m_t)·A_tᵀ / (1 − p).
 
     Args:
         x2: the input [N, in]; h: the fused call's h [N, R] (any strides), written in place.
         runs: (first column of h, r, p, indices of the terms' A in params, first stream) per run of terms.
         params: the fused call's parameters; seed: the call's seed.
+    Returns:
+        The terms' int8 masks [N, in] in order when KEEP_MASKS, else ().
     """
     xd = buffer("mask", x2.numel(), x2.dtype, x2.device).view(x2.shape)  # [N, in], reused by every term
+    kept = []
     for col, r, p, ai, stream in _terms(runs):
-        keep_mask(seed, stream, x2.shape, p, x2.dtype, x2.device, out=xd).mul_(x2)  # x ⊙ m_t, unscaled
-        _a_rows(h[:, col:col + r], xd, params[ai], 1.0 / (1.0 - p))
+        mask = torch.empty(x2.shape, dtype=torch.int8, device=x2.device) if KEEP_MASKS else None
+        keep_mask(seed, stream, x2.shape, p, x2.dtype, x2.device, out=xd, times=x2, kept=mask)  # x ⊙ m_t
+        _a_rows(h[:, col:col + r], xd, params[ai], 1.0 / (1.0 - p))  # (x ⊙ m_t)·A_tᵀ / (1 − p)
+        if mask is not None:
+            kept.append(mask)
+    return tuple(kept)
 
 
-def runs_back(x2: torch.Tensor, norm, gh_t: torch.Tensor, dx2, runs, params, needs, seed: int, out: list) -> None:
-    """The fused linear's backward for its dropout terms, masks drawn again:
+def runs_back(x2: torch.Tensor, norm, gh_t: torch.Tensor, dx2, runs, params, needs, seed: int, out: list,
+              kept: tuple = ()) -> None:
+    """The fused linear's backward for its dropout terms, masks as forward drew them:
     dx2 += Σ_t ((gH_tᵀ·A_t) ⊙ m_t) / (1 − p) in place, and out[A_t] = gH_t·(x ⊙ m_t) / (1 − p) where needed.
 
     Args:
@@ -195,15 +229,19 @@ def runs_back(x2: torch.Tensor, norm, gh_t: torch.Tensor, dx2, runs, params, nee
         dx2: the input's gradient [N, in], or None.
         runs, params, seed: as given to runs_down; needs: per parameter, whether its gradient is needed.
         out: the gradients per parameter, filled in for the terms' A.
+        kept: what runs_down returned: the int8 masks, or () to draw them again from the seed.
     """
     rstd, norm_w, offset = norm if norm is not None else (None, None, 0.0)
     mask = buffer("mask", x2.numel(), x2.dtype, x2.device).view(x2.shape)  # [N, in]
     gx = buffer("gx", x2.numel(), x2.dtype, x2.device).view(x2.shape) if dx2 is not None else None  # [N, in]
-    for col, r, p, ai, stream in _terms(runs):
+    for i, (col, r, p, ai, stream) in enumerate(_terms(runs)):
         if dx2 is None and not needs[ai]:
             continue
         scale = 1.0 / (1.0 - p)
-        keep_mask(seed, stream, x2.shape, p, x2.dtype, x2.device, out=mask)
+        if kept:
+            mask.copy_(kept[i])  # int8 → x's dtype (a vectorised cast)
+        else:
+            keep_mask(seed, stream, x2.shape, p, x2.dtype, x2.device, out=mask)
         g = gh_t[col:col + r]  # [r, N]
         if dx2 is not None:
             torch.mm(g.t(), params[ai], out=gx)  # gH_tᵀ·A_t

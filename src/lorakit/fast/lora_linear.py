@@ -124,9 +124,9 @@ def _down(x2, a_x, drops, rank_major: bool) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
-def _down_in_kernel(x2, a_x, plan: _Plan, params, seed: int, rank_major: bool, engine) -> torch.Tensor:
-    """h [N, R] (a view of [R, N] when rank-major): x-reading terms by one GEMM, each run of dropout terms
-    with seeded masks by the mask engine (masks drawn from `seed`, nothing of x's size kept)."""
+def _down_in_kernel(x2, a_x, plan: _Plan, params, seed: int, rank_major: bool, engine) -> tuple:
+    """(h [N, R] (a view of [R, N] when rank-major), what the mask engine keeps for backward): x-reading terms by
+    one GEMM, each run of dropout terms with seeded masks by the mask engine (masks drawn from `seed`)."""
     n = x2.shape[0]
     h_t = x2.new_empty(plan.rank, n) if rank_major else None
     h = h_t.t() if rank_major else x2.new_empty(n, plan.rank)
@@ -135,8 +135,8 @@ def _down_in_kernel(x2, a_x, plan: _Plan, params, seed: int, rank_major: bool, e
             torch.mm(a_x, x2.t(), out=h_t[:plan.x_rank])
         else:
             h[:, :plan.x_rank] = x2 @ a_x.t()
-    engine.runs_down(x2, h, plan.kernel_runs, params, seed)
-    return h
+    kept = engine.runs_down(x2, h, plan.kernel_runs, params, seed)
+    return h, kept
 
 
 def _weight(params, w_idx, sources, j, device) -> torch.Tensor:
@@ -163,8 +163,9 @@ class FusedLoraLinears(torch.autograd.Function):
         engine = _MASK_ENGINES[mask_source(x.device)] if seed is not None else None
         if seed is not None:
             x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-            h = _down_in_kernel(x2, a_x, plan, params, seed, rank_major, engine)
+            h, kept = _down_in_kernel(x2, a_x, plan, params, seed, rank_major, engine)
         else:
+            kept = ()
             drops = [(params[t[6]].reshape(-1, in_features), params[t[1]]) for t in plan.tensor_drops]
             h = _down(x2, a_x, drops, rank_major) if plan.rank > 0 else None
         outs = []
@@ -190,14 +191,15 @@ class FusedLoraLinears(torch.autograd.Function):
             saved_x = (x2 if xt or seed is not None else None, None, None)
         if seed is not None:  # the seed slots hold ints, which autograd does not save
             params = [None if type(t) is int else t for t in params]
-        ctx.save_for_backward(*saved_x, h, a_x, *zs, *params)
+        ctx.save_for_backward(*saved_x, h, a_x, *zs, *params, *kept)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         plan: _Plan = ctx.plan
         x2, rstd, norm_w, h, a_x, *rest = ctx.saved_tensors
-        zs, params = rest[:plan.n_scaled], rest[plan.n_scaled:]
+        zs, params = rest[:plan.n_scaled], rest[plan.n_scaled:plan.n_scaled + plan.n_params]
+        kept = rest[plan.n_scaled + plan.n_params:]  # the mask engine's, from forward
         needs = ctx.needs_input_grad[7:]  # after (x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources)
         gs = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
         out: list[Optional[torch.Tensor]] = [None] * plan.n_params  # W_j: frozen (checked before the call)
@@ -227,7 +229,7 @@ class FusedLoraLinears(torch.autograd.Function):
         if plan.kernel_runs:  # dX and dA of the in-kernel dropout terms, their masks drawn again
             dx2 = dx.view(-1, dx.shape[-1]) if dx is not None else None
             norm = (rstd, norm_w, ctx.norm_offset) if ctx.recipe_used else None
-            ctx.mask_engine.runs_back(x2, norm, gh_t, dx2, plan.kernel_runs, params, needs, ctx.drop_seed, out)
+            ctx.mask_engine.runs_back(x2, norm, gh_t, dx2, plan.kernel_runs, params, needs, ctx.drop_seed, out, kept)
         for _, ai, _, col, r, _, xi in plan.tensor_drops:  # the dropped input's grad; dropout's backward masks it
             if needs[xi]:
                 out[xi] = (gh_t[col:col + r].t() @ params[ai]).view(ctx.x_shape)
