@@ -37,7 +37,7 @@ _M32, _M64 = 2**32 - 1, 2**64 - 1
 # Words hashed per chunk: the chunk's int32 words and their shifted copy stay in cache (2 × 512 KiB) while its 12
 # ops run; far smaller chunks pay torch's per-op overhead (~5-10 µs) too often. Measured (one thread, 2048×1536):
 # 2¹⁵ words 13.6 ms, 2¹⁷ 7.1 ms, the whole 2²⁰·1.5 at once 9.6 ms.
-CHUNK_WORDS = 2**17
+CHUNK_WORDS = 2**18
 _COUNTERS: dict = {}  # device → int32 arange [CHUNK_WORDS], the word counters of a chunk (read-only)
 _CONSTANTS: dict = {}  # device → the hash's constants as 0-dim int32 tensors (read-only)
 # Keep each term's mask from forward to backward as int8 (1 byte per element; nn.Dropout keeps a bool mask and
@@ -117,13 +117,16 @@ def release() -> None:
     _LOCAL.__dict__.pop("buffers", None)
 
 
-def _hash_words(first: int, n: int, k1: int, k2: torch.Tensor, consts: tuple, device) -> torch.Tensor:
-    """lowbias32 of the words first … first + n − 1 (n ≤ CHUNK_WORDS) under keys (k1, k2): int32 [n], a view of
-    a reused buffer. Each xorshift is a logical one: the arithmetic shift, then its sign copies masked off."""
+def _hash_words(first: int, n: int, k1: list, k2: torch.Tensor, consts: tuple, device) -> torch.Tensor:
+    """lowbias32 of the words first … first + n − 1 under each stream's keys: int32 [T, n], a view of a reused
+    buffer (k1: T Python ints; k2: int32 [T, 1]). Each xorshift is a logical one: the arithmetic shift, then its
+    sign copies masked off."""
     s16, s15, low16, low17, mul1, mul2 = consts
-    h = buffer("words", n, torch.int32, device)
-    tmp = buffer("shifted", n, torch.int32, device)
-    torch.add(_counters(device)[:n], _signed32(first + k1), out=h)  # int32 arithmetic wraps (mod 2³²)
+    t = len(k1)
+    h = buffer("words", t * n, torch.int32, device).view(t, n)
+    tmp = buffer("shifted", t * n, torch.int32, device).view(t, n)
+    offsets = torch.tensor([[_signed32(first + k)] for k in k1], dtype=torch.int32, device=device)  # [T, 1]
+    torch.add(_counters(device)[:n], offsets, out=h)  # int32 arithmetic wraps (mod 2³²)
     h.bitwise_xor_(torch.bitwise_right_shift(h, s16, out=tmp).bitwise_and_(low16))
     h.mul_(mul1).bitwise_xor_(k2)
     h.bitwise_xor_(torch.bitwise_right_shift(h, s15, out=tmp).bitwise_and_(low17))
@@ -137,48 +140,51 @@ def _threshold(p: float) -> int:
     return min(round(p * 65536), 65536)
 
 
-def keep_mask(seed: int, stream: int, shape: tuple, p: float, dtype: torch.dtype, device,
-              out: Optional[torch.Tensor] = None, times: Optional[torch.Tensor] = None,
-              kept: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The keep mask of one dropout term: 1 where an element is kept, 0 where dropped (optionally times x).
+def keep_masks(seed: int, streams, shape: tuple, p: float, dtype: torch.dtype, device,
+               out: Optional[torch.Tensor] = None, times: Optional[torch.Tensor] = None,
+               kept: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The keep masks of dropout terms on one input: 1 where an element is kept, 0 where dropped (optionally ⊙ x).
 
     Args:
-        seed: the fused call's seed; stream: the term's index among the call's dropout terms.
+        seed: the fused call's seed; streams: the terms' indices among the call's dropout terms (T of them).
         shape: the input's shape (any; elements in row-major order); p: the dropout probability.
-        dtype: the mask's dtype (x's to multiply by it, or int8 to keep it: either stays vectorised, unlike bool);
-            device: where to build it.
-        out: a contiguous tensor of `shape` and `dtype` to write into, or None for a new one.
-        times: None, or a contiguous tensor x of `shape`: `out` then holds mask ⊙ x, multiplied chunk by chunk
-            while the chunk's mask is still in cache.
-        kept: None, or a contiguous int8 tensor of `shape` that also receives the mask.
+        dtype: the masks' dtype (x's to multiply by them, or int8 to keep them: either stays vectorised, unlike
+            bool); device: where to build them.
+        out: a contiguous tensor [T, *shape] of `dtype` to write into, or None for a new one.
+        times: None, or a contiguous tensor x of `shape`: `out` then holds mask_t ⊙ x, multiplied chunk by chunk
+            while the chunk's masks are still in cache.
+        kept: None, or a contiguous int8 tensor [T, *shape] that also receives the masks.
     Returns:
-        `out` (or a new contiguous tensor of `shape` and `dtype`): the mask, or mask ⊙ x.
+        `out` (or a new contiguous tensor [T, *shape] of `dtype`): the masks, or mask_t ⊙ x.
     """
     n = 1
     for d in shape:
         n *= d
-    k1, k2 = stream_keys(seed, stream)
-    out = torch.empty(shape, dtype=dtype, device=device) if out is None else out
-    flat, x_flat = out.view(-1), times.view(-1) if times is not None else None
+    keys = [stream_keys(seed, s) for s in streams]
+    t = len(keys)
+    out = torch.empty((t, *shape), dtype=dtype, device=device) if out is None else out
+    flat, x_flat = out.view(t, n), times.reshape(n) if times is not None else None
     cut = _threshold(p) - 32768  # compare the halves as signed int16: u ≥ t ⇔ u − 2¹⁵ ≥ t − 2¹⁵
     if cut > 32767:  # p rounds to 1: nothing kept
         if kept is not None:
             kept.zero_()
         return out.zero_()
     consts = _constants(device)
-    k2 = torch.tensor(k2, dtype=torch.int32, device=device)
+    k1 = [k for k, _ in keys]
+    k2 = torch.tensor([[k] for _, k in keys], dtype=torch.int32, device=device)  # [T, 1]
     cut = torch.tensor(cut, dtype=torch.int16, device=device)
-    for first in range(0, (n + 1) // 2, CHUNK_WORDS):
-        words = min(CHUNK_WORDS, (n + 1) // 2 - first)
+    step = max(CHUNK_WORDS // t, 1)
+    for first in range(0, (n + 1) // 2, step):
+        words = min(step, (n + 1) // 2 - first)
         lo, hi = 2 * first, min(2 * (first + words), n)
-        halves = _hash_words(first, words, k1, k2, consts, device).view(torch.int16)[:hi - lo]  # [2·words]
+        halves = _hash_words(first, words, k1, k2, consts, device).view(torch.int16)[:, :hi - lo]  # [T, 2·words]
         if kept is not None:
-            torch.ge(halves, cut, out=kept.view(-1)[lo:hi])
-            flat[lo:hi].copy_(kept.view(-1)[lo:hi])
+            torch.ge(halves, cut, out=kept.view(t, n)[:, lo:hi])
+            flat[:, lo:hi].copy_(kept.view(t, n)[:, lo:hi])
         else:
-            torch.ge(halves, cut, out=flat[lo:hi])
+            torch.ge(halves, cut, out=flat[:, lo:hi])
         if x_flat is not None:
-            flat[lo:hi].mul_(x_flat[lo:hi])
+            flat[:, lo:hi].mul_(x_flat[lo:hi])
     return out
 
 
@@ -190,31 +196,27 @@ def _a_rows(h: torch.Tensor, xd: torch.Tensor, a: torch.Tensor, scale: float) ->
         h.addmm_(xd, a.t(), beta=0, alpha=scale)
 
 
-def _terms(runs):
-    """(first column of h, r, p, A index, stream) per dropout term of the runs."""
-    for col, r, p, a_idx, stream in runs:
-        for i, ai in enumerate(a_idx):
-            yield col + i * r, r, p, ai, stream + i
-
-
 def runs_down(x2: torch.Tensor, h: torch.Tensor, runs, params, seed: int) -> tuple:
     """The fused linear's forward for its dropout terms: each term's columns of h = (x ⊙ m_t)·A_tᵀ / (1 − p).
+    A run's terms (q/k/v's, one rank and one p) draw their masks together: one op per hash step for all of them.
 
     Args:
         x2: the input [N, in]; h: the fused call's h [N, R] (any strides), written in place.
         runs: (first column of h, r, p, indices of the terms' A in params, first stream) per run of terms.
         params: the fused call's parameters; seed: the call's seed.
     Returns:
-        The terms' int8 masks [N, in] in order when KEEP_MASKS, else ().
+        Each run's int8 masks [n_terms, N, in] in order when KEEP_MASKS, else ().
     """
-    xd = buffer("mask", x2.numel(), x2.dtype, x2.device).view(x2.shape)  # [N, in], reused by every term
     kept = []
-    for col, r, p, ai, stream in _terms(runs):
-        mask = torch.empty(x2.shape, dtype=torch.int8, device=x2.device) if KEEP_MASKS else None
-        keep_mask(seed, stream, x2.shape, p, x2.dtype, x2.device, out=xd, times=x2, kept=mask)  # x ⊙ m_t
-        _a_rows(h[:, col:col + r], xd, params[ai], 1.0 / (1.0 - p))  # (x ⊙ m_t)·A_tᵀ / (1 − p)
-        if mask is not None:
-            kept.append(mask)
+    for col, r, p, a_idx, stream in runs:
+        t = len(a_idx)
+        xd = buffer("mask", t * x2.numel(), x2.dtype, x2.device).view(t, *x2.shape)  # [T, N, in]
+        masks = torch.empty((t, *x2.shape), dtype=torch.int8, device=x2.device) if KEEP_MASKS else None
+        keep_masks(seed, range(stream, stream + t), x2.shape, p, x2.dtype, x2.device, out=xd, times=x2, kept=masks)
+        for i, ai in enumerate(a_idx):  # (x ⊙ m_t)·A_tᵀ / (1 − p)
+            _a_rows(h[:, col + i * r:col + (i + 1) * r], xd[i], params[ai], 1.0 / (1.0 - p))
+        if masks is not None:
+            kept.append(masks)
     return tuple(kept)
 
 
@@ -229,23 +231,24 @@ def runs_back(x2: torch.Tensor, norm, gh_t: torch.Tensor, dx2, runs, params, nee
         dx2: the input's gradient [N, in], or None.
         runs, params, seed: as given to runs_down; needs: per parameter, whether its gradient is needed.
         out: the gradients per parameter, filled in for the terms' A.
-        kept: what runs_down returned: the int8 masks, or () to draw them again from the seed.
+        kept: what runs_down returned: the int8 masks per run, or () to draw them again from the seed.
     """
     rstd, norm_w, offset = norm if norm is not None else (None, None, 0.0)
-    mask = buffer("mask", x2.numel(), x2.dtype, x2.device).view(x2.shape)  # [N, in]
     gx = buffer("gx", x2.numel(), x2.dtype, x2.device).view(x2.shape) if dx2 is not None else None  # [N, in]
-    for i, (col, r, p, ai, stream) in enumerate(_terms(runs)):
-        if dx2 is None and not needs[ai]:
-            continue
-        scale = 1.0 / (1.0 - p)
+    for j, (col, r, p, a_idx, stream) in enumerate(runs):
+        t, scale = len(a_idx), 1.0 / (1.0 - p)
+        mask = buffer("mask", t * x2.numel(), x2.dtype, x2.device).view(t, *x2.shape)  # [T, N, in]
         if kept:
-            mask.copy_(kept[i])  # int8 → x's dtype (a vectorised cast)
+            mask.copy_(kept[j])  # int8 → x's dtype (a vectorised cast)
         else:
-            keep_mask(seed, stream, x2.shape, p, x2.dtype, x2.device, out=mask)
-        g = gh_t[col:col + r]  # [r, N]
+            keep_masks(seed, range(stream, stream + t), x2.shape, p, x2.dtype, x2.device, out=mask)
         if dx2 is not None:
-            torch.mm(g.t(), params[ai], out=gx)  # gH_tᵀ·A_t
-            dx2.addcmul_(gx, mask, value=scale)
-        if needs[ai]:
-            d_a = grad_a(g, mask.mul_(x2), rstd, norm_w, offset, norm is not None)  # [r, in]
-            out[ai] = d_a.mul_(scale)
+            for i, ai in enumerate(a_idx):
+                torch.mm(gh_t[col + i * r:col + (i + 1) * r].t(), params[ai], out=gx)  # gH_tᵀ·A_t
+                dx2.addcmul_(gx, mask[i], value=scale)
+        if any(needs[ai] for ai in a_idx):
+            xd = mask.mul_(x2)  # [T, N, in]: x ⊙ m_t
+            for i, ai in enumerate(a_idx):
+                if needs[ai]:
+                    g = gh_t[col + i * r:col + (i + 1) * r]  # [r, N]
+                    out[ai] = grad_a(g, xd[i], rstd, norm_w, offset, norm is not None).mul_(scale)  # [r, in]
