@@ -38,7 +38,7 @@ _M32, _M64 = 2**32 - 1, 2**64 - 1
 # ops run; far smaller chunks pay torch's per-op overhead (~5-10 µs) too often. Measured (one thread, 2048×1536):
 # 2¹⁵ words 13.6 ms, 2¹⁷ 7.1 ms, the whole 2²⁰·1.5 at once 9.6 ms.
 CHUNK_WORDS = 2**18
-_COUNTERS: dict = {}  # device → int32 arange [CHUNK_WORDS], the word counters of a chunk (read-only)
+_COUNTERS: dict = {}  # device → int32 arange, the word counters of a chunk (read-only; grown on demand)
 _CONSTANTS: dict = {}  # device → the hash's constants as 0-dim int32 tensors (read-only)
 # Keep each term's mask from forward to backward as int8 (1 byte per element; nn.Dropout keeps a bool mask and
 # the dropped input, 5 bytes in fp32) rather than drawing it again: the hash is the path's main cost.
@@ -74,13 +74,14 @@ def stream_keys(seed: int, stream: int) -> tuple[int, int]:
     return _signed32(z), _signed32(z >> 32)
 
 
-def _counters(device) -> torch.Tensor:
+def _counters(n: int, device) -> torch.Tensor:
+    """The word counters 0 … n − 1 (int32 [n], a view of a cached arange)."""
     device = torch.device(device)
     have = _COUNTERS.get(device)
-    if have is None:
+    if have is None or have.numel() < n:
         with torch.inference_mode(False):
-            have = _COUNTERS[device] = torch.arange(CHUNK_WORDS, dtype=torch.int32, device=device)
-    return have
+            have = _COUNTERS[device] = torch.arange(n, dtype=torch.int32, device=device)
+    return have[:n]
 
 
 def _constants(device) -> tuple:
@@ -126,7 +127,7 @@ def _hash_words(first: int, n: int, k1: list, k2: torch.Tensor, consts: tuple, d
     h = buffer("words", t * n, torch.int32, device).view(t, n)
     tmp = buffer("shifted", t * n, torch.int32, device).view(t, n)
     offsets = torch.tensor([[_signed32(first + k)] for k in k1], dtype=torch.int32, device=device)  # [T, 1]
-    torch.add(_counters(device)[:n], offsets, out=h)  # int32 arithmetic wraps (mod 2³²)
+    torch.add(_counters(n, device), offsets, out=h)  # int32 arithmetic wraps (mod 2³²)
     h.bitwise_xor_(torch.bitwise_right_shift(h, s16, out=tmp).bitwise_and_(low16))
     h.mul_(mul1).bitwise_xor_(k2)
     h.bitwise_xor_(torch.bitwise_right_shift(h, s15, out=tmp).bitwise_and_(low17))
