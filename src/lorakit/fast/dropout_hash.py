@@ -38,6 +38,7 @@ _M32, _M64 = 2**32 - 1, 2**64 - 1
 # ops run; far smaller chunks pay torch's per-op overhead (~5-10 µs) too often. Measured (one thread, 2048×1536):
 # 2¹⁵ words 13.6 ms, 2¹⁷ 7.1 ms, the whole 2²⁰·1.5 at once 9.6 ms.
 CHUNK_WORDS = 2**18
+BLOCK_WORDS = 2**16  # words under one pair of keys (part of the masks' definition; CHUNK_WORDS is a multiple)
 _COUNTERS: dict = {}  # device → int32 arange, the word counters of a chunk (read-only; grown on demand)
 _CONSTANTS: dict = {}  # device → the hash's constants as 0-dim int32 tensors (read-only)
 # Keep each term's mask from forward to backward as int8 (1 byte per element; nn.Dropout keeps a bool mask and
@@ -62,26 +63,32 @@ def _splitmix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def stream_keys(seed: int, stream: int) -> tuple[int, int]:
-    """The two signed 32-bit keys (k1, k2) of one term's mask.
+def block_keys(seed: int, stream: int, block: int) -> tuple[int, int]:
+    """The two signed 32-bit keys (k1, k2) of one block of one term's mask.
 
     Args:
-        seed: the fused call's seed (any Python int); stream: the term's index among the call's dropout terms.
+        seed: the fused call's seed (any Python int); stream: the term's index among the call's dropout terms;
+        block: the block's index (word // BLOCK_WORDS).
     Returns:
-        (k1, k2): k1 offsets the word counter, k2 is xor'ed in after the first multiply.
+        (k1, k2): k1 is added to the block's mixed counters, k2 xor'ed in after the first multiply.
     """
-    z = _splitmix64(_splitmix64(seed & _M64) ^ stream)
+    z = _splitmix64(_splitmix64(_splitmix64(seed & _M64) ^ stream) ^ block)
     return _signed32(z), _signed32(z >> 32)
 
 
-def _counters(n: int, device) -> torch.Tensor:
-    """The word counters 0 … n − 1 (int32 [n], a view of a cached arange)."""
+def _mixed_counters(device) -> torch.Tensor:
+    """C_j = lowbias32(j) for j < BLOCK_WORDS: int32 [BLOCK_WORDS], computed once per device (read-only)."""
     device = torch.device(device)
     have = _COUNTERS.get(device)
-    if have is None or have.numel() < n:
+    if have is None:
         with torch.inference_mode(False):
-            have = _COUNTERS[device] = torch.arange(n, dtype=torch.int32, device=device)
-    return have[:n]
+            h = torch.arange(BLOCK_WORDS, dtype=torch.int64, device=device)
+            for shift, mul in ((16, 0x7FEB352D), (15, 0x846CA68B), (16, None)):  # lowbias32, in int64 mod 2³²
+                h ^= h >> shift
+                if mul is not None:
+                    h = (h * mul) & _M32
+            have = _COUNTERS[device] = torch.where(h >= 2**31, h - 2**32, h).to(torch.int32)  # the same bits
+    return have
 
 
 def _constants(device) -> tuple:
@@ -90,7 +97,7 @@ def _constants(device) -> tuple:
     device = torch.device(device)
     have = _CONSTANTS.get(device)
     if have is None:
-        values = (16, 15, 0xFFFF, 0x1FFFF, _signed32(0x7FEB352D), _signed32(0x846CA68B))
+        values = (16, 15, 0xFFFF, 0x1FFFF, _signed32(0x7FEB352D), _signed32(0x846CA68B))  # lowbias32's
         with torch.inference_mode(False):
             have = _CONSTANTS[device] = tuple(torch.tensor(v, dtype=torch.int32, device=device) for v in values)
     return have
@@ -118,22 +125,30 @@ def release() -> None:
     _LOCAL.__dict__.pop("buffers", None)
 
 
-def _hash_words(first: int, n: int, k1: list, k2: torch.Tensor, consts: tuple, device) -> torch.Tensor:
-    """lowbias32 of the words first … first + n − 1 under each stream's keys: int32 [T, n], a view of a reused
-    buffer (k1: T Python ints; k2: int32 [T, 1]). Each xorshift is a logical one: the arithmetic shift, then its
-    sign copies masked off."""
-    s16, s15, low16, low17, mul1, mul2 = consts
-    t = len(k1)
-    h = buffer("words", t * n, torch.int32, device).view(t, n)
-    tmp = buffer("shifted", t * n, torch.int32, device).view(t, n)
-    offsets = torch.tensor([[_signed32(first + k)] for k in k1], dtype=torch.int32, device=device)  # [T, 1]
-    torch.add(_counters(n, device), offsets, out=h)  # int32 arithmetic wraps (mod 2³²)
-    h.bitwise_xor_(torch.bitwise_right_shift(h, s16, out=tmp).bitwise_and_(low16))
+def _block_keys(seed: int, streams, first_block: int, n_blocks: int, device) -> tuple:
+    """The (k1, k2) keys of blocks first_block … + n_blocks − 1 of each stream: two int32 [T, n_blocks, 1]."""
+    keys = [[block_keys(seed, s, b) for b in range(first_block, first_block + n_blocks)] for s in streams]
+    k1 = torch.tensor([[[k] for k, _ in row] for row in keys], dtype=torch.int32, device=device)
+    k2 = torch.tensor([[[k] for _, k in row] for row in keys], dtype=torch.int32, device=device)
+    return k1, k2
+
+
+def _hash_blocks(seed: int, streams, first_block: int, n_blocks: int, device) -> torch.Tensor:
+    """The words of blocks first_block … + n_blocks − 1 of each stream: int32 [T, n_blocks·BLOCK_WORDS], a view
+    of a reused buffer. Word j of a block: h = ((C_j + k1)·M1 ⊕ k2), then h ^= h >>> 15, h *= M2, h ^= h >>> 16
+    (logical shifts: the arithmetic one with its sign copies masked off), C_j the cached lowbias32(j)."""
+    s16, s15, low16, low17, mul1, mul2 = _constants(device)
+    t = len(streams)
+    shape = (t, n_blocks, BLOCK_WORDS)
+    h = buffer("words", t * n_blocks * BLOCK_WORDS, torch.int32, device).view(shape)
+    tmp = buffer("shifted", h.numel(), torch.int32, device).view(shape)
+    k1, k2 = _block_keys(seed, streams, first_block, n_blocks, device)
+    torch.add(_mixed_counters(device), k1, out=h)  # int32 arithmetic wraps (mod 2³²)
     h.mul_(mul1).bitwise_xor_(k2)
     h.bitwise_xor_(torch.bitwise_right_shift(h, s15, out=tmp).bitwise_and_(low17))
     h.mul_(mul2)
     h.bitwise_xor_(torch.bitwise_right_shift(h, s16, out=tmp).bitwise_and_(low16))
-    return h
+    return h.view(t, n_blocks * BLOCK_WORDS)
 
 
 def _threshold(p: float) -> int:
@@ -161,8 +176,8 @@ def keep_masks(seed: int, streams, shape: tuple, p: float, dtype: torch.dtype, d
     n = 1
     for d in shape:
         n *= d
-    keys = [stream_keys(seed, s) for s in streams]
-    t = len(keys)
+    streams = list(streams)
+    t = len(streams)
     out = torch.empty((t, *shape), dtype=dtype, device=device) if out is None else out
     flat, x_flat = out.view(t, n), times.reshape(n) if times is not None else None
     cut = _threshold(p) - 32768  # compare the halves as signed int16: u ≥ t ⇔ u − 2¹⁵ ≥ t − 2¹⁵
@@ -170,15 +185,13 @@ def keep_masks(seed: int, streams, shape: tuple, p: float, dtype: torch.dtype, d
         if kept is not None:
             kept.zero_()
         return out.zero_()
-    consts = _constants(device)
-    k1 = [k for k, _ in keys]
-    k2 = torch.tensor([[k] for _, k in keys], dtype=torch.int32, device=device)  # [T, 1]
     cut = torch.tensor(cut, dtype=torch.int16, device=device)
-    step = max(CHUNK_WORDS // t, 1)
-    for first in range(0, (n + 1) // 2, step):
-        words = min(step, (n + 1) // 2 - first)
-        lo, hi = 2 * first, min(2 * (first + words), n)
-        halves = _hash_words(first, words, k1, k2, consts, device).view(torch.int16)[:, :hi - lo]  # [T, 2·words]
+    n_blocks = -(-n // (2 * BLOCK_WORDS))
+    step = max(CHUNK_WORDS // (t * BLOCK_WORDS), 1)  # blocks per chunk
+    for b0 in range(0, n_blocks, step):
+        nb = min(step, n_blocks - b0)
+        lo, hi = 2 * BLOCK_WORDS * b0, min(2 * BLOCK_WORDS * (b0 + nb), n)
+        halves = _hash_blocks(seed, streams, b0, nb, device).view(torch.int16)[:, :hi - lo]  # [T, ≤ 2·nb·BLOCK]
         if kept is not None:
             torch.ge(halves, cut, out=kept.view(t, n)[:, lo:hi])
             flat[:, lo:hi].copy_(kept.view(t, n)[:, lo:hi])
