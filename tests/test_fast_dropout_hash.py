@@ -27,10 +27,13 @@ def hashed(monkeypatch):
     monkeypatch.setitem(fast_dropout.MASK_SOURCE, "cpu", "hash")
 
 
-@pytest.fixture(params=[True, False], ids=["kept", "redrawn"])
+@pytest.fixture(params=["kept", "kept_row_blocks", "redrawn"])
 def keep(request, monkeypatch):
-    monkeypatch.setattr(dh, "KEEP_MASKS", request.param)
-    return request.param
+    """Masks kept from forward (backward in one row block, or in blocks of two rows), or drawn again."""
+    monkeypatch.setattr(dh, "KEEP_MASKS", request.param != "redrawn")
+    if request.param == "kept_row_blocks":
+        monkeypatch.setattr(dh, "CHUNK_WORDS", 72)  # 2·72 words per block over 3 terms of 24 columns: 2 rows
+    return request.param != "redrawn"
 
 
 class Siblings(nn.Module):

@@ -1,45 +1,51 @@
 """Dropout terms of the fused linear on CPU: masks from a counter-based hash in torch's integer ops, drawn from the
-call's seed in forward and drawn again in backward, never stored (the CPU twin of dropout_kernels.py).
+call's seed inside the fused function (the CPU twin of dropout_kernels.py; dropout.MASK_SOURCE "hash").
 
-A dropout term t reads xd_t = x ⊙ m_t / (1 − p). Its mask is a function of (seed, stream, element) alone: the
-term's two 32-bit keys (k1, k2) come from (seed, stream) by SplitMix64; word w = 0, 1, … over the flattened
-[N, in] input gives
-    h_w = lowbias32(w + k1, with k2 xor'ed in after the first multiply)   (all mod 2³²)
-and its two 16-bit halves (as torch's int16 view lays them out) are the values of elements 2w and 2w + 1. An
-element is kept when its value ≥ round(p·2¹⁶): keep probability 1 − p to 2⁻¹⁶, the quantisation of the CUDA
-kernels. lowbias32 is C. Wellons' xorshift-multiply integer hash (github.com/skeeto/hash-prospector: the best
-two-multiply 32-bit hash his avalanche search found). `seed` is drawn once per fused call from torch's default
-CPU generator, so torch.manual_seed repeats a run and checkpoint recomputation (which restores the RNG) replays
-it; `stream` is the term's index among the call's dropout terms, so every adapted layer of a q/k/v group draws
-its own mask.
+A dropout term t reads xd_t = x ⊙ m_t / (1 − p). Its mask is a function of (seed, stream, element) alone. The
+flattened input's elements pair into 32-bit words (elements 2w and 2w + 1 take word w's two 16-bit halves, as
+torch's int16 view lays them out); words group into blocks of BLOCK_WORDS = 2¹⁶, and each (seed, stream, block)
+gets two 32-bit keys (k1, k2) by SplitMix64. Word j of a block is
+    C_j = lowbias32(j)                                      (cached once: the block's counters, well mixed)
+    h = (C_j + k1)·M1 ⊕ k2;  h ^= h >>> 15;  h *= M2;  h ^= h >>> 16                   (all mod 2³²)
+(lowbias32: C. Wellons' two-multiply xorshift hash, github.com/skeeto/hash-prospector, whose multipliers M1, M2 and
+shifts the keyed rounds reuse). Every step is a bijection of the word, so for one key the 2¹⁶ words of a block give
+2¹⁶ distinct 32-bit values. An element is kept when its 16-bit value ≥ round(p·2¹⁶): keep probability 1 − p to
+2⁻¹⁶, the quantisation of the CUDA kernels. `seed` is drawn once per fused call from torch's default CPU
+generator, so torch.manual_seed repeats a run and checkpoint recomputation (which restores the RNG) replays it;
+`stream` is the term's index among the call's dropout terms, so each adapted layer of a q/k/v group draws its own
+mask. tests/test_fast_dropout_hash.py checks the keep rate per lane and the independence of neighbouring
+elements, words, rows, terms and seeds.
 
-Why a hash: on CPU, torch's Bernoulli sampling and its mt19937 random bits are scalar loops (measured on one
-thread, 2048×384 fp32: bernoulli_ 9.2 ms, 64 random bits per 4 elements 1.8 ms), while the hash is 12 whole-tensor
-int32 ops over half as many words (~0.5 ms). The mask comes out as 0/1 in x's dtype (a comparison written
-straight into a float tensor): multiplying by a bool mask costs ~30× more on CPU (an unvectorised cast).
+Why a hash: on CPU, torch's Bernoulli sampling and its mt19937 random bits are scalar loops (one thread,
+2048×384: bernoulli_ 9.2 ms; 16 random bits per element from randint 1.8 ms), while the keyed rounds are 10
+vectorised int32 ops over half as many words, chunk by chunk in cache (the whole mask ⊙ x, comparison included,
+~1.3 ms). Masks are 0/1 in int8 or in x's dtype (a comparison written straight into them): a product with a bool
+mask costs ~30× more on CPU (an unvectorised cast).
 
-Per term, forward: mask (in x's dtype) → xd = mask ⊙ x in place → h_t = (A_t·xdᵀ)/(1 − p) (a GEMM alpha); nothing
-of x's size saved. Backward: the mask again, dx += ((gH_tᵀ·A_t) ⊙ mask)/(1 − p) (one addcmul_), then
-dA_t = gH_t·(mask ⊙ x)/(1 − p) through lora_grads.grad_a (an RMSNorm recipe's x is its input, rescaled as there).
+Per run of terms (q/k/v's: one rank, one p), forward: the masks of all its terms at once, kept as int8 (1 byte per
+element; nn.Dropout's autograd keeps a bool mask and the dropped input), xd_t = m_t ⊙ x formed chunk by chunk in a
+reused buffer, h_t = (A_t·xd_tᵀ)/(1 − p) (a GEMM alpha). Backward: the masks in x's dtype again (a vectorised
+int8 cast), dx += ((gH_tᵀ·A_t) ⊙ m_t)/(1 − p) (one addcmul_), dA_t = gH_t·(m_t ⊙ x)/(1 − p) through
+lora_grads.grad_a (an RMSNorm recipe's x is its input, rescaled as there). With KEEP_MASKS off nothing of x's
+size is kept and backward draws the masks again from the seed (slower: the hash is the path's main cost).
 """
 
 from __future__ import annotations
 
 import threading
+from typing import Optional
 
 import torch
 
-from typing import Optional
-
-from .lora_grads import grad_a
 
 _M32, _M64 = 2**32 - 1, 2**64 - 1
-# Words hashed per chunk: the chunk's int32 words and their shifted copy stay in cache (2 × 512 KiB) while its 12
-# ops run; far smaller chunks pay torch's per-op overhead (~5-10 µs) too often. Measured (one thread, 2048×1536):
-# 2¹⁵ words 13.6 ms, 2¹⁷ 7.1 ms, the whole 2²⁰·1.5 at once 9.6 ms.
+# Words hashed per chunk (all of a run's terms together): the chunk's words and their shifted copy stay in cache
+# while its ops run; far smaller chunks pay torch's per-op overhead (~5-10 µs) too often. Measured on one thread,
+# one MiniLM layer's masks ⊙ x (q/k/v, o, fc1 at 2048×384, fc2 at 2048×1536): 2¹⁶ words 13.8 ms, 2¹⁷ 12.1,
+# 2¹⁸ 11.5, 2¹⁹ 10.8, 2²⁰ 12.0 (a busy box: ±5%).
 CHUNK_WORDS = 2**18
 BLOCK_WORDS = 2**16  # words under one pair of keys (part of the masks' definition; CHUNK_WORDS is a multiple)
-_COUNTERS: dict = {}  # device → int32 arange, the word counters of a chunk (read-only; grown on demand)
+_COUNTERS: dict = {}  # device → the block's counters C_j = lowbias32(j), int32 [BLOCK_WORDS] (read-only)
 _CONSTANTS: dict = {}  # device → the hash's constants as 0-dim int32 tensors (read-only)
 # Keep each term's mask from forward to backward as int8 (1 byte per element; nn.Dropout keeps a bool mask and
 # the dropped input, 5 bytes in fp32) rather than drawing it again: the hash is the path's main cost.
@@ -51,9 +57,6 @@ def _signed32(v: int) -> int:
     """v mod 2³² as a signed 32-bit Python int (what an int32 tensor op takes)."""
     v &= _M32
     return v - 2**32 if v >= 2**31 else v
-
-
-_MUL1, _MUL2 = _signed32(0x7FEB352D), _signed32(0x846CA68B)  # lowbias32's multipliers
 
 
 def _splitmix64(z: int) -> int:
@@ -237,32 +240,69 @@ def runs_down(x2: torch.Tensor, h: torch.Tensor, runs, params, seed: int) -> tup
 def runs_back(x2: torch.Tensor, norm, gh_t: torch.Tensor, dx2, runs, params, needs, seed: int, out: list,
               kept: tuple = ()) -> None:
     """The fused linear's backward for its dropout terms, masks as forward drew them:
-    dx2 += Σ_t ((gH_tᵀ·A_t) ⊙ m_t) / (1 − p) in place, and out[A_t] = gH_t·(x ⊙ m_t) / (1 − p) where needed.
+    dx2 += Σ_t ((gH_tᵀ·A_t) ⊙ m_t) / (1 − p) in place, and out[A_t] = gH_t·(x ⊙ m_t) / (1 − p) where needed,
+    row block by row block (a block's masks, x and dx stay in cache across its products).
 
     Args:
         x2: the saved input [N, in] (an RMSNorm's input when norm is given); norm: None or (rstd, w, offset).
-        gh_t: the gradient of h, rank-major [R, N] (the terms' rows are scaled in place for dA).
+        gh_t: the gradient of h, rank-major [R, N].
         dx2: the input's gradient [N, in], or None.
         runs, params, seed: as given to runs_down; needs: per parameter, whether its gradient is needed.
         out: the gradients per parameter, filled in for the terms' A.
         kept: what runs_down returned: the int8 masks per run, or () to draw them again from the seed.
     """
-    rstd, norm_w, offset = norm if norm is not None else (None, None, 0.0)
-    gx = buffer("gx", x2.numel(), x2.dtype, x2.device).view(x2.shape) if dx2 is not None else None  # [N, in]
+    n_rows, k = x2.shape
     for j, (col, r, p, a_idx, stream) in enumerate(runs):
         t, scale = len(a_idx), 1.0 / (1.0 - p)
-        mask = buffer("mask", t * x2.numel(), x2.dtype, x2.device).view(t, *x2.shape)  # [T, N, in]
+        need_a = [needs[ai] for ai in a_idx]
+        if dx2 is None and not any(need_a):
+            continue
+        g = gh_t[col:col + t * r].view(t, r, n_rows)  # [T, r, N]
+        d_a = torch.zeros(t, r, k, dtype=_accumulator(x2.dtype), device=x2.device) if any(need_a) else None
         if kept:
-            mask.copy_(kept[j])  # int8 → x's dtype (a vectorised cast)
-        else:
-            keep_masks(seed, range(stream, stream + t), x2.shape, p, x2.dtype, x2.device, out=mask)
-        if dx2 is not None:
-            for i, ai in enumerate(a_idx):
-                torch.mm(gh_t[col + i * r:col + (i + 1) * r].t(), params[ai], out=gx)  # gH_tᵀ·A_t
-                dx2.addcmul_(gx, mask[i], value=scale)
-        if any(needs[ai] for ai in a_idx):
-            xd = mask.mul_(x2)  # [T, N, in]: x ⊙ m_t
-            for i, ai in enumerate(a_idx):
-                if needs[ai]:
-                    g = gh_t[col + i * r:col + (i + 1) * r]  # [r, N]
-                    out[ai] = grad_a(g, xd[i], rstd, norm_w, offset, norm is not None).mul_(scale)  # [r, in]
+            block = max(1, min(n_rows, 2 * CHUNK_WORDS // (t * k)))  # rows per block: ~CHUNK_WORDS words of mask
+            masks = buffer("mask", t * block * k, x2.dtype, x2.device).view(t, block, k)  # [T, rows, in]
+        else:  # drawn again, whole (the hash's blocks run along the flattened input)
+            block, masks = n_rows, keep_masks(seed, range(stream, stream + t), x2.shape, p, x2.dtype, x2.device,
+                                              out=buffer("mask", t * x2.numel(), x2.dtype, x2.device).view(t, n_rows, k))
+        gx = buffer("gx", block * k, x2.dtype, x2.device).view(block, k) if dx2 is not None else None  # [rows, in]
+        for r0 in range(0, n_rows, block):
+            rows = slice(r0, min(r0 + block, n_rows))
+            m = masks[:, :rows.stop - r0]  # [T, rows, in]
+            if kept:
+                m.copy_(kept[j][:, rows])  # int8 → x's dtype (a vectorised cast)
+            _back_block(x2[rows], g[:, :, rows], m, dx2[rows] if dx2 is not None else None, gx, d_a,
+                        None if norm is None else norm[0][rows], [params[ai] for ai in a_idx], need_a, scale)
+        for i, ai in enumerate(a_idx):
+            if need_a[i]:
+                da = d_a[i] if norm is None else _norm_columns(d_a[i], norm[1], norm[2])
+                out[ai] = da.mul_(scale).to(x2.dtype)  # [r, in]
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _norm_columns(d_a: torch.Tensor, norm_w: torch.Tensor, offset: float) -> torch.Tensor:
+    """dA·diag(w + offset): an RMSNorm recipe's column scale (lora_grads.grad_a)."""
+    return d_a.mul_(norm_w) if offset == 0 else torch.addcmul(d_a, d_a, norm_w)
+
+
+def _back_block(x_rows, g, m, dx_rows, gx, d_a, rstd_rows, a_list, need_a, scale: float) -> None:
+    """One row block of runs_back: dx_rows += Σ_t ((g_tᵀ·A_t) ⊙ m_t)·scale; d_a_t += g_t·(m_t ⊙ x_rows) (the rows
+    of gH scaled by rstd first under an RMSNorm recipe). g [T, r, rows]; m [T, rows, in] (overwritten)."""
+    n = m.shape[1]
+    if dx_rows is not None:
+        for i, a in enumerate(a_list):
+            torch.mm(g[i].t(), a, out=gx[:n])  # gH_tᵀ·A_t [rows, in]
+            dx_rows.addcmul_(gx[:n], m[i], value=scale)
+    if d_a is None:
+        return
+    xd = m.mul_(x_rows)  # [T, rows, in]: x ⊙ m_t
+    for i, need in enumerate(need_a):
+        if need:
+            gi = g[i] if rstd_rows is None else (g[i] * rstd_rows).to(xd.dtype)  # [r, rows]
+            if d_a.dtype == xd.dtype:
+                d_a[i].addmm_(gi, xd[i])
+            else:
+                d_a[i].add_(gi @ xd[i])
