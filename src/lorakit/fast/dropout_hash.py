@@ -176,25 +176,31 @@ def keep_masks(seed: int, streams, shape: tuple, p: float, dtype: torch.dtype, d
     Returns:
         `out` (or a new contiguous tensor [T, *shape] of `dtype`): the masks, or mask_t ⊙ x.
     """
-    n = 1
-    for d in shape:
-        n *= d
     streams = list(streams)
-    t = len(streams)
-    out = torch.empty((t, *shape), dtype=dtype, device=device) if out is None else out
+    out = torch.empty((len(streams), *shape), dtype=dtype, device=device) if out is None else out
+    for _ in _fill(seed, streams, p, out, times, kept):
+        pass
+    return out
+
+
+def _fill(seed: int, streams: list, p: float, out: torch.Tensor, times, kept):
+    """keep_masks chunk by chunk: after each chunk, yields how many leading elements of the input it has filled."""
+    t, n = out.shape[0], out[0].numel()
     flat, x_flat = out.view(t, n), times.reshape(n) if times is not None else None
     cut = _threshold(p) - 32768  # compare the halves as signed int16: u ≥ t ⇔ u − 2¹⁵ ≥ t − 2¹⁵
     if cut > 32767:  # p rounds to 1: nothing kept
         if kept is not None:
             kept.zero_()
-        return out.zero_()
-    cut = torch.tensor(cut, dtype=torch.int16, device=device)
+        out.zero_()
+        yield n
+        return
+    cut = torch.tensor(cut, dtype=torch.int16, device=out.device)
     n_blocks = -(-n // (2 * BLOCK_WORDS))
     step = max(CHUNK_WORDS // (t * BLOCK_WORDS), 1)  # blocks per chunk
     for b0 in range(0, n_blocks, step):
         nb = min(step, n_blocks - b0)
         lo, hi = 2 * BLOCK_WORDS * b0, min(2 * BLOCK_WORDS * (b0 + nb), n)
-        halves = _hash_blocks(seed, streams, b0, nb, device).view(torch.int16)[:, :hi - lo]  # [T, ≤ 2·nb·BLOCK]
+        halves = _hash_blocks(seed, streams, b0, nb, out.device).view(torch.int16)[:, :hi - lo]  # [T, ≤ 2·nb·BLOCK]
         if kept is not None:
             torch.ge(halves, cut, out=kept.view(t, n)[:, lo:hi])
             flat[:, lo:hi].copy_(kept.view(t, n)[:, lo:hi])
@@ -202,7 +208,7 @@ def keep_masks(seed: int, streams, shape: tuple, p: float, dtype: torch.dtype, d
             torch.ge(halves, cut, out=flat[:, lo:hi])
         if x_flat is not None:
             flat[:, lo:hi].mul_(x_flat[lo:hi])
-    return out
+        yield hi
 
 
 def _a_rows(h: torch.Tensor, xd: torch.Tensor, a: torch.Tensor, scale: float) -> None:
@@ -229,9 +235,12 @@ def runs_down(x2: torch.Tensor, h: torch.Tensor, runs, params, seed: int) -> tup
         t = len(a_idx)
         xd = buffer("mask", t * x2.numel(), x2.dtype, x2.device).view(t, *x2.shape)  # [T, N, in]
         masks = torch.empty((t, *x2.shape), dtype=torch.int8, device=x2.device) if KEEP_MASKS else None
-        keep_masks(seed, range(stream, stream + t), x2.shape, p, x2.dtype, x2.device, out=xd, times=x2, kept=masks)
-        for i, ai in enumerate(a_idx):  # (x ⊙ m_t)·A_tᵀ / (1 − p)
-            _a_rows(h[:, col + i * r:col + (i + 1) * r], xd[i], params[ai], 1.0 / (1.0 - p))
+        done = 0  # rows of h written: each chunk's complete rows go through the GEMMs while still in cache
+        for filled in _fill(seed, list(range(stream, stream + t)), p, xd, x2, masks):
+            rows = slice(done, filled // x2.shape[1])
+            for i, ai in enumerate(a_idx if rows.stop > done else ()):  # (x ⊙ m_t)·A_tᵀ / (1 − p)
+                _a_rows(h[rows, col + i * r:col + (i + 1) * r], xd[i, rows], params[ai], 1.0 / (1.0 - p))
+            done = rows.stop
         if masks is not None:
             kept.append(masks)
     return tuple(kept)
