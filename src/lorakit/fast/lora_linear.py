@@ -16,12 +16,12 @@ input and 1/rms instead, so X itself is never kept) and h ([N, R], R/in of X's s
 than to recompute with another read of X).
 Beyond that plain form (each asked through spec.py, each held to the reference by tests):
 - dropout: a term with dropout p reads xd = x ⊙ mask / (1 − p). Such terms get their own columns of h
-  (x-reading terms still share one GEMM). Where Triton runs (CUDA; dropout.mask_source says "philox") the mask
-  is never stored: the term passes no tensor, only the call's seed, and dropout_kernels.py draws its mask in
-  the kernels (forward h columns; backward dA and dX += (gH·A) ⊙ mask / (1 − p) in one pass); only x is saved,
-  once for all terms. Elsewhere (dropout.py: nn.Dropout's own kernel, or on CPU a cheaper draw of the same
-  distribution) the dropped xd is an autograd input whose autograd keeps only the bool mask; xd is saved for
-  dA instead of x.
+  (x-reading terms still share one GEMM). Where dropout.mask_source says "philox" (CUDA with Triton) or "hash"
+  (CPU) the term passes no tensor, only the call's seed, and a mask engine draws its masks: dropout_kernels.py
+  in the Triton kernels (forward h columns; backward dA and dX += (gH·A) ⊙ mask / (1 − p) in one pass, the masks
+  drawn again), dropout_hash.py with torch's integer ops (a run's masks at once, kept as int8 for backward); x
+  is saved once for all terms. Elsewhere ("native": nn.Dropout's own kernel, or "bits") the dropped xd is an
+  autograd input whose autograd keeps only the bool mask; xd is saved for dA instead of x.
 - an output-scaled term (Delta.scaled_linear_factors): y = f ⊙ z + b with z = x·Wᵀ + s·h·Bᵀ and f = m / norm
   (norm detached, from the rank-r factors); backward dm = Σ dY ⊙ z / norm, dZ = dY ⊙ f, db = Σ dY.
 - a 4-bit base (a weight source with write_dense): W is dequantised into one reused scratch buffer
