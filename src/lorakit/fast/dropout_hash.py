@@ -17,7 +17,7 @@ mask. tests/test_fast_dropout_hash.py checks the keep rate per lane and the inde
 elements, words, rows, terms and seeds.
 
 Why a hash: on CPU, torch's Bernoulli sampling and its mt19937 random bits are scalar loops (one thread,
-2048×384: bernoulli_ 9.2 ms; 16 random bits per element from randint 1.8 ms), while the keyed rounds are 10
+2048×384: bernoulli_ 9.2 ms; 16 random bits per element from randint 1.8 ms), while the keyed rounds are 9
 vectorised int32 ops over half as many words, chunk by chunk in cache (the whole mask ⊙ x, comparison included,
 ~1.3 ms). Masks are 0/1 in int8 or in x's dtype (a comparison written straight into them): a product with a bool
 mask costs ~30× more on CPU (an unvectorised cast).
@@ -80,7 +80,8 @@ def block_keys(seed: int, stream: int, block: int) -> tuple[int, int]:
 
 
 def _mixed_counters(device) -> torch.Tensor:
-    """C_j = lowbias32(j) for j < BLOCK_WORDS: int32 [BLOCK_WORDS], computed once per device (read-only)."""
+    """C_j·M1 with C_j = lowbias32(j), for j < BLOCK_WORDS: int32 [BLOCK_WORDS], computed once per device
+    (read-only). (C_j + k1)·M1 = C_j·M1 + k1·M1: the keyed round's first multiply is paid here, once."""
     device = torch.device(device)
     have = _COUNTERS.get(device)
     if have is None:
@@ -90,6 +91,7 @@ def _mixed_counters(device) -> torch.Tensor:
                 h ^= h >> shift
                 if mul is not None:
                     h = (h * mul) & _M32
+            h = (h * 0x7FEB352D) & _M32  # · M1
             have = _COUNTERS[device] = torch.where(h >= 2**31, h - 2**32, h).to(torch.int32)  # the same bits
     return have
 
@@ -129,9 +131,10 @@ def release() -> None:
 
 
 def _block_keys(seed: int, streams, first_block: int, n_blocks: int, device) -> tuple:
-    """The (k1, k2) keys of blocks first_block … + n_blocks − 1 of each stream: two int32 [T, n_blocks, 1]."""
+    """The keys (k1·M1, k2) of blocks first_block … + n_blocks − 1 of each stream: two int32 [T, n_blocks, 1]."""
     keys = [[block_keys(seed, s, b) for b in range(first_block, first_block + n_blocks)] for s in streams]
-    k1 = torch.tensor([[[k] for k, _ in row] for row in keys], dtype=torch.int32, device=device)
+    k1 = torch.tensor([[[_signed32(k * 0x7FEB352D)] for k, _ in row] for row in keys], dtype=torch.int32,
+                      device=device)  # k1·M1
     k2 = torch.tensor([[[k] for _, k in row] for row in keys], dtype=torch.int32, device=device)
     return k1, k2
 
@@ -140,14 +143,13 @@ def _hash_blocks(seed: int, streams, first_block: int, n_blocks: int, device) ->
     """The words of blocks first_block … + n_blocks − 1 of each stream: int32 [T, n_blocks·BLOCK_WORDS], a view
     of a reused buffer. Word j of a block: h = ((C_j + k1)·M1 ⊕ k2), then h ^= h >>> 15, h *= M2, h ^= h >>> 16
     (logical shifts: the arithmetic one with its sign copies masked off), C_j the cached lowbias32(j)."""
-    s16, s15, low16, low17, mul1, mul2 = _constants(device)
+    s16, s15, low16, low17, _, mul2 = _constants(device)
     t = len(streams)
     shape = (t, n_blocks, BLOCK_WORDS)
     h = buffer("words", t * n_blocks * BLOCK_WORDS, torch.int32, device).view(shape)
     tmp = buffer("shifted", h.numel(), torch.int32, device).view(shape)
     k1, k2 = _block_keys(seed, streams, first_block, n_blocks, device)
-    torch.add(_mixed_counters(device), k1, out=h)  # int32 arithmetic wraps (mod 2³²)
-    h.mul_(mul1).bitwise_xor_(k2)
+    torch.add(_mixed_counters(device), k1, out=h).bitwise_xor_(k2)  # (C_j + k1)·M1 ⊕ k2; int32 ops wrap mod 2³²
     h.bitwise_xor_(torch.bitwise_right_shift(h, s15, out=tmp).bitwise_and_(low17))
     h.mul_(mul2)
     h.bitwise_xor_(torch.bitwise_right_shift(h, s16, out=tmp).bitwise_and_(low16))
