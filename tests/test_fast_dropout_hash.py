@@ -19,7 +19,7 @@ from lorakit.fast.lora_linear import fused_linears
 from support import one_thread, rel_norm  # noqa: F401
 
 SEED = 2**62 + 777
-TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
+TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2e-2}
 
 
 @pytest.fixture(autouse=True)
@@ -91,7 +91,7 @@ def _masks(seed, shape, n_terms=3, p=0.25):
 
 
 # --- the fused linear ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mixed", [True, False], ids=["with_plain_terms", "dropout_only"])
 def test_fused_qkv_equals_the_reference_with_the_same_masks(monkeypatch, keep, dtype, mixed):
     m = _model(dtype, mixed)
@@ -108,7 +108,7 @@ def test_fused_qkv_equals_the_reference_with_the_same_masks(monkeypatch, keep, d
     want = _grads(ref, [x, *params])
     assert not queue  # the reference drew every mask, in order
     for a, b in zip((*outs, *got), (*ref, *want)):
-        assert a.shape == b.shape and rel_norm(a, b) <= TOL[dtype]
+        assert a.shape == b.shape and a.dtype == b.dtype and rel_norm(a, b) <= TOL[dtype]
 
 
 def test_input_without_grad_one_layer_through_optimize(monkeypatch, keep):
@@ -209,7 +209,8 @@ def test_masks_keep_one_minus_p_on_every_lane():
         assert abs(keep.mean().item() - (1 - p)) < 5 * sd  # 5 standard deviations of the binomial keep rate
         lanes = keep.view(-1, 2).mean(0)  # the low and the high 16 bits of the hash words
         assert (lanes - (1 - p)).abs().max().item() < 5 * sd * 2**0.5
-    assert torch.equal(dh.keep_masks(SEED, [0], shape, 1e-9, torch.int8, "cpu"), torch.ones(1, *shape, dtype=torch.int8))
+    ones = torch.ones(1, *shape, dtype=torch.int8)
+    assert torch.equal(dh.keep_masks(SEED, [0], shape, 1e-9, torch.int8, "cpu"), ones)  # p rounds to 0
     assert not dh.keep_masks(SEED, [0], shape, 1 - 1e-9, torch.float32, "cpu").any()  # p rounds to 1
 
 

@@ -139,16 +139,17 @@ def _block_keys(seed: int, streams, first_block: int, n_blocks: int, device) -> 
     return k1, k2
 
 
-def _hash_blocks(seed: int, streams, first_block: int, n_blocks: int, device) -> torch.Tensor:
-    """The words of blocks first_block … + n_blocks − 1 of each stream: int32 [T, n_blocks·BLOCK_WORDS], a view
-    of a reused buffer. Word j of a block: h = ((C_j + k1)·M1 ⊕ k2), then h ^= h >>> 15, h *= M2, h ^= h >>> 16
+def _hash_blocks(k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
+    """The words of the blocks whose keys are k1, k2 (int32 [T, blocks, 1], from _block_keys): int32
+    [T, blocks·BLOCK_WORDS], a view of a reused buffer. Word j of a block: h = ((C_j + k1)·M1 ⊕ k2), then
+    h ^= h >>> 15, h *= M2, h ^= h >>> 16
     (logical shifts: the arithmetic one with its sign copies masked off), C_j the cached lowbias32(j)."""
+    device = k1.device
     s16, s15, low16, low17, _, mul2 = _constants(device)
-    t = len(streams)
+    t, n_blocks = k1.shape[0], k1.shape[1]
     shape = (t, n_blocks, BLOCK_WORDS)
     h = buffer("words", t * n_blocks * BLOCK_WORDS, torch.int32, device).view(shape)
     tmp = buffer("shifted", h.numel(), torch.int32, device).view(shape)
-    k1, k2 = _block_keys(seed, streams, first_block, n_blocks, device)
     torch.add(_mixed_counters(device), k1, out=h).bitwise_xor_(k2)  # (C_j + k1)·M1 ⊕ k2; int32 ops wrap mod 2³²
     h.bitwise_xor_(torch.bitwise_right_shift(h, s15, out=tmp).bitwise_and_(low17))
     h.mul_(mul2)
@@ -198,11 +199,13 @@ def _fill(seed: int, streams: list, p: float, out: torch.Tensor, times, kept):
         return
     cut = torch.tensor(cut, dtype=torch.int16, device=out.device)
     n_blocks = -(-n // (2 * BLOCK_WORDS))
+    k1, k2 = _block_keys(seed, streams, 0, n_blocks, out.device)  # [T, blocks, 1] each
     step = max(CHUNK_WORDS // (t * BLOCK_WORDS), 1)  # blocks per chunk
     for b0 in range(0, n_blocks, step):
         nb = min(step, n_blocks - b0)
         lo, hi = 2 * BLOCK_WORDS * b0, min(2 * BLOCK_WORDS * (b0 + nb), n)
-        halves = _hash_blocks(seed, streams, b0, nb, out.device).view(torch.int16)[:, :hi - lo]  # [T, ≤ 2·nb·BLOCK]
+        words = _hash_blocks(k1[:, b0:b0 + nb], k2[:, b0:b0 + nb])  # [T, nb·BLOCK]
+        halves = words.view(torch.int16)[:, :hi - lo]  # [T, ≤ 2·nb·BLOCK]
         if kept is not None:
             torch.ge(halves, cut, out=kept.view(t, n)[:, lo:hi])
             flat[:, lo:hi].copy_(kept.view(t, n)[:, lo:hi])
@@ -274,8 +277,9 @@ def runs_back(x2: torch.Tensor, norm, gh_t: torch.Tensor, dx2, runs, params, nee
             block = max(1, min(n_rows, 2 * CHUNK_WORDS // (t * k)))  # rows per block: ~CHUNK_WORDS words of mask
             masks = buffer("mask", t * block * k, x2.dtype, x2.device).view(t, block, k)  # [T, rows, in]
         else:  # drawn again, whole (the hash's blocks run along the flattened input)
+            whole = buffer("mask", t * x2.numel(), x2.dtype, x2.device).view(t, n_rows, k)
             block, masks = n_rows, keep_masks(seed, range(stream, stream + t), x2.shape, p, x2.dtype, x2.device,
-                                              out=buffer("mask", t * x2.numel(), x2.dtype, x2.device).view(t, n_rows, k))
+                                              out=whole)
         gx = buffer("gx", block * k, x2.dtype, x2.device).view(block, k) if dx2 is not None else None  # [rows, in]
         for r0 in range(0, n_rows, block):
             rows = slice(r0, min(r0 + block, n_rows))
