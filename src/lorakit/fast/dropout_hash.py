@@ -45,7 +45,7 @@ _M32, _M64 = 2**32 - 1, 2**64 - 1
 # 2¹⁸ 11.5, 2¹⁹ 10.8, 2²⁰ 12.0 (a busy box: ±5%).
 CHUNK_WORDS = 2**18
 BLOCK_WORDS = 2**16  # words under one pair of keys (part of the masks' definition; CHUNK_WORDS is a multiple)
-_COUNTERS: dict = {}  # device → the block's counters C_j = lowbias32(j), int32 [BLOCK_WORDS] (read-only)
+_COUNTERS: dict = {}  # device → a block's counters C_j·M1, C_j = lowbias32(j): int32 [BLOCK_WORDS] (read-only)
 _CONSTANTS: dict = {}  # device → the hash's constants as 0-dim int32 tensors (read-only)
 # Keep each term's mask from forward to backward as int8 (1 byte per element; nn.Dropout keeps a bool mask and
 # the dropped input, 5 bytes in fp32) rather than drawing it again: the hash is the path's main cost.
