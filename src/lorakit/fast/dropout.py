@@ -9,9 +9,12 @@ Where the mask comes from, per device type (MASK_SOURCE, read through mask_sourc
 - "native": torch.native_dropout, nn.Dropout's own kernel: the same RNG draw as the reference path, so the same
   mask for the same RNG state (on CUDA it is one fused Philox kernel); xd is an autograd input of the fused call,
   its autograd keeping only the bool mask;
-- "bits" (CPU): 32 random bits per element compared with p·2³² (keep when ≥): the same distribution as the
-  reference (to 2⁻³², finer than a float32 uniform), from a different draw. On CPU, Bernoulli sampling costs ~10×
-  more than drawing raw random bits (measured: 22 ms vs 2 ms for 2048×1536 on one thread), and dominated the step.
+- "hash" (CPU): drawn inside the fused linear from the same per-call seed by a counter-based hash in torch's
+  integer ops (dropout_hash.py) and drawn again in backward, never stored: keep probability 1 − p to 2⁻¹⁶, a
+  seeded run repeats itself but not the reference path's masks. Under torch.compile it falls back to "native";
+- "bits" (CPU, selectable): 32 random bits per element from torch's generator compared with p·2³² (keep when ≥),
+  the dropped input then an autograd input like "native"'s: the same distribution to 2⁻³², several times
+  slower than "hash" (mt19937 and bool-mask products are scalar loops on CPU).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 from .. import triton_gate
 
-MASK_SOURCE = {"cpu": "bits", "cuda": "philox"}
+MASK_SOURCE = {"cpu": "hash", "cuda": "philox"}
 _NATIVE_BACKWARD = torch.ops.aten.native_dropout_backward  # g ⊙ mask · scale, one kernel
 
 
@@ -33,16 +36,20 @@ def bits_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def mask_source(device: torch.device) -> str:
-    """Where the fused linear's dropout masks come from on `device`: "philox", "native" or "bits" (see above).
+    """Where the fused linear's dropout masks come from on `device`: "philox", "hash", "native" or "bits" (see
+    above).
 
     Args:
         device: the input's device.
     Returns:
-        MASK_SOURCE's entry for the device type, "native" when none is set or when it says "philox" and Triton
-        may not run there (or torch.compile is tracing).
+        MASK_SOURCE's entry for the device type; "native" when none is set, when torch.compile is tracing and
+        it says "philox" or "hash" (a per-call seed that a compiled graph would guard on), or when it says
+        "philox" and Triton may not run there.
     """
     source = MASK_SOURCE.get(device.type, "native")
-    if source == "philox" and (not triton_gate.runs_on(device) or torch.compiler.is_compiling()):
+    if source in ("philox", "hash") and torch.compiler.is_compiling():
+        return "native"
+    if source == "philox" and not triton_gate.runs_on(device):
         return "native"
     return source
 
@@ -64,7 +71,7 @@ class _MaskedScale(torch.autograd.Function):
 
 def dropped(x: torch.Tensor, p: float) -> torch.Tensor:
     """nn.Dropout(p) of x in training (0 < p < 1) as a tensor: random bits where MASK_SOURCE says "bits" for x's
-    device, else nn.Dropout's own kernel (the in-kernel "philox" masks are drawn by the fused linear itself)."""
+    device, else nn.Dropout's own kernel (the seeded "philox" and "hash" masks are drawn by the fused linear)."""
     if MASK_SOURCE.get(x.device.type, "native") != "bits":
         return torch.native_dropout(x, p, True)[0]
     return _MaskedScale.apply(x, bits_mask(x, p), 1.0 / (1.0 - p))

@@ -262,19 +262,23 @@ def _a_run(params, a_idx) -> torch.Tensor:
     return params[a_idx[0]].contiguous() if len(a_idx) == 1 else torch.cat([params[i] for i in a_idx])
 
 
-def runs_down(x2: torch.Tensor, h: torch.Tensor, runs, params, seed: int) -> None:
+def runs_down(x2: torch.Tensor, h: torch.Tensor, runs, params, seed: int) -> tuple:
     """The fused linear's forward for its runs of in-kernel dropout terms: each run's columns of h, by drop_down.
 
     Args:
         x2: the input [N, in]; h: the fused call's h [N, R] (any strides), written in place.
         runs: (first column of h, r, p, indices of the terms' A in params, first stream) per run.
         params: the fused call's parameters; seed: the call's Philox key.
+    Returns:
+        () — nothing to keep for backward: the masks are drawn again there.
     """
     for col, r, p, a_idx, stream in runs:
         drop_down(x2, _a_run(params, a_idx), h[:, col:col + r * len(a_idx)], seed, stream, r, p)
+    return ()
 
 
-def runs_back(x2: torch.Tensor, norm, gh_t: torch.Tensor, dx2, runs, params, needs, seed: int, out: list) -> None:
+def runs_back(x2: torch.Tensor, norm, gh_t: torch.Tensor, dx2, runs, params, needs, seed: int, out: list,
+              kept: tuple = ()) -> None:
     """The fused linear's backward for its runs of in-kernel dropout terms, masks drawn again:
     dx2 += Σ_t ((gH_t·A_t) ⊙ m_t) / (1 − p) in place, and out[A_t] = gH_t·(x ⊙ m_t) / (1 − p) where needed.
 
@@ -283,6 +287,7 @@ def runs_back(x2: torch.Tensor, norm, gh_t: torch.Tensor, dx2, runs, params, nee
         gh_t: the gradient of h, rank-major [R, N]; dx2: the input's gradient [N, in], or None.
         runs, params, seed: as given to runs_down; needs: per parameter, whether its gradient is needed.
         out: the gradients per parameter, filled in for the terms' A.
+        kept: what runs_down returned (nothing).
     """
     for col, r, p, a_idx, stream in runs:
         for first in range(0, len(a_idx), MAX_TERMS):  # at most MAX_TERMS terms per launch (dA in registers)

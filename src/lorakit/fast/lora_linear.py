@@ -16,12 +16,12 @@ input and 1/rms instead, so X itself is never kept) and h ([N, R], R/in of X's s
 than to recompute with another read of X).
 Beyond that plain form (each asked through spec.py, each held to the reference by tests):
 - dropout: a term with dropout p reads xd = x ⊙ mask / (1 − p). Such terms get their own columns of h
-  (x-reading terms still share one GEMM). Where Triton runs (CUDA; dropout.mask_source says "philox") the mask
-  is never stored: the term passes no tensor, only the call's seed, and dropout_kernels.py draws its mask in
-  the kernels (forward h columns; backward dA and dX += (gH·A) ⊙ mask / (1 − p) in one pass); only x is saved,
-  once for all terms. Elsewhere (dropout.py: nn.Dropout's own kernel, or on CPU a cheaper draw of the same
-  distribution) the dropped xd is an autograd input whose autograd keeps only the bool mask; xd is saved for
-  dA instead of x.
+  (x-reading terms still share one GEMM). Where dropout.mask_source says "philox" (CUDA with Triton) or "hash"
+  (CPU) the term passes no tensor, only the call's seed, and a mask engine draws its masks: dropout_kernels.py
+  in the Triton kernels (forward h columns; backward dA and dX += (gH·A) ⊙ mask / (1 − p) in one pass, the masks
+  drawn again), dropout_hash.py with torch's integer ops (a run's masks at once, kept as int8 for backward); x
+  is saved once for all terms. Elsewhere ("native": nn.Dropout's own kernel, or "bits") the dropped xd is an
+  autograd input whose autograd keeps only the bool mask; xd is saved for dA instead of x.
 - an output-scaled term (Delta.scaled_linear_factors): y = f ⊙ z + b with z = x·Wᵀ + s·h·Bᵀ and f = m / norm
   (norm detached, from the rank-r factors); backward dm = Σ dY ⊙ z / norm, dZ = dY ⊙ f, db = Σ dY. Where Triton
   runs, scaled_kernels.py does each stage in one pass: the norm in one launch; forward adds the output's one term
@@ -45,8 +45,8 @@ from torch import nn
 
 from ..core.adapted import AdaptedLayer
 from . import recipes
+from . import dropout_hash, dropout_kernels
 from .dropout import dropped, mask_source
-from .dropout_kernels import runs_back, runs_down
 from .lora_grads import grad_a, grad_b, output_grads
 from .scaled_kernels import scale_output, takes_up
 from .scratch import dense_from_source
@@ -56,6 +56,8 @@ from .spec import FALLBACK_ATTR, note_fallback, spec_or_reason
 # badly. Measured on CPU (MKL, one thread, N=2048, out=1536, r=8): x·Aᵀ 0.37 ms vs (A·xᵀ)ᵀ 0.21, and
 # dYᵀ·h as [out, r] 33 ms vs as [r, out] 1.4. On an H100 both forms cost the same (benchmarks/lora_gemm_forms.py).
 RANK_MAJOR = {"cpu": True, "cuda": False}
+# Where the masks of terms that pass only the call's seed are drawn, by dropout.mask_source's answer.
+_MASK_ENGINES = {"philox": dropout_kernels, "hash": dropout_hash}
 
 
 # --- the autograd function -------------------------------------------------------------------------------
@@ -128,9 +130,9 @@ def _down(x2, a_x, drops, rank_major: bool) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
-def _down_in_kernel(x2, a_x, plan: _Plan, params, seed: int, rank_major: bool) -> torch.Tensor:
-    """h [N, R] (a view of [R, N] when rank-major): x-reading terms by one GEMM, each run of in-kernel dropout
-    terms by drop_down (masks drawn from `seed`, nothing of x's size written)."""
+def _down_in_kernel(x2, a_x, plan: _Plan, params, seed: int, rank_major: bool, engine) -> tuple:
+    """(h [N, R] (a view of [R, N] when rank-major), what the mask engine keeps for backward): x-reading terms by
+    one GEMM, each run of dropout terms with seeded masks by the mask engine (masks drawn from `seed`)."""
     n = x2.shape[0]
     h_t = x2.new_empty(plan.rank, n) if rank_major else None
     h = h_t.t() if rank_major else x2.new_empty(n, plan.rank)
@@ -139,8 +141,8 @@ def _down_in_kernel(x2, a_x, plan: _Plan, params, seed: int, rank_major: bool) -
             torch.mm(a_x, x2.t(), out=h_t[:plan.x_rank])
         else:
             h[:, :plan.x_rank] = x2 @ a_x.t()
-    runs_down(x2, h, plan.kernel_runs, params, seed)
-    return h
+    kept = engine.runs_down(x2, h, plan.kernel_runs, params, seed)
+    return h, kept
 
 
 def _scaled_ups(plan: _Plan, outs, h, params, taken=None) -> dict:
@@ -178,11 +180,13 @@ class FusedLoraLinears(torch.autograd.Function):
         if xt:
             a_x = torch.cat([params[t[1]] for t in xt]) if len(xt) > 1 else params[xt[0][1]]
         rank_major = RANK_MAJOR.get(x.device.type, False)
-        seed = params[plan.drop_terms[0][6]] if plan.kernel_runs else None  # the call's Philox key (an int)
+        seed = params[plan.drop_terms[0][6]] if plan.kernel_runs else None  # the call's mask seed (an int)
+        engine = _MASK_ENGINES[mask_source(x.device)] if seed is not None else None
         if seed is not None:
             x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-            h = _down_in_kernel(x2, a_x, plan, params, seed, rank_major)
+            h, kept = _down_in_kernel(x2, a_x, plan, params, seed, rank_major, engine)
         else:
+            kept = ()
             drops = [(params[t[6]].reshape(-1, in_features), params[t[1]]) for t in plan.tensor_drops]
             h = _down(x2, a_x, drops, rank_major) if plan.rank > 0 else None
         outs = []
@@ -202,7 +206,7 @@ class FusedLoraLinears(torch.autograd.Function):
                                        ups.get(j))
         ctx.ups = tuple(ups)
         ctx.plan, ctx.norm_offset, ctx.x_shape, ctx.rank_major = plan, norm_offset, x.shape, rank_major
-        ctx.sources, ctx.drop_seed = sources, seed
+        ctx.sources, ctx.drop_seed, ctx.mask_engine = sources, seed, engine
         ctx.recipe_used = norm_x is not None
         if ctx.recipe_used:
             nx = norm_x.reshape(-1, in_features)  # the dropout kernels read its rows with unit stride
@@ -211,14 +215,15 @@ class FusedLoraLinears(torch.autograd.Function):
             saved_x = (x2 if xt or seed is not None else None, None, None)
         if seed is not None:  # the seed slots hold ints, which autograd does not save
             params = [None if type(t) is int else t for t in params]
-        ctx.save_for_backward(*saved_x, h, a_x, *zs, *params)
+        ctx.save_for_backward(*saved_x, h, a_x, *zs, *params, *kept)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         plan: _Plan = ctx.plan
         x2, rstd, norm_w, h, a_x, *rest = ctx.saved_tensors
-        zs, params = rest[:plan.n_scaled], rest[plan.n_scaled:]
+        zs, params = rest[:plan.n_scaled], rest[plan.n_scaled:plan.n_scaled + plan.n_params]
+        kept = rest[plan.n_scaled + plan.n_params:]  # the mask engine's, from forward
         needs = ctx.needs_input_grad[7:]  # after (x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources)
         gs = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
         out: list[Optional[torch.Tensor]] = [None] * plan.n_params  # W_j: frozen (checked before the call)
@@ -248,7 +253,7 @@ class FusedLoraLinears(torch.autograd.Function):
         if plan.kernel_runs:  # dX and dA of the in-kernel dropout terms, their masks drawn again
             dx2 = dx.view(-1, dx.shape[-1]) if dx is not None else None
             norm = (rstd, norm_w, ctx.norm_offset) if ctx.recipe_used else None
-            runs_back(x2, norm, gh_t, dx2, plan.kernel_runs, params, needs, ctx.drop_seed, out)
+            ctx.mask_engine.runs_back(x2, norm, gh_t, dx2, plan.kernel_runs, params, needs, ctx.drop_seed, out, kept)
         for _, ai, _, col, r, _, xi in plan.tensor_drops:  # the dropped input's grad; dropout's backward masks it
             if needs[xi]:
                 out[xi] = (gh_t[col:col + r].t() @ params[ai]).view(ctx.x_shape)
@@ -308,8 +313,8 @@ def _fuse(x: torch.Tensor, layers: Sequence[nn.Module]):
         return "no active adapter on this layer"
     to = (lambda t: t) if cast is None else (lambda t: t.to(cast))  # noqa: E731  (differentiable casts)
     xc = to(x)
-    seed = None  # in-kernel masks: one Philox key per call from torch's CPU generator (seeded runs repeat)
-    if any(t[3] > 0 for spec in specs for t in spec[2]) and mask_source(x.device) == "philox":
+    seed = None  # seeded masks: one key per call from torch's CPU generator (seeded runs repeat)
+    if any(t[3] > 0 for spec in specs for t in spec[2]) and mask_source(x.device) in _MASK_ENGINES:
         seed = int(torch.randint(2**62, 2**63 - 1, ()))  # ≥ 2³¹: always a 64-bit kernel argument
     layout, params, sources, any_x = [], [], [], False
     for w, b, terms, source, scaled in specs:  # dropout masks drawn in the reference's order: layer, then term
