@@ -163,9 +163,7 @@ class Steps:
             try:
                 return self._replay(rows, kv_len)[:n]
             except RuntimeError as e:  # a model or kernel that cannot be captured: decode eagerly from now on
-                print(f"lorakit serve: CUDA graph capture failed ({e}); decoding without graphs", file=sys.stderr)
-                self.graphs = False
-                self._captured.clear()
+                self._no_graphs(e)
         self.table.rows.active = any(s != none for s in slots)
         return self._decode_eager(rows, kv_len)[:n]
 
@@ -187,7 +185,7 @@ class Steps:
         """Capture the decode graph of every (rows, columns) bucket now, before any request (a capture takes tens
         of milliseconds, and captured on first use it stalls every running row). The inputs point every row at
         the cache's sink column and no adapter, so the captures write nothing a request reads. Returns the number
-        of graphs (0 without CUDA graphs)."""
+        of graphs (0 without CUDA graphs, or when a capture fails: decode then runs eagerly)."""
         if not self.graphs:
             return 0
         none = self.table.none_slot
@@ -196,11 +194,19 @@ class Steps:
         self._inputs[2].fill_(none)
         self._inputs[3].fill_(-1)
         self._generation = self.table.generation
-        for rows in _buckets(self._inputs.shape[1]):
-            for kv_len in _buckets(self.cache.max_len - 1):
-                if (rows, kv_len) not in self._captured:
-                    self._captured[(rows, kv_len)] = self._capture(rows, kv_len)
+        try:
+            for rows in _buckets(self._inputs.shape[1]):
+                for kv_len in _buckets(self.cache.max_len - 1):
+                    if (rows, kv_len) not in self._captured:
+                        self._captured[(rows, kv_len)] = self._capture(rows, kv_len)
+        except RuntimeError as e:  # as in decode: the server still serves, eagerly
+            self._no_graphs(e)
         return len(self._captured)
+
+    def _no_graphs(self, error: Exception) -> None:
+        print(f"lorakit serve: CUDA graph capture failed ({error}); decoding without graphs", file=sys.stderr)
+        self.graphs = False
+        self._captured.clear()
 
     def _replay(self, rows: int, kv_len: int) -> torch.Tensor:
         if self._generation != self.table.generation:  # the adapter stacks were reallocated
