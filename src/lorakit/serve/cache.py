@@ -221,17 +221,21 @@ class Steps:
 
     def _capture(self, rows: int, kv_len: int):
         """A CUDA graph of the decode step for `rows` rows attending `kv_len` columns (LoRA always on: rows
-        without an adapter have gid -1, which the kernel skips)."""
+        without an adapter have gid -1, which the kernel skips). On the model's GPU, whichever is current here
+        (Triton launches on the current one)."""
         self.table.rows.active = bool(self.table.stacks)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm-up outside the graph: kernels compiled, workspaces allocated
-            for _ in range(2):
-                self._decode_eager(rows, kv_len)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool()):
-            logits = self._decode_eager(rows, kv_len)
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):  # warm-up outside the graph: kernels compiled, workspaces allocated
+                for _ in range(2):
+                    self._decode_eager(rows, kv_len)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            # captured on a stream of the model's GPU (torch's own capture stream is made once, on the GPU current
+            # at the process's first capture)
+            with torch.cuda.graph(graph, pool=self._pool(), stream=stream):
+                logits = self._decode_eager(rows, kv_len)
         return graph, logits
 
     def _pool(self):
