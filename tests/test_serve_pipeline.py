@@ -1,10 +1,13 @@
-"""The engine's pipelined steps and the decode graphs, on a tiny Llama from a config: a model whose decode step
-cannot be captured as a CUDA graph still serves (eagerly) when the graphs are captured at start."""
+"""The server's decode step, on a tiny Llama from a config: a model whose decode step cannot be captured as a CUDA
+graph still serves (eagerly) when the graphs are captured at start; the grouped decode attention equals
+transformers' sdpa path (repeated key/value heads), value heads of another width included; an engine on a second
+GPU hands out the tokens its steps sampled."""
 
 import pytest
 import torch
 
 from lorakit.serve.adapters import AdapterTable
+from lorakit.serve.attention import slot_attention
 from lorakit.serve.cache import Steps, cache_for
 
 
@@ -22,6 +25,23 @@ def test_a_capture_that_fails_at_start_decodes_eagerly(tiny_llama, monkeypatch, 
     with torch.no_grad():
         want = tiny_llama(torch.tensor([[5, 6, 7, 9]])).logits[0, -1]
     torch.testing.assert_close(steps.decode([9], [3], [table.none_slot])[0], want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("value_dim", [8, 6], ids=["same", "narrower-values"])
+def test_grouped_decode_attention_equals_repeated_heads(value_dim):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 6, 1, 8, generator=g)  # [B, Hq, 1, D]: 6 query heads over 2 key/value heads
+    k, v = torch.randn(3, 2, 5, 8, generator=g), torch.randn(3, 2, 5, value_dim, generator=g)
+    mask = torch.zeros(3, 1, 1, 5).masked_fill_(torch.arange(5) > torch.tensor([4, 1, 2])[:, None, None, None],
+                                               torch.finfo(torch.float32).min)  # rows attend 5, 2, 3 columns
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 3
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    got, _ = slot_attention(module, q, k, v, mask, scaling=0.3)
+    assert got.shape == want.shape == (3, 1, 6, value_dim)
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
