@@ -45,27 +45,34 @@ def test_grouped_decode_attention_equals_repeated_heads(value_dim):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_an_engine_on_the_second_gpu_hands_out_each_step_s_tokens(tiny_llama):
+def test_an_engine_on_the_second_gpu_hands_out_each_step_s_tokens(tiny_llama, tmp_path):
     """The engine's thread starts on GPU 0: its copies' events, graphs and kernels must follow the model's GPU,
     or the host reads a step's tokens before their copy (and Triton launches on the wrong GPU)."""
     import queue
 
+    import lorakit
     from lorakit.serve.engine import Engine, Request
+    from support import randomise_adapters, small_lora
 
     model = tiny_llama.to("cuda:1")
+    lorakit.add_adapter(model, small_lora(target_modules=["q_proj", "v_proj"]), "x")
+    randomise_adapters(model, seed=0)
+    saved = lorakit.save_adapter(model, tmp_path / "x", "x")
+    lorakit.delete_adapter(model, "x")
     table = AdapterTable(model, max_loras=1, max_rank=4)
+    table.load("x", str(saved))
     steps = Steps(model, cache_for(model, 4, 40), table, pad_id=0, graphs=True)
     steps.capture_all()
     engine = Engine(steps, table, slots=4)
     engine.start()
     inbox: "queue.Queue" = queue.Queue()
-    prompts = [[5, 6, 7], [9, 8, 7, 6, 5], [3, 1]]
+    runs = [([5, 6, 7], "x"), ([9, 8, 7, 6, 5], None), ([3, 1], "x")]
     try:
-        for i, prompt in enumerate(prompts):
-            engine.submit(Request(prompt=prompt, adapter_slot=table.none_slot, max_tokens=20,
+        for i, (prompt, adapter) in enumerate(runs):
+            engine.submit(Request(prompt=prompt, adapter_slot=engine.reserve(adapter), max_tokens=20,
                                   emit=lambda kind, value, i=i: inbox.put((i, kind, value))))
-        got = [[] for _ in prompts]
-        for _ in range(len(prompts)):
+        got = [[] for _ in runs]
+        for _ in runs:
             while True:
                 i, kind, value = inbox.get(timeout=120)
                 if kind != "token":
@@ -74,10 +81,16 @@ def test_an_engine_on_the_second_gpu_hands_out_each_step_s_tokens(tiny_llama):
                 got[i].append(value)
     finally:
         engine.stop()
-    for prompt, tokens in zip(prompts, got):
+        table.close()  # the reference below: the model with set_active, not the table's routing
+    for (prompt, adapter), tokens in zip(runs, got):
         ids = list(prompt)
         for token in tokens:
             with torch.no_grad():
-                logits = model(torch.tensor([ids], device="cuda:1")).logits[0, -1]
+                if adapter is None:
+                    with lorakit.disabled(model):
+                        logits = model(torch.tensor([ids], device="cuda:1")).logits[0, -1]
+                else:
+                    lorakit.set_active(model, adapter)
+                    logits = model(torch.tensor([ids], device="cuda:1")).logits[0, -1]
             assert logits[token] >= logits.max() - 1e-3  # the argmax (up to a tie)
             ids.append(token)
