@@ -27,6 +27,53 @@ def test_a_capture_that_fails_at_start_decodes_eagerly(tiny_llama, monkeypatch, 
     torch.testing.assert_close(steps.decode([9], [3], [table.none_slot])[0], want, atol=1e-4, rtol=1e-4)
 
 
+def _greedy(model, ids: list, n: int) -> list:
+    """n greedy tokens after ids, the model run on the whole sequence each time."""
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[-n:]
+
+
+def test_rows_freed_by_a_stop_or_the_cache_end_serve_the_next_request(tiny_llama):
+    """Two cache rows, four requests: a row whose stop token is still being read runs one more step, and the
+    request admitted into it afterwards (with the stale step's token in Steps.tokens) still gets the tokens of
+    the model run alone; a row that reaches the cache's last column ends with "length" after its last token."""
+    import queue
+
+    from lorakit.serve.engine import Engine, Request
+
+    table = AdapterTable(tiny_llama, max_loras=1, max_rank=4)
+    steps = Steps(tiny_llama, cache_for(tiny_llama, 2, 13), table, pad_id=0, graphs=False)  # columns 0..11, sink 12
+    prompts = {"stops": [5, 6, 7], "long": [9, 8, 7, 6, 5, 4, 3, 2], "next": [3, 1, 4], "last": [2, 7]}
+    stop = _greedy(tiny_llama, prompts["stops"], 2)[1]
+    limits = {"stops": 9, "long": 30, "next": 6, "last": 30}
+    inbox: "queue.Queue" = queue.Queue()
+    engine = Engine(steps, table, slots=2)
+    engine.start()
+    try:
+        for name, prompt in prompts.items():
+            engine.submit(Request(prompt=prompt, adapter_slot=table.none_slot, max_tokens=limits[name],
+                                  stop_ids=frozenset([stop]) if name == "stops" else frozenset(),
+                                  emit=lambda kind, value, name=name: inbox.put((name, kind, value))))
+        got, ends = {name: [] for name in prompts}, {}
+        while len(ends) < len(prompts):
+            name, kind, value = inbox.get(timeout=60)
+            if kind == "token":
+                got[name].append(value)
+            else:
+                ends[name] = (kind, value)
+    finally:
+        engine.stop()
+    cut = _greedy(tiny_llama, prompts["stops"], 9).index(stop)
+    assert ends["stops"] == ("done", "stop") and got["stops"] == _greedy(tiny_llama, prompts["stops"], cut)
+    assert ends["next"] == ("done", "length") and got["next"] == _greedy(tiny_llama, prompts["next"], 6)
+    for name in ("long", "last"):  # every column up to the sink written: 12 - len(prompt) decode steps + prefill
+        n = 12 - len(prompts[name]) + 1
+        assert ends[name] == ("done", "length") and got[name] == _greedy(tiny_llama, prompts[name], n)
+
+
 @pytest.mark.parametrize("value_dim", [8, 6], ids=["same", "narrower-values"])
 def test_grouped_decode_attention_equals_repeated_heads(value_dim):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
