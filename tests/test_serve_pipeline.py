@@ -1,7 +1,8 @@
-"""The server's decode step, on a tiny Llama from a config: a model whose decode step cannot be captured as a CUDA
-graph still serves (eagerly) when the graphs are captured at start; the grouped decode attention equals
-transformers' sdpa path (repeated key/value heads), value heads of another width included; an engine on a second
-GPU hands out the tokens its steps sampled."""
+"""The server's decode step and pipelined engine, on a tiny Llama from a config: a model whose decode step cannot be
+captured as a CUDA graph still serves (eagerly) when the graphs are captured at start; rows freed by a stop token or
+at the cache's end serve the next request; the grouped decode attention equals transformers' sdpa path (repeated
+key/value heads), value heads of another width included; an engine on a second GPU hands out the tokens its steps
+sampled."""
 
 import pytest
 import torch
