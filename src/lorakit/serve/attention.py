@@ -35,8 +35,8 @@ def slot_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.
     group = heads // kv_heads
     q = query.reshape(batch, kv_heads, group, dim)  # [B, Hkv, g, D]
     mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]  # [B, 1, 1, kv]
-    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)  # [B, Hkv, g, D]
-    return out.reshape(batch, heads, 1, dim).transpose(1, 2), None  # [B, 1, Hq, D]
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)  # [B, Hkv, g, Dv]
+    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2), None  # [B, 1, Hq, Dv]
 
 
 def install(model) -> None:

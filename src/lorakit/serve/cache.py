@@ -170,9 +170,7 @@ class Steps:
             try:
                 return self._replay(rows, kv_len)[:n]
             except RuntimeError as e:  # a model or kernel that cannot be captured: decode eagerly from now on
-                print(f"lorakit serve: CUDA graph capture failed ({e}); decoding without graphs", file=sys.stderr)
-                self.graphs = False
-                self._captured.clear()
+                self._no_graphs(e)
         self.table.rows.active = any(s != none for s in slots)
         return self._decode_eager(rows, kv_len)[:n]
 
@@ -194,7 +192,7 @@ class Steps:
         """Capture the decode graph of every (rows, columns) bucket now, before any request (a capture takes tens
         of milliseconds, and captured on first use it stalls every running row). The inputs point every row at
         the cache's sink column and no adapter, so the captures write nothing a request reads. Returns the number
-        of graphs (0 without CUDA graphs)."""
+        of graphs (0 without CUDA graphs, or when a capture fails: decode then runs eagerly)."""
         if not self.graphs:
             return 0
         none = self.table.none_slot
@@ -203,11 +201,19 @@ class Steps:
         self._inputs[2].fill_(none)
         self._inputs[3].fill_(-1)
         self._generation = self.table.generation
-        for rows in _buckets(self._inputs.shape[1]):
-            for kv_len in _buckets(self.cache.max_len - 1):
-                if (rows, kv_len) not in self._captured:
-                    self._captured[(rows, kv_len)] = self._capture(rows, kv_len)
+        try:
+            for rows in _buckets(self._inputs.shape[1]):
+                for kv_len in _buckets(self.cache.max_len - 1):
+                    if (rows, kv_len) not in self._captured:
+                        self._captured[(rows, kv_len)] = self._capture(rows, kv_len)
+        except RuntimeError as e:  # as in decode: the server still serves, eagerly
+            self._no_graphs(e)
         return len(self._captured)
+
+    def _no_graphs(self, error: Exception) -> None:
+        print(f"lorakit serve: CUDA graph capture failed ({error}); decoding without graphs", file=sys.stderr)
+        self.graphs = False
+        self._captured.clear()
 
     def _replay(self, rows: int, kv_len: int) -> torch.Tensor:
         if self._generation != self.table.generation:  # the adapter stacks were reallocated
@@ -222,17 +228,21 @@ class Steps:
 
     def _capture(self, rows: int, kv_len: int):
         """A CUDA graph of the decode step for `rows` rows attending `kv_len` columns (LoRA always on: rows
-        without an adapter have gid -1, which the kernel skips)."""
+        without an adapter have gid -1, which the kernel skips). On the model's GPU, whichever is current here
+        (Triton launches on the current one)."""
         self.table.rows.active = bool(self.table.stacks)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm-up outside the graph: kernels compiled, workspaces allocated
-            for _ in range(2):
-                self._decode_eager(rows, kv_len)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool()):
-            logits = self._decode_eager(rows, kv_len)
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):  # warm-up outside the graph: kernels compiled, workspaces allocated
+                for _ in range(2):
+                    self._decode_eager(rows, kv_len)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            # captured on a stream of the model's GPU (torch's own capture stream is made once, on the GPU current
+            # at the process's first capture)
+            with torch.cuda.graph(graph, pool=self._pool(), stream=stream):
+                logits = self._decode_eager(rows, kv_len)
         return graph, logits
 
     def _pool(self):

@@ -121,6 +121,8 @@ class Engine:
 
     # --- the loop ----------------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        if self.steps.device.type == "cuda":  # a new thread starts on GPU 0: its current streams, the events
+            torch.cuda.set_device(self.steps.device)  # and graph captures follow the model's GPU (--device cuda:1)
         while not self._stopping.is_set():
             try:
                 if not self._calls.empty():
@@ -241,7 +243,7 @@ class Engine:
             host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
             host.copy_(chosen, non_blocking=True)
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(chosen.device))  # the stream of the copy, not GPU 0's
         else:
             host, ready = chosen, None
         self._launched.append(Launched(reqs, index, host, ready))
