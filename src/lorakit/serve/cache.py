@@ -149,6 +149,15 @@ class Steps:
                              self.dtype), past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
 
+    def write_samples(self, chosen: torch.Tensor, cache_rows: Optional[Sequence[int]] = None) -> None:
+        """Make `chosen` [k] (device) the latest token of cache rows `cache_rows` (None: rows 0..k-1), for the
+        next decode step to read; no host sync."""
+        if cache_rows is None:
+            self.tokens[: chosen.shape[0]].copy_(chosen)
+        else:
+            rows = self._staging.put([list(cache_rows)])[0].to(self.device, non_blocking=True)
+            self.tokens.index_copy_(0, rows, chosen)
+
     @torch.no_grad()
     def decode(self, tokens: Optional[Sequence[int]], positions: Sequence[int],
                adapter_slots: Sequence[int]) -> torch.Tensor:
@@ -218,6 +227,7 @@ class Steps:
     def _replay(self, rows: int, kv_len: int) -> torch.Tensor:
         if self._generation != self.table.generation:  # the adapter stacks were reallocated
             self._captured.clear()
+            self.__dict__.pop("_graph_pool", None)  # new graphs in a new pool, never in the old graphs' memory
             self._generation = self.table.generation
         key = (rows, kv_len)
         if key not in self._captured:

@@ -7,8 +7,9 @@ with one prefill, and (4) runs one decode step for every running row, each row w
 (the HTTP side turns it into text, stop strings and SSE); nothing a request does reaches another row: a
 failing prefill or step fails only the rows it ran.
 
-Steps run one ahead of the host (on CUDA): a step's samples stay on the device (Steps.tokens), where the next
-step reads them, and reach the host through a pinned copy that is read only after the next step is launched.
+Steps run one ahead of the host (on CPU in the same order, where waiting costs nothing): a step's samples stay
+on the device (Steps.tokens), where the next step reads them, and reach the host through a pinned copy that is
+read only after the next step is launched.
 So the device never waits for the host's per-token work (emit, stop checks, the HTTP side), and the host waits
 for the device without holding the GIL. The price: a row that samples a stop token runs one more step, whose
 token is dropped; rows are launched at most max_tokens times and never past the cache.
@@ -82,7 +83,7 @@ class Engine:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lorakit-serve-engine", daemon=True)
         self._held: list[Request] = []
-        self._launched: list[Launched] = []  # oldest first; at most two in flight
+        self._launched: list[Launched] = []  # oldest first; at most three (decode, prefill, decode)
         self.table_lock = threading.Lock()  # the HTTP side reads table.slots while the engine changes them
 
     def start(self) -> None:
@@ -126,7 +127,7 @@ class Engine:
         while not self._stopping.is_set():
             try:
                 if not self._calls.empty():
-                    self._deliver(keep=0)  # adapter loads run with nothing in flight
+                    self._deliver(keep=0)  # adapter loads run after the steps launched so far are handed out
                 self._run_calls()
                 self._drop_cancelled()
                 self._admit()
@@ -195,8 +196,7 @@ class Engine:
                 if req.seed is not None:
                     req.generator = torch.Generator(device=logits.device).manual_seed(req.seed)
             chosen = sample_on_device(logits, batch)  # [B]
-            rows = self.steps._staging.put([[r.cache_row for r in batch]])[0].to(logits.device, non_blocking=True)
-            self.steps.tokens.index_copy_(0, rows, chosen)
+            self.steps.write_samples(chosen, [r.cache_row for r in batch])
         except Exception as e:  # noqa: BLE001 (out of memory, a model error): only these rows fail
             for req in batch:
                 with self.table_lock:
@@ -226,7 +226,7 @@ class Engine:
         try:
             logits = self.steps.decode(None, positions, slots)  # tokens: each row's latest sample, on the device
             chosen = sample_on_device(logits, live, [r.cache_row for r in live])  # [n], indexed by cache row
-            self.steps.tokens[:n].copy_(chosen)
+            self.steps.write_samples(chosen)
         except Exception as e:  # noqa: BLE001 (as in _admit)
             for req in live:
                 self._finish(req, "error", f"decode failed: {e}")
