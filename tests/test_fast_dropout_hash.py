@@ -6,16 +6,15 @@ terms and of other seeds; seeded runs repeat and a checkpointed block's recomput
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import lorakit
-import lorakit.fast.lora_linear as ll
 from lorakit.fast import dropout as fast_dropout
 from lorakit.fast import dropout_hash as dh
 from lorakit.fast import recipes
 from lorakit.fast.lora_linear import fused_linears
+from dropout_support import plain_and_checkpointed, siblings_model
+from dropout_support import seeds_of as _seeds_of
+from dropout_support import with_masks as _with_masks
 from support import one_thread, rel_norm  # noqa: F401
 
 SEED = 2**62 + 777
@@ -36,47 +35,8 @@ def keep(request, monkeypatch):
     return request.param != "redrawn"
 
 
-class Siblings(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q = nn.Linear(24, 16)
-        self.k = nn.Linear(24, 8, bias=False)
-        self.v = nn.Linear(24, 8)
-
-
 def _model(dtype, mixed=True):
-    torch.manual_seed(0)
-    model = Siblings()
-    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "k", "v"],
-                                                  lora_dropout=0.25, bias="all", init_lora_weights=False))
-    if mixed:  # a second adapter without dropout: its terms read x itself
-        lorakit.add_adapter(model, lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"],
-                                                      init_lora_weights=False), name="plain")
-        lorakit.set_active(model, ["default", "plain"])
-    return model.to(dtype)
-
-
-def _seeds_of(monkeypatch) -> list:
-    """Every call of the fused function leaves its seed (None without seeded masks) in the returned list."""
-    seeds, real = [], ll.FusedLoraLinears.apply
-
-    def apply(*args):
-        seeds.append(next((a for a in args[7:] if type(a) is int), None))
-        return real(*args)
-
-    monkeypatch.setattr(ll.FusedLoraLinears, "apply", apply)
-    return seeds
-
-
-def _with_masks(monkeypatch, masks: list) -> list:
-    """The reference path's F.dropout gives these masks, in call order."""
-    queue, real = list(masks), F.dropout
-
-    def fixed(t, p=0.5, training=True, inplace=False):
-        return t * queue.pop(0).to(t.dtype) / (1 - p) if training and p > 0 else real(t, p, training, inplace)
-
-    monkeypatch.setattr(F, "dropout", fixed)
-    return queue
+    return siblings_model(dtype, mixed=mixed)
 
 
 def _grads(outs, inputs):
@@ -177,23 +137,9 @@ def test_seeded_runs_repeat_and_the_next_call_draws_new_masks(keep):
 
 def test_a_checkpointed_recompute_replays_the_masks(monkeypatch, keep):
     m = _model(torch.float32, mixed=False)
-    layers = (m.q, m.k, m.v)
     x = torch.randn(4, 5, 24, requires_grad=True)
-    params = [p for p in m.parameters() if p.requires_grad]
-
-    def block(t):
-        q, k, v = fused_linears(t, layers)
-        return (q[..., :8] * k + v).tanh()
-
-    def run(checkpointed):
-        torch.manual_seed(11)
-        y = checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
-        torch.rand(5)  # the RNG moves on between forward and backward
-        return y, torch.autograd.grad(y.square().sum(), [x, *params])
-
     seeds = _seeds_of(monkeypatch)
-    plain = run(False)
-    ckpt = run(True)
+    plain, ckpt = plain_and_checkpointed(m, x)
     assert len(seeds) == 3 and seeds[0] == seeds[1] == seeds[2]  # forward, checkpointed forward, recompute
     assert torch.equal(plain[0], ckpt[0])
     assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(plain[1], ckpt[1]))

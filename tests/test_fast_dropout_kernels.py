@@ -7,16 +7,15 @@ recompute draws the same ones."""
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import lorakit
-import lorakit.fast.lora_linear as ll
 from lorakit.fast import dropout as fast_dropout
 from lorakit.fast import dropout_kernels as dk
 from lorakit.fast import recipes
 from lorakit.fast.lora_linear import fused_linears
+from dropout_support import plain_and_checkpointed, siblings_model
+from dropout_support import seeds_of as _seeds_of
+from dropout_support import with_masks as _with_masks
 from support import rel_norm
 
 SEED = 2**62 + 12345
@@ -89,47 +88,7 @@ def test_a_mask_bit_depends_on_row_and_column_not_on_the_flat_offset(kernel_devi
 
 
 # --- the fused linear -----------------------------------------------------------------------------------------
-class Siblings(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q = nn.Linear(24, 16)
-        self.k = nn.Linear(24, 8, bias=False)
-        self.v = nn.Linear(24, 8)
-
-
-def _model(dtype, dev, rank=4, mixed=True):
-    torch.manual_seed(0)
-    model = Siblings()
-    lorakit.add_adapter(model, lorakit.LoraConfig(r=rank, lora_alpha=8, target_modules=["q", "k", "v"],
-                                                  lora_dropout=0.25, bias="all", init_lora_weights=False))
-    if mixed:  # a second adapter without dropout: its terms read x itself
-        lorakit.add_adapter(model, lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"],
-                                                      init_lora_weights=False), name="plain")
-        lorakit.set_active(model, ["default", "plain"])
-    return model.to(dev, dtype)
-
-
-def _seeds_of(monkeypatch) -> list:
-    """Every call of the fused function leaves its seed (None without in-kernel masks) in the returned list."""
-    seeds, real = [], ll.FusedLoraLinears.apply
-
-    def apply(*args):
-        seeds.append(next((a for a in args[7:] if type(a) is int), None))
-        return real(*args)
-
-    monkeypatch.setattr(ll.FusedLoraLinears, "apply", apply)
-    return seeds
-
-
-def _with_masks(monkeypatch, masks: list):
-    """nn.Dropout's F.dropout gives these masks, in call order, for the reference path."""
-    queue, real = list(masks), F.dropout
-
-    def fixed(t, p=0.5, training=True, inplace=False):
-        return t * queue.pop(0).to(t.dtype) / (1 - p) if training and p > 0 else real(t, p, training, inplace)
-
-    monkeypatch.setattr(F, "dropout", fixed)
-    return queue
+_model = siblings_model
 
 
 def _outs_and_grads(fn, x, params):
@@ -225,24 +184,9 @@ def test_an_rms_norm_output_is_rebuilt_in_backward_not_saved(philox, monkeypatch
 def test_a_checkpointed_recompute_draws_the_same_masks(philox, monkeypatch):
     dev = philox
     m = _model(torch.float32, dev, mixed=False)
-    layers = (m.q, m.k, m.v)
     x = torch.randn(4, 5, 24, device=dev, requires_grad=True)
-    params = [p for p in m.parameters() if p.requires_grad]
-
-    def block(t):
-        q, k, v = fused_linears(t, layers)
-        return (q[..., :8] * k + v).tanh()
-
-    def run(checkpointed):
-        torch.manual_seed(11)
-        y = checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
-        torch.rand(5)  # the RNG moves on between forward and backward
-        return y, torch.autograd.grad(y.square().sum(), [x, *params])
-
     seeds = _seeds_of(monkeypatch)
-    plain = run(False)
-    assert len(seeds) == 1
-    ckpt = run(True)
+    plain, ckpt = plain_and_checkpointed(m, x)
     assert len(seeds) == 3 and seeds[1] == seeds[2] == seeds[0]  # forward and recompute: one key
     assert torch.equal(plain[0], ckpt[0])
     assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(plain[1], ckpt[1]))
