@@ -9,6 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 import lorakit
 import lorakit.fast.lora_linear as ll
+from lorakit.fast import recipes
 from lorakit.fast.lora_linear import fused_linears
 
 
@@ -76,3 +77,13 @@ def plain_and_checkpointed(model: Siblings, x: torch.Tensor):
         return y, torch.autograd.grad(y.square().sum(), [x, *params])
 
     return run(False), run(True)
+
+
+def norm_output(raw: torch.Tensor, norm_w: torch.Tensor, offset: float, tag: bool) -> torch.Tensor:
+    """raw [..., d] RMS-normalised as the RMSNorm fast path computes it (rstd [...] in float32); tag: marked as
+    that path's output, so a fused linear after it keeps the norm's input instead of its output."""
+    rstd = raw.detach().float().square().mean(-1).add(1e-6).rsqrt()
+    n = raw * rstd[..., None] * (norm_w + offset)
+    if tag:
+        recipes.tag_norm_output(n, raw.detach(), rstd, norm_w, offset)
+    return n

@@ -10,9 +10,8 @@ import torch
 import lorakit
 from lorakit.fast import dropout as fast_dropout
 from lorakit.fast import dropout_hash as dh
-from lorakit.fast import recipes
 from lorakit.fast.lora_linear import fused_linears
-from dropout_support import plain_and_checkpointed, siblings_model
+from dropout_support import norm_output, plain_and_checkpointed, siblings_model
 from dropout_support import seeds_of as _seeds_of
 from dropout_support import with_masks as _with_masks
 from support import one_thread, rel_norm  # noqa: F401
@@ -96,11 +95,7 @@ def test_an_rms_norm_recipe_gives_the_reference_gradients(monkeypatch, keep, off
     params = [p for p in m.parameters() if p.requires_grad]
 
     def normed(tag):
-        rstd = raw.detach().float().square().mean(-1).add(1e-6).rsqrt()  # [3, 6] float32, as the norm keeps it
-        n = raw * rstd[..., None] * (norm_w + offset)
-        if tag:  # as the RMSNorm fast path tags its output
-            recipes.tag_norm_output(n, raw.detach(), rstd, norm_w, offset)
-        return n
+        return norm_output(raw, norm_w, offset, tag)
 
     seeds = _seeds_of(monkeypatch)
     outs = fused_linears(normed(True), layers)

@@ -11,9 +11,8 @@ import torch
 import lorakit
 from lorakit.fast import dropout as fast_dropout
 from lorakit.fast import dropout_kernels as dk
-from lorakit.fast import recipes
 from lorakit.fast.lora_linear import fused_linears
-from dropout_support import plain_and_checkpointed, siblings_model
+from dropout_support import norm_output, plain_and_checkpointed, siblings_model
 from dropout_support import seeds_of as _seeds_of
 from dropout_support import with_masks as _with_masks
 from support import rel_norm
@@ -160,11 +159,7 @@ def test_an_rms_norm_output_is_rebuilt_in_backward_not_saved(philox, monkeypatch
     params = [p for p in m.parameters() if p.requires_grad]
 
     def normed(tag):
-        rstd = raw.detach().square().mean(-1).add(1e-6).rsqrt()  # [3, 6] float32
-        n = raw * rstd[..., None] * (norm_w + offset)  # the linear's input [3, 6, 24]
-        if tag:  # as the RMSNorm fast path tags its output
-            recipes.tag_norm_output(n, raw.detach(), rstd, norm_w, offset)
-        return n
+        return norm_output(raw, norm_w, offset, tag)
 
     seeds = _seeds_of(monkeypatch)
     outs = fused_linears(normed(True), layers)
