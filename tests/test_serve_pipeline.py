@@ -2,7 +2,8 @@
 captured as a CUDA graph still serves (eagerly) when the graphs are captured at start; rows freed by a stop token or
 at the cache's end serve the next request; the grouped decode attention equals transformers' sdpa path (repeated
 key/value heads), value heads of another width included; an engine on a second GPU hands out the tokens its steps
-sampled."""
+sampled; a failing row sink does not end the engine thread, and a stopped engine refuses adapter calls at
+once."""
 
 import pytest
 import torch
@@ -142,3 +143,47 @@ def test_an_engine_on_the_second_gpu_hands_out_each_step_s_tokens(tiny_llama, tm
                     logits = model(torch.tensor([ids], device="cuda:1")).logits[0, -1]
             assert logits[token] >= logits.max() - 1e-3  # the argmax (up to a tie)
             ids.append(token)
+
+
+def test_a_failing_sink_does_not_end_the_engine_and_a_stopped_engine_answers_at_once(tiny_llama, monkeypatch):
+    """A step that fails while a row's sink also raises: the engine thread lives on and serves the next request;
+    after stop, an adapter call is refused at once (not after its timeout) and a waiting call gets the refusal."""
+    import queue
+    import time
+
+    from lorakit.serve import engine as engine_module
+    from lorakit.serve.engine import SHUTTING_DOWN, Engine, Request
+
+    table = AdapterTable(tiny_llama, max_loras=1, max_rank=4)
+    steps = Steps(tiny_llama, cache_for(tiny_llama, 2, 16), table, pad_id=0, graphs=False)
+    engine = Engine(steps, table, slots=2)
+    real_sample, broken = engine_module.sample_on_device, [True]
+
+    def sample_once_broken(*args, **kwargs):  # the first decode step fails after its prefill
+        if broken[0] and args[2:] and args[2] is not None:
+            broken[0] = False
+            raise RuntimeError("a failing step")
+        return real_sample(*args, **kwargs)
+    monkeypatch.setattr(engine_module, "sample_on_device", sample_once_broken)
+
+    def raising_sink(kind, value):
+        if kind == "error":
+            raise ValueError("the client's queue is gone")
+    inbox: "queue.Queue" = queue.Queue()
+    engine.start()
+    try:
+        engine.submit(Request(prompt=[5, 6, 7], adapter_slot=table.none_slot, max_tokens=4, emit=raising_sink))
+        deadline = time.monotonic() + 30
+        while broken[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        engine.submit(Request(prompt=[5, 6, 7], adapter_slot=table.none_slot, max_tokens=2,
+                              emit=lambda kind, value: inbox.put((kind, value))))
+        events = [inbox.get(timeout=30) for _ in range(3)]
+        assert [k for k, _ in events] == ["token", "token", "done"]
+        assert engine._thread.is_alive()
+    finally:
+        engine.stop()
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=SHUTTING_DOWN):
+        engine.call(lambda: None, timeout=30)
+    assert time.monotonic() - started < 5

@@ -112,10 +112,15 @@ class Engine:
 
     def call(self, fn: Callable[[], Any], timeout: float = 120.0) -> Any:
         """Run fn() on the engine thread between steps (adapter loads); returns its result or raises its error."""
+        if self._stopping.is_set():
+            raise RuntimeError(SHUTTING_DOWN)
         answer: "queue.Queue" = queue.Queue(maxsize=1)
         self._calls.put((fn, answer))
         self._wake.set()
-        ok, value = answer.get(timeout=timeout)
+        try:
+            ok, value = answer.get(timeout=timeout)
+        except queue.Empty:
+            raise RuntimeError(f"the engine did not answer in {timeout:g} s") from None
         if not ok:
             raise value
         return value
@@ -140,9 +145,11 @@ class Engine:
             except Exception as e:  # noqa: BLE001 (sampling, a sink): the running rows fail, the thread lives on
                 self._launched.clear()
                 for req in list(self.running.values()):
-                    self._finish(req, "error", f"engine step failed: {e}")
+                    _quietly(self._finish, req, "error", f"engine step failed: {e}")  # a failing sink too
         for req in list(self.running.values()) + self._held + _drain(self._waiting):
-            req.emit("error", "the server is shutting down")
+            _quietly(req.emit, "error", SHUTTING_DOWN)
+        for _, answer in _drain(self._calls):  # adapter loads that were waiting for a step boundary
+            answer.put((False, RuntimeError(SHUTTING_DOWN)))
 
     def _run_calls(self) -> None:
         while True:
@@ -269,6 +276,8 @@ class Engine:
                     self._finish(req, "done", "length")
 
 
+SHUTTING_DOWN = "the server is shutting down"
+
 # Temperatures below this sample greedily (their limit, as vLLM does): logits / 1e-40 overflow to inf, softmax gives
 # NaN, and multinomial would fail the whole step, every other request's row included.
 GREEDY_BELOW = 1e-5
@@ -314,6 +323,14 @@ def _on(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
     """values as a tensor on device, copied from pinned memory on CUDA (a pageable copy waits for the device)."""
     host = torch.tensor(values, dtype=dtype)
     return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+
+
+def _quietly(fn: Callable, *args) -> None:
+    """fn(*args), an exception of it ignored: a request's sink that fails must not end the engine thread."""
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _drain(q: "queue.Queue") -> list:
