@@ -4,23 +4,13 @@ block run plainly and under checkpointing."""
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import lorakit
 import lorakit.fast.lora_linear as ll
 from lorakit.fast import recipes
 from lorakit.fast.lora_linear import fused_linears
-
-
-class Siblings(nn.Module):
-    """Three linears that read one input, as q/k/v do."""
-
-    def __init__(self):
-        super().__init__()
-        self.q = nn.Linear(24, 16)
-        self.k = nn.Linear(24, 8, bias=False)
-        self.v = nn.Linear(24, 8)
+from support import Siblings
 
 
 def siblings_model(dtype, dev="cpu", rank=4, mixed=True) -> Siblings:

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import lorakit
 
@@ -54,3 +55,15 @@ def only(model, keep):
     if keep is not None:
         lorakit.set_active(single, keep)
     return single
+
+
+class Siblings(nn.Module):
+    """Three linears that read one input, as q/k/v do: q [n_in → q_out], k (no bias) and v [n_in → kv_out]."""
+
+    def __init__(self, dtype=None, n_in: int = 24, q_out: int = 16, kv_out: int = 8):
+        super().__init__()
+        self.q = nn.Linear(n_in, q_out)
+        self.k = nn.Linear(n_in, kv_out, bias=False)
+        self.v = nn.Linear(n_in, kv_out)
+        if dtype is not None:
+            self.to(dtype)

@@ -5,7 +5,6 @@ biases), grouped q/k/v as optimize() runs it."""
 
 import pytest
 import torch
-from torch import nn
 
 import lorakit
 import lorakit.fast.lora_linear as ll
@@ -13,7 +12,7 @@ from lorakit.fast import lora_grads
 from lorakit.fast import scaled_kernels as sk
 from lorakit.fast import spec
 from lorakit.fast.lora_linear import fused_linears
-from support import randomise_adapters, rel_norm
+from support import randomise_adapters, rel_norm, Siblings
 
 TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
@@ -111,17 +110,11 @@ def test_the_terms_up_projection_is_added_in_the_kernels(kernel_device, dtype, r
 
 
 # --- the fused DoRA linear with the kernels ----------------------------------------------------------------------
-class Siblings(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q = nn.Linear(40, 48)
-        self.k = nn.Linear(40, 24, bias=False)
-        self.v = nn.Linear(40, 24)
 
 
 def _dora(dev, dtype):
     torch.manual_seed(0)
-    model = Siblings()
+    model = Siblings(n_in=40, q_out=48, kv_out=24)
     lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "k", "v"], use_dora=True,
                                                   bias="lora_only"))
     randomise_adapters(model, seed=2)  # B ≠ 0 and m ≠ ‖W‖: no term is a no-op

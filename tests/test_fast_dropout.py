@@ -6,22 +6,14 @@ both paths are given the same fixed masks, and the masks themselves are checked 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import lorakit
 import lorakit.fast.lora_linear as ll
 from lorakit.fast import dropout as fast_dropout
 from lorakit.fast.lora_linear import fused_linears, lora_linear_fast_path
-from support import one_thread, rel_norm  # noqa: F401
+from support import one_thread, rel_norm, Siblings  # noqa: F401
 
 
-class Siblings(nn.Module):
-    def __init__(self, dtype):
-        super().__init__()
-        self.q = nn.Linear(24, 16)
-        self.k = nn.Linear(24, 8, bias=False)
-        self.v = nn.Linear(24, 8)
-        self.to(dtype)
 
 
 def _adapted(dtype, targets=("q", "k", "v"), name="default", model=None, **kw):

@@ -9,6 +9,7 @@ import lorakit.fast.lora_linear as ll
 from lorakit.fast import recipes
 from lorakit.fast.lora_linear import fused_linears, lora_linear_fast_path
 from lorakit.fast.norms import rms_norm
+from support import Siblings as QKV
 from support import one_thread, rel_norm  # noqa: F401
 
 
@@ -26,13 +27,8 @@ class Spy:
         monkeypatch.setattr(ll.FusedLoraLinears, "apply", apply)
 
 
-class Siblings(nn.Module):
-    def __init__(self, dtype=torch.float64):
-        super().__init__()
-        self.q = nn.Linear(24, 16)
-        self.k = nn.Linear(24, 8, bias=False)
-        self.v = nn.Linear(24, 8)
-        self.to(dtype)
+def Siblings(dtype=torch.float64):  # noqa: N802  (support's q/k/v group, float64 unless asked)
+    return QKV(dtype)
 
 
 def _adapt(model, targets, name="default", r=4, alpha=8, **kw):

@@ -3,7 +3,6 @@ and with DoRA and dropout; the dense weight is dequantised into one reused scrat
 
 import pytest
 import torch
-from torch import nn
 
 import lorakit
 import lorakit.fast.lora_linear as ll
@@ -14,20 +13,15 @@ from lorakit.quant import nf4 as nf4_module
 from lorakit.quant import quantize_nf4
 from lorakit.quant.dequant import dequantize_nf4_into
 from lorakit.quant.nf4 import dequantize_nf4_reference, dequantize_nf4_reference_into
-from support import one_thread, randomise_adapters, rel_norm  # noqa: F401
+from support import one_thread, randomise_adapters, rel_norm, Siblings  # noqa: F401
 
 
-class Siblings(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q = nn.Linear(64, 48)
-        self.k = nn.Linear(64, 32, bias=False)
-        self.v = nn.Linear(64, 32)
 
 
 def _qlora(targets=("q", "k", "v"), **kw):
     torch.manual_seed(0)
-    model = lorakit.quantize(Siblings(), compute_dtype=torch.float32, targets=["q", "k", "v"], block_size=32)
+    model = lorakit.quantize(Siblings(n_in=64, q_out=48, kv_out=32), compute_dtype=torch.float32,
+                             targets=["q", "k", "v"], block_size=32)
     lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), **kw))
     randomise_adapters(model, seed=1)
     return model
