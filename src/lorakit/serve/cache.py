@@ -118,7 +118,6 @@ class Steps:
         # The decode step's other inputs, one static buffer (one host→device copy per step), rows:
         # 0 position, 1 cache column written, 2 adapter slot (long), 3 adapter gid (-1: none)
         self._inputs = torch.zeros(4, slots, dtype=torch.long, device=self.device)
-        self._staging = Staging(self.device)
 
     def _route(self, slots: Sequence[int], index: torch.Tensor, gid: torch.Tensor) -> None:
         none = self.table.none_slot
@@ -132,16 +131,15 @@ class Steps:
         width = max(len(p) for p in prompts)
         if width >= self.cache.max_len:
             raise ServeError(f"a prompt of {width} tokens does not fit --max-len {self.cache.max_len}")
-        ids = self._staging.put([[self.pad_id] * (width - len(p)) + list(p) for p in prompts]).to(self.device,
-                                                                                                 non_blocking=True)
-        pads = self._staging.put([[width - len(p) for p in prompts]])[0].to(self.device, non_blocking=True)
+        ids = on_device([[self.pad_id] * (width - len(p)) + list(p) for p in prompts], self.device)  # [B, T]
+        pads = on_device([width - len(p) for p in prompts], self.device)  # [B]
         positions = (torch.arange(width, device=self.device)[None, :] - pads[:, None]).clamp_(min=0)  # [B, T]
         real = torch.arange(width, device=self.device)[None, :] >= pads[:, None]
         cache = self.cache
-        cache.rows = self._staging.put([list(cache_rows)])[0].to(self.device, non_blocking=True)
+        cache.rows = on_device(list(cache_rows), self.device)
         cache.write_cols = torch.where(real, positions, torch.full_like(positions, cache.sink))
         cache.kv_len = width
-        index = self._staging.put([list(adapter_slots)])[0].to(self.device, non_blocking=True)
+        index = on_device(list(adapter_slots), self.device)
         gid = torch.where(index == self.table.none_slot, -1, index).to(torch.int32)
         self._route(adapter_slots, index, gid)
         with sdpa_kernel(PREFILL_BACKENDS):
@@ -155,8 +153,7 @@ class Steps:
         if cache_rows is None:
             self.tokens[: chosen.shape[0]].copy_(chosen)
         else:
-            rows = self._staging.put([list(cache_rows)])[0].to(self.device, non_blocking=True)
-            self.tokens.index_copy_(0, rows, chosen)
+            self.tokens.index_copy_(0, on_device(list(cache_rows), self.device), chosen)
 
     @torch.no_grad()
     def decode(self, tokens: Optional[Sequence[int]], positions: Sequence[int],
@@ -168,12 +165,12 @@ class Steps:
         rows = _bucket(n, self._inputs.shape[1]) if self.graphs else n
         pad = rows - n
         if tokens is not None:
-            self.tokens[:n].copy_(self._staging.put([list(tokens)])[0], non_blocking=True)
+            self.tokens[:n].copy_(host_tensor(list(tokens), self.device), non_blocking=True)
         cols = [p if p >= 0 else self.cache.sink for p in positions] + [self.cache.sink] * pad
         none = self.table.none_slot
         slots = list(adapter_slots) + [none] * pad
-        host = self._staging.put([[max(p, 0) for p in positions] + [0] * pad, cols, slots,
-                                  [s if s != none else -1 for s in slots]])
+        host = host_tensor([[max(p, 0) for p in positions] + [0] * pad, cols, slots,
+                            [s if s != none else -1 for s in slots]], self.device)
         self._inputs[:, :rows].copy_(host, non_blocking=True)
         if self.graphs:
             try:
@@ -261,19 +258,18 @@ class Steps:
         return self._graph_pool
 
 
-class Staging:
-    """Host → device copies that never wait for the device: lists of ints become a long tensor in pinned memory
-    (on CUDA; a plain tensor elsewhere), which a non-blocking copy reads asynchronously. A copy from pageable
-    memory would wait for the device's queue, and the server's next step would wait for the one running."""
+def host_tensor(values, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """values (a list, or a list of equal lists) as a host tensor a non-blocking copy to `device` reads
+    asynchronously: pinned memory for CUDA (the caching host allocator keeps it until the copies that read it have
+    run). A copy from pageable memory would wait for the device's queue, and the server's next step for the one
+    running."""
+    host = torch.tensor(values, dtype=dtype)
+    return host.pin_memory() if device.type == "cuda" else host
 
-    def __init__(self, device: torch.device):
-        self.pin = device.type == "cuda"
 
-    def put(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
-        """[len(rows), len(rows[0])] long tensor of `rows` (pinned on CUDA; the caching host allocator keeps it
-        until the copies that read it have run)."""
-        host = torch.tensor(rows, dtype=torch.long)
-        return host.pin_memory() if self.pin else host
+def on_device(values, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """values as a tensor on `device`, copied from pinned memory without waiting for the device (host_tensor)."""
+    return host_tensor(values, device, dtype).to(device, non_blocking=True)
 
 
 def _buckets(limit: int) -> list[int]:

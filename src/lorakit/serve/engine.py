@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .adapters import AdapterTable
-from .cache import Steps
+from .cache import Steps, on_device
 
 
 @dataclass
@@ -301,11 +301,11 @@ def sample_on_device(logits: torch.Tensor, reqs: Sequence[Request], rows: Option
     if not hot:
         return chosen
     device = logits.device
-    at = _on(device, [rows[i] for i in hot], torch.long)
-    temperature = _on(device, [reqs[i].temperature for i in hot], logits.dtype)
+    at = on_device([rows[i] for i in hot], device)
+    temperature = on_device([reqs[i].temperature for i in hot], device, logits.dtype)
     probs = torch.softmax(logits[at] / temperature[:, None], -1)
     if any(reqs[i].top_p < 1.0 for i in hot):
-        top_p = _on(device, [reqs[i].top_p for i in hot], probs.dtype)
+        top_p = on_device([reqs[i].top_p for i in hot], device, probs.dtype)
         sorted_p, order = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p[:, None]  # keep the smallest head whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0.0))
@@ -317,12 +317,6 @@ def sample_on_device(logits: torch.Tensor, reqs: Sequence[Request], rows: Option
         if reqs[i].generator is not None:
             picked[j] = torch.multinomial(probs[j], 1, generator=reqs[i].generator)[0]
     return chosen.index_copy(0, at, picked)
-
-
-def _on(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
-    """values as a tensor on device, copied from pinned memory on CUDA (a pageable copy waits for the device)."""
-    host = torch.tensor(values, dtype=dtype)
-    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
 
 
 def _quietly(fn: Callable, *args) -> None:
