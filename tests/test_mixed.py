@@ -213,3 +213,39 @@ class _Flattening(nn.Module):
 
     def forward(self, x):
         return self.proj(x.reshape(-1, x.shape[-1])).view(x.shape)
+
+
+def test_cached_stacks_follow_every_change_between_blocks(llama3):
+    """The per-layer stacks are cached across blocks: in-place writes, an optimizer step, a replaced parameter, a new
+    scale and a re-added adapter must each show in the next block's rows (checked against the reference)."""
+    ids = torch.randint(0, 128, (len(NAMES), 7))
+    llama3.eval()
+
+    def check():  # without gradients: the cached stacks serve inference only
+        with torch.no_grad(), lorakit.per_row(llama3, NAMES, impl="reference"):
+            ref = llama3(ids).logits
+        with torch.no_grad(), lorakit.per_row(llama3, NAMES):
+            out = llama3(ids).logits
+        assert rel_max(out, ref) < 1e-5
+        return out
+
+    first = check()
+    q = llama3.model.layers[0].self_attn.q_proj.deltas["a"]
+    with torch.no_grad():
+        q.lora_B.add_(0.5)  # in place through the parameter: its version counter moves
+    assert not torch.equal(check(), first)
+    params = [p for n, p in llama3.named_parameters() if ".a." in n or ".b." in n]
+    for p in params:
+        p.requires_grad_(True)
+    with lorakit.per_row(llama3, NAMES):
+        llama3(ids).logits.square().mean().backward()
+    torch.optim.SGD(params, lr=0.5).step()
+    check()
+    q.lora_A = nn.Parameter(torch.randn_like(q.lora_A))  # replaced, not written
+    check()
+    q.scaling = q.scaling * 3
+    check()
+    lorakit.delete_adapter(llama3, "b")
+    lorakit.add_adapter(llama3, small_lora(r=3, target_modules=["q_proj", "o_proj"], init_lora_weights=False), "b")
+    llama3.eval()
+    check()

@@ -11,6 +11,7 @@ import torch
 
 import lorakit
 from lorakit.errors import ServeError
+from lorakit.multi import kernels
 from lorakit.serve import attention
 from lorakit.serve.adapters import AdapterTable
 from lorakit.serve.cache import Steps, cache_for
@@ -20,21 +21,27 @@ from support import one_thread, randomise_adapters, small_lora  # noqa: F401  (f
 MAX_LEN = 48
 
 
-@pytest.fixture
-def served(tiny_llama, tmp_path):
-    """(model, table, steps, adapter dirs): adapters x (q, v; rank 4) and y (k, o, up; rank 8) loaded, z and w
-    saved only (3 slots)."""
+def serve_setup(model, tmp_path):
+    """(table, adapter dirs): adapters x (q, v; rank 4) and y (k, o, up; rank 8) loaded, z and w saved only
+    (3 slots)."""
     dirs = {}
     specs = [("x", ["q_proj", "v_proj"], 4), ("y", ["k_proj", "o_proj", "up_proj"], 8), ("z", ["q_proj", "up_proj"], 2),
              ("w", ["gate_proj"], 4)]  # z adapts only layers x and y adapt; w a layer none of them does
     for seed, (name, targets, r) in enumerate(specs):
-        lorakit.add_adapter(tiny_llama, small_lora(r=r, target_modules=targets), name)
-        randomise_adapters(tiny_llama, seed=seed)  # the only adapter on the model: each is deleted once saved
-        dirs[name] = lorakit.save_adapter(tiny_llama, tmp_path / name, name)
-        lorakit.delete_adapter(tiny_llama, name)
-    table = AdapterTable(tiny_llama, max_loras=3, max_rank=8)
+        lorakit.add_adapter(model, small_lora(r=r, target_modules=targets), name)
+        randomise_adapters(model, seed=seed)  # the only adapter on the model: each is deleted once saved
+        dirs[name] = lorakit.save_adapter(model, tmp_path / name, name)
+        lorakit.delete_adapter(model, name)
+    table = AdapterTable(model, max_loras=3, max_rank=8)
     table.load("x", str(dirs["x"]))
     table.load("y", str(dirs["y"]))
+    return table, dirs
+
+
+@pytest.fixture
+def served(tiny_llama, tmp_path):
+    """(model, table, steps, adapter dirs): see serve_setup."""
+    table, dirs = serve_setup(tiny_llama, tmp_path)
     steps = Steps(tiny_llama, cache_for(tiny_llama, 4, MAX_LEN), table, pad_id=0, graphs=False)
     yield tiny_llama, table, steps, dirs
     table.close()
@@ -49,9 +56,9 @@ def reference(model, dirs, adapter, ids) -> torch.Tensor:
         with torch.no_grad():
             if adapter is None:
                 with lorakit.disabled(model):
-                    return model(torch.tensor([ids])).logits[0, -1]
+                    return model(torch.tensor([ids], device=model.device)).logits[0, -1]
             lorakit.set_active(model, adapter)
-            return model(torch.tensor([ids])).logits[0, -1]
+            return model(torch.tensor([ids], device=model.device)).logits[0, -1]
     finally:
         for (_, layer), routing in zip(lorakit.adapted_layers(model), table_routing):
             layer.routing = routing
@@ -94,6 +101,35 @@ def test_rows_of_different_lengths_and_adapters_share_steps(served, grouped, mon
             seq.append(nxt[r])
             torch.testing.assert_close(out[r], reference(model, dirs, adapter, seq), atol=1e-4, rtol=1e-4)
     assert sum(grouped_calls) == (4 * 2 if grouped else 0)  # every decode step, every layer
+
+
+def test_prefill_and_decode_kernels_give_each_row_its_adapter(kernel_device, tiny_llama, tmp_path, monkeypatch):
+    """The server's Triton path: SGMV over a mixed prefill (left-padded rows, a base row between adapter rows,
+    neighbouring rows of one adapter), then BGMV for one decode step; each row as the model with its adapter alone."""
+    model = tiny_llama.to(kernel_device)
+    table, dirs = serve_setup(model, tmp_path)
+    calls = []
+    for name in ("sgmv", "bgmv"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    try:
+        steps = Steps(model, cache_for(model, 4, MAX_LEN), table, pad_id=0, graphs=False)
+        g = torch.Generator().manual_seed(1)
+        seqs = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (6, 3, 9, 9)]
+        adapters = ["y", None, "x", "x"]
+        slots = [table.slot_of(a) if a else table.none_slot for a in adapters]
+        logits = steps.prefill(seqs, [0, 1, 2, 3], slots)
+        assert "sgmv" in calls and "bgmv" not in calls
+        for i, adapter in enumerate(adapters):
+            torch.testing.assert_close(logits[i], reference(model, dirs, adapter, seqs[i]), atol=1e-4, rtol=1e-4)
+        nxt = [5, 6, 7, 8]
+        out = steps.decode(nxt, [len(s) for s in seqs], slots)
+        assert "bgmv" in calls
+        for i, adapter in enumerate(adapters):
+            torch.testing.assert_close(out[i], reference(model, dirs, adapter, seqs[i] + [nxt[i]]), atol=1e-4,
+                                       rtol=1e-4)
+    finally:
+        table.close()
 
 
 @pytest.mark.parametrize("limit", [1, 5, 8, 9, 64, 265, 2049])

@@ -28,8 +28,34 @@ if TYPE_CHECKING:
 LinearFactors = tuple[nn.Parameter, nn.Parameter, float, float]
 
 
+# Counts assignments to any delta's attributes, parameters, buffers and submodules (after construction too).
+# Caches of a delta's factors (the mixed-batch stacks) re-check every delta only when it moved; otherwise the
+# factors' version counters, which every in-place write through the parameter bumps, are enough.
+STATE_EPOCH = [0]
+
+
 class Delta(nn.Module):
     """One adapter's change to one base layer; every variant subclasses it (see the module docstring)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        STATE_EPOCH[0] += 1
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        STATE_EPOCH[0] += 1
+        super().__delattr__(name)
+
+    def register_parameter(self, name: str, param) -> None:
+        STATE_EPOCH[0] += 1
+        super().register_parameter(name, param)
+
+    def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
+        STATE_EPOCH[0] += 1
+        super().register_buffer(name, tensor, persistent)
+
+    def add_module(self, name: str, module) -> None:
+        STATE_EPOCH[0] += 1
+        super().add_module(name, module)
 
     def __init__(self, ops: LayerOps, config: AdapterConfig, module_name: str):
         super().__init__()
@@ -90,7 +116,9 @@ class Delta(nn.Module):
         """(A [r, in], B [out, r], s, p): this delta's own live Parameters (gradients reach them), when its
         forward on a linear layer is exactly y + s·(drop_p(x)·Aᵀ)·Bᵀ, drop_p being nn.Dropout(p) in training
         (p = 0: no dropout); None otherwise (another form, another layer kind). Called on every forward of
-        the fused and mixed-batch paths: keep it cheap (no new Parameters, no nn.Module.__getattr__)."""
+        the fused and mixed-batch paths: keep it cheap (no new Parameters, no nn.Module.__getattr__). The answer
+        may change only by assignment to the delta (STATE_EPOCH counts those) or by in-place writes to A and B
+        through the parameters (their version counters): the mixed-batch stacks rely on it."""
         return None
 
     def scaled_linear_factors(self, w: torch.Tensor, row_norm=None) -> Optional[tuple[LinearFactors, nn.Parameter,

@@ -21,6 +21,12 @@ if HAVE_TRITON:
 SGMV_FUSED = os.environ.get("LORAKIT_SGMV", "fused") != "split"
 
 
+def sgmv_block_m(tokens_per_row: int, n_tokens: int) -> int:
+    """SGMV tile rows for rows of tokens_per_row tokens, n_tokens in all (16/32/64: the fastest of a sweep on an
+    H100 at Llama-1B widths, BENCHMARKS.md's mixed-batch diagnostics)."""
+    return 16 if tokens_per_row <= 16 else 32 if n_tokens < 8192 else 64
+
+
 def sgmv(x2, y2, stack: AdapterStack, slot_map, tiles, block_m: int) -> None:
     """In place: y2 [N, out] += each tile's LoRA (prefill). Needs Triton; see triton_lora."""
     run = triton_lora.sgmv if SGMV_FUSED else triton_lora.sgmv_split
@@ -33,4 +39,4 @@ def bgmv(x2, y2, stack: AdapterStack, slot_map, token_gid) -> None:
 
 
 __all__ = ["AdapterStack", "build_stack", "padded_rank", "segment_tiles", "lora_rows", "token_reference",
-           "HAVE_TRITON", "sgmv", "bgmv"]
+           "HAVE_TRITON", "sgmv", "sgmv_block_m", "bgmv"]

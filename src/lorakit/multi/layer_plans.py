@@ -18,6 +18,7 @@ from torch import nn
 
 from ..core.adapted import AdaptedLayer
 from ..core.api import adapted_layers
+from ..core.delta import STATE_EPOCH
 from ..triton_gate import runs_on
 from .stack import AdapterStack, build_stack
 
@@ -31,6 +32,18 @@ def _delta_key(delta: nn.Module) -> tuple:
     """Changes whenever the delta's factors are replaced or written in place (or its scale or dropout)."""
     a, b, s, p = delta.linear_factors()
     return a._version, b._version, id(a), id(b), a.data_ptr(), b.data_ptr(), s, p
+
+
+def _factors_unchanged(delta: nn.Module, seen: tuple) -> bool:
+    """The delta still answers the factors `seen` (a, b, s, p, _delta_key) with the same storage and versions.
+    The per-block check of every stacked delta: identity tests first, no tuple built (~0.5 µs a delta)."""
+    f = delta.linear_factors()
+    if f is None:
+        return False
+    a, b, s, p = f
+    key = seen[4]
+    return (a is seen[0] and b is seen[1] and s == seen[2] and p == seen[3] and a._version == key[0]
+            and b._version == key[1] and a.data_ptr() == key[4] and b.data_ptr() == key[5])
 
 
 @dataclass
@@ -47,11 +60,14 @@ class LayerPlan:
     """How one layer serves one set of adapters: gid → stack slot, and the deltas that take the generic path."""
 
     entry: Optional[StackEntry]
-    checks: tuple  # (name, its delta here or None, _delta_key if stacked) per gid: what the plan assumed
+    checks: tuple  # (name, its delta here or None, (a, b, s, p, _delta_key) if stacked) per gid: what it assumed
     slot_of_gid: Optional[torch.Tensor]  # long [G+1]; index gid+1 (0: no adapter) → slot
     slot_map: Optional[torch.Tensor]  # int32 [G]; slot or -1 (for the kernels)
     fast: list[tuple[int, nn.Module]] = field(default_factory=list)  # (gid, low-rank delta) in the stack
     slow: list[tuple[int, nn.Module]] = field(default_factory=list)  # (gid, delta) run on their rows
+    epoch: int = -1  # STATE_EPOCH when every check last passed
+    factors: tuple = ()  # the stacked deltas' A and B, and their versions then (the check between assignments)
+    versions: list = field(default_factory=list)
 
 
 # layer → its stack of every low-rank adapter (a copy of their weights), and its plans per adapter set.
@@ -72,60 +88,77 @@ def _stackable(layer: AdaptedLayer) -> dict[str, nn.Module]:
     return {n: layer.deltas[n] for n, k in zip(fast, kinds) if k == common}
 
 
-def layer_stack(layer: AdaptedLayer) -> Optional[StackEntry]:
+def layer_stack(layer: AdaptedLayer, kernels_on: Optional[bool] = None) -> Optional[StackEntry]:
     """The stack of all the layer's low-rank adapters (no autograd: inference only), rebuilt if any of
-    them changed; None if the layer has none."""
+    them changed; None if the layer has none. kernels_on: whether kernels may run on its device (None: asked)."""
     deltas = _stackable(layer)
     if not deltas:
         return None
     keys = {n: (id(d), _delta_key(d)) for n, d in deltas.items()}
     entry = _STACKS.get(layer)
-    if entry is None or entry.keys != keys or entry.for_kernels != _kernels_on(entry.stack):
+    if entry is None or entry.keys != keys or entry.for_kernels != _kernels_on(entry.stack, kernels_on):
         with torch.no_grad():
             stack = build_stack(list(deltas.values()))
-        entry = _STACKS[layer] = StackEntry(keys, stack, _kernels_on(stack))
+        entry = _STACKS[layer] = StackEntry(keys, stack, _kernels_on(stack, kernels_on))
     return entry
 
 
-def _kernels_on(stack: AdapterStack) -> bool:
-    """Whether the kernels may run where `stack` lives (LORAKIT_TRITON can change between per_row blocks)."""
-    return runs_on(stack.a.device)
+def _kernels_on(stack: AdapterStack, known: Optional[bool] = None) -> bool:
+    """Whether the kernels may run where `stack` lives (LORAKIT_TRITON can change between per_row blocks);
+    `known`: the caller's answer for this device, read once per block (the environment read costs ~0.6 µs)."""
+    return runs_on(stack.a.device) if known is None else known
 
 
-def _plan_is_current(layer: AdaptedLayer, lp: LayerPlan) -> bool:
-    """Cheap check of only what this plan uses: the same delta objects, and its stacked ones unchanged."""
+def _plan_is_current(layer: AdaptedLayer, lp: LayerPlan, kernels_on: Optional[bool]) -> bool:
+    """Cheap check of only what this plan uses: the same delta objects, and its stacked ones unchanged. While no
+    delta was assigned to (STATE_EPOCH), unchanged means the same version of every stacked factor (~0.1 µs each);
+    otherwise each delta is asked for its factors again."""
     entry = lp.entry
-    if entry is not None and (_STACKS.get(layer) is not entry or entry.for_kernels != _kernels_on(entry.stack)):
+    if entry is not None and (_STACKS.get(layer) is not entry or entry.for_kernels != _kernels_on(entry.stack,
+                                                                                                   kernels_on)):
         return False
     modules = layer.deltas._modules
-    for name, delta, key in lp.checks:
-        if modules.get(name) is not delta or (key is not None and _delta_key(delta) != key):
+    for name, delta, _ in lp.checks:
+        if modules.get(name) is not delta:
             return False
+    if lp.epoch == STATE_EPOCH[0]:
+        return [t._version for t in lp.factors] == lp.versions
+    if not all(seen is None or _factors_unchanged(delta, seen) for _, delta, seen in lp.checks):
+        return False
+    lp.epoch = STATE_EPOCH[0]
     return True
 
 
-def _plan_layer(layer: AdaptedLayer, adapters: tuple, device) -> LayerPlan:
+def _plan_layer(layer: AdaptedLayer, adapters: tuple, device, kernels_on: Optional[bool]) -> LayerPlan:
     modules = layer.deltas._modules
-    entry = layer_stack(layer) if any(n in modules and _fast_kind(modules[n]) for n in adapters) else None
+    wanted = any(n in modules and _fast_kind(modules[n]) for n in adapters)
+    entry = layer_stack(layer, kernels_on) if wanted else None
     stacked = entry.keys if entry is not None else {}
-    checks = tuple((n, modules.get(n), stacked[n][1] if n in stacked else None) for n in adapters)
+    checks = tuple((n, modules.get(n), (*modules[n].linear_factors(), stacked[n][1]) if n in stacked else None)
+                   for n in adapters)
     slots = [list(entry.keys).index(n) if entry is not None and n in entry.keys else -1 for n in adapters]
     fast = [(g, modules[n]) for g, n in enumerate(adapters) if slots[g] >= 0]
     slow = [(g, modules[n]) for g, n in enumerate(adapters) if slots[g] < 0 and n in modules]
+    epoch = STATE_EPOCH[0]
     if not fast:
-        return LayerPlan(None, checks, None, None, [], slow)
+        return LayerPlan(None, checks, None, None, [], slow, epoch)
     none_slot = entry.stack.none_slot
     slot_of_gid = torch.tensor([none_slot] + [s if s >= 0 else none_slot for s in slots], device=device)
     slot_map = torch.tensor(slots, dtype=torch.int32, device=device)
-    return LayerPlan(entry, checks, slot_of_gid, slot_map, fast, slow)
+    factors = tuple(t for _, _, seen in checks if seen is not None for t in seen[:2])
+    return LayerPlan(entry, checks, slot_of_gid, slot_map, fast, slow, epoch, factors,
+                     [t._version for t in factors])
 
 
-def layer_plan(layer: AdaptedLayer, adapters: tuple, device) -> LayerPlan:
-    """The cached plan of this layer for these adapters (in gid order), re-made when it went stale."""
-    plans = _PLANS.setdefault(layer, {})
+def layer_plan(layer: AdaptedLayer, adapters: tuple, device, kernels_on: Optional[bool] = None) -> LayerPlan:
+    """The cached plan of this layer for these adapters (in gid order), re-made when it went stale.
+    kernels_on: whether Triton kernels may run on `device`, read once by the caller (None: read here)."""
+    plans = _PLANS.get(layer)
+    if plans is None:
+        plans = _PLANS[layer] = {}
     lp = plans.get((adapters, device))
-    if lp is None or not _plan_is_current(layer, lp):
-        lp = plans[(adapters, device)] = _plan_layer(layer, adapters, device)
+    if lp is None or not _plan_is_current(layer, lp, kernels_on):
+        lp = plans[(adapters, device)] = _plan_layer(layer, adapters, device, kernels_on)
     return lp
 
 

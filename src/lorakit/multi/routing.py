@@ -121,6 +121,7 @@ class Router:
         self._generation = GENERATION[0]
         # Triton SGMV/BGMV where the gate allows; the environment is read once per block, not per layer call
         self.use_kernels = impl == "auto" and triton_gate.enabled()
+        self._runs_on: dict[torch.device, bool] = {}  # device → triton_gate.runs_on, read once per block
 
     def __call__(self, layer: AdaptedLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if layer.merged:
@@ -137,7 +138,10 @@ class Router:
             self._layers, self._generation = {}, GENERATION[0]
         lp = self._layers.get(id(layer))
         if lp is None:
-            lp = self._layers[id(layer)] = layer_plan(layer, self.plan.key, x.device)
+            runs_on = self._runs_on.get(x.device)
+            if runs_on is None:
+                runs_on = self._runs_on[x.device] = triton_gate.runs_on(x.device)
+            lp = self._layers[id(layer)] = layer_plan(layer, self.plan.key, x.device, runs_on)
         if lp.fast:
             y = self._fast(layer, lp, x, y)
         for gid, delta in lp.slow:
@@ -147,9 +151,13 @@ class Router:
 
     def _fast(self, layer: AdaptedLayer, lp: LayerPlan, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n_rows = x.shape[0]
-        if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or any(
-                a.requires_grad or b.requires_grad for a, b, _, _ in (d.linear_factors() for _, d in lp.fast))):
-            # a differentiable stack of the batch's adapters only: the others get no gradient at all
+        grad = torch.is_grad_enabled()
+        live = [d.linear_factors() for _, d in lp.fast] if layer.training or grad else ()
+        needs_grad = grad and (x.requires_grad or y.requires_grad or any(a.requires_grad or b.requires_grad
+                                                                         for a, b, _, _ in live))
+        if needs_grad or layer.training and any(p > 0 for _, _, _, p in live):
+            # a differentiable stack of the batch's adapters only: the others get no gradient at all (dropout in
+            # training mode builds one too: the cached stacks serve inference, their p is not re-checked)
             stack = build_stack([d for _, d in lp.fast])
             local = torch.full((len(self.plan.adapters) + 1,), len(lp.fast), dtype=torch.long)
             for slot, (gid, _) in enumerate(lp.fast):
@@ -157,11 +165,10 @@ class Router:
             slot = local.to(x.device)[self.plan.gids(n_rows, x.device) + 1]
             return kernels.lora_rows(x, y, stack, slot, dropout=layer.training and stack.max_p > 0)
         stack = lp.entry.stack
-        dropout = layer.training and stack.max_p > 0
-        if self.use_kernels and not dropout and (x.is_cuda or triton_gate.INTERPRET):
+        if self.use_kernels and (x.is_cuda or triton_gate.INTERPRET):
             return self._kernel(lp, stack, x, y)
         slot = lp.slot_of_gid[self.plan.gids(n_rows, x.device) + 1]
-        return kernels.lora_rows(x, y, stack, slot, dropout=dropout)
+        return kernels.lora_rows(x, y, stack, slot, dropout=False)
 
     def _kernel(self, lp: LayerPlan, stack: AdapterStack, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n_rows = x.shape[0]
@@ -172,7 +179,7 @@ class Router:
         if tokens == 1:
             kernels.bgmv(x2, y2, stack, lp.slot_map, self.plan.token_gids(n_rows, x.device))
         else:
-            block_m = self.block_m or (16 if tokens <= 16 else 32 if x2.shape[0] < 8192 else 64)
+            block_m = self.block_m or kernels.sgmv_block_m(tokens, x2.shape[0])
             kernels.sgmv(x2, y2, stack, lp.slot_map, self.plan.tiles(n_rows, tokens, block_m, x.device), block_m)
         return y
 
@@ -284,8 +291,8 @@ def routed(layers: Sequence[AdaptedLayer], route: Callable, who: str, holders: S
         raise MixedBatchError("another routing is active on this model (a nested per_row or weighted block)")
     patched: list[SavedModule] = []
     try:
-        for m in layers:
-            m.routing = route
+        for m in layers:  # a plain instance attribute: set in __dict__, past nn.Module.__setattr__'s checks
+            m.__dict__["routing"] = route
         if saved_forward is not None:
             for h in holders:
                 patch_forward(h, saved_forward, slot=ROUTING_SLOT)
@@ -293,7 +300,7 @@ def routed(layers: Sequence[AdaptedLayer], route: Callable, who: str, holders: S
         yield
     finally:
         for m in layers:
-            m.routing = None
+            m.__dict__["routing"] = None
         for h in reversed(patched):
             unpatch_forward(h, ROUTING_SLOT)
 

@@ -36,12 +36,16 @@ from .. import triton_gate
 
 class RowSlots:
     """The adapter slot of each row of the batch being run: `index` long [B] (the zero slot for base rows), and
-    `gid` int32 [B] (-1 for base rows, for the kernel). `active` is False when no row uses an adapter."""
+    `gid` int32 [B] (-1 for base rows, for the kernel). `active` is False when no row uses an adapter. A prefill
+    also sets `tiles` (int32 [T, 3], SGMV's work list for rows of `tokens` tokens, tiles of `block_m`)."""
 
     def __init__(self):
         self.index: Optional[torch.Tensor] = None
         self.gid: Optional[torch.Tensor] = None
         self.active = False
+        self.tiles: Optional[torch.Tensor] = None
+        self.tokens = 1
+        self.block_m = 16
 
 
 class StackRouter:
@@ -58,12 +62,18 @@ class StackRouter:
         stack = self.stacks.get(id(layer))
         if stack is None or not self.rows.active:
             return y
-        if self.use_kernels and x.is_cuda and x.numel() == x.shape[0] * x.shape[-1]:  # one token per row
+        rows = self.rows
+        if self.use_kernels and (x.is_cuda or triton_gate.INTERPRET):  # the interpreter: kernel tests on CPU
+            tokens = x.numel() // (x.shape[0] * x.shape[-1])
+            x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [B·tokens, in]
             y = y.contiguous()
-            kernels.bgmv(x.reshape(x.shape[0], -1).contiguous(), y.view(y.shape[0], -1), stack,
-                         self._slot_map(stack), self.rows.gid)
-            return y
-        return kernels.lora_rows(x, y, stack, self.rows.index)
+            if tokens == 1:  # decode
+                kernels.bgmv(x2, y.view(x2.shape[0], -1), stack, self._slot_map(stack), rows.gid)
+                return y
+            if rows.tiles is not None and tokens == rows.tokens:  # prefill
+                kernels.sgmv(x2, y.view(x2.shape[0], -1), stack, self._slot_map(stack), rows.tiles, rows.block_m)
+                return y
+        return kernels.lora_rows(x, y, stack, rows.index)
 
     def _slot_map(self, stack: AdapterStack) -> torch.Tensor:
         """int32 [S]: gid → slot (the identity: a row's gid is its slot)."""

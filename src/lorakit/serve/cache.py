@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache
 
 from ..errors import ServeError
+from ..multi import kernels
 from .adapters import AdapterTable
 
 
@@ -119,11 +120,15 @@ class Steps:
         # 0 position, 1 cache column written, 2 adapter slot (long), 3 adapter gid (-1: none)
         self._inputs = torch.zeros(4, slots, dtype=torch.long, device=self.device)
 
-    def _route(self, slots: Sequence[int], index: torch.Tensor, gid: torch.Tensor) -> None:
+    def _route(self, slots: Sequence[int], index: torch.Tensor, gid: torch.Tensor, tokens: int) -> None:
+        """Rows of `tokens` tokens (a prefill) use these adapter slots: their SGMV tiles are built on the host."""
         none = self.table.none_slot
         rows = self.table.rows
         rows.index, rows.gid = index, gid
         rows.active = any(s != none for s in slots)
+        rows.tokens, rows.block_m = tokens, kernels.sgmv_block_m(tokens, tokens * len(slots))
+        tiles = kernels.segment_tiles([s if s != none else -1 for s in slots], tokens, rows.block_m)
+        rows.tiles = on_device(tiles, self.device, torch.int32).view(-1, 3) if tiles else None
 
     @torch.no_grad()
     def prefill(self, prompts: Sequence[Sequence[int]], cache_rows: Sequence[int], adapter_slots: Sequence[int]):
@@ -141,7 +146,7 @@ class Steps:
         cache.kv_len = width
         index = on_device(list(adapter_slots), self.device)
         gid = torch.where(index == self.table.none_slot, -1, index).to(torch.int32)
-        self._route(adapter_slots, index, gid)
+        self._route(adapter_slots, index, gid, width)
         with sdpa_kernel(PREFILL_BACKENDS):
             out = self.model(input_ids=ids, position_ids=positions, attention_mask=attention_mask(positions, width,
                              self.dtype), past_key_values=cache, use_cache=True, logits_to_keep=1)
