@@ -214,11 +214,24 @@ def _fully_shard(model: nn.Module, dist: Distributed, device: torch.device, bf16
     else:
         policy = MixedPrecisionPolicy()
     mesh = init_device_mesh(device.type, (dist.world_size,))
-    for block in repeated_blocks(model, no_split_classes=True):  # HF's unit of sharding, else the layers
-        fully_shard(block, mesh=mesh, mp_policy=policy)
+    blocks = list(repeated_blocks(model, no_split_classes=True))  # HF's unit of sharding, else the layers
+    for block in blocks:  # each resharded after its forward (kept gathered, an evaluation forward with no backward
+        fully_shard(block, mesh=mesh, mp_policy=policy)  # after it would leave a stale copy for the next step)
     fully_shard(model, mesh=mesh, mp_policy=policy)  # the rest: embeddings, final norm, head
+    _prefetch_neighbours(blocks)
     # transformers' generate() keeps sharded ranks in step (synced_gpus) when it sees this flag
     model._is_fsdp_managed_module = True
+
+
+def _prefetch_neighbours(blocks: list[nn.Module]) -> None:
+    """Each block's all-gather starts while its neighbour computes (the next one in forward, the previous one in
+    backward). FSDP2 otherwise issues it when the host reaches the block: a fused LoRA step keeps the host only a
+    little ahead of the device, so the gathers ran exposed (two H200s scaled 1.52× before)."""
+    for i, block in enumerate(blocks):
+        if i + 1 < len(blocks):
+            block.set_modules_to_forward_prefetch([blocks[i + 1]])
+        if i > 0:
+            block.set_modules_to_backward_prefetch([blocks[i - 1]])
 
 
 # --- gathering and saving -------------------------------------------------------------------------------
