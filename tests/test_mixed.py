@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import lorakit
+from lorakit.multi import layer_plans
 from lorakit.multi.routing import MixedBatchError
 
 from support import only, rel_max, small_lora
@@ -249,3 +250,20 @@ def test_cached_stacks_follow_every_change_between_blocks(llama3):
     lorakit.add_adapter(llama3, small_lora(r=3, target_modules=["q_proj", "o_proj"], init_lora_weights=False), "b")
     llama3.eval()
     check()
+
+
+def test_cached_stacks_follow_a_dtype_conversion(tiny_llama):
+    """model.double() converts parameters through `param.data = ...` (same tensors, same version counters, new
+    storage): the next block must stack the converted factors, not serve the cached float32 copy."""
+    for name in ("a", "b"):
+        lorakit.add_adapter(tiny_llama, small_lora(target_modules="all-linear", init_lora_weights=False), name)
+    tiny_llama.eval()
+    ids = torch.randint(0, 128, (2, 5))
+    with torch.no_grad(), lorakit.per_row(tiny_llama, ["a", "b"]):
+        tiny_llama(ids)
+    tiny_llama.double()
+    with torch.no_grad(), lorakit.per_row(tiny_llama, ["a", "b"]):
+        out = tiny_llama(ids).logits
+    assert layer_plans._STACKS[tiny_llama.model.layers[0].self_attn.q_proj].stack.a.dtype == torch.float64
+    with torch.no_grad(), lorakit.per_row(tiny_llama, ["a", "b"], impl="reference"):
+        assert rel_max(out, tiny_llama(ids).logits) < 1e-12

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 LinearFactors = tuple[nn.Parameter, nn.Parameter, float, float]
 
 
-# Counts assignments to any delta's attributes, parameters, buffers and submodules (after construction too).
+# Counts assignments to any delta's attributes, parameters, buffers and submodules (after construction too), and
+# conversions (`_apply`).
 # Caches of a delta's factors (the mixed-batch stacks) re-check every delta only when it moved; otherwise the
 # factors' version counters, which every in-place write through the parameter bumps, are enough.
 STATE_EPOCH = [0]
@@ -56,6 +57,10 @@ class Delta(nn.Module):
     def add_module(self, name: str, module) -> None:
         STATE_EPOCH[0] += 1
         super().add_module(name, module)
+
+    def _apply(self, fn, recurse: bool = True):
+        STATE_EPOCH[0] += 1  # .to() / .double() / .cuda() convert parameters by `param.data = ...`: no version moves
+        return super()._apply(fn, recurse)
 
     def __init__(self, ops: LayerOps, config: AdapterConfig, module_name: str):
         super().__init__()

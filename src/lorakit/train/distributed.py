@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..core import files
 from ..core.api import active_adapters, training_hooks
 from ..core.blocks import repeated_blocks
+from ..core.delta import STATE_EPOCH
 from ..errors import ConfigError
 from ..loading.models import pick_device
 from .fields import given_fields
@@ -219,8 +220,15 @@ def _fully_shard(model: nn.Module, dist: Distributed, device: torch.device, bf16
         fully_shard(block, mesh=mesh, mp_policy=policy)  # after it would leave a stale copy for the next step)
     fully_shard(model, mesh=mesh, mp_policy=policy)  # the rest: embeddings, final norm, head
     _prefetch_neighbours(blocks)
+    # FSDP2 registers each block's gathered parameters by writing module._parameters directly, past the deltas'
+    # assignment count: per_row's cached stacks must then re-read every delta's factors
+    model.register_forward_pre_hook(_deltas_reassigned)
     # transformers' generate() keeps sharded ranks in step (synced_gpus) when it sees this flag
     model._is_fsdp_managed_module = True
+
+
+def _deltas_reassigned(module: nn.Module, args) -> None:
+    STATE_EPOCH[0] += 1
 
 
 def _prefetch_neighbours(blocks: list[nn.Module]) -> None:
