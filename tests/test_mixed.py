@@ -217,8 +217,9 @@ class _Flattening(nn.Module):
 
 
 def test_cached_stacks_follow_every_change_between_blocks(llama3):
-    """The per-layer stacks are cached across blocks: in-place writes, an optimizer step, a replaced parameter, a new
-    scale and a re-added adapter must each show in the next block's rows (checked against the reference)."""
+    """The per-layer stacks are cached across blocks: in-place writes, optimizer steps (fused too), new storage, a
+    replaced parameter, a new scale and a re-added adapter must each show in the next block's rows (checked against
+    the reference)."""
     ids = torch.randint(0, 128, (len(NAMES), 7))
     llama3.eval()
 
@@ -242,6 +243,12 @@ def test_cached_stacks_follow_every_change_between_blocks(llama3):
         llama3(ids).logits.square().mean().backward()
     torch.optim.SGD(params, lr=0.5).step()
     check()
+    with lorakit.per_row(llama3, NAMES):
+        llama3(ids).logits.square().mean().backward()
+    torch.optim.AdamW(params, lr=0.5, fused=True).step()  # a fused step writes without moving version counters
+    check()
+    q.lora_B.data = q.lora_B.data + 1  # new storage, the same tensor and version
+    check()
     q.lora_A = nn.Parameter(torch.randn_like(q.lora_A))  # replaced, not written
     check()
     q.scaling = q.scaling * 3
@@ -254,7 +261,9 @@ def test_cached_stacks_follow_every_change_between_blocks(llama3):
 
 def test_cached_stacks_follow_a_dtype_conversion(tiny_llama):
     """model.double() converts parameters through `param.data = ...` (same tensors, same version counters, new
-    storage): the next block must stack the converted factors, not serve the cached float32 copy."""
+    storage): the next block must stack the converted factors, not serve the cached float32 copy. LoRA only: a
+    DoRA delta assigns its own cache attribute in forward, which would re-check the plans and hide a missed
+    conversion."""
     for name in ("a", "b"):
         lorakit.add_adapter(tiny_llama, small_lora(target_modules="all-linear", init_lora_weights=False), name)
     tiny_llama.eval()

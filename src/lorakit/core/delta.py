@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, ClassVar, Optional
 
 import torch
 from torch import nn
+from torch.autograd.graph import increment_version
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .config import AdapterConfig
 from .layers import LayerOps
@@ -28,39 +30,60 @@ if TYPE_CHECKING:
 LinearFactors = tuple[nn.Parameter, nn.Parameter, float, float]
 
 
-# Counts assignments to any delta's attributes, parameters, buffers and submodules (after construction too), and
-# conversions (`_apply`).
-# Caches of a delta's factors (the mixed-batch stacks) re-check every delta only when it moved; otherwise the
-# factors' version counters, which every in-place write through the parameter bumps, are enough.
+# Counts what can change a delta's factors without moving their version counters: assignments to any delta's
+# attributes, parameters, buffers and submodules, and conversions (`_apply`: .to() / .double() / .cuda() write
+# `param.data`). Caches of the factors (the mixed-batch stacks) re-check every delta when it moved, otherwise their
+# version counters and storage. Writes through `param.data` (p.data.copy_) move neither: call
+# lorakit.clear_stacks after them.
 STATE_EPOCH = [0]
+
+
+def _count() -> None:
+    STATE_EPOCH[0] += 1
+
+
+def _fused_steps_move_versions(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """After any optimizer's step: a fused step (`fused=True`) writes its parameters in place without moving their
+    version counters (the for-loop and foreach steps move them); move them, so caches keyed on versions see it."""
+    for group in optimizer.param_groups:
+        if group.get("fused"):
+            for p in group["params"]:
+                if p.grad is not None:  # what the step updated
+                    increment_version(p)
+
+
+register_optimizer_step_post_hook(_fused_steps_move_versions)
 
 
 class Delta(nn.Module):
     """One adapter's change to one base layer; every variant subclasses it (see the module docstring)."""
 
+    # Each counts after the change, so a cache checked in between never records the new count with the old state.
     def __setattr__(self, name: str, value) -> None:
-        STATE_EPOCH[0] += 1
         super().__setattr__(name, value)
+        _count()
 
     def __delattr__(self, name: str) -> None:
-        STATE_EPOCH[0] += 1
         super().__delattr__(name)
+        _count()
 
     def register_parameter(self, name: str, param) -> None:
-        STATE_EPOCH[0] += 1
         super().register_parameter(name, param)
+        _count()
 
     def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
-        STATE_EPOCH[0] += 1
         super().register_buffer(name, tensor, persistent)
+        _count()
 
     def add_module(self, name: str, module) -> None:
-        STATE_EPOCH[0] += 1
         super().add_module(name, module)
+        _count()
 
     def _apply(self, fn, recurse: bool = True):
-        STATE_EPOCH[0] += 1  # .to() / .double() / .cuda() convert parameters by `param.data = ...`: no version moves
-        return super()._apply(fn, recurse)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            _count()
 
     def __init__(self, ops: LayerOps, config: AdapterConfig, module_name: str):
         super().__init__()
@@ -122,8 +145,9 @@ class Delta(nn.Module):
         forward on a linear layer is exactly y + s·(drop_p(x)·Aᵀ)·Bᵀ, drop_p being nn.Dropout(p) in training
         (p = 0: no dropout); None otherwise (another form, another layer kind). Called on every forward of
         the fused and mixed-batch paths: keep it cheap (no new Parameters, no nn.Module.__getattr__). The answer
-        may change only by assignment to the delta (STATE_EPOCH counts those) or by in-place writes to A and B
-        through the parameters (their version counters): the mixed-batch stacks rely on it."""
+        may change only in the ways STATE_EPOCH counts (assignment to the delta, conversion) or by in-place
+        writes to A and B through the parameters (their version counters and storage; fused optimizer steps
+        are made to move the counters too): the mixed-batch stacks rely on it."""
         return None
 
     def scaled_linear_factors(self, w: torch.Tensor, row_norm=None) -> Optional[tuple[LinearFactors, nn.Parameter,

@@ -291,7 +291,8 @@ def routed(layers: Sequence[AdaptedLayer], route: Callable, who: str, holders: S
         raise MixedBatchError("another routing is active on this model (a nested per_row or weighted block)")
     patched: list[SavedModule] = []
     try:
-        for m in layers:  # a plain instance attribute: set in __dict__, past nn.Module.__setattr__'s checks
+        for m in layers:  # a plain instance attribute: set in __dict__ (nn.Module.__setattr__ walks its parameter,
+            # buffer and module dicts first, ~2 µs a layer, paid twice per block on every adapted layer)
             m.__dict__["routing"] = route
         if saved_forward is not None:
             for h in holders:

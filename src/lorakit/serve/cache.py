@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache
 
 from ..errors import ServeError
 from ..multi import kernels
+from .. import triton_gate
 from .adapters import AdapterTable
 
 
@@ -126,9 +127,10 @@ class Steps:
         rows = self.table.rows
         rows.index, rows.gid = index, gid
         rows.active = any(s != none for s in slots)
-        rows.tokens, rows.block_m = tokens, kernels.sgmv_block_m(tokens, tokens * len(slots))
-        tiles = kernels.segment_tiles([s if s != none else -1 for s in slots], tokens, rows.block_m)
-        rows.tiles = on_device(tiles, self.device, torch.int32).view(-1, 3) if tiles else None
+        rows.tokens, rows.block_m, rows.tiles = tokens, kernels.sgmv_block_m(tokens, tokens * len(slots)), None
+        if rows.active and tokens > 1 and triton_gate.runs_on(self.device):
+            tiles = kernels.segment_tiles([s if s != none else -1 for s in slots], tokens, rows.block_m)
+            rows.tiles = on_device(tiles, self.device, torch.int32).view(-1, 3)
 
     @torch.no_grad()
     def prefill(self, prompts: Sequence[Sequence[int]], cache_rows: Sequence[int], adapter_slots: Sequence[int]):
@@ -189,7 +191,7 @@ class Steps:
         """The decode step on rows 0..rows-1 from the static inputs (what a graph captures)."""
         inputs = self._inputs[:, :rows]
         table_rows = self.table.rows
-        table_rows.index, table_rows.gid = inputs[2], inputs[3].to(torch.int32)
+        table_rows.index, table_rows.gid, table_rows.tiles = inputs[2], inputs[3].to(torch.int32), None
         cache = self.cache
         cache.rows, cache.write_cols, cache.kv_len = None, inputs[1, :, None], kv_len
         positions = inputs[0, :, None]

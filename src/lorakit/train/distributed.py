@@ -36,7 +36,6 @@ from torch.nn.parallel import DistributedDataParallel
 from ..core import files
 from ..core.api import active_adapters, training_hooks
 from ..core.blocks import repeated_blocks
-from ..core.delta import STATE_EPOCH
 from ..errors import ConfigError
 from ..loading.models import pick_device
 from .fields import given_fields
@@ -216,19 +215,14 @@ def _fully_shard(model: nn.Module, dist: Distributed, device: torch.device, bf16
         policy = MixedPrecisionPolicy()
     mesh = init_device_mesh(device.type, (dist.world_size,))
     blocks = list(repeated_blocks(model, no_split_classes=True))  # HF's unit of sharding, else the layers
-    for block in blocks:  # each resharded after its forward (kept gathered, an evaluation forward with no backward
-        fully_shard(block, mesh=mesh, mp_policy=policy)  # after it would leave a stale copy for the next step)
+    # Each block is resharded after its forward (the default): kept gathered, an evaluation forward with no
+    # backward after it would leave a stale gathered copy for the next training step.
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)  # the rest: embeddings, final norm, head
     _prefetch_neighbours(blocks)
-    # FSDP2 registers each block's gathered parameters by writing module._parameters directly, past the deltas'
-    # assignment count: per_row's cached stacks must then re-read every delta's factors
-    model.register_forward_pre_hook(_deltas_reassigned)
     # transformers' generate() keeps sharded ranks in step (synced_gpus) when it sees this flag
     model._is_fsdp_managed_module = True
-
-
-def _deltas_reassigned(module: nn.Module, args) -> None:
-    STATE_EPOCH[0] += 1
 
 
 def _prefetch_neighbours(blocks: list[nn.Module]) -> None:
