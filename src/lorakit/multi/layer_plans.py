@@ -67,8 +67,7 @@ class LayerPlan:
     slow: list[tuple[int, nn.Module]] = field(default_factory=list)  # (gid, delta) run on their rows
     epoch: int = -1  # STATE_EPOCH when every check last passed
     factors: tuple = ()  # the stacked deltas' A and B, their versions and storage then (the check between counts)
-    versions: list = field(default_factory=list)
-    storage: list = field(default_factory=list)
+    stamps: list = field(default_factory=list)  # (version, data_ptr) per factor
 
 
 # layer → its stack of every low-rank adapter (a copy of their weights), and its plans per adapter set.
@@ -123,7 +122,7 @@ def _plan_is_current(layer: AdaptedLayer, lp: LayerPlan, kernels_on: Optional[bo
         if modules.get(name) is not delta:
             return False
     if lp.epoch == STATE_EPOCH[0]:  # storage too: `param.data = other` moves no version counter
-        return [t._version for t in lp.factors] == lp.versions and [t.data_ptr() for t in lp.factors] == lp.storage
+        return [(t._version, t.data_ptr()) for t in lp.factors] == lp.stamps
     if not all(seen is None or _factors_unchanged(delta, seen) for _, delta, seen in lp.checks):
         return False
     lp.epoch = STATE_EPOCH[0]
@@ -148,7 +147,7 @@ def _plan_layer(layer: AdaptedLayer, adapters: tuple, device, kernels_on: Option
     slot_map = torch.tensor(slots, dtype=torch.int32, device=device)
     factors = tuple(t for _, _, seen in checks if seen is not None for t in seen[:2])
     return LayerPlan(entry, checks, slot_of_gid, slot_map, fast, slow, epoch, factors,
-                     [t._version for t in factors], [t.data_ptr() for t in factors])
+                     [(t._version, t.data_ptr()) for t in factors])
 
 
 def layer_plan(layer: AdaptedLayer, adapters: tuple, device, kernels_on: Optional[bool] = None) -> LayerPlan:
