@@ -27,10 +27,14 @@ def sgmv_block_m(tokens_per_row: int, n_tokens: int) -> int:
     return 16 if tokens_per_row <= 16 else 32 if n_tokens < 8192 else 64
 
 
-def sgmv(x2, y2, stack: AdapterStack, slot_map, tiles, block_m: int) -> None:
-    """In place: y2 [N, out] += each tile's LoRA (prefill). Needs Triton; see triton_lora."""
-    run = triton_lora.sgmv if SGMV_FUSED else triton_lora.sgmv_split
-    run(x2, y2, stack.a, stack.bt, stack.scale, slot_map, tiles, block_m)
+def sgmv(x, y, stack: AdapterStack, slot_map, tiles, block_m: int) -> None:
+    """In place: y [..., out] += each tile's LoRA (prefill); x [..., in] and y contiguous, tiles index their
+    token rows in order. Needs Triton; see triton_lora."""
+    if SGMV_FUSED:
+        triton_lora.sgmv(x, y, stack.a, stack.bt, stack.scale, slot_map, tiles, block_m)
+    else:
+        triton_lora.sgmv_split(x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1]), stack.a, stack.bt, stack.scale,
+                               slot_map, tiles, block_m)
 
 
 def bgmv(x2, y2, stack: AdapterStack, slot_map, token_gid) -> None:

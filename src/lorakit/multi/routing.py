@@ -172,15 +172,16 @@ class Router:
 
     def _kernel(self, lp: LayerPlan, stack: AdapterStack, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n_rows = x.shape[0]
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [N, in]: row i's tokens are N/n_rows consecutive rows
+        x = x.contiguous()  # [..., in]: flattened, row i's tokens are N/n_rows consecutive token rows
         y = y.contiguous()
-        y2 = y.view(-1, y.shape[-1])
-        tokens = x2.shape[0] // n_rows
+        n_tokens = x.numel() // x.shape[-1]
+        tokens = n_tokens // n_rows
         if tokens == 1:
-            kernels.bgmv(x2, y2, stack, lp.slot_map, self.plan.token_gids(n_rows, x.device))
-        else:
-            block_m = self.block_m or kernels.sgmv_block_m(tokens, x2.shape[0])
-            kernels.sgmv(x2, y2, stack, lp.slot_map, self.plan.tiles(n_rows, tokens, block_m, x.device), block_m)
+            kernels.bgmv(x.view(n_tokens, -1), y.view(n_tokens, -1), stack, lp.slot_map,
+                         self.plan.token_gids(n_rows, x.device))
+        else:  # the kernel reads the token rows at stride(-2): no flattening views (host time in small batches)
+            block_m = self.block_m or kernels.sgmv_block_m(tokens, n_tokens)
+            kernels.sgmv(x, y, stack, lp.slot_map, self.plan.tiles(n_rows, tokens, block_m, x.device), block_m)
         return y
 
     def _reference(self, layer: AdaptedLayer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -64,14 +64,14 @@ class StackRouter:
             return y
         rows = self.rows
         if self.use_kernels and (x.is_cuda or triton_gate.INTERPRET):  # the interpreter: kernel tests on CPU
-            tokens = x.numel() // (x.shape[0] * x.shape[-1])
-            x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [B·tokens, in]
+            x = x.contiguous()  # [B, tokens, in], or the tokens flattened: counted against the batch's rows
             y = y.contiguous()
-            if tokens == 1:  # decode
-                kernels.bgmv(x2, y.view(x2.shape[0], -1), stack, self._slot_map(stack), rows.gid)
+            n_tokens, n_rows = x.numel() // x.shape[-1], rows.gid.shape[0]
+            if n_tokens == n_rows:  # decode: one token per row
+                kernels.bgmv(x.view(n_tokens, -1), y.view(n_tokens, -1), stack, self._slot_map(stack), rows.gid)
                 return y
-            if rows.tiles is not None and tokens == rows.tokens:  # prefill
-                kernels.sgmv(x2, y.view(x2.shape[0], -1), stack, self._slot_map(stack), rows.tiles, rows.block_m)
+            if rows.tiles is not None and n_tokens == n_rows * rows.tokens:  # prefill
+                kernels.sgmv(x, y, stack, self._slot_map(stack), rows.tiles, rows.block_m)
                 return y
         return kernels.lora_rows(x, y, stack, rows.index)
 
