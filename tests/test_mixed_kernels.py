@@ -149,6 +149,21 @@ def test_kernels_match_the_torch_reference(dtype, tol, tokens, monkeypatch, kern
         assert torch.equal(out[untouched], y[untouched]), label
 
 
+def test_sgmv_takes_contiguous_inputs_of_any_rank(kernel_device):
+    """[rows, tokens, 1, in] from a transpose is contiguous for torch, with a stride of 1-size dimension -2 that is
+    not the row stride: SGMV must read the same token rows as from the flattened copy."""
+    torch.manual_seed(2)
+    stack, slot_map, row_gids, x, y, _ = _random_case(torch.float32, 2, 3, kernel_device, n_in=32, n_out=24)
+    x4 = x.view(2, 1, 3, 32).transpose(1, 2)  # [2, 3, 1, 32], strides (96, 32, 96, 1)
+    y4 = y.clone().view(2, 1, 3, 24).transpose(1, 2)
+    assert x4.is_contiguous() and x4.stride(-2) != 32
+    tiles = torch.tensor(segment_tiles(row_gids, 3, 16), dtype=torch.int32, device=kernel_device).view(-1, 3)
+    flat = y.clone()
+    kernels.sgmv(x, flat, stack, slot_map, tiles, 16)
+    kernels.sgmv(x4, y4, stack, slot_map, tiles, 16)
+    torch.testing.assert_close(y4.reshape(6, 24), flat, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
 def test_model_prefill_and_decode_match_single_adapters(tiny_llama, dtype, tol, monkeypatch, kernel_device):
     dev = kernel_device

@@ -4,7 +4,9 @@ A layer's stack holds (a copy of) every delta of the layer that answers `Delta.l
 forward is y + s·(drop(x)·Aᵀ)·Bᵀ on a linear-like layer (Linear, Conv1D); stack.py has its layout. A plan
 says, for one set of adapters, which stack slot each adapter's rows read, and which deltas run their own
 forward on their rows instead (any other delta: another form, an embedding, a convolution). Both are rebuilt
-when a delta is replaced or its factors are written in place (hot_swap calls `clear_stacks`).
+when a delta is replaced or its factors are written in place (hot_swap calls `clear_stacks`); writes no version
+counter or assignment shows (through `param.data`, or an optimizer outside torch.optim's step hooks) need a
+`clear_stacks()` call (core/delta.py's STATE_EPOCH says what is seen).
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ class StackEntry:
     keys: dict[str, tuple]  # name → (delta id, _delta_key) of each stacked delta, in slot order
     stack: AdapterStack
     for_kernels: bool  # built where Triton kernels may run (rank padded for them: stack.padded_rank)
+    # Aliases of the stacked factors' storage, kept alive with the entry: after `param.data = new` the allocator
+    # cannot hand the old address back to a later factor, which the keys' data_ptr would take for the same one.
+    held: tuple = ()
 
 
 @dataclass
@@ -99,7 +104,8 @@ def layer_stack(layer: AdaptedLayer, kernels_on: Optional[bool] = None) -> Optio
     if entry is None or entry.keys != keys or entry.for_kernels != _kernels_on(entry.stack, kernels_on):
         with torch.no_grad():
             stack = build_stack(list(deltas.values()))
-        entry = _STACKS[layer] = StackEntry(keys, stack, _kernels_on(stack, kernels_on))
+        held = tuple(t.detach() for d in deltas.values() for t in d.linear_factors()[:2])
+        entry = _STACKS[layer] = StackEntry(keys, stack, _kernels_on(stack, kernels_on), held)
     return entry
 
 

@@ -179,7 +179,7 @@ class Router:
         if tokens == 1:
             kernels.bgmv(x.view(n_tokens, -1), y.view(n_tokens, -1), stack, lp.slot_map,
                          self.plan.token_gids(n_rows, x.device))
-        else:  # the kernel reads the token rows at stride(-2): no flattening views (host time in small batches)
+        else:  # the kernel reads contiguous token rows of any rank: no flattening views (host time, small batches)
             block_m = self.block_m or kernels.sgmv_block_m(tokens, n_tokens)
             kernels.sgmv(x, y, stack, lp.slot_map, self.plan.tiles(n_rows, tokens, block_m, x.device), block_m)
         return y

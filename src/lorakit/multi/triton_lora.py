@@ -179,7 +179,8 @@ def _sm_count(index: int) -> int:
 
 def sgmv(x2, y2, a, bt, scale, slot_map, tiles, block_m: int) -> None:
     """y2 [..., out] += per-tile LoRA of x2 [..., in]; tiles int32 [T, 3] (start, count, gid); slot_map int32 [G].
-    x2 and y2 are contiguous: token rows at stride(-2) whatever the rank (no flattening view per call)."""
+    x2 and y2 are contiguous, whatever their rank (no flattening view per call): token rows are `in` and `out`
+    elements apart. Not stride(-2): torch calls a tensor contiguous whatever the stride of a size-1 dimension."""
     n_tiles = tiles.shape[0]
     if n_tiles == 0:
         return
@@ -189,8 +190,8 @@ def sgmv(x2, y2, a, bt, scale, slot_map, tiles, block_m: int) -> None:
     split = max(1, min(blocks, triton.cdiv(4 * _sm_count(x2.device.index or 0), n_tiles)))
     cols = triton.cdiv(blocks, split) * block_n
     _sgmv[(triton.cdiv(n_out, cols), n_tiles)](
-        x2, a, bt, y2, tiles, slot_map, scale, k_in, n_out, cols, x2.stride(-2), a.stride(0), bt.stride(0),
-        y2.stride(-2), R=rank, BLOCK_M=block_m, BLOCK_K=64 if a.dtype == torch.float32 else 128, BLOCK_N=block_n,
+        x2, a, bt, y2, tiles, slot_map, scale, k_in, n_out, cols, k_in, a.stride(0), bt.stride(0),
+        n_out, R=rank, BLOCK_M=block_m, BLOCK_K=64 if a.dtype == torch.float32 else 128, BLOCK_N=block_n,
         PRECISION=_precision(a.dtype), num_warps=4, num_stages=3)
 
 
