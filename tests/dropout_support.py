@@ -77,3 +77,12 @@ def norm_output(raw: torch.Tensor, norm_w: torch.Tensor, offset: float, tag: boo
     if tag:
         recipes.tag_norm_output(n, raw.detach(), rstd, norm_w, offset)
     return n
+
+
+def norm_case(dtype, dev="cpu"):
+    """The RMSNorm-recipe case of both dropout test files: (model, its q/k/v layers, a raw input [3, 6, 24] that
+    requires grad, the norm weight [24], the trainable parameters)."""
+    model = siblings_model(dtype, dev)
+    raw = torch.randn(3, 6, 24, dtype=dtype, device=dev, requires_grad=True)
+    norm_w = torch.randn(24, dtype=dtype, device=dev) / 3
+    return model, (model.q, model.k, model.v), raw, norm_w, [p for p in model.parameters() if p.requires_grad]

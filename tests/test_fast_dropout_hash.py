@@ -11,7 +11,7 @@ import lorakit
 from lorakit.fast import dropout as fast_dropout
 from lorakit.fast import dropout_hash as dh
 from lorakit.fast.lora_linear import fused_linears
-from dropout_support import norm_output, plain_and_checkpointed, siblings_model
+from dropout_support import norm_case, norm_output, plain_and_checkpointed, siblings_model
 from dropout_support import seeds_of as _seeds_of
 from dropout_support import with_masks as _with_masks
 from support import one_thread, rel_norm  # noqa: F401
@@ -88,11 +88,7 @@ def test_input_without_grad_one_layer_through_optimize(monkeypatch, keep):
 
 @pytest.mark.parametrize("offset", [0.0, 1.0], ids=["llama", "gemma"])
 def test_an_rms_norm_recipe_gives_the_reference_gradients(monkeypatch, keep, offset):
-    m = _model(torch.float64)
-    layers = (m.q, m.k, m.v)
-    raw = torch.randn(3, 6, 24, dtype=torch.float64, requires_grad=True)
-    norm_w = torch.randn(24, dtype=torch.float64) / 3
-    params = [p for p in m.parameters() if p.requires_grad]
+    m, layers, raw, norm_w, params = norm_case(torch.float64)
 
     def normed(tag):
         return norm_output(raw, norm_w, offset, tag)

@@ -12,7 +12,7 @@ import lorakit
 from lorakit.fast import dropout as fast_dropout
 from lorakit.fast import dropout_kernels as dk
 from lorakit.fast.lora_linear import fused_linears
-from dropout_support import norm_output, plain_and_checkpointed, siblings_model
+from dropout_support import norm_case, norm_output, plain_and_checkpointed, siblings_model
 from dropout_support import seeds_of as _seeds_of
 from dropout_support import with_masks as _with_masks
 from support import rel_norm
@@ -152,11 +152,7 @@ def test_only_x_is_saved_and_seeded_runs_repeat(philox):
 @pytest.mark.parametrize("offset", [0.0, 1.0], ids=["llama", "gemma"])
 def test_an_rms_norm_output_is_rebuilt_in_backward_not_saved(philox, monkeypatch, offset):
     dev = philox
-    m = _model(torch.float32, dev)  # with terms that read x itself: they use the recipe as well
-    layers = (m.q, m.k, m.v)
-    raw = torch.randn(3, 6, 24, device=dev, requires_grad=True)
-    norm_w = torch.randn(24, device=dev) / 3
-    params = [p for p in m.parameters() if p.requires_grad]
+    m, layers, raw, norm_w, params = norm_case(torch.float32, dev)  # terms reading x use the recipe too
 
     def normed(tag):
         return norm_output(raw, norm_w, offset, tag)

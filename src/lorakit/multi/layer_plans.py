@@ -93,35 +93,33 @@ def _stackable(layer: AdaptedLayer) -> dict[str, nn.Module]:
     return {n: layer.deltas[n] for n, k in zip(fast, kinds) if k == common}
 
 
-def layer_stack(layer: AdaptedLayer, kernels_on: Optional[bool] = None) -> Optional[StackEntry]:
+def layer_stack(layer: AdaptedLayer) -> Optional[StackEntry]:
     """The stack of all the layer's low-rank adapters (no autograd: inference only), rebuilt if any of
-    them changed; None if the layer has none. kernels_on: whether kernels may run on its device (None: asked)."""
+    them changed; None if the layer has none."""
     deltas = _stackable(layer)
     if not deltas:
         return None
     keys = {n: (id(d), _delta_key(d)) for n, d in deltas.items()}
     entry = _STACKS.get(layer)
-    if entry is None or entry.keys != keys or entry.for_kernels != _kernels_on(entry.stack, kernels_on):
+    if entry is None or entry.keys != keys or entry.for_kernels != _kernels_on(entry.stack):
         with torch.no_grad():
             stack = build_stack(list(deltas.values()))
         held = tuple(t.detach() for d in deltas.values() for t in d.linear_factors()[:2])
-        entry = _STACKS[layer] = StackEntry(keys, stack, _kernels_on(stack, kernels_on), held)
+        entry = _STACKS[layer] = StackEntry(keys, stack, _kernels_on(stack), held)
     return entry
 
 
-def _kernels_on(stack: AdapterStack, known: Optional[bool] = None) -> bool:
-    """Whether the kernels may run where `stack` lives (LORAKIT_TRITON can change between per_row blocks);
-    `known`: the caller's answer for this device, read once per block (the environment read costs ~0.6 µs)."""
-    return runs_on(stack.a.device) if known is None else known
+def _kernels_on(stack: AdapterStack) -> bool:
+    """Whether the kernels may run where `stack` lives (LORAKIT_TRITON can change between per_row blocks)."""
+    return runs_on(stack.a.device)
 
 
-def _plan_is_current(layer: AdaptedLayer, lp: LayerPlan, kernels_on: Optional[bool]) -> bool:
+def _plan_is_current(layer: AdaptedLayer, lp: LayerPlan) -> bool:
     """Cheap check of only what this plan uses: the same delta objects, and its stacked ones unchanged. While
     STATE_EPOCH stands still, unchanged means the same version and storage of every stacked factor (~0.2 µs each);
     otherwise each delta is asked for its factors again."""
     entry = lp.entry
-    if entry is not None and (_STACKS.get(layer) is not entry or entry.for_kernels != _kernels_on(entry.stack,
-                                                                                                   kernels_on)):
+    if entry is not None and (_STACKS.get(layer) is not entry or entry.for_kernels != _kernels_on(entry.stack)):
         return False
     modules = layer.deltas._modules
     for name, delta, _ in lp.checks:
@@ -135,10 +133,10 @@ def _plan_is_current(layer: AdaptedLayer, lp: LayerPlan, kernels_on: Optional[bo
     return True
 
 
-def _plan_layer(layer: AdaptedLayer, adapters: tuple, device, kernels_on: Optional[bool]) -> LayerPlan:
+def _plan_layer(layer: AdaptedLayer, adapters: tuple, device) -> LayerPlan:
     modules = layer.deltas._modules
     wanted = any(n in modules and _fast_kind(modules[n]) for n in adapters)
-    entry = layer_stack(layer, kernels_on) if wanted else None
+    entry = layer_stack(layer) if wanted else None
     stacked = entry.keys if entry is not None else {}
     checks = tuple((n, modules.get(n), (*modules[n].linear_factors(), stacked[n][1]) if n in stacked else None)
                    for n in adapters)
@@ -156,15 +154,14 @@ def _plan_layer(layer: AdaptedLayer, adapters: tuple, device, kernels_on: Option
                      [(t._version, t.data_ptr()) for t in factors])
 
 
-def layer_plan(layer: AdaptedLayer, adapters: tuple, device, kernels_on: Optional[bool] = None) -> LayerPlan:
-    """The cached plan of this layer for these adapters (in gid order), re-made when it went stale.
-    kernels_on: whether Triton kernels may run on `device`, read once by the caller (None: read here)."""
+def layer_plan(layer: AdaptedLayer, adapters: tuple, device) -> LayerPlan:
+    """The cached plan of this layer for these adapters (in gid order), re-made when it went stale."""
     plans = _PLANS.get(layer)
     if plans is None:
         plans = _PLANS[layer] = {}
     lp = plans.get((adapters, device))
-    if lp is None or not _plan_is_current(layer, lp, kernels_on):
-        lp = plans[(adapters, device)] = _plan_layer(layer, adapters, device, kernels_on)
+    if lp is None or not _plan_is_current(layer, lp):
+        lp = plans[(adapters, device)] = _plan_layer(layer, adapters, device)
     return lp
 
 

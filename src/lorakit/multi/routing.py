@@ -121,7 +121,6 @@ class Router:
         self._generation = GENERATION[0]
         # Triton SGMV/BGMV where the gate allows; the environment is read once per block, not per layer call
         self.use_kernels = impl == "auto" and triton_gate.enabled()
-        self._runs_on: dict[torch.device, bool] = {}  # device → triton_gate.runs_on, read once per block
 
     def __call__(self, layer: AdaptedLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if layer.merged:
@@ -138,10 +137,7 @@ class Router:
             self._layers, self._generation = {}, GENERATION[0]
         lp = self._layers.get(id(layer))
         if lp is None:
-            runs_on = self._runs_on.get(x.device)
-            if runs_on is None:
-                runs_on = self._runs_on[x.device] = triton_gate.runs_on(x.device)
-            lp = self._layers[id(layer)] = layer_plan(layer, self.plan.key, x.device, runs_on)
+            lp = self._layers[id(layer)] = layer_plan(layer, self.plan.key, x.device)
         if lp.fast:
             y = self._fast(layer, lp, x, y)
         for gid, delta in lp.slow:
