@@ -276,3 +276,56 @@ def test_cached_stacks_follow_a_dtype_conversion(tiny_llama):
     assert layer_plans._STACKS[tiny_llama.model.layers[0].self_attn.q_proj].stack.a.dtype == torch.float64
     with torch.no_grad(), lorakit.per_row(tiny_llama, ["a", "b"], impl="reference"):
         assert rel_max(out, tiny_llama(ids).logits) < 1e-12
+
+
+def test_a_later_block_sees_deltas_moved_between_names(tiny_llama):
+    """A block over the same adapters as the last one takes that block's plans after one check of all of them
+    (layer_plans.recall_block): deltas swapped between two names in every layer's dict (nothing is assigned to a
+    delta, no counter moves) must still show in the rows."""
+    for name in ("a", "b"):
+        lorakit.add_adapter(tiny_llama, small_lora(target_modules="all-linear", init_lora_weights=False), name)
+    tiny_llama.eval()
+    ids = torch.randint(0, 128, (2, 5))
+    for _ in range(2):  # the second block recalls the first one's plans
+        with torch.no_grad(), lorakit.per_row(tiny_llama, ["a", "b"]):
+            before = tiny_llama(ids).logits
+    assert layer_plans.recall_block(tiny_llama, ("a", "b"))
+    for _, layer in lorakit.adapted_layers(tiny_llama):
+        layer.deltas["a"], layer.deltas["b"] = layer.deltas["b"], layer.deltas["a"]
+    assert not layer_plans.recall_block(tiny_llama, ("a", "b"))
+    with torch.no_grad(), lorakit.per_row(tiny_llama, ["a", "b"]):
+        out = tiny_llama(ids).logits
+    with torch.no_grad(), lorakit.per_row(tiny_llama, ["a", "b"], impl="reference"):
+        ref = tiny_llama(ids).logits
+    assert rel_max(out, ref) < 1e-6
+    assert rel_max(out, before) > 1e-3  # the rows really changed adapters
+
+
+def test_hooks_on_a_base_layer_still_run_inside_per_row(tiny_llama):
+    """per_row computes a plain base nn.Linear directly (host time); a hook on that layer (or any global one) and an
+    instance forward (accelerate's offload hooks) must still be honoured."""
+    for name in ("a", "b"):
+        lorakit.add_adapter(tiny_llama, small_lora(target_modules=["q_proj"], init_lora_weights=False), name)
+    tiny_llama.eval()
+    ids = torch.randint(0, 128, (2, 5))
+    base = tiny_llama.model.layers[0].self_attn.q_proj.base_layer
+    seen = []
+    handle = base.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad(), lorakit.per_row(tiny_llama, ["a", "b"]):
+        tiny_llama(ids)
+    handle.remove()
+    assert seen == [torch.Size([2, 5, base.out_features])]
+    base.forward = lambda x, plain=base.forward: seen.append("instance") or plain(x)
+    try:
+        with torch.no_grad(), lorakit.per_row(tiny_llama, ["a", "b"]):
+            tiny_llama(ids)
+    finally:
+        del base.forward
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: seen.append("global") if module is base else None)
+    try:
+        with torch.no_grad(), lorakit.per_row(tiny_llama, ["a", "b"]):
+            tiny_llama(ids)
+    finally:
+        handle.remove()
+    assert seen[1:] == ["instance", "global"]

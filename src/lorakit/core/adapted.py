@@ -11,9 +11,12 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layers import LayerOps, ops_for
+
+_HOOKS = nn.modules.module  # its global hook dicts: a hook anywhere must see the base layer's call
 
 
 class DenseWeight:
@@ -115,6 +118,20 @@ class AdaptedLayer(KeepsBaseKeys):
     def set_base_weight(self, w: torch.Tensor) -> None:
         """Write the base weight through the weight source (merging, PiSSA's residual)."""
         self.weight_source.set(w)
+
+    def base_output(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base layer's output on x. A plain nn.Linear (no hooks, no instance forward: accelerate's offload hooks
+        and lorakit's patches replace `forward`) is computed directly: its module call costs more host time than
+        the GEMM at small batches, and a mixed-batch forward makes one per adapted layer."""
+        base = self._modules["base_layer"]
+        if (type(base) is nn.Linear and not args and not kwargs and "forward" not in base.__dict__
+                and not base._forward_hooks and not base._forward_pre_hooks and not base._backward_hooks
+                and not base._backward_pre_hooks and not _HOOKS._global_forward_hooks
+                and not _HOOKS._global_forward_pre_hooks and not _HOOKS._global_backward_hooks
+                and not _HOOKS._global_backward_pre_hooks):
+            params = base._parameters
+            return F.linear(x, params["weight"], params["bias"])
+        return base(x, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Per-row routing if a mixed batch is running, else the fast path if one is installed, else the reference."""

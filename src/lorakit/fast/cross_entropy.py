@@ -15,11 +15,13 @@ from typing import Optional
 import torch
 
 from ..triton_gate import tl, triton, use_triton
+from ..triton_launch import cached_launch
 
 CHUNK_BYTES = 512 * 2**20  # logits of one chunk, in the model dtype
 
 if triton is not None:
 
+    @cached_launch
     @triton.jit
     def _ce_loss_grad(LOGITS, stride, TARGET, LOSS, SCALE, n_cols, ignore_index, BLOCK: tl.constexpr):
         """Per row: loss = lse − x_t; logits ← (softmax − onehot_t)·scale (zeros for an ignored row)."""

@@ -28,7 +28,8 @@ import functools
 
 import torch
 
-from ..triton_gate import tl, triton
+from ..triton_gate import tl, triton, cdiv, next_power_of_2
+from ..triton_launch import cached_launch
 
 # Philox rounds: 7 is the fewest that Salmon et al. (SC'11) found Crush-resistant (BigCrush clean); 10 (Triton's
 # and cuRAND's default) adds margin. The mask draw is the kernels' main ALU cost, and dropout needs no more.
@@ -51,6 +52,7 @@ if triton is not None:
         halves = tl.interleave(words & 0xFFFF, words >> 16)  # [BM, BK]: 16-bit values, 8 per group
         return halves >= threshold  # [BM, BK]
 
+    @cached_launch
     @triton.jit(do_not_specialize=["seed", "stream0", "threshold"])
     def _drop_down(x_ptr, a_ptr, h_ptr, seed, stream0, n_terms, n_rows, K, stride_xm, stride_hm, stride_hc, scale,
                    threshold, R: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
@@ -95,6 +97,7 @@ if triton is not None:
         ranks = (t * R + offs_r).to(tl.int64)  # [RP]
         tl.store(da_ptr + ranks[:, None] * K + cols[None, :], da * scale, mask=r_ok[:, None] & col_ok[None, :])
 
+    @cached_launch
     @triton.jit(do_not_specialize=["seed", "stream0", "threshold"])
     def _drop_back(x_ptr, rstd_ptr, w_ptr, a_ptr, gh_ptr, dx_ptr, da_ptr, seed, stream0, n_rows, K, strip_rows,
                    stride_xm, stride_dxm, stride_ghr, stride_das, offset, scale, threshold, TERMS: tl.constexpr,
@@ -155,6 +158,7 @@ if triton is not None:
             if TERMS > 3:
                 _store_da(da_ptr, da3, 3, R, offs_r, cols, r_ok, col_ok, K, scale)
 
+    @cached_launch
     @triton.jit(do_not_specialize=["seed", "stream", "threshold"])
     def _mask_kernel(out_ptr, seed, stream, n_rows, K, threshold, BM: tl.constexpr, BK: tl.constexpr,
                      ROUNDS: tl.constexpr):
@@ -176,7 +180,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _padded(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
+    return max(16, next_power_of_2(r))
 
 
 @functools.lru_cache(maxsize=None)
@@ -191,7 +195,7 @@ def _down_rows(n_rows: int, n_terms: int, device: torch.device) -> int:
     ALU work and wants every SM busy)."""
     want = 8 * _sm_count(device.index or 0)
     for bm in (64, 32):
-        if triton.cdiv(n_rows, bm) * n_terms >= want:
+        if cdiv(n_rows, bm) * n_terms >= want:
             return bm
     return 16
 
@@ -212,7 +216,7 @@ def drop_down(x2: torch.Tensor, a_run: torch.Tensor, h_run: torch.Tensor, seed: 
     if n_rows == 0:
         return
     bm = _down_rows(n_rows, n_terms, x2.device)
-    _drop_down[(triton.cdiv(n_rows, bm) * n_terms,)](
+    _drop_down[(cdiv(n_rows, bm) * n_terms,)](
         x2, a_run, h_run, seed, stream0, n_terms, n_rows, k, x2.stride(0), h_run.stride(0), h_run.stride(1),
         1.0 / (1.0 - p), _threshold(p), R=rank, RP=_padded(rank), BM=bm, BK=64, ROUNDS=PHILOX_ROUNDS,
         PRECISION=_precision(x2.dtype), num_warps=4)
@@ -240,10 +244,10 @@ def drop_back(x2: torch.Tensor, a_run: torch.Tensor, gh_run: torch.Tensor, dx2, 
     if n_rows == 0:
         return x2.new_zeros(a_run.shape, dtype=torch.float32) if need_da else None
     bm, bk = BACK_BLOCK
-    k_blocks, m_blocks = triton.cdiv(k, bk), triton.cdiv(n_rows, bm)
-    strips = max(1, min(m_blocks, triton.cdiv(PROGRAMS_PER_SM * _sm_count(x2.device.index or 0), k_blocks)))
-    strip_rows = triton.cdiv(m_blocks, strips) * bm
-    strips = triton.cdiv(n_rows, strip_rows)
+    k_blocks, m_blocks = cdiv(k, bk), cdiv(n_rows, bm)
+    strips = max(1, min(m_blocks, cdiv(PROGRAMS_PER_SM * _sm_count(x2.device.index or 0), k_blocks)))
+    strip_rows = cdiv(m_blocks, strips) * bm
+    strips = cdiv(n_rows, strip_rows)
     da = x2.new_empty(strips, n_terms * rank, k, dtype=torch.float32) if need_da else None  # every entry written
     if dx2 is None and da is None:
         return None
@@ -315,6 +319,6 @@ def dropout_mask(seed: int, stream: int, shape: tuple, p: float, device) -> torc
     n_rows, k = shape
     out = torch.empty(n_rows, k, dtype=torch.int8, device=device)
     if out.numel():
-        _mask_kernel[(triton.cdiv(n_rows, 64), triton.cdiv(k, 128))](
+        _mask_kernel[(cdiv(n_rows, 64), cdiv(k, 128))](
             out, seed, stream, n_rows, k, _threshold(p), BM=64, BK=128, ROUNDS=PHILOX_ROUNDS)
     return out.bool()

@@ -13,10 +13,12 @@ from __future__ import annotations
 import torch
 
 from . import recipes
-from ..triton_gate import tl, triton, use_triton, warps_for, row_block
+from ..triton_gate import tl, triton, use_triton, warps_for, row_block, cdiv
+from ..triton_launch import cached_launch
 
 if triton is not None:
 
+    @cached_launch
     @triton.jit
     def _rms_fwd(X, Y, W, RSTD, stride_x, stride_y, n_cols, eps, offset,
                  LLAMA_CAST: tl.constexpr, BLOCK: tl.constexpr):
@@ -33,6 +35,7 @@ if triton is not None:
         tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
         tl.store(RSTD + row, rstd)
 
+    @cached_launch
     @triton.jit
     def _rms_bwd(DY, X, W, RSTD, DX, DW, stride_dy, stride_x, stride_dx, n_rows, n_cols, offset, rows_per_prog,
                  HAS_DW: tl.constexpr, BLOCK: tl.constexpr):
@@ -111,8 +114,8 @@ class RMSNormFunction(torch.autograd.Function):
             dy2 = _rows(dy, d)
             dx = torch.empty(ctx.shape, device=x2.device, dtype=x2.dtype)
             progs = min(n, 4 * _sm_count(x2.device))
-            rows_per_prog = triton.cdiv(n, progs)
-            progs = triton.cdiv(n, rows_per_prog)
+            rows_per_prog = cdiv(n, progs)
+            progs = cdiv(n, rows_per_prog)
             dw_part = torch.empty(progs, d, device=x2.device, dtype=torch.float32) if need_dw else dx
             block = row_block(d)
             _rms_bwd[(progs,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0), d, n, d,

@@ -15,10 +15,12 @@ import threading
 
 import torch
 
-from ..triton_gate import tl, triton, use_triton
+from ..triton_gate import tl, triton, use_triton, next_power_of_2
+from ..triton_launch import cached_launch
 
 if triton is not None:
 
+    @cached_launch
     @triton.jit
     def _rope_kernel(X, COS, SIN, OUT, n_heads, seq_len, sx_b, sx_h, sx_t, sx_d, sc_b, sc_t, sc_d,
                      HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
@@ -55,8 +57,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
         sc_b = cos.stride(0) if cos.shape[0] > 1 else 0
         half = dim // 2
         _rope_kernel[(bsz * seq,)](x, cos, sin, out, heads, seq, *x.stride(), sc_b, cos.stride(1), cos.stride(2),
-                                   HALF=half, BLOCK_H=triton.next_power_of_2(heads),
-                                   BLOCK_D=triton.next_power_of_2(half), BACKWARD=backward, num_warps=4)
+                                   HALF=half, BLOCK_H=next_power_of_2(heads),
+                                   BLOCK_D=next_power_of_2(half), BACKWARD=backward, num_warps=4)
         return out.transpose(1, 2)
     c, s = cos.float()[:, None], sin.float()[:, None]  # [B, 1, T, D]
     xf = x.float()

@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 
 from .. import triton_gate
-from ..triton_gate import tl, triton
+from ..triton_gate import tl, triton, cdiv, next_power_of_2
+from ..triton_launch import cached_launch
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 keeps the torch path (exact tests)
 # Tile sizes and warps from the sm_90 builds' register counts (cuobjdump): no spills, at least two programs per SM.
@@ -49,6 +50,7 @@ if triton is not None:
         norm = tl.load(norm_ptr + cols, mask=col_ok, other=1.0).to(m.dtype)  # [BN]
         return (m.to(tl.float32) / norm.to(tl.float32)).to(m.dtype).to(tl.float32)
 
+    @cached_launch
     @triton.jit
     def _row_norm(w_ptr, a_ptr, b_ptr, norm_ptr, n_out, K, stride_w0, stride_w1, stride_b0, stride_b1, s,
                   R: tl.constexpr, RP: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr, MIXED: tl.constexpr,
@@ -106,6 +108,7 @@ if triton is not None:
             z = (z.to(tl.float32) + s * up).to(z_ptr.dtype.element_ty)
         return z.to(tl.float32)
 
+    @cached_launch
     @triton.jit
     def _scale_fwd(z_ptr, y_ptr, m_ptr, norm_ptr, b_ptr, h_ptr, u_ptr, n_rows, n_cols, stride_z, stride_y, stride_h0,
                    stride_h1, stride_u0, stride_u1, s, R: tl.constexpr, RP: tl.constexpr, HAS_UP: tl.constexpr,
@@ -125,6 +128,7 @@ if triton is not None:
         tl.store(y_ptr + rows64[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
+    @cached_launch
     @triton.jit
     def _scale_back(g_ptr, z_ptr, dz_ptr, m_ptr, norm_ptr, part_ptr, h_ptr, u_ptr, n_rows, n_cols, strip_rows,
                     stride_g, stride_z, stride_dz, stride_h0, stride_h1, stride_u0, stride_u1, s, R: tl.constexpr,
@@ -158,6 +162,7 @@ if triton is not None:
         if NEED_DB:
             tl.store(part + n_cols + cols, tl.sum(acc_b, 0), mask=col_ok)
 
+    @cached_launch
     @triton.jit
     def _finish(part_ptr, norm_ptr, dm_ptr, db_ptr, n_strips, n_cols, NEED_DM: tl.constexpr, NEED_DB: tl.constexpr,
                 SB: tl.constexpr, BN: tl.constexpr):
@@ -200,12 +205,12 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _padded(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
+    return max(16, next_power_of_2(r))
 
 
 def _norm_rows(n_out: int, device: torch.device) -> int:
     """Rows of W per row_norm program: 32 where that still gives two programs per SM, else 16."""
-    return 32 if triton.cdiv(n_out, 32) >= 2 * _sm_count(device.index or 0) else 16
+    return 32 if cdiv(n_out, 32) >= 2 * _sm_count(device.index or 0) else 16
 
 
 def row_norm(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> Optional[torch.Tensor]:
@@ -229,7 +234,7 @@ def row_norm(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> Opt
     mixed = a.dtype != w.dtype  # then both as float32
     bo = _norm_rows(n_out, w.device)
     precision = "ieee" if mixed else _precision(a.dtype)
-    _row_norm[(triton.cdiv(n_out, bo),)](
+    _row_norm[(cdiv(n_out, bo),)](
         w, a, b, norm, n_out, k, w.stride(0), w.stride(1), b.stride(0), b.stride(1), float(s), R=r, RP=_padded(r),
         BO=bo, BK=64 if mixed else NORM_BLOCKS[bo], MIXED=mixed, PRECISION=precision, num_warps=4)
     return norm
@@ -293,7 +298,7 @@ def scale_output(z: torch.Tensor, m: torch.Tensor, norm: torch.Tensor, bias: Opt
     n_rows, n_cols = z2.shape
     up_args, up_consts = _up_args(up, n_rows)
     if z2.numel():
-        _scale_fwd[(triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bn))](
+        _scale_fwd[(cdiv(n_rows, bm), cdiv(n_cols, bn))](
             z2, y, m, norm, bias if bias is not None else m, *up_args[:2], n_rows, n_cols, z2.stride(0), y.stride(0),
             *up_args[2:], **up_consts, HAS_BIAS=bias is not None, BM=bm, BN=bn, PRECISION=_precision(z.dtype),
             num_warps=WARPS)
@@ -329,10 +334,10 @@ def scale_grads(g: torch.Tensor, z: torch.Tensor, m: torch.Tensor, norm: torch.T
     if n_rows == 0:  # nothing summed: zero gradients
         return dz, m.new_zeros(m.shape) if need_dm else None, bias.new_zeros(bias.shape) if need_db else None
     bm, bn = BACK_TILE
-    col_blocks, row_blocks = triton.cdiv(n_cols, bn), triton.cdiv(n_rows, bm)
-    strips = max(1, min(row_blocks, triton.cdiv(PROGRAMS_PER_SM * _sm_count(g.device.index or 0), col_blocks)))
-    strip_rows = triton.cdiv(row_blocks, strips) * bm
-    strips = triton.cdiv(n_rows, strip_rows)
+    col_blocks, row_blocks = cdiv(n_cols, bn), cdiv(n_rows, bm)
+    strips = max(1, min(row_blocks, cdiv(PROGRAMS_PER_SM * _sm_count(g.device.index or 0), col_blocks)))
+    strip_rows = cdiv(row_blocks, strips) * bm
+    strips = cdiv(n_rows, strip_rows)
     part = torch.empty(strips, 2, n_cols, device=g.device, dtype=torch.float32)  # the needed halves all written
     up_args, up_consts = _up_args(up, n_rows)
     _scale_back[(strips, col_blocks)](
@@ -343,7 +348,7 @@ def scale_grads(g: torch.Tensor, z: torch.Tensor, m: torch.Tensor, norm: torch.T
     db = torch.empty_like(bias) if need_db else None
     if need_dm or need_db:
         sb, fbn = FINISH_BLOCK
-        _finish[(triton.cdiv(n_cols, fbn),)](
+        _finish[(cdiv(n_cols, fbn),)](
             part, norm, dm if need_dm else part, db if need_db else part, strips, n_cols, NEED_DM=need_dm,
             NEED_DB=need_db, SB=sb, BN=fbn, num_warps=4)
     return dz, dm, db

@@ -11,7 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..triton_gate import tl, triton, use_triton
+from ..triton_gate import tl, triton, use_triton, cdiv
+from ..triton_launch import cached_launch
 
 GELU_C = math.sqrt(2.0 / math.pi)
 KINDS = ("silu", "gelu_tanh")
@@ -37,6 +38,7 @@ if triton is not None:
                   if NEED_GRAD else a)
         return a, da
 
+    @cached_launch
     @triton.jit
     def _glu_fwd(G, U, OUT, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -46,6 +48,7 @@ if triton is not None:
         a, _ = _act_and_grad(g, KIND, False)
         tl.store(OUT + offs, (a * u).to(OUT.dtype.element_ty), mask=mask)
 
+    @cached_launch
     @triton.jit
     def _glu_bwd(DOUT, G, U, DG, DU, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -84,7 +87,7 @@ class GatedActFunction(torch.autograd.Function):
         if use_triton(g):
             out = torch.empty_like(g)
             n = g.numel()
-            _glu_fwd[(triton.cdiv(n, _BLOCK),)](g, u, out, n, KIND=KINDS.index(kind), BLOCK=_BLOCK, num_warps=8)
+            _glu_fwd[(cdiv(n, _BLOCK),)](g, u, out, n, KIND=KINDS.index(kind), BLOCK=_BLOCK, num_warps=8)
         else:
             out = _act_torch(g, kind) * u
         ctx.save_for_backward(g, u)
@@ -98,7 +101,7 @@ class GatedActFunction(torch.autograd.Function):
         if use_triton(g):
             dg, du = torch.empty_like(g), torch.empty_like(u)
             n = g.numel()
-            _glu_bwd[(triton.cdiv(n, _BLOCK),)](dout, g, u, dg, du, n, KIND=KINDS.index(ctx.kind), BLOCK=_BLOCK,
+            _glu_bwd[(cdiv(n, _BLOCK),)](dout, g, u, dg, du, n, KIND=KINDS.index(ctx.kind), BLOCK=_BLOCK,
                                                 num_warps=8)
         else:
             a, da = _act_grad_torch(g.float(), ctx.kind)

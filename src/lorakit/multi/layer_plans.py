@@ -11,6 +11,7 @@ counter or assignment shows (through `param.data`, or an optimizer outside torch
 
 from __future__ import annotations
 
+import operator
 import weakref
 from dataclasses import dataclass, field
 from typing import Optional
@@ -21,7 +22,7 @@ from torch import nn
 from ..core.adapted import AdaptedLayer
 from ..core.api import adapted_layers
 from ..core.delta import STATE_EPOCH
-from ..triton_gate import runs_on
+from ..triton_gate import enabled, runs_on
 from .stack import AdapterStack, build_stack
 
 
@@ -72,8 +73,12 @@ class LayerPlan:
     slow: list[tuple[int, nn.Module]] = field(default_factory=list)  # (gid, delta) run on their rows
     epoch: int = -1  # STATE_EPOCH when every check last passed
     factors: tuple = ()  # the stacked deltas' A and B, their versions and storage then (the check between counts)
-    stamps: list = field(default_factory=list)  # (version, data_ptr) per factor
+    versions: list = field(default_factory=list)  # per factor
+    ptrs: list = field(default_factory=list)  # data_ptr per factor
 
+
+_VERSION = operator.attrgetter("_version")  # C-level getters: the per-block check reads ~7,000 factors at 1B scale
+_DATA_PTR = torch.Tensor.data_ptr
 
 # layer → its stack of every low-rank adapter (a copy of their weights), and its plans per adapter set.
 _STACKS: "weakref.WeakKeyDictionary[AdaptedLayer, StackEntry]" = weakref.WeakKeyDictionary()
@@ -126,7 +131,7 @@ def _plan_is_current(layer: AdaptedLayer, lp: LayerPlan) -> bool:
         if modules.get(name) is not delta:
             return False
     if lp.epoch == STATE_EPOCH[0]:  # storage too: `param.data = other` moves no version counter
-        return [(t._version, t.data_ptr()) for t in lp.factors] == lp.stamps
+        return list(map(_VERSION, lp.factors)) == lp.versions and list(map(_DATA_PTR, lp.factors)) == lp.ptrs
     if not all(seen is None or _factors_unchanged(delta, seen) for _, delta, seen in lp.checks):
         return False
     lp.epoch = STATE_EPOCH[0]
@@ -151,7 +156,7 @@ def _plan_layer(layer: AdaptedLayer, adapters: tuple, device) -> LayerPlan:
     slot_map = torch.tensor(slots, dtype=torch.int32, device=device)
     factors = tuple(t for _, _, seen in checks if seen is not None for t in seen[:2])
     return LayerPlan(entry, checks, slot_of_gid, slot_map, fast, slow, epoch, factors,
-                     [(t._version, t.data_ptr()) for t in factors])
+                     list(map(_VERSION, factors)), list(map(_DATA_PTR, factors)))
 
 
 def layer_plan(layer: AdaptedLayer, adapters: tuple, device) -> LayerPlan:
@@ -165,10 +170,69 @@ def layer_plan(layer: AdaptedLayer, adapters: tuple, device) -> LayerPlan:
     return lp
 
 
+# --- a block's plans, checked together at the next block's entry -----------------------------------------------
+@dataclass
+class BlockPlans:
+    """The layer plans one per_row block used, so the next block over the same adapters checks them in one pass
+    (every stacked factor's version and storage in one C-level sweep) instead of layer by layer on each layer's
+    first call: at 1B scale 7,168 factors, whose scattered tensors cost more in cache misses than in Python."""
+
+    plans: dict  # id(layer) → (layer, LayerPlan)
+    structure: tuple  # per layer: (its deltas dict, the names a plan checks, the deltas it found there)
+    entries: tuple  # (layer, StackEntry) per plan with a stack
+    factors: tuple  # every plan's stacked factors, flat
+    versions: list
+    ptrs: list
+    epoch: int
+    generation: int
+    kernels: bool  # triton_gate.enabled() then (the device is fixed: moving it is a conversion, counted)
+
+
+_BLOCKS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()  # model → adapters → BlockPlans
+
+
+def remember_block(model: nn.Module, adapters: tuple, used: dict) -> None:
+    """Keep the plans a block used (used: id(layer) → (layer, LayerPlan)) for the next block over `adapters`,
+    when each was checked against the current STATE_EPOCH (else the next block checks layer by layer)."""
+    if not used or any(lp.epoch != STATE_EPOCH[0] for _, lp in used.values()):
+        return
+    structure = tuple((layer.deltas._modules, tuple(n for n, _, _ in lp.checks), [d for _, d, _ in lp.checks])
+                      for layer, lp in used.values())
+    entries = tuple((layer, lp.entry) for layer, lp in used.values() if lp.entry is not None)
+    factors = tuple(t for _, lp in used.values() for t in lp.factors)
+    versions = [v for _, lp in used.values() for v in lp.versions]
+    ptrs = [v for _, lp in used.values() for v in lp.ptrs]
+    blocks = _BLOCKS.setdefault(model, {})
+    if len(blocks) >= 64:
+        blocks.clear()
+    blocks[adapters] = BlockPlans(dict(used), structure, entries, factors, versions,
+                                  ptrs, STATE_EPOCH[0], GENERATION[0], enabled())
+
+
+def recall_block(model: nn.Module, adapters: tuple) -> dict:
+    """The plans (id(layer) → (layer, LayerPlan)) the last block over `adapters` used, if every one is still
+    current; else {} (the layers are then checked one by one)."""
+    block = _BLOCKS.get(model, {}).get(adapters)
+    if block is None or block.epoch != STATE_EPOCH[0] or block.generation != GENERATION[0] or \
+            block.kernels != enabled():
+        return {}
+    if any(_STACKS.get(layer) is not entry for layer, entry in block.entries):
+        return {}
+    if any(list(map(modules.get, names)) != deltas for modules, names, deltas in block.structure):
+        return {}
+    if list(map(_VERSION, block.factors)) != block.versions or list(map(_DATA_PTR, block.factors)) != block.ptrs:
+        return {}
+    return dict(block.plans)
+
+
 def clear_stacks(model: Optional[nn.Module] = None) -> None:
     """Free the cached per-layer stacks and plans (of one model, or all). Stacks copy the adapters' weights."""
     layers = list(_STACKS) + list(_PLANS) if model is None else [m for _, m in adapted_layers(model)]
     for layer in layers:
         _STACKS.pop(layer, None)
         _PLANS.pop(layer, None)
+    if model is None:
+        _BLOCKS.clear()
+    else:
+        _BLOCKS.pop(model, None)
     GENERATION[0] += 1

@@ -38,7 +38,7 @@ from ..core.saved import SavedModule
 from ..errors import MixedBatchError
 from .. import triton_gate
 from .kernels import AdapterStack, build_stack
-from .layer_plans import GENERATION, LayerPlan, clear_stacks, layer_plan
+from .layer_plans import GENERATION, LayerPlan, clear_stacks, layer_plan, recall_block, remember_block
 
 IMPLS = ("auto", "torch", "reference")
 
@@ -113,19 +113,24 @@ def row_plan(names: Sequence[Optional[str]]) -> "RowPlan":
 class Router:
     """The callable put into each AdaptedLayer.routing slot: (layer, x, *args, **kwargs) → y."""
 
-    def __init__(self, plan: RowPlan, impl: str = "auto", block_m: Optional[int] = None):
+    def __init__(self, plan: RowPlan, impl: str = "auto", block_m: Optional[int] = None,
+                 model: Optional[nn.Module] = None):
         self.plan = plan
         self.impl = impl
         self.block_m = block_m
-        self._layers: dict[int, LayerPlan] = {}
+        self.model = model  # whose last block's plans are checked in one pass (layer_plans.recall_block)
         self._generation = GENERATION[0]
+        # plans of this block: id(layer) → (layer, LayerPlan); those of the last block if all still hold
+        self._used: dict[int, tuple[AdaptedLayer, LayerPlan]] = {} if model is None else recall_block(model, plan.key)
+        self._layers: dict[int, LayerPlan] = {i: lp for i, (_, lp) in self._used.items()}
+        self._planned = False  # a layer was planned in this block (not recalled): remember the block
         # Triton SGMV/BGMV where the gate allows; the environment is read once per block, not per layer call
         self.use_kernels = impl == "auto" and triton_gate.enabled()
 
     def __call__(self, layer: AdaptedLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if layer.merged:
             raise MixedBatchError(f"adapters {layer.merged} were merged inside a per_row block; unmerge them first")
-        y = layer.base_layer(x, *args, **kwargs)
+        y = layer.base_output(x, *args, **kwargs)
         if layer.disabled:
             return y
         if self.impl == "reference":
@@ -134,16 +139,23 @@ class Router:
             name = self.plan.adapters[self.plan.uniform] if self.plan.uniform >= 0 else None
             return layer.deltas[name](x, y, layer) if name in layer.deltas else y
         if self._generation != GENERATION[0]:
-            self._layers, self._generation = {}, GENERATION[0]
+            self._layers, self._used, self._generation = {}, {}, GENERATION[0]
         lp = self._layers.get(id(layer))
         if lp is None:
             lp = self._layers[id(layer)] = layer_plan(layer, self.plan.key, x.device)
+            self._used[id(layer)], self._planned = (layer, lp), True
         if lp.fast:
             y = self._fast(layer, lp, x, y)
         for gid, delta in lp.slow:
             rows = self.plan.rows(x.shape[0], x.device)[gid]
             y = y.index_copy(0, rows, delta(x.index_select(0, rows), y.index_select(0, rows), layer))
         return y
+
+    def remember(self) -> None:
+        """After a block that ended normally: keep its plans for the next block over the same adapters (when
+        every plan came from the last block, what is remembered already says so)."""
+        if self.model is not None and self._planned and self._generation == GENERATION[0]:
+            remember_block(self.model, self.plan.key, self._used)
 
     def _fast(self, layer: AdaptedLayer, lp: LayerPlan, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n_rows = x.shape[0]
@@ -320,8 +332,10 @@ def per_row(model: nn.Module, names: Sequence[Optional[str]], impl: str = "auto"
     def saved(holder: SavedModule, original: Callable, x: torch.Tensor, *args, **kwargs):
         return _saved_forward(plan, impl, holder, x, *args, **kwargs)  # the holder's own forward is not used
 
-    with routed(layers, Router(plan, impl, block_m), "per_row", holders, saved), _rows_checked(model, len(names)):
+    router = Router(plan, impl, block_m, model if impl != "reference" and plan.uniform is None else None)
+    with routed(layers, router, "per_row", holders, saved), _rows_checked(model, len(names)):
         yield model
+    router.remember()
 
 
 def _rows(n: int) -> str:

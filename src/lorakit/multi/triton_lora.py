@@ -22,7 +22,8 @@ import functools
 
 import torch
 
-from ..triton_gate import tl, triton
+from ..triton_gate import tl, triton, cdiv
+from ..triton_launch import cached_launch
 
 BGMV_CHUNK = 512  # input columns per BGMV shrink program (4 iterations of 128)
 BGMV_EXPAND = (512, 512, 2)  # BGMV expand: output columns per program, columns per step, warps (fastest of 96
@@ -60,6 +61,7 @@ def _shrink_tile(x_ptr, a_ptr, start, count, slot, K, stride_xm, stride_as,
     return acc
 
 
+@cached_launch
 @triton.jit
 def _sgmv(x_ptr, a_ptr, bt_ptr, y_ptr, tiles_ptr, slot_map_ptr, scale_ptr, K, N, cols_per_program,
           stride_xm, stride_as, stride_bs, stride_ym,
@@ -85,6 +87,7 @@ def _sgmv(x_ptr, a_ptr, bt_ptr, y_ptr, tiles_ptr, slot_map_ptr, scale_ptr, K, N,
         tl.store(y_ptrs, (y.to(tl.float32) + out).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@cached_launch
 @triton.jit
 def _sgmv_shrink(x_ptr, a_ptr, h_ptr, tiles_ptr, slot_map_ptr, scale_ptr, K, stride_xm, stride_as, stride_hm,
                  R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
@@ -98,6 +101,7 @@ def _sgmv_shrink(x_ptr, a_ptr, h_ptr, tiles_ptr, slot_map_ptr, scale_ptr, K, str
     tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=m_mask[:, None])
 
 
+@cached_launch
 @triton.jit
 def _sgmv_expand(h_ptr, bt_ptr, y_ptr, tiles_ptr, slot_map_ptr, N, stride_hm, stride_bs, stride_ym,
                  R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
@@ -117,6 +121,7 @@ def _sgmv_expand(h_ptr, bt_ptr, y_ptr, tiles_ptr, slot_map_ptr, N, stride_hm, st
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@cached_launch
 @triton.jit
 def _bgmv_shrink(x_ptr, a_ptr, part_ptr, gid_ptr, slot_map_ptr, K, stride_xm, stride_as,
                  R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -140,6 +145,7 @@ def _bgmv_shrink(x_ptr, a_ptr, part_ptr, gid_ptr, slot_map_ptr, K, stride_xm, st
     tl.store(part_ptr + (row * tl.num_programs(1) + part) * R + offs_r, tl.sum(acc, axis=1))
 
 
+@cached_launch
 @triton.jit
 def _bgmv_expand(part_ptr, a_ptr, bt_ptr, y_ptr, gid_ptr, slot_map_ptr, scale_ptr, N, stride_bs, stride_ym,
                  R: tl.constexpr, PARTS: tl.constexpr, COLS: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -186,10 +192,10 @@ def sgmv(x2, y2, a, bt, scale, slot_map, tiles, block_m: int) -> None:
         return
     rank, k_in, n_out = a.shape[1], a.shape[2], bt.shape[2]
     block_n = 128
-    blocks = triton.cdiv(n_out, block_n)
-    split = max(1, min(blocks, triton.cdiv(4 * _sm_count(x2.device.index or 0), n_tiles)))
-    cols = triton.cdiv(blocks, split) * block_n
-    _sgmv[(triton.cdiv(n_out, cols), n_tiles)](
+    blocks = cdiv(n_out, block_n)
+    split = max(1, min(blocks, cdiv(4 * _sm_count(x2.device.index or 0), n_tiles)))
+    cols = cdiv(blocks, split) * block_n
+    _sgmv[(cdiv(n_out, cols), n_tiles)](
         x2, a, bt, y2, tiles, slot_map, scale, k_in, n_out, cols, k_in, a.stride(0), bt.stride(0),
         n_out, R=rank, BLOCK_M=block_m, BLOCK_K=64 if a.dtype == torch.float32 else 128, BLOCK_N=block_n,
         PRECISION=_precision(a.dtype), num_warps=4, num_stages=3)
@@ -207,7 +213,7 @@ def sgmv_split(x2, y2, a, bt, scale, slot_map, tiles, block_m: int) -> None:
     _sgmv_shrink[(n_tiles,)](x2, a, h, tiles, slot_map, scale, k_in, x2.stride(0), a.stride(0), h.stride(0),
                              R=rank, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=prec, num_warps=4, num_stages=3)
     block_n = 128
-    _sgmv_expand[(n_tiles, triton.cdiv(n_out, block_n))](
+    _sgmv_expand[(n_tiles, cdiv(n_out, block_n))](
         h, bt, y2, tiles, slot_map, n_out, h.stride(0), bt.stride(0), y2.stride(0),
         R=rank, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=prec, num_warps=4, num_stages=2)
 
@@ -223,12 +229,12 @@ def bgmv(x2, y2, a, bt, scale, slot_map, token_gid) -> None:
     if n_rows == 0:
         return
     rank, k_in, n_out = a.shape[1], a.shape[2], bt.shape[2]
-    parts = triton.cdiv(k_in, BGMV_CHUNK)
+    parts = cdiv(k_in, BGMV_CHUNK)
     partial = torch.empty(n_rows, parts, rank, device=x2.device, dtype=torch.float32)  # [N, parts, R]
     _bgmv_shrink[(n_rows, parts)](x2, a, partial, token_gid, slot_map, k_in, x2.stride(0), a.stride(0),
                                   R=rank, CHUNK=BGMV_CHUNK, BLOCK_K=128, num_warps=4)
     cols, block_n, warps = BGMV_EXPAND
-    _bgmv_expand[(n_rows, triton.cdiv(n_out, cols))](
+    _bgmv_expand[(n_rows, cdiv(n_out, cols))](
         partial, a, bt, y2, token_gid, slot_map, scale, n_out, bt.stride(0), y2.stride(0),
         R=rank, PARTS=parts, COLS=cols, BLOCK_N=block_n, num_warps=warps)
 

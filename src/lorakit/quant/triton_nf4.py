@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from ..triton_gate import tl, triton
+from ..triton_gate import tl, triton, cdiv
+from ..triton_launch import cached_launch
 from .nf4 import ABSMAX_BLOCK, NF4Tensor, _tables
 
 if triton is not None:
 
+    @cached_launch
     @triton.jit
     def _nf4_dequant_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr,
                             n_bytes, n_out, QBLOCK: tl.constexpr, ABLOCK: tl.constexpr, DOUBLE: tl.constexpr,
@@ -51,7 +53,7 @@ def dequantize_nf4_triton(q: NF4Tensor, dtype: torch.dtype = torch.bfloat16, out
         code2 = q.code2 if double else t["code"]
         offset = q.offset.reshape(1) if double else q.absmax
         meta = dict(QBLOCK=q.block_size, ABLOCK=ABSMAX_BLOCK, DOUBLE=double, BLOCK=BLOCK, enable_fp_fusion=False)
-        q.launch = ((triton.cdiv(q.packed.numel(), BLOCK),), (q.packed, q.absmax, absmax2, code2, offset, t["code"]),
+        q.launch = ((cdiv(q.packed.numel(), BLOCK),), (q.packed, q.absmax, absmax2, code2, offset, t["code"]),
                     (q.packed.numel(), q.numel), meta)
     grid, pointers, sizes, meta = q.launch
     if out is None:
