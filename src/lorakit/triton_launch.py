@@ -77,7 +77,7 @@ class CachedLaunch:
         if not USABLE or type(grid) is not tuple:
             return self.fn[grid](*args, **kwargs)
         arg_key = _arg_key(args)
-        device = torch.cuda.current_device()  # a compiled kernel is loaded per device
+        device = torch.cuda.current_device()  # a compiled kernel is loaded per device (CUDA is initialised here)
         key = (device, tuple(kwargs.items()), arg_key)
         hit = self._compiled.get(key) if arg_key is not None else None
         if hit is None:

@@ -73,6 +73,8 @@ class LayerPlan:
     slow: list[tuple[int, nn.Module]] = field(default_factory=list)  # (gid, delta) run on their rows
     epoch: int = -1  # STATE_EPOCH when every check last passed
     factors: tuple = ()  # the stacked deltas' A and B, their versions and storage then (the check between counts)
+    aliases: tuple = ()  # a detached alias per factor: it shares the factor's version counter, and reads ~4x faster
+    # than the factor itself at scale (~7,000 scattered parameters against aliases made together)
     versions: list = field(default_factory=list)  # per factor
     ptrs: list = field(default_factory=list)  # data_ptr per factor
 
@@ -131,7 +133,7 @@ def _plan_is_current(layer: AdaptedLayer, lp: LayerPlan) -> bool:
         if modules.get(name) is not delta:
             return False
     if lp.epoch == STATE_EPOCH[0]:  # storage too: `param.data = other` moves no version counter
-        return list(map(_VERSION, lp.factors)) == lp.versions and list(map(_DATA_PTR, lp.factors)) == lp.ptrs
+        return list(map(_VERSION, lp.aliases)) == lp.versions and list(map(_DATA_PTR, lp.factors)) == lp.ptrs
     if not all(seen is None or _factors_unchanged(delta, seen) for _, delta, seen in lp.checks):
         return False
     lp.epoch = STATE_EPOCH[0]
@@ -155,8 +157,9 @@ def _plan_layer(layer: AdaptedLayer, adapters: tuple, device) -> LayerPlan:
     slot_of_gid = torch.tensor([none_slot] + [s if s >= 0 else none_slot for s in slots], device=device)
     slot_map = torch.tensor(slots, dtype=torch.int32, device=device)
     factors = tuple(t for _, _, seen in checks if seen is not None for t in seen[:2])
-    return LayerPlan(entry, checks, slot_of_gid, slot_map, fast, slow, epoch, factors,
-                     list(map(_VERSION, factors)), list(map(_DATA_PTR, factors)))
+    aliases = tuple(t.detach() for t in factors)
+    return LayerPlan(entry, checks, slot_of_gid, slot_map, fast, slow, epoch, factors, aliases,
+                     list(map(_VERSION, aliases)), list(map(_DATA_PTR, factors)))
 
 
 def layer_plan(layer: AdaptedLayer, adapters: tuple, device) -> LayerPlan:
@@ -181,6 +184,7 @@ class BlockPlans:
     structure: tuple  # per layer: (its deltas dict, the names a plan checks, the deltas it found there)
     entries: tuple  # (layer, StackEntry) per plan with a stack
     factors: tuple  # every plan's stacked factors, flat
+    aliases: tuple  # their detached aliases (LayerPlan.aliases)
     versions: list
     ptrs: list
     epoch: int
@@ -200,12 +204,13 @@ def remember_block(model: nn.Module, adapters: tuple, used: dict) -> None:
                       for layer, lp in used.values())
     entries = tuple((layer, lp.entry) for layer, lp in used.values() if lp.entry is not None)
     factors = tuple(t for _, lp in used.values() for t in lp.factors)
+    aliases = tuple(t for _, lp in used.values() for t in lp.aliases)
     versions = [v for _, lp in used.values() for v in lp.versions]
     ptrs = [v for _, lp in used.values() for v in lp.ptrs]
     blocks = _BLOCKS.setdefault(model, {})
     if len(blocks) >= 64:
         blocks.clear()
-    blocks[adapters] = BlockPlans(dict(used), structure, entries, factors, versions,
+    blocks[adapters] = BlockPlans(dict(used), structure, entries, factors, aliases, versions,
                                   ptrs, STATE_EPOCH[0], GENERATION[0], enabled())
 
 
@@ -220,7 +225,7 @@ def recall_block(model: nn.Module, adapters: tuple) -> dict:
         return {}
     if any(list(map(modules.get, names)) != deltas for modules, names, deltas in block.structure):
         return {}
-    if list(map(_VERSION, block.factors)) != block.versions or list(map(_DATA_PTR, block.factors)) != block.ptrs:
+    if list(map(_VERSION, block.aliases)) != block.versions or list(map(_DATA_PTR, block.factors)) != block.ptrs:
         return {}
     return dict(block.plans)
 

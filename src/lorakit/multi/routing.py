@@ -124,6 +124,7 @@ class Router:
         self._used: dict[int, tuple[AdaptedLayer, LayerPlan]] = {} if model is None else recall_block(model, plan.key)
         self._layers: dict[int, LayerPlan] = {i: lp for i, (_, lp) in self._used.items()}
         self._planned = False  # a layer was planned in this block (not recalled): remember the block
+        self._work: dict = {}  # (input shape, device) → what the kernels need for it (Router._work_for)
         # Triton SGMV/BGMV where the gate allows; the environment is read once per block, not per layer call
         self.use_kernels = impl == "auto" and triton_gate.enabled()
 
@@ -179,18 +180,27 @@ class Router:
         return kernels.lora_rows(x, y, stack, slot, dropout=False)
 
     def _kernel(self, lp: LayerPlan, stack: AdapterStack, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        n_rows = x.shape[0]
         x = x.contiguous()  # [..., in]: flattened, row i's tokens are N/n_rows consecutive token rows
         y = y.contiguous()
+        work = self._work.get((x.shape, x.device))
+        if work is None:
+            work = self._work[(x.shape, x.device)] = self._work_for(x)
+        n_tokens, block_m, rows = work
+        if block_m == 0:
+            kernels.bgmv(x.view(n_tokens, -1), y.view(n_tokens, -1), stack, lp.slot_map, rows)
+        else:  # the kernel reads contiguous token rows of any rank: no flattening views (host time, small batches)
+            kernels.sgmv(x, y, stack, lp.slot_map, rows, block_m)
+        return y
+
+    def _work_for(self, x: torch.Tensor) -> tuple:
+        """(tokens, SGMV tile rows or 0 for BGMV, the SGMV tiles or BGMV's token gids) for inputs of x's shape."""
+        n_rows = x.shape[0]
         n_tokens = x.numel() // x.shape[-1]
         tokens = n_tokens // n_rows
         if tokens == 1:
-            kernels.bgmv(x.view(n_tokens, -1), y.view(n_tokens, -1), stack, lp.slot_map,
-                         self.plan.token_gids(n_rows, x.device))
-        else:  # the kernel reads contiguous token rows of any rank: no flattening views (host time, small batches)
-            block_m = self.block_m or kernels.sgmv_block_m(tokens, n_tokens)
-            kernels.sgmv(x, y, stack, lp.slot_map, self.plan.tiles(n_rows, tokens, block_m, x.device), block_m)
-        return y
+            return n_tokens, 0, self.plan.token_gids(n_rows, x.device)
+        block_m = self.block_m or kernels.sgmv_block_m(tokens, n_tokens)
+        return n_tokens, block_m, self.plan.tiles(n_rows, tokens, block_m, x.device)
 
     def _reference(self, layer: AdaptedLayer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Each adapter's own forward on the whole batch; each row keeps its adapter's result."""

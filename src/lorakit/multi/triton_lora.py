@@ -190,15 +190,28 @@ def sgmv(x2, y2, a, bt, scale, slot_map, tiles, block_m: int) -> None:
     n_tiles = tiles.shape[0]
     if n_tiles == 0:
         return
-    rank, k_in, n_out = a.shape[1], a.shape[2], bt.shape[2]
+    k_in, n_out = a.shape[2], bt.shape[2]
+    key = (n_tiles, a.shape[1], k_in, n_out, block_m, a.dtype, x2.device.index)
+    launch = _SGMV_LAUNCHES.get(key)
+    if launch is None:
+        launch = _SGMV_LAUNCHES[key] = _sgmv_launch(*key)
+    grid, cols, meta = launch
+    _sgmv[grid](x2, a, bt, y2, tiles, slot_map, scale, k_in, n_out, cols, k_in, a.stride(0), bt.stride(0), n_out,
+                **meta)
+
+
+_SGMV_LAUNCHES: dict = {}  # (tiles, rank, in, out, block_m, dtype, device) → (grid, columns per program, meta)
+
+
+def _sgmv_launch(n_tiles, rank, k_in, n_out, block_m, dtype, device_index) -> tuple:
+    """SGMV's grid and meta-parameters for one shape (cached: host time per launch, one launch per layer)."""
     block_n = 128
     blocks = cdiv(n_out, block_n)
-    split = max(1, min(blocks, cdiv(4 * _sm_count(x2.device.index or 0), n_tiles)))
+    split = max(1, min(blocks, cdiv(4 * _sm_count(device_index or 0), n_tiles)))
     cols = cdiv(blocks, split) * block_n
-    _sgmv[(cdiv(n_out, cols), n_tiles)](
-        x2, a, bt, y2, tiles, slot_map, scale, k_in, n_out, cols, k_in, a.stride(0), bt.stride(0),
-        n_out, R=rank, BLOCK_M=block_m, BLOCK_K=64 if a.dtype == torch.float32 else 128, BLOCK_N=block_n,
-        PRECISION=_precision(a.dtype), num_warps=4, num_stages=3)
+    meta = dict(R=rank, BLOCK_M=block_m, BLOCK_K=64 if dtype == torch.float32 else 128, BLOCK_N=block_n,
+                PRECISION=_precision(dtype), num_warps=4, num_stages=3)
+    return (cdiv(n_out, cols), n_tiles), cols, meta
 
 
 def sgmv_split(x2, y2, a, bt, scale, slot_map, tiles, block_m: int) -> None:
