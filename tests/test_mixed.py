@@ -329,3 +329,23 @@ def test_hooks_on_a_base_layer_still_run_inside_per_row(tiny_llama):
     finally:
         handle.remove()
     assert seen[1:] == ["instance", "global"]
+
+
+def test_remembered_blocks_keep_no_unloaded_layer_alive(tiny_llama):
+    """The plans a block remembers for the next one are held weakly: after unload, the adapted layers (with their
+    deltas and the stacked copies of every adapter) are freed."""
+    import gc
+    import weakref
+
+    for name in ("a", "b"):
+        lorakit.add_adapter(tiny_llama, small_lora(target_modules="all-linear", init_lora_weights=False), name)
+    tiny_llama.eval()
+    ids = torch.randint(0, 128, (2, 5))
+    for _ in range(2):
+        with torch.no_grad(), lorakit.per_row(tiny_llama, ["a", "b"]):
+            tiny_llama(ids)
+    assert layer_plans.recall_block(tiny_llama, ("a", "b"))
+    refs = [weakref.ref(layer) for _, layer in lorakit.adapted_layers(tiny_llama)]
+    lorakit.unload(tiny_llama)
+    gc.collect()
+    assert refs and all(ref() is None for ref in refs)

@@ -173,23 +173,17 @@ def layer_plan(layer: AdaptedLayer, adapters: tuple, device) -> LayerPlan:
     return lp
 
 
-# --- a block's plans, checked together at the next block's entry -----------------------------------------------
+# --- a block's plans, taken by the next block over the same adapters ---------------------------------------------
 @dataclass
 class BlockPlans:
-    """The layer plans one per_row block used, so the next block over the same adapters checks them in one pass
-    (every stacked factor's version and storage in one C-level sweep) instead of layer by layer on each layer's
-    first call: at 1B scale 7,168 factors, whose scattered tensors cost more in cache misses than in Python."""
+    """The layer plans one per_row block used: the next block over the same adapters checks them all at its entry
+    and skips each layer's plan lookup on its first call. Held weakly (a plan lives in _PLANS while its layer
+    does), so an unloaded layer, its deltas and its stack are never kept alive here."""
 
-    plans: dict  # id(layer) → (layer, LayerPlan)
-    structure: tuple  # per layer: (its deltas dict, the names a plan checks, the deltas it found there)
-    entries: tuple  # (layer, StackEntry) per plan with a stack
-    factors: tuple  # every plan's stacked factors, flat
-    aliases: tuple  # their detached aliases (LayerPlan.aliases)
-    versions: list
-    ptrs: list
-    epoch: int
+    plans: tuple  # (weakref to the layer, weakref to its LayerPlan) per layer the block planned
+    epoch: int  # STATE_EPOCH then
     generation: int
-    kernels: bool  # triton_gate.enabled() then (the device is fixed: moving it is a conversion, counted)
+    kernels: bool  # triton_gate.enabled() then
 
 
 _BLOCKS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()  # model → adapters → BlockPlans
@@ -200,34 +194,31 @@ def remember_block(model: nn.Module, adapters: tuple, used: dict) -> None:
     when each was checked against the current STATE_EPOCH (else the next block checks layer by layer)."""
     if not used or any(lp.epoch != STATE_EPOCH[0] for _, lp in used.values()):
         return
-    structure = tuple((layer.deltas._modules, tuple(n for n, _, _ in lp.checks), [d for _, d, _ in lp.checks])
-                      for layer, lp in used.values())
-    entries = tuple((layer, lp.entry) for layer, lp in used.values() if lp.entry is not None)
-    factors = tuple(t for _, lp in used.values() for t in lp.factors)
-    aliases = tuple(t for _, lp in used.values() for t in lp.aliases)
-    versions = [v for _, lp in used.values() for v in lp.versions]
-    ptrs = [v for _, lp in used.values() for v in lp.ptrs]
     blocks = _BLOCKS.setdefault(model, {})
     if len(blocks) >= 64:
         blocks.clear()
-    blocks[adapters] = BlockPlans(dict(used), structure, entries, factors, aliases, versions,
-                                  ptrs, STATE_EPOCH[0], GENERATION[0], enabled())
+    refs = tuple((weakref.ref(layer), weakref.ref(lp)) for layer, lp in used.values())
+    blocks[adapters] = BlockPlans(refs, STATE_EPOCH[0], GENERATION[0], enabled())
 
 
 def recall_block(model: nn.Module, adapters: tuple) -> dict:
     """The plans (id(layer) → (layer, LayerPlan)) the last block over `adapters` used, if every one is still
-    current; else {} (the layers are then checked one by one)."""
-    block = _BLOCKS.get(model, {}).get(adapters)
-    if block is None or block.epoch != STATE_EPOCH[0] or block.generation != GENERATION[0] or \
-            block.kernels != enabled():
+    current (each checked as layer_plan would); else {} (the layers are then planned one by one)."""
+    blocks = _BLOCKS.get(model)
+    block = blocks.get(adapters) if blocks is not None else None
+    if block is None:
         return {}
-    if any(_STACKS.get(layer) is not entry for layer, entry in block.entries):
-        return {}
-    if any(list(map(modules.get, names)) != deltas for modules, names, deltas in block.structure):
-        return {}
-    if list(map(_VERSION, block.aliases)) != block.versions or list(map(_DATA_PTR, block.factors)) != block.ptrs:
-        return {}
-    return dict(block.plans)
+    plans = {}
+    if block.epoch == STATE_EPOCH[0] and block.generation == GENERATION[0] and block.kernels == enabled():
+        for layer_ref, plan_ref in block.plans:
+            layer, lp = layer_ref(), plan_ref()
+            if layer is None or lp is None or not _plan_is_current(layer, lp):
+                break
+            plans[id(layer)] = (layer, lp)
+        else:
+            return plans
+    del blocks[adapters]
+    return {}
 
 
 def clear_stacks(model: Optional[nn.Module] = None) -> None:
