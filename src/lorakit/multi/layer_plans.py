@@ -156,8 +156,8 @@ def _plan_layer(layer: AdaptedLayer, adapters: tuple, device) -> LayerPlan:
     none_slot = entry.stack.none_slot
     slot_of_gid = torch.tensor([none_slot] + [s if s >= 0 else none_slot for s in slots], device=device)
     slot_map = torch.tensor(slots, dtype=torch.int32, device=device)
-    factors = tuple(t for _, _, seen in checks if seen is not None for t in seen[:2])
-    aliases = tuple(t.detach() for t in factors)
+    factors = tuple(sorted((t for _, _, seen in checks if seen is not None for t in seen[:2]), key=id))  # address
+    aliases = tuple(t.detach() for t in factors)  # order: see BlockPlans
     return LayerPlan(entry, checks, slot_of_gid, slot_map, fast, slow, epoch, factors, aliases,
                      list(map(_VERSION, aliases)), list(map(_DATA_PTR, factors)))
 
@@ -177,48 +177,70 @@ def layer_plan(layer: AdaptedLayer, adapters: tuple, device) -> LayerPlan:
 @dataclass
 class BlockPlans:
     """The layer plans one per_row block used: the next block over the same adapters checks them all at its entry
-    and skips each layer's plan lookup on its first call. Held weakly (a plan lives in _PLANS while its layer
-    does), so an unloaded layer, its deltas and its stack are never kept alive here."""
+    and skips each layer's plan lookup on its first call. The factors are read in address order (at 1B scale
+    ~7,000 parameters spread over the heap: their reads are cache misses more than Python). Layers and plans are
+    held weakly, and the record lives as long as the model's first adapted layer (_BLOCKS is keyed by it), so an
+    unloaded model's layers, deltas and stacks are freed."""
 
     plans: tuple  # (weakref to the layer, weakref to its LayerPlan) per layer the block planned
+    factors: tuple  # every plan's stacked factors, in address order
+    ptrs: list  # their data_ptr (storage: `param.data = other` moves no version counter)
+    aliases: tuple  # every plan's detached aliases, in address order
+    versions: list  # their versions (shared with the factors)
     epoch: int  # STATE_EPOCH then
     generation: int
     kernels: bool  # triton_gate.enabled() then
 
 
-_BLOCKS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()  # model → adapters → BlockPlans
+# the model's first adapted layer → adapters → BlockPlans
+_BLOCKS: "weakref.WeakKeyDictionary[AdaptedLayer, dict]" = weakref.WeakKeyDictionary()
 
 
-def remember_block(model: nn.Module, adapters: tuple, used: dict) -> None:
-    """Keep the plans a block used (used: id(layer) → (layer, LayerPlan)) for the next block over `adapters`,
-    when each was checked against the current STATE_EPOCH (else the next block checks layer by layer)."""
+def remember_block(anchor: AdaptedLayer, adapters: tuple, used: dict) -> None:
+    """Keep the plans a block used (used: id(layer) → (layer, LayerPlan)) for the next block over `adapters` on
+    the model whose first adapted layer is `anchor`, when each was checked against the current STATE_EPOCH."""
     if not used or any(lp.epoch != STATE_EPOCH[0] for _, lp in used.values()):
         return
-    blocks = _BLOCKS.setdefault(model, {})
+    factors = sorted((t for _, lp in used.values() for t in lp.factors), key=id)
+    aliases = sorted((t for _, lp in used.values() for t in lp.aliases), key=id)
+    blocks = _BLOCKS.setdefault(anchor, {})
     if len(blocks) >= 64:
         blocks.clear()
     refs = tuple((weakref.ref(layer), weakref.ref(lp)) for layer, lp in used.values())
-    blocks[adapters] = BlockPlans(refs, STATE_EPOCH[0], GENERATION[0], enabled())
+    blocks[adapters] = BlockPlans(refs, tuple(factors), list(map(_DATA_PTR, factors)), tuple(aliases),
+                                  list(map(_VERSION, aliases)), STATE_EPOCH[0], GENERATION[0], enabled())
 
 
-def recall_block(model: nn.Module, adapters: tuple) -> dict:
+def recall_block(anchor: AdaptedLayer, adapters: tuple) -> dict:
     """The plans (id(layer) → (layer, LayerPlan)) the last block over `adapters` used, if every one is still
-    current (each checked as layer_plan would); else {} (the layers are then planned one by one)."""
-    blocks = _BLOCKS.get(model)
+    current (what layer_plan checks: the same deltas and stack, every stacked factor's version and storage);
+    else {} (the layers are then planned one by one)."""
+    blocks = _BLOCKS.get(anchor)
     block = blocks.get(adapters) if blocks is not None else None
     if block is None:
         return {}
-    plans = {}
     if block.epoch == STATE_EPOCH[0] and block.generation == GENERATION[0] and block.kernels == enabled():
-        for layer_ref, plan_ref in block.plans:
-            layer, lp = layer_ref(), plan_ref()
-            if layer is None or lp is None or not _plan_is_current(layer, lp):
-                break
-            plans[id(layer)] = (layer, lp)
-        else:
+        plans = _live_plans(block)
+        if plans and list(map(_VERSION, block.aliases)) == block.versions and \
+                list(map(_DATA_PTR, block.factors)) == block.ptrs:
             return plans
     del blocks[adapters]
     return {}
+
+
+def _live_plans(block: BlockPlans) -> dict:
+    """The block's plans whose layer still holds the same deltas and stack, or {} if any does not."""
+    plans = {}
+    for layer_ref, plan_ref in block.plans:
+        layer, lp = layer_ref(), plan_ref()
+        if layer is None or lp is None or (lp.entry is not None and _STACKS.get(layer) is not lp.entry):
+            return {}
+        modules = layer.deltas._modules
+        for name, delta, _ in lp.checks:
+            if modules.get(name) is not delta:
+                return {}
+        plans[id(layer)] = (layer, lp)
+    return plans
 
 
 def clear_stacks(model: Optional[nn.Module] = None) -> None:
@@ -229,6 +251,4 @@ def clear_stacks(model: Optional[nn.Module] = None) -> None:
         _PLANS.pop(layer, None)
     if model is None:
         _BLOCKS.clear()
-    else:
-        _BLOCKS.pop(model, None)
-    GENERATION[0] += 1
+    GENERATION[0] += 1  # also makes every remembered block stale

@@ -114,14 +114,14 @@ class Router:
     """The callable put into each AdaptedLayer.routing slot: (layer, x, *args, **kwargs) → y."""
 
     def __init__(self, plan: RowPlan, impl: str = "auto", block_m: Optional[int] = None,
-                 model: Optional[nn.Module] = None):
+                 anchor: Optional[AdaptedLayer] = None):
         self.plan = plan
         self.impl = impl
         self.block_m = block_m
-        self.model = model  # whose last block's plans are checked in one pass (layer_plans.recall_block)
+        self.anchor = anchor  # the model's first adapted layer: its last block's plans are recalled by it
         self._generation = GENERATION[0]
         # plans of this block: id(layer) → (layer, LayerPlan); those of the last block if all still hold
-        self._used: dict[int, tuple[AdaptedLayer, LayerPlan]] = {} if model is None else recall_block(model, plan.key)
+        self._used: dict[int, tuple[AdaptedLayer, LayerPlan]] = {} if anchor is None else recall_block(anchor, plan.key)
         self._layers: dict[int, LayerPlan] = {i: lp for i, (_, lp) in self._used.items()}
         self._planned = False  # a layer was planned in this block (not recalled): remember the block
         self._work: dict = {}  # (input shape, device) → what the kernels need for it (Router._work_for)
@@ -155,8 +155,8 @@ class Router:
     def remember(self) -> None:
         """After a block that ended normally: keep its plans for the next block over the same adapters (when
         every plan came from the last block, what is remembered already says so)."""
-        if self.model is not None and self._planned and self._generation == GENERATION[0]:
-            remember_block(self.model, self.plan.key, self._used)
+        if self.anchor is not None and self._planned and self._generation == GENERATION[0]:
+            remember_block(self.anchor, self.plan.key, self._used)
 
     def _fast(self, layer: AdaptedLayer, lp: LayerPlan, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n_rows = x.shape[0]
@@ -342,7 +342,8 @@ def per_row(model: nn.Module, names: Sequence[Optional[str]], impl: str = "auto"
     def saved(holder: SavedModule, original: Callable, x: torch.Tensor, *args, **kwargs):
         return _saved_forward(plan, impl, holder, x, *args, **kwargs)  # the holder's own forward is not used
 
-    router = Router(plan, impl, block_m, model if impl != "reference" and plan.uniform is None else None)
+    recall = layers and impl != "reference" and plan.uniform is None
+    router = Router(plan, impl, block_m, layers[0] if recall else None)
     with routed(layers, router, "per_row", holders, saved), _rows_checked(model, len(names)):
         yield model
     router.remember()
