@@ -354,3 +354,43 @@ def test_remembered_blocks_keep_no_unloaded_layer_alive(tiny_llama):
     lorakit.unload(tiny_llama)
     gc.collect()
     assert refs and all(ref() is None for ref in refs)
+
+
+def test_a_write_inside_a_block_shows_in_the_next(tiny_llama):
+    """A block remembers its plans with the versions and storage they were built from: factors written after their
+    layer was planned, inside the same block (in place, or given new storage), must show in the next block's rows."""
+    for name in ("a", "b"):
+        lorakit.add_adapter(tiny_llama, small_lora(target_modules="all-linear", init_lora_weights=False), name)
+    tiny_llama.eval()
+    ids = torch.randint(0, 128, (2, 5))
+    for write in ("in place", "new storage"):
+        with torch.no_grad(), lorakit.per_row(tiny_llama, ["a", "b"]):
+            tiny_llama(ids)
+            for _, layer in lorakit.adapted_layers(tiny_llama):
+                for delta in layer.deltas.values():
+                    b = delta.linear_factors()[1]
+                    if write == "in place":
+                        b.mul_(3.0)
+                    else:
+                        b.data = b.data * 3.0
+        with torch.no_grad(), lorakit.per_row(tiny_llama, ["a", "b"]):
+            out = tiny_llama(ids).logits
+        with torch.no_grad(), lorakit.per_row(tiny_llama, ["a", "b"], impl="reference"):
+            assert rel_max(out, tiny_llama(ids).logits) < 1e-5, write
+
+
+def test_per_row_with_a_base_weight_held_as_a_plain_attribute(tiny_llama):
+    """FSDP1 sets its unsharded weights on the base Linear as plain attributes, not parameters: per_row computes such
+    a layer through its module call."""
+    for name in ("a", "b"):
+        lorakit.add_adapter(tiny_llama, small_lora(target_modules=["q_proj"], init_lora_weights=False), name)
+    tiny_llama.eval()
+    base = tiny_llama.model.layers[0].self_attn.q_proj.base_layer
+    weight = base.weight.detach().clone()
+    del base.weight
+    base.weight = weight
+    ids = torch.randint(0, 128, (2, 5))
+    with torch.no_grad(), lorakit.per_row(tiny_llama, ["a", "b"]):
+        out = tiny_llama(ids).logits
+    with torch.no_grad(), lorakit.per_row(tiny_llama, ["a", "b"], impl="reference"):
+        assert rel_max(out, tiny_llama(ids).logits) < 1e-5

@@ -15,6 +15,7 @@ def test_the_key_separates_what_triton_specialises_on():
     assert key((x,)) != key((x[1:],))  # a 16-byte aligned address against a 4-byte offset view
     assert key((x,)) != key((x.double(),))
     assert key((x, 48, 0.5, None)) == key((torch.ones(8), 16, 2.0, None))  # same specialisation: one kernel
+    assert key((True,)) != key((2**32 + 16,)) and key((False,)) != key((2**32,))  # i1 is not an int's class
     assert key(([1, 2],)) is None  # a kind the cache does not know goes to Triton's own launch
 
 

@@ -55,8 +55,10 @@ def _arg_key(args) -> tuple | None:
             key.append(not a.data_ptr() & 15)
         elif kind is float:
             key.append(float)
-        elif a is None or kind is bool:
-            key.append(a)
+        elif a is None:
+            key.append(None)
+        elif kind is bool:  # not an int here: Triton types it i1
+            key.append("i1" if a else "i0")
         else:
             return None
     return tuple(key)
@@ -79,7 +81,7 @@ class CachedLaunch:
             return self.fn[grid](*args, **kwargs)
         arg_key = _arg_key(args)
         device = torch.cuda.current_device()  # a compiled kernel is loaded per device (CUDA is initialised here)
-        key = (device, tuple(kwargs.items()), arg_key)
+        key = (device, tuple((k, v, type(v)) for k, v in kwargs.items()), arg_key)  # True, 1 and 1.0 differ
         hit = self._compiled.get(key) if arg_key is not None else None
         if hit is None:
             kernel = self.fn[grid](*args, **kwargs)

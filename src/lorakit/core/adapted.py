@@ -124,12 +124,13 @@ class AdaptedLayer(KeepsBaseKeys):
         and lorakit's patches replace `forward`) is computed directly: its module call costs more host time than
         the GEMM at small batches, and a mixed-batch forward makes one per adapted layer."""
         base = self._modules["base_layer"]
+        params = base._parameters  # FSDP1 sets its unsharded views as plain attributes: those take the module call
         if (type(base) is nn.Linear and not args and not kwargs and "forward" not in base.__dict__
+                and "weight" in params and "bias" in params
                 and not base._forward_hooks and not base._forward_pre_hooks and not base._backward_hooks
                 and not base._backward_pre_hooks and not _HOOKS._global_forward_hooks
                 and not _HOOKS._global_forward_pre_hooks and not _HOOKS._global_backward_hooks
                 and not _HOOKS._global_backward_pre_hooks):
-            params = base._parameters
             return F.linear(x, params["weight"], params["bias"])
         return base(x, *args, **kwargs)
 

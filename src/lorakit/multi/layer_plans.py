@@ -22,7 +22,7 @@ from torch import nn
 from ..core.adapted import AdaptedLayer
 from ..core.api import adapted_layers
 from ..core.delta import STATE_EPOCH
-from ..triton_gate import enabled, runs_on
+from ..triton_gate import runs_on
 from .stack import AdapterStack, build_stack
 
 
@@ -156,8 +156,8 @@ def _plan_layer(layer: AdaptedLayer, adapters: tuple, device) -> LayerPlan:
     none_slot = entry.stack.none_slot
     slot_of_gid = torch.tensor([none_slot] + [s if s >= 0 else none_slot for s in slots], device=device)
     slot_map = torch.tensor(slots, dtype=torch.int32, device=device)
-    factors = tuple(sorted((t for _, _, seen in checks if seen is not None for t in seen[:2]), key=id))  # address
-    aliases = tuple(t.detach() for t in factors)  # order: see BlockPlans
+    factors = tuple(t for _, _, seen in checks if seen is not None for t in seen[:2])
+    aliases = tuple(t.detach() for t in factors)
     return LayerPlan(entry, checks, slot_of_gid, slot_map, fast, slow, epoch, factors, aliases,
                      list(map(_VERSION, aliases)), list(map(_DATA_PTR, factors)))
 
@@ -177,19 +177,11 @@ def layer_plan(layer: AdaptedLayer, adapters: tuple, device) -> LayerPlan:
 @dataclass
 class BlockPlans:
     """The layer plans one per_row block used: the next block over the same adapters checks them all at its entry
-    and skips each layer's plan lookup on its first call. The factors are read in address order (at 1B scale
-    ~7,000 parameters spread over the heap: their reads are cache misses more than Python). Layers and plans are
-    held weakly, and the record lives as long as the model's first adapted layer (_BLOCKS is keyed by it), so an
-    unloaded model's layers, deltas and stacks are freed."""
+    (each as layer_plan would) and skips each layer's plan lookup on its first call. Only weak references: a
+    plan lives in _PLANS while its layer does, so nothing here keeps a layer, a delta, a factor or a stack alive."""
 
     plans: tuple  # (weakref to the layer, weakref to its LayerPlan) per layer the block planned
-    factors: tuple  # every plan's stacked factors, in address order
-    ptrs: list  # their data_ptr (storage: `param.data = other` moves no version counter)
-    aliases: tuple  # every plan's detached aliases, in address order
-    versions: list  # their versions (shared with the factors)
     epoch: int  # STATE_EPOCH then
-    generation: int
-    kernels: bool  # triton_gate.enabled() then
 
 
 # the model's first adapted layer → adapters → BlockPlans
@@ -201,46 +193,32 @@ def remember_block(anchor: AdaptedLayer, adapters: tuple, used: dict) -> None:
     the model whose first adapted layer is `anchor`, when each was checked against the current STATE_EPOCH."""
     if not used or any(lp.epoch != STATE_EPOCH[0] for _, lp in used.values()):
         return
-    factors = sorted((t for _, lp in used.values() for t in lp.factors), key=id)
-    aliases = sorted((t for _, lp in used.values() for t in lp.aliases), key=id)
     blocks = _BLOCKS.setdefault(anchor, {})
     if len(blocks) >= 64:
         blocks.clear()
     refs = tuple((weakref.ref(layer), weakref.ref(lp)) for layer, lp in used.values())
-    blocks[adapters] = BlockPlans(refs, tuple(factors), list(map(_DATA_PTR, factors)), tuple(aliases),
-                                  list(map(_VERSION, aliases)), STATE_EPOCH[0], GENERATION[0], enabled())
+    blocks[adapters] = BlockPlans(refs, STATE_EPOCH[0])
 
 
 def recall_block(anchor: AdaptedLayer, adapters: tuple) -> dict:
     """The plans (id(layer) → (layer, LayerPlan)) the last block over `adapters` used, if every one is still
-    current (what layer_plan checks: the same deltas and stack, every stacked factor's version and storage);
-    else {} (the layers are then planned one by one)."""
+    current by _plan_is_current (the same deltas, stack and kernel setting; every stacked factor's version and
+    storage against the values its plan was built from); else {} (the layers are then planned one by one)."""
     blocks = _BLOCKS.get(anchor)
     block = blocks.get(adapters) if blocks is not None else None
     if block is None:
         return {}
-    if block.epoch == STATE_EPOCH[0] and block.generation == GENERATION[0] and block.kernels == enabled():
-        plans = _live_plans(block)
-        if plans and list(map(_VERSION, block.aliases)) == block.versions and \
-                list(map(_DATA_PTR, block.factors)) == block.ptrs:
+    plans = {}
+    if block.epoch == STATE_EPOCH[0]:
+        for layer_ref, plan_ref in block.plans:
+            layer, lp = layer_ref(), plan_ref()
+            if layer is None or lp is None or not _plan_is_current(layer, lp):
+                break
+            plans[id(layer)] = (layer, lp)
+        else:
             return plans
     del blocks[adapters]
     return {}
-
-
-def _live_plans(block: BlockPlans) -> dict:
-    """The block's plans whose layer still holds the same deltas and stack, or {} if any does not."""
-    plans = {}
-    for layer_ref, plan_ref in block.plans:
-        layer, lp = layer_ref(), plan_ref()
-        if layer is None or lp is None or (lp.entry is not None and _STACKS.get(layer) is not lp.entry):
-            return {}
-        modules = layer.deltas._modules
-        for name, delta, _ in lp.checks:
-            if modules.get(name) is not delta:
-                return {}
-        plans[id(layer)] = (layer, lp)
-    return plans
 
 
 def clear_stacks(model: Optional[nn.Module] = None) -> None:
@@ -249,6 +227,7 @@ def clear_stacks(model: Optional[nn.Module] = None) -> None:
     for layer in layers:
         _STACKS.pop(layer, None)
         _PLANS.pop(layer, None)
+        _BLOCKS.pop(layer, None)
     if model is None:
         _BLOCKS.clear()
-    GENERATION[0] += 1  # also makes every remembered block stale
+    GENERATION[0] += 1

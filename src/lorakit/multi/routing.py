@@ -121,7 +121,9 @@ class Router:
         self.anchor = anchor  # the model's first adapted layer: its last block's plans are recalled by it
         self._generation = GENERATION[0]
         # plans of this block: id(layer) → (layer, LayerPlan); those of the last block if all still hold
-        self._used: dict[int, tuple[AdaptedLayer, LayerPlan]] = {} if anchor is None else recall_block(anchor, plan.key)
+        self._used: dict[int, tuple[AdaptedLayer, LayerPlan]] = {}
+        if anchor is not None:
+            self._used = recall_block(anchor, plan.key)
         self._layers: dict[int, LayerPlan] = {i: lp for i, (_, lp) in self._used.items()}
         self._planned = False  # a layer was planned in this block (not recalled): remember the block
         self._work: dict = {}  # (input shape, device) → what the kernels need for it (Router._work_for)

@@ -194,6 +194,8 @@ def sgmv(x2, y2, a, bt, scale, slot_map, tiles, block_m: int) -> None:
     key = (n_tiles, a.shape[1], k_in, n_out, block_m, a.dtype, x2.device.index)
     launch = _SGMV_LAUNCHES.get(key)
     if launch is None:
+        if len(_SGMV_LAUNCHES) >= 4096:  # n_tiles varies with the batch's mix of adapters
+            _SGMV_LAUNCHES.clear()
         launch = _SGMV_LAUNCHES[key] = _sgmv_launch(*key)
     grid, cols, meta = launch
     _sgmv[grid](x2, a, bt, y2, tiles, slot_map, scale, k_in, n_out, cols, k_in, a.stride(0), bt.stride(0), n_out,
