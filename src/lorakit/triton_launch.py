@@ -70,7 +70,7 @@ class CachedLaunch:
 
     def __init__(self, fn):
         self.fn = fn
-        self._compiled: dict = {}  # (launch options, constexprs, arg key) → (kernel, constexpr values)
+        self._compiled: dict = {}  # (device, keyword args with types, arg key) → (kernel, constexpr values)
         self._n_runtime = None  # number of leading runtime params, when every constexpr follows them
 
     def __getitem__(self, grid):
@@ -86,7 +86,7 @@ class CachedLaunch:
         if hit is None:
             kernel = self.fn[grid](*args, **kwargs)
             consts = self._constexprs(args, kwargs)
-            if arg_key is not None and kernel is not None and consts is not None:
+            if arg_key is not None and hasattr(kernel, "packed_metadata") and consts is not None:  # a compiled kernel
                 self._compiled[key] = (kernel, consts)
             return kernel
         kernel, consts = hit
