@@ -32,10 +32,10 @@ LinearFactors = tuple[nn.Parameter, nn.Parameter, float, float]
 
 # Counts what can change a delta's factors without moving their version counters: assignments to any delta's
 # attributes, parameters, buffers and submodules, and conversions (`_apply`: .to() / .double() / .cuda() write
-# `param.data`). Caches of the factors (the mixed-batch stacks) re-check every delta when it moved, otherwise their
-# version counters and storage. Writes through `param.data` (p.data.copy_) move neither, nor do optimizers that
-# write by raw pointer outside torch.optim's step hooks (some 8-bit or CUDA-graph-replayed steps): call
-# lorakit.multi.routing.clear_stacks after them.
+# `param.data`). Caches of the factors (the mixed-batch stacks) re-check every delta when it moved, otherwise only
+# their version counters. Writes through `param.data` (`p.data = new`, `p.data.copy_(...)`) move neither, nor do
+# optimizers that write by raw pointer outside torch.optim's step hooks (some 8-bit or CUDA-graph-replayed steps):
+# call lorakit.multi.routing.clear_stacks after them.
 STATE_EPOCH = [0]
 
 

@@ -5,8 +5,8 @@ forward is y + s·(drop(x)·Aᵀ)·Bᵀ on a linear-like layer (Linear, Conv1D);
 says, for one set of adapters, which stack slot each adapter's rows read, and which deltas run their own
 forward on their rows instead (any other delta: another form, an embedding, a convolution). Both are rebuilt
 when a delta is replaced or its factors are written in place (hot_swap calls `clear_stacks`); writes no version
-counter or assignment shows (through `param.data`, or an optimizer outside torch.optim's step hooks) need a
-`clear_stacks()` call (core/delta.py's STATE_EPOCH says what is seen).
+counter or assignment shows (through `param.data`: `p.data = new` or `p.data.copy_(...)`, or an optimizer outside
+torch.optim's step hooks) need a `clear_stacks()` call (core/delta.py's STATE_EPOCH says what is seen).
 """
 
 from __future__ import annotations
@@ -72,15 +72,18 @@ class LayerPlan:
     fast: list[tuple[int, nn.Module]] = field(default_factory=list)  # (gid, low-rank delta) in the stack
     slow: list[tuple[int, nn.Module]] = field(default_factory=list)  # (gid, delta) run on their rows
     epoch: int = -1  # STATE_EPOCH when every check last passed
-    factors: tuple = ()  # the stacked deltas' A and B, their versions and storage then (the check between counts)
-    aliases: tuple = ()  # a detached alias per factor: it shares the factor's version counter, and reads ~4x faster
-    # than the factor itself at scale (~7,000 scattered parameters against aliases made together)
-    versions: list = field(default_factory=list)  # per factor
-    ptrs: list = field(default_factory=list)  # data_ptr per factor
+    aliases: tuple = ()  # a detached alias per stacked factor (A and B of each fast delta): it shares the factor's
+    # version counter and reads ~5x faster than the factor itself at scale (~7,000 scattered parameters)
+    versions: list = field(default_factory=list)  # per factor, when the plan was made or last checked
+    names: tuple = field(init=False)  # the adapter names of `checks`, and their deltas (None where absent): the
+    deltas: tuple = field(init=False)  # identity check compares tuples (one C-level pass, not a Python loop)
+
+    def __post_init__(self):
+        self.names = tuple(name for name, _, _ in self.checks)
+        self.deltas = tuple(delta for _, delta, _ in self.checks)
 
 
-_VERSION = operator.attrgetter("_version")  # C-level getters: the per-block check reads ~7,000 factors at 1B scale
-_DATA_PTR = torch.Tensor.data_ptr
+_VERSION = operator.attrgetter("_version")  # a C-level getter: the per-block check reads ~7,000 factors at 1B scale
 
 # layer → its stack of every low-rank adapter (a copy of their weights), and its plans per adapter set.
 _STACKS: "weakref.WeakKeyDictionary[AdaptedLayer, StackEntry]" = weakref.WeakKeyDictionary()
@@ -121,19 +124,21 @@ def _kernels_on(stack: AdapterStack) -> bool:
     return runs_on(stack.a.device)
 
 
-def _plan_is_current(layer: AdaptedLayer, lp: LayerPlan) -> bool:
+def plan_is_current(layer: AdaptedLayer, lp: LayerPlan) -> bool:
     """Cheap check of only what this plan uses: the same delta objects, and its stacked ones unchanged. While
-    STATE_EPOCH stands still, unchanged means the same version and storage of every stacked factor (~0.2 µs each);
-    otherwise each delta is asked for its factors again."""
+    STATE_EPOCH stands still (nothing was assigned to a delta, nothing converted), unchanged means the same version
+    of every stacked factor, read through its alias; otherwise each delta is asked for its factors again (their
+    identity, storage and versions). The storage of a factor is not read per block: at 32 adapters × 112 layers
+    that read alone cost 3–13 ms a block on the GPU hosts measured (cache misses on 7,168 scattered parameters,
+    more than the whole forward's launches), and what changes storage without an assignment is a write through
+    `param.data`, which needs `clear_stacks` (the module docstring)."""
     entry = lp.entry
     if entry is not None and (_STACKS.get(layer) is not entry or entry.for_kernels != _kernels_on(entry.stack)):
         return False
-    modules = layer.deltas._modules
-    for name, delta, _ in lp.checks:
-        if modules.get(name) is not delta:
-            return False
-    if lp.epoch == STATE_EPOCH[0]:  # storage too: `param.data = other` moves no version counter
-        return list(map(_VERSION, lp.aliases)) == lp.versions and list(map(_DATA_PTR, lp.factors)) == lp.ptrs
+    if tuple(map(layer.deltas._modules.get, lp.names)) != lp.deltas:  # modules compare by identity
+        return False
+    if lp.epoch == STATE_EPOCH[0]:
+        return list(map(_VERSION, lp.aliases)) == lp.versions
     if not all(seen is None or _factors_unchanged(delta, seen) for _, delta, seen in lp.checks):
         return False
     lp.epoch = STATE_EPOCH[0]
@@ -156,10 +161,8 @@ def _plan_layer(layer: AdaptedLayer, adapters: tuple, device) -> LayerPlan:
     none_slot = entry.stack.none_slot
     slot_of_gid = torch.tensor([none_slot] + [s if s >= 0 else none_slot for s in slots], device=device)
     slot_map = torch.tensor(slots, dtype=torch.int32, device=device)
-    factors = tuple(t for _, _, seen in checks if seen is not None for t in seen[:2])
-    aliases = tuple(t.detach() for t in factors)
-    return LayerPlan(entry, checks, slot_of_gid, slot_map, fast, slow, epoch, factors, aliases,
-                     list(map(_VERSION, aliases)), list(map(_DATA_PTR, factors)))
+    aliases = tuple(t.detach() for _, _, seen in checks if seen is not None for t in seen[:2])
+    return LayerPlan(entry, checks, slot_of_gid, slot_map, fast, slow, epoch, aliases, list(map(_VERSION, aliases)))
 
 
 def layer_plan(layer: AdaptedLayer, adapters: tuple, device) -> LayerPlan:
@@ -168,7 +171,7 @@ def layer_plan(layer: AdaptedLayer, adapters: tuple, device) -> LayerPlan:
     if plans is None:
         plans = _PLANS[layer] = {}
     lp = plans.get((adapters, device))
-    if lp is None or not _plan_is_current(layer, lp):
+    if lp is None or not plan_is_current(layer, lp):
         lp = plans[(adapters, device)] = _plan_layer(layer, adapters, device)
     return lp
 
@@ -176,9 +179,9 @@ def layer_plan(layer: AdaptedLayer, adapters: tuple, device) -> LayerPlan:
 # --- a block's plans, taken by the next block over the same adapters ---------------------------------------------
 @dataclass
 class BlockPlans:
-    """The layer plans one per_row block used: the next block over the same adapters checks them all at its entry
-    (each as layer_plan would) and skips each layer's plan lookup on its first call. Only weak references: a
-    plan lives in _PLANS while its layer does, so nothing here keeps a layer, a delta, a factor or a stack alive."""
+    """The layer plans one per_row block used, offered to the next block over the same adapters, which checks each
+    (plan_is_current) at its layer's first call instead of looking it up. Only weak references: a plan lives in
+    _PLANS while its layer does, so nothing here keeps a layer, a delta, a factor or a stack alive."""
 
     plans: tuple  # (weakref to the layer, weakref to its LayerPlan) per layer the block planned
     epoch: int  # STATE_EPOCH then
@@ -201,9 +204,10 @@ def remember_block(anchor: AdaptedLayer, adapters: tuple, used: dict) -> None:
 
 
 def recall_block(anchor: AdaptedLayer, adapters: tuple) -> dict:
-    """The plans (id(layer) → (layer, LayerPlan)) the last block over `adapters` used, if every one is still
-    current by _plan_is_current (the same deltas, stack and kernel setting; every stacked factor's version and
-    storage against the values its plan was built from); else {} (the layers are then planned one by one)."""
+    """The plans (id(layer) → (layer, LayerPlan)) the last block over `adapters` used, unchecked: the caller
+    checks each with plan_is_current before its layer uses it: at each layer's first call the check overlaps
+    the device's work on the layers before it, where checking them all here kept the device idle for it.
+    {} when a delta was assigned to or converted since (STATE_EPOCH moved) or a layer or plan is gone."""
     blocks = _BLOCKS.get(anchor)
     block = blocks.get(adapters) if blocks is not None else None
     if block is None:
@@ -212,7 +216,7 @@ def recall_block(anchor: AdaptedLayer, adapters: tuple) -> dict:
     if block.epoch == STATE_EPOCH[0]:
         for layer_ref, plan_ref in block.plans:
             layer, lp = layer_ref(), plan_ref()
-            if layer is None or lp is None or not _plan_is_current(layer, lp):
+            if layer is None or lp is None:
                 break
             plans[id(layer)] = (layer, lp)
         else:

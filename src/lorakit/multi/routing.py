@@ -38,7 +38,8 @@ from ..core.saved import SavedModule
 from ..errors import MixedBatchError
 from .. import triton_gate
 from .kernels import AdapterStack, build_stack
-from .layer_plans import GENERATION, LayerPlan, clear_stacks, layer_plan, recall_block, remember_block
+from .layer_plans import (GENERATION, LayerPlan, clear_stacks, layer_plan, plan_is_current, recall_block,
+                          remember_block)
 from .rows import RowPlan, row_plan
 
 IMPLS = ("auto", "torch", "reference")
@@ -55,11 +56,10 @@ class Router:
         self.block_m = block_m
         self.anchor = anchor  # the model's first adapted layer: its last block's plans are recalled by it
         self._generation = GENERATION[0]
-        # plans of this block: id(layer) → (layer, LayerPlan); those of the last block if all still hold
-        self._used: dict[int, tuple[AdaptedLayer, LayerPlan]] = {}
-        if anchor is not None:
-            self._used = recall_block(anchor, plan.key)
-        self._layers: dict[int, LayerPlan] = {i: lp for i, (_, lp) in self._used.items()}
+        # the last block's plans (id(layer) → (layer, LayerPlan)), each checked at its layer's first call
+        self._recalled = recall_block(anchor, plan.key) if anchor is not None else {}
+        self._used: dict[int, tuple[AdaptedLayer, LayerPlan]] = {}  # the plans this block used, by layer
+        self._layers: dict[int, LayerPlan] = {}  # id(layer) → its plan in this block
         self._planned = False  # a layer was planned in this block (not recalled): remember the block
         self._work: dict = {}  # (input shape, device) → what the kernels need for it (Router._work_for)
         # Triton SGMV/BGMV where the gate allows; the environment is read once per block, not per layer call
@@ -77,17 +77,27 @@ class Router:
             name = self.plan.adapters[self.plan.uniform] if self.plan.uniform >= 0 else None
             return layer.deltas[name](x, y, layer) if name in layer.deltas else y
         if self._generation != GENERATION[0]:
-            self._layers, self._used, self._generation = {}, {}, GENERATION[0]
+            self._layers, self._used, self._recalled, self._generation = {}, {}, {}, GENERATION[0]
         lp = self._layers.get(id(layer))
         if lp is None:
-            lp = self._layers[id(layer)] = layer_plan(layer, self.plan.key, x.device)
-            self._used[id(layer)], self._planned = (layer, lp), True
+            lp = self._layers[id(layer)] = self._layer_plan(layer, x.device)
         if lp.fast:
             y = self._fast(layer, lp, x, y)
         for gid, delta in lp.slow:
             rows = self.plan.rows(x.shape[0], x.device)[gid]
             y = y.index_copy(0, rows, delta(x.index_select(0, rows), y.index_select(0, rows), layer))
         return y
+
+    def _layer_plan(self, layer: AdaptedLayer, device) -> LayerPlan:
+        """The layer's plan for this block, at its first call: the last block's if it still holds (checked here,
+        while the device runs the layers before this one), else the cached or a new one (layer_plan)."""
+        held = self._recalled.get(id(layer))
+        if held is not None and held[0] is layer and plan_is_current(layer, held[1]):
+            lp = held[1]
+        else:
+            lp, self._planned = layer_plan(layer, self.plan.key, device), True
+        self._used[id(layer)] = (layer, lp)
+        return lp
 
     def remember(self) -> None:
         """After a block that ended normally: keep its plans for the next block over the same adapters (when
@@ -269,6 +279,8 @@ def per_row(model: nn.Module, names: Sequence[Optional[str]], impl: str = "auto"
 
     impl: "auto" (Triton kernels on CUDA at inference, else vectorised torch), "torch" (always the
     vectorised torch path), "reference" (slow, exact per-adapter math; for tests). block_m: SGMV tile rows.
+    The stacked copies of the adapters are kept between blocks and follow in-place writes to the factors and
+    assignments to the deltas; after a write through `param.data`, call `lorakit.multi.routing.clear_stacks(model)`.
     Raises MixedBatchError if adapters are merged (lorakit.unmerge first) or another routing is active."""
     if impl not in IMPLS:
         raise MixedBatchError(f"impl must be one of {IMPLS}, got {impl!r}")
