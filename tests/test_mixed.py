@@ -252,7 +252,10 @@ def test_cached_stacks_follow_every_change_between_blocks(llama3):
         llama3(ids).logits.square().mean().backward()
     torch.optim.AdamW(params, lr=0.5, fused=True).step()  # a fused step writes without moving version counters
     check()
-    q.lora_B.data = q.lora_B.data + 1  # new storage, the same tensor and version: the documented clear_stacks
+    q.lora_B.data = q.lora_B.data + 1  # new storage, the same tensor and version: not seen by the per-block check,
+    llama3.eval()  # but any assignment to a delta (here `training`) runs the full one, storage included
+    check()
+    q.lora_B.data = q.lora_B.data + 1  # alone, it needs the documented clear_stacks
     lorakit.multi.routing.clear_stacks(llama3)
     check()
     q.lora_A = nn.Parameter(torch.randn_like(q.lora_A))  # replaced, not written
@@ -306,6 +309,25 @@ def test_a_later_block_sees_deltas_moved_between_names(tiny_llama):
         ref = tiny_llama(ids).logits
     assert rel_max(out, ref) < 1e-6
     assert rel_max(out, before) > 1e-3  # the rows really changed adapters
+
+
+def test_a_later_block_compares_deltas_by_identity_not_equality(tiny_llama, monkeypatch):
+    """A delta class may define value equality: a recalled plan must still see deltas swapped between names."""
+    for name in ("a", "b"):
+        lorakit.add_adapter(tiny_llama, small_lora(target_modules="all-linear", init_lora_weights=False), name)
+    tiny_llama.eval()
+    delta_class = type(tiny_llama.model.layers[0].self_attn.q_proj.deltas["a"])
+    monkeypatch.setattr(delta_class, "__eq__", lambda self, other: isinstance(other, delta_class))
+    ids = torch.randint(0, 128, (2, 5))
+    for _ in range(2):  # the second block recalls the first one's plans
+        with torch.no_grad(), lorakit.per_row(tiny_llama, ["a", "b"]):
+            tiny_llama(ids)
+    for _, layer in lorakit.adapted_layers(tiny_llama):
+        layer.deltas["a"], layer.deltas["b"] = layer.deltas["b"], layer.deltas["a"]
+    with torch.no_grad(), lorakit.per_row(tiny_llama, ["a", "b"]):
+        out = tiny_llama(ids).logits
+    with torch.no_grad(), lorakit.per_row(tiny_llama, ["a", "b"], impl="reference"):
+        assert rel_max(out, tiny_llama(ids).logits) < 1e-6
 
 
 def test_hooks_on_a_base_layer_still_run_inside_per_row(tiny_llama):

@@ -39,7 +39,7 @@ def _delta_key(delta: nn.Module) -> tuple:
 
 def _factors_unchanged(delta: nn.Module, seen: tuple) -> bool:
     """The delta still answers the factors `seen` (a, b, s, p, _delta_key) with the same storage and versions.
-    The per-block check of every stacked delta: identity tests first, no tuple built (~0.5 µs a delta)."""
+    The full check of a stacked delta, run when STATE_EPOCH moved: identity tests first, no tuple built."""
     f = delta.linear_factors()
     if f is None:
         return False
@@ -75,8 +75,8 @@ class LayerPlan:
     aliases: tuple = ()  # a detached alias per stacked factor (A and B of each fast delta): it shares the factor's
     # version counter and reads ~5x faster than the factor itself at scale (~7,000 scattered parameters)
     versions: list = field(default_factory=list)  # per factor, when the plan was made or last checked
-    names: tuple = field(init=False)  # the adapter names of `checks`, and their deltas (None where absent): the
-    deltas: tuple = field(init=False)  # identity check compares tuples (one C-level pass, not a Python loop)
+    names: tuple = field(init=False)  # the adapter names of `checks`, and their deltas (None where absent), for
+    deltas: tuple = field(init=False)  # the identity check in one C-level pass
 
     def __post_init__(self):
         self.names = tuple(name for name, _, _ in self.checks)
@@ -135,7 +135,7 @@ def plan_is_current(layer: AdaptedLayer, lp: LayerPlan) -> bool:
     entry = lp.entry
     if entry is not None and (_STACKS.get(layer) is not entry or entry.for_kernels != _kernels_on(entry.stack)):
         return False
-    if tuple(map(layer.deltas._modules.get, lp.names)) != lp.deltas:  # modules compare by identity
+    if any(map(operator.is_not, map(layer.deltas._modules.get, lp.names), lp.deltas)):  # identity, never __eq__
         return False
     if lp.epoch == STATE_EPOCH[0]:
         return list(map(_VERSION, lp.aliases)) == lp.versions
@@ -183,7 +183,7 @@ class BlockPlans:
     (plan_is_current) at its layer's first call instead of looking it up. Only weak references: a plan lives in
     _PLANS while its layer does, so nothing here keeps a layer, a delta, a factor or a stack alive."""
 
-    plans: tuple  # (weakref to the layer, weakref to its LayerPlan) per layer the block planned
+    plans: tuple  # (weakref to the layer, weakref to its LayerPlan) per layer the block used
     epoch: int  # STATE_EPOCH then
 
 
