@@ -5,7 +5,8 @@ CPU (all-MiniLM-L6-v2 classifier, B=32 T=64, all-linear r=8, fp32):
     python benchmarks/fast_variants.py --cpu [--rounds 7 --steps 2] [--append BENCHMARKS.md]
 GPU (bf16 Llama shapes from config, r=16 all-linear, B/T of benchmarks/train_step.py):
     python benchmarks/fast_variants.py --shapes 1b,8b [--cases lora,dora,drop,nf4] [--append BENCHMARKS.md]
-GPU, Llama-3-8B QLoRA vs bf16 LoRA at B=1 T=2048, both optimize(checkpoint=True), peak memory per case:
+GPU, Llama-3-8B QLoRA vs bf16 LoRA at B=1 T=2048, both optimize(checkpoint=True), and QLoRA with
+checkpoint="offload"; peak memory per case:
     python benchmarks/fast_variants.py --qlora8b [--append BENCHMARKS.md]
 Several GPUs: torchrun --nproc-per-node N benchmarks/multi_gpu.py --optimize (see that script).
 
@@ -108,17 +109,18 @@ def run_gpu(shape: str, cases, rounds: int, steps: int) -> list[dict]:
 
 
 def run_qlora8b(steps: int) -> list[dict]:
-    """Llama-3-8B, B=1 T=2048, r=16 all-linear, optimize(checkpoint=True) and the fused loss; bf16 LoRA then QLoRA,
-    each built, measured (step time, peak memory of the case alone) and freed."""
+    """Llama-3-8B, B=1 T=2048, r=16 all-linear, optimize(checkpoint=...) and the fused loss: bf16 LoRA and QLoRA with
+    checkpoint=True, then QLoRA with checkpoint="offload" (the memory-saving setting a 4-bit user would pick); each
+    built, measured (step time, peak memory of the case alone) and freed."""
     import qlora
 
     rows = []
-    for quantized in (False, True):
+    for quantized, checkpoint in ((False, True), (True, True), (True, "offload")):
         torch.cuda.empty_cache()
         held = torch.cuda.memory_allocated()
         model = qlora.build_llama(quantized, qlora.LLAMA3_8B, "cuda")
         lorakit.add_adapter(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-        not_fused = lorakit.optimize(model, checkpoint=True)["not_fused"]
+        not_fused = lorakit.optimize(model, checkpoint=checkpoint)["not_fused"]
         params = [p for p in model.parameters() if p.requires_grad]
         ids = torch.randint(0, qlora.LLAMA3_8B["vocab_size"], (1, 2048), generator=torch.Generator().manual_seed(0))
         step = train_step.make_step(model, params, {"input_ids": ids.cuda(), "labels": ids.cuda()}, "cuda")
@@ -128,7 +130,8 @@ def run_qlora8b(steps: int) -> list[dict]:
         from timing import median_ms
 
         ms = median_ms(step, reps=steps, warmup=2)
-        rows.append(dict(shape="8b B1 T2048", case="nf4" if quantized else "lora", step_ms=ms, spread_ms=float("nan"),
+        case = ("nf4" if quantized else "lora") + ("_offload" if checkpoint == "offload" else "")
+        rows.append(dict(shape="8b B1 T2048", case=case, step_ms=ms, spread_ms=float("nan"),
                          peak_gib=(torch.cuda.max_memory_allocated() - held) / GIB, not_fused=not_fused, tokens=2048))
         del model, params, step
         gc.collect()
