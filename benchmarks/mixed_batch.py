@@ -9,8 +9,8 @@ Llama-3.2-1B shape from config (random weights), bf16, sdpa, eval, torch.no_grad
 q,k,v,o,gate,up,down (all-linear), random A and B (init_lora_weights=False) in both libraries, adapters in
 bf16 in both (PEFT: autocast_adapter_dtype=False). Full-vocabulary logits for every position, as HF's
 forward returns by default. Times: median of CUDA-event timings after warm-up (and, beside each prefill, the host
-time until the call returns, its launches queued: above the device time the call is host-bound); each lorakit mixed-batch
-timing includes entering the `per_row` block (its per-layer stacks are cached from the first entry).
+time until the call returns, its launches queued: above the device time the call is host-bound); each lorakit
+mixed-batch timing includes entering the `per_row` block (its per-layer stacks are cached from the first entry).
 Before timing, lorakit's mixed batch is checked against its per-adapter reference (impl="reference").
 """
 
