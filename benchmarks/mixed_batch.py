@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lorakit  # noqa: E402
-from timing import median_ms  # noqa: E402
+from timing import median_host_ms, median_ms  # noqa: E402
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
@@ -70,17 +70,8 @@ def timed(fn, warmup: int = 2, reps: int = 10) -> float:
     return median_ms(fn, reps, warmup, cuda=DEV != "cpu")
 
 
-def host_ms(fn, reps: int = 10) -> float:
-    """Median host milliseconds of fn() with the device idle at its start: the time until fn returns, its launches
-    queued (the device may still be running them). Above the device time, the call is bound by the host."""
-    times = []
-    for _ in range(reps):
-        _sync()
-        t0 = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - t0))
-    _sync()
-    return sorted(times)[reps // 2]
+def host_ms(fn) -> float:
+    return median_host_ms(fn, 10, cuda=DEV != "cpu")
 
 
 def _sync() -> None:

@@ -27,3 +27,19 @@ def median_ms(fn, reps: int = 10, warmup: int = 2, cuda: bool = True) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def median_host_ms(fn, reps: int = 10, cuda: bool = True) -> float:
+    """Median (the upper one for an even count) host milliseconds of fn() with the device idle at its start: the
+    time until fn returns, its launches queued (the device may still be running them). Above the device time, the
+    call is bound by the host."""
+    times = []
+    for _ in range(reps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+    if cuda:
+        torch.cuda.synchronize()
+    return sorted(times)[reps // 2]
