@@ -11,7 +11,8 @@ bf16 in both (PEFT: autocast_adapter_dtype=False). Full-vocabulary logits for ev
 forward returns by default. Times: median of CUDA-event timings after warm-up (and, beside each prefill, the host
 time until the call returns, its launches queued: above the device time the call is host-bound); each lorakit
 mixed-batch timing includes entering the `per_row` block (its per-layer stacks are cached from the first entry).
-Before timing, lorakit's mixed batch is checked against its per-adapter reference (impl="reference").
+Before timing, lorakit's mixed batch is checked against its per-adapter reference (impl="reference"), and the
+replayed one (lorakit.PerRowGraphs, use_cache=False, logits copied out of the graph) against per_row's eager output.
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ def lorakit_rows(model, results, base_ms):
         ms = timed(run)
         record(results, case=label, impl="lorakit per_row", ms=ms, base_ms=base_ms[label], goal=goal,
                        check_rel_err=err, host_ms=host_ms(run))
+        graph_rows(model, results, label, names, ids, base_ms[label], goal)
     rows, tokens, goal = SINGLE
     ids = ids_for(rows, tokens)
     lorakit.set_active(model, "a0")
@@ -164,6 +166,27 @@ def lorakit_rows(model, results, base_ms):
                 return gen_fn(model, ids)(n)
         record(results, case=f"decode {rows} rows, {n_adapters} adapters", impl="lorakit per_row",
                        tok_s=tokens_per_s(generate, rows, new), base_tok_s=base_ms["decode"])
+
+
+def graph_rows(model, results, label: str, names: list, ids, base_ms: float, goal: float) -> None:
+    """The same mixed batch replayed by lorakit.PerRowGraphs (captured once, then every call a replay with the
+    logits copied out), against the eager base forward and against the base forward replayed the same way (all
+    rows None: the adapted model's graph without any adapter work)."""
+    graphs = lorakit.PerRowGraphs(model)
+    with lorakit.per_row(model, names):
+        eager = model(ids).logits.float()
+    graphs(names, ids)  # captured here
+    err = float((graphs(names, ids).logits.float() - eager).norm() / eager.norm())
+    del eager
+    replay, base = (lambda: graphs(names, ids)), (lambda: graphs([None] * len(names), ids))
+    ms, base_replay_ms = timed(replay), timed(base)
+    record(results, case=label, impl="base forward, replayed (PerRowGraphs, all rows None)", ms=base_replay_ms,
+           base_ms=base_ms, host_ms=host_ms(base))
+    record(results, case=label, impl="lorakit PerRowGraphs (replayed)", ms=ms, base_ms=base_ms, goal=goal,
+           check_rel_err=err, host_ms=host_ms(replay))
+    record(results, case=label, impl="lorakit PerRowGraphs × the replayed base", ms=ms, base_ms=base_replay_ms,
+           goal=goal)
+    graphs.clear()
 
 
 # --- PEFT -------------------------------------------------------------------------------------------------------

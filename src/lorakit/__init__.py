@@ -19,7 +19,7 @@ from .errors import (AdapterFormatError, AdapterNameError, CheckpointError, Conf
                      TargetError)
 from .fast import fusion_report, optimize, unoptimize
 from .loading.models import bundled_model_path
-from .multi import combine, hot_swap, lorahub_search, per_row, weighted
+from .multi import PerRowGraphs, combine, hot_swap, lorahub_search, per_row, weighted
 from .quant import NF4Linear, dequantize, merge_requantized, quantize
 from .train import train
 from .variants.adalora import AdaLoraConfig
@@ -35,7 +35,7 @@ __all__ = [
     # configs of the built-in variants
     "AdapterConfig", "LoraConfig", "AdaLoraConfig", "LoHaConfig", "LoKrConfig",
     # many adapters on one base
-    "per_row", "hot_swap", "combine", "weighted", "lorahub_search",
+    "per_row", "PerRowGraphs", "hot_swap", "combine", "weighted", "lorahub_search",
     # speed, a quantized base, training, analysis, the bundled models
     "optimize", "unoptimize", "fusion_report", "quantize", "dequantize", "merge_requantized", "NF4Linear", "train",
     "analyze", "bundled_model_path",

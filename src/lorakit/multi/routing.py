@@ -58,7 +58,7 @@ class Router:
         self._generation = GENERATION[0]
         # the last block's plans (id(layer) → (layer, LayerPlan)), each checked at its layer's first call
         self._recalled = recall_block(anchor, plan.key) if anchor is not None else {}
-        self._used: dict[int, tuple[AdaptedLayer, LayerPlan]] = {}  # the plans this block used, by layer
+        self.used: dict[int, tuple[AdaptedLayer, LayerPlan]] = {}  # the plans this block used, by layer
         self._layers: dict[int, LayerPlan] = {}  # id(layer) → its plan in this block
         self._planned = False  # a layer was planned in this block (not recalled): remember the block
         self._work: dict = {}  # (input shape, device) → what the kernels need for it (Router._work_for)
@@ -77,7 +77,7 @@ class Router:
             name = self.plan.adapters[self.plan.uniform] if self.plan.uniform >= 0 else None
             return layer.deltas[name](x, y, layer) if name in layer.deltas else y
         if self._generation != GENERATION[0]:
-            self._layers, self._used, self._recalled, self._generation = {}, {}, {}, GENERATION[0]
+            self._layers, self.used, self._recalled, self._generation = {}, {}, {}, GENERATION[0]
         lp = self._layers.get(id(layer))
         if lp is None:
             lp = self._layers[id(layer)] = self._layer_plan(layer, x.device)
@@ -96,14 +96,14 @@ class Router:
             lp = held[1]
         else:
             lp, self._planned = layer_plan(layer, self.plan.key, device), True
-        self._used[id(layer)] = (layer, lp)
+        self.used[id(layer)] = (layer, lp)
         return lp
 
     def remember(self) -> None:
         """After a block that ended normally: keep its plans for the next block over the same adapters (when
         every plan came from the last block, what is remembered already says so)."""
         if self.anchor is not None and self._planned and self._generation == GENERATION[0]:
-            remember_block(self.anchor, self.plan.key, self._used)
+            remember_block(self.anchor, self.plan.key, self.used)
 
     def _fast(self, layer: AdaptedLayer, lp: LayerPlan, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n_rows = x.shape[0]
@@ -218,7 +218,8 @@ def _wrappers(model: nn.Module) -> tuple[list[AdaptedLayer], list[SavedModule]]:
     return layers, holders
 
 
-def _check_names(model: nn.Module, names) -> list[Optional[str]]:
+def check_names(model: nn.Module, names) -> list[Optional[str]]:
+    """`names` as a list of adapter names or None, one per row; MixedBatchError / AdapterNameError otherwise."""
     if isinstance(names, str):
         names = [names]  # one name: a batch of one row
     if not isinstance(names, Sequence) or not len(names):
@@ -284,17 +285,24 @@ def per_row(model: nn.Module, names: Sequence[Optional[str]], impl: str = "auto"
     Raises MixedBatchError if adapters are merged (lorakit.unmerge first) or another routing is active."""
     if impl not in IMPLS:
         raise MixedBatchError(f"impl must be one of {IMPLS}, got {impl!r}")
-    names = _check_names(model, names)
+    names = check_names(model, names)
+    with rows_block(model, row_plan(names), impl, block_m):
+        yield model
+
+
+@contextlib.contextmanager
+def rows_block(model: nn.Module, plan: RowPlan, impl: str = "auto", block_m: Optional[int] = None) -> Iterator[Router]:
+    """per_row's block for a checked RowPlan (graphs.py passes one whose device tensors are static buffers).
+    Yields the Router, whose `used` plans say what the block's forwards read."""
     layers, holders = _wrappers(model)
-    plan = row_plan(names)
 
     def saved(holder: SavedModule, original: Callable, x: torch.Tensor, *args, **kwargs):
         return _saved_forward(plan, impl, holder, x, *args, **kwargs)  # the holder's own forward is not used
 
     recall = layers and impl != "reference" and plan.uniform is None
     router = Router(plan, impl, block_m, layers[0] if recall else None)
-    with routed(layers, router, "per_row", holders, saved), _rows_checked(model, len(names)):
-        yield model
+    with routed(layers, router, "per_row", holders, saved), _rows_checked(model, len(plan.names)):
+        yield router
     router.remember()
 
 
@@ -345,4 +353,4 @@ def _rows_checked(model: nn.Module, n_names: int) -> Iterator[None]:
                 model.__dict__["generate"] = prior
 
 
-__all__ = ["per_row", "routed", "MixedBatchError", "clear_stacks", "RowPlan", "Router"]
+__all__ = ["per_row", "rows_block", "routed", "MixedBatchError", "clear_stacks", "RowPlan", "Router"]

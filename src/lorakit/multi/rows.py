@@ -74,3 +74,63 @@ def row_plan(names: Sequence[Optional[str]]) -> "RowPlan":
             _ROW_PLANS.clear()
         _ROW_PLANS[key] = RowPlan(key)
     return _ROW_PLANS[key]
+
+
+class NotStatic(Exception):
+    """A forward asked StaticRows for something whose size depends on the rows' names (rows grouped by adapter)."""
+
+
+class StaticRows(RowPlan):
+    """A RowPlan over a fixed, ordered adapter set whose device tensors are buffers, rewritten in place when the
+    rows' names change (`assign`): a captured CUDA graph reads them, so one graph serves every assignment of rows to
+    these adapters. SGMV's tile list is padded to its most tiles for the shape, n_rows·⌈tokens/block_m⌉, with
+    empty tiles (count 0 writes nothing). Rows grouped per adapter (`rows`: sizes vary with the names) are refused
+    with NotStatic; per_row's generic path for deltas without linear factors and modules_to_save ask for them."""
+
+    def __init__(self, adapters: Sequence[str], names: Sequence[Optional[str]]):
+        self.adapters = list(adapters)
+        self.key = tuple(adapters)
+        self.uniform = None  # always the stacked path, whatever the names: the graph must not depend on them
+        self._gid = {n: g for g, n in enumerate(self.adapters)}
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self.names = ()
+        self.assign(names)
+
+    def assign(self, names: Sequence[Optional[str]]) -> None:
+        """Route the rows to `names` (each in the adapter set, or None): every buffer made so far is rewritten."""
+        names = tuple(names)
+        if names == self.names:
+            return
+        self.names = names
+        self.row_gids = [-1 if n is None else self._gid[n] for n in names]
+        for key, buf in self._buffers.items():
+            values = torch.tensor(self._values(key), dtype=buf.dtype).view(buf.shape)
+            # pinned: the copy is queued without waiting for the device; the host allocator keeps the block until it ran
+            buf.copy_(values.pin_memory() if buf.is_cuda else values, non_blocking=buf.is_cuda)
+
+    def _values(self, key: tuple) -> list:
+        kind, n_rows, _, *shape = key
+        gids = self.expanded(n_rows)
+        if kind != "tiles":
+            return gids
+        tokens, block_m = shape
+        tiles = segment_tiles(gids, tokens, block_m)
+        return tiles + [(0, 0, 0)] * (n_rows * -(-tokens // block_m) - len(tiles))
+
+    def _buffer(self, key: tuple, dtype: torch.dtype) -> torch.Tensor:
+        buf = self._buffers.get(key)
+        if buf is None:  # made by the eager forwards before a capture, never inside one
+            buf = self._buffers[key] = torch.tensor(self._values(key), dtype=dtype, device=key[2])
+        return buf
+
+    def gids(self, n_rows: int, device) -> torch.Tensor:
+        return self._buffer(("gids", n_rows, torch.device(device)), torch.long)
+
+    def token_gids(self, n_rows: int, device) -> torch.Tensor:
+        return self._buffer(("gids32", n_rows, torch.device(device)), torch.int32)
+
+    def tiles(self, n_rows: int, tokens_per_row: int, block_m: int, device) -> torch.Tensor:
+        return self._buffer(("tiles", n_rows, torch.device(device), tokens_per_row, block_m), torch.int32).view(-1, 3)
+
+    def rows(self, n_rows: int, device) -> dict[int, torch.Tensor]:
+        raise NotStatic("rows grouped by adapter (a delta without linear factors, or modules_to_save)")
