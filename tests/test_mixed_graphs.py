@@ -94,6 +94,61 @@ def test_bad_calls_are_refused_and_training_mode_runs_per_row(tiny_llama):
     assert not run._entries
 
 
+def test_what_a_replay_checks_first_moves_with_every_change_it_must_see(tiny_llama):
+    """The state compared before a replay changes with a new base storage, a merge, a disabled block and training
+    mode, and comes back when each is undone (graphs.py _model_state)."""
+    from lorakit.multi.graphs import _model_state
+
+    model = three_adapters(tiny_llama)
+    state = lambda: _model_state(model)[0]  # noqa: E731
+    first = state()
+    layer = model.model.layers[0].self_attn.q_proj
+    old = layer.base_layer.weight.data
+    layer.base_layer.weight.data = old.clone()
+    assert state() != first
+    layer.base_layer.weight.data = old
+    assert state() == first
+    with lorakit.disabled(model):
+        assert state() != first
+    model.train()
+    assert state() != first
+    model.eval()
+    lorakit.merge(model, ["a"])
+    assert state() != first
+    lorakit.unmerge(model)
+    assert state() == first
+
+
+def test_signatures_keep_inference_mode_autocast_and_the_lru_apart(tiny_llama):
+    model = three_adapters(tiny_llama)
+    run = lorakit.PerRowGraphs(model, max_graphs=2)
+    ids = torch.randint(0, 128, (4, 6))
+    names = ARRANGEMENTS[0]
+    with torch.inference_mode():  # static buffers made here are written by the normal call below
+        run(names, ids)
+    assert rel_max(run(ARRANGEMENTS[1], ids).logits, reference(model, ARRANGEMENTS[1], ids)) < 1e-6
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run(names, ids).logits
+        with lorakit.per_row(model, names):
+            ref = model(ids, use_cache=False).logits
+    assert out.dtype == ref.dtype == torch.bfloat16 and rel_max(out.float(), ref.float()) < 1e-6
+    assert len(run._entries) == 2  # one without autocast, one with
+    run(names, ids[:, :5])  # a third signature: the least recently used (no autocast, 4×6) goes
+    signatures = [key[3] for key in run._entries]  # (tensor args, kwargs, autocast dtype or False)
+    assert [(sig[0][0][1], sig[2]) for sig in signatures] == [((4, 6), torch.bfloat16), ((4, 5), False)]
+
+
+def test_bad_settings_and_outputs_are_refused_and_leave_no_entry(tiny_llama):
+    model = three_adapters(tiny_llama)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(lorakit.ConfigError, match="max_graphs"):
+            lorakit.PerRowGraphs(model, max_graphs=bad)
+    run = lorakit.PerRowGraphs(model)
+    with pytest.raises(MixedBatchError, match="use_cache=False"):
+        run(ARRANGEMENTS[0], torch.randint(0, 128, (4, 6)), use_cache=True)  # a DynamicCache a replay would rewrite
+    assert not run._entries
+
+
 # --- CUDA: captured and replayed -----------------------------------------------------------------------------------
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -109,6 +164,13 @@ def test_replays_follow_the_rows_and_return_their_own_tensors(tiny_llama):
         assert rel_max(out, reference(model, names, ids)) < 1e-5
     other = torch.randint(0, 128, (4, 6), device="cuda")
     assert rel_max(run(ARRANGEMENTS[0], other).logits, reference(model, ARRANGEMENTS[0], other)) < 1e-5
+    for _ in range(2):  # under autocast: its own graph, in bf16 like per_row's
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = run(ARRANGEMENTS[0], ids).logits
+            with torch.no_grad(), lorakit.per_row(model, ARRANGEMENTS[0]):
+                ref = model(ids, use_cache=False).logits
+        assert out.dtype == ref.dtype == torch.bfloat16 and rel_max(out.float(), ref.float()) < 1e-2
+    assert len(run) == 2
 
 
 @cuda

@@ -16,10 +16,12 @@ What a replay re-checks (anything else changed means a new capture):
 - while it runs (the check overlaps the device's work): every layer plan it used is current (layer_plans'
   plan_is_current: the same deltas, their factors unchanged). If one is not, the replay's output is thrown away
   and the call captures again, so a write to an adapter between calls is never missed.
-Not seen: hooks or forward patches added to the model after a capture (the graph runs the forward as captured)
-and writes through `param.data` to adapter factors (as for per_row: call clear_stacks). Call `clear()` after
-such changes. The graphs run in inference (no autograd) and eval mode; a model in training mode, or off CUDA,
-runs per_row eagerly (with the same static routing, so CPU runs the same code path as far as it can).
+Not seen: hooks or forward patches added to the model after a capture (the graph runs the forward as captured),
+global modes other than autocast (which is part of the signature; an `sdpa_kernel` context is not), and writes
+through `param.data` to adapter factors (as for per_row: call clear_stacks). Call `clear()` after such changes.
+The graphs run in inference (no autograd) and eval mode, on one stream: calls from several streams or threads
+must not overlap. A model in training mode, or off CUDA, runs per_row eagerly (with the same static routing, so
+CPU runs the same code path as far as it can).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from ..core.adapted import AdaptedLayer
-from ..errors import MixedBatchError
+from ..errors import ConfigError, MixedBatchError
 from .layer_plans import plan_is_current
 from .routing import _wrappers, check_names, per_row, rows_block
 from .rows import NotStatic, StaticRows
@@ -50,8 +52,9 @@ class _Entry:
         self.key = key
         self.rows = rows
         self.device = device  # the model's: where the graph runs
-        self.args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-        self.kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        with torch.inference_mode(False):  # normal tensors, which calls in and out of inference_mode may write
+            self.args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+            self.kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         self.graph: Any = None
         self.out: Any = None
         self.plans: tuple = ()
@@ -83,8 +86,9 @@ def _model_state(model: nn.Module) -> tuple[tuple, list]:
     return (tuple(map(id, layers)), flags, tuple(t.data_ptr() for t in tensors)), tensors
 
 
-def _signature(args: tuple, kwargs: dict) -> tuple:
-    """The part of a call a graph is specific to: each tensor's shape/dtype/device, every other argument's value."""
+def _signature(args: tuple, kwargs: dict, device: torch.device) -> tuple:
+    """The part of a call a graph is specific to: each tensor's shape/dtype/device, every other argument's value,
+    and the autocast state of the model's device type (a graph captured under autocast computes in its dtype)."""
     def one(v):
         if isinstance(v, torch.Tensor):
             return ("tensor", tuple(v.shape), v.dtype, v.device)
@@ -94,7 +98,8 @@ def _signature(args: tuple, kwargs: dict) -> tuple:
             raise MixedBatchError(f"PerRowGraphs takes tensors and hashable constants as arguments, got a "
                                   f"{type(v).__name__}") from None
         return ("value", type(v), v)
-    return tuple(map(one, args)), tuple((k, one(v)) for k, v in sorted(kwargs.items()))
+    autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
+    return tuple(map(one, args)), tuple((k, one(v)) for k, v in sorted(kwargs.items())), autocast
 
 
 class PerRowGraphs:
@@ -106,10 +111,13 @@ class PerRowGraphs:
     """
 
     def __init__(self, model: nn.Module, max_graphs: int = 8):
+        if not isinstance(max_graphs, int) or isinstance(max_graphs, bool) or max_graphs < 1:
+            raise ConfigError(f"PerRowGraphs: max_graphs must be an integer ≥ 1, got {max_graphs!r}")
         self.model = model
         self.max_graphs = max_graphs
         self._entries: "OrderedDict[tuple, _Entry]" = OrderedDict()
         self._pool = None
+        self._stream = None  # one capture stream: the pool's blocks are reused across this runner's graphs
         params = inspect.signature(model.forward).parameters
         self._no_cache = "use_cache" in params  # an HF cache made inside a graph would be rewritten by each replay
 
@@ -125,43 +133,52 @@ class PerRowGraphs:
                 with per_row(self.model, names):
                     return self.model(*args, **kwargs)
             adapters = tuple(sorted({n for n in names if n is not None}))
-            key = (adapters, len(names), _signature(args, kwargs))
-            entry = self._entry(key, adapters, names, args, kwargs)
+            device = _device(self.model)
+            key = (adapters, len(names), device, _signature(args, kwargs, device))
+            entry = self._entry(key, adapters, names, args, kwargs, device)
             entry.rows.assign(names)
             entry.load(args, kwargs)
             if entry.graph is False:
                 with per_row(self.model, names):
                     return self.model(*entry.args, **entry.kwargs)
-            if entry.graph is None or _model_state(self.model)[0] != entry.model_state:
+            if entry.graph is None:
+                return self._capture(entry)
+            state = _model_state(self.model)[0]
+            if state != entry.model_state:  # every graph made for another state goes (and its base tensors)
+                self._drop([e for e in self._entries.values() if e.graph and e.model_state != state])
                 return self._capture(entry)
             entry.graph.replay()
             out = tree_map_only(torch.Tensor, torch.clone, entry.out)
             if all(plan_is_current(layer, lp) for layer, lp in entry.plans):  # checked while the replay runs
                 return out
-            torch.cuda.current_stream(entry.device).synchronize()  # the stale replay is done before it is freed
+            self._drop([entry])
             return self._capture(entry)
 
     def clear(self) -> None:
         """Drop every captured graph (after changing the model in a way a replay cannot see)."""
-        if any(e.graph for e in self._entries.values()):
-            torch.cuda.synchronize()
+        self._drop(list(self._entries.values()))
         self._entries.clear()
-        self._pool = None
+        self._pool = self._stream = None
+
+    def _drop(self, entries: list) -> None:
+        """Forget these entries' graphs, once their last replays have run (a graph is not freed in flight)."""
+        for device in {e.device for e in entries if e.graph}:
+            torch.cuda.synchronize(device)
+        for e in entries:
+            if e.graph:
+                e.graph, e.out, e.plans, e.model_state, e.held = None, None, (), (), ()
 
     def __len__(self) -> int:
         """The number of captured graphs."""
         return sum(1 for e in self._entries.values() if e.graph)
 
-    def _entry(self, key: tuple, adapters: tuple, names: list, args: tuple, kwargs: dict) -> _Entry:
+    def _entry(self, key: tuple, adapters: tuple, names: list, args: tuple, kwargs: dict, device) -> _Entry:
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
             return entry
         if len(self._entries) >= self.max_graphs:
-            _, old = self._entries.popitem(last=False)
-            if old.graph:
-                torch.cuda.current_stream(old.device).synchronize()  # its last replay has run
-        device = _device(self.model)
+            self._drop([self._entries.popitem(last=False)[1]])
         entry = self._entries[key] = _Entry(key, StaticRows(adapters, names), args, kwargs, device)
         return entry
 
@@ -172,7 +189,6 @@ class PerRowGraphs:
 
     def _capture(self, entry: _Entry) -> Any:
         """The call's output, computed eagerly on the static inputs; on CUDA the forward is then captured."""
-        entry.graph, entry.out, entry.plans = None, None, ()
         try:
             out, _ = self._forward(entry)  # the answer, on the current stream; also makes every buffer and plan
         except NotStatic:
@@ -184,13 +200,16 @@ class PerRowGraphs:
             raise
         odd = {type(v).__name__ for v in tree_leaves(out) if not isinstance(v, _PLAIN)}
         if odd:
+            self._entries.pop(entry.key, None)
             raise MixedBatchError(f"PerRowGraphs: the model returned {sorted(odd)}, whose tensors a replay would "
                                   "overwrite; call it so that it returns tensors only (HF: use_cache=False)")
         device = entry.device
         if device.type != "cuda":
             return out
         with torch.cuda.device(device):
-            stream = torch.cuda.Stream(device)
+            if self._stream is None or self._stream.device != device:
+                self._stream = torch.cuda.Stream(device)
+            stream = self._stream
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):  # a warm-up on the capture stream (workspaces, lazy initialisation)
                 self._forward(entry)
@@ -201,6 +220,8 @@ class PerRowGraphs:
             try:
                 with torch.cuda.graph(graph, pool=self._pool, stream=stream):
                     static_out, used = self._forward(entry)
+            except torch.cuda.OutOfMemoryError:
+                raise
             except RuntimeError as e:  # an operation a graph cannot hold: this signature runs eagerly from now on
                 warnings.warn(f"PerRowGraphs: capture failed ({e}); this call signature runs per_row eagerly")
                 entry.graph = False

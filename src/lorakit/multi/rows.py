@@ -101,12 +101,16 @@ class StaticRows(RowPlan):
         names = tuple(names)
         if names == self.names:
             return
-        self.names = names
-        self.row_gids = [-1 if n is None else self._gid[n] for n in names]
-        for key, buf in self._buffers.items():
-            values = torch.tensor(self._values(key), dtype=buf.dtype).view(buf.shape)
-            # pinned: the copy is queued without waiting for the device; the host allocator keeps the block until it ran
-            buf.copy_(values.pin_memory() if buf.is_cuda else values, non_blocking=buf.is_cuda)
+        gids = [-1 if n is None else self._gid[n] for n in names]
+        self.names, self.row_gids = names, gids
+        try:
+            for key, buf in self._buffers.items():
+                values = torch.tensor(self._values(key), dtype=buf.dtype).view(buf.shape)
+                # pinned: queued without a wait for the device; the host allocator keeps the block until the copy ran
+                buf.copy_(values.pin_memory() if buf.is_cuda else values, non_blocking=buf.is_cuda)
+        except BaseException:
+            self.names = ()  # some buffers may hold the old rows: the next assign rewrites them all
+            raise
 
     def _values(self, key: tuple) -> list:
         kind, n_rows, _, *shape = key
@@ -119,8 +123,9 @@ class StaticRows(RowPlan):
 
     def _buffer(self, key: tuple, dtype: torch.dtype) -> torch.Tensor:
         buf = self._buffers.get(key)
-        if buf is None:  # made by the eager forwards before a capture, never inside one
-            buf = self._buffers[key] = torch.tensor(self._values(key), dtype=dtype, device=key[2])
+        if buf is None:  # made by the eager forwards before a capture, never inside one; a normal tensor even
+            with torch.inference_mode(False):  # under inference_mode, so that any later call may rewrite it
+                buf = self._buffers[key] = torch.tensor(self._values(key), dtype=dtype, device=key[2])
         return buf
 
     def gids(self, n_rows: int, device) -> torch.Tensor:
