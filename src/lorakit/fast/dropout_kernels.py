@@ -34,7 +34,12 @@ from ..triton_launch import cached_launch
 # Philox rounds: 7 is the fewest that Salmon et al. (SC'11) found Crush-resistant (BigCrush clean); 10 (Triton's
 # and cuRAND's default) adds margin. The mask draw is the kernels' main ALU cost, and dropout needs no more.
 PHILOX_ROUNDS = 7
-BACK_BLOCK = (64, 64)  # rows × columns of a backward row block
+# Tile settings, the fastest single setting of a sweep over the 1B step's four dropout groups (N = 8192 rows;
+# in = 2048 with 3, 1 and 2 terms, in = 8192 with 1) on an H200: 427 µs a layer in backward against 476 at
+# (64, 64) with 3 stages, 138 in forward against 189 at 16 rows × 64 columns (BENCHMARKS.md, dropout kernels).
+BACK_BLOCK = (32, 128)  # rows × columns of a backward row block
+BACK_STAGES = 2
+DOWN_COLS, DOWN_STAGES = 128, 3
 PROGRAMS_PER_SM = 8  # the backward splits rows into strips until there are this many programs per SM
 MAX_TERMS = 4  # dropout terms per backward launch (each keeps its dA accumulator in registers)
 
@@ -191,13 +196,9 @@ def _sm_count(index: int) -> int:
 
 
 def _down_rows(n_rows: int, n_terms: int, device: torch.device) -> int:
-    """Rows per forward program: the largest of 64/32/16 that still gives ~8 programs per SM (the mask draw is
-    ALU work and wants every SM busy)."""
-    want = 8 * _sm_count(device.index or 0)
-    for bm in (64, 32):
-        if cdiv(n_rows, bm) * n_terms >= want:
-            return bm
-    return 16
+    """Rows per forward program: 32 (the sweep's best at every group of the 1B step, 1 to 3 terms), or 16 where
+    32 would leave SMs without a program."""
+    return 32 if cdiv(n_rows, 32) * n_terms >= _sm_count(device.index or 0) else 16
 
 
 def drop_down(x2: torch.Tensor, a_run: torch.Tensor, h_run: torch.Tensor, seed: int, stream0: int, rank: int,
@@ -218,8 +219,8 @@ def drop_down(x2: torch.Tensor, a_run: torch.Tensor, h_run: torch.Tensor, seed: 
     bm = _down_rows(n_rows, n_terms, x2.device)
     _drop_down[(cdiv(n_rows, bm) * n_terms,)](
         x2, a_run, h_run, seed, stream0, n_terms, n_rows, k, x2.stride(0), h_run.stride(0), h_run.stride(1),
-        1.0 / (1.0 - p), _threshold(p), R=rank, RP=_padded(rank), BM=bm, BK=64, ROUNDS=PHILOX_ROUNDS,
-        PRECISION=_precision(x2.dtype), num_warps=4)
+        1.0 / (1.0 - p), _threshold(p), R=rank, RP=_padded(rank), BM=bm, BK=DOWN_COLS, ROUNDS=PHILOX_ROUNDS,
+        PRECISION=_precision(x2.dtype), num_warps=4, num_stages=DOWN_STAGES)
 
 
 def drop_back(x2: torch.Tensor, a_run: torch.Tensor, gh_run: torch.Tensor, dx2, need_da: bool, seed: int,
@@ -257,7 +258,7 @@ def drop_back(x2: torch.Tensor, a_run: torch.Tensor, gh_run: torch.Tensor, dx2, 
         stream0, n_rows, k, strip_rows, x2.stride(0), dx2.stride(0) if dx2 is not None else 0, gh_run.stride(0),
         da.stride(0) if da is not None else 0, float(offset), 1.0 / (1.0 - p), _threshold(p), TERMS=n_terms, R=rank,
         RP=_padded(rank), BM=bm, BK=bk, NEED_DX=dx2 is not None, NEED_DA=need_da, RECIPE=norm is not None,
-        ROUNDS=PHILOX_ROUNDS, PRECISION=_precision(a_run.dtype), num_warps=4)
+        ROUNDS=PHILOX_ROUNDS, PRECISION=_precision(a_run.dtype), num_warps=4, num_stages=BACK_STAGES)
     return None if da is None else da[0] if strips == 1 else da.sum(0)
 
 
