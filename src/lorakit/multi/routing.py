@@ -18,6 +18,8 @@ one optimizer step trains each adapter from its own rows only). Any other delta 
 embedding or a convolution) runs its own forward on its rows.
 `impl="reference"` is the slow oracle the tests hold the fast paths to: each adapter's reference math on
 the whole batch, rows picked with torch.where (bit-identical to running set_active per adapter).
+Inference forwards of a fixed shape repeat without this module's host work through lorakit.PerRowGraphs
+(graphs.py: each call signature captured once as a CUDA graph, then replayed).
 """
 
 from __future__ import annotations
