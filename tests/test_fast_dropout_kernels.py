@@ -30,9 +30,15 @@ def philox(monkeypatch, kernel_device):
 
 
 # --- the kernels alone ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype,rank", [(torch.float32, 4), (torch.bfloat16, 16), (torch.float16, 8)])
-def test_kernels_equal_the_math_with_the_same_mask(kernel_device, monkeypatch, dtype, rank):
-    dev, n, k, terms, p = kernel_device, 80, 70, 2, 0.3
+@pytest.mark.parametrize("dtype,rank,tile", [(torch.float32, 4, 0), (torch.bfloat16, 16, 0), (torch.float16, 8, 0),
+                                             (torch.float32, 4, 1), (torch.bfloat16, 16, 2), (torch.float32, 4, 3)])
+def test_kernels_equal_the_math_with_the_same_mask(kernel_device, monkeypatch, dtype, rank, tile):
+    """At every tile setting a launch may fall back to (tile: its index; the forward has one fewer), with several
+    column tiles and a short last one (in = 200)."""
+    dev, n, k, terms, p = kernel_device, 80, 200, 2, 0.3
+    monkeypatch.setattr(dk, "BACK_TILES", dk.BACK_TILES[tile:])
+    monkeypatch.setattr(dk, "DOWN_TILES", dk.DOWN_TILES[min(tile, len(dk.DOWN_TILES) - 1):])
+    monkeypatch.setattr(dk, "_FITS", {})
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, k, generator=g).to(dev, dtype)
     a_run = (torch.randn(terms * rank, k, generator=g) / 4).to(dev, dtype)
@@ -50,7 +56,7 @@ def test_kernels_equal_the_math_with_the_same_mask(kernel_device, monkeypatch, d
     dx0 = torch.randn(n, k, generator=g).to(dev, dtype)
     want_dx = dx0.float() + sum((g32[t].t() @ a[t]) * masks[t] / (1 - p) for t in range(terms))
     want_da = torch.cat([g32[t] @ xd[t] for t in range(terms)])
-    for programs_per_sm in (8, 0):  # a strip per row block; one strip of two row blocks (the second one short)
+    for programs_per_sm in (8, 0):  # a strip per row block; one strip of all row blocks (the last one short)
         monkeypatch.setattr(dk, "PROGRAMS_PER_SM", programs_per_sm)
         dx = dx0.clone()
         da32 = dk.drop_back(x, a_run, gh_t, dx, True, SEED, 5, rank, p)
@@ -58,6 +64,27 @@ def test_kernels_equal_the_math_with_the_same_mask(kernel_device, monkeypatch, d
         assert rel_norm(da32, want_da) <= TOL[dtype]
     only_da = dk.drop_back(x, a_run, gh_t, None, True, SEED, 5, rank, p)  # dx not needed
     assert torch.allclose(only_da, da32, rtol=1e-5, atol=1e-6)
+
+
+def test_a_launch_that_does_not_fit_takes_the_next_tile_setting(monkeypatch):
+    """Triton raises OutOfResources at the first launch of a setting whose shared memory exceeds the GPU's: the next
+    setting is launched and remembered for that key; when none fits, the error stands."""
+    if dk.triton is None:
+        pytest.skip("needs Triton")
+    out_of_resources = dk.triton.runtime.errors.OutOfResources
+    monkeypatch.setattr(dk, "_FITS", {})
+    tried = []
+
+    def launch(tile):
+        tried.append(tile)
+        if tile[0] > 16:
+            raise out_of_resources(300_000, 232_448, "shared memory")
+        return tile
+    assert dk._fitting(("k",), ((64, 64, 3), (32, 64, 2), (16, 32, 1)), launch) == (16, 32, 1)
+    assert dk._fitting(("k",), ((64, 64, 3), (32, 64, 2), (16, 32, 1)), launch) == (16, 32, 1)
+    assert tried == [(64, 64, 3), (32, 64, 2), (16, 32, 1), (16, 32, 1)]  # the second call starts at the one that fit
+    with pytest.raises(out_of_resources):
+        dk._fitting(("other",), ((64, 64, 3),), launch)
 
 
 # --- the masks ------------------------------------------------------------------------------------------------

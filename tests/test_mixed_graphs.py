@@ -184,8 +184,11 @@ def test_replays_follow_writes_to_adapters_and_to_the_base(tiny_llama):
     with torch.no_grad():
         layer.deltas["b"].lora_B.add_(0.5)  # in place: seen by the plan check that runs beside the replay
     assert rel_max(run(names, ids).logits, reference(model, names, ids)) < 1e-5
+    run(names, ids[:, :5])  # a second graph
+    assert len(run) == 2
     layer.base_layer.weight.data = layer.base_layer.weight.data * 2  # new storage: seen before the replay
     assert rel_max(run(names, ids).logits, reference(model, names, ids)) < 1e-5
+    assert len(run) == 1  # the other signature's graph went too (it held the old weight)
     lorakit.multi.routing.clear_stacks(model)
     assert rel_max(run(names, ids).logits, reference(model, names, ids)) < 1e-5
     with lorakit.disabled(model):
@@ -194,3 +197,29 @@ def test_replays_follow_writes_to_adapters_and_to_the_base(tiny_llama):
     lorakit.merge(model, ["a"])
     with pytest.raises(MixedBatchError, match="merged"):
         run(names, ids)
+
+
+@cuda
+def test_a_replay_under_autocast_casts_inside_its_graph():
+    """Autocast caches its casts of leaf tensors that require grad (here the trained base biases) and frees them when
+    its block ends: a graph that captured a cached cast would read freed memory in a later block."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True))
+    for name in ("a", "b"):
+        lorakit.add_adapter(model, small_lora(target_modules="all-linear", bias="all"), name)
+    model = model.cuda().eval()
+    assert model.model.layers[0].self_attn.q_proj.base_layer.bias.requires_grad
+    run = lorakit.PerRowGraphs(model)
+    ids = torch.randint(0, 128, (2, 6), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        run(["a", "b"], ids), run(["a", "b"], ids)
+    junk = [torch.randn(1 << 16, device="cuda") for _ in range(64)]  # reuses the memory the block freed
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = run(["a", "b"], ids).logits
+        with torch.no_grad(), lorakit.per_row(model, ["a", "b"]):
+            ref = model(ids, use_cache=False).logits
+    assert len(run) == 1 and len(junk) == 64
+    assert rel_max(out.float(), ref.float()) < 1e-2

@@ -34,12 +34,15 @@ from ..triton_launch import cached_launch
 # Philox rounds: 7 is the fewest that Salmon et al. (SC'11) found Crush-resistant (BigCrush clean); 10 (Triton's
 # and cuRAND's default) adds margin. The mask draw is the kernels' main ALU cost, and dropout needs no more.
 PHILOX_ROUNDS = 7
-# Tile settings, the fastest single setting of a sweep over the 1B step's four dropout groups (N = 8192 rows;
-# in = 2048 with 3, 1 and 2 terms, in = 8192 with 1) on an H200: 427 µs a layer in backward against 476 at
-# (64, 64) with 3 stages, 138 in forward against 189 at 16 rows × 64 columns (BENCHMARKS.md, dropout kernels).
-BACK_BLOCK = (32, 128)  # rows × columns of a backward row block
-BACK_STAGES = 2
-DOWN_COLS, DOWN_STAGES = 128, 3
+# Tile settings (rows, columns, pipeline stages), in order of preference. The first is the fastest single setting
+# of a sweep over the 1B step's four dropout groups (N = 8192 rows; in = 2048 with 3, 1 and 2 terms, in = 8192 with
+# 1) on an H200, bf16 rank 16: 427 µs a layer in backward against 476 at (64, 64, 3), 138 in forward against 189 at
+# 16 × 64 (BENCHMARKS.md, dropout kernels). Its shared memory grows with the rank, the terms and the element size
+# (compiled for sm_90: backward fp32 rank 128 with 4 terms 352 KB, forward fp32 rank 256 ~300 KB, against 227 KB),
+# so a launch that does not fit the GPU takes the next setting (_fitting). The forward's first setting takes
+# 16 rows where 32 would leave SMs without a program.
+BACK_TILES = ((32, 128, 2), (32, 64, 2), (16, 64, 2), (16, 32, 1))
+DOWN_TILES = ((32, 128, 3), (16, 64, 3), (16, 32, 2))
 PROGRAMS_PER_SM = 8  # the backward splits rows into strips until there are this many programs per SM
 MAX_TERMS = 4  # dropout terms per backward launch (each keeps its dA accumulator in registers)
 
@@ -196,9 +199,28 @@ def _sm_count(index: int) -> int:
 
 
 def _down_rows(n_rows: int, n_terms: int, device: torch.device) -> int:
-    """Rows per forward program: 32 (the sweep's best at every group of the 1B step, 1 to 3 terms), or 16 where
-    32 would leave SMs without a program."""
+    """Rows per forward program at the first setting: 32 (the sweep's best at every group of the 1B step, 1 to 3
+    terms), or 16 where 32 would leave SMs without a program."""
     return 32 if cdiv(n_rows, 32) * n_terms >= _sm_count(device.index or 0) else 16
+
+
+_FITS: dict = {}  # (kernel, what sizes its shared memory, device) → index of the first tile setting that launched
+
+
+def _fitting(key: tuple, tiles: tuple, launch):
+    """launch(tile setting) with the first of `tiles` that fits the GPU's shared memory (Triton raises
+    OutOfResources at a specialisation's first launch), remembered per key. Returns what the launch returns."""
+    i = _FITS.get(key, 0)
+    while True:
+        try:
+            out = launch(tiles[i])
+            break
+        except triton.runtime.errors.OutOfResources:
+            if i + 1 == len(tiles):
+                raise
+            i += 1
+    _FITS[key] = i
+    return out
 
 
 def drop_down(x2: torch.Tensor, a_run: torch.Tensor, h_run: torch.Tensor, seed: int, stream0: int, rank: int,
@@ -216,11 +238,15 @@ def drop_down(x2: torch.Tensor, a_run: torch.Tensor, h_run: torch.Tensor, seed: 
     n_terms = a_run.shape[0] // rank
     if n_rows == 0:
         return
-    bm = _down_rows(n_rows, n_terms, x2.device)
-    _drop_down[(cdiv(n_rows, bm) * n_terms,)](
-        x2, a_run, h_run, seed, stream0, n_terms, n_rows, k, x2.stride(0), h_run.stride(0), h_run.stride(1),
-        1.0 / (1.0 - p), _threshold(p), R=rank, RP=_padded(rank), BM=bm, BK=DOWN_COLS, ROUNDS=PHILOX_ROUNDS,
-        PRECISION=_precision(x2.dtype), num_warps=4, num_stages=DOWN_STAGES)
+    first = (_down_rows(n_rows, n_terms, x2.device), *DOWN_TILES[0][1:])
+
+    def launch(tile):
+        bm, bk, stages = tile
+        _drop_down[(cdiv(n_rows, bm) * n_terms,)](
+            x2, a_run, h_run, seed, stream0, n_terms, n_rows, k, x2.stride(0), h_run.stride(0), h_run.stride(1),
+            1.0 / (1.0 - p), _threshold(p), R=rank, RP=_padded(rank), BM=bm, BK=bk, ROUNDS=PHILOX_ROUNDS,
+            PRECISION=_precision(x2.dtype), num_warps=4, num_stages=stages)
+    _fitting(("down", x2.dtype, _padded(rank), first[0], x2.device), (first, *DOWN_TILES[1:]), launch)
 
 
 def drop_back(x2: torch.Tensor, a_run: torch.Tensor, gh_run: torch.Tensor, dx2, need_da: bool, seed: int,
@@ -244,22 +270,26 @@ def drop_back(x2: torch.Tensor, a_run: torch.Tensor, gh_run: torch.Tensor, dx2, 
     assert n_terms <= MAX_TERMS
     if n_rows == 0:
         return x2.new_zeros(a_run.shape, dtype=torch.float32) if need_da else None
-    bm, bk = BACK_BLOCK
-    k_blocks, m_blocks = cdiv(k, bk), cdiv(n_rows, bm)
-    strips = max(1, min(m_blocks, cdiv(PROGRAMS_PER_SM * _sm_count(x2.device.index or 0), k_blocks)))
-    strip_rows = cdiv(m_blocks, strips) * bm
-    strips = cdiv(n_rows, strip_rows)
-    da = x2.new_empty(strips, n_terms * rank, k, dtype=torch.float32) if need_da else None  # every entry written
-    if dx2 is None and da is None:
+    if dx2 is None and not need_da:
         return None
     rstd, w, offset = norm if norm is not None else (x2, x2, 0.0)  # placeholders, never read
-    _drop_back[(strips, k_blocks)](
-        x2, rstd, w, a_run, gh_run, dx2 if dx2 is not None else x2, da if da is not None else gh_run, seed,
-        stream0, n_rows, k, strip_rows, x2.stride(0), dx2.stride(0) if dx2 is not None else 0, gh_run.stride(0),
-        da.stride(0) if da is not None else 0, float(offset), 1.0 / (1.0 - p), _threshold(p), TERMS=n_terms, R=rank,
-        RP=_padded(rank), BM=bm, BK=bk, NEED_DX=dx2 is not None, NEED_DA=need_da, RECIPE=norm is not None,
-        ROUNDS=PHILOX_ROUNDS, PRECISION=_precision(a_run.dtype), num_warps=4, num_stages=BACK_STAGES)
-    return None if da is None else da[0] if strips == 1 else da.sum(0)
+
+    def launch(tile):
+        bm, bk, stages = tile
+        k_blocks, m_blocks = cdiv(k, bk), cdiv(n_rows, bm)
+        strips = max(1, min(m_blocks, cdiv(PROGRAMS_PER_SM * _sm_count(x2.device.index or 0), k_blocks)))
+        strip_rows = cdiv(m_blocks, strips) * bm
+        strips = cdiv(n_rows, strip_rows)
+        da = x2.new_empty(strips, n_terms * rank, k, dtype=torch.float32) if need_da else None  # all written
+        _drop_back[(strips, k_blocks)](
+            x2, rstd, w, a_run, gh_run, dx2 if dx2 is not None else x2, da if da is not None else gh_run, seed,
+            stream0, n_rows, k, strip_rows, x2.stride(0), dx2.stride(0) if dx2 is not None else 0, gh_run.stride(0),
+            da.stride(0) if da is not None else 0, float(offset), 1.0 / (1.0 - p), _threshold(p), TERMS=n_terms,
+            R=rank, RP=_padded(rank), BM=bm, BK=bk, NEED_DX=dx2 is not None, NEED_DA=need_da, RECIPE=norm is not None,
+            ROUNDS=PHILOX_ROUNDS, PRECISION=_precision(a_run.dtype), num_warps=4, num_stages=stages)
+        return None if da is None else da[0] if strips == 1 else da.sum(0)
+    key = ("back", a_run.dtype, _padded(rank), n_terms, dx2 is not None, need_da, norm is not None, x2.device)
+    return _fitting(key, BACK_TILES, launch)
 
 
 def _a_run(params, a_idx) -> torch.Tensor:

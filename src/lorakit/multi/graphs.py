@@ -141,11 +141,10 @@ class PerRowGraphs:
             if entry.graph is False:
                 with per_row(self.model, names):
                     return self.model(*entry.args, **entry.kwargs)
-            if entry.graph is None:
-                return self._capture(entry)
-            state = _model_state(self.model)[0]
-            if state != entry.model_state:  # every graph made for another state goes (and its base tensors)
+            state = _model_state(self.model)[0] if len(self) else None
+            if state is not None:  # every graph made for another state goes now, with the base tensors it holds
                 self._drop([e for e in self._entries.values() if e.graph and e.model_state != state])
+            if entry.graph is None:
                 return self._capture(entry)
             entry.graph.replay()
             out = tree_map_only(torch.Tensor, torch.clone, entry.out)
@@ -206,6 +205,14 @@ class PerRowGraphs:
         device = entry.device
         if device.type != "cuda":
             return out
+        cache = torch.is_autocast_cache_enabled()  # autocast's cached casts are freed when its block ends: a graph
+        torch.set_autocast_cache_enabled(False)   # must cast inside itself (as make_graphed_callables requires)
+        try:
+            return self._capture_on(entry, out, device)
+        finally:
+            torch.set_autocast_cache_enabled(cache)
+
+    def _capture_on(self, entry: _Entry, out: Any, device: torch.device) -> Any:
         with torch.cuda.device(device):
             if self._stream is None or self._stream.device != device:
                 self._stream = torch.cuda.Stream(device)
