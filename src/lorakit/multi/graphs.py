@@ -130,17 +130,15 @@ class PerRowGraphs:
             kwargs.setdefault("use_cache", False)
         with torch.no_grad():
             if self.model.training:
-                with per_row(self.model, names):
-                    return self.model(*args, **kwargs)
+                return self._eager(names, args, kwargs)
             adapters = tuple(sorted({n for n in names if n is not None}))
             device = _device(self.model)
             key = (adapters, len(names), device, _signature(args, kwargs, device))
             entry = self._entry(key, adapters, names, args, kwargs, device)
+            if entry.graph is False:
+                return self._eager(names, args, kwargs)
             entry.rows.assign(names)
             entry.load(args, kwargs)
-            if entry.graph is False:
-                with per_row(self.model, names):
-                    return self.model(*entry.args, **entry.kwargs)
             state = _model_state(self.model)[0] if len(self) else None
             if state is not None:  # every graph made for another state goes now, with the base tensors it holds
                 self._drop([e for e in self._entries.values() if e.graph and e.model_state != state])
@@ -181,6 +179,11 @@ class PerRowGraphs:
         entry = self._entries[key] = _Entry(key, StaticRows(adapters, names), args, kwargs, device)
         return entry
 
+    def _eager(self, names: list, args: tuple, kwargs: dict) -> Any:
+        """per_row's own forward (training mode, and signatures that cannot be captured)."""
+        with per_row(self.model, names):
+            return self.model(*args, **kwargs)
+
     def _forward(self, entry: _Entry) -> tuple[Any, dict]:
         with rows_block(self.model, entry.rows) as router:
             out = self.model(*entry.args, **entry.kwargs)
@@ -192,8 +195,7 @@ class PerRowGraphs:
             out, _ = self._forward(entry)  # the answer, on the current stream; also makes every buffer and plan
         except NotStatic:
             entry.graph = False  # per_row's grouped rows: this signature runs eagerly from now on
-            with per_row(self.model, entry.rows.names):
-                return self.model(*entry.args, **entry.kwargs)
+            return self._eager(entry.rows.names, entry.args, entry.kwargs)
         except BaseException:  # a call the model refuses leaves no entry behind
             self._entries.pop(entry.key, None)
             raise
