@@ -312,21 +312,21 @@ def main(argv=None) -> None:
         print(environment("cpu"))
     else:
         cases = (args.cases or "floor,peft,peft_bf16,ref,opt,floor_opt,1b:dora_ref,1b:dora").split(",")
-        cases.sort(key=lambda c: "liger" in c)  # Liger patches the model class for good: its cases come last
-        for shape in args.shapes.split(","):
-            for case in cases:
-                only, _, case = case.rpartition(":")  # "1b:opt-glu" runs on the 1b shape only
-                if (only and only != shape) or (case.startswith("dora") and importlib.util.find_spec("lorakit.variants.dora") is None):
-                    continue
-                try:
-                    prof = f"{shape}:{case}" in args.profile.split(",")
-                    rows.append(run_gpu_case(shape, case, args.warmup, args.steps, prof, args.out_dir))
-                except Exception as e:  # noqa: BLE001 - one failing case must not lose the others' numbers
-                    rows.append(dict(shape=shape, case=case, step_ms=float("nan"), tokens_per_s=float("nan"),
-                                     peak_gib=float("nan"), inject_s=float("nan"), note=repr(e)[:300]))
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                print(json.dumps(rows[-1]), flush=True)
+        # Liger patches the model class for good: its cases come last, after every shape's other cases
+        runs = sorted(((s, c) for s in args.shapes.split(",") for c in cases), key=lambda sc: "liger" in sc[1])
+        for shape, case in runs:
+            only, _, case = case.rpartition(":")  # "1b:opt-glu" runs on the 1b shape only
+            if (only and only != shape) or (case.startswith("dora") and importlib.util.find_spec("lorakit.variants.dora") is None):
+                continue
+            try:
+                prof = f"{shape}:{case}" in args.profile.split(",")
+                rows.append(run_gpu_case(shape, case, args.warmup, args.steps, prof, args.out_dir))
+            except Exception as e:  # noqa: BLE001 - one failing case must not lose the others' numbers
+                rows.append(dict(shape=shape, case=case, step_ms=float("nan"), tokens_per_s=float("nan"),
+                                 peak_gib=float("nan"), inject_s=float("nan"), note=repr(e)[:300]))
+                gc.collect()
+                torch.cuda.empty_cache()
+            print(json.dumps(rows[-1]), flush=True)
         if args.inject:
             rows.append(dict(shape="8b", case="injection", **injection_time_8b(), step_ms=float("nan"),
                              tokens_per_s=float("nan"), peak_gib=float("nan")))

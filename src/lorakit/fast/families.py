@@ -20,11 +20,11 @@ from torch import nn
 
 from ..core.adapted import AdaptedLayer
 from ..core.patching import is_patched, patch_forward, unpatch_forward
-from . import recipes
+from . import positions, recipes, wide
 from .cross_entropy import linear_cross_entropy, shift_labels
 from .lora_linear import fused_linears, lora_linear_fast_path
 from .spec import layer_spec
-from .norms import fast_rms_forward, norm_style
+from .norms import WANT_ATTR, fast_rms_forward, norm_style
 from .rope import make_fused_apply, set_fused_rope
 from .swiglu import act_kind, gated_act
 from .tiling import norm_remake, tile_rows_for, tiled_rows
@@ -162,6 +162,12 @@ def causal_lm_forward(model, original, *args, **kwargs):
     extra = bound.pop("kwargs", {})
     for name in ("labels", "logits_to_keep"):
         bound.pop(name, None)
+    if bound.get("use_cache") is None and "use_cache" not in extra:
+        bound["use_cache"] = False  # a training forward: no key/value cache (HF's default copies every layer's)
+    ids = bound.get("input_ids") if bound.get("input_ids") is not None else bound.get("inputs_embeds")
+    if (ids is not None and bound.get("position_ids") is None and bound.get("attention_mask") is None
+            and "position_ids" in inspect.signature(type(model).forward).parameters):
+        bound["position_ids"] = positions.default_positions(ids.shape[1], ids.device)  # no sync in the mask code
     outputs = model.model(**bound, **extra)
     hidden = outputs.last_hidden_state
     ignore_index = extra.get("ignore_index", -100)
@@ -173,6 +179,44 @@ def causal_lm_forward(model, original, *args, **kwargs):
 
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                   hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+# --- wide weights (wide.py) ------------------------------------------------------------------------------------
+def _base_param(layer: nn.Module):
+    """The dense, frozen, untransposed base weight Parameter of a linear the fused path reads, or None."""
+    spec = layer_spec(layer)
+    if spec is None or spec[0] is None or spec[3] is not None:
+        return None
+    base = layer.base_layer if isinstance(layer, AdaptedLayer) else layer
+    w = base._parameters.get("weight")
+    return w if w is spec[0] else None  # GPT-2's Conv1D gives a transposed view: not widened
+
+
+def widen_groups(model: nn.Module) -> int:
+    """Give the base weights of every fused group that reads an RMSNorm's output (q/k/v, gate/up) spare columns
+    for the group's total rank (wide.py); returns how many weights were widened."""
+    count = 0
+    if not any(norm_style(m) is not None and is_patched(m) for m in model.modules()):
+        return 0  # no norm writes wide outputs
+    for _, m in model.named_modules():
+        if not is_patched(m):
+            continue
+        names = ("gate_proj", "up_proj") if gated_mlp_kind(m) is not None else sibling_names(m)
+        layers = [getattr(m, n) for n in names]
+        specs = [layer_spec(layer) for layer in layers]
+        if not layers or any(s is None for s in specs) or not any(isinstance(x, AdaptedLayer) for x in layers):
+            continue
+        rank = sum(t[0].shape[0] for s in specs for t in s[2])
+        params = [_base_param(layer) for layer in layers]
+        if rank > 0 and all(p is not None for p in params):
+            count += sum(wide.widen(p, rank) for p in params)
+    return count
+
+
+def narrow_all(model: nn.Module) -> None:
+    """Pack every widened weight of `model` back into contiguous storage."""
+    for p in model.parameters():
+        wide.narrow(p)
 
 
 # --- installing ------------------------------------------------------------------------------------------------
@@ -193,13 +237,16 @@ def install(model: nn.Module, *, group: bool, norms: bool, rope: bool, glu: bool
         elif norms and norm_style(m) is not None:
             counts["norm"] += patch_forward(m, fast_rms_forward)
     if fused_loss and causal_lm_eligible(model):
+        positions.install()
         counts["lm_loss"] += patch_forward(model, causal_lm_forward)
     return counts
 
 
 def uninstall(model: nn.Module) -> None:
-    """Remove every family patch that `install` put on `model`."""
+    """Remove every family patch that `install` put on `model`, and its wide weights."""
+    narrow_all(model)
     for _, m in model.named_modules():
+        m.__dict__.pop(WANT_ATTR, None)
         unpatch_forward(m)
         m.__dict__.pop("_lorakit_group_ok", None)
         m.__dict__.pop(TILE_ATTR, None)

@@ -50,6 +50,7 @@ from .dropout import dropped, mask_source
 from .lora_grads import grad_a, grad_b, output_grads
 from .scaled_kernels import scale_output, takes_up
 from .scratch import dense_from_source
+from . import wide
 from .spec import FALLBACK_ATTR, note_fallback, spec_or_reason
 
 # Rank-r products in "rank-major" form (r as the GEMM's row count) where the BLAS runs the skinny forms
@@ -165,13 +166,70 @@ def _weight(params, w_idx, sources, j, device) -> torch.Tensor:
     return params[w_idx] if w_idx is not None else dense_from_source(sources[j], device)
 
 
+def _plain_forward(x, x2, a_x, plan: _Plan, params, sources, seed, engine, rank_major: bool) -> tuple:
+    """(h, what the mask engine keeps, outputs, {j: term the scale kernels took}, z of the output-scaled outputs):
+    the forward of the module docstring, h by its own GEMM and each LoRA term by addmm_ into its output."""
+    if seed is not None:
+        h, kept = _down_in_kernel(x2, a_x, plan, params, seed, rank_major, engine)
+    else:
+        kept = ()
+        drops = [(params[t[6]].reshape(-1, x.shape[-1]), params[t[1]]) for t in plan.tensor_drops]
+        h = _down(x2, a_x, drops, rank_major) if plan.rank > 0 else None
+    outs = []
+    for j, (wi, bi, mi) in enumerate(plan.outs):  # bias in the GEMM epilogue unless a magnitude follows
+        bias = None if bi is None or mi is not None else params[bi]
+        outs.append(F.linear(x, _weight(params, wi, sources, j, x.device), bias))
+    ups = _scaled_ups(plan, outs, h, params)  # output-scaled j → its term's up-projection, taken by the kernels
+    for j, _, bi, col, r, s, _ in plan.terms:
+        if j not in ups:
+            y = outs[j]
+            y.view(-1, y.shape[-1]).addmm_(h[:, col:col + r], params[bi].t(), alpha=s)  # LoRA term, beta=1
+    return h, kept, outs, ups, _scale_outputs(plan, outs, params, ups)
+
+
+def _scale_outputs(plan: _Plan, outs: list, params, ups: dict) -> list:
+    """y = f ⊙ z + b (f = m / norm) in place of each output-scaled z in `outs`; returns the z's (kept for dm)."""
+    zs = []
+    for j, (_, bi, mi) in enumerate(plan.outs):
+        if mi is not None:
+            zs.append(outs[j])
+            outs[j] = scale_output(outs[j], params[mi], params[mi + 1], params[bi] if bi is not None else None,
+                                   ups.get(j))
+    return zs
+
+
+def _plain_dx(ctx, gs, plan: _Plan, params, h, a_x) -> tuple:
+    """(dX [*x_shape] or None, gH rank-major [R, N]): gH_t = s_t·(dY_j·B_t)ᵀ per term written in place (zeros for
+    unused outputs), then dX = Σ_j dY_j·W_j + gH·A_all as one beta=1 chain."""
+    n = h.shape[0] if h is not None else 0
+    gh_t = h.new_empty(plan.rank, n) if plan.rank > 0 else None
+    for j, _, bi, col, r, s, _ in plan.terms:
+        if gs[j] is None:
+            gh_t[col:col + r].zero_()
+        else:
+            gh_t[col:col + r].addmm_(params[bi].t(), gs[j].t(), beta=0, alpha=s)
+    dx = None
+    if ctx.needs_input_grad[0]:
+        for j, (g, (wi, _, _)) in enumerate(zip(gs, plan.outs)):
+            if g is not None:
+                w = _weight(params, wi, ctx.sources, j, g.device)  # a 4-bit base: dequantised again
+                dx = g @ w if dx is None else dx.addmm_(g, w)
+        if a_x is not None:
+            gx = gh_t[:plan.x_rank].t()
+            dx = gx @ a_x if dx is None else dx.addmm_(gx, a_x)
+        if dx is None and plan.kernel_runs:
+            dx = h.new_zeros(h.shape[0], ctx.x_shape[-1])
+        dx = dx.view(ctx.x_shape) if dx is not None else None
+    return dx, gh_t
+
+
 class FusedLoraLinears(torch.autograd.Function):
     """layout: per output (has W, has bias, scaled, ranks, scalings, dropout per term: False, True for a dropped
     input tensor, or p for in-kernel masks); params: per output [W], [bias], [m, norm], then A, B, [dropped input
     or the call's seed (an int)] per term; sources: per output a weight source or None."""
 
     @staticmethod
-    def forward(ctx, x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources, *params):
+    def forward(ctx, x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources, wide_buf, *params):
         plan = _plan(layout)
         in_features = x.shape[-1]
         x2 = x.reshape(-1, in_features)
@@ -182,28 +240,15 @@ class FusedLoraLinears(torch.autograd.Function):
         rank_major = RANK_MAJOR.get(x.device.type, False)
         seed = params[plan.drop_terms[0][6]] if plan.kernel_runs else None  # the call's mask seed (an int)
         engine = _MASK_ENGINES[mask_source(x.device)] if seed is not None else None
+        ctx.wide = None
         if seed is not None:
             x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-            h, kept = _down_in_kernel(x2, a_x, plan, params, seed, rank_major, engine)
+        if wide_buf is not None:  # h beside x and s·B beside W: one GEMM per output (wide.py)
+            outs, h, kept = wide.forward(x2, wide_buf, a_x, plan, params, x.shape[:-1], rank_major, seed, engine)
+            ctx.wide, ups = wide.layout_of(plan, params), {}
+            zs = _scale_outputs(plan, outs, params, ups)  # z already holds its term
         else:
-            kept = ()
-            drops = [(params[t[6]].reshape(-1, in_features), params[t[1]]) for t in plan.tensor_drops]
-            h = _down(x2, a_x, drops, rank_major) if plan.rank > 0 else None
-        outs = []
-        for j, (wi, bi, mi) in enumerate(plan.outs):  # bias in the GEMM epilogue unless a magnitude follows
-            bias = None if bi is None or mi is not None else params[bi]
-            outs.append(F.linear(x, _weight(params, wi, sources, j, x.device), bias))
-        ups = _scaled_ups(plan, outs, h, params)  # output-scaled j → its term's up-projection, taken by the kernels
-        for j, _, bi, col, r, s, _ in plan.terms:
-            if j not in ups:
-                y = outs[j]
-                y.view(-1, y.shape[-1]).addmm_(h[:, col:col + r], params[bi].t(), alpha=s)  # LoRA term, beta=1
-        zs = []
-        for j, (_, bi, mi) in enumerate(plan.outs):  # y = f ⊙ z + b, f = m / norm: z is kept for dm
-            if mi is not None:
-                zs.append(outs[j])
-                outs[j] = scale_output(outs[j], params[mi], params[mi + 1], params[bi] if bi is not None else None,
-                                       ups.get(j))
+            h, kept, outs, ups, zs = _plain_forward(x, x2, a_x, plan, params, sources, seed, engine, rank_major)
         ctx.ups = tuple(ups)
         ctx.plan, ctx.norm_offset, ctx.x_shape, ctx.rank_major = plan, norm_offset, x.shape, rank_major
         ctx.sources, ctx.drop_seed, ctx.mask_engine = sources, seed, engine
@@ -224,32 +269,18 @@ class FusedLoraLinears(torch.autograd.Function):
         x2, rstd, norm_w, h, a_x, *rest = ctx.saved_tensors
         zs, params = rest[:plan.n_scaled], rest[plan.n_scaled:plan.n_scaled + plan.n_params]
         kept = rest[plan.n_scaled + plan.n_params:]  # the mask engine's, from forward
-        needs = ctx.needs_input_grad[7:]  # after (x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources)
+        needs = ctx.needs_input_grad[8:]  # after (x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources, wide)
         gs = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
         out: list[Optional[torch.Tensor]] = [None] * plan.n_params  # W_j: frozen (checked before the call)
         output_grads(plan, gs, zs, params, needs, out, _scaled_ups(plan, None, h, params, ctx.ups))
 
-        # gH (rank-major [R, N]) = s_t·(dY_j·B_t)ᵀ per term, written in place; zeros for unused outputs.
-        n = h.shape[0] if h is not None else 0
-        gh_t = h.new_empty(plan.rank, n) if plan.rank > 0 else None
-        for j, _, bi, col, r, s, _ in plan.terms:
-            if gs[j] is None:
-                gh_t[col:col + r].zero_()
-            else:
-                gh_t[col:col + r].addmm_(params[bi].t(), gs[j].t(), beta=0, alpha=s)
-
-        dx = None
-        if ctx.needs_input_grad[0]:
-            for j, (g, (wi, _, _)) in enumerate(zip(gs, plan.outs)):
-                if g is not None:
-                    w = _weight(params, wi, ctx.sources, j, g.device)  # a 4-bit base: dequantised again
-                    dx = g @ w if dx is None else dx.addmm_(g, w)
-            if a_x is not None:
-                gx = gh_t[:plan.x_rank].t()
-                dx = gx @ a_x if dx is None else dx.addmm_(gx, a_x)
-            if dx is None and plan.kernel_runs:
-                dx = h.new_zeros(h.shape[0], ctx.x_shape[-1])
-            dx = dx.view(ctx.x_shape) if dx is not None else None
+        got = None
+        if ctx.wide is not None and ctx.needs_input_grad[0]:  # dX's base part and gH from one GEMM per output
+            got = wide.backward_dx(gs, plan, params, a_x, ctx.wide)
+        if got is not None:
+            dx, gh_t = got[0].view(ctx.x_shape), got[1]
+        else:
+            dx, gh_t = _plain_dx(ctx, gs, plan, params, h, a_x)
         if plan.kernel_runs:  # dX and dA of the in-kernel dropout terms, their masks drawn again
             dx2 = dx.view(-1, dx.shape[-1]) if dx is not None else None
             norm = (rstd, norm_w, ctx.norm_offset) if ctx.recipe_used else None
@@ -267,7 +298,7 @@ class FusedLoraLinears(torch.autograd.Function):
         for j, _, bi, col, r, s, _ in plan.terms:
             if needs[bi] and gs[j] is not None:
                 out[bi] = grad_b(gs[j], h[:, col:col + r], s, ctx.rank_major)
-        return (dx, None, None, None, None, None, None, *out)
+        return (dx, None, None, None, None, None, None, None, *out)
 
 
 # --- entry points ------------------------------------------------------------------------------------------
@@ -334,9 +365,11 @@ def _fuse(x: torch.Tensor, layers: Sequence[nn.Module]):
     norm = recipes.norm_recipe(x) if (any_x or seed is not None) and cast is None else None
     norm_args = (norm.x, norm.rstd, norm.weight, norm.offset) if norm is not None else (None, None, None, 0.0)
     if cast is None:
-        return FusedLoraLinears.apply(xc, *norm_args, tuple(layout), tuple(sources), *params)
+        rank = wide.group_rank(specs, seed is not None) if norm is not None and norm.want is not None else None
+        wide_buf = wide.wide_input(x, norm, rank) if rank is not None else None
+        return FusedLoraLinears.apply(xc, *norm_args, tuple(layout), tuple(sources), wide_buf, *params)
     with torch.autocast(dev, enabled=False):
-        return FusedLoraLinears.apply(xc, *norm_args, tuple(layout), tuple(sources), *params)
+        return FusedLoraLinears.apply(xc, *norm_args, tuple(layout), tuple(sources), None, *params)
 
 
 def fused_linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> Optional[tuple[torch.Tensor, ...]]:

@@ -87,18 +87,20 @@ class RMSNormFunction(torch.autograd.Function):
     """(x [..., d], weight [d]) → (y [..., d], rstd [...] float32, not differentiable)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps: float, offset: float, llama_cast: bool):
-        # outputs are fresh tensors of x's shape (not views), so callers may still modify them in place
+    def forward(ctx, x, weight, eps: float, offset: float, llama_cast: bool, wide=None):
+        # outputs are fresh tensors of x's shape (not views), so callers may still modify them in place;
+        # wide [N, d + E]: y is written into its first d columns (y shares its storage, not a view of it)
         d = x.shape[-1]
         x2 = _rows(x, d)
         if use_triton(x2):
-            y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+            y = torch.empty(x.shape, device=x.device, dtype=x.dtype) if wide is None else _rows_of(wide, x.shape)
             rstd = torch.empty(x.shape[:-1], device=x.device, dtype=torch.float32)
             block = row_block(d)
-            _rms_fwd[(x2.shape[0],)](x2, y, weight, rstd, x2.stride(0), d, d, eps, offset,
-                                     LLAMA_CAST=llama_cast, BLOCK=block, num_warps=warps_for(block))
+            _rms_fwd[(x2.shape[0],)](x2, y, weight, rstd, x2.stride(0), d if wide is None else wide.stride(0), d,
+                                     eps, offset, LLAMA_CAST=llama_cast, BLOCK=block, num_warps=warps_for(block))
         else:
             y, rstd = _fwd_torch(x, weight, eps, offset, llama_cast)
+            y = y if wide is None else _rows_of(wide, x.shape).copy_(y)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.offset, ctx.shape = offset, x.shape
         ctx.mark_non_differentiable(rstd)
@@ -123,7 +125,16 @@ class RMSNormFunction(torch.autograd.Function):
             dw = dw_part.sum(0) if need_dw else None
         else:
             dx, dw = _bwd_torch(dy, x2.view(ctx.shape), weight, rstd.view(ctx.shape[:-1]), ctx.offset, need_dw)
-        return dx, (dw.to(weight.dtype) if dw is not None else None), None, None, None
+        return dx, (dw.to(weight.dtype) if dw is not None else None), None, None, None, None
+
+
+def _rows_of(wide: torch.Tensor, shape) -> torch.Tensor:
+    """A tensor of `shape` [..., d] on the first d columns of `wide` [N, d + E]'s rows: shares its storage but is
+    not a view of it (autograd sees a fresh output)."""
+    stride = [wide.stride(0), 1]
+    for size in reversed(shape[1:-1]):
+        stride.insert(0, stride[0] * size)
+    return wide.new_empty(0).set_(wide.untyped_storage(), wide.storage_offset(), shape, stride[-len(shape):])
 
 
 def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
@@ -143,6 +154,9 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[device]
 
 
+WANT_ATTR = "_lorakit_wide_want"  # on a patched norm: [spare columns its readers asked for]
+
+
 # --- HF RMSNorm modules -----------------------------------------------------------------------------------
 LLAMA_STYLE = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Qwen3MoeRMSNorm",
                "Qwen2MoeRMSNorm", "MixtralRMSNorm", "Phi3RMSNorm", "OlmoRMSNorm")
@@ -155,11 +169,14 @@ def norm_style(module: torch.nn.Module):
     return "llama" if name in LLAMA_STYLE else "gemma" if name in GEMMA_STYLE else None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, style: str) -> torch.Tensor:
-    """The normalised x, tagged with its recipe for the fused linears that read it."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, style: str, want=None) -> torch.Tensor:
+    """The normalised x, tagged with its recipe for the fused linears that read it. want: [E], the spare
+    columns its readers asked for (fast/wide.py); the output then lies in the first columns of a wider buffer."""
     offset = 1.0 if style == "gemma" else 0.0
-    y, rstd = RMSNormFunction.apply(x, weight, eps, offset, style == "llama")
-    recipes.tag_norm_output(y, x, rstd, weight, offset)
+    d = x.shape[-1]
+    wide = x.new_empty(x.numel() // max(d, 1), d + want[0]) if want is not None and want[0] > 0 else None
+    y, rstd = RMSNormFunction.apply(x, weight, eps, offset, style == "llama", wide)
+    recipes.tag_norm_output(y, x, rstd, weight, offset, wide, want)
     return y
 
 
@@ -171,4 +188,4 @@ def fast_rms_forward(module: torch.nn.Module, original, x: torch.Tensor) -> torc
     if style is None or (style == "llama" and w.dtype != x.dtype) or not x.is_floating_point():
         return original(x)
     eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
-    return rms_norm(x, w, float(eps), style)
+    return rms_norm(x, w, float(eps), style, module.__dict__.setdefault(WANT_ATTR, [0]))

@@ -10,6 +10,11 @@ What it does, each part switchable for measurement:
 - `group`: sibling projections that read one input (q/k/v, query/key/value; gate/up inside `glu`) run as
   one fused call;
 - `norms`, `rope`, `glu`, `fused_loss`: the HF family patches of families.py (Triton on GPU, torch on CPU);
+- `wide`: the base weights of groups that read a patched RMSNorm's output (q/k/v, gate/up) get spare columns,
+  so each output's LoRA term runs inside its base GEMM ([x | h]·[W | s·B]ᵀ, wide.py). The Parameters stay, with
+  their values; their storage gets a row stride of in + E (E: the group's total rank, rounded up to 8);
+  unoptimize() packs them back. "auto" (the default): on, except in a process group of several processes,
+  where FSDP2's fully_shard refuses non-contiguous parameters (True: on there too, e.g. under DDP);
 - `checkpoint`: False, True (recompute each block) or "offload" (and keep its input in pinned CPU memory,
   copied on a side stream; the long-context mode);
 - `tile_mlp`: gated MLPs run in sequence tiles (tiling.py) so that their [T, intermediate] tensors exist for
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 from typing import Union
 
+import torch
 from torch import nn
 
 from ..core.api import adapted_layers
@@ -44,7 +50,7 @@ CHECKPOINT_SLOT = "checkpoint"  # stacks on a family patch of the same module (c
 
 def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: bool = True, glu: bool = True,
              fused_loss: bool = True, checkpoint: Union[bool, str] = False, tile_mlp: Union[None, bool, int, str] = None,
-             report: bool = False) -> dict[str, int]:
+             wide: Union[bool, str] = "auto", report: bool = False) -> dict[str, int]:
     """Install fast paths in place; returns how many modules got each one, and "not_fused": how many adapted
     layers take the reference path (see fusion_report). report=True logs each of them with its reason.
     tile_mlp None: "auto" under checkpoint="offload", else off (see the module docstring)."""
@@ -54,12 +60,14 @@ def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: 
         tile_mlp = "auto" if checkpoint == "offload" else False
     if not (tile_mlp in (False, "auto") or (type(tile_mlp) is int and tile_mlp > 0)):
         raise ConfigError(f"tile_mlp must be False, 'auto' or a positive number of rows, got {tile_mlp!r}")
+    widen = _wide_on(wide)  # checked before anything changes
     counts = {"linear": 0}
     for _, layer in adapted_layers(model):
         if layer.ops.kind == "linear" and layer.fast_path is None:
             layer.fast_path = lora_linear_fast_path
             counts["linear"] += 1
     counts.update(families.install(model, group=group, norms=norms, rope=rope, glu=glu, fused_loss=fused_loss))
+    counts["wide"] = families.widen_groups(model) if widen else 0
     counts["checkpoint"] = _install_checkpointing(model, checkpoint) if checkpoint else 0
     counts["tiled_mlp"] = families.set_mlp_tiling(model, tile_mlp) if tile_mlp else 0
     rows = fusion_report(model)
@@ -67,6 +75,15 @@ def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: 
     if report:
         log_report(rows)
     return counts
+
+
+def _wide_on(wide: Union[bool, str]) -> bool:
+    if wide not in (True, False, "auto"):
+        raise ConfigError(f"wide must be True, False or 'auto', got {wide!r}")
+    if wide != "auto":
+        return wide
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
 
 
 def _install_checkpointing(model: nn.Module, mode: Union[bool, str]) -> int:

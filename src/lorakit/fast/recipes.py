@@ -4,6 +4,8 @@
   reads n then saves x and rstd (which the norm saves anyway) instead of n, so q/k/v and gate/up keep
   no copy of their input at all. Tags are plain Python attributes on the output tensor, checked by
   identity and version counter; under torch.compile no tags are made (the input is then saved as is).
+- Wide outputs: the norm's output may be the first columns of a wider buffer, and the recipe carries that buffer
+  and the norm's request holder, so the fused linears can put their rank-r term beside it (fast/wide.py).
 - Precomputed outputs: a module whose children read one input (attention's q/k/v) computes them in one
   fused call and parks each child's output on the child until the child is called with that input.
 """
@@ -27,6 +29,8 @@ class NormRecipe(NamedTuple):
     weight: torch.Tensor  # the norm's weight [d]; the effective scale is weight + offset
     offset: float  # 0 (Llama), 1 (Gemma: x·rstd·(1 + w))
     version: int  # the output's version counter when tagged: an in-place change voids the recipe
+    wide: Optional[torch.Tensor] = None  # [N, d + E]: the output's rows with E spare columns behind (fast/wide.py)
+    want: Optional[list] = None  # [E]: the spare columns the norm gives its next output (readers raise it)
 
 
 def _compiling() -> bool:
@@ -34,10 +38,11 @@ def _compiling() -> bool:
 
 
 def tag_norm_output(out: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
-                    offset: float) -> None:
-    """Tag a norm's output `out` = x·rstd·(weight + offset) with what a following fused linear needs."""
+                    offset: float, wide: Optional[torch.Tensor] = None, want: Optional[list] = None) -> None:
+    """Tag a norm's output `out` = x·rstd·(weight + offset) with what a following fused linear needs; `wide`
+    is the buffer whose first columns `out` is, `want` the norm's holder of spare columns to give."""
     if not _compiling():
-        setattr(out, _NORM_ATTR, NormRecipe(x, rstd, weight, offset, out._version))
+        setattr(out, _NORM_ATTR, NormRecipe(x, rstd, weight, offset, out._version, wide, want))
 
 
 def norm_recipe(t: torch.Tensor) -> Optional[NormRecipe]:

@@ -1,0 +1,226 @@
+"""The wide form of the fused linear (fast/wide.py): [x | h]·[W | s·B]ᵀ in one GEMM per output. Held to the
+reference path (loss and every gradient, float32, CPU), with the wide calls counted so that a silent fallback
+to the plain form fails; and the base weights' storage is what it should be before, during and after."""
+
+import copy
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.core.api import set_active
+from lorakit.fast import norms, wide
+from support import rel_norm
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TOL = 3e-5  # float32: reordered sums only; a wrong term or gradient is off by > 1e-2
+
+
+def _adapt(model, name="default", r=4):
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS,
+                                                  init_lora_weights=False), name)
+    return model.train()
+
+
+def _batch(seed=0):
+    return torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def _grads(model, ids, forwards=1):
+    loss = sum(model(input_ids=ids, labels=ids).loss for _ in range(forwards))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)  # inactive adapters: None
+
+
+def _assert_same(ref, fast, ids, forwards=1):
+    l0, g0 = _grads(ref, ids, forwards)
+    l1, g1 = _grads(fast, ids, forwards)
+    assert abs(l0.item() - l1.item()) <= TOL * abs(l0.item())
+    assert len(g0) == len(g1) > 0 and [g is None for g in g0] == [g is None for g in g1]
+    assert sum(g is not None for g in g0) >= 2 * 7 * 2
+    for a, b in zip(g1, g0):
+        assert a is None or rel_norm(a, b) <= TOL
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    seen = {"forward": 0, "backward": 0}
+    fwd, bwd = wide.forward, wide.backward_dx
+
+    def forward(*a, **k):
+        seen["forward"] += 1
+        return fwd(*a, **k)
+
+    def backward_dx(*a, **k):
+        got = bwd(*a, **k)
+        seen["backward"] += got is not None
+        return got
+
+    monkeypatch.setattr(wide, "forward", forward)
+    monkeypatch.setattr(wide, "backward_dx", backward_dx)
+    return seen
+
+
+def test_wide_calls_equal_the_reference_and_run_from_the_second_forward(tiny_llama, counted):
+    ref = _adapt(tiny_llama)
+    fast = copy.deepcopy(ref)
+    counts = lorakit.optimize(fast)
+    assert counts["wide"] == 2 * 5  # q/k/v and gate/up of both layers; o and down read no norm
+    q = fast.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert wide.room(q) == 16 and q.stride() == (64 + 16, 1)  # 3 terms of rank 4 = 12, rounded up to 8s
+    assert torch.equal(q, ref.model.layers[0].self_attn.q_proj.base_layer.weight)
+    _assert_same(ref, fast, _batch())  # the first forward asks the norms for the spare columns
+    assert counted["forward"] == 0
+    for seed in (1, 2):
+        _assert_same(ref, fast, _batch(seed))
+    assert counted["forward"] == 2 * 4  # two steps, both groups of both layers
+    assert counted["backward"] == 2 * 3  # layer 0's q/k/v input needs no gradient: gH the plain way there
+    assert fast.model.layers[0].input_layernorm.__dict__[norms.WANT_ATTR] == [16]
+
+
+def test_two_forwards_before_one_backward(tiny_llama, counted):
+    """Each call writes s·B into the weights' spare columns; the base weight saved by the first call must not
+    read as modified in place when the second call writes them again."""
+    ref = _adapt(tiny_llama)
+    fast = copy.deepcopy(ref)
+    lorakit.optimize(fast)
+    _grads(fast, _batch())
+    _assert_same(ref, fast, _batch(1), forwards=2)
+    assert counted["forward"] == 2 * 4 and counted["backward"] == 2 * 3  # both forwards wide, both backwards
+
+
+def test_switching_adapters_rewrites_the_spare_columns(tiny_llama, counted):
+    ref = _adapt(_adapt(tiny_llama, "a"), "b", r=8)
+    set_active(ref, "a")
+    fast = copy.deepcopy(ref)
+    lorakit.optimize(fast)  # room for adapter a's three rank-4 terms: 16
+    for name in ("a", "b", "a"):  # b's rank 8 ×3 = 24 > 16: the plain form, then a again, wide
+        set_active(ref, name)
+        set_active(fast, name)
+        _assert_same(ref, fast, _batch())
+        _assert_same(ref, fast, _batch(1))
+    assert counted["forward"] > 0
+
+
+def test_a_layout_change_between_forward_and_backward_takes_the_plain_backward(tiny_llama, counted):
+    ref = _adapt(_adapt(tiny_llama, "a"), "b")
+    fast = copy.deepcopy(ref)
+    for m in (ref, fast):
+        set_active(m, "a")
+    lorakit.optimize(fast)
+    ids = _batch()
+    _grads(fast, ids)  # the norms now give spare columns
+    l0, g0 = _grads(ref, ids)
+    loss = fast(input_ids=ids, labels=ids).loss  # writes a's s·B beside W
+    set_active(fast, ["a", "b"])
+    fast(input_ids=ids, labels=ids)  # 24 > 16 columns: plain; a's columns stay
+    set_active(fast, "b")
+    fast(input_ids=ids, labels=ids)  # same layout as a: b's s·B written over a's
+    set_active(fast, "a")
+    before = counted["backward"]
+    params = [p for p in fast.parameters() if p.requires_grad]
+    g1 = torch.autograd.grad(loss, params, allow_unused=True)
+    assert counted["backward"] == before  # the first graph saw b's columns: it computed gH the plain way
+    assert [g is None for g in g0] == [g is None for g in g1] and sum(g is not None for g in g1) == 2 * 7 * 2
+    for a, b in zip(g1, g0):
+        assert a is None or rel_norm(a, b) <= TOL
+    assert abs(loss.item() - l0.item()) <= TOL * abs(l0.item())
+
+
+def test_replaced_storage_is_no_longer_wide_and_unoptimize_packs_back(tiny_llama, counted, tmp_path):
+    ref = _adapt(tiny_llama)
+    fast = copy.deepcopy(ref)
+    lorakit.optimize(fast)
+    q = fast.model.layers[1].self_attn.q_proj.base_layer.weight
+    q.data = q.data.clone()  # contiguous storage (as .to() or a load into new storage gives)
+    assert wide.room(q) == 0
+    for seed in (0, 1):
+        _assert_same(ref, fast, _batch(seed))
+    assert counted["forward"] == 3  # the second step: all but layer 1's q/k/v, which took the plain form
+    fast.save_pretrained(tmp_path / "hf")  # transformers packs each tensor itself
+    lorakit.unoptimize(fast)
+    for name, p in fast.named_parameters():
+        assert p.is_contiguous() and wide.WIDE_ATTR not in p.__dict__, name
+        assert torch.equal(p, dict(ref.named_parameters())[name]), name
+    assert all(norms.WANT_ATTR not in m.__dict__ for m in fast.modules())
+    _assert_same(ref, fast, _batch(2))
+
+
+def test_wide_option_is_checked_first_and_auto_is_off_in_a_process_group(tiny_llama, monkeypatch):
+    model = _adapt(tiny_llama)
+    with pytest.raises(lorakit.ConfigError, match="wide"):
+        lorakit.optimize(model, wide="yes")
+    assert all(p.is_contiguous() for p in model.parameters()) and model.model.layers[0].self_attn.q_proj.fast_path is None
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a: 2)
+    assert lorakit.optimize(model)["wide"] == 0  # fully_shard would refuse the strided weights
+    assert lorakit.optimize(model, wide=True)["wide"] == 10
+
+
+def test_training_forward_keeps_no_cache_and_marks_its_default_positions(tiny_llama):
+    """The fused-loss training forward passes use_cache=False (HF's default cache copies every layer's keys and
+    values) and marked default positions, which transformers' packed-sequence check (a host-device sync) skips;
+    positions a caller passes are still checked."""
+    from transformers import masking_utils
+
+    from lorakit.fast import positions
+
+    ref = _adapt(tiny_llama)
+    fast = copy.deepcopy(ref)
+    lorakit.optimize(fast)
+    seen = []
+    check = masking_utils.find_packed_sequence_indices
+    original = check.lorakit_original
+    ids = _batch()
+    try:  # `check` is the wrapper optimize() installed
+        masking_utils.find_packed_sequence_indices = lambda p, *a: seen.append(positions._marked(p)) or check(p, *a)
+        out = fast(input_ids=ids, labels=ids)
+        ref_out = ref(input_ids=ids, labels=ids)
+    finally:
+        masking_utils.find_packed_sequence_indices = check
+    assert seen and all(seen)  # every call inside the fused forward saw marked positions
+    assert out.past_key_values is None and ref_out.past_key_values is not None
+    assert abs(out.loss.item() - ref_out.loss.item()) <= TOL * abs(ref_out.loss.item())
+    packed = torch.cat([torch.arange(8), torch.arange(8)])[None].expand(2, -1)
+    assert check(packed) is not None and original(packed) is not None
+    assert check(positions.default_positions(16, torch.device("cpu")).expand(2, -1)) is None
+    assert check(torch.arange(16)[None].expand(2, -1)) is None  # unmarked: transformers' own answer
+
+
+def test_dropout_terms_in_the_wide_form_give_the_plain_fused_results(tiny_llama, counted):
+    """lora_dropout > 0 with masks drawn from the call's seed: the mask engine writes those terms' columns of h beside
+    x. Same seeds, same masks: the wide form must give the plain fused form's loss and gradients (that form is held
+    to the reference by test_fast_dropout*.py)."""
+    lorakit.add_adapter(tiny_llama, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.1,
+                                                       init_lora_weights=False))
+    tiny_llama.train()
+    plain, fast = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    lorakit.optimize(plain, wide=False)
+    assert lorakit.optimize(fast)["wide"] == 10
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        l0, g0 = _grads(plain, _batch(seed))
+        torch.manual_seed(seed)
+        l1, g1 = _grads(fast, _batch(seed))
+        assert abs(l0.item() - l1.item()) <= TOL * abs(l0.item())
+        assert len(g0) == len(g1) == 2 * 7 * 2
+        for a, b in zip(g1, g0):
+            assert rel_norm(a, b) <= TOL
+    assert counted["forward"] == 2 * 4 and counted["backward"] == 2 * 3
+
+
+def test_dora_in_the_wide_form_equals_the_reference(tiny_llama, counted):
+    """An output-scaled delta: the wide GEMM gives z = x·Wᵀ + s·h·Bᵀ (its bias after the scale), and backward's
+    one GEMM per output reads dZ = dY ⊙ f."""
+    lorakit.add_adapter(tiny_llama, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True,
+                                                       init_lora_weights=False))
+    ref = tiny_llama.train()
+    with torch.no_grad():  # magnitudes away from the norms, so that f ≠ 1 shows
+        for name, p in ref.named_parameters():
+            if "magnitude" in name:
+                p.mul_(torch.linspace(0.5, 1.5, p.numel()).view(p.shape))
+    fast = copy.deepcopy(ref)
+    assert lorakit.optimize(fast)["wide"] == 10
+    for seed in (0, 1, 2):
+        _assert_same(ref, fast, _batch(seed))
+    assert counted["forward"] == 2 * 4 and counted["backward"] == 2 * 3
