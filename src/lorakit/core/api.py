@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence, Union
 from torch import nn
 
 from .adapted import AdaptedLayer
+from .patching import pack_parameters
 from .config import AdapterConfig, shown
 from .delta import Delta
 from ..errors import AdapterNameError, ConfigError, TargetError
@@ -300,7 +301,7 @@ _merge = merge  # unload's `merge` flag shadows the function
 # --- removing -----------------------------------------------------------------------------------------
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name` from the model (unmerging first); the last one gone leaves the base model as it was,
-    with its requires_grad flags restored."""
+    with its requires_grad flags restored (and base weights that optimize() gave spare columns packed back)."""
     require_adapters(model, [name])
     unmerge(model)
     st = state(model)
@@ -330,7 +331,8 @@ def _remove_from_layers(model: nn.Module, name: str) -> None:
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Remove every lorakit module. merge=True first merges the active adapters (and keeps their
-    modules_to_save copies); merge=False gives back the base model. Returns the same model object."""
+    modules_to_save copies); merge=False gives back the base model. Base weights that optimize() gave spare
+    columns get contiguous storage again. Returns the same model object."""
     st = state(model)
     if merge:
         _merge(model)
@@ -356,6 +358,7 @@ def _sync_hf(model: nn.Module) -> None:
 
 
 def _forget(model: nn.Module, st: AdapterState) -> None:
+    pack_parameters(model)  # base weights a fast path gave spare columns: a plain model again
     for n, p in model.named_parameters():
         p.requires_grad_(st.requires_grad_before.get(n, p.requires_grad))
     model.__dict__.pop(_STATE_ATTR, None)

@@ -61,3 +61,20 @@ def unpatch_forward(module: nn.Module, slot: str = DEFAULT_SLOT) -> bool:
 def is_patched(module: nn.Module, slot: str = DEFAULT_SLOT) -> bool:
     """Whether `module` has a patch in `slot`."""
     return _key(slot) in module.__dict__
+
+
+# --- re-stored parameters ----------------------------------------------------------------------------------------
+RESTORED_ATTR = "_lorakit_restored"  # on a Parameter whose storage a fast path changed (values kept); its value is
+# the fast path's own mark
+
+
+def pack_parameters(model: nn.Module) -> int:
+    """Give every parameter whose storage a fast path changed (fast/wide.py: spare columns) contiguous storage of
+    its own again, values unchanged; returns how many. Called when the fast paths or the adapters go (unoptimize,
+    unload), so that what stays is a plain model (safetensors' save_file takes contiguous tensors only)."""
+    count = 0
+    for p in model.parameters():
+        if p.__dict__.pop(RESTORED_ATTR, None) is not None:
+            p.data = p.data.contiguous()
+            count += 1
+    return count

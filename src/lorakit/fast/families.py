@@ -12,6 +12,7 @@ module's own forward otherwise:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from ..core.adapted import AdaptedLayer
-from ..core.patching import is_patched, patch_forward, unpatch_forward
+from ..core.patching import is_patched, pack_parameters, patch_forward, unpatch_forward
 from . import positions, recipes, wide
 from .cross_entropy import linear_cross_entropy, shift_labels
 from .lora_linear import fused_linears, lora_linear_fast_path
@@ -162,13 +163,14 @@ def causal_lm_forward(model, original, *args, **kwargs):
     extra = bound.pop("kwargs", {})
     for name in ("labels", "logits_to_keep"):
         bound.pop(name, None)
-    if bound.get("use_cache") is None and "use_cache" not in extra:
+    scope = contextlib.nullcontext()
+    if (bound.get("use_cache") is None and "use_cache" not in extra
+            and "use_cache" in inspect.signature(type(model).forward).parameters):
         bound["use_cache"] = False  # a training forward: no key/value cache (HF's default copies every layer's)
-    ids = bound.get("input_ids") if bound.get("input_ids") is not None else bound.get("inputs_embeds")
-    if (ids is not None and bound.get("position_ids") is None and bound.get("attention_mask") is None
-            and "position_ids" in inspect.signature(type(model).forward).parameters):
-        bound["position_ids"] = positions.default_positions(ids.shape[1], ids.device)  # no sync in the mask code
-    outputs = model.model(**bound, **extra)
+        if bound.get("position_ids") is None and bound.get("attention_mask") is None:
+            scope = positions.no_packed_check()  # as the cache did: no packed check, so no host-device sync
+    with scope:
+        outputs = model.model(**bound, **extra)
     hidden = outputs.last_hidden_state
     ignore_index = extra.get("ignore_index", -100)
     target = extra.get("shift_labels")
@@ -215,8 +217,7 @@ def widen_groups(model: nn.Module) -> int:
 
 def narrow_all(model: nn.Module) -> None:
     """Pack every widened weight of `model` back into contiguous storage."""
-    for p in model.parameters():
-        wide.narrow(p)
+    pack_parameters(model)
 
 
 # --- installing ------------------------------------------------------------------------------------------------

@@ -31,6 +31,10 @@ Beyond that plain form (each asked through spec.py, each held to the reference b
   (scratch.py) in forward and again in backward; nothing of W's size is allocated or saved.
 - autocast: x, W, biases and factors are cast to the autocast dtype as autocast would, then the call runs
   with autocast off.
+- the wide form (wide.py): when x is an RMSNorm's output lying in a buffer with spare columns and every W has
+  spare columns too (optimize() gives them to q/k/v and gate/up), h is written beside x and s·B beside W, and
+  each output is one GEMM [x | h]·[W | s·B]ᵀ (no addmm_ pass over y); backward's dY·[W | s·B] gives dX's base part
+  and gH together. Plain LoRA, in-kernel dropout and output-scaled terms take it.
 The per-call Python is kept lean (plain dict lookups, no
 nn.Module.__getattr__): at 1B scale a LoRA step is bound by launch overhead, not by the GPU.
 """
@@ -226,7 +230,8 @@ def _plain_dx(ctx, gs, plan: _Plan, params, h, a_x) -> tuple:
 class FusedLoraLinears(torch.autograd.Function):
     """layout: per output (has W, has bias, scaled, ranks, scalings, dropout per term: False, True for a dropped
     input tensor, or p for in-kernel masks); params: per output [W], [bias], [m, norm], then A, B, [dropped input
-    or the call's seed (an int)] per term; sources: per output a weight source or None."""
+    or the call's seed (an int)] per term; sources: per output a weight source or None; wide_buf: the [N, in + E]
+    buffer x lies in for the wide form (wide.py), or None."""
 
     @staticmethod
     def forward(ctx, x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources, wide_buf, *params):

@@ -154,7 +154,7 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[device]
 
 
-WANT_ATTR = "_lorakit_wide_want"  # on a patched norm: [spare columns its readers asked for]
+WANT_ATTR = "_lorakit_wide_want"  # on a patched norm: [spare columns readers asked for, last ones used]
 
 
 # --- HF RMSNorm modules -----------------------------------------------------------------------------------
@@ -170,11 +170,18 @@ def norm_style(module: torch.nn.Module):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, style: str, want=None) -> torch.Tensor:
-    """The normalised x, tagged with its recipe for the fused linears that read it. want: [E], the spare
-    columns its readers asked for (fast/wide.py); the output then lies in the first columns of a wider buffer."""
+    """The normalised x, tagged with its recipe for the fused linears that read it. want: [E, used], the spare
+    columns its readers asked for and whether a reader took the last ones (fast/wide.py); the output then lies in
+    the first columns of a wider buffer."""
     offset = 1.0 if style == "gemma" else 0.0
     d = x.shape[-1]
-    wide = x.new_empty(x.numel() // max(d, 1), d + want[0]) if want is not None and want[0] > 0 else None
+    wide = None
+    if want is not None and want[0] > 0 and not recipes.compiling():
+        if not want[1]:  # no reader took the last wide output: stop giving the columns
+            want[0] = 0
+        else:
+            wide = x.new_empty(x.numel() // max(d, 1), d + want[0])
+            want[1] = False  # until a reader takes this one
     y, rstd = RMSNormFunction.apply(x, weight, eps, offset, style == "llama", wide)
     recipes.tag_norm_output(y, x, rstd, weight, offset, wide, want)
     return y
@@ -188,4 +195,4 @@ def fast_rms_forward(module: torch.nn.Module, original, x: torch.Tensor) -> torc
     if style is None or (style == "llama" and w.dtype != x.dtype) or not x.is_floating_point():
         return original(x)
     eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
-    return rms_norm(x, w, float(eps), style, module.__dict__.setdefault(WANT_ATTR, [0]))
+    return rms_norm(x, w, float(eps), style, module.__dict__.setdefault(WANT_ATTR, [0, True]))

@@ -2,29 +2,33 @@
 
 With no attention mask and no key/value cache, transformers (5.x) checks a forward's position_ids for packed
 sequences: `masking_utils.find_packed_sequence_indices` reads a device tensor back to the host, and the device then
-idles until the host has queued the forward's kernels again. The causal-LM training forward that lorakit runs itself
-(families.causal_lm_forward) passes the default positions 0..T-1, marked as such; the wrapper installed here answers
-"not packed" for marked positions (or views of them) without reading them, and calls transformers' own function for
-anything else.
+idles until the host has queued the forward's kernels again. HF's default training forward never runs that check:
+its default key/value cache (use_cache=True) skips it. lorakit's fused-loss training forward
+(families.causal_lm_forward) turns that cache off when the caller did not ask for one (it copied every layer's keys
+and values), and runs the model inside `no_packed_check()` when the caller passed no position_ids and no attention
+mask either, so the check answers "not packed" as the cache made it do before, without reading the device. The
+model still computes its own positions (M-RoPE models included). Any other call gets transformers' own check.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
-MARK = "_lorakit_default_positions"
+_STATE = threading.local()
 
 
-def default_positions(length: int, device: torch.device) -> torch.Tensor:
-    """Positions 0..length-1 as [1, length] int64, marked as the default (never packed)."""
-    pos = torch.arange(length, device=device)
-    setattr(pos, MARK, True)  # on the base: every view of it (unsqueeze, transformers' expand) has it as _base
-    return pos.unsqueeze(0)
-
-
-def _marked(t) -> bool:
-    base = t._base if isinstance(t, torch.Tensor) else None  # views of views share one root _base
-    return isinstance(base, torch.Tensor) and base.__dict__.get(MARK, False)
+@contextlib.contextmanager
+def no_packed_check():
+    """Within: transformers' packed-sequence check answers "not packed" (this thread, eager mode only)."""
+    depth = getattr(_STATE, "depth", 0)
+    _STATE.depth = depth + 1
+    try:
+        yield
+    finally:
+        _STATE.depth = depth
 
 
 def install() -> None:
@@ -38,7 +42,7 @@ def install() -> None:
         return
 
     def find_packed_sequence_indices(position_ids, *args, **kwargs):
-        if _marked(position_ids):
+        if not torch.compiler.is_compiling() and getattr(_STATE, "depth", 0) > 0:
             return None
         return original(position_ids, *args, **kwargs)
 

@@ -30,10 +30,10 @@ class NormRecipe(NamedTuple):
     offset: float  # 0 (Llama), 1 (Gemma: x·rstd·(1 + w))
     version: int  # the output's version counter when tagged: an in-place change voids the recipe
     wide: Optional[torch.Tensor] = None  # [N, d + E]: the output's rows with E spare columns behind (fast/wide.py)
-    want: Optional[list] = None  # [E]: the spare columns the norm gives its next output (readers raise it)
+    want: Optional[list] = None  # [E, used]: spare columns the norm gives (readers raise E and set used)
 
 
-def _compiling() -> bool:
+def compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
@@ -41,13 +41,13 @@ def tag_norm_output(out: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, weig
                     offset: float, wide: Optional[torch.Tensor] = None, want: Optional[list] = None) -> None:
     """Tag a norm's output `out` = x·rstd·(weight + offset) with what a following fused linear needs; `wide`
     is the buffer whose first columns `out` is, `want` the norm's holder of spare columns to give."""
-    if not _compiling():
+    if not compiling():
         setattr(out, _NORM_ATTR, NormRecipe(x, rstd, weight, offset, out._version, wide, want))
 
 
 def norm_recipe(t: torch.Tensor) -> Optional[NormRecipe]:
     """The NormRecipe tagged on `t`, or None when untagged or changed in place since."""
-    if _compiling():
+    if compiling():
         return None
     recipe = t.__dict__.get(_NORM_ATTR) if hasattr(t, "__dict__") else None
     if recipe is None or recipe.version != t._version:

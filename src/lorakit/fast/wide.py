@@ -9,10 +9,12 @@ Both sides get the room from the fast paths that make them:
 - weights: optimize() widens the base weights of the fused groups that read an RMSNorm's output (q/k/v, gate/up).
   W [out, in] becomes the first `in` columns of a zeroed buffer [out, in + E], E ≥ the group's total rank. The
   Parameter stays the same object with the same values; only its storage changes (row stride in + E).
-  unoptimize() packs it back. A weight whose storage was replaced since (.to(), FSDP's sharding) is no longer
-  wide, and its fused call takes the plain form.
+  unoptimize() and unload() pack it back (core/patching.pack_parameters). A weight whose storage was replaced
+  since (.to(), FSDP's sharding) is no longer wide, and its fused call takes the plain form.
 - inputs: the RMSNorm fast path writes its output into the first d columns of a [N, d + E] buffer once a fused
-  call that read it asked for E columns (recipes.NormRecipe.want); the fused call writes h into them.
+  call that read it asked for E columns (recipes.NormRecipe.want); the fused call writes h into them. A norm
+  whose wide output no call used stops giving the columns on its next call (weights packed back, adapters gone,
+  another path).
 Each fused call writes s·B of its terms into the weights' spare columns from the live factors (through an alias
 with its own version counter, so the base weight saved for backward is not seen as modified), after zeroing the
 spare columns when the layout of the group's terms changed. Backward checks that the layout it relies on is
@@ -25,8 +27,10 @@ from typing import Optional
 
 import torch
 
-WIDE_ATTR = "_lorakit_wide"  # on a widened Parameter: [data_ptr, row stride, column layout, what was written]
-ALIGN = 8  # spare columns in multiples of 8: rows stay 16-byte aligned in 16-bit dtypes
+from ..core.patching import RESTORED_ATTR
+
+WIDE_ATTR = RESTORED_ATTR  # on a widened Parameter: [data_ptr, row stride, column layout, what was written]
+ALIGN = 8  # spare columns in multiples of 8: rows stay 16-byte aligned in 16-bit dtypes when `in` is a multiple of 8
 
 
 def _alias(t: torch.Tensor, shape, stride, offset: int) -> torch.Tensor:
@@ -57,14 +61,6 @@ def widen(param: torch.nn.Parameter, spare: int) -> bool:
     return True
 
 
-def narrow(param: torch.nn.Parameter) -> bool:
-    """Pack a widened weight back into contiguous storage; True when it was wide."""
-    if param.__dict__.pop(WIDE_ATTR, None) is None:
-        return False
-    param.data = param.data.contiguous()
-    return True
-
-
 def group_rank(specs, kernel_masks: bool) -> Optional[int]:
     """The total rank R of a fused group's terms when the wide form can serve it, else None: every output a dense
     weight with room ≥ R, dropout only with masks the kernels draw (kernel_masks: the call has a seed), not with a
@@ -86,8 +82,9 @@ def wide_input(x: torch.Tensor, recipe, rank: int) -> Optional[torch.Tensor]:
     if buf is None or buf.shape[1] - x.shape[-1] < rank or buf.data_ptr() != x.data_ptr():
         want = -(-rank // ALIGN) * ALIGN
         if recipe.want is not None and recipe.want[0] < want:
-            recipe.want[0] = want
+            recipe.want[0], recipe.want[1] = want, True  # given from the norm's next call on
         return None
+    recipe.want[1] = True  # used: the norm keeps giving the columns
     return buf
 
 
@@ -134,9 +131,13 @@ def forward(x2: torch.Tensor, buf: torch.Tensor, a_x, plan, params, lead: tuple,
     wides = write_terms(plan, params, rank)
     outs = []
     for j, (_, bi, mi) in enumerate(plan.outs):  # an output-scaled one: z, its bias after the scale
-        bias = params[bi] if bi is not None and mi is None else None
-        y = torch.nn.functional.linear(xe, wides[j], bias)  # [N, out_j]
-        outs.append(y.view(*lead, y.shape[-1]))
+        y = x2.new_empty(*lead, wides[j].shape[0])  # a fresh tensor, not a view (callers may change it in place)
+        y2 = y.view(n, -1)  # [N, out_j]
+        if bi is not None and mi is None:
+            torch.addmm(params[bi], xe, wides[j].t(), out=y2)
+        else:
+            torch.mm(xe, wides[j].t(), out=y2)
+        outs.append(y)
     h = x2.new_empty(rank, n).t() if rank_major else x2.new_empty(n, rank)  # saved apart: buf is not kept
     h.copy_(xe[:, in_f:])
     return outs, h, kept
