@@ -3,6 +3,7 @@ reference path (loss and every gradient, float32, CPU), with the wide calls coun
 to the plain form fails; and the base weights' storage is what it should be before, during and after."""
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -64,7 +65,7 @@ def counted(monkeypatch):
 def test_wide_calls_equal_the_reference_and_run_from_the_second_forward(tiny_llama, counted):
     ref = _adapt(tiny_llama)
     fast = copy.deepcopy(ref)
-    counts = lorakit.optimize(fast)
+    counts = lorakit.optimize(fast, wide=True)
     assert counts["wide"] == 2 * 5  # q/k/v and gate/up of both layers; o and down read no norm
     q = fast.model.layers[0].self_attn.q_proj.base_layer.weight
     assert wide.room(q) == 16 and q.stride() == (64 + 16, 1)  # 3 terms of rank 4 = 12, rounded up to 8s
@@ -83,7 +84,7 @@ def test_two_forwards_before_one_backward(tiny_llama, counted):
     read as modified in place when the second call writes them again."""
     ref = _adapt(tiny_llama)
     fast = copy.deepcopy(ref)
-    lorakit.optimize(fast)
+    lorakit.optimize(fast, wide=True)
     _grads(fast, _batch())
     _assert_same(ref, fast, _batch(1), forwards=2)
     assert counted["forward"] == 2 * 4 and counted["backward"] == 2 * 3  # both forwards wide, both backwards
@@ -93,7 +94,7 @@ def test_switching_adapters_rewrites_the_spare_columns(tiny_llama, counted):
     ref = _adapt(_adapt(tiny_llama, "a"), "b", r=8)
     set_active(ref, "a")
     fast = copy.deepcopy(ref)
-    lorakit.optimize(fast)  # room for adapter a's three rank-4 terms: 16
+    lorakit.optimize(fast, wide=True)  # room for adapter a's three rank-4 terms: 16
     for name in ("a", "b", "a"):  # b's rank 8 ×3 = 24 > 16: the plain form, then a again, wide
         set_active(ref, name)
         set_active(fast, name)
@@ -107,7 +108,7 @@ def test_a_layout_change_between_forward_and_backward_takes_the_plain_backward(t
     fast = copy.deepcopy(ref)
     for m in (ref, fast):
         set_active(m, "a")
-    lorakit.optimize(fast)
+    lorakit.optimize(fast, wide=True)
     ids = _batch()
     _grads(fast, ids)  # the norms now give spare columns
     l0, g0 = _grads(ref, ids)
@@ -133,7 +134,7 @@ def test_a_layout_change_between_forward_and_backward_takes_the_plain_backward(t
 def test_replaced_storage_is_no_longer_wide_and_unoptimize_packs_back(tiny_llama, counted, tmp_path):
     ref = _adapt(tiny_llama)
     fast = copy.deepcopy(ref)
-    lorakit.optimize(fast)
+    lorakit.optimize(fast, wide=True)
     q = fast.model.layers[1].self_attn.q_proj.base_layer.weight
     q.data = q.data.clone()  # contiguous storage (as .to() or a load into new storage gives)
     assert wide.room(q) == 0
@@ -149,14 +150,20 @@ def test_replaced_storage_is_no_longer_wide_and_unoptimize_packs_back(tiny_llama
     _assert_same(ref, fast, _batch(2))
 
 
-def test_wide_option_is_checked_first_and_auto_is_off_in_a_process_group(tiny_llama, monkeypatch):
+def test_wide_option_is_checked_first_and_auto_is_on_for_one_cuda_process_only(tiny_llama, monkeypatch):
+    opt = importlib.import_module("lorakit.fast.optimize")  # the module (lorakit.fast.optimize is also the function)
+
     model = _adapt(tiny_llama)
     with pytest.raises(lorakit.ConfigError, match="wide"):
         lorakit.optimize(model, wide="yes")
     assert all(p.is_contiguous() for p in model.parameters()) and model.model.layers[0].self_attn.q_proj.fast_path is None
+    assert lorakit.optimize(model)["wide"] == 0  # on CPU "auto" is off: MKL runs the wide GEMMs slower
+    monkeypatch.setattr(opt, "_on_cuda", lambda m: True)  # as if on a GPU
+    assert lorakit.optimize(model)["wide"] == 10
+    lorakit.unoptimize(model)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a: 2)
-    assert lorakit.optimize(model)["wide"] == 0  # fully_shard would refuse the strided weights
+    assert lorakit.optimize(model)["wide"] == 0  # in a process group: fully_shard would refuse strided weights
     assert lorakit.optimize(model, wide=True)["wide"] == 10
 
 
@@ -171,7 +178,7 @@ def test_training_forward_keeps_no_cache_and_skips_the_packed_check_only_where_t
 
     ref = _adapt(tiny_llama)
     fast = copy.deepcopy(ref)
-    lorakit.optimize(fast)
+    lorakit.optimize(fast, wide=True)
     check = masking_utils.find_packed_sequence_indices  # the wrapper optimize() installed
     seen = []
 
@@ -211,7 +218,7 @@ def test_dropout_terms_in_the_wide_form_give_the_plain_fused_results(tiny_llama,
     tiny_llama.train()
     plain, fast = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
     lorakit.optimize(plain, wide=False)
-    assert lorakit.optimize(fast)["wide"] == 10
+    assert lorakit.optimize(fast, wide=True)["wide"] == 10
     for seed in (0, 1, 2):
         torch.manual_seed(seed)
         l0, g0 = _grads(plain, _batch(seed))
@@ -235,7 +242,7 @@ def test_dora_in_the_wide_form_equals_the_reference(tiny_llama, counted):
             if "magnitude" in name:
                 p.mul_(torch.linspace(0.5, 1.5, p.numel()).view(p.shape))
     fast = copy.deepcopy(ref)
-    assert lorakit.optimize(fast)["wide"] == 10
+    assert lorakit.optimize(fast, wide=True)["wide"] == 10
     for seed in (0, 1, 2):
         _assert_same(ref, fast, _batch(seed))
     assert counted["forward"] == 2 * 4 and counted["backward"] == 2 * 3
@@ -246,7 +253,7 @@ def test_unload_after_optimize_leaves_a_plain_model_safetensors_can_save(tiny_ll
 
     ref = _adapt(tiny_llama)
     fast = copy.deepcopy(ref)
-    lorakit.optimize(fast)
+    lorakit.optimize(fast, wide=True)
     _grads(fast, _batch())
     merged_ref = lorakit.unload(ref)
     merged = lorakit.unload(fast)
@@ -263,7 +270,7 @@ def test_wide_outputs_may_be_changed_in_place(tiny_llama, counted):
     """Outputs are fresh tensors, as in the plain form: a forward hook that scales q in place works."""
     ref = _adapt(tiny_llama)
     fast = copy.deepcopy(ref)
-    lorakit.optimize(fast)
+    lorakit.optimize(fast, wide=True)
     for m in (ref, fast):
         m.model.layers[1].self_attn.q_proj.register_forward_hook(lambda mod, inp, out: out.mul_(0.5))
     for seed in (0, 1):

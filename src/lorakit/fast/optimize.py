@@ -13,8 +13,9 @@ What it does, each part switchable for measurement:
 - `wide`: the base weights of groups that read a patched RMSNorm's output (q/k/v, gate/up) get spare columns,
   so each output's LoRA term runs inside its base GEMM ([x | h]·[W | s·B]ᵀ, wide.py). The Parameters stay, with
   their values; their storage gets a row stride of in + E (E: the group's total rank, rounded up to 8);
-  unoptimize() packs them back. "auto" (the default): on, except in a process group of several processes,
-  where FSDP2's fully_shard refuses non-contiguous parameters (True: on there too, e.g. under DDP);
+  unoptimize() and unload() pack them back. "auto" (the default): on for a model on a CUDA device, except in a
+  process group of several processes, where FSDP2's fully_shard refuses non-contiguous parameters (True: on
+  there too, e.g. under DDP, and on CPU, where MKL runs these GEMMs slower than the plain form's two);
 - `checkpoint`: False, True (recompute each block) or "offload" (and keep its input in pinned CPU memory,
   copied on a side stream; the long-context mode);
 - `tile_mlp`: gated MLPs run in sequence tiles (tiling.py) so that their [T, intermediate] tensors exist for
@@ -60,7 +61,7 @@ def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: 
         tile_mlp = "auto" if checkpoint == "offload" else False
     if not (tile_mlp in (False, "auto") or (type(tile_mlp) is int and tile_mlp > 0)):
         raise ConfigError(f"tile_mlp must be False, 'auto' or a positive number of rows, got {tile_mlp!r}")
-    widen = _wide_on(wide)  # checked before anything changes
+    widen = _wide_on(wide, model)  # checked before anything changes
     counts = {"linear": 0}
     for _, layer in adapted_layers(model):
         if layer.ops.kind == "linear" and layer.fast_path is None:
@@ -77,11 +78,18 @@ def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: 
     return counts
 
 
-def _wide_on(wide: Union[bool, str]) -> bool:
+def _on_cuda(model: nn.Module) -> bool:
+    first = next(model.parameters(), None)
+    return first is not None and first.device.type == "cuda"
+
+
+def _wide_on(wide: Union[bool, str], model: nn.Module) -> bool:
     if wide not in (True, False, "auto"):
         raise ConfigError(f"wide must be True, False or 'auto', got {wide!r}")
     if wide != "auto":
         return wide
+    if not _on_cuda(model):  # MKL runs the strided K = in + R GEMMs slower than the plain form's two
+        return False
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
 
