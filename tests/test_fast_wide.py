@@ -308,3 +308,20 @@ def test_a_norm_asked_for_columns_still_compiles_in_one_graph():
     fullgraph = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
     out = torch.compile(m, backend="aot_eager", fullgraph=fullgraph)(x)
     assert rel_norm(out, ref) <= 1e-6
+
+
+def test_packing_back_between_forward_and_backward(tiny_llama, counted):
+    ref = _adapt(tiny_llama)
+    fast = copy.deepcopy(ref)
+    lorakit.optimize(fast, wide=True)
+    ids = _batch()
+    _grads(fast, ids)
+    loss = fast(input_ids=ids, labels=ids).loss  # wide
+    lorakit.unoptimize(fast)  # the weights packed back before this graph's backward
+    params = [p for p in fast.parameters() if p.requires_grad]
+    g1 = torch.autograd.grad(loss, params)
+    l0, g0 = _grads(ref, ids)
+    assert counted["forward"] == 4 and counted["backward"] == 0
+    assert abs(loss.item() - l0.item()) <= TOL * abs(l0.item())
+    for a, b in zip(g1, g0):
+        assert rel_norm(a, b) <= TOL

@@ -147,7 +147,8 @@ def layout_of(plan, params) -> tuple:
     """What backward needs unchanged since forward: each weight's storage, and which factors (object, version)
     were written into its columns last. Another call's write of other factors (another adapter set in between)
     makes backward take the plain form."""
-    return tuple((params[wi].data_ptr(), params[wi].__dict__[WIDE_ATTR][3]) for wi, _, _ in plan.outs)
+    return tuple((params[wi].data_ptr(), (params[wi].__dict__.get(WIDE_ATTR) or (None,) * 4)[3])
+                 for wi, _, _ in plan.outs)  # a mark gone (packed back since): None, never equal to forward's
 
 
 def backward_dx(gs, plan, params, a_x: torch.Tensor, layout: tuple) -> Optional[tuple]:
