@@ -191,3 +191,21 @@ def test_bad_option_is_refused_before_anything_changes(tiny_llama):
         lorakit.optimize(model, checkpoint="sometimes")
     assert all(layer.fast_path is None for _, layer in lorakit.adapted_layers(model))
     assert not any(families.is_patched(m) for m in model.modules())
+
+
+def test_inference_mode_forward_and_generate_after_optimize(tiny_llama):
+    """Inference tensors carry no version counter: the norm's recipe is not tagged on them (nothing saves for a
+    backward there), and the optimized model answers as the reference under torch.inference_mode."""
+    ref = _adapted(tiny_llama).eval()
+    fast = copy.deepcopy(ref)
+    lorakit.optimize(fast, wide=True)
+    ids = _batch()["input_ids"]
+    fast.train()
+    fast(input_ids=ids, labels=ids).loss.backward()  # a training step first: the norms give wide outputs
+    fast.eval()
+    with torch.inference_mode():
+        assert rel_norm(fast(input_ids=ids).logits, ref(input_ids=ids).logits) <= 1e-5
+        mask = torch.ones(2, 4, dtype=torch.long)
+        got = fast.generate(ids[:, :4], attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        want = ref.generate(ids[:, :4], attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)

@@ -41,7 +41,7 @@ def tag_norm_output(out: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, weig
                     offset: float, wide: Optional[torch.Tensor] = None, want: Optional[list] = None) -> None:
     """Tag a norm's output `out` = x·rstd·(weight + offset) with what a following fused linear needs; `wide`
     is the buffer whose first columns `out` is, `want` the norm's holder of spare columns to give."""
-    if not compiling():
+    if not compiling() and not out.is_inference():  # an inference tensor has no version (and no backward)
         setattr(out, _NORM_ATTR, NormRecipe(x, rstd, weight, offset, out._version, wide, want))
 
 
