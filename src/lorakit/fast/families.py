@@ -168,7 +168,7 @@ def causal_lm_forward(model, original, *args, **kwargs):
             and "use_cache" in inspect.signature(type(model).forward).parameters):
         bound["use_cache"] = False  # a training forward: no key/value cache (HF's default copies every layer's)
         if bound.get("position_ids") is None and bound.get("attention_mask") is None:
-            scope = positions.no_packed_check()  # as the cache did: no packed check, so no host-device sync
+            scope = positions.no_packed_check()  # as with the cache on: no packed check, no host-device sync
     with scope:
         outputs = model.model(**bound, **extra)
     hidden = outputs.last_hidden_state

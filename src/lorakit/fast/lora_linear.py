@@ -55,7 +55,7 @@ from .lora_grads import grad_a, grad_b, output_grads
 from .scaled_kernels import scale_output, takes_up
 from .scratch import dense_from_source
 from . import wide
-from .spec import FALLBACK_ATTR, note_fallback, spec_or_reason
+from .spec import FALLBACK_ATTR, check_input, note_fallback, spec_or_reason
 
 # Rank-r products in "rank-major" form (r as the GEMM's row count) where the BLAS runs the skinny forms
 # badly. Measured on CPU (MKL, one thread, N=2048, out=1536, r=8): x·Aᵀ 0.37 ms vs (A·xᵀ)ᵀ 0.21, and
@@ -249,9 +249,9 @@ class FusedLoraLinears(torch.autograd.Function):
         if seed is not None:
             x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
         if wide_buf is not None:  # h beside x and s·B beside W: one GEMM per output (wide.py)
-            outs, h, kept = wide.forward(x2, wide_buf, a_x, plan, params, x.shape[:-1], rank_major, seed, engine)
-            ctx.wide, ups = wide.layout_of(plan, params), {}
-            zs = _scale_outputs(plan, outs, params, ups)  # z already holds its term
+            outs, h, kept, ups = wide.forward(x2, wide_buf, a_x, plan, params, x.shape[:-1], rank_major, seed, engine)
+            ctx.wide = wide.layout_of(plan, params)
+            zs = _scale_outputs(plan, outs, params, ups)
         else:
             h, kept, outs, ups, zs = _plain_forward(x, x2, a_x, plan, params, sources, seed, engine, rank_major)
         ctx.ups = tuple(ups)
@@ -307,22 +307,6 @@ class FusedLoraLinears(torch.autograd.Function):
 
 
 # --- entry points ------------------------------------------------------------------------------------------
-def _check_input(x: torch.Tensor, spec, cast) -> Optional[str]:
-    """Why x cannot go through the fused call with this layer's spec, or None."""
-    w, _, terms, source, _ = spec
-    dtype, in_features = (w.dtype, w.shape[1]) if w is not None else (source.dense_dtype, source.dense_shape[1])
-    if x.shape[-1] != in_features:
-        return f"input width {x.shape[-1]}, the layer's {in_features}"
-    if cast is None and x.dtype != dtype:
-        return f"input is {x.dtype}, the base weight {dtype}"
-    if cast is not None and source is not None and dtype != cast:
-        return f"autocast to {cast} over a 4-bit base computing in {dtype}"
-    device = w.device if w is not None else (terms[0][0].device if terms else x.device)
-    if x.device != device:
-        return f"input on {x.device}, the layer on {device}"
-    return None
-
-
 def _drop_flag(p: float, seed) -> object:
     """A term's dropout in the layout: False (reads x), True (a dropped input tensor) or p (in-kernel masks)."""
     return False if p <= 0 else True if seed is None else float(p)
@@ -341,13 +325,20 @@ def _fuse(x: torch.Tensor, layers: Sequence[nn.Module]):
         spec = spec_or_reason(layer, cast is not None)
         if type(spec) is str:
             return _LayerReason(spec)
-        why = _check_input(x, spec, cast)
+        why = check_input(x, spec, cast)
         if why is not None:
             return why
         specs.append(spec)
     if not any(spec[2] for spec in specs):
         return "no active adapter on this layer"
-    to = (lambda t: t) if cast is None else (lambda t: t.to(cast))  # noqa: E731  (differentiable casts)
+    cast_any = []  # non-empty once a tensor is cast; an autocast that casts nothing keeps the recipe and wide form
+
+    def to(t):  # as autocast would (differentiable casts)
+        if cast is None or t.dtype == cast:
+            return t
+        cast_any.append(True)
+        return t.to(cast)
+
     xc = to(x)
     seed = None  # seeded masks: one key per call from torch's CPU generator (seeded runs repeat)
     if any(t[3] > 0 for spec in specs for t in spec[2]) and mask_source(x.device) in _MASK_ENGINES:
@@ -367,14 +358,14 @@ def _fuse(x: torch.Tensor, layers: Sequence[nn.Module]):
                 params.append(to(dropped(x, p)))
             any_x = any_x or p == 0
         sources.append(source)
-    norm = recipes.norm_recipe(x) if (any_x or seed is not None) and cast is None else None
+    norm = recipes.norm_recipe(x) if (any_x or seed is not None) and not cast_any else None
     norm_args = (norm.x, norm.rstd, norm.weight, norm.offset) if norm is not None else (None, None, None, 0.0)
+    rank = wide.group_rank(specs, seed is not None) if norm is not None and norm.want is not None else None
+    wide_buf = wide.wide_input(x, norm, rank) if rank is not None else None
     if cast is None:
-        rank = wide.group_rank(specs, seed is not None) if norm is not None and norm.want is not None else None
-        wide_buf = wide.wide_input(x, norm, rank) if rank is not None else None
         return FusedLoraLinears.apply(xc, *norm_args, tuple(layout), tuple(sources), wide_buf, *params)
     with torch.autocast(dev, enabled=False):
-        return FusedLoraLinears.apply(xc, *norm_args, tuple(layout), tuple(sources), None, *params)
+        return FusedLoraLinears.apply(xc, *norm_args, tuple(layout), tuple(sources), wide_buf, *params)
 
 
 def fused_linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> Optional[tuple[torch.Tensor, ...]]:

@@ -154,7 +154,8 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[device]
 
 
-WANT_ATTR = "_lorakit_wide_want"  # on a patched norm: [spare columns readers asked for, last ones used]
+WANT_ATTR = "_lorakit_wide_want"  # on a patched norm: [spare columns readers asked for, untaken in a row]
+STRIKES = 3  # untaken wide outputs in a row after which the norm stops giving spare columns (fast/wide.py)
 
 
 # --- HF RMSNorm modules -----------------------------------------------------------------------------------
@@ -170,21 +171,30 @@ def norm_style(module: torch.nn.Module):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, style: str, want=None) -> torch.Tensor:
-    """The normalised x, tagged with its recipe for the fused linears that read it. want: [E, used], the spare
-    columns its readers asked for and whether a reader took the last ones (fast/wide.py); the output then lies in
-    the first columns of a wider buffer."""
+    """The normalised x, tagged with its recipe for the fused linears that read it. want: [E, untaken], the spare
+    columns its readers asked for and how many wide outputs in a row no reader took (fast/wide.py); the output
+    then lies in the first columns of a wider buffer."""
     offset = 1.0 if style == "gemma" else 0.0
     d = x.shape[-1]
     wide = None
-    if want is not None and want[0] > 0 and not recipes.compiling():
-        if not want[1]:  # no reader took the last wide output: stop giving the columns
-            want[0] = 0
+    if want is not None and want[0] > 0 and _takers_possible(x):
+        if want[1] >= STRIKES:  # that many wide outputs in a row untaken: stop giving the columns
+            want[0] = want[1] = 0
         else:
             wide = x.new_empty(x.numel() // max(d, 1), d + want[0])
-            want[1] = False  # until a reader takes this one
+            want[1] += 1  # untaken until a reader takes it
     y, rstd = RMSNormFunction.apply(x, weight, eps, offset, style == "llama", wide)
     recipes.tag_norm_output(y, x, rstd, weight, offset, wide, want)
     return y
+
+
+def _takers_possible(x: torch.Tensor) -> bool:
+    """Whether a fused linear could take a wide output here: not while compiling or in inference mode (no recipe
+    there), nor under an autocast to another dtype than x's (the fused call then casts W)."""
+    dev = x.device.type
+    if recipes.compiling() or torch.is_inference_mode_enabled():
+        return False
+    return not torch.is_autocast_enabled(dev) or torch.get_autocast_dtype(dev) == x.dtype
 
 
 def fast_rms_forward(module: torch.nn.Module, original, x: torch.Tensor) -> torch.Tensor:
@@ -195,4 +205,4 @@ def fast_rms_forward(module: torch.nn.Module, original, x: torch.Tensor) -> torc
     if style is None or (style == "llama" and w.dtype != x.dtype) or not x.is_floating_point():
         return original(x)
     eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
-    return rms_norm(x, w, float(eps), style, module.__dict__.setdefault(WANT_ATTR, [0, True]))
+    return rms_norm(x, w, float(eps), style, module.__dict__.setdefault(WANT_ATTR, [0, 0]))

@@ -2,12 +2,13 @@
 
 With no attention mask and no key/value cache, transformers (5.x) checks a forward's position_ids for packed
 sequences: `masking_utils.find_packed_sequence_indices` reads a device tensor back to the host, and the device then
-idles until the host has queued the forward's kernels again. HF's default training forward never runs that check:
-its default key/value cache (use_cache=True) skips it. lorakit's fused-loss training forward
+idles until the host has queued the forward's kernels again. Where the key/value cache is on (transformers' default
+config without gradient checkpointing), the check is skipped. lorakit's fused-loss training forward
 (families.causal_lm_forward) turns that cache off when the caller did not ask for one (it copied every layer's keys
 and values), and runs the model inside `no_packed_check()` when the caller passed no position_ids and no attention
-mask either, so the check answers "not packed" as the cache made it do before, without reading the device. The
-model still computes its own positions (M-RoPE models included). Any other call gets transformers' own check.
+mask either, so the check answers "not packed" as the cache made it do, without reading the device. Positions the
+model computes itself are never packed, and it still computes them (M-RoPE models included). Any other call gets
+transformers' own check.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Everything is asked through the low-rank protocol (core/delta.py) and the weight
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -93,6 +93,22 @@ def spec_or_reason(layer: nn.Module, autocast: bool = False) -> Union[Spec, str]
     if type(got) is str:
         return got
     return w, base_p.get("bias"), got[0], source, got[1]
+
+
+def check_input(x: torch.Tensor, spec, cast) -> Optional[str]:
+    """Why x cannot go through the fused call with this layer's spec, or None."""
+    w, _, terms, source, _ = spec
+    dtype, in_features = (w.dtype, w.shape[1]) if w is not None else (source.dense_dtype, source.dense_shape[1])
+    if x.shape[-1] != in_features:
+        return f"input width {x.shape[-1]}, the layer's {in_features}"
+    if cast is None and x.dtype != dtype:
+        return f"input is {x.dtype}, the base weight {dtype}"
+    if cast is not None and source is not None and dtype != cast:
+        return f"autocast to {cast} over a 4-bit base computing in {dtype}"
+    device = w.device if w is not None else (terms[0][0].device if terms else x.device)
+    if x.device != device:
+        return f"input on {x.device}, the layer on {device}"
+    return None
 
 
 def layer_spec(layer: nn.Module):

@@ -13,8 +13,9 @@ Both sides get the room from the fast paths that make them:
   since (.to(), FSDP's sharding) is no longer wide, and its fused call takes the plain form.
 - inputs: the RMSNorm fast path writes its output into the first d columns of a [N, d + E] buffer once a fused
   call that read it asked for E columns (recipes.NormRecipe.want); the fused call writes h into them. A norm
-  whose wide output no call used stops giving the columns on its next call (weights packed back, adapters gone,
-  another path).
+  stops giving the columns after norms.STRIKES wide outputs in a row that no call took (weights packed back, adapters
+  gone, another path), and gives none where no fused call could take them (inference mode, an autocast to
+  another dtype).
 Each fused call writes s·B of its terms into the weights' spare columns from the live factors (through an alias
 with its own version counter, so the base weight saved for backward is not seen as modified), after zeroing the
 spare columns when the layout of the group's terms changed. Backward checks that the layout it relies on is
@@ -28,6 +29,7 @@ from typing import Optional
 import torch
 
 from ..core.patching import RESTORED_ATTR
+from .scaled_kernels import takes_up
 
 WIDE_ATTR = RESTORED_ATTR  # on a widened Parameter: [data_ptr, row stride, column layout, what was written]
 ALIGN = 8  # spare columns in multiples of 8: rows stay 16-byte aligned in 16-bit dtypes when `in` is a multiple of 8
@@ -82,9 +84,9 @@ def wide_input(x: torch.Tensor, recipe, rank: int) -> Optional[torch.Tensor]:
     if buf is None or buf.shape[1] - x.shape[-1] < rank or buf.data_ptr() != x.data_ptr():
         want = -(-rank // ALIGN) * ALIGN
         if recipe.want is not None and recipe.want[0] < want:
-            recipe.want[0], recipe.want[1] = want, True  # given from the norm's next call on
+            recipe.want[0], recipe.want[1] = want, 0  # given from the norm's next call on
         return None
-    recipe.want[1] = True  # used: the norm keeps giving the columns
+    recipe.want[1] = 0  # taken: no untaken outputs in a row
     return buf
 
 
@@ -114,8 +116,8 @@ def write_terms(plan, params, rank: int) -> tuple:
 
 def forward(x2: torch.Tensor, buf: torch.Tensor, a_x, plan, params, lead: tuple, rank_major: bool,
             seed=None, engine=None) -> tuple:
-    """(outputs y_j [*lead, out_j] (z_j for an output-scaled one), h [N, R] to save, what the mask engine keeps) of
-    a group in the wide form.
+    """(outputs y_j [*lead, out_j] (z_j for an output-scaled one), h [N, R] to save, what the mask engine keeps,
+    {j: (h_t, B_t, s_t)} of the output-scaled outputs whose term the scale kernels add) of a group in the wide form.
 
     Args:
         x2: the input [N, in], the first columns of buf; buf: [N, in + E] with E ≥ R; a_x: the x-reading terms'
@@ -129,18 +131,25 @@ def forward(x2: torch.Tensor, buf: torch.Tensor, a_x, plan, params, lead: tuple,
         torch.mm(x2, a_x.t(), out=xe[:, in_f:in_f + plan.x_rank])  # h of the x-reading terms, beside x
     kept = engine.runs_down(x2, xe[:, in_f:], plan.kernel_runs, params, seed) if seed is not None else ()
     wides = write_terms(plan, params, rank)
+    # An output-scaled output whose term the scale kernels add (takes_up) gets z without it, as in the plain form:
+    # a checkpoint's recompute may take the other form, and backward reads forward's choice with recompute's z.
+    ups = {j: t for j, t in plan.scaled_ups.items()
+           if takes_up(x2, xe[:, in_f + t[3]:in_f + t[3] + t[4]], params[t[2]])}  # t: (j, a, b, col, r, s, xd)
     outs = []
-    for j, (_, bi, mi) in enumerate(plan.outs):  # an output-scaled one: z, its bias after the scale
+    for j, (wi, bi, mi) in enumerate(plan.outs):  # an output-scaled one: z, its bias after the scale
         y = x2.new_empty(*lead, wides[j].shape[0])  # a fresh tensor, not a view (callers may change it in place)
         y2 = y.view(n, -1)  # [N, out_j]
-        if bi is not None and mi is None:
+        if j in ups:
+            torch.mm(x2, params[wi].t(), out=y2)
+        elif bi is not None and mi is None:
             torch.addmm(params[bi], xe, wides[j].t(), out=y2)
         else:
             torch.mm(xe, wides[j].t(), out=y2)
         outs.append(y)
     h = x2.new_empty(rank, n).t() if rank_major else x2.new_empty(n, rank)  # saved apart: buf is not kept
     h.copy_(xe[:, in_f:])
-    return outs, h, kept
+    ups = {j: (h[:, col:col + r], params[bi], s) for j, (_, _, bi, col, r, s, _) in ups.items()}
+    return outs, h, kept, ups
 
 
 def layout_of(plan, params) -> tuple:

@@ -110,7 +110,7 @@ def train(options: Optional[TrainOptions] = None, *, config: Optional[str] = Non
     opts = _resolved_packing(opts, batches)
     sizes = _add_adapter(model, opts, given, total_steps(opts, batches.per_epoch), log)
     if opts.optimize or opts.checkpoint != "none":
-        _optimize(model, log, opts.checkpoint)
+        _optimize(model, log, opts.checkpoint, bf16_enabled(opts.precision, device))
     _distribute(model, opts, dist, device, log)
     prepare_output_dir(opts, dist)
 
@@ -210,11 +210,15 @@ def _add_adapter(model, opts: TrainOptions, given: set[str], steps: int, log) ->
     return n_trainable, n_total
 
 
-def _optimize(model, log, checkpoint: str = "none") -> None:
+def _optimize(model, log, checkpoint: str = "none", bf16: bool = False) -> None:
     """--optimize / --checkpoint: the fast paths, installed before any DDP/FSDP wrapping (they patch the model's
-    own modules, and FSDP2 unshards each block's parameters before its fused calls read them)."""
+    own modules, and FSDP2 unshards each block's parameters before its fused calls read them). Under a bf16
+    autocast over weights in another dtype every call casts W, which the wide form cannot take: no widening."""
     model.train()  # the report depends on the mode (dropout): give the training one
-    counts = optimize(model, checkpoint={"none": False, "recompute": True, "offload": "offload"}[checkpoint])
+    first = next(model.parameters(), None)
+    wide = "auto" if not bf16 or first is None or first.dtype == torch.bfloat16 else False
+    counts = optimize(model, checkpoint={"none": False, "recompute": True, "offload": "offload"}[checkpoint],
+                      wide=wide)
     log(f"optimize: {counts['linear']} adapted linears on the fused path, {counts['not_fused']} not fused"
         + (f"; {counts['checkpoint']} blocks checkpointed ({checkpoint})" if checkpoint != "none" else ""))
     for path, reason in fusion_report(model):
