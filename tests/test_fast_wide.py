@@ -327,13 +327,13 @@ def test_packing_back_between_forward_and_backward(tiny_llama, counted):
 
 def test_dora_under_checkpointing_whichever_form_forward_and_recompute_take(tiny_llama, counted, monkeypatch):
     """Non-reentrant checkpointing runs backward with forward's ctx and recompute's saved tensors, and the two may
-    take different forms (a norm gives columns to the recompute only). z must mean the same in both: where the
-    scale kernels add a term (takes_up, what CUDA decides; forced here) the wide form leaves it out of z too.
-    A forward with the adapters disabled between steps (a reference model's pass) must not break that either."""
+    take different forms (a norm gives columns to the recompute only). The plain form leaves out of z a term the
+    scale kernels add (takes_up, what CUDA decides; forced here), the wide form keeps it in: which z lack their
+    term must come with the saved tensors. A forward with the adapters disabled between steps (a reference
+    model's pass) must not break that either."""
     from lorakit.fast import lora_linear
 
     monkeypatch.setattr(lora_linear, "takes_up", lambda *a: True)
-    monkeypatch.setattr(wide, "takes_up", lambda *a: True)
     lorakit.add_adapter(tiny_llama, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True,
                                                        init_lora_weights=False))
     ref = tiny_llama.train()

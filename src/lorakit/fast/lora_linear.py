@@ -249,12 +249,14 @@ class FusedLoraLinears(torch.autograd.Function):
         if seed is not None:
             x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
         if wide_buf is not None:  # h beside x and s·B beside W: one GEMM per output (wide.py)
-            outs, h, kept, ups = wide.forward(x2, wide_buf, a_x, plan, params, x.shape[:-1], rank_major, seed, engine)
-            ctx.wide = wide.layout_of(plan, params)
+            outs, h, kept = wide.forward(x2, wide_buf, a_x, plan, params, x.shape[:-1], rank_major, seed, engine)
+            ctx.wide, ups = wide.layout_of(plan, params), {}  # each z holds its term
             zs = _scale_outputs(plan, outs, params, ups)
         else:
             h, kept, outs, ups, zs = _plain_forward(x, x2, a_x, plan, params, sources, seed, engine, rank_major)
-        ctx.ups = tuple(ups)
+        # Which z lack their term (the scale kernels add it), saved as a tensor, not on ctx: a checkpoint's
+        # recompute may take the other form, and backward pairs forward's ctx with the recompute's saved tensors.
+        taken = torch.tensor([j in ups for j in plan.scaled_ups]) if plan.scaled_ups else None
         ctx.plan, ctx.norm_offset, ctx.x_shape, ctx.rank_major = plan, norm_offset, x.shape, rank_major
         ctx.sources, ctx.drop_seed, ctx.mask_engine = sources, seed, engine
         ctx.recipe_used = norm_x is not None
@@ -265,19 +267,20 @@ class FusedLoraLinears(torch.autograd.Function):
             saved_x = (x2 if xt or seed is not None else None, None, None)
         if seed is not None:  # the seed slots hold ints, which autograd does not save
             params = [None if type(t) is int else t for t in params]
-        ctx.save_for_backward(*saved_x, h, a_x, *zs, *params, *kept)
+        ctx.save_for_backward(*saved_x, h, a_x, taken, *zs, *params, *kept)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         plan: _Plan = ctx.plan
-        x2, rstd, norm_w, h, a_x, *rest = ctx.saved_tensors
+        x2, rstd, norm_w, h, a_x, taken, *rest = ctx.saved_tensors
         zs, params = rest[:plan.n_scaled], rest[plan.n_scaled:plan.n_scaled + plan.n_params]
         kept = rest[plan.n_scaled + plan.n_params:]  # the mask engine's, from forward
         needs = ctx.needs_input_grad[8:]  # after (x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources, wide)
         gs = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
         out: list[Optional[torch.Tensor]] = [None] * plan.n_params  # W_j: frozen (checked before the call)
-        output_grads(plan, gs, zs, params, needs, out, _scaled_ups(plan, None, h, params, ctx.ups))
+        ups = () if taken is None else tuple(j for j, t in zip(plan.scaled_ups, taken.tolist()) if t)
+        output_grads(plan, gs, zs, params, needs, out, _scaled_ups(plan, None, h, params, ups))
 
         got = None
         if ctx.wide is not None and ctx.needs_input_grad[0]:  # dX's base part and gH from one GEMM per output

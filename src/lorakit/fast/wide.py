@@ -29,7 +29,6 @@ from typing import Optional
 import torch
 
 from ..core.patching import RESTORED_ATTR
-from .scaled_kernels import takes_up
 
 WIDE_ATTR = RESTORED_ATTR  # on a widened Parameter: [data_ptr, row stride, column layout, what was written]
 ALIGN = 8  # spare columns in multiples of 8: rows stay 16-byte aligned in 16-bit dtypes when `in` is a multiple of 8
@@ -116,8 +115,8 @@ def write_terms(plan, params, rank: int) -> tuple:
 
 def forward(x2: torch.Tensor, buf: torch.Tensor, a_x, plan, params, lead: tuple, rank_major: bool,
             seed=None, engine=None) -> tuple:
-    """(outputs y_j [*lead, out_j] (z_j for an output-scaled one), h [N, R] to save, what the mask engine keeps,
-    {j: (h_t, B_t, s_t)} of the output-scaled outputs whose term the scale kernels add) of a group in the wide form.
+    """(outputs y_j [*lead, out_j] (z_j, with its term, for an output-scaled one), h [N, R] to save, what the mask
+    engine keeps) of a group in the wide form.
 
     Args:
         x2: the input [N, in], the first columns of buf; buf: [N, in + E] with E ≥ R; a_x: the x-reading terms'
@@ -131,25 +130,18 @@ def forward(x2: torch.Tensor, buf: torch.Tensor, a_x, plan, params, lead: tuple,
         torch.mm(x2, a_x.t(), out=xe[:, in_f:in_f + plan.x_rank])  # h of the x-reading terms, beside x
     kept = engine.runs_down(x2, xe[:, in_f:], plan.kernel_runs, params, seed) if seed is not None else ()
     wides = write_terms(plan, params, rank)
-    # An output-scaled output whose term the scale kernels add (takes_up) gets z without it, as in the plain form:
-    # a checkpoint's recompute may take the other form, and backward reads forward's choice with recompute's z.
-    ups = {j: t for j, t in plan.scaled_ups.items()
-           if takes_up(x2, xe[:, in_f + t[3]:in_f + t[3] + t[4]], params[t[2]])}  # t: (j, a, b, col, r, s, xd)
     outs = []
-    for j, (wi, bi, mi) in enumerate(plan.outs):  # an output-scaled one: z, its bias after the scale
+    for j, (_, bi, mi) in enumerate(plan.outs):  # an output-scaled one: z with its term, its bias after the scale
         y = x2.new_empty(*lead, wides[j].shape[0])  # a fresh tensor, not a view (callers may change it in place)
         y2 = y.view(n, -1)  # [N, out_j]
-        if j in ups:
-            torch.mm(x2, params[wi].t(), out=y2)
-        elif bi is not None and mi is None:
+        if bi is not None and mi is None:
             torch.addmm(params[bi], xe, wides[j].t(), out=y2)
         else:
             torch.mm(xe, wides[j].t(), out=y2)
         outs.append(y)
     h = x2.new_empty(rank, n).t() if rank_major else x2.new_empty(n, rank)  # saved apart: buf is not kept
     h.copy_(xe[:, in_f:])
-    ups = {j: (h[:, col:col + r], params[bi], s) for j, (_, _, bi, col, r, s, _) in ups.items()}
-    return outs, h, kept, ups
+    return outs, h, kept
 
 
 def layout_of(plan, params) -> tuple:
