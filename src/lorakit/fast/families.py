@@ -158,14 +158,15 @@ def causal_lm_forward(model, original, *args, **kwargs):
     if (labels is None or not torch.is_grad_enabled() or head is None or kwargs.get("logits_to_keep", 0) != 0
             or "return_dict" in kwargs or kwargs.get("past_key_values") is not None):
         return original(*args, **kwargs)
-    bound = inspect.signature(type(model).forward).bind(model, *args, **kwargs).arguments
+    signature = inspect.signature(type(model).forward)
+    bound = signature.bind(model, *args, **kwargs).arguments
     bound.pop("self", None)
     extra = bound.pop("kwargs", {})
     for name in ("labels", "logits_to_keep"):
         bound.pop(name, None)
     scope = contextlib.nullcontext()
     if (bound.get("use_cache") is None and "use_cache" not in extra
-            and "use_cache" in inspect.signature(type(model).forward).parameters):
+            and "use_cache" in signature.parameters):
         bound["use_cache"] = False  # a training forward: no key/value cache (HF's default copies every layer's)
         if bound.get("position_ids") is None and bound.get("attention_mask") is None:
             scope = positions.no_packed_check()  # as with the cache on: no packed check, no host-device sync
@@ -215,11 +216,6 @@ def widen_groups(model: nn.Module) -> int:
     return count
 
 
-def narrow_all(model: nn.Module) -> None:
-    """Pack every widened weight of `model` back into contiguous storage."""
-    pack_parameters(model)
-
-
 # --- installing ------------------------------------------------------------------------------------------------
 def install(model: nn.Module, *, group: bool, norms: bool, rope: bool, glu: bool, fused_loss: bool) -> dict:
     """Patch every known module of `model`; returns counts per patch kind."""
@@ -245,7 +241,7 @@ def install(model: nn.Module, *, group: bool, norms: bool, rope: bool, glu: bool
 
 def uninstall(model: nn.Module) -> None:
     """Remove every family patch that `install` put on `model`, and its wide weights."""
-    narrow_all(model)
+    pack_parameters(model)
     for _, m in model.named_modules():
         m.__dict__.pop(WANT_ATTR, None)
         unpatch_forward(m)

@@ -39,6 +39,11 @@ def _alias(t: torch.Tensor, shape, stride, offset: int) -> torch.Tensor:
     return t.new_empty(0).set_(t.untyped_storage(), offset, shape, stride)
 
 
+def _whole(w: torch.Tensor, rank: int) -> torch.Tensor:
+    """The widened weight w [out, in] with its first `rank` spare columns: [out, in + rank], an alias."""
+    return _alias(w, (w.shape[0], w.shape[1] + rank), (w.stride(0), 1), w.storage_offset())
+
+
 def room(w: torch.Tensor) -> int:
     """Spare columns behind each row of a widened weight w [out, in], 0 when w is not (or no longer) wide."""
     mark = w.__dict__.get(WIDE_ATTR) if hasattr(w, "__dict__") else None
@@ -97,7 +102,7 @@ def write_terms(plan, params, rank: int) -> tuple:
         w = params[wi]
         out_f, in_f = w.shape
         cols = tuple((col, r) for jj, _, _, col, r, _, _ in plan.terms if jj == j) + (rank,)
-        whole = _alias(w, (out_f, in_f + rank), (w.stride(0), 1), w.storage_offset())
+        whole = _whole(w, rank)
         mark = w.__dict__[WIDE_ATTR]
         if mark[2] != cols:
             _alias(w, (out_f, w.stride(0) - in_f), (w.stride(0), 1), w.storage_offset() + in_f).zero_()
@@ -163,7 +168,7 @@ def backward_dx(gs, plan, params, a_x: torch.Tensor, layout: tuple) -> Optional[
         if gs[j] is None:
             continue
         w = params[wi]
-        whole = _alias(w, (w.shape[0], w.shape[1] + rank), (w.stride(0), 1), w.storage_offset())
+        whole = _whole(w, rank)
         dxe = gs[j] @ whole if dxe is None else dxe.addmm_(gs[j], whole)  # [N, in + R]
     if dxe is None:
         return None

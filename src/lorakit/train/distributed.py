@@ -36,8 +36,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ..core import files
 from ..core.api import active_adapters, training_hooks
 from ..core.blocks import repeated_blocks
+from ..core.patching import pack_parameters
 from ..errors import ConfigError
-from ..fast.families import narrow_all
 from ..loading.models import pick_device
 from .fields import given_fields
 
@@ -207,7 +207,7 @@ def _fully_shard(model: nn.Module, dist: Distributed, device: torch.device, bf16
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError:
         raise ConfigError("--strategy fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard)") from None
-    narrow_all(model)  # fully_shard takes contiguous parameters only (optimize(wide=True) widens some)
+    pack_parameters(model)  # fully_shard takes contiguous parameters only (optimize(wide=True) widens some)
     if bf16:
         for p in model.parameters():
             if not p.requires_grad and p.is_floating_point():
