@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -61,6 +62,16 @@ def main() -> int:
     parser.add_argument("--std", type=float, default=0.004, help="std of the random adapter factors")
     parser.add_argument("--append", action="store_true", help="append the table to BENCHMARKS.md")
     args = parser.parse_args()
+    torch.manual_seed(0)
+    work = Path(tempfile.mkdtemp(prefix="lorakit-llama-cpp-"))  # ~700 MB of GGUF files, removed at the end
+    try:
+        return compare(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def compare(args, work: Path) -> int:
+    """Write the GGUF files under `work`, run llama.cpp on them and print (or append) the table."""
     from llama_cpp import Llama, __version__ as llama_cpp_version
 
     import lorakit
@@ -68,8 +79,6 @@ def main() -> int:
     from lorakit.export.gguf_adapter import export_adapter_gguf
     from lorakit.loading.models import BUILTIN_MODEL, bundled_model_path, load_model, load_tokenizer
 
-    torch.manual_seed(0)
-    work = Path(tempfile.mkdtemp(prefix="lorakit-llama-cpp-"))
     path = str(bundled_model_path())
     tokenizer, base = load_tokenizer(path), load_model(path, "causal").eval()
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")

