@@ -21,7 +21,7 @@ from torch import nn
 
 from ..core.adapted import AdaptedLayer
 from ..core.patching import is_patched, pack_parameters, patch_forward, unpatch_forward
-from . import positions, recipes, wide
+from . import model_dropout, positions, recipes, wide
 from .cross_entropy import linear_cross_entropy, shift_labels
 from .lora_linear import fused_linears, lora_linear_fast_path
 from .spec import layer_spec
@@ -69,10 +69,12 @@ def attention_forward(module, original, names, *args, **kwargs):
     prev = set_fused_rope(True)
     try:
         if outs is None:
-            return original(*args, **kwargs)
+            with model_dropout.attention_scope():
+                return original(*args, **kwargs)
         recipes.park(members, x, outs)
         try:
-            result = original(*args, **kwargs)
+            with model_dropout.attention_scope():
+                result = original(*args, **kwargs)
         except BaseException:
             recipes.unpark(members)
             raise
@@ -217,9 +219,11 @@ def widen_groups(model: nn.Module) -> int:
 
 
 # --- installing ------------------------------------------------------------------------------------------------
-def install(model: nn.Module, *, group: bool, norms: bool, rope: bool, glu: bool, fused_loss: bool) -> dict:
+def install(model: nn.Module, *, group: bool, norms: bool, rope: bool, glu: bool, fused_loss: bool,
+            dropout: bool) -> dict:
     """Patch every known module of `model`; returns counts per patch kind."""
     counts = {"attention": 0, "mlp": 0, "norm": 0, "lm_loss": 0}
+    counts["dropout"] = model_dropout.install(model) if dropout else 0  # first: the loop skips patched modules
     for _, m in model.named_modules():
         if isinstance(m, AdaptedLayer) or is_patched(m):
             continue

@@ -10,6 +10,10 @@ What it does, each part switchable for measurement:
 - `group`: sibling projections that read one input (q/k/v, query/key/value; gate/up inside `glu`) run as
   one fused call;
 - `norms`, `rope`, `glu`, `fused_loss`: the HF family patches of families.py (Triton on GPU, torch on CPU);
+- `dropout`: on CPU the model's own dropout (its nn.Dropout modules, and transformers' sdpa attention dropout in
+  the patched attention modules) draws the seeded hash masks instead of torch's scalar Bernoulli loop
+  (model_dropout.py: the same keep probability from another random stream; the adapted layers' own dropout is
+  the fused linear's);
 - `wide`: the base weights of groups that read a patched RMSNorm's output (q/k/v, gate/up) get spare columns,
   so each output's LoRA term runs inside its base GEMM ([x | h]·[W | s·B]ᵀ, wide.py). The Parameters stay, with
   their values; their storage gets a row stride of in + E (E: the group's total rank, rounded up to 8);
@@ -50,7 +54,8 @@ CHECKPOINT_SLOT = "checkpoint"  # stacks on a family patch of the same module (c
 
 
 def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: bool = True, glu: bool = True,
-             fused_loss: bool = True, checkpoint: Union[bool, str] = False, tile_mlp: Union[None, bool, int, str] = None,
+             fused_loss: bool = True, dropout: bool = True, checkpoint: Union[bool, str] = False,
+             tile_mlp: Union[None, bool, int, str] = None,
              wide: Union[bool, str] = "auto", report: bool = False) -> dict[str, int]:
     """Install fast paths in place; returns how many modules got each one, and "not_fused": how many adapted
     layers take the reference path (see fusion_report). report=True logs each of them with its reason.
@@ -67,7 +72,8 @@ def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: 
         if layer.ops.kind == "linear" and layer.fast_path is None:
             layer.fast_path = lora_linear_fast_path
             counts["linear"] += 1
-    counts.update(families.install(model, group=group, norms=norms, rope=rope, glu=glu, fused_loss=fused_loss))
+    counts.update(families.install(model, group=group, norms=norms, rope=rope, glu=glu, fused_loss=fused_loss,
+                                   dropout=dropout))
     counts["wide"] = families.widen_groups(model) if widen else 0
     counts["checkpoint"] = _install_checkpointing(model, checkpoint) if checkpoint else 0
     counts["tiled_mlp"] = families.set_mlp_tiling(model, tile_mlp) if tile_mlp else 0
