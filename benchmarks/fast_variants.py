@@ -76,7 +76,8 @@ def run_cpu(cases, rounds: int, steps: int) -> list[dict]:
             runs[case]["times"].append((time.perf_counter() - t0) / steps)
     return [dict(shape="minilm-cpu", case=c, step_ms=statistics.median(runs[c]["times"]) * 1e3,
                  spread_ms=(max(runs[c]["times"]) - min(runs[c]["times"])) * 1e3, peak_gib=float("nan"),
-                 not_fused=runs[c]["not_fused"], tokens=bsz * seq) for c in cases]
+                 not_fused=runs[c]["not_fused"], tokens=bsz * seq,
+                 paired=train_step.paired_ratio(runs[c]["times"], runs[cases[0]]["times"])) for c in cases]
 
 
 def run_gpu(shape: str, cases, rounds: int, steps: int) -> list[dict]:
@@ -140,8 +141,10 @@ def run_qlora8b(steps: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
+    paired = any("paired" in r for r in rows)
     lines = ["| shape | case | step ms | spread ms | tokens/s | × lora (time; an _offload case × lora_offload) | peak GiB "
-             "| not fused |", "|---|---|---|---|---|---|---|---|"]
+             "| not fused |" + (f" × {rows[0]['case']} (time, paired rounds) |" if paired else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if paired else "")]
     base = {(r["shape"], r["case"]): r for r in rows if r["case"] in ("lora", "lora_offload")}
     for r in rows:
         like = "lora_offload" if r["case"].endswith("_offload") else "lora"
@@ -151,7 +154,8 @@ def table(rows: list[dict]) -> str:
         spread = "–" if r["spread_ms"] != r["spread_ms"] else f"{r['spread_ms']:.1f}"
         nf = "– (reference)" if r["not_fused"] < 0 else str(r["not_fused"])
         lines.append(f"| {r['shape']} | {r['case']} | {r['step_ms']:.1f} | {spread} | "
-                     f"{r['tokens'] / r['step_ms'] * 1e3:,.0f} | {ratio} | {peak} | {nf} |")
+                     f"{r['tokens'] / r['step_ms'] * 1e3:,.0f} | {ratio} | {peak} | {nf} |"
+                     + (f" {r['paired']:.3f} |" if paired else ""))
     return "\n".join(lines)
 
 

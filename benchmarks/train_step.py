@@ -253,14 +253,23 @@ def run_cpu(rounds: int, steps: int, cases: list[str], profile_dir=None) -> list
         step_s = statistics.median(runs[case]["times"])
         out.append(dict(shape="minilm-cpu", case=case, step_ms=step_s * 1e3, tokens_per_s=bsz * seq / step_s,
                         peak_gib=float("nan"), inject_s=runs[case]["inject_s"],
-                        spread_ms=(max(runs[case]["times"]) - min(runs[case]["times"])) * 1e3))
+                        spread_ms=(max(runs[case]["times"]) - min(runs[case]["times"])) * 1e3,
+                        paired=paired_ratio(runs[case]["times"], runs[cases[0]]["times"])))
     return out
+
+
+def paired_ratio(times: list, base: list) -> float:
+    """Median over rounds of a case's time / the first case's time in the same round: on a shared box whose speed
+    drifts between rounds, steadier than the ratio of the two medians."""
+    return statistics.median(t / b for t, b in zip(times, base))
 
 
 # --- report ----------------------------------------------------------------------------------------------------
 def table(rows: list[dict]) -> str:
-    lines = ["| shape | case | tokens/s | step ms | peak GiB | × floor (speed) | × floor (time) |",
-             "|---|---|---|---|---|---|---|"]
+    paired = any("paired" in r for r in rows)
+    lines = ["| shape | case | tokens/s | step ms | peak GiB | × floor (speed) | × floor (time) |"
+             + (f" × {rows[0]['case']} (time, paired rounds) |" if paired else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if paired else "")]
     floors = {r["shape"]: r for r in rows if r["case"] == "floor"}
     for r in rows:
         f = floors.get(r["shape"])
@@ -268,7 +277,7 @@ def table(rows: list[dict]) -> str:
         ratio = f"{r['step_ms'] / f['step_ms']:.3f}" if f else "–"
         peak = "–" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.2f}"
         lines.append(f"| {r['shape']} | {r['case']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {peak} | "
-                     f"{speed} | {ratio} |")
+                     f"{speed} | {ratio} |" + (f" {r['paired']:.3f} |" if paired else ""))
     return "\n".join(lines)
 
 

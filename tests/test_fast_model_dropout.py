@@ -163,3 +163,28 @@ def test_switched_off_the_models_dropout_is_torchs():
     x = torch.ones(1000)
     assert model_dropout.takes_hash(x, 0.1) and not model_dropout.takes_hash(x, 0.0)
     assert not model_dropout.takes_hash(x, 1.0) and not model_dropout.takes_hash(x.long(), 0.1)
+
+
+def test_the_wrapped_sdpa_function_is_transformers_own_for_every_call_it_does_not_take():
+    from transformers import AttentionInterface
+
+    lorakit.optimize(_tiny_bert())  # wraps the function (once per process)
+    wrapped = AttentionInterface._global_mapping["sdpa"]
+    original = wrapped.lorakit_original
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 4, 8, generator=g) for _ in range(3))
+    module = torch.nn.Module()
+    module.is_causal = False
+    calls = [((), {"dropout": 0.0}), ((), {"dropout": 0.2, "position_bias": torch.zeros(1, 2, 4, 4)}),
+             ((0.2,), {}), ((), {"dropout": 0.2, "output_attentions": True})]
+    for args, kwargs in calls:
+        with model_dropout.attention_scope():
+            torch.manual_seed(0)
+            got = wrapped(module, q, k, v, None, *args, **kwargs)[0]
+        torch.manual_seed(0)
+        want = original(module, q, k, v, None, *args, **kwargs)[0]
+        assert torch.equal(got, want), (args, kwargs)
+    torch.manual_seed(0)  # outside the scope: transformers' own, dropout or not
+    got = wrapped(module, q, k, v, None, dropout=0.5)[0]
+    torch.manual_seed(0)
+    assert torch.equal(got, original(module, q, k, v, None, dropout=0.5)[0])

@@ -4,22 +4,23 @@ attention probabilities.
 Why: on CPU, torch draws a dropout mask with a scalar Bernoulli loop (one [32, 64, 384] mask: ~6 ms; a
 [32, 12, 64, 64] attention mask: ~12 ms), while dropout_hash.py's keyed rounds make masks of the same keep
 probability (1 − p, to 2⁻¹⁶) in vectorised int32 ops (~1.5 and ~2 ms). In a BERT-like encoder every hidden state
-and every attention-probability tensor passes a dropout in training: on the project's 2-core box they took 15% of
-an all-MiniLM-L6-v2 training step (B32 T64), the frozen model's own step included.
+and every attention-probability tensor passes a dropout in training: on the project's 2-core box torch's mask draws
+took 12-16% of an all-MiniLM-L6-v2 training step (B32 T64; the profiled self time of `bernoulli_`), the frozen
+model's step as much as the adapted one's.
 
 What changes: the masks come from another random stream than torch's (a draw of the same distribution, like the
 fused linear's adapter dropout on CPU, dropout.py "hash"); a seeded run repeats itself, and a checkpoint's
 recompute (which restores torch's RNG state) draws the same masks. Each call takes one 64-bit seed from torch's
-default CPU generator. Masks are kept from forward to backward as int8 (nn.Dropout keeps a bool mask: the same
-byte a element).
+default CPU generator. Masks are kept from forward to backward as int8: one byte per element, as nn.Dropout's bool
+mask.
 
 Where: `install(model)` patches every nn.Dropout of the model outside its adapted layers (whose dropout is the
 reference path's). The patched forward takes the hash masks in training, on CPU, outside torch.compile, and calls
 the module's own forward otherwise. Attention: families.attention_forward runs the module's own forward inside
 `attention_scope()`; there transformers' "sdpa" attention function, wrapped once (`install`), computes softmax
-attention with the hash-masked probabilities when dropout > 0 on CPU in a differentiable forward (what
-scaled_dot_product_attention's math path computes on CPU with dropout, which is what it runs there), and is
-transformers' own function for every other call.
+attention with the hash-masked probabilities when dropout > 0 on CPU (the math path that
+scaled_dot_product_attention itself runs on CPU with dropout), and is transformers' own function for every other
+call.
 """
 
 from __future__ import annotations
@@ -93,9 +94,13 @@ def attention_scope():
         _STATE.depth = depth
 
 
-def _takes_attention(query: torch.Tensor, dropout: float, kwargs: dict) -> bool:
-    return (getattr(_STATE, "depth", 0) > 0 and torch.is_grad_enabled() and takes_hash(query, dropout)
-            and kwargs.get("position_bias") is None and not kwargs.get("output_attentions", False))
+def _takes_attention(query: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+    """Whether a call of the sdpa function is taken: in scope, dropout (a keyword, as transformers' attention modules
+    pass it) taking the hash masks, and nothing the function would read besides the mask, scaling and is_causal (no
+    position bias, no attention weights asked for, no further positional argument)."""
+    return (getattr(_STATE, "depth", 0) > 0 and not args
+            and takes_hash(query, kwargs.get("dropout", 0.0)) and kwargs.get("position_bias") is None
+            and not kwargs.get("output_attentions", False))
 
 
 def hash_attention(module, query, key, value, attention_mask, dropout, scaling=None, is_causal=None):
@@ -138,12 +143,11 @@ def _wrap_sdpa() -> None:
     if original is None or getattr(original, "lorakit_original", None) is not None:
         return
 
-    def sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                               is_causal=None, **kwargs):
-        if _takes_attention(query, dropout, kwargs):
-            return hash_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal)
-        return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                        is_causal=is_causal, **kwargs)
+    def sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs):
+        if _takes_attention(query, args, kwargs):
+            return hash_attention(module, query, key, value, attention_mask, kwargs["dropout"],
+                                  kwargs.get("scaling"), kwargs.get("is_causal"))
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
 
     sdpa_attention_forward.lorakit_original = original
     AttentionInterface.register("sdpa", sdpa_attention_forward)
