@@ -303,7 +303,7 @@ def main(argv=None) -> None:
                     "1b:dora_ref,1b:dora (shape: limits a case to one shape); also liger_floor, peft_liger "
                     "(need liger-kernel),"
                     "opt_ckpt, opt_offload, and ablations "
-                    "opt-group|norms|rope|glu|fused_loss")
+                    "opt-group|norms|rope|glu|fused_loss|dropout")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5, help="CPU: interleaved rounds")
