@@ -183,7 +183,7 @@ def test_training_forward_keeps_no_cache_and_skips_the_packed_check_only_where_t
 
     def spy(p, *a):
         got = check(p, *a)
-        seen.append((getattr(positions._STATE, "depth", 0) > 0, got is None))
+        seen.append((positions._SCOPE.active(), got is None))
         return got
 
     ids = _batch()

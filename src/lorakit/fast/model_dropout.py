@@ -25,9 +25,7 @@ call.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
 
 import torch
 from torch import nn
@@ -36,8 +34,9 @@ from ..core.adapted import AdaptedLayer
 from ..core.patching import is_patched, patch_forward
 from .dropout import mask_source
 from .dropout_hash import keep_masks
+from .thread_scope import ThreadScope
 
-_STATE = threading.local()
+_SCOPE = ThreadScope()
 
 
 def draw_seed() -> int:
@@ -83,22 +82,17 @@ def dropout_forward(module: nn.Dropout, original, x: torch.Tensor) -> torch.Tens
 
 
 # --- attention ---------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
 def attention_scope():
-    """Within (this thread): transformers' "sdpa" attention takes the hash masks for its dropout (see above)."""
-    depth = getattr(_STATE, "depth", 0)
-    _STATE.depth = depth + 1
-    try:
-        yield
-    finally:
-        _STATE.depth = depth
+    """Within (a context manager, this thread): transformers' "sdpa" attention takes the hash masks for its dropout
+    (see above)."""
+    return _SCOPE.entered()
 
 
 def _takes_attention(query: torch.Tensor, args: tuple, kwargs: dict) -> bool:
     """Whether a call of the sdpa function is taken: in scope, dropout (a keyword, as transformers' attention modules
     pass it) taking the hash masks, and nothing the function would read besides the mask, scaling and is_causal (no
     position bias, no attention weights asked for, no further positional argument)."""
-    return (getattr(_STATE, "depth", 0) > 0 and not args
+    return (_SCOPE.active() and not args
             and takes_hash(query, kwargs.get("dropout", 0.0)) and kwargs.get("position_bias") is None
             and not kwargs.get("output_attentions", False))
 

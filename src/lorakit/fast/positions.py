@@ -13,23 +13,17 @@ transformers' own check.
 
 from __future__ import annotations
 
-import contextlib
-import threading
-
 import torch
 
-_STATE = threading.local()
+from .thread_scope import ThreadScope
+
+_SCOPE = ThreadScope()
 
 
-@contextlib.contextmanager
 def no_packed_check():
-    """Within: transformers' packed-sequence check answers "not packed" (this thread, eager mode only)."""
-    depth = getattr(_STATE, "depth", 0)
-    _STATE.depth = depth + 1
-    try:
-        yield
-    finally:
-        _STATE.depth = depth
+    """Within (a context manager): transformers' packed-sequence check answers "not packed" (this thread, eager
+    mode only)."""
+    return _SCOPE.entered()
 
 
 def install() -> None:
@@ -43,7 +37,7 @@ def install() -> None:
         return
 
     def find_packed_sequence_indices(position_ids, *args, **kwargs):
-        if not torch.compiler.is_compiling() and getattr(_STATE, "depth", 0) > 0:
+        if not torch.compiler.is_compiling() and _SCOPE.active():
             return None
         return original(position_ids, *args, **kwargs)
 

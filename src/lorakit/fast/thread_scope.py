@@ -1,0 +1,27 @@
+"""A per-thread, nestable "inside" flag: how a patched forward tells a wrapped library function, several calls
+down, that the call comes from inside it (positions.no_packed_check, model_dropout.attention_scope)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+
+class ThreadScope:
+    """`with scope.entered():` marks this thread as inside until the block ends (nesting counts); `scope.active()`
+    tells whether it is. Other threads never see it."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def entered(self):
+        depth = getattr(self._local, "depth", 0)
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+
+    def active(self) -> bool:
+        return getattr(self._local, "depth", 0) > 0
