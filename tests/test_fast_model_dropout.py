@@ -188,3 +188,37 @@ def test_the_wrapped_sdpa_function_is_transformers_own_for_every_call_it_does_no
     got = wrapped(module, q, k, v, None, dropout=0.5)[0]
     torch.manual_seed(0)
     assert torch.equal(got, original(module, q, k, v, None, dropout=0.5)[0])
+
+
+def test_torch_func_transforms_get_torchs_own_dropout():
+    drop = torch.nn.Dropout(0.3).train()
+    lorakit.optimize(torch.nn.Sequential(drop))
+    assert "forward" in drop.__dict__
+    x = torch.randn(50)
+    torch.manual_seed(0)
+    dx = torch.func.grad(lambda t: drop(t).sum())(x)  # HashDropout has no setup_context: torch's dropout serves
+    assert torch.all((dx == 0) | ((dx - 1 / 0.7).abs() < 1e-6)) and (dx == 0).any() and (dx != 0).any()
+
+
+def test_half_precision_attention_runs_in_float32_and_takes_a_float32_mask():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 5, 8, generator=g) for _ in range(3))
+    mask = torch.randn(2, 1, 5, 5, generator=g)  # a float32 additive mask, as transformers may pass with bf16
+    module = torch.nn.Module()
+    module.is_causal = False
+    torch.manual_seed(4)
+    want, _ = model_dropout.hash_attention(module, q, k, v, mask, 0.2)
+    torch.manual_seed(4)
+    got, _ = model_dropout.hash_attention(module, q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, 0.2)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)  # bf16 inputs, float32 softmax
+
+
+def test_without_safe_softmax_the_call_goes_to_transformers(monkeypatch):
+    monkeypatch.setattr(model_dropout, "_SAFE_SOFTMAX", None)
+    taken = []
+    monkeypatch.setattr(model_dropout, "hash_attention", lambda *a, **k: taken.append(1))
+    model = _tiny_bert()
+    lorakit.optimize(model)
+    _step(model)
+    assert not taken

@@ -26,6 +26,7 @@ call.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -37,17 +38,20 @@ from .dropout_hash import keep_masks
 from .thread_scope import ThreadScope
 
 _SCOPE = ThreadScope()
+_SAFE_SOFTMAX = getattr(torch, "_safe_softmax", None)  # torch ≥ 2.5: softmax giving 0 for a row of -inf
 
 
 def draw_seed() -> int:
-    """One call's mask seed from torch's default CPU generator (torch.manual_seed repeats it)."""
+    """One call's mask seed, in [2⁶², 2⁶³), from torch's default CPU generator (torch.manual_seed repeats it)."""
     return int(torch.randint(2**62, 2**63 - 1, ()))
 
 
 def takes_hash(x: torch.Tensor, p: float) -> bool:
     """Whether a training dropout of x with probability p takes the hash masks: 0 < p < 1, on a device whose
-    mask source is "hash" (CPU), outside torch.compile (dropout.mask_source)."""
-    return 0.0 < p < 1.0 and x.is_floating_point() and mask_source(x.device) == "hash"
+    mask source is "hash" (CPU), outside torch.compile (dropout.mask_source) and outside torch.func's transforms
+    (grad, vmap: HashDropout has no setup_context for them, torch's own dropout has)."""
+    return (0.0 < p < 1.0 and x.is_floating_point() and mask_source(x.device) == "hash"
+            and not torch._C._are_functorch_transforms_active())
 
 
 class HashDropout(torch.autograd.Function):
@@ -74,11 +78,11 @@ def hash_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     return HashDropout.apply(x, p, draw_seed())
 
 
-def dropout_forward(module: nn.Dropout, original, x: torch.Tensor) -> torch.Tensor:
+def dropout_forward(module: nn.Dropout, original, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Dropout's name)
     """Forward of a patched nn.Dropout: the hash masks where they apply, else the module's own forward."""
-    if module.training and not module.inplace and takes_hash(x, module.p):
-        return hash_dropout(x, module.p)
-    return original(x)
+    if module.training and not module.inplace and takes_hash(input, module.p):
+        return hash_dropout(input, module.p)
+    return original(input)
 
 
 # --- attention ---------------------------------------------------------------------------------------------------
@@ -91,8 +95,9 @@ def attention_scope():
 def _takes_attention(query: torch.Tensor, args: tuple, kwargs: dict) -> bool:
     """Whether a call of the sdpa function is taken: in scope, dropout (a keyword, as transformers' attention modules
     pass it) taking the hash masks, and nothing the function would read besides the mask, scaling and is_causal (no
-    position bias, no attention weights asked for, no further positional argument)."""
-    return (_SCOPE.active() and not args
+    position bias, no attention weights asked for, no further positional argument), with a torch that has
+    _safe_softmax (2.5 and later)."""
+    return (_SCOPE.active() and not args and _SAFE_SOFTMAX is not None
             and takes_hash(query, kwargs.get("dropout", 0.0)) and kwargs.get("position_bias") is None
             and not kwargs.get("output_attentions", False))
 
@@ -106,6 +111,9 @@ def hash_attention(module, query, key, value, attention_mask, dropout, scaling=N
         (True: attend) or additive float, broadcastable to [B, H, T, S]; dropout: p; scaling: None (1/√D);
         is_causal: None (the module's own flag), as transformers' sdpa function reads it.
     """
+    dtype = query.dtype
+    if dtype in (torch.float16, torch.bfloat16):  # as sdpa's math path on CPU: the softmax attention in float32
+        query, key, value = query.float(), key.float(), value.float()
     if query.shape[1] != key.shape[1]:  # grouped keys and values: each serves H / Hkv heads
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
@@ -121,18 +129,19 @@ def hash_attention(module, query, key, value, attention_mask, dropout, scaling=N
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, float("-inf"))
         else:
-            scores = scores + attention_mask
-        probs = torch._safe_softmax(scores, -1)  # a row with nothing to attend gives zeros, as sdpa's math path
+            scores = scores + attention_mask.to(scores.dtype)
+        probs = _SAFE_SOFTMAX(scores, -1)  # a row with nothing to attend gives zeros, as sdpa's math path
     out = torch.matmul(hash_dropout(probs, dropout), value)  # [B, H, T, D]
-    return out.transpose(1, 2).contiguous(), None
+    return out.to(dtype).transpose(1, 2).contiguous(), None
 
 
 def _wrap_sdpa() -> None:
-    """Wrap transformers' "sdpa" attention function once (a no-op without transformers)."""
-    try:
-        from transformers import AttentionInterface
-    except ImportError:
+    """Wrap transformers' "sdpa" attention function once: a no-op where transformers is not imported (no model of
+    this process is a transformers model then, and importing it would cost seconds)."""
+    if "transformers" not in sys.modules:
         return
+    from transformers import AttentionInterface
+
     original = AttentionInterface._global_mapping.get("sdpa")
     if original is None or getattr(original, "lorakit_original", None) is not None:
         return

@@ -10,6 +10,7 @@ instead of ~20 s.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -112,7 +113,7 @@ def resolve_model(name: str, log=print) -> str:
 
 def converted_gguf(gguf: Path, log=print) -> Path:
     """The cached safetensors copy of a GGUF model, made on first use (atomic: a killed run leaves no half copy)."""
-    target = cache_root() / "models" / f"{gguf.stem}-{_content_key(gguf)}"
+    target = cache_root() / "models" / f"{gguf.stem}-{_content_key(gguf, _installed('transformers'))}"
     if (target / "config.json").is_file():
         return target
     quiet_transformers()
@@ -140,13 +141,25 @@ def converted_gguf(gguf: Path, log=print) -> Path:
     return target
 
 
-def _content_key(path: Path) -> str:
-    """The first 12 hex digits of the file's SHA-256 (~0.3 s for SmolLM2's 98 MB).
+def _installed(package: str) -> str:
+    """The installed version of `package` (without importing it), or "none"."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+CONVERSION_RECIPE = 1  # raised whenever converted_gguf's output changes, so that no older copy is served
+
+
+def _content_key(path: Path, converter: str) -> str:
+    """12 hex digits of the SHA-256 of the file's bytes, the recipe and the converter's version (transformers'):
+    ~0.3 s for SmolLM2's 98 MB.
 
     Keyed by content, not by path and mtime: the same model installed in another virtual environment, or
     reinstalled, finds its converted copy instead of adding another ~0.5 GB one to the cache.
     """
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(f"recipe {CONVERSION_RECIPE}, transformers {converter}|".encode())
     with path.open("rb") as f:
         while block := f.read(1 << 20):
             digest.update(block)
