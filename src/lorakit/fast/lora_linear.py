@@ -267,6 +267,9 @@ class FusedLoraLinears(torch.autograd.Function):
             saved_x = (x2 if xt or seed is not None else None, None, None)
         if seed is not None:  # the seed slots hold ints, which autograd does not save
             params = [None if type(t) is int else t for t in params]
+        if torch.compiler.is_compiling():  # dynamo refuses to save views of the call's input or intermediates
+            saved_x = (x if saved_x[0] is x2 and x2._base is not None else saved_x[0], *saved_x[1:])  # reshaped back
+            h = h.clone() if h is not None else None  # [N, R]: small
         ctx.save_for_backward(*saved_x, h, a_x, taken, *zs, *params, *kept)
         return tuple(outs)
 
@@ -274,6 +277,7 @@ class FusedLoraLinears(torch.autograd.Function):
     def backward(ctx, *grads):
         plan: _Plan = ctx.plan
         x2, rstd, norm_w, h, a_x, taken, *rest = ctx.saved_tensors
+        x2 = x2.reshape(-1, x2.shape[-1]) if x2 is not None else None  # [N, in] (compiled: x was saved)
         zs, params = rest[:plan.n_scaled], rest[plan.n_scaled:plan.n_scaled + plan.n_params]
         kept = rest[plan.n_scaled + plan.n_params:]  # the mask engine's, from forward
         needs = ctx.needs_input_grad[8:]  # after (x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources, wide)

@@ -78,7 +78,7 @@ def hash_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     return HashDropout.apply(x, p, draw_seed())
 
 
-def dropout_forward(module: nn.Dropout, original, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Dropout's name)
+def dropout_forward(module: nn.Dropout, original, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Dropout's)
     """Forward of a patched nn.Dropout: the hash masks where they apply, else the module's own forward."""
     if module.training and not module.inplace and takes_hash(input, module.p):
         return hash_dropout(input, module.p)
