@@ -15,8 +15,8 @@ default CPU generator. Masks are kept from forward to backward as int8: one byte
 mask.
 
 Where: `install(model)` patches every nn.Dropout of the model outside its adapted layers (whose dropout is the
-reference path's). The patched forward takes the hash masks in training, on CPU, outside torch.compile, and calls
-the module's own forward otherwise. Attention: families.attention_forward runs the module's own forward inside
+reference path's). The patched forward takes the hash masks in training, on CPU, outside torch.compile and
+torch.func's transforms, and calls the module's own forward otherwise. Attention: families.attention_forward runs the module's own forward inside
 `attention_scope()`; there transformers' "sdpa" attention function, wrapped once (`install`), computes softmax
 attention with the hash-masked probabilities when dropout > 0 on CPU (the math path that
 scaled_dot_product_attention itself runs on CPU with dropout), and is transformers' own function for every other
