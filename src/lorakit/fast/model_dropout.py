@@ -140,7 +140,10 @@ def _wrap_sdpa() -> None:
     this process is a transformers model then, and importing it would cost seconds)."""
     if "transformers" not in sys.modules:
         return
-    from transformers import AttentionInterface
+    try:
+        from transformers import AttentionInterface
+    except ImportError:  # a transformers without the attention registry: nothing to wrap
+        return
 
     original = AttentionInterface._global_mapping.get("sdpa")
     if original is None or getattr(original, "lorakit_original", None) is not None:
