@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import recipes
+from .wide import storage_alias
 from ..triton_gate import tl, triton, use_triton, warps_for, row_block, cdiv
 from ..triton_launch import cached_launch
 
@@ -134,7 +135,7 @@ def _rows_of(wide: torch.Tensor, shape) -> torch.Tensor:
     stride = [wide.stride(0), 1]
     for size in reversed(shape[1:-1]):
         stride.insert(0, stride[0] * size)
-    return wide.new_empty(0).set_(wide.untyped_storage(), wide.storage_offset(), shape, stride[-len(shape):])
+    return storage_alias(wide, shape, stride[-len(shape):], wide.storage_offset())
 
 
 def _rows(t: torch.Tensor, d: int) -> torch.Tensor:

@@ -34,14 +34,14 @@ WIDE_ATTR = RESTORED_ATTR  # on a widened Parameter: [data_ptr, row stride, colu
 ALIGN = 8  # spare columns in multiples of 8: rows stay 16-byte aligned in 16-bit dtypes when `in` is a multiple of 8
 
 
-def _alias(t: torch.Tensor, shape, stride, offset: int) -> torch.Tensor:
+def storage_alias(t: torch.Tensor, shape, stride, offset: int) -> torch.Tensor:
     """A tensor on t's storage that is not a view of t (its own version counter, no autograd link)."""
     return t.new_empty(0).set_(t.untyped_storage(), offset, shape, stride)
 
 
 def _whole(w: torch.Tensor, rank: int) -> torch.Tensor:
     """The widened weight w [out, in] with its first `rank` spare columns: [out, in + rank], an alias."""
-    return _alias(w, (w.shape[0], w.shape[1] + rank), (w.stride(0), 1), w.storage_offset())
+    return storage_alias(w, (w.shape[0], w.shape[1] + rank), (w.stride(0), 1), w.storage_offset())
 
 
 def room(w: torch.Tensor) -> int:
@@ -105,7 +105,7 @@ def write_terms(plan, params, rank: int) -> tuple:
         whole = _whole(w, rank)
         mark = w.__dict__[WIDE_ATTR]
         if mark[2] != cols:
-            _alias(w, (out_f, w.stride(0) - in_f), (w.stride(0), 1), w.storage_offset() + in_f).zero_()
+            storage_alias(w, (out_f, w.stride(0) - in_f), (w.stride(0), 1), w.storage_offset() + in_f).zero_()
             mark[2] = cols
         written = []
         for jj, _, bi, col, r, s, _ in plan.terms:
