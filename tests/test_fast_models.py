@@ -107,6 +107,20 @@ def test_fused_loss_matches_hf_and_only_replaces_the_training_forward(tiny_llama
     assert rel_norm(fast(**batch, num_items_in_batch=n).loss, ref(**batch, num_items_in_batch=n).loss) <= 1e-5
 
 
+def test_a_bfloat16_autocast_over_float32_weights_trains_as_the_reference(tiny_llama):
+    """Trainer's bf16=True on a float32 model: every fast path, the fused loss too, casts as autocast would."""
+    ref = _adapted(tiny_llama)
+    fast = copy.deepcopy(ref)
+    lorakit.optimize(fast)
+    batch = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        l0, g0 = _loss_and_grads(ref, batch)
+        l1, g1 = _loss_and_grads(fast, batch)
+    assert l1.dtype == l0.dtype == torch.float32 and rel_norm(l1, l0) <= 1e-4
+    for a, b in zip(g1, g0):
+        assert a.dtype == torch.float32 and rel_norm(a, b) <= 3e-2  # bfloat16 products summed in another order
+
+
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma", "gemma2"])
 def test_other_families(family):
     import transformers as tf

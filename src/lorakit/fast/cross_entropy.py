@@ -102,8 +102,16 @@ class LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
                          ignore_index: int = -100, num_items_in_batch=None, chunk_rows: Optional[int] = None):
     """mean (or sum / num_items_in_batch, as HF) of CE(h·Wᵀ + b, target) over non-ignored rows.
-    h [..., H], target [...] already shifted."""
+    h [..., H], target [...] already shifted. Under autocast, h, W and b are cast to its dtype as autocast casts the
+    LM head's F.linear, and the call runs with autocast off (the loss is float32 either way)."""
     h2 = h.reshape(-1, h.shape[-1])
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        cast = torch.get_autocast_dtype(dev)
+        h2, weight = h2.to(cast), weight.to(cast)
+        bias = bias.to(cast) if bias is not None else None
+        with torch.autocast(dev, enabled=False):
+            return linear_cross_entropy(h2, weight, bias, target, ignore_index, num_items_in_batch, chunk_rows)
     t = target.reshape(-1).to(h.device)
     if num_items_in_batch is None:
         scale = 1.0 / (t != ignore_index).sum().to(torch.float32)
