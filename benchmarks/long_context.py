@@ -80,7 +80,8 @@ def legacy_offload() -> None:
 
     class Legacy(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, hidden, anchor, run, stashed, overlap):
+        def forward(ctx, hidden, anchor, run, stashed, overlap, *params):
+            ctx.n_params = len(params)
             ctx.run, ctx.device = run, hidden.device
             ctx.rng = ckpt.device_rng_state(hidden.device)
             ctx.cpu = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=hidden.is_cuda)
@@ -98,7 +99,7 @@ def legacy_offload() -> None:
                 ckpt.restore_device_rng(ctx.device, ctx.rng)
                 out = ctx.run(hidden)
             torch.autograd.backward(out, dout)
-            return hidden.grad, None, None, None, None
+            return (hidden.grad, None, None, None, None) + (None,) * ctx.n_params  # .grad accumulated
 
     ckpt._OffloadedBlock = Legacy
 

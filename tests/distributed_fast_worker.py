@@ -1,6 +1,6 @@
 """One rank of tests/test_distributed_fast.py, started by torchrun (gloo, CPU): a tiny Llama with an adapter and
-lorakit.optimize(), wrapped in DDP or FSDP2 (fully_shard per decoder layer, then the root), one forward/backward on
-this rank's rows, for every (strategy, adapter) case in one launch. Rank 0 writes, per case, the mean loss, the
+lorakit.optimize() (with checkpoint=True in one case), wrapped in DDP or FSDP2 (fully_shard per decoder layer, then
+the root), one forward/backward on this rank's rows, for every (strategy, case) in one launch. Rank 0 writes, per case, the mean loss, the
 full adapter gradients and the number of fused calls.
 Usage: distributed_fast_worker.py OUT.pt"""
 
@@ -12,7 +12,8 @@ import torch.distributed as dist
 import lorakit
 import lorakit.fast.lora_linear as ll
 
-CASES = {"lora": {}, "dora": {"use_dora": True}}
+CASES = {"lora": {}, "dora": {"use_dora": True}, "lora-checkpoint": {}}  # name: adapter options
+OPTIMIZE = {"lora-checkpoint": {"checkpoint": True}}  # name: optimize() options, where not the defaults
 STRATEGIES = ("ddp", "fsdp")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -45,13 +46,13 @@ def adapter_grads(model) -> dict:
     return grads
 
 
-def run_case(strategy: str, adapter: dict, rank: int, world: int) -> dict:
-    model = build(adapter)
+def run_case(strategy: str, name: str, rank: int, world: int) -> dict:
+    model = build(CASES[name])
     calls = []
     real = ll.FusedLoraLinears.apply
     ll.FusedLoraLinears.apply = lambda *a: calls.append(1) or real(*a)
     try:
-        lorakit.optimize(model)
+        lorakit.optimize(model, **OPTIMIZE.get(name, {}))
         if strategy == "ddp":
             wrapped = torch.nn.parallel.DistributedDataParallel(model)
         else:
@@ -74,7 +75,7 @@ def run_case(strategy: str, adapter: dict, rank: int, world: int) -> dict:
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    results = {f"{s}-{name}": run_case(s, adapter, rank, world) for s in STRATEGIES for name, adapter in CASES.items()}
+    results = {f"{s}-{name}": run_case(s, name, rank, world) for s in STRATEGIES for name in CASES}
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()

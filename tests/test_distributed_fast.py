@@ -47,7 +47,8 @@ def test_two_processes_with_optimize_give_the_one_process_reference_gradients(st
     loss.backward()
     ref = adapter_grads(model)
     got = two_processes[f"{strategy}-{adapter}"]
-    assert got["calls"] == 8  # per decoder layer: q/k/v as one call, o, gate/up as one call, down
+    per_pass = 8  # per decoder layer: q/k/v as one call, o, gate/up as one call, down
+    assert got["calls"] == per_pass * (2 if "checkpoint" in adapter else 1)  # and the recompute's
     torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
     assert got["grads"].keys() == ref.keys() and len(ref) == 2 * 7 * (3 if adapter == "dora" else 2)
     for name, g in ref.items():

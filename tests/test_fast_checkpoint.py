@@ -1,0 +1,158 @@
+"""optimize(checkpoint=...): a block's forward records no autograd graph (its input is all it keeps), and its
+recompute gives the gradients the un-checkpointed model gives, through loss.backward() and torch.autograd.grad,
+under autocast, and for a block argument that needs a gradient of its own (CPU, float32 unless said)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from support import one_thread, rel_norm  # noqa: F401
+
+MODES = [True, "offload"]
+
+
+class Block(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, h, shift=None):
+        y = self.fc2(torch.relu(self.fc1(h)))  # [N, d]
+        return h + (y if shift is None else y * shift)
+
+
+class Net(nn.Module):
+    """Blocks only: whatever the forward saves for backward, a block saved it."""
+
+    def __init__(self, d: int = 16, n: int = 3):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(d) for _ in range(n))
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, d))  # trained, read by every block through `shift`
+
+    def forward(self, x, shifted: bool = False):
+        for block in self.blocks:
+            x = block(x, shift=self.scale * 2 if shifted else None)
+        return x
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    net = Net()
+    lorakit.add_adapter(net, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"],
+                                                init_lora_weights=False))
+    net.scale.requires_grad_(True)  # add_adapter froze it; trained like a modules_to_save tensor
+    return net.train()
+
+
+def _x(seed=0, requires_grad=True):
+    return torch.randn(6, 16, generator=torch.Generator().manual_seed(seed)).requires_grad_(requires_grad)
+
+
+def _grads(net, x, **kw):
+    loss = net(x, **kw).square().mean()
+    params = [p for p in net.parameters() if p.requires_grad]
+    return loss.detach(), torch.autograd.grad(loss, [x, *params], allow_unused=True)  # unshifted: scale unused
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_checkpointed_forward_saves_only_each_block_input(mode):
+    net = _net()
+    lorakit.optimize(net, checkpoint=mode)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = net(_x())
+    assert saved == ([(6, 16)] * 3 if mode is True else [])  # offload: the input went to host memory
+    out.sum().backward()
+    plain = _net()
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        plain(_x())
+    assert len(saved) > 3 * 4  # what the hooks see without checkpointing: every block's activations
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_autograd_grad_through_checkpointed_blocks_equals_the_plain_model(mode):
+    ref = _net()
+    fast = copy.deepcopy(ref)
+    assert lorakit.optimize(fast, checkpoint=mode)["checkpoint"] == 3
+    for seed in range(2):
+        l0, g0 = _grads(ref, _x(seed))
+        l1, g1 = _grads(fast, _x(seed))
+        assert rel_norm(l1, l0) <= 1e-6
+        assert len(g1) == len(g0) == 1 + 1 + 3 * 4  # the input, `scale` (unused: None), A and B of six linears
+        assert g0[1] is None and g1[1] is None
+        for a, b in zip(g1[2:] + g1[:1], g0[2:] + g0[:1]):
+            assert rel_norm(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_block_argument_that_needs_a_gradient_gets_it(mode):
+    """`shift` carries a trained tensor into every block: torch's non-reentrant checkpoint then runs the block,
+    and the gradient reaches `scale` as it does without checkpointing."""
+    ref = _net()
+    fast = copy.deepcopy(ref)
+    lorakit.optimize(fast, checkpoint=mode)
+    l0, g0 = _grads(ref, _x(), shifted=True)
+    l1, g1 = _grads(fast, _x(), shifted=True)
+    assert rel_norm(l1, l0) <= 1e-6
+    assert g0[1].abs().sum() > 0  # scale's
+    for a, b in zip(g1, g0):
+        assert rel_norm(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_recompute_runs_under_the_forward_autocast(mode):
+    ref = _net()
+    fast = copy.deepcopy(ref)
+    lorakit.optimize(ref)  # the same fused path, not checkpointed
+    lorakit.optimize(fast, checkpoint=mode)
+    x = _x(requires_grad=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out0 = ref(x)
+        out1 = fast(x)
+    assert out1.dtype == out0.dtype
+    (out0.float().square().mean()).backward()
+    (out1.float().square().mean()).backward()
+    for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
+        if b.grad is not None:
+            assert a.grad is not None and a.grad.dtype == b.grad.dtype, name
+            assert rel_norm(a.grad, b.grad) <= 1e-6, name  # the same bfloat16 ops in the same order
+
+
+def test_a_block_input_changed_in_place_before_backward_is_refused():
+    net = _net()
+    lorakit.optimize(net, checkpoint=True)
+    h = net.blocks[0](_x())
+    out = net.blocks[1](h)
+    with torch.no_grad():
+        h.add_(1.0)  # the input block 1 would recompute from
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_loss_backward_through_checkpointed_llama_blocks_with_dropout(tiny_llama):
+    """An HF model with dropout in its blocks: the recompute draws the forward's masks again."""
+    tiny_llama.config.attention_dropout = 0.2
+    lorakit.add_adapter(tiny_llama, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                       lora_dropout=0.1, init_lora_weights=False))
+    for layer in tiny_llama.model.layers:
+        layer.self_attn.attention_dropout = 0.2
+    ref = tiny_llama.train()
+    fast = copy.deepcopy(ref)
+    lorakit.optimize(fast, checkpoint=True)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    fast(input_ids=ids, labels=ids).loss.backward()
+    lorakit.unoptimize(fast)  # the same model, no checkpointing, the same draws from the same seed
+    grads = {n: p.grad.clone() for n, p in fast.named_parameters() if p.grad is not None}
+    fast.zero_grad(set_to_none=True)
+    lorakit.optimize(fast)
+    torch.manual_seed(1)
+    fast(input_ids=ids, labels=ids).loss.backward()
+    assert len(grads) == 2 * 7 * 2
+    for n, p in fast.named_parameters():
+        if n in grads:
+            assert rel_norm(grads[n], p.grad) <= 1e-5, n
