@@ -158,8 +158,9 @@ def causal_lm_forward(model, original, *args, **kwargs):
     spec = layer_spec(model.lm_head) if type(model.lm_head) is nn.Linear else None  # (w, bias, ...)
     head = spec[:2] if spec is not None else None
     if (labels is None or not torch.is_grad_enabled() or head is None or kwargs.get("logits_to_keep", 0) != 0
-            or "return_dict" in kwargs or kwargs.get("past_key_values") is not None):
-        return original(*args, **kwargs)
+            or "return_dict" in kwargs or kwargs.get("past_key_values") is not None
+            or kwargs.get("output_router_logits", getattr(model.config, "output_router_logits", False))):
+        return original(*args, **kwargs)  # a MoE's auxiliary loss is the model's own: its forward adds it
     signature = inspect.signature(type(model).forward)
     bound = signature.bind(model, *args, **kwargs).arguments
     bound.pop("self", None)
