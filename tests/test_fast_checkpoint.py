@@ -156,3 +156,37 @@ def test_loss_backward_through_checkpointed_llama_blocks_with_dropout(tiny_llama
     for n, p in fast.named_parameters():
         if n in grads:
             assert rel_norm(grads[n], p.grad) <= 1e-5, n
+
+
+def _tiny_mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        output_router_logits=True, router_aux_loss_coef=1.0)
+    model = MixtralForCausalLM(cfg)
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False))
+    return model.train()
+
+
+@pytest.mark.parametrize("mode", [False, True, "offload"])
+def test_a_moe_auxiliary_loss_keeps_its_gradient(mode):
+    """Mixtral with output_router_logits: the loss includes the router's load-balancing loss, whose router logits
+    transformers records inside each block. The fused loss leaves that forward to the model, and checkpointed
+    blocks whose outputs are being recorded run under torch's checkpoint, so the recorded logits carry gradients."""
+    ref = _tiny_mixtral()
+    fast = copy.deepcopy(ref)
+    lorakit.optimize(fast, checkpoint=mode)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    got = []
+    for model in (ref, fast):
+        out = model(input_ids=ids, labels=ids)
+        assert out.aux_loss > 0
+        params = [p for p in model.parameters() if p.requires_grad]
+        got.append((out.loss.detach(), torch.autograd.grad(out.loss, params)))
+    (l0, g0), (l1, g1) = got
+    assert rel_norm(l1, l0) <= 1e-5
+    for a, b in zip(g1, g0):
+        assert rel_norm(a, b) <= 1e-5

@@ -18,14 +18,15 @@ version counter); only then do its later copies overlap its compute.
 Without CUDA the copies are plain ones.
 The block's parameters that need gradients are inputs of its autograd node, so their gradients flow out of it
 as anywhere else (loss.backward(), torch.autograd.grad, DDP's hooks); a trained tensor the block reads without
-owning it (not among block.parameters()) gets no gradient. A block called with another argument that
-needs a gradient runs under torch's non-reentrant checkpoint instead (on the device, in both modes), which
-carries it.
+owning it (not among block.parameters()) gets no gradient. A block call that takes another argument needing a
+gradient, or hands out more than its output (router logits for a MoE's auxiliary loss, recorded hidden states),
+runs under torch's non-reentrant checkpoint instead (on the device, in both modes), which carries those gradients.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -53,7 +54,8 @@ def checkpointed_forward(block, original, offload: bool, *args, **kwargs):
     if kwargs.get("use_cache"):
         kwargs["use_cache"] = False
     hidden, rest = (args[0], args[1:]) if args else (kwargs.get("hidden_states"), ())
-    if not isinstance(hidden, torch.Tensor) or _needs_grad(rest) or _needs_grad(kwargs.values(), skip=hidden):
+    if (not isinstance(hidden, torch.Tensor) or _needs_grad(rest) or _needs_grad(kwargs.values(), skip=hidden)
+            or _hands_out_more(block, kwargs)):
         return checkpoint(original, *args, use_reentrant=False, **kwargs)  # it carries the other gradients
     if not args:
         del kwargs["hidden_states"]
@@ -93,6 +95,20 @@ def _needs_grad(values, skip=None) -> bool:
         elif isinstance(v, torch.Tensor) and v is not skip and v.requires_grad:
             return True
     return False
+
+
+def _hands_out_more(block, kwargs: dict) -> bool:
+    """Whether the block's call hands out more than its output for a loss to use (MoE router logits for the
+    auxiliary loss, hidden states, attention weights): an output_* flag among its arguments, or transformers
+    recording layer outputs through its hooks (in transformers 5 while a recording is active; before, while the
+    hooks are on the block). What a forward without autograd hands out carries no gradient."""
+    if any(k.startswith("output_") and v for k, v in kwargs.items()):
+        return True
+    capture = sys.modules.get("transformers.utils.output_capturing")
+    if capture is None:
+        return any(m._forward_hooks for m in block.modules())
+    collector = getattr(capture, "_active_collector", None)
+    return collector is None or bool(collector.get())
 
 
 OVERLAP_ATTR = "_lorakit_offload_overlap"  # on a block: its input is not written in place, copies may overlap
