@@ -109,13 +109,16 @@ def run_gpu(shape: str, cases, rounds: int, steps: int) -> list[dict]:
                  not_fused=runs[c]["not_fused"], tokens=bsz * seq) for c in cases]
 
 
-def run_qlora8b(steps: int) -> list[dict]:
+def run_qlora8b(steps: int, rounds: int = 5) -> list[dict]:
     """Llama-3-8B, B=1 T=2048, r=16 all-linear, optimize(checkpoint=...) and the fused loss: bf16 LoRA and QLoRA with
-    checkpoint=True, then both with checkpoint="offload" (the memory-saving setting a 4-bit user would pick); each
-    built, measured (step time, peak memory of the case alone) and freed, all in this one process."""
+    checkpoint=True, then both with checkpoint="offload" (the memory-saving setting a 4-bit user would pick). Each
+    case is built and its peak memory measured alone (above what the cases before it hold); then all four stay
+    resident and run in interleaved rounds of `steps` steps, so a host that speeds up or slows down during the run
+    (these steps are host-bound) moves every case alike. Rows give the median round and the paired ratio to the
+    like-for-like bf16 case."""
     import qlora
 
-    rows = []
+    cases = {}
     for quantized, checkpoint in ((False, True), (True, True), (False, "offload"), (True, "offload")):
         torch.cuda.empty_cache()
         held = torch.cuda.memory_allocated()
@@ -125,25 +128,40 @@ def run_qlora8b(steps: int) -> list[dict]:
         params = [p for p in model.parameters() if p.requires_grad]
         ids = torch.randint(0, qlora.LLAMA3_8B["vocab_size"], (1, 2048), generator=torch.Generator().manual_seed(0))
         step = train_step.make_step(model, params, {"input_ids": ids.cuda(), "labels": ids.cuda()}, "cuda")
-        step()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        from timing import median_ms
-
-        ms = median_ms(step, reps=steps, warmup=2)
+        step()
+        step()
+        torch.cuda.synchronize()
         case = ("nf4" if quantized else "lora") + ("_offload" if checkpoint == "offload" else "")
-        rows.append(dict(shape="8b B1 T2048", case=case, step_ms=ms, spread_ms=float("nan"),
-                         peak_gib=(torch.cuda.max_memory_allocated() - held) / GIB, not_fused=not_fused, tokens=2048))
-        del model, params, step
-        gc.collect()
-        torch.cuda.empty_cache()
+        cases[case] = dict(step=step, times=[], not_fused=not_fused,
+                           peak_gib=(torch.cuda.max_memory_allocated() - held) / GIB)
+    for _ in range(rounds):
+        for run in cases.values():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                run["step"]()
+            end.record()
+            torch.cuda.synchronize()
+            run["times"].append(start.elapsed_time(end) / steps / 1e3)
+    rows = []
+    for case, run in cases.items():
+        base = cases["lora_offload" if case.endswith("_offload") else "lora"]["times"]
+        rows.append(dict(shape="8b B1 T2048", case=case, step_ms=statistics.median(run["times"]) * 1e3,
+                         spread_ms=(max(run["times"]) - min(run["times"])) * 1e3, peak_gib=run["peak_gib"],
+                         not_fused=run["not_fused"], tokens=2048, paired=train_step.paired_ratio(run["times"], base)))
+    cases.clear()
+    gc.collect()
+    torch.cuda.empty_cache()
     return rows
 
 
 def table(rows: list[dict]) -> str:
     paired = any("paired" in r for r in rows)
+    like = " (an _offload case × lora_offload)" if any(r["case"].endswith("_offload") for r in rows) else ""
     lines = ["| shape | case | step ms | spread ms | tokens/s | × lora (time; an _offload case × lora_offload) | peak GiB "
-             "| not fused |" + (f" × {rows[0]['case']} (time, paired rounds) |" if paired else ""),
+             "| not fused |" + (f" × {rows[0]['case']}{like} (time, paired rounds) |" if paired else ""),
              "|---|---|---|---|---|---|---|---|" + ("---|" if paired else "")]
     base = {(r["shape"], r["case"]): r for r in rows if r["case"] in ("lora", "lora_offload")}
     for r in rows:
@@ -175,7 +193,7 @@ def main(argv=None) -> None:
         rows = run_cpu(cases, args.rounds, args.steps if args.steps != 10 else 2)
         env = train_step.environment("cpu")
     elif args.qlora8b:
-        rows = run_qlora8b(args.steps)
+        rows = run_qlora8b(args.steps, args.rounds)
         env = train_step.environment("cuda")
     else:
         rows = [r for shape in args.shapes.split(",") for r in run_gpu(shape, cases, args.rounds, args.steps)]
