@@ -170,7 +170,8 @@ def test_training_forward_keeps_no_cache_and_skips_the_packed_check_only_where_t
     """The fused-loss training forward passes use_cache=False (HF's default cache copies every layer's keys and
     values); where the caller passed no positions, mask or use_cache, transformers' packed-sequence check (a
     host-device sync) answers "not packed" without running, as HF's default cache made it do. Positions a caller
-    passes are still checked, and packed ones still give the packed mask."""
+    passes without a mask keep the model's cache setting, which decides whether transformers looks for packed rows
+    (the reference's mask); with use_cache=False they are checked, and packed ones give the packed mask."""
     from transformers import masking_utils
 
     from lorakit.fast import positions
@@ -194,6 +195,8 @@ def test_training_forward_keeps_no_cache_and_skips_the_packed_check_only_where_t
         assert seen and all(skipped and none for skipped, none in seen)
         seen.clear()
         out_packed = fast(input_ids=ids, labels=ids, position_ids=packed)
+        assert seen == []  # the model's cache is on: transformers does not look, as in the reference
+        out_packed_nc = fast(input_ids=ids, labels=ids, position_ids=packed, use_cache=False)
         assert seen == [(False, False)]  # the caller's packed positions: checked, and found packed
         seen.clear()
         fast(input_ids=ids, labels=ids, use_cache=False)
@@ -203,9 +206,10 @@ def test_training_forward_keeps_no_cache_and_skips_the_packed_check_only_where_t
     ref_out = ref(input_ids=ids, labels=ids)
     assert out.past_key_values is None and ref_out.past_key_values is not None
     assert abs(out.loss.item() - ref_out.loss.item()) <= TOL * abs(ref_out.loss.item())
-    ref_packed = ref(input_ids=ids, labels=ids, position_ids=packed, use_cache=False)
-    assert abs(out_packed.loss.item() - ref_packed.loss.item()) <= TOL * abs(ref_packed.loss.item())
-    assert abs(out_packed.loss.item() - out.loss.item()) > 1e-3  # the packed mask made a difference
+    for got, use_cache in ((out_packed, None), (out_packed_nc, False)):
+        want = ref(input_ids=ids, labels=ids, position_ids=packed, use_cache=use_cache)
+        assert abs(got.loss.item() - want.loss.item()) <= TOL * abs(want.loss.item())
+    assert abs(out_packed_nc.loss.item() - out_packed.loss.item()) > 1e-3  # the packed mask made a difference
 
 
 def test_dropout_terms_in_the_wide_form_give_the_plain_fused_results(tiny_llama, counted):

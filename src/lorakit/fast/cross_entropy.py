@@ -60,7 +60,7 @@ def _loss_grad_torch(logits, target, scale, ignore_index):
     loss = (lse - lf.gather(1, safe_t[:, None]).squeeze(1)) * valid
     grad = torch.exp(lf - lse[:, None])
     grad[torch.arange(len(target), device=lf.device), safe_t] -= 1.0
-    grad *= (scale * valid)[:, None]
+    grad *= torch.where(valid, scale, torch.zeros_like(scale))[:, None]  # no label at all: 0, not inf·0
     logits.copy_(grad)
     return loss
 

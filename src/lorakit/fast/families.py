@@ -12,9 +12,13 @@ module's own forward otherwise:
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import importlib
 import inspect
 import sys
+import textwrap
+from typing import Optional
 
 import torch
 from torch import nn
@@ -42,11 +46,22 @@ def sibling_names(module: nn.Module) -> tuple[str, ...]:
     return ()
 
 
+ROPE_PARAMS = ("q", "k", "cos", "sin", "unsqueeze_dim")  # HF's Llama-style apply_rotary_pos_emb, which rope.py fuses
+
+
 def rope_module(module: nn.Module):
-    """The Python module defining `module`'s class, when it has HF's apply_rotary_pos_emb."""
+    """The Python module defining `module`'s class, when it has HF's Llama-style apply_rotary_pos_emb (GPT-J's
+    (x, sin, cos), Gemma3n's (x, cos, sin, unsqueeze_dim) and other forms are left alone)."""
     mod = sys.modules.get(type(module).__module__)
     fn = getattr(mod, "apply_rotary_pos_emb", None)
-    return mod if callable(fn) and type(module).__name__.endswith("Attention") else None
+    if not callable(fn) or not type(module).__name__.endswith("Attention"):
+        return None
+    fn = getattr(fn, "lorakit_original", fn)
+    try:
+        names = tuple(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+    return mod if names[:5] == ROPE_PARAMS or names == ROPE_PARAMS[:4] else None
 
 
 def install_fused_rope(mod) -> None:
@@ -61,19 +76,21 @@ def _grouped_members(module: nn.Module, names: tuple[str, ...]) -> list[AdaptedL
     return [m for m in layers if isinstance(m, AdaptedLayer) and m.fast_path is lora_linear_fast_path]
 
 
-def attention_forward(module, original, names, *args, **kwargs):
-    """Attention forward with the sibling projections `names` computed in one fused call and RoPE fused."""
+def attention_forward(module, original, names, hash_dropout: bool, *args, **kwargs):
+    """Attention forward with the sibling projections `names` computed in one fused call and RoPE fused; with
+    hash_dropout (optimize's `dropout`), transformers' sdpa draws its CPU dropout from the hash masks."""
     x = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
     members = _grouped_members(module, names) if module.__dict__.get("_lorakit_group_ok", True) else []
     outs = fused_linears(x, members) if len(members) > 1 and isinstance(x, torch.Tensor) else None
     prev = set_fused_rope(True)
+    scope = model_dropout.attention_scope if hash_dropout else contextlib.nullcontext
     try:
         if outs is None:
-            with model_dropout.attention_scope():
+            with scope():
                 return original(*args, **kwargs)
         recipes.park(members, x, outs)
         try:
-            with model_dropout.attention_scope():
+            with scope():
                 result = original(*args, **kwargs)
         except BaseException:
             recipes.unpark(members)
@@ -86,11 +103,19 @@ def attention_forward(module, original, names, *args, **kwargs):
 
 
 # --- gated MLP -----------------------------------------------------------------------------------------------
+# Gated MLPs whose forward is one of these, statement for statement (the input's name aside): down(act(gate(x)) ·
+# up(x)) and nothing else (~115 classes in transformers 5.17). Clamps, multipliers, activation sparsity or an inner
+# dropout (DeepseekV4, FalconH1, Gemma3n, T5Gemma, ...) keep the module's forward.
+MLP_FORMS = (("llama", "LlamaMLP"), ("qwen2", "Qwen2MLP"))
+
+
 def gated_mlp_kind(module: nn.Module):
     """The activation kind of a gate/up/down MLP (swiglu.act_kind), or None when `module` is not one."""
     if not all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj")):
         return None
     if not type(module).__name__.endswith("MLP") or not hasattr(module, "act_fn"):
+        return None
+    if _forward_body(type(module)) not in _known_bodies(MLP_FORMS):
         return None
     return act_kind(module.act_fn)
 
@@ -141,14 +166,77 @@ def set_mlp_tiling(model: nn.Module, tile) -> int:
 
 
 # --- causal-LM head and loss -----------------------------------------------------------------------------------
+# Causal LMs whose forward is one of these, statement for statement (docstrings aside), compute logits =
+# lm_head(hidden) and transformers' standard loss, nothing else: Llama's (Mistral, Qwen2/3, Gemma, Phi-3 and ~45
+# more in transformers 5.17), Mixtral's (MoE models: the same plus the auxiliary loss when router logits are asked
+# for) and Gemma 2's (the same plus a logit soft-cap, which must be off). A head with its own scaling, soft-cap,
+# z-loss or vocabulary trimming (Cohere, Granite, FalconH1, RecurrentGemma, ...) keeps the model's forward.
+HEAD_FORMS = (("llama", "LlamaForCausalLM"), ("mixtral", "MixtralForCausalLM"), ("gemma2", "Gemma2ForCausalLM"))
+_BODIES: dict = {}  # class → its forward's statements as text (None when the source cannot be read)
+
+
+class _Rename(ast.NodeTransformer):
+    def __init__(self, old: str):
+        self.old = old
+
+    def visit_Name(self, node):
+        return ast.Name("x", node.ctx) if node.id == self.old else node
+
+
+def _forward_body(cls) -> Optional[str]:
+    """cls.forward's statements, normalised by the ast (formatting, comments and the docstring dropped, the first
+    argument after self named x)."""
+    if cls not in _BODIES:
+        try:
+            fn = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(cls.forward)))).body[0]
+            stmts = fn.body
+            if stmts and isinstance(stmts[0], ast.Expr) and isinstance(stmts[0].value, ast.Constant):
+                stmts = stmts[1:]
+            rename = _Rename(fn.args.args[1].arg)
+            _BODIES[cls] = "\n".join(ast.unparse(rename.visit(st)) for st in stmts)
+        except (OSError, TypeError, SyntaxError, IndexError, AttributeError):
+            _BODIES[cls] = None
+    return _BODIES[cls]
+
+
+def _known_bodies(forms: tuple) -> set:
+    """The forward bodies of transformers' classes `forms` ((family, class name), ...) that this install has."""
+    bodies = set()
+    for family, name in forms:
+        try:
+            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        except ImportError:
+            continue
+        body = _forward_body(getattr(module, name))
+        if body is not None:
+            bodies.add(body)
+    return bodies
+
+
 def causal_lm_eligible(model: nn.Module) -> bool:
-    """Whether `model` is an HF causal LM whose head and loss `causal_lm_forward` can fuse."""
+    """Whether `model` is an HF causal LM whose head and loss `causal_lm_forward` can fuse: its forward is one of
+    HEAD_FORMS, with no logit soft-cap and transformers' own causal-LM loss."""
     head = getattr(model, "lm_head", None)
     if not isinstance(getattr(model, "model", None), nn.Module) or head is None:
         return False
     if getattr(getattr(model, "config", None), "final_logit_softcapping", None) is not None:
         return False
-    return "logits_to_keep" in inspect.signature(type(model).forward).parameters
+    if "logits_to_keep" not in inspect.signature(type(model).forward).parameters or _custom_loss(model):
+        return False
+    return _forward_body(type(model)) in _known_bodies(HEAD_FORMS)
+
+
+def _router_logits_asked(model: nn.Module, kwargs: dict) -> bool:
+    """output_router_logits from the call, or from the config where the call leaves it None (as transformers reads
+    it)."""
+    asked = kwargs.get("output_router_logits")
+    return bool(getattr(model.config, "output_router_logits", False) if asked is None else asked)
+
+
+def _custom_loss(model: nn.Module) -> bool:
+    """A loss function set on the model (transformers' `loss_function` setter) or a loss type other than the
+    causal-LM cross-entropy."""
+    return "_loss_function" in model.__dict__ or getattr(model, "loss_type", None) not in (None, "ForCausalLM")
 
 
 def causal_lm_forward(model, original, *args, **kwargs):
@@ -156,11 +244,12 @@ def causal_lm_forward(model, original, *args, **kwargs):
     without materialising the logits; any other call goes to `original`."""
     labels = kwargs.get("labels")
     spec = layer_spec(model.lm_head) if type(model.lm_head) is nn.Linear else None  # (w, bias, ...)
-    head = spec[:2] if spec is not None else None
+    trained_bias = spec is not None and spec[1] is not None and spec[1].requires_grad  # the fused loss gives it none
+    head = spec[:2] if spec is not None and not trained_bias else None
     if (labels is None or not torch.is_grad_enabled() or head is None or kwargs.get("logits_to_keep", 0) != 0
             or "return_dict" in kwargs or kwargs.get("past_key_values") is not None
-            or kwargs.get("output_router_logits", getattr(model.config, "output_router_logits", False))):
-        return original(*args, **kwargs)  # a MoE's auxiliary loss is the model's own: its forward adds it
+            or _router_logits_asked(model, kwargs) or _custom_loss(model)):
+        return original(*args, **kwargs)  # a MoE's auxiliary loss, a custom loss: the model's own forward adds them
     signature = inspect.signature(type(model).forward)
     bound = signature.bind(model, *args, **kwargs).arguments
     bound.pop("self", None)
@@ -168,9 +257,10 @@ def causal_lm_forward(model, original, *args, **kwargs):
     for name in ("labels", "logits_to_keep"):
         bound.pop(name, None)
     scope = contextlib.nullcontext()
-    if (bound.get("use_cache") is None and "use_cache" not in extra
-            and "use_cache" in signature.parameters):
-        bound["use_cache"] = False  # a training forward: no key/value cache (HF's default copies every layer's)
+    packed = bound.get("position_ids") is not None and bound.get("attention_mask") is None
+    if (bound.get("use_cache") is None and "use_cache" not in extra and "use_cache" in signature.parameters
+            and not packed):  # given positions and no mask, the cache decides whether transformers looks for
+        bound["use_cache"] = False  # packed rows: left to the model (HF's default cache copies every layer's)
         if bound.get("position_ids") is None and bound.get("attention_mask") is None:
             scope = positions.no_packed_check()  # as with the cache on: no packed check, no host-device sync
     with scope:
@@ -233,7 +323,7 @@ def install(model: nn.Module, *, group: bool, norms: bool, rope: bool, glu: bool
         if names or rope_mod is not None:
             if rope_mod is not None:
                 install_fused_rope(rope_mod)
-            counts["attention"] += patch_forward(m, attention_forward, names)
+            counts["attention"] += patch_forward(m, attention_forward, names, dropout)
         elif glu and gated_mlp_kind(m) is not None:
             counts["mlp"] += patch_forward(m, mlp_forward, gated_mlp_kind(m))
         elif norms and norm_style(m) is not None:

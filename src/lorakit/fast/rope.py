@@ -125,10 +125,12 @@ def make_fused_apply(original):
     """A drop-in for an HF module's apply_rotary_pos_emb: fused on GPU inside optimize()d attention,
     HF's own function everywhere else (other models in the process keep their exact numerics)."""
 
-    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, *args, **kwargs):
-        if getattr(_STATE, "on", False) and not args and not kwargs and _supported(q, k, cos, sin, unsqueeze_dim):
-            return rope(q, k, cos, sin)
-        return original(q, k, cos, sin, unsqueeze_dim, *args, **kwargs)
+    def apply_rotary_pos_emb(*args, **kwargs):  # HF's own call, whatever its arguments, unless fused
+        if getattr(_STATE, "on", False) and not kwargs and len(args) in (4, 5):
+            q, k, cos, sin, unsqueeze_dim = (*args, 1)[:5]
+            if _supported(q, k, cos, sin, unsqueeze_dim):
+                return rope(q, k, cos, sin)
+        return original(*args, **kwargs)
 
     apply_rotary_pos_emb.lorakit_original = original
     return apply_rotary_pos_emb
