@@ -112,9 +112,9 @@ def run_gpu(shape: str, cases, rounds: int, steps: int) -> list[dict]:
 def run_qlora8b(steps: int, rounds: int = 5) -> list[dict]:
     """Llama-3-8B, B=1 T=2048, r=16 all-linear, optimize(checkpoint=...) and the fused loss: bf16 LoRA and QLoRA with
     checkpoint=True, then both with checkpoint="offload" (the memory-saving setting a 4-bit user would pick). Each
-    case is built and its peak memory measured alone (above what the cases before it hold); then all four stay
-    resident and run in interleaved rounds of `steps` steps, so a host that speeds up or slows down during the run
-    (these steps are host-bound) moves every case alike. Rows give the median round and the paired ratio to the
+    case is built and its peak memory measured alone over a step after a warm-up one (above what the cases before
+    it hold); then all four stay resident and run in interleaved rounds of `steps` steps, so a host that speeds up
+    or slows down during the run (these steps are host-bound) moves every case alike. Rows give the median round and the paired ratio to the
     like-for-like bf16 case."""
     import qlora
 
@@ -128,9 +128,9 @@ def run_qlora8b(steps: int, rounds: int = 5) -> list[dict]:
         params = [p for p in model.parameters() if p.requires_grad]
         ids = torch.randint(0, qlora.LLAMA3_8B["vocab_size"], (1, 2048), generator=torch.Generator().manual_seed(0))
         step = train_step.make_step(model, params, {"input_ids": ids.cuda(), "labels": ids.cuda()}, "cuda")
+        step()  # warm-up (and the optimizer's state)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        step()
         step()
         torch.cuda.synchronize()
         case = ("nf4" if quantized else "lora") + ("_offload" if checkpoint == "offload" else "")

@@ -190,3 +190,118 @@ def test_a_moe_auxiliary_loss_keeps_its_gradient(mode):
     assert rel_norm(l1, l0) <= 1e-5
     for a, b in zip(g1, g0):
         assert rel_norm(a, b) <= 1e-5
+
+
+class PairBlock(Block):
+    """Returns (hidden, residual); the next block reads both, so both carry gradients."""
+
+    def forward(self, h, residual=None, extras=None):
+        y = self.fc2(torch.relu(self.fc1(h if residual is None else h + residual)))
+        if extras is not None:
+            y = y * extras["gate"]
+        return h + y, y
+
+
+class PairNet(Net):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(PairBlock(16) for _ in range(3))
+
+    def forward(self, x, mode="pairs"):
+        residual = None
+        for block in self.blocks:
+            if mode == "pairs":  # the second output feeds the next block
+                x, residual = block(x, residual)
+            elif mode == "alias":  # the block's own input passed again by keyword
+                x = block(x, residual=x)[0]
+            else:  # a trained tensor inside a dict argument
+                x = block(x, extras={"gate": self.scale})[0]
+        return x
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("call", ["pairs", "alias", "dict"])
+def test_gradients_through_a_blocks_other_outputs_and_arguments(mode, call):
+    torch.manual_seed(0)
+    ref = PairNet()
+    lorakit.add_adapter(ref, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"],
+                                                init_lora_weights=False))
+    ref.scale.requires_grad_(True)
+    fast = copy.deepcopy(ref)
+    lorakit.optimize(fast, checkpoint=mode)
+    for seed in range(2):
+        l0, g0 = _grads(ref, _x(seed), mode=call)
+        l1, g1 = _grads(fast, _x(seed), mode=call)
+        assert rel_norm(l1, l0) <= 1e-6
+        for a, b in zip(g1, g0):
+            assert (a is None) == (b is None) and (a is None or rel_norm(a, b) <= 1e-5)
+
+
+def test_frozen_blocks_before_the_first_trained_one_are_not_recomputed():
+    net = _net()
+    for block in net.blocks[:2]:
+        for p in block.parameters():
+            p.requires_grad_(False)
+    lorakit.optimize(net, checkpoint=True)
+    calls = []
+    for i, block in enumerate(net.blocks):  # a recompute calls the block's forward, which calls fc1
+        block.fc1.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
+    for _ in range(2):
+        calls.clear()
+        net(_x(requires_grad=False)).sum().backward()
+    assert calls == [0, 1, 2, 2]  # the forward, then block 2's recompute only
+
+
+def test_a_backward_outside_the_per_row_block_of_its_forward_is_refused():
+    net = _net()
+    lorakit.add_adapter(net, lorakit.LoraConfig(r=4, target_modules=["fc1", "fc2"], init_lora_weights=False), "b")
+    lorakit.optimize(net, checkpoint=True)
+    x = _x(requires_grad=False).view(2, 3, 16)
+    with lorakit.per_row(net, ["default", "b"]):
+        net(x).sum().backward()  # first calls, then the one under test
+        out = net(x).sum()
+    with pytest.raises(RuntimeError, match="adapters changed between its forward and its backward"):
+        out.backward()
+
+
+def test_router_logits_left_to_the_config_keep_the_auxiliary_loss():
+    """output_router_logits=None in the call means the config's setting, as in transformers."""
+    ref = _tiny_mixtral()
+    fast = copy.deepcopy(ref)
+    lorakit.optimize(fast)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    want = ref(input_ids=ids, labels=ids, output_router_logits=None).loss
+    got = fast(input_ids=ids, labels=ids, output_router_logits=None).loss
+    assert rel_norm(got, want) <= 1e-5
+
+
+class DictBlock(Block):
+    def forward(self, h):
+        return {"hidden": super().forward(h)}
+
+
+class DictNet(Net):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(DictBlock(16) for _ in range(3))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)["hidden"]
+        return x
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_block_returning_a_dict_runs_under_torchs_checkpoint(mode):
+    torch.manual_seed(0)
+    ref = DictNet()
+    lorakit.add_adapter(ref, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"],
+                                                init_lora_weights=False))
+    fast = copy.deepcopy(ref)
+    lorakit.optimize(fast, checkpoint=mode)
+    for seed in range(2):  # the first call finds the form (and runs the block again), the second knows it
+        l0, g0 = _grads(ref, _x(seed))
+        l1, g1 = _grads(fast, _x(seed))
+        assert rel_norm(l1, l0) <= 1e-6
+        for a, b in zip(g1, g0):
+            assert (a is None) == (b is None) and (a is None or rel_norm(a, b) <= 1e-5)

@@ -3,8 +3,9 @@
 Both modes run a block's forward without autograd (no graph recorded, no activation saved) and keep only its
 input; the block's backward recomputes it with autograd and backpropagates through it at once (reentrant
 checkpointing). Recording the graph in the forward and hooking every saved tensor, as torch's non-reentrant
-checkpoint does, cost ~30% more host time per step (a 32-layer model whose step is all host time: 247-270 ms
-against 185-195 ms), which is what a batch-1 step on a fast GPU waits on.
+checkpoint does, costs host time, which is what a batch-1 step on a fast GPU waits on: a 32-layer model whose
+step is all host time took 247-270 ms a step that way against 177-210 ms, and the host-bound 8B B1 T2048 step on
+an H200 12-15% more (BENCHMARKS.md).
 checkpoint=True: each block's input stays on the device (saved for backward: autograd refuses it if it was
 changed in place since).
 checkpoint="offload": each block's input goes to pinned CPU memory instead, and comes back for the block's
@@ -16,20 +17,29 @@ takes a few percent of the block's quadratic attention time, and the memory is w
 A block's first call copies before computing and checks that the block leaves its input unchanged (its
 version counter); only then do its later copies overlap its compute.
 Without CUDA the copies are plain ones.
-The block's parameters that need gradients are inputs of its autograd node, so their gradients flow out of it
-as anywhere else (loss.backward(), torch.autograd.grad, DDP's hooks); a trained tensor the block reads without
-owning it (not among block.parameters()) gets no gradient. A block call that takes another argument needing a
-gradient, or hands out more than its output (router logits for a MoE's auxiliary loss, recorded hidden states),
-runs under torch's non-reentrant checkpoint instead (on the device, in both modes), which carries those gradients.
+The block's parameters that need gradients are inputs of its autograd node, and the tensors it returns (a tuple's
+too, such as T5's position bias) are its outputs, so gradients flow through it as anywhere else (loss.backward(),
+torch.autograd.grad, several backwards with retain_graph, DDP's hooks); a trained tensor the block reads without
+owning it (not among block.parameters()) gets no gradient. torch's non-reentrant checkpoint runs the block
+instead (on the device, in both modes), since it carries every gradient, where the block's call
+- takes another argument that needs a gradient (also inside a tuple, list or dict),
+- hands out more than it returns (router logits recorded for a MoE's auxiliary loss, recorded hidden states), or
+- returns neither a tensor nor a tuple or list that starts with one (known after its first call).
+A cache that already holds keys (a prefix the block attends to) runs the block unchecked. A block whose adapters
+changed between forward and backward (a per_row block left, adapters switched) raises at its recompute.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+from typing import Optional
 
 import torch
+from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from ..core.adapted import AdaptedLayer
 
 
 def checkpointed_forward(block, original, offload: bool, *args, **kwargs):
@@ -46,53 +56,124 @@ def checkpointed_forward(block, original, offload: bool, *args, **kwargs):
     """
     if not (block.training and torch.is_grad_enabled()):
         return original(*args, **kwargs)
-    # A KV cache would see the block twice (forward and recompute) and serve the recompute stale,
-    # gradient-less keys: training blocks run without one, as HF's own checkpointing does.
+    args, kwargs, reads_cache = _without_caches(args, kwargs)
+    if reads_cache:
+        return original(*args, **kwargs)
+    by_name = not args
+    hidden = kwargs.get("hidden_states") if by_name else args[0]
+    others = [*args[1:], *(v for k, v in kwargs.items() if not (by_name and k == "hidden_states"))]
+    if (not isinstance(hidden, torch.Tensor) or _needs_grad(others) or _hands_out_more(block, kwargs)
+            or block.__dict__.get(OTHER_FORM_ATTR)):
+        return checkpoint(original, *args, use_reentrant=False, **kwargs)  # it carries the other gradients
+    trained, state = block_state(block)
+    if not trained and not hidden.requires_grad:
+        return original(*args, **kwargs)  # nothing in or before this block trains: nothing to recompute
+    if by_name:
+        del kwargs["hidden_states"]
+    rest, form = args[1:], []  # form: the block's output, whose top-level tensors the node hands out
+
+    def run(h):
+        form[:] = [original(h, *rest, **kwargs)]
+        return _tensors_of(form[0]) or (torch.empty(0, device=h.device),)  # another form: a placeholder
+
+    run.block, run.state = block, state  # the recompute checks that the adapters are as they were
+    rng = device_rng_state(hidden.device)
+    outs = _run_node(block, offload, hidden, run, trained)
+    if _tensors_of(form[0]) is not None:
+        return _with_tensors(form[0], outs)
+    block.__dict__[OTHER_FORM_ATTR] = True  # e.g. a dict: that ran without autograd; again, drawing as it drew
+    restore_device_rng(hidden.device, rng)
+    return checkpoint(original, hidden, *rest, use_reentrant=False, **kwargs)
+
+
+def _without_caches(args: tuple, kwargs: dict) -> tuple:
+    """(args, kwargs, whether the block reads a cache). A KV cache would see the block twice (forward and recompute)
+    and serve the recompute stale, gradient-less keys: training blocks run without one, as HF's own checkpointing
+    does. One that already holds keys (a prefix the block attends to) is read, not only written: that block must
+    run unchecked."""
+    caches = [v for v in (*args, *kwargs.values()) if _is_cache(v)]
+    if any(_holds_keys(c) for c in caches):
+        return args, kwargs, True
+    if caches:  # GPT-2, Bloom and others pass it positionally
+        args = tuple(None if _is_cache(a) else a for a in args)
     for name in ("past_key_values", "layer_past", "past_key_value"):
         if kwargs.get(name) is not None:
             kwargs[name] = None
     if kwargs.get("use_cache"):
         kwargs["use_cache"] = False
-    hidden, rest = (args[0], args[1:]) if args else (kwargs.get("hidden_states"), ())
-    if (not isinstance(hidden, torch.Tensor) or _needs_grad(rest) or _needs_grad(kwargs.values(), skip=hidden)
-            or _hands_out_more(block, kwargs)):
-        return checkpoint(original, *args, use_reentrant=False, **kwargs)  # it carries the other gradients
-    if not args:
-        del kwargs["hidden_states"]
-    tail: list = []  # a block returning a tuple: its other outputs (no gradient flows through them)
+    return args, kwargs, False
 
-    def run(h):
-        out = original(h, *rest, **kwargs)
-        if isinstance(out, torch.Tensor):
-            return out
-        tail[:] = out[1:]
-        return out[0]
 
-    anchor = torch.empty((), device=hidden.device, requires_grad=True)  # keeps the block in the graph
-    trained = [p for p in block.parameters() if p.requires_grad]  # inputs of the block's node: their gradients
-    if not offload:  # flow out of it, so torch.autograd.grad and DDP's hooks see them as usual
-        out = _RecomputedBlock.apply(hidden, anchor, run, *trained)
-        return (out, *tail) if tail else out
+def _run_node(block, offload: bool, hidden: torch.Tensor, run, trained: list) -> tuple:
+    """The block's output tensors from its autograd node (the trained parameters are its inputs, so their gradients
+    flow out of it)."""
+    if not offload:
+        return _RecomputedBlock.apply(hidden, None, run, *trained)
     stashed: list = []
     version = hidden._version
-    out = _OffloadedBlock.apply(hidden, anchor, run, stashed, block.__dict__.get(OVERLAP_ATTR, False), *trained)
+    outs = _OffloadedBlock.apply(hidden, None, run, stashed, block.__dict__.get(OVERLAP_ATTR, False), *trained)
     if version == hidden._version:  # the block leaves its input alone: its copy may overlap its compute
         block.__dict__.setdefault(OVERLAP_ATTR, True)
     else:  # the copy must finish before the block runs (the block writes its input in place)
         block.__dict__[OVERLAP_ATTR] = False
-    if isinstance(out, torch.Tensor):  # the next block's input: its backward prefetches this block's input
-        out.__dict__[STASH_ATTR] = stashed[0]
-    return (out, *tail) if tail else out
+    outs[0].__dict__[STASH_ATTR] = stashed[0]  # the next block's input: its backward prefetches this one's
+    return outs
 
 
-def _needs_grad(values, skip=None) -> bool:
-    """Whether a tensor among `values` (or inside a tuple or list among them), other than `skip`, needs a
-    gradient."""
+def _tensors_of(out) -> Optional[tuple]:
+    """The tensors a block's output hands out: the output itself, or a tuple's or list's top-level tensors when it
+    starts with one; None for another form."""
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return tuple(v for v in out if isinstance(v, torch.Tensor))
+    return None
+
+
+def _with_tensors(out, outs: tuple):
+    """`out` with its top-level tensors replaced, in order, by `outs` (the node's)."""
+    if isinstance(out, torch.Tensor):
+        return outs[0]
+    handed = iter(outs)
+    items = [next(handed) if isinstance(v, torch.Tensor) else v for v in out]
+    return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)  # a namedtuple takes fields
+
+
+def block_state(block: nn.Module) -> tuple:
+    """(the block's parameters that need gradients, once each; what its adapted layers compute with: active
+    adapters, disabled, merged, per_row routing)."""
+    trained, seen, state = [], set(), []
+    for m in block.modules():
+        for p in m._parameters.values():
+            if p is not None and p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                trained.append(p)
+        if isinstance(m, AdaptedLayer):
+            state.append((m.active, m.disabled, tuple(m.merged), m.routing))
+    return trained, tuple(state)
+
+
+def _is_cache(value) -> bool:
+    """A transformers Cache (by its base class's name: transformers is not imported here)."""
+    return any(c.__name__ == "Cache" and c.__module__.startswith("transformers") for c in type(value).__mro__)
+
+
+def _holds_keys(cache) -> bool:
+    try:
+        return cache.get_seq_length() > 0
+    except Exception:  # a cache kind without the method: assume it holds some
+        return True
+
+
+def _needs_grad(values) -> bool:
+    """Whether a tensor among `values` (or inside a tuple, list or dict among them) needs a gradient."""
     for v in values:
+        if isinstance(v, dict):
+            v = list(v.values())
         if isinstance(v, (tuple, list)):
-            if _needs_grad(v, skip):
+            if _needs_grad(v):
                 return True
-        elif isinstance(v, torch.Tensor) and v is not skip and v.requires_grad:
+        elif isinstance(v, torch.Tensor) and v.requires_grad:
             return True
     return False
 
@@ -112,6 +193,8 @@ def _hands_out_more(block, kwargs: dict) -> bool:
 
 
 OVERLAP_ATTR = "_lorakit_offload_overlap"  # on a block: its input is not written in place, copies may overlap
+OTHER_FORM_ATTR = "_lorakit_other_output_form"  # on a block: it returned neither a tensor nor a tuple or list
+# starting with one, so it runs under torch's checkpoint
 PREFETCH_BYTES = 2**30  # largest block input that is brought back ahead of its backward (Llama-3-8B: 131k tokens)
 STASH_ATTR = "_lorakit_offloaded_input"  # on a block's output: the _Stash of that block's input
 
@@ -186,6 +269,7 @@ class _OffloadedBlock(torch.autograd.Function):
     def forward(ctx, hidden, anchor, run, stashed, overlap, *params):
         ctx.run, ctx.device, ctx.params = run, hidden.device, params
         ctx.rng, ctx.autocast = device_rng_state(hidden.device), autocast_state(hidden.device)
+        ctx.set_materialize_grads(False)
         ctx.stash = _Stash(hidden)
         if not overlap:  # a block's first call, or one that writes its input: the copy first
             ctx.stash.wait()
@@ -195,12 +279,15 @@ class _OffloadedBlock(torch.autograd.Function):
             return run(hidden)
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, *douts):
+        if ctx.stash is None:
+            raise RuntimeError("lorakit: a block checkpointed with checkpoint='offload' was backpropagated twice; its "
+                               "input left host memory at the first backward (checkpoint=True allows several)")
         hidden = ctx.stash.take()
         if ctx.previous is not None:
             ctx.previous.prefetch()  # comes back while this block recomputes and backpropagates
         ctx.stash = ctx.previous = None
-        d_hidden, *d_params = _recompute_and_backprop(ctx, hidden, dout, 5)
+        d_hidden, *d_params = _recompute_and_backprop(ctx, hidden, douts, 5)
         return d_hidden, None, None, None, None, *d_params
 
 
@@ -211,32 +298,38 @@ class _RecomputedBlock(torch.autograd.Function):
     def forward(ctx, hidden, anchor, run, *params):
         ctx.run, ctx.device, ctx.params = run, hidden.device, params
         ctx.rng, ctx.autocast = device_rng_state(hidden.device), autocast_state(hidden.device)
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden)
         with torch.no_grad():
             return run(hidden)
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, *douts):
         hidden, = ctx.saved_tensors
-        d_hidden, *d_params = _recompute_and_backprop(ctx, hidden.detach(), dout, 3)
+        d_hidden, *d_params = _recompute_and_backprop(ctx, hidden.detach(), douts, 3)
         return d_hidden, None, None, *d_params
 
 
-def _recompute_and_backprop(ctx, hidden: torch.Tensor, dout: torch.Tensor, first_param: int) -> list:
+def _recompute_and_backprop(ctx, hidden: torch.Tensor, douts: tuple, first_param: int) -> list:
     """Run the block (ctx.run) again on its input with autograd, under the RNG state and autocast its forward ran
-    under, and backpropagate dout through it. Returns the gradients of the input and of ctx.params (None where
-    autograd asks for none); ctx.needs_input_grad[first_param:] are the parameters'."""
+    under, and backpropagate the gradients of its output tensors (douts, None where none came) through it.
+    Returns the gradients of the input and of ctx.params (None where autograd asks for none);
+    ctx.needs_input_grad[first_param:] are the parameters'."""
+    if block_state(ctx.run.block)[1] != ctx.run.state:
+        raise RuntimeError("lorakit: a checkpointed block's adapters changed between its forward and its backward "
+                           "(active, disabled or merged adapters, or a per_row block left): backpropagate where the "
+                           "forward ran, or optimize without checkpoint")
     hidden.requires_grad_(True)
-    run, ctx.run = ctx.run, None  # the closure holds the block's call arguments: released with this backward
     with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []), torch.enable_grad(), \
             _autocast(ctx.autocast):
         restore_device_rng(ctx.device, ctx.rng)
-        out = run(hidden)
-    _drop_values_if_unread(out)
+        outs = ctx.run(hidden)  # ctx (and the call's arguments in this closure) lives as long as the graph
+    _drop_values_if_unread(outs[0])
+    pairs = [(o, d) for o, d in zip(outs, douts) if d is not None and o.requires_grad]
     wanted = [ctx.needs_input_grad[0]] + list(ctx.needs_input_grad[first_param:])
     inputs = [t for t, want in zip((hidden, *ctx.params), wanted) if want]
-    ctx.params = ()
-    got = iter(torch.autograd.grad(out, inputs, dout, allow_unused=True) if inputs else ())
+    got = iter(torch.autograd.grad([o for o, _ in pairs], inputs, [d for _, d in pairs], allow_unused=True)
+               if inputs and pairs else [None] * len(inputs))
     return [next(got) if want else None for want in wanted]
 
 

@@ -46,7 +46,7 @@ from ..core.blocks import repeated_blocks
 from ..core.patching import patch_forward, unpatch_forward
 from ..errors import ConfigError
 from . import families
-from .checkpoint import OVERLAP_ATTR, checkpointed_forward
+from .checkpoint import OTHER_FORM_ATTR, OVERLAP_ATTR, checkpointed_forward
 from .lora_linear import lora_linear_fast_path
 from .report import fusion_report, log_report
 
@@ -113,4 +113,5 @@ def unoptimize(model: nn.Module) -> None:
     for m in model.modules():  # the checkpoint patch went on last: it comes off first
         unpatch_forward(m, slot=CHECKPOINT_SLOT)
         m.__dict__.pop(OVERLAP_ATTR, None)
+        m.__dict__.pop(OTHER_FORM_ATTR, None)
     families.uninstall(model)
