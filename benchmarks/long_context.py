@@ -91,13 +91,13 @@ def legacy_offload() -> None:
                 return run(hidden)
 
         @staticmethod
-        def backward(ctx, dout):
+        def backward(ctx, dout, *_):  # the block's first output's gradient (a Llama block returns one tensor)
             hidden = ctx.cpu.to(ctx.device, non_blocking=True).requires_grad_(True)
             ctx.cpu = None
             devices = [ctx.device] if ctx.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices), torch.enable_grad():
                 ckpt.restore_device_rng(ctx.device, ctx.rng)
-                out = ctx.run(hidden)
+                out = ctx.run(hidden)[0]
             torch.autograd.backward(out, dout)
             return (hidden.grad, None, None, None, None) + (None,) * ctx.n_params  # .grad accumulated
 
