@@ -305,3 +305,59 @@ def test_a_block_returning_a_dict_runs_under_torchs_checkpoint(mode):
         assert rel_norm(l1, l0) <= 1e-6
         for a, b in zip(g1, g0):
             assert (a is None) == (b is None) and (a is None or rel_norm(a, b) <= 1e-5)
+
+
+class AuxBlock(Block):
+    """Returns (h, an op of h that keeps h for its backward, the block's own buffer)."""
+
+    def __init__(self, d: int):
+        super().__init__(d)
+        self.register_buffer("table", torch.linspace(0, 1, d))
+
+    def forward(self, h):
+        out = super().forward(h)  # a residual add: alone, its values could be freed before backward
+        return out, out.sin(), self.table
+
+
+class AuxNet(Net):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(AuxBlock(16) for _ in range(3))
+
+    def forward(self, x):
+        total = 0
+        for block in self.blocks:
+            x, aux, table = block(x)
+            total = total + (aux * table).sum()
+        return x + total
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_other_outputs_keep_what_their_backward_reads_and_buffers_stay_untouched(mode):
+    torch.manual_seed(0)
+    ref = AuxNet()
+    lorakit.add_adapter(ref, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"],
+                                                init_lora_weights=False))
+    fast = copy.deepcopy(ref)
+    lorakit.optimize(fast, checkpoint=mode)
+    l0, g0 = _grads(ref, _x())
+    l1, g1 = _grads(fast, _x())
+    assert rel_norm(l1, l0) <= 1e-6
+    for a, b in zip(g1, g0):
+        assert (a is None) == (b is None) and (a is None or rel_norm(a, b) <= 1e-5)
+    assert all(not b.table.requires_grad and b.table.grad_fn is None for b in fast.blocks)
+
+
+def test_offloaded_block_outputs_are_not_held_after_the_forward():
+    import gc
+
+    net = _net()
+    lorakit.optimize(net, checkpoint="offload")
+    h, ptrs = _x(), []
+    for block in net.blocks:
+        h = block(h)  # each output is the next block's input, which went to host memory
+        ptrs.append(h.data_ptr())
+    gc.collect()
+    live = {t.data_ptr() for t in gc.get_objects() if isinstance(t, torch.Tensor)}
+    assert [p in live for p in ptrs[:-1]] == [False, False]  # nothing holds an earlier block's output
+    h.sum().backward()

@@ -183,3 +183,22 @@ def test_dropout_false_keeps_torchs_attention_dropout_after_another_model_took_t
         return m(input_ids=ids, labels=labels)
 
     _assert_same(ref, fast, seeded)
+
+
+def test_a_subclass_defining_its_loss_function_keeps_it(tiny_llama):
+    from transformers import LlamaForCausalLM
+
+    class Smoothed(LlamaForCausalLM):
+        @property
+        def loss_function(self):
+            def smoothed(logits, labels, vocab_size, **kwargs):
+                logits = logits[:, :-1].reshape(-1, vocab_size).float()
+                return nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), label_smoothing=0.2)
+            return smoothed
+
+    torch.manual_seed(0)
+    model = _adapt(Smoothed(tiny_llama.config))
+    ref, fast, counts = _pair(model)
+    assert counts["lm_loss"] == 0
+    ids = _ids()
+    _assert_same(ref, fast, lambda m: m(input_ids=ids, labels=ids))

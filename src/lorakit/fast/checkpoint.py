@@ -70,17 +70,20 @@ def checkpointed_forward(block, original, offload: bool, *args, **kwargs):
         return original(*args, **kwargs)  # nothing in or before this block trains: nothing to recompute
     if by_name:
         del kwargs["hidden_states"]
-    rest, form = args[1:], []  # form: the block's output, whose top-level tensors the node hands out
+    rest, form = args[1:], []  # form: the forward's output, taken at once (a kept one would outlive offloading)
 
     def run(h):
-        form[:] = [original(h, *rest, **kwargs)]
-        return _tensors_of(form[0]) or (torch.empty(0, device=h.device),)  # another form: a placeholder
+        out = original(h, *rest, **kwargs)
+        if not torch.is_grad_enabled():  # the forward, not the recompute
+            form.append(out)
+        return _tensors_of(out) or (torch.empty(0, device=h.device),)  # another form: a placeholder
 
     run.block, run.state = block, state  # the recompute checks that the adapters are as they were
     rng = device_rng_state(hidden.device)
     outs = _run_node(block, offload, hidden, run, trained)
-    if _tensors_of(form[0]) is not None:
-        return _with_tensors(form[0], outs)
+    out = form.pop()
+    if _tensors_of(out) is not None:
+        return _with_tensors(out, outs)
     block.__dict__[OTHER_FORM_ATTR] = True  # e.g. a dict: that ran without autograd; again, drawing as it drew
     restore_device_rng(hidden.device, rng)
     return checkpoint(original, hidden, *rest, use_reentrant=False, **kwargs)
@@ -276,7 +279,7 @@ class _OffloadedBlock(torch.autograd.Function):
         ctx.previous = hidden.__dict__.get(STASH_ATTR)  # the block before's input, when it fed this one
         stashed.append(ctx.stash)
         with torch.no_grad():
-            return run(hidden)
+            return tuple(t.detach() for t in run(hidden))  # fresh tensors: a returned buffer stays untouched
 
     @staticmethod
     def backward(ctx, *douts):
@@ -301,7 +304,7 @@ class _RecomputedBlock(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden)
         with torch.no_grad():
-            return run(hidden)
+            return tuple(t.detach() for t in run(hidden))  # fresh tensors: a returned buffer stays untouched
 
     @staticmethod
     def backward(ctx, *douts):
@@ -324,7 +327,8 @@ def _recompute_and_backprop(ctx, hidden: torch.Tensor, douts: tuple, first_param
             _autocast(ctx.autocast):
         restore_device_rng(ctx.device, ctx.rng)
         outs = ctx.run(hidden)  # ctx (and the call's arguments in this closure) lives as long as the graph
-    _drop_values_if_unread(outs[0])
+    if len(outs) == 1:  # another output's op may have saved it
+        _drop_values_if_unread(outs[0])
     pairs = [(o, d) for o, d in zip(outs, douts) if d is not None and o.requires_grad]
     wanted = [ctx.needs_input_grad[0]] + list(ctx.needs_input_grad[first_param:])
     inputs = [t for t, want in zip((hidden, *ctx.params), wanted) if want]

@@ -234,9 +234,12 @@ def _router_logits_asked(model: nn.Module, kwargs: dict) -> bool:
 
 
 def _custom_loss(model: nn.Module) -> bool:
-    """A loss function set on the model (transformers' `loss_function` setter) or a loss type other than the
-    causal-LM cross-entropy."""
-    return "_loss_function" in model.__dict__ or getattr(model, "loss_type", None) not in (None, "ForCausalLM")
+    """A loss function set on the model (transformers' `loss_function` setter) or defined by a subclass, or a loss
+    type other than the causal-LM cross-entropy."""
+    if "_loss_function" in model.__dict__ or getattr(model, "loss_type", None) not in (None, "ForCausalLM"):
+        return True
+    owner = next((k for k in type(model).__mro__ if "loss_function" in vars(k)), None)
+    return owner is not None and owner.__module__ != "transformers.modeling_utils"
 
 
 def causal_lm_forward(model, original, *args, **kwargs):
