@@ -57,6 +57,27 @@ def _grads(net, x, **kw):
     return loss.detach(), torch.autograd.grad(loss, [x, *params], allow_unused=True)  # unshifted: scale unused
 
 
+def _adapted_pair(net_cls, mode):
+    """(reference, optimized with checkpoint=mode) copies of a fresh net_cls() with adapters on fc1/fc2 and a
+    trained `scale`."""
+    torch.manual_seed(0)
+    ref = net_cls()
+    lorakit.add_adapter(ref, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"],
+                                                init_lora_weights=False))
+    ref.scale.requires_grad_(True)
+    fast = copy.deepcopy(ref)
+    lorakit.optimize(fast, checkpoint=mode)
+    return ref, fast
+
+
+def _assert_same_grads(ref, fast, x, **kw):
+    l0, g0 = _grads(ref, x, **kw)
+    l1, g1 = _grads(fast, x, **kw)
+    assert rel_norm(l1, l0) <= 1e-6
+    for a, b in zip(g1, g0):
+        assert (a is None) == (b is None) and (a is None or rel_norm(a, b) <= 1e-5)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_a_checkpointed_forward_saves_only_each_block_input(mode):
     net = _net()
@@ -222,19 +243,9 @@ class PairNet(Net):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("call", ["pairs", "alias", "dict"])
 def test_gradients_through_a_blocks_other_outputs_and_arguments(mode, call):
-    torch.manual_seed(0)
-    ref = PairNet()
-    lorakit.add_adapter(ref, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"],
-                                                init_lora_weights=False))
-    ref.scale.requires_grad_(True)
-    fast = copy.deepcopy(ref)
-    lorakit.optimize(fast, checkpoint=mode)
+    ref, fast = _adapted_pair(PairNet, mode)
     for seed in range(2):
-        l0, g0 = _grads(ref, _x(seed), mode=call)
-        l1, g1 = _grads(fast, _x(seed), mode=call)
-        assert rel_norm(l1, l0) <= 1e-6
-        for a, b in zip(g1, g0):
-            assert (a is None) == (b is None) and (a is None or rel_norm(a, b) <= 1e-5)
+        _assert_same_grads(ref, fast, _x(seed), mode=call)
 
 
 def test_frozen_blocks_before_the_first_trained_one_are_not_recomputed():
@@ -293,18 +304,9 @@ class DictNet(Net):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_block_returning_a_dict_runs_under_torchs_checkpoint(mode):
-    torch.manual_seed(0)
-    ref = DictNet()
-    lorakit.add_adapter(ref, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"],
-                                                init_lora_weights=False))
-    fast = copy.deepcopy(ref)
-    lorakit.optimize(fast, checkpoint=mode)
+    ref, fast = _adapted_pair(DictNet, mode)
     for seed in range(2):  # the first call finds the form (and runs the block again), the second knows it
-        l0, g0 = _grads(ref, _x(seed))
-        l1, g1 = _grads(fast, _x(seed))
-        assert rel_norm(l1, l0) <= 1e-6
-        for a, b in zip(g1, g0):
-            assert (a is None) == (b is None) and (a is None or rel_norm(a, b) <= 1e-5)
+        _assert_same_grads(ref, fast, _x(seed))
 
 
 class AuxBlock(Block):
@@ -334,17 +336,8 @@ class AuxNet(Net):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_other_outputs_keep_what_their_backward_reads_and_buffers_stay_untouched(mode):
-    torch.manual_seed(0)
-    ref = AuxNet()
-    lorakit.add_adapter(ref, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"],
-                                                init_lora_weights=False))
-    fast = copy.deepcopy(ref)
-    lorakit.optimize(fast, checkpoint=mode)
-    l0, g0 = _grads(ref, _x())
-    l1, g1 = _grads(fast, _x())
-    assert rel_norm(l1, l0) <= 1e-6
-    for a, b in zip(g1, g0):
-        assert (a is None) == (b is None) and (a is None or rel_norm(a, b) <= 1e-5)
+    ref, fast = _adapted_pair(AuxNet, mode)
+    _assert_same_grads(ref, fast, _x())
     assert all(not b.table.requires_grad and b.table.grad_fn is None for b in fast.blocks)
 
 
