@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import lorakit
 from lorakit.fast import model_dropout
+from lorakit.fast.dropout import draw_seed
 from lorakit.fast.dropout_hash import keep_masks
 from support import rel_norm
 
@@ -19,7 +20,7 @@ from support import rel_norm
 def _mask_of(seed_state: int, shape, p):
     """The 0/1 mask hash_dropout draws after torch.manual_seed(seed_state)."""
     torch.manual_seed(seed_state)
-    return keep_masks(model_dropout.draw_seed(), [0], shape, p, torch.float32, "cpu")[0]
+    return keep_masks(draw_seed(), [0], shape, p, torch.float32, "cpu")[0]
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 7), (2, 4, 33, 17), (70000,)])

@@ -79,13 +79,13 @@ def checkpointed_forward(block, original, offload: bool, *args, **kwargs):
         return _tensors_of(out) or (torch.empty(0, device=h.device),)  # another form: a placeholder
 
     run.block, run.state = block, state  # the recompute checks that the adapters are as they were
-    rng = device_rng_state(hidden.device)
+    run.rng = device_rng_state(hidden.device)  # what the forward draws from; the recompute draws it again
     outs = _run_node(block, offload, hidden, run, trained)
     out = form.pop()
     if _tensors_of(out) is not None:
         return _with_tensors(out, outs)
     block.__dict__[OTHER_FORM_ATTR] = True  # e.g. a dict: that ran without autograd; again, drawing as it drew
-    restore_device_rng(hidden.device, rng)
+    restore_device_rng(hidden.device, run.rng)
     return checkpoint(original, hidden, *rest, use_reentrant=False, **kwargs)
 
 
@@ -270,16 +270,12 @@ def _side_stream(device: torch.device):
 class _OffloadedBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, anchor, run, stashed, overlap, *params):
-        ctx.run, ctx.device, ctx.params = run, hidden.device, params
-        ctx.rng, ctx.autocast = device_rng_state(hidden.device), autocast_state(hidden.device)
-        ctx.set_materialize_grads(False)
         ctx.stash = _Stash(hidden)
         if not overlap:  # a block's first call, or one that writes its input: the copy first
             ctx.stash.wait()
         ctx.previous = hidden.__dict__.get(STASH_ATTR)  # the block before's input, when it fed this one
         stashed.append(ctx.stash)
-        with torch.no_grad():
-            return tuple(t.detach() for t in run(hidden))  # fresh tensors: a returned buffer stays untouched
+        return _forward_node(ctx, hidden, run, params)
 
     @staticmethod
     def backward(ctx, *douts):
@@ -299,18 +295,23 @@ class _RecomputedBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, anchor, run, *params):
-        ctx.run, ctx.device, ctx.params = run, hidden.device, params
-        ctx.rng, ctx.autocast = device_rng_state(hidden.device), autocast_state(hidden.device)
-        ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden)
-        with torch.no_grad():
-            return tuple(t.detach() for t in run(hidden))  # fresh tensors: a returned buffer stays untouched
+        return _forward_node(ctx, hidden, run, params)
 
     @staticmethod
     def backward(ctx, *douts):
         hidden, = ctx.saved_tensors
         d_hidden, *d_params = _recompute_and_backprop(ctx, hidden.detach(), douts, 3)
         return d_hidden, None, None, *d_params
+
+
+def _forward_node(ctx, hidden: torch.Tensor, run, params: tuple) -> tuple:
+    """Both nodes' forward: the block without autograd; what the recompute needs kept on ctx."""
+    ctx.run, ctx.device, ctx.params = run, hidden.device, params
+    ctx.rng, ctx.autocast = run.rng, autocast_state(hidden.device)
+    ctx.set_materialize_grads(False)  # outputs no gradient reaches get None, not zeros
+    with torch.no_grad():
+        return tuple(t.detach() for t in run(hidden))  # fresh tensors: a returned buffer stays untouched
 
 
 def _recompute_and_backprop(ctx, hidden: torch.Tensor, douts: tuple, first_param: int) -> list:

@@ -35,6 +35,12 @@ def bits_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return bits.view(torch.int32)[:n].view(x.shape) >= threshold
 
 
+def draw_seed() -> int:
+    """One call's mask seed, in [2⁶², 2⁶³) (always a 64-bit kernel argument), from torch's default CPU generator:
+    torch.manual_seed repeats it, and a checkpoint's recompute, which restores that generator, draws it again."""
+    return int(torch.randint(2**62, 2**63 - 1, ()))
+
+
 def mask_source(device: torch.device) -> str:
     """Where the fused linear's dropout masks come from on `device`: "philox", "hash", "native" or "bits" (see
     above).

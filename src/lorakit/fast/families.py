@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import importlib
 import inspect
 import sys
@@ -199,7 +200,8 @@ def _forward_body(cls) -> Optional[str]:
     return _BODIES[cls]
 
 
-def _known_bodies(forms: tuple) -> set:
+@functools.lru_cache(maxsize=None)
+def _known_bodies(forms: tuple) -> frozenset:
     """The forward bodies of transformers' classes `forms` ((family, class name), ...) that this install has."""
     bodies = set()
     for family, name in forms:
@@ -210,7 +212,7 @@ def _known_bodies(forms: tuple) -> set:
         body = _forward_body(getattr(module, name))
         if body is not None:
             bodies.add(body)
-    return bodies
+    return frozenset(bodies)
 
 
 def causal_lm_eligible(model: nn.Module) -> bool:

@@ -50,7 +50,7 @@ from torch import nn
 from ..core.adapted import AdaptedLayer
 from . import recipes
 from . import dropout_hash, dropout_kernels
-from .dropout import dropped, mask_source
+from .dropout import draw_seed, dropped, mask_source
 from .lora_grads import grad_a, grad_b, output_grads
 from .scaled_kernels import scale_output, takes_up
 from .scratch import dense_from_source
@@ -349,7 +349,7 @@ def _fuse(x: torch.Tensor, layers: Sequence[nn.Module]):
     xc = to(x)
     seed = None  # seeded masks: one key per call from torch's CPU generator (seeded runs repeat)
     if any(t[3] > 0 for spec in specs for t in spec[2]) and mask_source(x.device) in _MASK_ENGINES:
-        seed = int(torch.randint(2**62, 2**63 - 1, ()))  # ≥ 2³¹: always a 64-bit kernel argument
+        seed = draw_seed()
     layout, params, sources, any_x = [], [], [], False
     for w, b, terms, source, scaled in specs:  # dropout masks drawn in the reference's order: layer, then term
         layout.append((w is not None, b is not None, scaled is not None, tuple(t[0].shape[0] for t in terms),

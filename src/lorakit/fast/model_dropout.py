@@ -33,17 +33,12 @@ from torch import nn
 
 from ..core.adapted import AdaptedLayer
 from ..core.patching import is_patched, patch_forward
-from .dropout import mask_source
+from .dropout import draw_seed, mask_source
 from .dropout_hash import keep_masks
 from .thread_scope import ThreadScope
 
 _SCOPE = ThreadScope()
 _SAFE_SOFTMAX = getattr(torch, "_safe_softmax", None)  # torch ≥ 2.5: softmax giving 0 for a row of -inf
-
-
-def draw_seed() -> int:
-    """One call's mask seed, in [2⁶², 2⁶³), from torch's default CPU generator (torch.manual_seed repeats it)."""
-    return int(torch.randint(2**62, 2**63 - 1, ()))
 
 
 def takes_hash(x: torch.Tensor, p: float) -> bool:
