@@ -3,6 +3,7 @@ recompute gives the gradients the un-checkpointed model gives, through loss.back
 under autocast, and for a block argument that needs a gradient of its own (CPU, float32 unless said)."""
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -12,6 +13,20 @@ import lorakit
 from support import one_thread, rel_norm  # noqa: F401
 
 MODES = [True, "offload"]
+
+
+@pytest.fixture
+def fallbacks(monkeypatch):
+    """The blocks' calls of torch's checkpoint (the fallback), counted."""
+    module = importlib.import_module("lorakit.fast.checkpoint")
+    calls, real = [], module.checkpoint
+
+    def counted(fn, *args, **kwargs):
+        calls.append(fn)
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(module, "checkpoint", counted)
+    return calls
 
 
 class Block(nn.Module):
@@ -110,9 +125,9 @@ def test_autograd_grad_through_checkpointed_blocks_equals_the_plain_model(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_block_argument_that_needs_a_gradient_gets_it(mode):
-    """`shift` carries a trained tensor into every block: torch's non-reentrant checkpoint then runs the block,
-    and the gradient reaches `scale` as it does without checkpointing."""
+def test_a_block_argument_that_needs_a_gradient_gets_it(mode, fallbacks):
+    """`shift` carries a trained tensor into every block: it is an input of the block's node, and the gradient
+    reaches `scale` as it does without checkpointing."""
     ref = _net()
     fast = copy.deepcopy(ref)
     lorakit.optimize(fast, checkpoint=mode)
@@ -122,6 +137,101 @@ def test_a_block_argument_that_needs_a_gradient_gets_it(mode):
     assert g0[1].abs().sum() > 0  # scale's
     for a, b in zip(g1, g0):
         assert rel_norm(a, b) <= 1e-5
+    assert fallbacks == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_argument_changed_in_place_before_backward_is_refused(mode):
+    net = _net()
+    lorakit.optimize(net, checkpoint=mode)
+    shift = net.scale * 2
+    out = net.blocks[0](_x(), shift=shift)
+    with torch.no_grad():
+        shift.add_(1.0)  # what the block's recompute would read
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_several_backwards_through_an_argument_that_needs_a_gradient(fallbacks):
+    ref = _net()
+    fast = copy.deepcopy(ref)
+    lorakit.optimize(fast, checkpoint=True)
+    ref(_x(), shifted=True).square().mean().backward()
+    loss = fast(_x(), shifted=True).square().mean()
+    sums = []
+    for _ in range(2):
+        fast.zero_grad(set_to_none=True)
+        loss.backward(retain_graph=True)
+        sums.append([p.grad.double().sum().item() for p in fast.parameters() if p.requires_grad])
+        for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
+            if b.grad is not None:
+                assert rel_norm(a.grad, b.grad) <= 1e-5, name
+    assert sums[0] == sums[1]
+    assert fallbacks == []
+
+
+class BiasBlock(Block):
+    def forward(self, h, bias):
+        return h + self.fc2(torch.relu(self.fc1(h + bias)))  # bias: [d], the same leaf for every block
+
+
+class BiasNet(Net):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(BiasBlock(16) for _ in range(3))
+
+    def forward(self, x, bias):
+        for block in self.blocks:
+            x = block(x, bias)
+        return x
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_autograd_grad_reaches_a_leaf_passed_to_every_block(mode, fallbacks):
+    ref, fast = _adapted_pair(BiasNet, mode)
+    bias = torch.linspace(-1, 1, 16).requires_grad_(True)
+    want, = torch.autograd.grad(ref(_x(requires_grad=False), bias).square().mean(), [bias])
+    got, = torch.autograd.grad(fast(_x(requires_grad=False), bias).square().mean(), [bias])
+    assert rel_norm(got, want) <= 1e-5 and bias.grad is None
+    assert fallbacks == []
+
+
+def _tiny_t5(decoder_layers: int):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(d_model=32, d_ff=64, num_layers=2, num_decoder_layers=decoder_layers, num_heads=4, d_kv=8,
+                   vocab_size=100, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+    model = T5ForConditionalGeneration(cfg)
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v", "wi", "wo"],
+                                                  init_lora_weights=False))
+    for name, p in model.named_parameters():
+        if "relative_attention_bias" in name:
+            p.requires_grad_(True)  # trained like a modules_to_save tensor: block 0's position bias carries grad
+    return model.train()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("decoder_layers", [2, 3])  # which stack is checkpointed: the longer, the encoder on a tie
+def test_t5_blocks_take_the_position_bias_and_encoder_output_into_their_node(mode, decoder_layers, fallbacks):
+    """Encoder blocks 1.. read block 0's position bias; decoder blocks read the encoder's output (and the cross
+    attention's bias after block 0): inputs of each block's node, not torch's checkpoint."""
+    ref = _tiny_t5(decoder_layers)
+    fast = copy.deepcopy(ref)
+    assert lorakit.optimize(fast, checkpoint=mode)["checkpoint"] == max(2, decoder_layers)
+    ids = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(1, 100, (2, 6), generator=torch.Generator().manual_seed(1))
+    losses = [model(input_ids=ids, labels=labels).loss for model in (ref, fast)]
+    for loss in losses:
+        loss.backward()
+    assert rel_norm(losses[1].detach(), losses[0].detach()) <= 1e-6
+    trained = 0
+    for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
+        if b.requires_grad:
+            assert b.grad.abs().sum() > 0 and rel_norm(a.grad, b.grad) <= 1e-5, name
+            trained += 1
+    assert trained == 2 + 2 * (2 * 4) + decoder_layers * (3 * 4)  # the two biases, A and B of each target linear
+    assert fallbacks == []
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -235,17 +345,22 @@ class PairNet(Net):
                 x, residual = block(x, residual)
             elif mode == "alias":  # the block's own input passed again by keyword
                 x = block(x, residual=x)[0]
+            elif mode == "view":  # a view of it
+                x = block(x, residual=x.view(x.shape))[0]
             else:  # a trained tensor inside a dict argument
                 x = block(x, extras={"gate": self.scale})[0]
         return x
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("call", ["pairs", "alias", "dict"])
-def test_gradients_through_a_blocks_other_outputs_and_arguments(mode, call):
+@pytest.mark.parametrize("call", ["pairs", "alias", "view", "dict"])
+def test_gradients_through_a_blocks_other_outputs_and_arguments(mode, call, fallbacks):
+    """The residual output feeds the next block's node; the hidden state again (or a view of it), or a trained
+    tensor inside a dict, goes to torch's checkpoint."""
     ref, fast = _adapted_pair(PairNet, mode)
     for seed in range(2):
         _assert_same_grads(ref, fast, _x(seed), mode=call)
+    assert len(fallbacks) == (0 if call == "pairs" else 2 * 3)
 
 
 def test_frozen_blocks_before_the_first_trained_one_are_not_recomputed():
@@ -354,3 +469,31 @@ def test_offloaded_block_outputs_are_not_held_after_the_forward():
     live = {t.data_ptr() for t in gc.get_objects() if isinstance(t, torch.Tensor)}
     assert [p in live for p in ptrs[:-1]] == [False, False]  # nothing holds an earlier block's output
     h.sum().backward()
+
+
+def test_a_checkpointed_model_takes_smaller_loss_chunks_until_unoptimized(tiny_llama, monkeypatch):
+    """checkpoint=True puts memory first: the fused loss's chunks shrink to CHECKPOINTED_CHUNK_BYTES (the loss is
+    the same), and unoptimize() takes that back with the rest."""
+    families = importlib.import_module("lorakit.fast.families")
+    ce = importlib.import_module("lorakit.fast.cross_entropy")
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["chunk_bytes"])
+        return ce.linear_cross_entropy(*args, **kwargs)
+
+    monkeypatch.setattr(families, "linear_cross_entropy", spy)
+    lorakit.add_adapter(tiny_llama, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = tiny_llama.train()
+    losses = []
+    for checkpoint in (False, True, None):
+        if checkpoint is None:
+            lorakit.unoptimize(model)
+            lorakit.optimize(model)
+        else:
+            lorakit.optimize(model, checkpoint=checkpoint)
+        losses.append(model(input_ids=ids, labels=ids).loss)
+    assert seen == [ce.CHUNK_BYTES, ce.CHECKPOINTED_CHUNK_BYTES, ce.CHUNK_BYTES]
+    assert ce.CHECKPOINTED_CHUNK_BYTES < ce.CHUNK_BYTES
+    assert torch.allclose(losses[0], losses[1]) and torch.allclose(losses[0], losses[2])

@@ -1,6 +1,8 @@
 """Each kernel of lorakit.fast against HF's own code: the pure-torch fallbacks on CPU, and the Triton kernels
 against the fallbacks on CUDA (or on CPU under Triton's interpreter, at smaller shapes: see conftest.kernel_device)."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -177,6 +179,32 @@ def test_triton_gated_act(monkeypatch, kernel_device, kind):
     g = torch.randn(rows, 1000, device=kernel_device, dtype=torch.bfloat16, requires_grad=True)
     u = torch.randn(rows, 1000, device=kernel_device, dtype=torch.bfloat16, requires_grad=True)
     _compare_kernels(monkeypatch, lambda a, b: gated_act(a, b, kind), [g, u], 1e-2)
+
+
+def test_triton_gated_act_reuses_saved_inputs_only_in_a_single_backward(kernel_device):
+    """In a checkpoint's recompute (SINGLE_BACKWARD) the backward writes dg, du over g, u when nothing else keeps
+    them; the gradients stay those of the reference. A producer that keeps its output (exp): neither is written."""
+    from lorakit.fast.thread_scope import SINGLE_BACKWARD
+
+    rows = 64 if kernel_device == "cuda" else 4
+    a, b, c = (torch.randn(rows, 256, device=kernel_device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    cot = torch.randn(rows, 256, device=kernel_device, dtype=torch.bfloat16)
+
+    def run(scoped: bool, gate):
+        with SINGLE_BACKWARD.entered() if scoped else contextlib.nullcontext():
+            g, u = gate(a, b), c + b  # u: a fresh sum, which no node keeps
+            out = gated_act(g, u, "silu")
+        before = (g.detach().clone(), u.detach().clone())
+        grads = torch.autograd.grad(out, [a, b, c], cot, allow_unused=True)
+        return grads, not torch.equal(before[0], g.detach()), not torch.equal(before[1], u.detach())
+
+    for gate, reusable in ((lambda x, y: x + y, True), (lambda x, y: torch.exp(x * 0.1), False)):
+        ref, g_written, u_written = run(False, gate)
+        assert not g_written and not u_written  # outside the scope nothing is reused
+        got, g_written, u_written = run(True, gate)
+        assert g_written is reusable and u_written is reusable  # both or neither
+        for x, y in zip(got, ref):
+            assert (x is None and y is None) or torch.equal(x, y)
 
 
 def test_triton_linear_cross_entropy(monkeypatch, kernel_device):

@@ -20,9 +20,13 @@ Without CUDA the copies are plain ones.
 The block's parameters that need gradients are inputs of its autograd node, and the tensors it returns (a tuple's
 too, such as T5's position bias) are its outputs, so gradients flow through it as anywhere else (loss.backward(),
 torch.autograd.grad, several backwards with retain_graph, DDP's hooks); a trained tensor the block reads without
-owning it (not among block.parameters()) gets no gradient. torch's non-reentrant checkpoint runs the block
+owning it (not among block.parameters()) gets no gradient. Another argument of the call that needs a gradient, a
+tensor of its own (not inside a tuple, list or dict: T5's position bias from block 1 on, a decoder's encoder
+output), is an input of the node too: saved for backward like the hidden state (on the device in both modes), and
+a fresh leaf of the recompute (block_args.py sorts the call). torch's non-reentrant checkpoint runs the block
 instead (on the device, in both modes), since it carries every gradient, where the block's call
-- takes another argument that needs a gradient (also inside a tuple, list or dict),
+- takes another argument that needs a gradient inside a tuple, list or dict, or one sharing the hidden state's
+  memory (the hidden state again, or a view of it),
 - hands out more than it returns (router logits recorded for a MoE's auxiliary loss, recorded hidden states), or
 - returns neither a tensor nor a tuple or list that starts with one (known after its first call).
 A cache that already holds keys (a prefix the block attends to) runs the block unchecked. A block whose adapters
@@ -33,13 +37,14 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Optional
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..core.adapted import AdaptedLayer
+from .thread_scope import SINGLE_BACKWARD
+from .block_args import at_slots, grad_slots, tensors_of, with_args, with_tensors, without_caches
 
 
 def checkpointed_forward(block, original, offload: bool, *args, **kwargs):
@@ -56,90 +61,56 @@ def checkpointed_forward(block, original, offload: bool, *args, **kwargs):
     """
     if not (block.training and torch.is_grad_enabled()):
         return original(*args, **kwargs)
-    args, kwargs, reads_cache = _without_caches(args, kwargs)
+    args, kwargs, reads_cache = without_caches(args, kwargs)
     if reads_cache:
         return original(*args, **kwargs)
     by_name = not args
     hidden = kwargs.get("hidden_states") if by_name else args[0]
-    others = [*args[1:], *(v for k, v in kwargs.items() if not (by_name and k == "hidden_states"))]
-    if (not isinstance(hidden, torch.Tensor) or _needs_grad(others) or _hands_out_more(block, kwargs)
-            or block.__dict__.get(OTHER_FORM_ATTR)):
+    rest = args[1:]
+    named = {k: v for k, v in kwargs.items() if not (by_name and k == "hidden_states")}
+    slots = grad_slots(hidden, rest, named) if isinstance(hidden, torch.Tensor) else None
+    if slots is None or _hands_out_more(block, kwargs) or block.__dict__.get(OTHER_FORM_ATTR):
         return checkpoint(original, *args, use_reentrant=False, **kwargs)  # it carries the other gradients
     trained, state = block_state(block)
-    if not trained and not hidden.requires_grad:
+    if not (trained or hidden.requires_grad or slots):
         return original(*args, **kwargs)  # nothing in or before this block trains: nothing to recompute
-    if by_name:
-        del kwargs["hidden_states"]
-    rest, form = args[1:], []  # form: the forward's output, taken at once (a kept one would outlive offloading)
+    extras = at_slots(rest, named, slots)  # inputs of the node, as the hidden state is
+    held = with_args(rest, named, slots, [None] * len(slots))  # the node holds those (saved, version-checked)
+    form = []  # the forward's output, taken at once (a kept one would outlive offloading)
 
-    def run(h):
-        out = original(h, *rest, **kwargs)
+    def run(h, *extra):
+        a, kw = with_args(*held, slots, extra) if slots else held
+        out = original(h, *a, **kw)
         if not torch.is_grad_enabled():  # the forward, not the recompute
             form.append(out)
-        return _tensors_of(out) or (torch.empty(0, device=h.device),)  # another form: a placeholder
+        return tensors_of(out) or (torch.empty(0, device=h.device),)  # another form: a placeholder
 
     run.block, run.state = block, state  # the recompute checks that the adapters are as they were
     run.rng = device_rng_state(hidden.device)  # what the forward draws from; the recompute draws it again
-    outs = _run_node(block, offload, hidden, run, trained)
+    outs = _run_node(block, offload, hidden, run, extras, trained)
     out = form.pop()
-    if _tensors_of(out) is not None:
-        return _with_tensors(out, outs)
+    if tensors_of(out) is not None:
+        return with_tensors(out, outs)
     block.__dict__[OTHER_FORM_ATTR] = True  # e.g. a dict: that ran without autograd; again, drawing as it drew
     restore_device_rng(hidden.device, run.rng)
-    return checkpoint(original, hidden, *rest, use_reentrant=False, **kwargs)
+    return checkpoint(original, hidden, *rest, use_reentrant=False, **named)
 
 
-def _without_caches(args: tuple, kwargs: dict) -> tuple:
-    """(args, kwargs, whether the block reads a cache). A KV cache would see the block twice (forward and recompute)
-    and serve the recompute stale, gradient-less keys: training blocks run without one, as HF's own checkpointing
-    does. One that already holds keys (a prefix the block attends to) is read, not only written: that block must
-    run unchecked."""
-    caches = [v for v in (*args, *kwargs.values()) if _is_cache(v)]
-    if any(_holds_keys(c) for c in caches):
-        return args, kwargs, True
-    if caches:  # GPT-2, Bloom and others pass it positionally
-        args = tuple(None if _is_cache(a) else a for a in args)
-    for name in ("past_key_values", "layer_past", "past_key_value"):
-        if kwargs.get(name) is not None:
-            kwargs[name] = None
-    if kwargs.get("use_cache"):
-        kwargs["use_cache"] = False
-    return args, kwargs, False
-
-
-def _run_node(block, offload: bool, hidden: torch.Tensor, run, trained: list) -> tuple:
-    """The block's output tensors from its autograd node (the trained parameters are its inputs, so their gradients
-    flow out of it)."""
+def _run_node(block, offload: bool, hidden: torch.Tensor, run, extras: list, trained: list) -> tuple:
+    """The block's output tensors from its autograd node (the other arguments that need gradients and the trained
+    parameters are its inputs, so their gradients flow out of it)."""
     if not offload:
-        return _RecomputedBlock.apply(hidden, None, run, *trained)
+        return _RecomputedBlock.apply(hidden, len(extras), run, *extras, *trained)
     stashed: list = []
     version = hidden._version
-    outs = _OffloadedBlock.apply(hidden, None, run, stashed, block.__dict__.get(OVERLAP_ATTR, False), *trained)
+    outs = _OffloadedBlock.apply(hidden, len(extras), run, stashed, block.__dict__.get(OVERLAP_ATTR, False),
+                                 *extras, *trained)
     if version == hidden._version:  # the block leaves its input alone: its copy may overlap its compute
         block.__dict__.setdefault(OVERLAP_ATTR, True)
     else:  # the copy must finish before the block runs (the block writes its input in place)
         block.__dict__[OVERLAP_ATTR] = False
     outs[0].__dict__[STASH_ATTR] = stashed[0]  # the next block's input: its backward prefetches this one's
     return outs
-
-
-def _tensors_of(out) -> Optional[tuple]:
-    """The tensors a block's output hands out: the output itself, or a tuple's or list's top-level tensors when it
-    starts with one; None for another form."""
-    if isinstance(out, torch.Tensor):
-        return (out,)
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return tuple(v for v in out if isinstance(v, torch.Tensor))
-    return None
-
-
-def _with_tensors(out, outs: tuple):
-    """`out` with its top-level tensors replaced, in order, by `outs` (the node's)."""
-    if isinstance(out, torch.Tensor):
-        return outs[0]
-    handed = iter(outs)
-    items = [next(handed) if isinstance(v, torch.Tensor) else v for v in out]
-    return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)  # a namedtuple takes fields
 
 
 def block_state(block: nn.Module) -> tuple:
@@ -154,31 +125,6 @@ def block_state(block: nn.Module) -> tuple:
         if isinstance(m, AdaptedLayer):
             state.append((m.active, m.disabled, tuple(m.merged), m.routing))
     return trained, tuple(state)
-
-
-def _is_cache(value) -> bool:
-    """A transformers Cache (by its base class's name: transformers is not imported here)."""
-    return any(c.__name__ == "Cache" and c.__module__.startswith("transformers") for c in type(value).__mro__)
-
-
-def _holds_keys(cache) -> bool:
-    try:
-        return cache.get_seq_length() > 0
-    except Exception:  # a cache kind without the method: assume it holds some
-        return True
-
-
-def _needs_grad(values) -> bool:
-    """Whether a tensor among `values` (or inside a tuple, list or dict among them) needs a gradient."""
-    for v in values:
-        if isinstance(v, dict):
-            v = list(v.values())
-        if isinstance(v, (tuple, list)):
-            if _needs_grad(v):
-                return True
-        elif isinstance(v, torch.Tensor) and v.requires_grad:
-            return True
-    return False
 
 
 def _hands_out_more(block, kwargs: dict) -> bool:
@@ -268,14 +214,18 @@ def _side_stream(device: torch.device):
 
 
 class _OffloadedBlock(torch.autograd.Function):
+    """checkpoint="offload": as _RecomputedBlock, with the hidden state in host memory until the recompute (the
+    other arguments that need gradients stay on the device)."""
+
     @staticmethod
-    def forward(ctx, hidden, anchor, run, stashed, overlap, *params):
+    def forward(ctx, hidden, n_extra, run, stashed, overlap, *inputs):
         ctx.stash = _Stash(hidden)
         if not overlap:  # a block's first call, or one that writes its input: the copy first
             ctx.stash.wait()
         ctx.previous = hidden.__dict__.get(STASH_ATTR)  # the block before's input, when it fed this one
         stashed.append(ctx.stash)
-        return _forward_node(ctx, hidden, run, params)
+        ctx.save_for_backward(*inputs[:n_extra])
+        return _forward_node(ctx, hidden, run, inputs[:n_extra], inputs[n_extra:])
 
     @staticmethod
     def backward(ctx, *douts):
@@ -286,53 +236,56 @@ class _OffloadedBlock(torch.autograd.Function):
         if ctx.previous is not None:
             ctx.previous.prefetch()  # comes back while this block recomputes and backpropagates
         ctx.stash = ctx.previous = None
-        d_hidden, *d_params = _recompute_and_backprop(ctx, hidden, douts, 5)
-        return d_hidden, None, None, None, None, *d_params
+        d_hidden, *d_inputs = _recompute_and_backprop(ctx, hidden, ctx.saved_tensors, douts, 5)
+        return d_hidden, None, None, None, None, *d_inputs
 
 
 class _RecomputedBlock(torch.autograd.Function):
-    """checkpoint=True: the block runs without autograd; its input stays on the device for the recompute."""
+    """checkpoint=True: the block runs without autograd; its input stays on the device for the recompute. Inputs:
+    the hidden state, how many other arguments that need gradients follow the run, those, the trained parameters."""
 
     @staticmethod
-    def forward(ctx, hidden, anchor, run, *params):
-        ctx.save_for_backward(hidden)
-        return _forward_node(ctx, hidden, run, params)
+    def forward(ctx, hidden, n_extra, run, *inputs):
+        ctx.save_for_backward(hidden, *inputs[:n_extra])  # autograd refuses them if changed in place since
+        return _forward_node(ctx, hidden, run, inputs[:n_extra], inputs[n_extra:])
 
     @staticmethod
     def backward(ctx, *douts):
-        hidden, = ctx.saved_tensors
-        d_hidden, *d_params = _recompute_and_backprop(ctx, hidden.detach(), douts, 3)
-        return d_hidden, None, None, *d_params
+        hidden, *extras = ctx.saved_tensors
+        d_hidden, *d_inputs = _recompute_and_backprop(ctx, hidden.detach(), extras, douts, 3)
+        return d_hidden, None, None, *d_inputs
 
 
-def _forward_node(ctx, hidden: torch.Tensor, run, params: tuple) -> tuple:
+def _forward_node(ctx, hidden: torch.Tensor, run, extras: tuple, params: tuple) -> tuple:
     """Both nodes' forward: the block without autograd; what the recompute needs kept on ctx."""
     ctx.run, ctx.device, ctx.params = run, hidden.device, params
     ctx.rng, ctx.autocast = run.rng, autocast_state(hidden.device)
     ctx.set_materialize_grads(False)  # outputs no gradient reaches get None, not zeros
     with torch.no_grad():
-        return tuple(t.detach() for t in run(hidden))  # fresh tensors: a returned buffer stays untouched
+        return tuple(t.detach() for t in run(hidden, *extras))  # fresh tensors: a returned buffer stays untouched
 
 
-def _recompute_and_backprop(ctx, hidden: torch.Tensor, douts: tuple, first_param: int) -> list:
-    """Run the block (ctx.run) again on its input with autograd, under the RNG state and autocast its forward ran
-    under, and backpropagate the gradients of its output tensors (douts, None where none came) through it.
-    Returns the gradients of the input and of ctx.params (None where autograd asks for none);
-    ctx.needs_input_grad[first_param:] are the parameters'."""
+def _recompute_and_backprop(ctx, hidden: torch.Tensor, extras, douts: tuple, first: int) -> list:
+    """Run the block (ctx.run) again on its input and `extras` (the other arguments that need gradients, saved)
+    with autograd, under the RNG state and autocast its forward ran under, and backpropagate the gradients of its
+    output tensors (douts, None where none came) through it.
+    Returns the gradients of the input, the extras and ctx.params (None where autograd asks for none);
+    ctx.needs_input_grad[first:] are the extras' and the parameters'."""
     if block_state(ctx.run.block)[1] != ctx.run.state:
         raise RuntimeError("lorakit: a checkpointed block's adapters changed between its forward and its backward "
                            "(active, disabled or merged adapters, or a per_row block left): backpropagate where the "
                            "forward ran, or optimize without checkpoint")
     hidden.requires_grad_(True)
+    extras = [e.detach().requires_grad_(True) for e in extras]  # leaves: each backward (retain_graph) gets its own
     with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []), torch.enable_grad(), \
-            _autocast(ctx.autocast):
+            _autocast(ctx.autocast), SINGLE_BACKWARD.entered():  # this graph runs one backward (below), then goes
         restore_device_rng(ctx.device, ctx.rng)
-        outs = ctx.run(hidden)  # ctx (and the call's arguments in this closure) lives as long as the graph
+        outs = ctx.run(hidden, *extras)  # ctx (and the call's other arguments in this closure) lives as the graph
     if len(outs) == 1:  # another output's op may have saved it
         _drop_values_if_unread(outs[0])
     pairs = [(o, d) for o, d in zip(outs, douts) if d is not None and o.requires_grad]
-    wanted = [ctx.needs_input_grad[0]] + list(ctx.needs_input_grad[first_param:])
-    inputs = [t for t, want in zip((hidden, *ctx.params), wanted) if want]
+    wanted = [ctx.needs_input_grad[0]] + list(ctx.needs_input_grad[first:])
+    inputs = [t for t, want in zip((hidden, *extras, *ctx.params), wanted) if want]
     got = iter(torch.autograd.grad([o for o, _ in pairs], inputs, [d for _, d in pairs], allow_unused=True)
                if inputs and pairs else [None] * len(inputs))
     return [next(got) if want else None for want in wanted]

@@ -27,7 +27,7 @@ from torch import nn
 from ..core.adapted import AdaptedLayer
 from ..core.patching import is_patched, pack_parameters, patch_forward, unpatch_forward
 from . import model_dropout, positions, recipes, wide
-from .cross_entropy import linear_cross_entropy, shift_labels
+from .cross_entropy import CHECKPOINTED_CHUNK_BYTES, CHUNK_BYTES, linear_cross_entropy, shift_labels
 from .lora_linear import fused_linears, lora_linear_fast_path
 from .spec import layer_spec
 from .norms import WANT_ATTR, fast_rms_forward, norm_style
@@ -244,6 +244,14 @@ def _custom_loss(model: nn.Module) -> bool:
     return owner is not None and owner.__module__ != "transformers.modeling_utils"
 
 
+LOSS_CHUNK_ATTR = "_lorakit_loss_chunk_bytes"  # on a model whose blocks are checkpointed: smaller loss chunks
+
+
+def set_checkpointed_loss(model: nn.Module) -> None:
+    """The fused loss of a model whose blocks are checkpointed takes smaller chunks (cross_entropy.py says why)."""
+    model.__dict__[LOSS_CHUNK_ATTR] = CHECKPOINTED_CHUNK_BYTES
+
+
 def causal_lm_forward(model, original, *args, **kwargs):
     """Causal-LM forward that, in a training forward with labels, computes the loss from the hidden states
     without materialising the logits; any other call goes to `original`."""
@@ -275,7 +283,8 @@ def causal_lm_forward(model, original, *args, **kwargs):
     target = extra.get("shift_labels")
     target = shift_labels(labels, ignore_index) if target is None else target
     w, b = head
-    loss = linear_cross_entropy(hidden, w, b, target, ignore_index, extra.get("num_items_in_batch"))
+    loss = linear_cross_entropy(hidden, w, b, target, ignore_index, extra.get("num_items_in_batch"),
+                                chunk_bytes=model.__dict__.get(LOSS_CHUNK_ATTR, CHUNK_BYTES))
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
@@ -347,3 +356,4 @@ def uninstall(model: nn.Module) -> None:
         unpatch_forward(m)
         m.__dict__.pop("_lorakit_group_ok", None)
         m.__dict__.pop(TILE_ATTR, None)
+        m.__dict__.pop(LOSS_CHUNK_ATTR, None)

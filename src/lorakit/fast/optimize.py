@@ -21,7 +21,7 @@ What it does, each part switchable for measurement:
   process group of several processes, where FSDP2's fully_shard refuses non-contiguous parameters (True: on
   there too, e.g. under DDP, and on CPU, where MKL runs these GEMMs slower than the plain form's two);
 - `checkpoint`: False, True (recompute each block) or "offload" (and keep its input in pinned CPU memory,
-  copied on a side stream; the long-context mode);
+  copied on a side stream; the long-context mode); the fused loss then takes smaller chunks (memory first);
 - `tile_mlp`: gated MLPs run in sequence tiles (tiling.py) so that their [T, intermediate] tensors exist for
   one tile at a time: "auto" (the default under checkpoint="offload": tiles of ~256 MiB, sequences
   shorter than four tiles untiled), a number of rows per tile, or False.
@@ -76,6 +76,8 @@ def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: 
                                    dropout=dropout))
     counts["wide"] = families.widen_groups(model) if widen else 0
     counts["checkpoint"] = _install_checkpointing(model, checkpoint) if checkpoint else 0
+    if counts["checkpoint"]:
+        families.set_checkpointed_loss(model)
     counts["tiled_mlp"] = families.set_mlp_tiling(model, tile_mlp) if tile_mlp else 0
     rows = fusion_report(model)
     counts["not_fused"] = len(rows)

@@ -2,6 +2,10 @@
 
 HF computes act(g) and the product as two ops and saves g, act(g) and u (three [N, I] tensors); this
 saves g and u only and recomputes act(g) in the backward, where it is needed anyway for act'(g).
+Inside a checkpointed block's recompute (thread_scope.SINGLE_BACKWARD), whose graph runs one backward, the
+backward kernel writes dg and du over g and u when nothing else can read them (a copy made here, or the fresh
+output of an op that keeps none of its outputs): two [N, I] tensors less at the backward's peak (224 MiB at
+an 8B Llama's T2048).
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ import torch.nn.functional as F
 
 from ..triton_gate import tl, triton, use_triton, cdiv
 from ..triton_launch import cached_launch
+from .thread_scope import SINGLE_BACKWARD
 
 GELU_C = math.sqrt(2.0 / math.pi)
 KINDS = ("silu", "gelu_tanh")
+# Producers whose output no other node of the graph keeps: the fused linear, and the reference LoRA's sum.
+_NOT_KEPT_BY = ("FusedLoraLinearsBackward", "AddBackward0")
 
 if triton is not None:
 
@@ -50,15 +57,21 @@ if triton is not None:
 
     @cached_launch
     @triton.jit
-    def _glu_bwd(DOUT, G, U, DG, DU, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    def _glu_bwd(DOUT, G, U, DG, DU, n, KIND: tl.constexpr, IN_PLACE: tl.constexpr, BLOCK: tl.constexpr):
+        """dg, du into DG, DU; with IN_PLACE over G, U themselves (DG, DU unused: no aliased arguments, which
+        Triton's interpreter would copy apart)."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         dout = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
         a, da = _act_and_grad(g, KIND, True)
-        tl.store(DG + offs, (dout * u * da).to(DG.dtype.element_ty), mask=mask)
-        tl.store(DU + offs, (dout * a).to(DU.dtype.element_ty), mask=mask)
+        if IN_PLACE:
+            tl.store(G + offs, (dout * u * da).to(G.dtype.element_ty), mask=mask)
+            tl.store(U + offs, (dout * a).to(U.dtype.element_ty), mask=mask)
+        else:
+            tl.store(DG + offs, (dout * u * da).to(DG.dtype.element_ty), mask=mask)
+            tl.store(DU + offs, (dout * a).to(DU.dtype.element_ty), mask=mask)
 
 
 _BLOCK = 2048
@@ -83,7 +96,9 @@ class GatedActFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g: torch.Tensor, u: torch.Tensor, kind: str):
+        given = (g, u)
         g, u = g.contiguous(), u.contiguous()
+        ctx.overwrite = SINGLE_BACKWARD.active() and use_triton(g) and all(map(_free_after_use, given, (g, u)))
         if use_triton(g):
             out = torch.empty_like(g)
             n = g.numel()
@@ -99,15 +114,22 @@ class GatedActFunction(torch.autograd.Function):
         g, u = ctx.saved_tensors
         dout = dout.contiguous()
         if use_triton(g):
-            dg, du = torch.empty_like(g), torch.empty_like(u)
+            dg, du = (g, u) if ctx.overwrite else (torch.empty_like(g), torch.empty_like(u))
             n = g.numel()
-            _glu_bwd[(cdiv(n, _BLOCK),)](dout, g, u, dg, du, n, KIND=KINDS.index(ctx.kind), BLOCK=_BLOCK,
-                                                num_warps=8)
+            out_g, out_u = (dout, dout) if ctx.overwrite else (dg, du)
+            _glu_bwd[(cdiv(n, _BLOCK),)](dout, g, u, out_g, out_u, n, KIND=KINDS.index(ctx.kind),
+                                         IN_PLACE=ctx.overwrite, BLOCK=_BLOCK, num_warps=8)
         else:
             a, da = _act_grad_torch(g.float(), ctx.kind)
             doutf = dout.float()
             dg, du = (doutf * u.float() * da).to(g.dtype), (doutf * a).to(u.dtype)
         return dg, du, None
+
+
+def _free_after_use(given: torch.Tensor, saved: torch.Tensor) -> bool:
+    """Whether the saved tensor may take its own gradient in backward: a copy made here, or a fresh output (no view)
+    of an op that keeps no output of its own for backward."""
+    return saved is not given or (given._base is None and type(given.grad_fn).__name__ in _NOT_KEPT_BY)
 
 
 def gated_act(g: torch.Tensor, u: torch.Tensor, kind: str) -> torch.Tensor:

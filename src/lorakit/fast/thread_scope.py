@@ -25,3 +25,8 @@ class ThreadScope:
 
     def active(self) -> bool:
         return getattr(self._local, "depth", 0) > 0
+
+
+# Entered by fast/checkpoint.py around a block's recompute and its backward. That graph is built for one backward
+# and then dropped, so an op in it may write its gradients over the activations it saved (swiglu.py).
+SINGLE_BACKWARD = ThreadScope()
