@@ -1,11 +1,13 @@
-"""The fused LoRA linear's per-output pieces of backward (lora_linear.py): bias and magnitude gradients, the
-gradient of an output-scaled output's z, and the factor gradients dA (through an RMSNorm recipe) and dB."""
+"""The fused LoRA linear's pieces of backward (lora_linear.py): bias and magnitude gradients, the gradient of an
+output-scaled output's z, gH and the plain form's dX, and the factor gradients dA (through an RMSNorm recipe) and
+dB."""
 
 from __future__ import annotations
 
 import torch
 
 from .scaled_kernels import scale_grads
+from .scratch import base_weight
 
 
 def output_grads(plan, gs: list, zs, params, needs, out: list, ups: dict) -> None:
@@ -45,3 +47,33 @@ def grad_a(gh_t: torch.Tensor, x2: torch.Tensor, rstd, norm_w, offset: float, re
         return gh_t @ x2
     d_a = gh_t.mul_(rstd) @ x2  # rstd float32 [N]: the product is formed in float32, stored in gh's dtype
     return d_a.mul_(norm_w) if offset == 0 else torch.addcmul(d_a, d_a, norm_w)
+
+
+def grad_h(gs: list, plan, params, h) -> torch.Tensor:
+    """gH rank-major [R, N]: gH_t = s_t·(dY_j·B_t)ᵀ per term, written in place (zeros for unused outputs)."""
+    n = h.shape[0] if h is not None else 0
+    gh_t = h.new_empty(plan.rank, n) if plan.rank > 0 else None
+    for j, _, bi, col, r, s, _ in plan.terms:
+        if gs[j] is None:
+            gh_t[col:col + r].zero_()
+        else:
+            gh_t[col:col + r].addmm_(params[bi].t(), gs[j].t(), beta=0, alpha=s)
+    return gh_t
+
+
+def plain_dx(ctx, gs: list, plan, params, gh_t, h, a_x, into=None):
+    """dX [*x_shape] = Σ_j dY_j·W_j + gH·A_all as one beta=1 chain (None when not needed); written into `into`
+    ([N, in], X's own memory in a recompute: lora_linear.py) when given."""
+    if not ctx.needs_input_grad[0]:
+        return None
+    dx = None
+    for j, (g, (wi, _, _)) in enumerate(zip(gs, plan.outs)):
+        if g is not None:
+            w = base_weight(params, wi, ctx.sources, j, g.device)  # a 4-bit base: dequantised again
+            dx = (torch.mm(g, w, out=into) if into is not None else g @ w) if dx is None else dx.addmm_(g, w)
+    if a_x is not None:
+        gx = gh_t[:plan.x_rank].t()
+        dx = (torch.mm(gx, a_x, out=into) if into is not None else gx @ a_x) if dx is None else dx.addmm_(gx, a_x)
+    if dx is None and plan.kernel_runs:
+        dx = h.new_zeros(h.shape[0], ctx.x_shape[-1])
+    return dx.view(ctx.x_shape) if dx is not None else None

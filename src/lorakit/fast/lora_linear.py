@@ -35,6 +35,9 @@ Beyond that plain form (each asked through spec.py, each held to the reference b
   spare columns too (optimize() gives them to q/k/v and gate/up), h is written beside x and s·B beside W, and
   each output is one GEMM [x | h]·[W | s·B]ᵀ (no addmm_ pass over y); backward's dY·[W | s·B] gives dX's base part
   and gH together. Plain LoRA, in-kernel dropout and output-scaled terms take it.
+- inside a checkpoint's recompute (thread_scope.SINGLE_BACKWARD), whose graph runs one backward, a call whose X is
+  the gated activation (read by this call alone) takes dA first and then writes dX over X: one [N, in] tensor less
+  at the backward's peak (56 MiB in an 8B Llama's down projection at T2048).
 The per-call Python is kept lean (plain dict lookups, no
 nn.Module.__getattr__): at 1B scale a LoRA step is bound by launch overhead, not by the GPU.
 """
@@ -51,11 +54,12 @@ from ..core.adapted import AdaptedLayer
 from . import recipes
 from . import dropout_hash, dropout_kernels
 from .dropout import draw_seed, dropped, mask_source
-from .lora_grads import grad_a, grad_b, output_grads
+from .lora_grads import grad_a, grad_b, grad_h, output_grads, plain_dx
 from .scaled_kernels import scale_output, takes_up
-from .scratch import dense_from_source
+from .scratch import base_weight
 from . import wide
 from .spec import FALLBACK_ATTR, check_input, note_fallback, spec_or_reason
+from .thread_scope import SINGLE_BACKWARD
 
 # Rank-r products in "rank-major" form (r as the GEMM's row count) where the BLAS runs the skinny forms
 # badly. Measured on CPU (MKL, one thread, N=2048, out=1536, r=8): x·Aᵀ 0.37 ms vs (A·xᵀ)ᵀ 0.21, and
@@ -165,11 +169,6 @@ def _scaled_ups(plan: _Plan, outs, h, params, taken=None) -> dict:
     return ups
 
 
-def _weight(params, w_idx, sources, j, device) -> torch.Tensor:
-    """Output j's base weight: its Parameter, or its source's dense weight in the reused scratch buffer."""
-    return params[w_idx] if w_idx is not None else dense_from_source(sources[j], device)
-
-
 def _plain_forward(x, x2, a_x, plan: _Plan, params, sources, seed, engine, rank_major: bool) -> tuple:
     """(h, what the mask engine keeps, outputs, {j: term the scale kernels took}, z of the output-scaled outputs):
     the forward of the module docstring, h by its own GEMM and each LoRA term by addmm_ into its output."""
@@ -182,7 +181,7 @@ def _plain_forward(x, x2, a_x, plan: _Plan, params, sources, seed, engine, rank_
     outs = []
     for j, (wi, bi, mi) in enumerate(plan.outs):  # bias in the GEMM epilogue unless a magnitude follows
         bias = None if bi is None or mi is not None else params[bi]
-        outs.append(F.linear(x, _weight(params, wi, sources, j, x.device), bias))
+        outs.append(F.linear(x, base_weight(params, wi, sources, j, x.device), bias))
     ups = _scaled_ups(plan, outs, h, params)  # output-scaled j → its term's up-projection, taken by the kernels
     for j, _, bi, col, r, s, _ in plan.terms:
         if j not in ups:
@@ -200,31 +199,6 @@ def _scale_outputs(plan: _Plan, outs: list, params, ups: dict) -> list:
             outs[j] = scale_output(outs[j], params[mi], params[mi + 1], params[bi] if bi is not None else None,
                                    ups.get(j))
     return zs
-
-
-def _plain_dx(ctx, gs, plan: _Plan, params, h, a_x) -> tuple:
-    """(dX [*x_shape] or None, gH rank-major [R, N]): gH_t = s_t·(dY_j·B_t)ᵀ per term written in place (zeros for
-    unused outputs), then dX = Σ_j dY_j·W_j + gH·A_all as one beta=1 chain."""
-    n = h.shape[0] if h is not None else 0
-    gh_t = h.new_empty(plan.rank, n) if plan.rank > 0 else None
-    for j, _, bi, col, r, s, _ in plan.terms:
-        if gs[j] is None:
-            gh_t[col:col + r].zero_()
-        else:
-            gh_t[col:col + r].addmm_(params[bi].t(), gs[j].t(), beta=0, alpha=s)
-    dx = None
-    if ctx.needs_input_grad[0]:
-        for j, (g, (wi, _, _)) in enumerate(zip(gs, plan.outs)):
-            if g is not None:
-                w = _weight(params, wi, ctx.sources, j, g.device)  # a 4-bit base: dequantised again
-                dx = g @ w if dx is None else dx.addmm_(g, w)
-        if a_x is not None:
-            gx = gh_t[:plan.x_rank].t()
-            dx = gx @ a_x if dx is None else dx.addmm_(gx, a_x)
-        if dx is None and plan.kernel_runs:
-            dx = h.new_zeros(h.shape[0], ctx.x_shape[-1])
-        dx = dx.view(ctx.x_shape) if dx is not None else None
-    return dx, gh_t
 
 
 class FusedLoraLinears(torch.autograd.Function):
@@ -260,6 +234,10 @@ class FusedLoraLinears(torch.autograd.Function):
         ctx.plan, ctx.norm_offset, ctx.x_shape, ctx.rank_major = plan, norm_offset, x.shape, rank_major
         ctx.sources, ctx.drop_seed, ctx.mask_engine = sources, seed, engine
         ctx.recipe_used = norm_x is not None
+        # In a checkpoint's recompute dX may take X's memory: X the gated activation, read by this call alone.
+        ctx.dx_over_x = (SINGLE_BACKWARD.active() and not ctx.recipe_used and seed is None and wide_buf is None
+                         and not plan.tensor_drops and bool(xt) and x._base is None
+                         and type(x.grad_fn).__name__ == "GatedActFunctionBackward")
         if ctx.recipe_used:
             nx = norm_x.reshape(-1, in_features)  # the dropout kernels read its rows with unit stride
             saved_x = (nx if nx.stride(-1) == 1 else nx.contiguous(), norm_rstd.reshape(-1), norm_w)
@@ -286,13 +264,16 @@ class FusedLoraLinears(torch.autograd.Function):
         ups = () if taken is None else tuple(j for j, t in zip(plan.scaled_ups, taken.tolist()) if t)
         output_grads(plan, gs, zs, params, needs, out, _scaled_ups(plan, None, h, params, ups))
 
-        got = None
+        got = early = None  # early: dA, when X's memory takes dX
         if ctx.wide is not None and ctx.needs_input_grad[0]:  # dX's base part and gH from one GEMM per output
             got = wide.backward_dx(gs, plan, params, a_x, ctx.wide)
         if got is not None:
             dx, gh_t = got[0].view(ctx.x_shape), got[1]
         else:
-            dx, gh_t = _plain_dx(ctx, gs, plan, params, h, a_x)
+            gh_t = grad_h(gs, plan, params, h)
+            if ctx.dx_over_x and any(needs[t[1]] for t in plan.x_terms):
+                early = gh_t[:plan.x_rank] @ x2  # dA reads X before dX is written over it
+            dx = plain_dx(ctx, gs, plan, params, gh_t, h, a_x, into=x2 if ctx.dx_over_x else None)
         if plan.kernel_runs:  # dX and dA of the in-kernel dropout terms, their masks drawn again
             dx2 = dx.view(-1, dx.shape[-1]) if dx is not None else None
             norm = (rstd, norm_w, ctx.norm_offset) if ctx.recipe_used else None
@@ -303,7 +284,8 @@ class FusedLoraLinears(torch.autograd.Function):
             if needs[ai]:
                 out[ai] = gh_t[col:col + r] @ params[xi].reshape(-1, params[xi].shape[-1])
         if a_x is not None and any(needs[t[1]] for t in plan.x_terms):
-            d_a_x = grad_a(gh_t[:plan.x_rank], x2, rstd, norm_w, ctx.norm_offset, ctx.recipe_used)  # [R0, in]
+            d_a_x = early if early is not None else \
+                grad_a(gh_t[:plan.x_rank], x2, rstd, norm_w, ctx.norm_offset, ctx.recipe_used)  # [R0, in]
             for _, ai, _, col, r, _, _ in plan.x_terms:
                 if needs[ai]:
                     out[ai] = d_a_x[col:col + r]

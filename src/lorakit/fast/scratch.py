@@ -37,3 +37,8 @@ def dense_from_source(source, device: torch.device) -> torch.Tensor:
 def release() -> None:
     """Free every scratch buffer (they are allocated again on the next use)."""
     _BUFFERS.clear()
+
+
+def base_weight(params, w_idx, sources, j, device) -> torch.Tensor:
+    """Output j of a fused call: its base weight Parameter, or its source's dense weight in the scratch buffer."""
+    return params[w_idx] if w_idx is not None else dense_from_source(sources[j], device)
