@@ -120,6 +120,7 @@ def run_qlora8b(steps: int, rounds: int = 5) -> list[dict]:
 
     cases = {}
     for quantized, checkpoint in ((False, True), (True, True), (False, "offload"), (True, "offload")):
+        torch._C._cuda_clearCublasWorkspaces()  # each case's peak counts its own cuBLAS workspaces (one per thread)
         torch.cuda.empty_cache()
         held = torch.cuda.memory_allocated()
         model = qlora.build_llama(quantized, qlora.LLAMA3_8B, "cuda")

@@ -28,5 +28,5 @@ class ThreadScope:
 
 
 # Entered by fast/checkpoint.py around a block's recompute and its backward. That graph is built for one backward
-# and then dropped, so an op in it may write its gradients over the activations it saved (swiglu.py).
+# and then dropped, so an op in it may write its gradients over the activations it saved (swiglu.py, lora_linear.py).
 SINGLE_BACKWARD = ThreadScope()
