@@ -212,13 +212,14 @@ def _tiny_t5(decoder_layers: int):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("decoder_layers", [2, 3])  # which stack is checkpointed: the longer, the encoder on a tie
+@pytest.mark.parametrize("decoder_layers", [2, 3])
 def test_t5_blocks_take_the_position_bias_and_encoder_output_into_their_node(mode, decoder_layers, fallbacks):
     """Encoder blocks 1.. read block 0's position bias; decoder blocks read the encoder's output (and the cross
-    attention's bias after block 0): inputs of each block's node, not torch's checkpoint."""
+    attention's bias after block 0): inputs of each block's node, not torch's checkpoint. Both stacks are
+    checkpointed (the layers transformers checkpoints itself), each block once."""
     ref = _tiny_t5(decoder_layers)
     fast = copy.deepcopy(ref)
-    assert lorakit.optimize(fast, checkpoint=mode)["checkpoint"] == max(2, decoder_layers)
+    assert lorakit.optimize(fast, checkpoint=mode)["checkpoint"] == 2 + decoder_layers
     ids = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(0))
     labels = torch.randint(1, 100, (2, 6), generator=torch.Generator().manual_seed(1))
     losses = [model(input_ids=ids, labels=labels).loss for model in (ref, fast)]
@@ -529,3 +530,10 @@ def test_in_a_recompute_the_down_projection_writes_dx_over_its_input(tiny_llama,
     for n, p in fast.named_parameters():
         if n in grads:
             assert rel_norm(grads[n], p.grad) <= 1e-5, n
+
+
+def test_checkpoint_units_take_the_outermost_layers_or_the_longest_list():
+    from lorakit.core.blocks import checkpoint_units
+
+    net = _net()
+    assert checkpoint_units(net) == list(net.blocks)  # no transformers layers: the longest list of one class

@@ -1,6 +1,7 @@
 """Finding a model's repeated blocks (the decoder or encoder layers of a transformer).
 
-Activation checkpointing wraps each block; FSDP shards each block on its own. Both ask `repeated_blocks`.
+FSDP shards each block on its own (`repeated_blocks`); activation checkpointing wraps the blocks transformers itself
+would checkpoint (`checkpoint_units`), which for an encoder-decoder are both stacks' layers.
 """
 
 from __future__ import annotations
@@ -30,3 +31,22 @@ def repeated_blocks(model: nn.Module, *, no_split_classes: bool = False) -> list
     else:
         lists = [m for m in lists if len({type(x) for x in m}) == 1]
     return list(max(lists, key=len)) if lists else []
+
+
+def checkpoint_units(model: nn.Module) -> list[nn.Module]:
+    """The blocks activation checkpointing wraps: the modules transformers checkpoints itself (subclasses of its
+    GradientCheckpointingLayer: every encoder and decoder layer, both stacks of T5, BART or Whisper, a multimodal
+    model's vision blocks), the outermost ones only; for a model without them, `repeated_blocks(model)`.
+
+    Returns:
+        The blocks, in `model.modules()` order.
+    """
+    units, inside = [], []
+    for name, m in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside):
+            continue  # within a unit already taken: checkpointing it again would recompute twice
+        if any(k.__name__ == "GradientCheckpointingLayer" and k.__module__.startswith("transformers")
+               for k in type(m).__mro__):  # by name: transformers is not imported here
+            units.append(m)
+            inside.append(name + "." if name else "")  # the root itself: everything below it
+    return units or repeated_blocks(model)

@@ -20,7 +20,8 @@ What it does, each part switchable for measurement:
   unoptimize() and unload() pack them back. "auto" (the default): on for a model on a CUDA device, except in a
   process group of several processes, where FSDP2's fully_shard refuses non-contiguous parameters (True: on
   there too, e.g. under DDP, and on CPU, where MKL runs these GEMMs slower than the plain form's two);
-- `checkpoint`: False, True (recompute each block) or "offload" (and keep its input in pinned CPU memory,
+- `checkpoint`: False, True (recompute each block: the layers transformers would checkpoint, in both stacks of an
+  encoder-decoder; else the longest list of repeated blocks) or "offload" (and keep its input in pinned CPU memory,
   copied on a side stream; the long-context mode); the fused loss then takes smaller chunks (memory first);
 - `tile_mlp`: gated MLPs run in sequence tiles (tiling.py) so that their [T, intermediate] tensors exist for
   one tile at a time: "auto" (the default under checkpoint="offload": tiles of ~256 MiB, sequences
@@ -42,7 +43,7 @@ import torch
 from torch import nn
 
 from ..core.api import adapted_layers
-from ..core.blocks import repeated_blocks
+from ..core.blocks import checkpoint_units
 from ..core.patching import patch_forward, unpatch_forward
 from ..errors import ConfigError
 from . import families
@@ -104,7 +105,7 @@ def _wide_on(wide: Union[bool, str], model: nn.Module) -> bool:
 
 def _install_checkpointing(model: nn.Module, mode: Union[bool, str]) -> int:
     return sum(patch_forward(block, checkpointed_forward, mode == "offload", slot=CHECKPOINT_SLOT)
-               for block in repeated_blocks(model))
+               for block in checkpoint_units(model))
 
 
 def unoptimize(model: nn.Module) -> None:
