@@ -71,3 +71,28 @@ def test_lorakit_train_optimize_on_two_processes_trains_the_one_process_adapter(
         # gradients to ~1e-4 (two processes without optimize differ from one by as much); a gradient left unsynced
         # or a sharded weight read as a whole would differ by O(1)
         assert rel_max(two[key], one[key]) < 1e-3, key
+
+
+def test_fsdp_units_inside_checkpointed_blocks_keep_their_gradients(tmp_path):
+    """A checkpointed block whose parameters FSDP2 gathers in units inside it (not at the block's own call) runs
+    under torch's checkpoint: its sharded parameters cannot be inputs of the block's node (their gradients were
+    silently lost: 12 of 12 None)."""
+    from distributed_nested_worker import build as build_nested, inputs
+
+    out = tmp_path / "rank0.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "src"), str(HERE), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "distributed_nested_worker.py"), str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(out, weights_only=True)
+    ref = build_nested()
+    loss = ref(inputs()).square().mean()
+    loss.backward()
+    want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    assert got["checkpointed"] == 3 and len(want) == 2 * 6
+    torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+    assert got["grads"].keys() == want.keys()
+    for name, g in want.items():
+        torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)

@@ -537,3 +537,41 @@ def test_checkpoint_units_take_the_outermost_layers_or_the_longest_list():
 
     net = _net()
     assert checkpoint_units(net) == list(net.blocks)  # no transformers layers: the longest list of one class
+
+
+def test_a_hooked_mlp_keeps_its_activations_in_the_recompute(tiny_llama):
+    """A forward hook may keep what the down projection reads (here a pre-hook multiplies it by a trained tap and
+    a hook adds that to the output): nothing writes a gradient over it then, and the gradients stay those of the
+    un-checkpointed model (before, the backward raised: the input was modified in place)."""
+    lorakit.add_adapter(tiny_llama, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                       init_lora_weights=False))
+
+    def install(model):
+        kept = []
+        for layer in model.model.layers:
+            mlp = layer.mlp
+            mlp.tap = nn.Parameter(torch.full((64,), 0.5))
+
+            def pre(mod, inp, mlp=mlp):
+                mlp._aux = mlp.tap * inp[0][..., :64]
+                kept.append(inp[0])
+
+            mlp.down_proj.register_forward_pre_hook(pre)
+            mlp.down_proj.register_forward_hook(lambda mod, inp, out, mlp=mlp: out + mlp._aux)
+        return model, kept
+
+    ref, _ = install(copy.deepcopy(tiny_llama.train()))
+    fast, kept = install(copy.deepcopy(tiny_llama.train()))
+    lorakit.optimize(ref)
+    lorakit.optimize(fast, checkpoint=True)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref(input_ids=ids, labels=ids).loss.backward()
+    fast(input_ids=ids, labels=ids).loss.backward()
+    assert len(kept) == 4  # forward and recompute, per block
+    assert torch.equal(kept[0], kept[3]) and torch.equal(kept[1], kept[2])  # the recompute (blocks in reverse)
+    # left what the hook kept as the forward made it
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    assert len(grads) == 2 * 7 * 2 + 2
+    for n, p in fast.named_parameters():
+        if n in grads:
+            assert rel_norm(grads[n], p.grad) <= 1e-5, n

@@ -27,6 +27,8 @@ a fresh leaf of the recompute (block_args.py sorts the call). torch's non-reentr
 instead (on the device, in both modes), since it carries every gradient, where the block's call
 - takes another argument that needs a gradient inside a tuple, list or dict, or one sharing the hidden state's
   memory (the hidden state again, or a view of it),
+- holds trained parameters that are still sharded when it is called (an FSDP2 unit inside the block gathers them
+  only when its own call comes; the node would take the shards as its inputs and their gradients would be lost),
 - hands out more than it returns (router logits recorded for a MoE's auxiliary loss, recorded hidden states), or
 - returns neither a tensor nor a tuple or list that starts with one (known after its first call).
 A cache that already holds keys (a prefix the block attends to) runs the block unchecked. A block whose adapters
@@ -45,6 +47,11 @@ from torch.utils.checkpoint import checkpoint
 from ..core.adapted import AdaptedLayer
 from .thread_scope import SINGLE_BACKWARD
 from .block_args import at_slots, grad_slots, tensors_of, with_args, with_tensors, without_caches
+
+try:  # a sharded parameter (FSDP2) is one
+    from torch.distributed.tensor import DTensor as _DTENSOR
+except ImportError:  # torch without distributed
+    _DTENSOR = None
 
 
 def checkpointed_forward(block, original, offload: bool, *args, **kwargs):
@@ -72,6 +79,8 @@ def checkpointed_forward(block, original, offload: bool, *args, **kwargs):
     if slots is None or _hands_out_more(block, kwargs) or block.__dict__.get(OTHER_FORM_ATTR):
         return checkpoint(original, *args, use_reentrant=False, **kwargs)  # it carries the other gradients
     trained, state = block_state(block)
+    if _DTENSOR is not None and any(isinstance(p, _DTENSOR) for p in trained):  # an FSDP2 unit inside the block
+        return checkpoint(original, *args, use_reentrant=False, **kwargs)  # gathers these later: not node inputs
     if not (trained or hidden.requires_grad or slots):
         return original(*args, **kwargs)  # nothing in or before this block trains: nothing to recompute
     extras = at_slots(rest, named, slots)  # inputs of the node, as the hidden state is

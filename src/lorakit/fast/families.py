@@ -33,6 +33,7 @@ from .spec import layer_spec
 from .norms import WANT_ATTR, fast_rms_forward, norm_style
 from .rope import make_fused_apply, set_fused_rope
 from .swiglu import act_kind, gated_act
+from .thread_scope import SINGLE_BACKWARD
 from .tiling import norm_remake, tile_rows_for, tiled_rows
 
 SIBLING_GROUPS = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
@@ -145,11 +146,18 @@ def mlp_forward(module, original, kind, x):
 
 def _gated_mlp(module, kind, x):
     gate, up = module.gate_proj, module.up_proj
-    outs = None
-    if isinstance(gate, AdaptedLayer) or isinstance(up, AdaptedLayer):
-        outs = fused_linears(x, (gate, up))
-    g, u = outs if outs is not None else (gate(x), up(x))
-    return module.down_proj(gated_act(g, u, kind))
+    with SINGLE_BACKWARD.left() if _hooked(gate, up, module.down_proj) else contextlib.nullcontext():
+        outs = None  # (a hook may keep gate, up or act: then nothing writes its gradient over them)
+        if isinstance(gate, AdaptedLayer) or isinstance(up, AdaptedLayer):
+            outs = fused_linears(x, (gate, up))
+        g, u = outs if outs is not None else (gate(x), up(x))
+        return module.down_proj(gated_act(g, u, kind))
+
+
+def _hooked(*modules) -> bool:
+    """Whether a forward hook could see these modules' inputs or outputs (their own, or global ones)."""
+    return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
 def set_mlp_tiling(model: nn.Module, tile) -> int:

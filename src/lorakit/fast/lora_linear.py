@@ -36,8 +36,8 @@ Beyond that plain form (each asked through spec.py, each held to the reference b
   each output is one GEMM [x | h]·[W | s·B]ᵀ (no addmm_ pass over y); backward's dY·[W | s·B] gives dX's base part
   and gH together. Plain LoRA, in-kernel dropout and output-scaled terms take it.
 - inside a checkpoint's recompute (thread_scope.SINGLE_BACKWARD), whose graph runs one backward, a call whose X is
-  the gated activation (read by this call alone) takes dA first and then writes dX over X: one [N, in] tensor less
-  at the backward's peak (56 MiB in an 8B Llama's down projection at T2048).
+  the gated activation (read by this call alone: no forward hook, families.py) takes dA first and then writes dX
+  over X: one [N, in] tensor less at the backward's peak (56 MiB in an 8B Llama's down projection at T2048).
 The per-call Python is kept lean (plain dict lookups, no
 nn.Module.__getattr__): at 1B scale a LoRA step is bound by launch overhead, not by the GPU.
 """

@@ -4,8 +4,8 @@ HF computes act(g) and the product as two ops and saves g, act(g) and u (three [
 saves g and u only and recomputes act(g) in the backward, where it is needed anyway for act'(g).
 Inside a checkpointed block's recompute (thread_scope.SINGLE_BACKWARD), whose graph runs one backward, the
 backward kernel writes dg and du over g and u when nothing else can read them (a copy made here, or the fresh
-output of an op that keeps none of its outputs): two [N, I] tensors less at the backward's peak (224 MiB at
-an 8B Llama's T2048).
+output of an op that keeps none of its outputs; families.py leaves the scope where a forward hook could keep
+them): two [N, I] tensors less at the backward's peak (224 MiB at an 8B Llama's T2048).
 """
 
 from __future__ import annotations

@@ -23,6 +23,16 @@ class ThreadScope:
         finally:
             self._local.depth = depth
 
+    @contextlib.contextmanager
+    def left(self):
+        """`with scope.left():` marks this thread as outside until the block ends, whatever the nesting."""
+        depth = getattr(self._local, "depth", 0)
+        self._local.depth = 0
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+
     def active(self) -> bool:
         return getattr(self._local, "depth", 0) > 0
 
