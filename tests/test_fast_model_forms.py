@@ -202,3 +202,23 @@ def test_a_subclass_defining_its_loss_function_keeps_it(tiny_llama):
     assert counts["lm_loss"] == 0
     ids = _ids()
     _assert_same(ref, fast, lambda m: m(input_ids=ids, labels=ids))
+
+
+def test_forward_hooks_on_a_fused_mlps_projections_still_fire(tiny_llama):
+    """gate and up run as one fused call, but a forward hook on either (or on down) makes them run as modules, so
+    the hook sees every call; the gradients stay the reference's."""
+    lorakit.add_adapter(tiny_llama, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                       init_lora_weights=False))
+    model = tiny_llama.train()
+    ref = copy.deepcopy(model)
+    seen = []
+    for layer in model.model.layers:
+        layer.mlp.gate_proj.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    lorakit.optimize(model)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    ref(input_ids=ids, labels=ids).loss.backward()
+    assert seen == [torch.Size([2, 12, 128])] * 2
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        if q.grad is not None:
+            assert rel_norm(p.grad, q.grad) <= 1e-5, n

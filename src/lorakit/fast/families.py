@@ -146,9 +146,12 @@ def mlp_forward(module, original, kind, x):
 
 def _gated_mlp(module, kind, x):
     gate, up = module.gate_proj, module.up_proj
-    with SINGLE_BACKWARD.left() if _hooked(gate, up, module.down_proj) else contextlib.nullcontext():
-        outs = None  # (a hook may keep gate, up or act: then nothing writes its gradient over them)
-        if isinstance(gate, AdaptedLayer) or isinstance(up, AdaptedLayer):
+    # With a forward hook on a projection (or a global one), gate and up run as modules, so the hooks see their
+    # calls, and no gradient is written over what a hook may keep (gate, up, act).
+    hooked = _hooked(gate, up, module.down_proj)
+    with SINGLE_BACKWARD.left() if hooked else contextlib.nullcontext():
+        outs = None
+        if not hooked and (isinstance(gate, AdaptedLayer) or isinstance(up, AdaptedLayer)):
             outs = fused_linears(x, (gate, up))
         g, u = outs if outs is not None else (gate(x), up(x))
         return module.down_proj(gated_act(g, u, kind))
