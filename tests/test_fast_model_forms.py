@@ -222,3 +222,18 @@ def test_forward_hooks_on_a_fused_mlps_projections_still_fire(tiny_llama):
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         if q.grad is not None:
             assert rel_norm(p.grad, q.grad) <= 1e-5, n
+
+
+def test_a_forward_hook_on_the_lm_head_keeps_the_models_own_loss(tiny_llama):
+    """The fused loss never makes the logits; a hook on lm_head would never see them: that model keeps its forward."""
+    lorakit.add_adapter(tiny_llama, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model = tiny_llama.train()
+    lorakit.optimize(model)
+    seen = []
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert model(input_ids=ids, labels=ids).logits is None  # the fused loss
+    handle = model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    out = model(input_ids=ids, labels=ids)
+    assert seen == [torch.Size([2, 12, 128])] and out.logits is not None
+    handle.remove()
+    assert model(input_ids=ids, labels=ids).logits is None

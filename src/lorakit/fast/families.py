@@ -8,6 +8,8 @@ module's own forward otherwise:
 - gated MLP: gate/up in one fused call, act(g)·u in one kernel (swiglu.py), down as usual;
 - RMSNorm: norms.py; causal-LM head + loss: cross_entropy.py (logits are not returned when labels are
   given in a training forward, as with Liger/Unsloth).
+Forward hooks keep their calls: the attention's projections still run as modules (they take the parked outputs);
+a gated MLP with a hooked projection runs gate and up as modules; a hooked LM head keeps the model's own loss.
 """
 
 from __future__ import annotations
@@ -272,8 +274,8 @@ def causal_lm_forward(model, original, *args, **kwargs):
     head = spec[:2] if spec is not None and not trained_bias else None
     if (labels is None or not torch.is_grad_enabled() or head is None or kwargs.get("logits_to_keep", 0) != 0
             or "return_dict" in kwargs or kwargs.get("past_key_values") is not None
-            or _router_logits_asked(model, kwargs) or _custom_loss(model)):
-        return original(*args, **kwargs)  # a MoE's auxiliary loss, a custom loss: the model's own forward adds them
+            or _router_logits_asked(model, kwargs) or _custom_loss(model) or _hooked(model.lm_head)):
+        return original(*args, **kwargs)  # a MoE's auxiliary loss, a custom loss, a hook on the head's logits
     signature = inspect.signature(type(model).forward)
     bound = signature.bind(model, *args, **kwargs).arguments
     bound.pop("self", None)
