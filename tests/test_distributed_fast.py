@@ -25,17 +25,21 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module")
-def two_processes(tmp_path_factory) -> dict:
-    """Every (strategy, adapter) case of the worker, run in one torchrun launch of 2 processes."""
-    out = tmp_path_factory.mktemp("dist_fast") / "rank0.pt"
+def _torchrun_two(worker: str, out: Path) -> dict:
+    """What rank 0 of `worker` (a file beside this one, run by torchrun in 2 processes) saved to `out`."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "src"), str(HERE), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "distributed_fast_worker.py"), str(out)]
+           str(HERE / worker), str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(out, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> dict:
+    """Every (strategy, adapter) case of the worker, run in one torchrun launch of 2 processes."""
+    return _torchrun_two("distributed_fast_worker.py", tmp_path_factory.mktemp("dist_fast") / "rank0.pt")
 
 
 @pytest.mark.parametrize("adapter", list(CASES))
@@ -79,14 +83,7 @@ def test_fsdp_units_inside_checkpointed_blocks_keep_their_gradients(tmp_path):
     silently lost: 12 of 12 None)."""
     from distributed_nested_worker import build as build_nested, inputs
 
-    out = tmp_path / "rank0.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "src"), str(HERE), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "distributed_nested_worker.py"), str(out)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = torch.load(out, weights_only=True)
+    got = _torchrun_two("distributed_nested_worker.py", tmp_path / "rank0.pt")
     ref = build_nested()
     loss = ref(inputs()).square().mean()
     loss.backward()
