@@ -37,6 +37,7 @@ class ThreadScope:
         return getattr(self._local, "depth", 0) > 0
 
 
-# Entered by fast/checkpoint.py around a block's recompute and its backward. That graph is built for one backward
-# and then dropped, so an op in it may write its gradients over the activations it saved (swiglu.py, lora_linear.py).
+# Entered by fast/checkpoint.py around a block's recompute (the forward that builds the graph its backward then runs
+# once and drops), so an op recorded there may write its gradients over the activations it saved (swiglu.py,
+# lora_linear.py). families.py leaves it for a gated MLP whose projections have forward hooks.
 SINGLE_BACKWARD = ThreadScope()
