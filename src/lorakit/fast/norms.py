@@ -182,11 +182,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, style: str, want
         if want[1] >= STRIKES:  # that many wide outputs in a row untaken: stop giving the columns
             want[0] = want[1] = 0
         else:
-            wide = x.new_empty(x.numel() // max(d, 1), d + want[0])
+            wide = wide_buffer(x, x.numel() // max(d, 1), d + want[0])
             want[1] += 1  # untaken until a reader takes it
     y, rstd = RMSNormFunction.apply(x, weight, eps, offset, style == "llama", wide)
     recipes.tag_norm_output(y, x, rstd, weight, offset, wide, want)
     return y
+
+
+def wide_buffer(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The [rows, d + E] buffer a wide output lies in (uninitialised: its readers write the spare columns)."""
+    return x.new_empty(rows, cols)
 
 
 def _takers_possible(x: torch.Tensor) -> bool:
