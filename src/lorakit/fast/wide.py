@@ -34,7 +34,8 @@ WIDE_ATTR = RESTORED_ATTR  # on a widened Parameter: [data_ptr, row stride, colu
 ALIGN = 8  # spare columns in multiples of 8: rows stay 16-byte aligned in 16-bit dtypes when `in` is a multiple of 8
 # torch's CPU bf16 GEMM (2.13, oneDNN) reads K rounded up to a multiple of 8 where the row stride allows it: with
 # K = in + R = 76 in rows of 80 it reads columns 76-79 too (a NaN there made every output NaN; K = 72 did not). W's
-# spare columns are zeros, and on CPU the input buffer's columns after h are zeroed too (CUDA's GEMMs keep to K).
+# spare columns are zeros, and on CPU the input buffer's spare columns are zeroed before h is written into them
+# (CUDA's GEMMs keep to K).
 
 
 def storage_alias(t: torch.Tensor, shape, stride, offset: int) -> torch.Tensor:
@@ -134,11 +135,11 @@ def forward(x2: torch.Tensor, buf: torch.Tensor, a_x, plan, params, lead: tuple,
     n, in_f = x2.shape
     rank = plan.rank
     xe = buf[:, :in_f + rank]  # [N, in + R]
+    if x2.device.type == "cpu":  # CPU bf16 GEMMs read past K into them (see ALIGN): they must be finite
+        buf[:, in_f:].zero_()
     if a_x is not None:
         torch.mm(x2, a_x.t(), out=xe[:, in_f:in_f + plan.x_rank])  # h of the x-reading terms, beside x
     kept = engine.runs_down(x2, xe[:, in_f:], plan.kernel_runs, params, seed) if seed is not None else ()
-    if x2.device.type == "cpu" and buf.shape[1] > in_f + rank:
-        buf[:, in_f + rank:].zero_()  # read by CPU bf16 GEMMs (see ALIGN): times W's zeros, they must be finite
     wides = write_terms(plan, params, rank)
     outs = []
     for j, (_, bi, mi) in enumerate(plan.outs):  # an output-scaled one: z with its term, its bias after the scale
