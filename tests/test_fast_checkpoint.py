@@ -533,8 +533,30 @@ def test_in_a_recompute_the_down_projection_writes_dx_over_its_input(tiny_llama,
 def test_checkpoint_units_take_the_outermost_layers_or_the_longest_list():
     from lorakit.core.blocks import checkpoint_units
 
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     net = _net()
     assert checkpoint_units(net) == list(net.blocks)  # no transformers layers: the longest list of one class
+
+    class Inner(GradientCheckpointingLayer):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+    class Outer(GradientCheckpointingLayer):
+        def __init__(self):
+            super().__init__()
+            self.inner = Inner()
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.ModuleList([Outer(), Outer()])  # each holds another transformers layer
+            self.decoder = nn.ModuleList([Inner(), Inner(), Inner()])  # the longest list, of another class
+
+    model = Model()
+    assert checkpoint_units(model) == [*model.encoder, *model.decoder]  # the outermost ones, every stack
+    assert checkpoint_units(model.encoder[0]) == [model.encoder[0]]  # the root itself
 
 
 def test_a_hooked_mlp_keeps_its_activations_in_the_recompute(tiny_llama):
