@@ -379,15 +379,20 @@ def test_the_wide_form_stays_on_with_other_forwards_between_steps(tiny_llama, co
         assert untaken == (1 if between == "disabled" else 0), between  # no buffer given where none is taken
 
 
-def test_an_autocast_that_casts_nothing_keeps_the_wide_form(tiny_llama, counted):
-    """A bf16 model under bf16 autocast: nothing is cast, so the recipe and the wide form stay (checked against the
-    plain fused form under the same autocast, bf16 tolerance)."""
-    lorakit.add_adapter(tiny_llama, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                       init_lora_weights=False))
-    model = tiny_llama.to(torch.bfloat16).train()
+def _bf16_plain_and_wide(model):
+    """The bf16 model adapted, as two optimized copies: the plain fused form and the wide one."""
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
+    model = model.to(torch.bfloat16).train()
     plain, fast = copy.deepcopy(model), copy.deepcopy(model)
     lorakit.optimize(plain, wide=False)
     lorakit.optimize(fast, wide=True)
+    return plain, fast
+
+
+def test_an_autocast_that_casts_nothing_keeps_the_wide_form(tiny_llama, counted):
+    """A bf16 model under bf16 autocast: nothing is cast, so the recipe and the wide form stay (checked against the
+    plain fused form under the same autocast, bf16 tolerance)."""
+    plain, fast = _bf16_plain_and_wide(tiny_llama)
     for seed in (0, 1):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             l0, g0 = _grads(plain, _batch(seed))
@@ -400,19 +405,14 @@ def test_an_autocast_that_casts_nothing_keeps_the_wide_form(tiny_llama, counted)
 
 def test_garbage_in_the_wide_inputs_spare_columns_never_reaches_the_outputs(tiny_llama, monkeypatch):
     """torch's CPU bf16 GEMM reads K = in + R rounded up to a multiple of 8 (here 64 + 12 → 80): the input buffer's
-    columns after h are zeroed, so NaN left in a fresh buffer cannot reach the outputs (it did, about one run in two)."""
+    spare columns are zeroed, so NaN left in a fresh buffer cannot reach the outputs (it did, about one run in two)."""
     from lorakit.fast import norms
 
     def poisoned(x, rows, cols):
         return torch.full((rows, cols), float("nan"), dtype=x.dtype, device=x.device)
 
     monkeypatch.setattr(norms, "wide_buffer", poisoned)
-    lorakit.add_adapter(tiny_llama, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                       init_lora_weights=False))
-    model = tiny_llama.to(torch.bfloat16).train()
-    plain, fast = copy.deepcopy(model), copy.deepcopy(model)
-    lorakit.optimize(plain, wide=False)
-    lorakit.optimize(fast, wide=True)
+    plain, fast = _bf16_plain_and_wide(tiny_llama)
     for seed in (0, 1, 2):  # the wide form from the second forward on
         l0, _ = _grads(plain, _batch(seed))
         l1, grads = _grads(fast, _batch(seed))
