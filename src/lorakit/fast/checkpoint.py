@@ -31,6 +31,8 @@ instead (on the device, in both modes), since it carries every gradient, where t
   only when its own call comes; the node would take the shards as its inputs and their gradients would be lost),
 - hands out more than it returns (router logits recorded for a MoE's auxiliary loss, recorded hidden states), or
 - returns neither a tensor nor a tuple or list that starts with one (known after its first call).
+The recompute runs inside thread_scope.SINGLE_BACKWARD: its graph runs one backward and is dropped, so the SwiGLU and
+the down projection there write their gradients over activations only they read (swiglu.py, lora_linear.py).
 A cache that already holds keys (a prefix the block attends to) runs the block unchecked. A block whose adapters
 changed between forward and backward (a per_row block left, adapters switched) raises at its recompute.
 """
