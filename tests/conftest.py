@@ -138,3 +138,17 @@ def tiny_llama():
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def fallbacks(monkeypatch):
+    """The blocks' calls of torch's checkpoint (the fallback), counted."""
+    module = importlib.import_module("lorakit.fast.checkpoint")
+    calls, real = [], module.checkpoint
+
+    def counted(fn, *args, **kwargs):
+        calls.append(fn)
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(module, "checkpoint", counted)
+    return calls
