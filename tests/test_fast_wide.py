@@ -157,7 +157,7 @@ def test_wide_option_is_checked_first_and_auto_is_on_for_one_cuda_process_only(t
         lorakit.optimize(model, wide="yes")
     assert all(p.is_contiguous() for p in model.parameters()) and model.model.layers[0].self_attn.q_proj.fast_path is None
     assert lorakit.optimize(model)["wide"] == 0  # on CPU "auto" is off: MKL runs the wide GEMMs slower
-    monkeypatch.setattr(opt, "_on_cuda", lambda m: True)  # as if on a GPU
+    monkeypatch.setattr(opt, "_on_device", lambda m, kind: kind == "cuda")  # as if on a GPU
     assert lorakit.optimize(model)["wide"] == 10
     lorakit.unoptimize(model)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)

@@ -25,7 +25,10 @@ What it does, each part switchable for measurement:
   copied on a side stream; the long-context mode); the fused loss then takes smaller chunks (memory first);
 - `tile_mlp`: gated MLPs run in sequence tiles (tiling.py) so that their [T, intermediate] tensors exist for
   one tile at a time: "auto" (the default under checkpoint="offload": tiles of ~256 MiB, sequences
-  shorter than four tiles untiled), a number of rows per tile, or False.
+  shorter than four tiles untiled), a number of rows per tile, or False;
+- `cpu_heap`: "auto" (the default: on for a model on the CPU) keeps freed memory in the process's heap (glibc's
+  mmap and trim thresholds, cpu_heap.py), so the step's multi-MiB tensors stop paying page faults every step. It
+  is a setting of the whole process, made once: unoptimize() leaves it.
 The returned counts include "not_fused": the adapted layers that take the reference path (their reasons:
 `fusion_report(model)`; `report=True` logs them to stderr through the `lorakit.fast` logger).
 The reference path (`AdaptedLayer.reference_forward`) is never changed. Call it again after adding
@@ -46,6 +49,7 @@ from ..core.api import adapted_layers
 from ..core.blocks import checkpoint_units
 from ..core.patching import patch_forward, unpatch_forward
 from ..errors import ConfigError
+from . import cpu_heap as heap
 from . import families
 from .checkpoint import OTHER_FORM_ATTR, OVERLAP_ATTR, checkpointed_forward
 from .lora_linear import lora_linear_fast_path
@@ -57,7 +61,8 @@ CHECKPOINT_SLOT = "checkpoint"  # stacks on a family patch of the same module (c
 def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: bool = True, glu: bool = True,
              fused_loss: bool = True, dropout: bool = True, checkpoint: Union[bool, str] = False,
              tile_mlp: Union[None, bool, int, str] = None,
-             wide: Union[bool, str] = "auto", report: bool = False) -> dict[str, int]:
+             wide: Union[bool, str] = "auto", cpu_heap: Union[bool, str] = "auto",
+             report: bool = False) -> dict[str, int]:
     """Install fast paths in place; returns how many modules got each one, and "not_fused": how many adapted
     layers take the reference path (see fusion_report). report=True logs each of them with its reason.
     tile_mlp None: "auto" under checkpoint="offload", else off (see the module docstring)."""
@@ -68,6 +73,8 @@ def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: 
     if not (tile_mlp in (False, "auto") or (type(tile_mlp) is int and tile_mlp > 0)):
         raise ConfigError(f"tile_mlp must be False, 'auto' or a positive number of rows, got {tile_mlp!r}")
     widen = _wide_on(wide, model)  # checked before anything changes
+    if cpu_heap not in (True, False, "auto"):
+        raise ConfigError(f"cpu_heap must be True, False or 'auto', got {cpu_heap!r}")
     counts = {"linear": 0}
     for _, layer in adapted_layers(model):
         if layer.ops.kind == "linear" and layer.fast_path is None:
@@ -80,6 +87,8 @@ def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: 
     if counts["checkpoint"]:
         families.set_checkpointed_loss(model)
     counts["tiled_mlp"] = families.set_mlp_tiling(model, tile_mlp) if tile_mlp else 0
+    on_cpu = cpu_heap is True or (cpu_heap == "auto" and _on_device(model, "cpu"))
+    counts["cpu_heap"] = int(on_cpu and heap.keep_freed_memory())
     rows = fusion_report(model)
     counts["not_fused"] = len(rows)
     if report:
@@ -87,9 +96,9 @@ def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: 
     return counts
 
 
-def _on_cuda(model: nn.Module) -> bool:
+def _on_device(model: nn.Module, device_type: str) -> bool:
     first = next(model.parameters(), None)
-    return first is not None and first.device.type == "cuda"
+    return first is not None and first.device.type == device_type
 
 
 def _wide_on(wide: Union[bool, str], model: nn.Module) -> bool:
@@ -97,7 +106,7 @@ def _wide_on(wide: Union[bool, str], model: nn.Module) -> bool:
         raise ConfigError(f"wide must be True, False or 'auto', got {wide!r}")
     if wide != "auto":
         return wide
-    if not _on_cuda(model):  # MKL runs the strided K = in + R GEMMs slower than the plain form's two
+    if not _on_device(model, "cuda"):  # MKL runs the strided K = in + R GEMMs slower than the plain form's two
         return False
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
