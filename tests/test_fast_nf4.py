@@ -1,8 +1,12 @@
 """The fused linear on a 4-bit (NF4) base against the NF4 reference path: forward and every gradient, alone, grouped
-and with DoRA and dropout; the dense weight is dequantised into one reused scratch buffer, never a new copy per call."""
+and with DoRA and dropout; the dense weight is dequantised into one reused scratch buffer, never a new copy per call,
+except in the offload mode's recompute, whose dense weights serve the block's backward."""
+
+import collections
 
 import pytest
 import torch
+from torch import nn
 
 import lorakit
 import lorakit.fast.lora_linear as ll
@@ -13,6 +17,7 @@ from lorakit.quant import nf4 as nf4_module
 from lorakit.quant import quantize_nf4
 from lorakit.quant.dequant import dequantize_nf4_into
 from lorakit.quant.nf4 import dequantize_nf4_reference, dequantize_nf4_reference_into
+from lorakit.quant.weight import QuantizedWeight
 from support import one_thread, randomise_adapters, rel_norm, Siblings  # noqa: F401
 
 
@@ -124,3 +129,72 @@ def test_the_scratch_buffer_serves_inference_mode_then_training():
     out = m.q(x.requires_grad_())
     out.sum().backward()
     assert torch.allclose(first, out.detach(), rtol=1e-6, atol=1e-6) and x.grad is not None
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 96), nn.Linear(96, 64)
+
+    def forward(self, h):
+        return h + self.fc2(torch.relu(self.fc1(h)))  # [N, 64]
+
+
+class _Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(_Block() for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def _qblocks():
+    torch.manual_seed(0)
+    model = lorakit.quantize(_Blocks(), compute_dtype=torch.float32, targets=["fc1", "fc2"], block_size=32)
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"]))
+    randomise_adapters(model, seed=1)
+    return model.train()
+
+
+@pytest.mark.parametrize("mode, per_step", [(False, 2), (True, 3), ("offload", 2)])
+def test_the_offload_recompute_keeps_its_dense_weights_for_backward(mode, per_step, monkeypatch):
+    """Dequantisations per weight and step: forward and backward without checkpointing; forward, recompute and
+    backward with checkpoint=True; in the offload mode the recompute's dense weights serve the backward. The
+    gradients equal the NF4 reference's in every mode."""
+    x = torch.randn(8, 64, requires_grad=True)
+    ref = _qblocks()
+    want = _grads([ref(x)], [x, *(p for p in ref.parameters() if p.requires_grad)])
+    fast = _qblocks()
+    lorakit.optimize(fast, checkpoint=mode)
+    written = collections.Counter()
+    write = QuantizedWeight.write_dense
+    monkeypatch.setattr(QuantizedWeight, "write_dense", lambda self, out: written.update([id(self)]) or write(self, out))
+    got = _grads([fast(x)], [x, *(p for p in fast.parameters() if p.requires_grad)])
+    assert sorted(written.values()) == [per_step] * 4
+    _assert_close(got, want)
+    assert not scratch.keeping_dense()
+
+
+def test_the_offload_modes_mlp_tiles_share_one_dense_weight_per_block_pass(tiny_llama, monkeypatch):
+    """A tiled MLP (4 tiles of 6 rows) in the offload mode dequantises each weight once in the forward and once in
+    the recompute, not once per tile in each pass and in backward; the loss and gradients equal the NF4 model's."""
+    lorakit.quantize(tiny_llama, compute_dtype=torch.float32, block_size=32)
+    lorakit.add_adapter(tiny_llama, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                       init_lora_weights=False))
+    tiny_llama.train()
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(1))
+    trained = [p for p in tiny_llama.parameters() if p.requires_grad]
+    loss0 = tiny_llama(input_ids=ids, labels=ids).loss
+    want = torch.autograd.grad(loss0, trained)
+    lorakit.optimize(tiny_llama, checkpoint="offload", tile_mlp=6)
+    written = collections.Counter()
+    write = QuantizedWeight.write_dense
+    monkeypatch.setattr(QuantizedWeight, "write_dense", lambda self, out: written.update([id(self)]) or write(self, out))
+    loss1 = tiny_llama(input_ids=ids, labels=ids).loss
+    got = torch.autograd.grad(loss1, trained)
+    assert sorted(written.values()) == [2] * 2 * 7  # q, k, v, o, gate, up, down of two layers
+    assert rel_norm(loss1, loss0) <= 1e-6
+    _assert_close(got, want, tol=3e-5)

@@ -9,7 +9,9 @@ an H200 12-15% more (BENCHMARKS.md).
 checkpoint=True: each block's input stays on the device (saved for backward: autograd refuses it if it was
 changed in place since).
 checkpoint="offload": each block's input goes to pinned CPU memory instead, and comes back for the block's
-recompute. On a GPU the copies run on a side stream (one per device) and overlap compute: the device→host copy
+recompute. A 4-bit base's dense weights are written once per block in its forward and once in its recompute, whose
+copies serve the backward too (scratch.kept_dense: one block's dense weights held, ~0.4 GiB at 8B, for one
+dequantisation a step fewer; the sequence tiles of its MLP share them). On a GPU the copies run on a side stream (one per device) and overlap compute: the device→host copy
 of block i's input runs while block i computes (the caching allocator keeps the input's memory until the copy
 ends: record_stream), and during block i's backward the input of block i − 1 is already coming back
 (a prefetch, for inputs up to PREFETCH_BYTES: beyond that, at hundreds of thousands of tokens, the copy
@@ -47,6 +49,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..core.adapted import AdaptedLayer
+from .scratch import kept_dense
 from .thread_scope import SINGLE_BACKWARD
 from .block_args import at_slots, grad_slots, tensors_of, with_args, with_tensors, without_caches
 
@@ -236,7 +239,7 @@ class _OffloadedBlock(torch.autograd.Function):
         ctx.previous = hidden.__dict__.get(STASH_ATTR)  # the block before's input, when it fed this one
         stashed.append(ctx.stash)
         ctx.save_for_backward(*inputs[:n_extra])
-        return _forward_node(ctx, hidden, run, inputs[:n_extra], inputs[n_extra:])
+        return _forward_node(ctx, hidden, run, inputs[:n_extra], inputs[n_extra:], keep_dense=True)
 
     @staticmethod
     def backward(ctx, *douts):
@@ -247,7 +250,7 @@ class _OffloadedBlock(torch.autograd.Function):
         if ctx.previous is not None:
             ctx.previous.prefetch()  # comes back while this block recomputes and backpropagates
         ctx.stash = ctx.previous = None
-        d_hidden, *d_inputs = _recompute_and_backprop(ctx, hidden, ctx.saved_tensors, douts, 5)
+        d_hidden, *d_inputs = _recompute_and_backprop(ctx, hidden, ctx.saved_tensors, douts, 5, keep_dense=True)
         return d_hidden, None, None, None, None, *d_inputs
 
 
@@ -267,19 +270,23 @@ class _RecomputedBlock(torch.autograd.Function):
         return d_hidden, None, None, *d_inputs
 
 
-def _forward_node(ctx, hidden: torch.Tensor, run, extras: tuple, params: tuple) -> tuple:
-    """Both nodes' forward: the block without autograd; what the recompute needs kept on ctx."""
+def _forward_node(ctx, hidden: torch.Tensor, run, extras: tuple, params: tuple, keep_dense: bool = False) -> tuple:
+    """Both nodes' forward: the block without autograd; what the recompute needs kept on ctx. keep_dense: a 4-bit
+    base's dense weights written once for the whole block (its MLP's sequence tiles share them)."""
     ctx.run, ctx.device, ctx.params = run, hidden.device, params
     ctx.rng, ctx.autocast = run.rng, autocast_state(hidden.device)
     ctx.set_materialize_grads(False)  # outputs no gradient reaches get None, not zeros
-    with torch.no_grad():
+    with torch.no_grad(), kept_dense() if keep_dense else contextlib.nullcontext():
         return tuple(t.detach() for t in run(hidden, *extras))  # fresh tensors: a returned buffer stays untouched
 
 
-def _recompute_and_backprop(ctx, hidden: torch.Tensor, extras, douts: tuple, first: int) -> list:
+def _recompute_and_backprop(ctx, hidden: torch.Tensor, extras, douts: tuple, first: int,
+                            keep_dense: bool = False) -> list:
     """Run the block (ctx.run) again on its input and `extras` (the other arguments that need gradients, saved)
     with autograd, under the RNG state and autocast its forward ran under, and backpropagate the gradients of its
-    output tensors (douts, None where none came) through it.
+    output tensors (douts, None where none came) through it. keep_dense: a 4-bit base's dense weights, written
+    once in the recompute, serve its backward too, and the recomputes inside that backward (an MLP's sequence
+    tiles; scratch.kept_dense).
     Returns the gradients of the input, the extras and ctx.params (None where autograd asks for none);
     ctx.needs_input_grad[first:] are the extras' and the parameters'."""
     if block_state(ctx.run.block)[1] != ctx.run.state:
@@ -288,17 +295,18 @@ def _recompute_and_backprop(ctx, hidden: torch.Tensor, extras, douts: tuple, fir
                            "forward ran, or optimize without checkpoint")
     hidden.requires_grad_(True)
     extras = [e.detach().requires_grad_(True) for e in extras]  # leaves: each backward (retain_graph) gets its own
-    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []), torch.enable_grad(), \
-            _autocast(ctx.autocast), SINGLE_BACKWARD.entered():  # this graph runs one backward (below), then goes
-        restore_device_rng(ctx.device, ctx.rng)
-        outs = ctx.run(hidden, *extras)  # ctx (and the call's other arguments in this closure) lives as the graph
-    if len(outs) == 1:  # another output's op may have saved it
-        _drop_values_if_unread(outs[0])
-    pairs = [(o, d) for o, d in zip(outs, douts) if d is not None and o.requires_grad]
-    wanted = [ctx.needs_input_grad[0]] + list(ctx.needs_input_grad[first:])
-    inputs = [t for t, want in zip((hidden, *extras, *ctx.params), wanted) if want]
-    got = iter(torch.autograd.grad([o for o, _ in pairs], inputs, [d for _, d in pairs], allow_unused=True)
-               if inputs and pairs else [None] * len(inputs))
+    with kept_dense() if keep_dense else contextlib.nullcontext():  # through the backward's own recomputes too
+        with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []), torch.enable_grad(), \
+                _autocast(ctx.autocast), SINGLE_BACKWARD.entered():  # this graph runs one backward (below), then goes
+            restore_device_rng(ctx.device, ctx.rng)
+            outs = ctx.run(hidden, *extras)  # ctx (and the call's other arguments in this closure) lives as the graph
+        if len(outs) == 1:  # another output's op may have saved it
+            _drop_values_if_unread(outs[0])
+        pairs = [(o, d) for o, d in zip(outs, douts) if d is not None and o.requires_grad]
+        wanted = [ctx.needs_input_grad[0]] + list(ctx.needs_input_grad[first:])
+        inputs = [t for t, want in zip((hidden, *extras, *ctx.params), wanted) if want]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], inputs, [d for _, d in pairs], allow_unused=True)
+                   if inputs and pairs else [None] * len(inputs))
     return [next(got) if want else None for want in wanted]
 
 

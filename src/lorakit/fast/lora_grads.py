@@ -64,12 +64,13 @@ def grad_h(gs: list, plan, params, h) -> torch.Tensor:
 def plain_dx(ctx, gs: list, plan, params, gh_t, h, a_x, into=None):
     """dX [*x_shape] = Σ_j dY_j·W_j + gH·A_all as one beta=1 chain (None when not needed); written into `into`
     ([N, in], X's own memory in a recompute: lora_linear.py) when given."""
+    kept, ctx.kept_dense = ctx.kept_dense, ()  # read once: a second backward dequantises again
     if not ctx.needs_input_grad[0]:
         return None
     dx = None
     for j, (g, (wi, _, _)) in enumerate(zip(gs, plan.outs)):
         if g is not None:
-            w = base_weight(params, wi, ctx.sources, j, g.device)  # a 4-bit base: dequantised again
+            w = base_weight(params, wi, ctx.sources, j, g.device, kept)  # a 4-bit base: kept, or dequantised again
             dx = (torch.mm(g, w, out=into) if into is not None else g @ w) if dx is None else dx.addmm_(g, w)
     if a_x is not None:
         gx = gh_t[:plan.x_rank].t()

@@ -56,7 +56,7 @@ from . import dropout_hash, dropout_kernels
 from .dropout import draw_seed, dropped, mask_source
 from .lora_grads import grad_a, grad_b, grad_h, output_grads, plain_dx
 from .scaled_kernels import scale_output, takes_up
-from .scratch import base_weight
+from .scratch import base_weight, dense_from_source, keeping_dense
 from . import wide
 from .spec import FALLBACK_ATTR, check_input, note_fallback, spec_or_reason
 from .thread_scope import SINGLE_BACKWARD
@@ -233,6 +233,10 @@ class FusedLoraLinears(torch.autograd.Function):
         taken = torch.tensor([j in ups for j in plan.scaled_ups]) if plan.scaled_ups else None
         ctx.plan, ctx.norm_offset, ctx.x_shape, ctx.rank_major = plan, norm_offset, x.shape, rank_major
         ctx.sources, ctx.drop_seed, ctx.mask_engine = sources, seed, engine
+        # Inside scratch.kept_dense(): the dense weights this call read, kept for backward (on ctx, not saved: a
+        # torch checkpoint's recompute must save what its forward saved, wherever it runs).
+        ctx.kept_dense = tuple(None if w is None else dense_from_source(w, x.device) for w in sources) \
+            if keeping_dense() and any(w is not None for w in sources) else ()
         ctx.recipe_used = norm_x is not None
         # In a checkpoint's recompute dX may take X's memory: X the gated activation, read by this call alone.
         ctx.dx_over_x = (SINGLE_BACKWARD.active() and not ctx.recipe_used and seed is None and wide_buf is None
