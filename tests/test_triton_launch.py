@@ -61,3 +61,46 @@ def test_cdiv_and_next_power_of_2_match_triton():
         assert triton_gate.next_power_of_2(a) == triton.next_power_of_2(a)
         for b in (1, 3, 16, 128):
             assert triton_gate.cdiv(a, b) == triton.cdiv(a, b)
+
+
+def test_an_empty_hook_chain_reaches_the_launcher_as_none():
+    """Triton ≥ 3.5 keeps an empty HookChain as its launch hooks: the cached launch passes None (no launch metadata
+    built, no hook called) until a profiler adds a hook, which is then called as Triton's launch would call it."""
+    class Chain:  # Triton's knobs.HookChain: a list of calls
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, *args):
+            for call in self.calls:
+                call(*args)
+
+    chain = Chain()
+    assert triton_launch._hook(chain) is None and triton_launch._hook(None) is None
+    chain.calls.append(print)
+    assert triton_launch._hook(chain) is chain
+    assert triton_launch._hook(print) is print  # an older Triton's plain function hook
+    knobs = getattr(triton_gate.triton, "knobs", None)
+    if knobs is not None and hasattr(knobs.runtime.launch_enter_hook, "calls"):
+        assert type(knobs.runtime.launch_enter_hook).__name__ == "HookChain"  # the form _hook reads
+
+
+def test_a_launch_hook_added_by_a_profiler_is_called_for_cached_launches(scale_add):
+    launch, device = scale_add
+    knobs = getattr(triton_gate.triton, "knobs", None)
+    if not triton_launch.USABLE or knobs is None or not hasattr(knobs.runtime.launch_enter_hook, "add"):
+        pytest.skip("the cached launcher and Triton's hook chains (CUDA, Triton ≥ 3.5)")
+    seen = []
+
+    def hook(metadata):
+        seen.append(metadata)
+
+    x = torch.arange(300, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    launch[(3,)](x, y, 0.5, 2, 300, BLOCK=128)  # compiled here; cached from the next launch on
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        launch[(3,)](x, y, 0.5, 2, 300, BLOCK=128)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    launch[(3,)](x, y, 0.5, 2, 300, BLOCK=128)
+    assert len(seen) == 1
