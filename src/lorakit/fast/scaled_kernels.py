@@ -2,9 +2,9 @@
 a row norm, f = m / norm per output column), each in one Triton pass where a kernel may run (CUDA, or CPU tensors
 under Triton's interpreter; lorakit.triton_gate), else today's torch math:
 
-  row_norm        ‖W_i + s·(B·A)_i‖ float32 [out] in one launch: each program reads a block of W's rows once and
-                  accumulates ‖W_i‖², W·Aᵀ [rows, r] and A·Aᵀ [r, r] in fp32 (16-bit operands multiply exactly),
-                  then ‖W_i‖² + 2s⟨B_i, (W·Aᵀ)_i⟩ + s²⟨B_i, (B·A·Aᵀ)_i⟩. No fp32 copy of W, nothing of W's size written.
+  row_norm        ‖W_i + s·(B·A)_i‖ float32 [out] in one launch: each program reads a block of W's rows once, forms
+                  each tile of W + s·B·A (a rank-r tl.dot, 16-bit operands multiplying exactly into fp32) and sums
+                  its squares in fp32. No fp32 copy of W, nothing of W's size written.
   scale_output    y = f ⊙ z (+ b),  z = x·Wᵀ + s·h·Bᵀ                 forward, [N, out]: given the base GEMM's
                   output, each tile adds the term's up-projection s·h·Bᵀ itself (a rank-r tl.dot, rounded to the
                   output dtype as addmm_ rounds) and scales it: one pass where LoRA has its addmm_ pass, so the
@@ -61,30 +61,23 @@ if triton is not None:
         row_ok = rows < n_out
         r_ok = offs_r < R
         rows64 = rows.to(tl.int64)
-        wa = tl.zeros((BO, RP), dtype=tl.float32)  # [BO, RP] W·Aᵀ
-        aat = tl.zeros((RP, RP), dtype=tl.float32)  # [RP, RP] A·Aᵀ
-        w_sq = tl.zeros((BO, BK), dtype=tl.float32)  # [BO, BK] ‖W_i‖² by column, summed at the end
+        bb = tl.load(b_ptr + rows64[:, None] * stride_b0 + offs_r[None, :] * stride_b1,
+                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # [BO, RP], read once
+        if MIXED:  # W and the factors in different dtypes: the product in float32
+            bb = bb.to(tl.float32)
+        acc = tl.zeros((BO, BK), dtype=tl.float32)  # [BO, BK] Σ (W + s·B·A)² by column, summed at the end
         for k0 in range(0, K, BK):
             cols = k0 + offs_k
             k_ok = cols < K
             wb = tl.load(w_ptr + rows64[:, None] * stride_w0 + cols[None, :] * stride_w1,
-                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BO, BK]
+                         mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # [BO, BK]
             ab = tl.load(a_ptr + offs_r[:, None] * K + cols[None, :], mask=r_ok[:, None] & k_ok[None, :],
                          other=0.0)  # [RP, BK]
-            if MIXED:  # W and A in different dtypes: both as float32
-                wb = wb.to(tl.float32)
+            if MIXED:
                 ab = ab.to(tl.float32)
-            wf = wb.to(tl.float32)
-            w_sq += wf * wf
-            wa = tl.dot(wb, tl.trans(ab), wa, input_precision=PRECISION)
-            aat = tl.dot(ab, tl.trans(ab), aat, input_precision=PRECISION)
-        bb = tl.load(b_ptr + rows64[:, None] * stride_b0 + offs_r[None, :] * stride_b1,
-                     mask=row_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)  # [BO, RP]
-        cross = tl.sum(bb * wa, 1)  # [BO] ⟨B_i, (W·Aᵀ)_i⟩
-        bat = tl.dot(bb, aat, input_precision="ieee")  # [BO, RP] B·A·Aᵀ
-        quad = tl.sum(bat * bb, 1)  # [BO] ⟨B_i, (B·A·Aᵀ)_i⟩
-        sq = tl.sum(w_sq, 1) + 2.0 * s * cross + s * s * quad
-        tl.store(norm_ptr + rows, tl.sqrt(tl.maximum(sq, 0.0)), mask=row_ok)
+            v = wb + s * tl.dot(bb, ab, input_precision=PRECISION)  # [BO, BK] W + s·B·A, this tile
+            acc += v * v
+        tl.store(norm_ptr + rows, tl.sqrt(tl.sum(acc, 1)), mask=row_ok)
 
     @triton.jit
     def _up_tile(u_ptr, cols, col_ok, stride_u0, stride_u1, R: tl.constexpr, RP: tl.constexpr):
