@@ -34,8 +34,10 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 keeps 
 TILE = (32, 128)  # rows × columns of a forward tile (8 warps, bf16: 58 registers; 64 with an r=16 up-projection)
 BACK_TILE = (16, 128)  # a backward row step (8 warps, bf16: 70 registers; 88 with the up-projection)
 WARPS = 8
-NORM_BLOCKS = {32: 64, 16: 128}  # rows of W per row_norm program → columns per step (155 / 128 registers; 64
-                                 # when W and A differ in dtype, both then float32)
+# row_norm: 16 rows of W per program, 256 columns a step, 8 warps, 3 stages: the fastest of 54 settings on the 1B
+# and 8B Llama weights, r=16 bf16, 3.0-3.5x the former W·Aᵀ form (BENCHMARKS.md). Fewer columns where A's tile
+# [r, columns] would pass NORM_A_TILE_BYTES a stage (a high rank, float32), so shared memory holds three stages.
+NORM_ROWS, NORM_COLS, NORM_WARPS, NORM_STAGES, NORM_A_TILE_BYTES = 16, 256, 8, 3, 32768
 PROGRAMS_PER_SM = 4  # the backward splits rows into strips until there are this many programs per SM
 MAX_UP_RANK = {torch.float32: 32}  # the largest r whose up-projection the scale kernels take (h and B tiles in
 DEFAULT_MAX_UP_RANK = 64  # registers; float32 at r = 64 spills)
@@ -201,11 +203,6 @@ def _padded(r: int) -> int:
     return max(16, next_power_of_2(r))
 
 
-def _norm_rows(n_out: int, device: torch.device) -> int:
-    """Rows of W per row_norm program: 32 where that still gives two programs per SM, else 16."""
-    return 32 if cdiv(n_out, 32) >= 2 * _sm_count(device.index or 0) else 16
-
-
 def row_norm(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> Optional[torch.Tensor]:
     """‖W + s·B·A‖ per output row, float32 [out], by one kernel; None where no kernel may run (the caller then
     computes it its own way). Offered to Delta.scaled_linear_factors as its `row_norm`.
@@ -224,12 +221,13 @@ def row_norm(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> Opt
     norm = torch.empty(n_out, device=w.device, dtype=torch.float32)
     if n_out == 0:
         return norm
-    mixed = a.dtype != w.dtype  # then both as float32
-    bo = _norm_rows(n_out, w.device)
+    mixed = a.dtype != w.dtype  # then the product in float32
     precision = "ieee" if mixed else _precision(a.dtype)
-    _row_norm[(cdiv(n_out, bo),)](
-        w, a, b, norm, n_out, k, w.stride(0), w.stride(1), b.stride(0), b.stride(1), float(s), R=r, RP=_padded(r),
-        BO=bo, BK=64 if mixed else NORM_BLOCKS[bo], MIXED=mixed, PRECISION=precision, num_warps=4)
+    rp, size = _padded(r), 4 if mixed else a.element_size()
+    cols = max(32, min(NORM_COLS, next_power_of_2(NORM_A_TILE_BYTES // (rp * size) + 1) // 2))
+    _row_norm[(cdiv(n_out, NORM_ROWS),)](
+        w, a, b, norm, n_out, k, w.stride(0), w.stride(1), b.stride(0), b.stride(1), float(s), R=r, RP=rp,
+        BO=NORM_ROWS, BK=cols, MIXED=mixed, PRECISION=precision, num_warps=NORM_WARPS, num_stages=NORM_STAGES)
     return norm
 
 
