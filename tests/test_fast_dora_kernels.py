@@ -34,13 +34,16 @@ def test_row_norm_equals_the_norm_of_the_merged_weight(kernel_device, dtype, ran
     assert got.dtype == torch.float32 and rel_norm(got, want) <= 1e-6
     wt = w.t().contiguous().t()  # GPT-2's Conv1D: W as a transposed view
     assert rel_norm(sk.row_norm(wt, a, b, s), want) <= 1e-6
-    if dtype != torch.float32:  # adapters in float32 over a 16-bit base
+    if dtype != torch.float32:  # adapters in float32 over a 16-bit base; B alone in float32
         assert rel_norm(sk.row_norm(w, a.float(), b.float(), s), want) <= 1e-6
+        assert rel_norm(sk.row_norm(w, a, b.float(), s), want) <= 1e-6
 
 
 def test_row_norm_leaves_float64_to_the_caller(kernel_device):
     w = torch.randn(8, 16, dtype=torch.float64, device=kernel_device)
     assert sk.row_norm(w, w[:2], w[:, :2], 1.0) is None
+    w = torch.randn(8, 16, device=kernel_device)  # float32 at r = 512: A's stages would not fit shared memory
+    assert sk.row_norm(w, torch.randn(512, 16, device=kernel_device), torch.randn(8, 512, device=kernel_device), 1.0) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -28,7 +28,8 @@ Beyond that plain form (each asked through spec.py, each held to the reference b
   s·h·Bᵀ and scales in the same pass (instead of addmm_), saving the base GEMM's output; backward reads dY and that
   output once for dZ, dm, db. Elsewhere z (with its term) is saved and scaled by torch ops.
 - a 4-bit base (a weight source with write_dense): W is dequantised into one reused scratch buffer
-  (scratch.py) in forward and again in backward; nothing of W's size is allocated or saved.
+  (scratch.py) in forward and again in backward, nothing of W's size allocated or saved; in an offloaded block's
+  passes (scratch.kept_dense) into a tensor of its own, once per pass, kept on ctx for the backward.
 - autocast: x, W, biases and factors are cast to the autocast dtype as autocast would, then the call runs
   with autocast off.
 - the wide form (wide.py): when x is an RMSNorm's output lying in a buffer with spare columns and every W has

@@ -38,6 +38,7 @@ WARPS = 8
 # and 8B Llama weights, r=16 bf16, 3.0-3.5x the former W·Aᵀ form (BENCHMARKS.md). Fewer columns where A's tile
 # [r, columns] would pass NORM_A_TILE_BYTES a stage (a high rank, float32), so shared memory holds three stages.
 NORM_ROWS, NORM_COLS, NORM_WARPS, NORM_STAGES, NORM_A_TILE_BYTES = 16, 256, 8, 3, 32768
+NORM_SMEM_BYTES = 160 * 1024  # beyond this A's stages would not fit an H100/H200's shared memory: torch math
 PROGRAMS_PER_SM = 4  # the backward splits rows into strips until there are this many programs per SM
 MAX_UP_RANK = {torch.float32: 32}  # the largest r whose up-projection the scale kernels take (h and B tiles in
 DEFAULT_MAX_UP_RANK = 64  # registers; float32 at r = 64 spills)
@@ -65,7 +66,7 @@ if triton is not None:
         rows64 = rows.to(tl.int64)
         bb = tl.load(b_ptr + rows64[:, None] * stride_b0 + offs_r[None, :] * stride_b1,
                      mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # [BO, RP], read once
-        if MIXED:  # W and the factors in different dtypes: the product in float32
+        if MIXED:  # W, A and B not all of one dtype: the product in float32
             bb = bb.to(tl.float32)
         acc = tl.zeros((BO, BK), dtype=tl.float32)  # [BO, BK] Σ (W + s·B·A)² by column, summed at the end
         for k0 in range(0, K, BK):
@@ -211,7 +212,7 @@ def row_norm(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> Opt
         w: the base weight [out, in], any strides (GPT-2's Conv1D gives a transposed view).
         a: A [r, in]; b: B [out, r]; s: the term's scaling.
     Returns:
-        The row norms, float32 [out], or None.
+        The row norms, float32 [out], or None (no kernel here, or a float32 rank too high for its stages).
     """
     if w.dim() != 2 or a.dim() != 2 or not _kernels_run(w, a, b):
         return None
@@ -221,10 +222,12 @@ def row_norm(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> Opt
     norm = torch.empty(n_out, device=w.device, dtype=torch.float32)
     if n_out == 0:
         return norm
-    mixed = a.dtype != w.dtype  # then the product in float32
+    mixed = not (w.dtype == a.dtype == b.dtype)  # then the product in float32
     precision = "ieee" if mixed else _precision(a.dtype)
     rp, size = _padded(r), 4 if mixed else a.element_size()
     cols = max(32, min(NORM_COLS, next_power_of_2(NORM_A_TILE_BYTES // (rp * size) + 1) // 2))
+    if rp * size * cols * NORM_STAGES > NORM_SMEM_BYTES:  # a rank too high for the stages (float32, r ≥ 512)
+        return None
     _row_norm[(cdiv(n_out, NORM_ROWS),)](
         w, a, b, norm, n_out, k, w.stride(0), w.stride(1), b.stride(0), b.stride(1), float(s), R=r, RP=rp,
         BO=NORM_ROWS, BK=cols, MIXED=mixed, PRECISION=precision, num_warps=NORM_WARPS, num_stages=NORM_STAGES)

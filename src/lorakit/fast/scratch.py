@@ -5,7 +5,8 @@ forward and again in backward, so a training step allocates no dense copy of any
 the largest layer once and is reused by every layer after that. Uses are strictly one after another on the
 device's stream (each GEMM that reads the view is queued before the next layer writes it).
 
-Inside `kept_dense()` (a checkpointed block's recompute in the offload mode, checkpoint.py) each source's dense
+Inside `kept_dense()` (a checkpointed block's forward, and its recompute and backward, in the offload mode:
+checkpoint.py) each source's dense
 weight is written once into a tensor of its own instead, shared by every call in the block (an MLP's sequence
 tiles too); the fused calls keep it for their backward, which then dequantises nothing: two dequantisations a
 step instead of three, for one block's dense weights held during its backward (~0.4 GiB at 8B).
