@@ -11,9 +11,10 @@ changed in place since).
 checkpoint="offload": each block's input goes to pinned CPU memory instead, and comes back for the block's
 recompute. A 4-bit base's dense weights are written once per block in its forward and once in its recompute, whose
 copies serve the backward too (scratch.kept_dense: one block's dense weights held, ~0.4 GiB at 8B, for one
-dequantisation a step fewer; the sequence tiles of its MLP share them). On a GPU the copies run on a side stream (one per device) and overlap compute: the device→host copy
-of block i's input runs while block i computes (the caching allocator keeps the input's memory until the copy
-ends: record_stream), and during block i's backward the input of block i − 1 is already coming back
+dequantisation a step fewer; the sequence tiles of its MLP share them). On a GPU the copies run on a side stream
+(one per device) and overlap compute: the device→host copy of block i's input runs while block i computes (the
+caching allocator keeps the input's memory until the copy ends: record_stream), and during block i's backward the
+input of block i − 1 is already coming back
 (a prefetch, for inputs up to PREFETCH_BYTES: beyond that, at hundreds of thousands of tokens, the copy
 takes a few percent of the block's quadratic attention time, and the memory is worth more than the overlap).
 A block's first call copies before computing and checks that the block leaves its input unchanged (its
@@ -276,7 +277,7 @@ def _forward_node(ctx, hidden: torch.Tensor, run, extras: tuple, params: tuple, 
     ctx.run, ctx.device, ctx.params = run, hidden.device, params
     ctx.rng, ctx.autocast = run.rng, autocast_state(hidden.device)
     ctx.set_materialize_grads(False)  # outputs no gradient reaches get None, not zeros
-    with torch.no_grad(), kept_dense() if keep_dense else contextlib.nullcontext():
+    with torch.no_grad(), kept_dense(keep_dense):
         return tuple(t.detach() for t in run(hidden, *extras))  # fresh tensors: a returned buffer stays untouched
 
 
@@ -295,7 +296,7 @@ def _recompute_and_backprop(ctx, hidden: torch.Tensor, extras, douts: tuple, fir
                            "forward ran, or optimize without checkpoint")
     hidden.requires_grad_(True)
     extras = [e.detach().requires_grad_(True) for e in extras]  # leaves: each backward (retain_graph) gets its own
-    with kept_dense() if keep_dense else contextlib.nullcontext():  # through the backward's own recomputes too
+    with kept_dense(keep_dense):  # through the backward's own recomputes too
         with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []), torch.enable_grad(), \
                 _autocast(ctx.autocast), SINGLE_BACKWARD.entered():  # this graph runs one backward (below), then goes
             restore_device_rng(ctx.device, ctx.rng)

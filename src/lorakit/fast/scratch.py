@@ -6,10 +6,10 @@ the largest layer once and is reused by every layer after that. Uses are strictl
 device's stream (each GEMM that reads the view is queued before the next layer writes it).
 
 Inside `kept_dense()` (a checkpointed block's forward, and its recompute and backward, in the offload mode:
-checkpoint.py) each source's dense
-weight is written once into a tensor of its own instead, shared by every call in the block (an MLP's sequence
-tiles too); the fused calls keep it for their backward, which then dequantises nothing: two dequantisations a
-step instead of three, for one block's dense weights held during its backward (~0.4 GiB at 8B).
+checkpoint.py) each source's dense weight is written once into a tensor of its own instead, shared by every call
+in the block (an MLP's sequence tiles too); the fused calls keep it for their backward, which then dequantises
+nothing: two dequantisations a step instead of three, for one block's dense weights held during its backward
+(~0.4 GiB at 8B).
 """
 
 from __future__ import annotations
@@ -37,9 +37,12 @@ _KEPT = threading.local()  # .dense: id(source) → (source, its dense weight) w
 
 
 @contextlib.contextmanager
-def kept_dense():
+def kept_dense(enabled: bool = True):
     """Within the block, dense_from_source gives each source's dense weight in a tensor of its own, written once
-    (see the module docstring); nested entries share the outer one's tensors."""
+    (see the module docstring); nested entries share the outer one's tensors. enabled=False: no effect."""
+    if not enabled:
+        yield
+        return
     outer = getattr(_KEPT, "dense", None)
     _KEPT.dense = {} if outer is None else outer
     try:
