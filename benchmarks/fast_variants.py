@@ -11,7 +11,8 @@ checkpoint="offload"; peak memory per case:
 Several GPUs: torchrun --nproc-per-node N benchmarks/multi_gpu.py --optimize (see that script).
 
 Cases: lora, dora, drop (lora_dropout 0.1), nf4 (the base quantized to NF4; adapters as lorakit gives them), and
-each with the suffix _ref for the reference path (no optimize). The table gives step time, the ratio to `lora`
+each with the suffix _ref for the reference path (no optimize) or _g for optimize(cuda_graphs=True) (GPU: the
+blocks replayed from CUDA graphs). The table gives step time, the ratio to `lora`
 (optimized) and how many adapted layers optimize() left unfused (lorakit.fusion_report).
 """
 
@@ -40,7 +41,7 @@ CASES = ("lora", "dora", "drop", "nf4")
 
 def prepare(case: str, model, targets, r: int, compute_dtype: torch.dtype, task_type=None):
     """Apply a case to a fresh model; returns (model, trainable params, adapted layers not fused)."""
-    base = case.removesuffix("_ref")
+    base = case.removesuffix("_ref").removesuffix("_g")
     if base == "nf4":
         lorakit.quantize(model, compute_dtype=compute_dtype)
     lorakit.add_adapter(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, task_type=task_type,
@@ -49,7 +50,7 @@ def prepare(case: str, model, targets, r: int, compute_dtype: torch.dtype, task_
     model.train()
     not_fused = -1
     if not case.endswith("_ref"):
-        not_fused = lorakit.optimize(model)["not_fused"]
+        not_fused = lorakit.optimize(model, cuda_graphs=case.endswith("_g"))["not_fused"]
     return model, [p for p in model.parameters() if p.requires_grad], not_fused
 
 
@@ -87,6 +88,9 @@ def run_gpu(shape: str, cases, rounds: int, steps: int) -> list[dict]:
     g = torch.Generator(device="cuda").manual_seed(0)
     runs = {}
     for case in cases:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()  # the cases built before this one stay: its peak is counted above
+        torch.cuda.reset_peak_memory_stats()
         model = train_step.build_llama(shape, "cuda")
         model, params, not_fused = prepare(case, model, train_step.LLAMA_TARGETS, 16, torch.bfloat16)
         ids = torch.randint(0, model.config.vocab_size, (bsz, seq), device="cuda", generator=g)
@@ -94,7 +98,8 @@ def run_gpu(shape: str, cases, rounds: int, steps: int) -> list[dict]:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-        runs[case] = dict(step=step, times=[], not_fused=not_fused)
+        runs[case] = dict(step=step, times=[], not_fused=not_fused,
+                          peak=(torch.cuda.max_memory_allocated() - before) / GIB)
     for _ in range(rounds):
         for case in cases:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -105,8 +110,9 @@ def run_gpu(shape: str, cases, rounds: int, steps: int) -> list[dict]:
             torch.cuda.synchronize()
             runs[case]["times"].append(start.elapsed_time(end) / steps / 1e3)
     return [dict(shape=shape, case=c, step_ms=statistics.median(runs[c]["times"]) * 1e3,
-                 spread_ms=(max(runs[c]["times"]) - min(runs[c]["times"])) * 1e3, peak_gib=float("nan"),
-                 not_fused=runs[c]["not_fused"], tokens=bsz * seq) for c in cases]
+                 spread_ms=(max(runs[c]["times"]) - min(runs[c]["times"])) * 1e3, peak_gib=runs[c]["peak"],
+                 not_fused=runs[c]["not_fused"], tokens=bsz * seq,
+                 paired=train_step.paired_ratio(runs[c]["times"], runs[cases[0]]["times"])) for c in cases]
 
 
 def run_qlora8b(steps: int, rounds: int = 5) -> list[dict]:
@@ -161,12 +167,13 @@ def run_qlora8b(steps: int, rounds: int = 5) -> list[dict]:
 def table(rows: list[dict]) -> str:
     paired = any("paired" in r for r in rows)
     like = " (an _offload case × lora_offload)" if any(r["case"].endswith("_offload") for r in rows) else ""
-    lines = ["| shape | case | step ms | spread ms | tokens/s | × lora (time; an _offload case × lora_offload) | peak GiB "
+    lines = ["| shape | case | step ms | spread ms | tokens/s | × lora (time; an _offload or _g case × lora_offload or "
+             "lora_g) | peak GiB "
              "| not fused |" + (f" × {rows[0]['case']}{like} (time, paired rounds) |" if paired else ""),
              "|---|---|---|---|---|---|---|---|" + ("---|" if paired else "")]
-    base = {(r["shape"], r["case"]): r for r in rows if r["case"] in ("lora", "lora_offload")}
+    base = {(r["shape"], r["case"]): r for r in rows if r["case"] in ("lora", "lora_offload", "lora_g")}
     for r in rows:
-        like = "lora_offload" if r["case"].endswith("_offload") else "lora"
+        like = next((f"lora{s}" for s in ("_offload", "_g") if r["case"].endswith(s)), "lora")
         b = base.get((r["shape"], like))
         ratio = f"{r['step_ms'] / b['step_ms']:.3f}" if b else "–"
         peak = "–" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.2f}"

@@ -87,6 +87,8 @@ def prepare(case: str, model, targets, r, alpha, task_type=None):
                                                       task_type=task_type))
         if case in ("opt", "dora_opt"):
             lorakit.optimize(model)
+        elif case in ("opt_graphs", "dora_opt_graphs"):  # the blocks replayed from CUDA graphs
+            lorakit.optimize(model, cuda_graphs=True)
         elif case in ("opt_ckpt", "opt_offload"):
             lorakit.optimize(model, checkpoint=True if case == "opt_ckpt" else "offload")
         elif case.startswith("opt-"):  # ablation: opt without one part, e.g. opt-norms
@@ -302,7 +304,7 @@ def main(argv=None) -> None:
     ap.add_argument("--cases", default=None, help="comma list; GPU default: floor,peft,peft_bf16,ref,opt,floor_opt,"
                     "1b:dora_ref,1b:dora (shape: limits a case to one shape); also liger_floor, peft_liger "
                     "(need liger-kernel),"
-                    "opt_ckpt, opt_offload, and ablations "
+                    "opt_ckpt, opt_offload, opt_graphs (CUDA graphs), and ablations "
                     "opt-group|norms|rope|glu|fused_loss|dropout")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)

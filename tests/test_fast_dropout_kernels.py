@@ -66,6 +66,26 @@ def test_kernels_equal_the_math_with_the_same_mask(kernel_device, monkeypatch, d
     assert torch.allclose(only_da, da32, rtol=1e-5, atol=1e-6)
 
 
+def test_a_seed_read_from_memory_draws_the_masks_of_the_same_int(kernel_device):
+    """The seed a CUDA graph's capture draws on the device (a 1-element int64 tensor the kernels load) gives
+    exactly the masks of the same value passed as an int, forward and backward; another value other masks."""
+    dev, n, k, rank, p = kernel_device, 40, 72, 4, 0.25
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, k, generator=g).to(dev)
+    a_run = (torch.randn(2 * rank, k, generator=g) / 4).to(dev)
+    gh_t = torch.randn(2 * rank, n, generator=g).to(dev)
+    outs = []
+    for seed in (SEED, torch.tensor([SEED], dtype=torch.int64, device=dev),
+                 torch.tensor([SEED + 1], dtype=torch.int64, device=dev)):
+        h = torch.zeros(n, 2 * rank, device=dev)
+        dk.drop_down(x, a_run, h, seed, 3, rank, p)
+        dx = torch.zeros(n, k, device=dev)
+        da = dk.drop_back(x, a_run, gh_t, dx, True, seed, 3, rank, p)
+        outs.append((h, dx, da))
+    assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1]))
+    assert not torch.equal(outs[0][0], outs[2][0]) and not torch.equal(outs[0][1], outs[2][1])
+
+
 def test_a_launch_that_does_not_fit_takes_the_next_tile_setting(monkeypatch):
     """Triton raises OutOfResources at the first launch of a setting whose shared memory exceeds the GPU's: the next
     setting is launched and remembered for that key; when none fits, the error stands."""

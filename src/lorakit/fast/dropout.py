@@ -5,7 +5,9 @@ Where the mask comes from, per device type (MASK_SOURCE, read through mask_sourc
   never stored; backward draws it again. The same distribution as the reference (keep probability 1 − p to
   2⁻¹⁶), from a different draw: a seeded run repeats itself but not the reference path's masks. Where Triton may
   not run (lorakit.triton_gate: LORAKIT_TRITON=0, no Triton), and under torch.compile (the per-call seed is a
-  Python int that a compiled graph would guard on), it falls back to "native";
+  Python int that a compiled graph would guard on), it falls back to "native". While a CUDA graph is captured
+  (optimize's cuda_graphs, block_graphs.py) the seed is a device tensor drawn by torch's graph-safe generator;
+  the kernels read it from memory;
 - "native": torch.native_dropout, nn.Dropout's own kernel: the same RNG draw as the reference path, so the same
   mask for the same RNG state (on CUDA it is one fused Philox kernel); xd is an autograd input of the fused call,
   its autograd keeping only the bool mask;
@@ -18,6 +20,8 @@ Where the mask comes from, per device type (MASK_SOURCE, read through mask_sourc
 """
 
 from __future__ import annotations
+
+from typing import Optional, Union
 
 import torch
 
@@ -35,9 +39,14 @@ def bits_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return bits.view(torch.int32)[:n].view(x.shape) >= threshold
 
 
-def draw_seed() -> int:
+def draw_seed(device: Optional[torch.device] = None) -> Union[int, torch.Tensor]:
     """One call's mask seed, in [2⁶², 2⁶³) (always a 64-bit kernel argument), from torch's default CPU generator:
-    torch.manual_seed repeats it, and a checkpoint's recompute, which restores that generator, draws it again."""
+    torch.manual_seed repeats it, and a checkpoint's recompute, which restores that generator, draws it again.
+    While a CUDA graph is captured on `device`'s stream, a 1-element int64 tensor drawn by the device's
+    generator instead (graph-safe: each replay of the graph draws a new seed into it; torch.cuda.manual_seed
+    repeats a run); the kernels read it from memory."""
+    if device is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.randint(2**62, 2**63 - 1, (1,), device=device, dtype=torch.int64)
     return int(torch.randint(2**62, 2**63 - 1, ()))
 
 

@@ -64,7 +64,11 @@ if triton is not None:
     @triton.jit(do_not_specialize=["seed", "stream0", "threshold"])
     def _drop_down(x_ptr, a_ptr, h_ptr, seed, stream0, n_terms, n_rows, K, stride_xm, stride_hm, stride_hc, scale,
                    threshold, R: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                   ROUNDS: tl.constexpr, PRECISION: tl.constexpr):
+                   ROUNDS: tl.constexpr, PRECISION: tl.constexpr, SEED_IN_MEMORY: tl.constexpr):
+        if SEED_IN_MEMORY:  # a 1-element int64 tensor (drawn on the device: a CUDA graph's replay draws anew)
+            key = tl.load(seed)
+        else:
+            key = seed
         t = tl.program_id(0) % n_terms  # the run's term: a row block's terms run side by side (x from L2)
         rows = (tl.program_id(0) // n_terms) * BM + tl.arange(0, BM)  # [BM]
         offs_r = tl.arange(0, RP)  # [RP]
@@ -77,7 +81,7 @@ if triton is not None:
         for k0 in range(0, K, BK):
             k_ok = offs_k < K - k0
             xb = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-            keep = _keep(seed, stream0 + t, rows, k0, BM, BK, threshold, ROUNDS)  # [BM, BK]
+            keep = _keep(key, stream0 + t, rows, k0, BM, BK, threshold, ROUNDS)  # [BM, BK]
             ab = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # [BK, RP]
             xd = tl.where(keep, xb, tl.zeros_like(xb))  # [BM, BK], x's dtype
             acc = tl.dot(xd, ab, acc, input_precision=PRECISION)  # [BM, RP] += xd·A_tᵀ
@@ -110,9 +114,14 @@ if triton is not None:
     def _drop_back(x_ptr, rstd_ptr, w_ptr, a_ptr, gh_ptr, dx_ptr, da_ptr, seed, stream0, n_rows, K, strip_rows,
                    stride_xm, stride_dxm, stride_ghr, stride_das, offset, scale, threshold, TERMS: tl.constexpr,
                    R: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NEED_DX: tl.constexpr,
-                   NEED_DA: tl.constexpr, RECIPE: tl.constexpr, ROUNDS: tl.constexpr, PRECISION: tl.constexpr):
+                   NEED_DA: tl.constexpr, RECIPE: tl.constexpr, ROUNDS: tl.constexpr, PRECISION: tl.constexpr,
+                   SEED_IN_MEMORY: tl.constexpr):
         # One program: a strip of rows × BK columns, row blocks in turn; dA_t summed in registers over the strip
         # (TERMS ≤ 4 accumulators), dx's tile read-modified-written once per row block.
+        if SEED_IN_MEMORY:  # as in _drop_down
+            key = tl.load(seed)
+        else:
+            key = seed
         first = tl.program_id(0) * strip_rows
         k0 = tl.program_id(1) * BK
         cols = k0 + tl.arange(0, BK)  # [BK]
@@ -132,7 +141,7 @@ if triton is not None:
                              RECIPE).to(a_ptr.dtype.element_ty)  # [BM, BK] in the factors' dtype
             dx_acc = tl.zeros((BM, BK), dtype=tl.float32)  # [BM, BK]: Σ_t (gh_tᵀ·A_t) ⊙ m_t
             for t in tl.static_range(TERMS):
-                keep = _keep(seed, stream0 + t, rows, k0, BM, BK, threshold, ROUNDS)  # [BM, BK]
+                keep = _keep(key, stream0 + t, rows, k0, BM, BK, threshold, ROUNDS)  # [BM, BK]
                 ranks = (t * R + offs_r).to(tl.int64)  # [RP]: the term's rows of A_run and of gh
                 gh = tl.load(gh_ptr + ranks[None, :] * stride_ghr + rows64[:, None],
                              mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # [BM, RP] (gh is rank-major)
@@ -231,7 +240,9 @@ def drop_down(x2: torch.Tensor, a_run: torch.Tensor, h_run: torch.Tensor, seed: 
         x2: the input [N, in] (rows contiguous).
         a_run: the run's A's stacked [n·r, in], contiguous, in x2's dtype.
         h_run: [N, n·r] output, any strides (a slice of h, or a transposed view of a rank-major buffer).
-        seed: the call's Philox key; stream0: the first term's stream (term t draws stream0 + t).
+        seed: the call's Philox key: an int, or a 1-element int64 tensor on x2's device holding it (drawn there
+            while a CUDA graph is captured: dropout.draw_seed); stream0: the first term's stream (term t draws
+            stream0 + t).
         rank: r of every term in the run; p: their dropout probability.
     """
     n_rows, k = x2.shape
@@ -245,7 +256,7 @@ def drop_down(x2: torch.Tensor, a_run: torch.Tensor, h_run: torch.Tensor, seed: 
         _drop_down[(cdiv(n_rows, bm) * n_terms,)](
             x2, a_run, h_run, seed, stream0, n_terms, n_rows, k, x2.stride(0), h_run.stride(0), h_run.stride(1),
             1.0 / (1.0 - p), _threshold(p), R=rank, RP=_padded(rank), BM=bm, BK=bk, ROUNDS=PHILOX_ROUNDS,
-            PRECISION=_precision(x2.dtype), num_warps=4, num_stages=stages)
+            PRECISION=_precision(x2.dtype), SEED_IN_MEMORY=type(seed) is not int, num_warps=4, num_stages=stages)
     _fitting(("down", x2.dtype, _padded(rank), first[0], x2.device), (first, *DOWN_TILES[1:]), launch)
 
 
@@ -286,7 +297,8 @@ def drop_back(x2: torch.Tensor, a_run: torch.Tensor, gh_run: torch.Tensor, dx2, 
             stream0, n_rows, k, strip_rows, x2.stride(0), dx2.stride(0) if dx2 is not None else 0, gh_run.stride(0),
             da.stride(0) if da is not None else 0, float(offset), 1.0 / (1.0 - p), _threshold(p), TERMS=n_terms,
             R=rank, RP=_padded(rank), BM=bm, BK=bk, NEED_DX=dx2 is not None, NEED_DA=need_da, RECIPE=norm is not None,
-            ROUNDS=PHILOX_ROUNDS, PRECISION=_precision(a_run.dtype), num_warps=4, num_stages=stages)
+            ROUNDS=PHILOX_ROUNDS, PRECISION=_precision(a_run.dtype), SEED_IN_MEMORY=type(seed) is not int,
+            num_warps=4, num_stages=stages)
         return None if da is None else da[0] if strips == 1 else da.sum(0)
     key = ("back", a_run.dtype, _padded(rank), n_terms, dx2 is not None, need_da, norm is not None, x2.device)
     return _fitting(key, BACK_TILES, launch)

@@ -336,7 +336,7 @@ def _fuse(x: torch.Tensor, layers: Sequence[nn.Module]):
     xc = to(x)
     seed = None  # seeded masks: one key per call from torch's CPU generator (seeded runs repeat)
     if any(t[3] > 0 for spec in specs for t in spec[2]) and mask_source(x.device) in _MASK_ENGINES:
-        seed = draw_seed()
+        seed = draw_seed(x.device)
     layout, params, sources, any_x = [], [], [], False
     for w, b, terms, source, scaled in specs:  # dropout masks drawn in the reference's order: layer, then term
         layout.append((w is not None, b is not None, scaled is not None, tuple(t[0].shape[0] for t in terms),

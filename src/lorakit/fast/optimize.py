@@ -26,6 +26,10 @@ What it does, each part switchable for measurement:
 - `tile_mlp`: gated MLPs run in sequence tiles (tiling.py) so that their [T, intermediate] tensors exist for
   one tile at a time: "auto" (the default under checkpoint="offload": tiles of ~256 MiB, sequences
   shorter than four tiles untiled), a number of rows per tile, or False;
+- `cuda_graphs`: False (the default) or True: on a CUDA model in training, each block's forward and backward
+  are captured as CUDA graphs at its second call with a signature and replayed from then on (block_graphs.py:
+  what the signature covers, when a block runs eagerly instead, the memory it holds). For host-bound steps
+  (small models, short sequences, many adapters' kernels); not with `checkpoint`;
 - `cpu_heap`: "auto" (the default: on for a model on the CPU) keeps freed memory in the process's heap (glibc's
   mmap and trim thresholds, cpu_heap.py), so the step's multi-MiB tensors stop paying page faults every step. It
   is a setting of the whole process, made once: unoptimize() leaves it.
@@ -49,6 +53,7 @@ from ..core.api import adapted_layers
 from ..core.blocks import checkpoint_units
 from ..core.patching import patch_forward, unpatch_forward
 from ..errors import ConfigError
+from . import block_graphs
 from . import cpu_heap as heap
 from . import families
 from .checkpoint import OTHER_FORM_ATTR, OVERLAP_ATTR, checkpointed_forward
@@ -56,12 +61,13 @@ from .lora_linear import lora_linear_fast_path
 from .report import fusion_report, log_report
 
 CHECKPOINT_SLOT = "checkpoint"  # stacks on a family patch of the same module (core/patching.py)
+GRAPHS_SLOT = "graphs"
 
 
 def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: bool = True, glu: bool = True,
              fused_loss: bool = True, dropout: bool = True, checkpoint: Union[bool, str] = False,
              tile_mlp: Union[None, bool, int, str] = None,
-             wide: Union[bool, str] = "auto", cpu_heap: Union[bool, str] = "auto",
+             wide: Union[bool, str] = "auto", cpu_heap: Union[bool, str] = "auto", cuda_graphs: bool = False,
              report: bool = False) -> dict[str, int]:
     """Install fast paths in place; returns how many modules got each one, and "not_fused": how many adapted
     layers take the reference path (see fusion_report). report=True logs each of them with its reason.
@@ -75,6 +81,11 @@ def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: 
     widen = _wide_on(wide, model)  # checked before anything changes
     if cpu_heap not in (True, False, "auto"):
         raise ConfigError(f"cpu_heap must be True, False or 'auto', got {cpu_heap!r}")
+    if cuda_graphs not in (True, False):
+        raise ConfigError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+    if cuda_graphs and checkpoint:
+        raise ConfigError("cuda_graphs=True does not combine with checkpoint: the recompute is already "
+                          "a second forward, and graphs are for steps bound by the host, not by memory")
     counts = {"linear": 0}
     for _, layer in adapted_layers(model):
         if layer.ops.kind == "linear" and layer.fast_path is None:
@@ -87,6 +98,7 @@ def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: 
     if counts["checkpoint"]:
         families.set_checkpointed_loss(model)
     counts["tiled_mlp"] = families.set_mlp_tiling(model, tile_mlp) if tile_mlp else 0
+    counts["cuda_graphs"] = _install_graphs(model) if cuda_graphs and _on_device(model, "cuda") else 0
     on_cpu = cpu_heap is True or (cpu_heap == "auto" and _on_device(model, "cpu"))
     counts["cpu_heap"] = int(on_cpu and heap.keep_freed_memory())
     rows = fusion_report(model)
@@ -117,12 +129,25 @@ def _install_checkpointing(model: nn.Module, mode: Union[bool, str]) -> int:
                for block in checkpoint_units(model))
 
 
+def _install_graphs(model: nn.Module) -> int:
+    pool = None
+    count = 0
+    for block in checkpoint_units(model):
+        if patch_forward(block, block_graphs.graphed_forward, slot=GRAPHS_SLOT):
+            pool = pool or block_graphs.Pool(next(model.parameters()).device)
+            block_graphs.install(block, pool)
+            count += 1
+    return count
+
+
 def unoptimize(model: nn.Module) -> None:
     """Remove every fast path and patch that optimize() installed (the model computes as before)."""
     for _, layer in adapted_layers(model):
         if layer.fast_path is lora_linear_fast_path:
             layer.fast_path = None
-    for m in model.modules():  # the checkpoint patch went on last: it comes off first
+    for m in model.modules():  # the graphs' and checkpoint patches went on last: they come off first
+        unpatch_forward(m, slot=GRAPHS_SLOT)
+        block_graphs.uninstall(m)
         unpatch_forward(m, slot=CHECKPOINT_SLOT)
         m.__dict__.pop(OVERLAP_ATTR, None)
         m.__dict__.pop(OTHER_FORM_ATTR, None)

@@ -40,7 +40,7 @@ FORMAT = "lorakit-checkpoint/1"
 # resumed run that changed it would silently train on the checkpoint's values: it is refused instead.
 RESUME_MAY_CHANGE = frozenset({
     "output_dir", "resume", "overwrite", "quiet", "device", "nproc", "strategy", "gradient_checkpointing", "checkpoint",
-    "eval_every",
+    "cuda_graphs", "eval_every",
     "eval_examples", "checkpoint_every", "log_every", "max_new_tokens", "score", "samples"})
 # Automatic values the run resolves once the model is loaded (runs record the resolved ones): an automatic value
 # on either side matches, and the run checks again with its resolved values before training.

@@ -115,6 +115,10 @@ class TrainOptions(ModelOptions, DataOptions, AdapterOptions):
     """Block checkpointing through lorakit.optimize() (turns on --optimize): recompute (each block's activations
     recomputed in its backward), or offload (each block's input kept in pinned CPU memory, long sequences' MLPs
     run in tiles: the long-context mode; `lorakit estimate --max-context` gives the longest sequence that fits)."""
+    cuda_graphs: bool = False
+    """Replay each block's forward and backward from CUDA graphs (turns on --optimize; one GPU process, not with
+    --checkpoint or --gradient-checkpointing): for steps bound by the host (small models, short rows). Each batch
+    shape is captured at its second step; fixed shapes (packed rows) suit it."""
     eval_every: int = 0
     """Evaluate the held-out loss every N optimizer steps (0: only before and after training)."""
     checkpoint_every: int = 0

@@ -109,8 +109,8 @@ def train(options: Optional[TrainOptions] = None, *, config: Optional[str] = Non
                                compute_dtype=compute)
     opts = _resolved_packing(opts, batches)
     sizes = _add_adapter(model, opts, given, total_steps(opts, batches.per_epoch), log)
-    if opts.optimize or opts.checkpoint != "none":
-        _optimize(model, log, opts.checkpoint, bf16_enabled(opts.precision, device))
+    if opts.optimize or opts.checkpoint != "none" or opts.cuda_graphs:
+        _optimize(model, log, opts.checkpoint, bf16_enabled(opts.precision, device), opts.cuda_graphs)
     _distribute(model, opts, dist, device, log)
     prepare_output_dir(opts, dist)
 
@@ -159,6 +159,11 @@ def _check_run(opts: TrainOptions, dist: distributed.Distributed) -> None:
     if opts.checkpoint != "none" and opts.gradient_checkpointing:
         raise ConfigError(f"--checkpoint {opts.checkpoint} and --gradient-checkpointing both checkpoint the blocks: "
                           "give one of them")
+    if opts.cuda_graphs and (opts.checkpoint != "none" or opts.gradient_checkpointing):
+        raise ConfigError("--cuda-graphs replays the blocks without recomputing them: drop --checkpoint and "
+                          "--gradient-checkpointing, or --cuda-graphs")
+    if opts.cuda_graphs and (dist.enabled or opts.nproc > 1):
+        raise ConfigError("--cuda-graphs runs in one process: drop --nproc (DDP and FSDP take the blocks eagerly)")
 
 
 def _resolved_packing(opts: TrainOptions, batches) -> TrainOptions:
@@ -210,7 +215,7 @@ def _add_adapter(model, opts: TrainOptions, given: set[str], steps: int, log) ->
     return n_trainable, n_total
 
 
-def _optimize(model, log, checkpoint: str = "none", bf16: bool = False) -> None:
+def _optimize(model, log, checkpoint: str = "none", bf16: bool = False, cuda_graphs: bool = False) -> None:
     """--optimize / --checkpoint: the fast paths, installed before any DDP/FSDP wrapping (they patch the model's
     own modules, and FSDP2 unshards each block's parameters before its fused calls read them). Under a bf16
     autocast over weights in another dtype every call casts W, which the wide form cannot take: no widening."""
@@ -218,9 +223,10 @@ def _optimize(model, log, checkpoint: str = "none", bf16: bool = False) -> None:
     first = next(model.parameters(), None)
     wide = "auto" if not bf16 or first is None or first.dtype == torch.bfloat16 else False
     counts = optimize(model, checkpoint={"none": False, "recompute": True, "offload": "offload"}[checkpoint],
-                      wide=wide)
+                      wide=wide, cuda_graphs=cuda_graphs)
     log(f"optimize: {counts['linear']} adapted linears on the fused path, {counts['not_fused']} not fused"
-        + (f"; {counts['checkpoint']} blocks checkpointed ({checkpoint})" if checkpoint != "none" else ""))
+        + (f"; {counts['checkpoint']} blocks checkpointed ({checkpoint})" if checkpoint != "none" else "")
+        + (f"; {counts['cuda_graphs']} blocks replayed from CUDA graphs" if cuda_graphs else ""))
     for path, reason in fusion_report(model):
         log(f"  not fused: {path}: {reason}")
 

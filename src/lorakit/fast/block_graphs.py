@@ -1,0 +1,330 @@
+"""Training blocks replayed from CUDA graphs (`optimize(model, cuda_graphs=True)`): a host-bound step without the
+host's work per kernel.
+
+Why: a small model's training step is bound by the host, not the GPU. On an H200 the fused 1B Llama step (B8 T1024)
+queues ~1,600 kernels, and torch's, transformers' and lorakit's Python around them takes about as long as the
+device's work (BENCHMARKS.md); DoRA's extra kernels and their Python cost it more again. A CUDA graph replays a
+block's kernels with one launch.
+
+How, per block (core.blocks.checkpoint_units: the decoder layers) and per call signature:
+- The signature: each tensor argument's shape, dtype, device and requires_grad; every other argument's value;
+  the addresses of the block's parameters and buffers, and the version of the frozen ones (a weight written in
+  place, merged or moved is another signature); what its adapted layers compute with (active adapters,
+  disabled, merged, each delta's scalar settings such as scaling and its dropout's p, train or eval); autocast.
+- The first call with a signature runs as usual (kernels compile, caches fill). The second captures the block's
+  forward and its backward (torch.autograd.grad over the block's inputs that need gradients and its trained
+  parameters) on a side stream, in one memory pool per model. From then on the forward copies the call's tensors
+  into the graph's static inputs, replays, and returns copies of the outputs; the backward copies the output
+  gradients in, replays, and returns copies of the gradients. Copies, so that a gradient accumulated over
+  micro-batches or an output the caller keeps never aliases memory that a later replay writes (one pass over
+  the hidden states per block each way: ~0.3 ms a 1B step).
+- Memory: each graph keeps its block's saved activations allocated (what an eager step holds at its peak, held
+  between steps), and the pool's temporaries are shared by the graphs captured after them.
+- The pool's order: a graph captured later may hold its saved activations where an earlier graph keeps
+  temporaries. So a forward replays only while no block captured at or after it waits for its backward (two
+  forwards before one backward: the second runs eagerly), and a backward that may have overwritten a waiting
+  block's activations marks it: that block's backward then raises (lorakit.errors.LorakitError) rather than give
+  wrong gradients.
+- Eager instead: outside training or without grad; under torch.compile or another capture; a call that reads a
+  key/value cache or asks for more than the output (output_* flags, transformers recording layer outputs);
+  arguments other than tensors and plain values; a block with a weight source other than a dense weight (a 4-bit
+  base dequantises into a buffer shared across blocks), FSDP2 parameters, forward hooks, or routed (per_row)
+  layers; a block that wrote an input in place or returned something other than tensors in its first call. A
+  capture that fails (an op that synchronises with the host inside the block) raises a LorakitError: torch's
+  CUDA generator and allocator are left mid-capture, so the process cannot go on with that model.
+- Randomness: torch's CUDA generator is graph-safe (each replay draws new numbers). lorakit's in-kernel dropout
+  masks take a seed drawn on the host outside graphs; while capturing, the fused linear draws it into a device
+  tensor with that generator instead, and the kernels read it there (dropout.draw_seed): every replay gets new
+  masks, and forward and backward of one replay the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..core.adapted import AdaptedLayer, DenseWeight
+from ..errors import LorakitError
+from .block_args import without_caches
+from .checkpoint import _hands_out_more, autocast_state, block_state
+
+log = logging.getLogger("lorakit.fast")
+STATE_ATTR = "_lorakit_block_graphs"  # on a block: its _BlockGraphs
+MAX_SIGNATURES = 2  # graphs kept per block (the oldest dropped): a fixed-shape loop needs one
+_PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
+
+try:  # a sharded parameter (FSDP2) is one
+    from torch.distributed.tensor import DTensor as _DTENSOR
+except ImportError:  # torch without distributed
+    _DTENSOR = None
+
+
+class Pool:
+    """One model's graphs: the memory pool, the capture stream, and the forwards whose backward is pending."""
+
+    def __init__(self, device: torch.device):
+        self.handle = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(device)
+        self.captured = 0  # graphs captured so far: a graph's rank is its place in this order
+        self.waiting: dict = {}  # rank of a forward graph → weakref to the token of its replay awaiting backward
+
+    def newest_waiting(self) -> int:
+        """The highest rank among forwards still awaiting their backward, or -1."""
+        for rank in [r for r, ref in self.waiting.items() if ref() is None]:  # dropped without a backward
+            del self.waiting[rank]
+        return max(self.waiting, default=-1)
+
+
+class _Token:
+    """Held by one replay's autograd node until its backward; `overwritten` when another replay may have
+    written over its saved activations."""
+
+    overwritten = False
+
+
+class _Graph:
+    """A block's forward and backward graphs for one signature, with their static tensors."""
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+        self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        self.inputs: list = []  # static copies of the call's tensors
+        self.params: tuple = ()  # the block's trained parameters (inputs of the replay's autograd node)
+        self.outputs: list = []  # static outputs (flattened), kept with their autograd graph
+        self.out_spec = None
+        self.differentiable: list = []  # per output: whether it carries a gradient
+        self.grad_outputs: list = []  # static output gradients (differentiable outputs only)
+        self.grads: list = []  # static gradients: inputs that need one, then params (None: unused)
+        self.wants: list = []  # per input (then per param): whether a gradient is returned
+        self.fwd_rank = self.bwd_rank = -1
+
+
+class _BlockGraphs:
+    """Per block: the signatures seen once (run eagerly) and the captured graphs."""
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+        self.seen: OrderedDict = OrderedDict()  # signature → None (seen once) or a _Graph
+        self.refused = None  # why this block never runs from a graph (found at a call)
+        self.replays = 0  # forwards replayed from a graph
+
+
+def install(block: nn.Module, pool: Pool) -> None:
+    """Give `block` its graph state (the forward patch is core.patching's, with graphed_forward)."""
+    block.__dict__[STATE_ATTR] = _BlockGraphs(pool)
+
+
+def uninstall(block: nn.Module) -> None:
+    block.__dict__.pop(STATE_ATTR, None)
+
+
+def graphed_forward(block: nn.Module, original, *args, **kwargs):
+    """A block's forward from its graphs where they apply (module docstring), else `original`.
+
+    Args:
+        block: the patched block (install() gave it its state); original: its forward before the patch.
+        args, kwargs: the block's own call arguments.
+    Returns:
+        What `original` returns (copies of the graph's outputs when replayed).
+    """
+    state = block.__dict__.get(STATE_ATTR)
+    if (state is None or state.refused or not (block.training and torch.is_grad_enabled())
+            or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()):
+        return original(*args, **kwargs)
+    args, kwargs, reads_cache = without_caches(args, kwargs)
+    if reads_cache or _hands_out_more(block, kwargs):
+        return original(*args, **kwargs)
+    leaves, spec = tree_flatten((args, kwargs))
+    key = _signature(block, leaves, spec)
+    if key is None:
+        return original(*args, **kwargs)
+    graph = state.seen.get(key)
+    if graph is None:
+        if key not in state.seen:  # first sight: run as usual, check that the call can be replayed
+            state.seen[key] = None
+            while len(state.seen) > MAX_SIGNATURES:
+                state.seen.popitem(last=False)
+            return _first_call(state, block, original, leaves, spec)
+        graph = _capture(state, block, original, leaves, spec)
+        if graph is None:
+            return original(*args, **kwargs)
+        state.seen[key] = graph
+    if state.pool.newest_waiting() >= graph.fwd_rank:  # a waiting block's activations may lie in its temporaries
+        return original(*args, **kwargs)
+    tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+    state.replays += 1
+    outs = _Replay.apply(graph, len(tensors), *tensors, *graph.params)
+    return tree_unflatten(list(outs), graph.out_spec)
+
+
+def _signature(block: nn.Module, leaves: list, spec):
+    """What a replay must match (module docstring), or None where the block cannot run from a graph."""
+    parts = [spec, autocast_state(torch.device("cuda"))]
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            if leaf.device.type != "cuda" or (_DTENSOR is not None and isinstance(leaf, _DTENSOR)):
+                return None
+            parts.append((tuple(leaf.shape), leaf.dtype, leaf.device, leaf.requires_grad))
+        elif type(leaf) in _PLAIN:
+            parts.append((type(leaf), leaf))
+        else:
+            return None
+    for m in block.modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return None
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            if t is not None:
+                if _DTENSOR is not None and isinstance(t, _DTENSOR):
+                    return None
+                parts.append((t.data_ptr(), t.requires_grad, None if t.requires_grad else t._version))
+        if isinstance(m, AdaptedLayer):
+            d = m.__dict__
+            if d["routing"] is not None or type(d["weight_source"]) is not DenseWeight:
+                return None
+            parts.append((tuple(m.active), d["disabled"], tuple(m.merged), d["training"]))
+            for delta in d["_modules"]["deltas"]._modules.values():
+                parts.append(_settings(delta))
+                parts.extend(_settings(sub) for sub in delta._modules.values() if sub is not None)
+    return tuple(parts)
+
+
+def _settings(module: nn.Module) -> tuple:
+    """A module's plain settings (scaling, dropout p, training, ...): what its host code decides on."""
+    return tuple((k, v) for k, v in module.__dict__.items() if type(v) in _PLAIN)
+
+
+def _first_call(state: _BlockGraphs, block: nn.Module, original, leaves: list, spec):
+    """Run the block as usual; refuse graphs for it when it writes an input in place or returns other than
+    tensors (and plain values)."""
+    tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+    versions = [t._version for t in tensors]
+    args, kwargs = tree_unflatten(leaves, spec)
+    out = original(*args, **kwargs)
+    if any(t._version != v for t, v in zip(tensors, versions)):
+        state.refused = "it writes an input in place"
+    elif not any(isinstance(o, torch.Tensor) for o in tree_flatten(out)[0]) or \
+            any(not isinstance(o, (torch.Tensor, *_PLAIN)) for o in tree_flatten(out)[0]):
+        state.refused = "it returns other than tensors"
+    return out
+
+
+def _capture(state: _BlockGraphs, block: nn.Module, original, leaves: list, spec):
+    """Capture the block's forward and backward for this call's signature. A failed capture leaves torch's CUDA
+    generator and allocator mid-capture, so it raises (LorakitError) instead of going on eagerly."""
+    pool = state.pool
+    graph = _Graph(pool)
+    tensors = [(i, t) for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+    graph.inputs = [t.detach().clone().requires_grad_(t.requires_grad) for _, t in tensors]
+    graph.params = tuple(block_state(block)[0])
+    graph.wants = [s.requires_grad for s in graph.inputs] + [True] * len(graph.params)
+    wrt = [s for s in graph.inputs if s.requires_grad]  # then the params' stand-ins (_stand_ins)
+
+    def call():
+        filled = list(leaves)
+        for (i, _), s in zip(tensors, graph.inputs):
+            filled[i] = s
+        args, kwargs = tree_unflatten(filled, spec)
+        return original(*args, **kwargs)
+
+    def backward(outs, grad_outputs):
+        diff = [o for o, d in zip(outs, graph.differentiable) if d]
+        return torch.autograd.grad(diff, wrt, grad_outputs, retain_graph=True, allow_unused=True)
+
+    with _stand_ins(block, graph.params) as stand_ins:
+        wrt.extend(stand_ins)
+        torch.cuda.synchronize()
+        with torch.cuda.stream(pool.stream):  # a warm-up on a side stream (as torch's make_graphed_callables)
+            warm, _ = tree_flatten(call())
+            graph.differentiable = [isinstance(o, torch.Tensor) and o.requires_grad for o in warm]
+            backward(warm, [torch.ones_like(o) for o, d in zip(warm, graph.differentiable) if d])
+            del warm
+        torch.cuda.synchronize()
+        _record(graph, pool, call, backward)
+    graph.fwd_rank, graph.bwd_rank = pool.captured, pool.captured + 1
+    pool.captured += 2
+    return graph
+
+
+@contextlib.contextmanager
+def _stand_ins(block: nn.Module, params: tuple):
+    """While capturing, each trained parameter of the block is replaced by a new leaf Parameter on the same
+    memory (its attributes copied): the graphs read and differentiate the same storage, and autograd's
+    accumulators of the real parameters, which a caller's live graph (last step's loss) keeps on the stream
+    they were made on, never join the capture (a dependency on the default stream would fail it)."""
+    alias = {id(p): nn.Parameter(p.detach(), requires_grad=True) for p in params}
+    for p in params:
+        alias[id(p)].__dict__.update(p.__dict__)
+    swapped = []
+    for m in block.modules():
+        for name, p in m._parameters.items():
+            if p is not None and id(p) in alias:
+                swapped.append((m, name, p))
+    for m, name, p in swapped:
+        m._parameters[name] = alias[id(p)]
+    try:
+        yield [alias[id(p)] for p in params]
+    finally:
+        for m, name, p in swapped:
+            m._parameters[name] = p
+
+
+def _record(graph: _Graph, pool: Pool, call, backward) -> None:
+    """Capture the forward, then the backward, into graph.fwd and graph.bwd."""
+    try:
+        with torch.cuda.graph(graph.fwd, pool=pool.handle):
+            graph.outputs, graph.out_spec = tree_flatten(call())
+        graph.grad_outputs = [torch.empty_like(o) for o, d in zip(graph.outputs, graph.differentiable) if d]
+        with torch.cuda.graph(graph.bwd, pool=pool.handle):
+            graph.grads = list(backward(graph.outputs, graph.grad_outputs))
+    except Exception as error:  # an op that cannot be captured (a host synchronisation): torch's state is lost
+        raise LorakitError(f"capturing a block as a CUDA graph failed ({type(error).__name__}: "
+                           f"{str(error).splitlines()[0][:200]}); use optimize(model, cuda_graphs=False) for this "
+                           "model") from error
+
+
+class _Replay(torch.autograd.Function):
+    """A graph's forward and backward as one autograd node over the call's tensors and the trained params."""
+
+    @staticmethod
+    def forward(ctx, graph: _Graph, n_tensors: int, *inputs):
+        for static, t in zip(graph.inputs, inputs[:n_tensors]):
+            if static.data_ptr() != t.data_ptr():
+                static.copy_(t)
+        graph.fwd.replay()
+        token = ctx.token = _Token()
+        graph.pool.waiting[graph.fwd_rank] = weakref.ref(token)
+        ctx.graph = graph
+        outs = tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in graph.outputs)
+        ctx.mark_non_differentiable(*(o for o, d in zip(outs, graph.differentiable)
+                                      if isinstance(o, torch.Tensor) and not d))
+        return outs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        graph, token = ctx.graph, ctx.token
+        if token.overwritten:
+            raise LorakitError("a block replayed from a CUDA graph lost its saved activations to another block's "
+                               "replay before its backward (backward through blocks out of their order, or twice "
+                               "with retain_graph): use optimize(model, cuda_graphs=False) for this model")
+        pool = graph.pool
+        for rank, ref in pool.waiting.items():  # what this backward's temporaries may overwrite
+            waiting = ref()
+            if rank > graph.bwd_rank and waiting is not None:
+                waiting.overwritten = True
+        for static, g in zip(graph.grad_outputs, (g for g, d in zip(grads, graph.differentiable) if d)):
+            if static.data_ptr() != g.data_ptr():
+                static.copy_(g)
+        graph.bwd.replay()
+        if pool.waiting.get(graph.fwd_rank) is not None and pool.waiting[graph.fwd_rank]() is token:
+            del pool.waiting[graph.fwd_rank]
+        token.overwritten = True  # no longer watched: a second backward (retain_graph) is refused
+        it = iter(graph.grads)
+        out = [next(it) if want else None for want in graph.wants]
+        return None, None, *(g.clone() if g is not None else None for g in out)
