@@ -115,7 +115,7 @@ def test_options_are_checked_and_a_cpu_model_gets_no_graphs(tiny_llama):
 
 def test_the_signature_follows_what_the_block_computes_with(tiny_llama):
     """What the host code decides on changes the signature (an adapter's scaling, a frozen weight written in
-    place, train/eval); a forward hook or a CPU tensor argument refuses graphs."""
+    place, the float32 matmul precision, train/eval); a forward hook or a CPU tensor argument refuses graphs."""
     model = _llama(tiny_llama, "cpu")
     block = model.model.layers[0]
     spec = torch.utils._pytree.tree_flatten(((), {}))[1]
@@ -126,13 +126,18 @@ def test_the_signature_follows_what_the_block_computes_with(tiny_llama):
     seen = {signature()}
     assert signature() in seen and None not in seen
     delta = block.self_attn.q_proj.deltas["default"]
-    for change in (lambda: setattr(delta, "scaling", delta.scaling * 2),
-                   lambda: _in_place(block.mlp.up_proj.base_layer.weight),
-                   lambda: block.eval()):
-        change()
-        new = signature()
-        assert new is not None and new not in seen
-        seen.add(new)
+    precision = torch.get_float32_matmul_precision()
+    try:
+        for change in (lambda: setattr(delta, "scaling", delta.scaling * 2),
+                       lambda: _in_place(block.mlp.up_proj.base_layer.weight),
+                       lambda: torch.set_float32_matmul_precision("high" if precision != "high" else "highest"),
+                       lambda: block.eval()):
+            change()
+            new = signature()
+            assert new is not None and new not in seen
+            seen.add(new)
+    finally:
+        torch.set_float32_matmul_precision(precision)
     handle = block.mlp.register_forward_hook(lambda *a: None)
     assert signature() is None
     handle.remove()

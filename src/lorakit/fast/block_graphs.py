@@ -8,30 +8,32 @@ block's kernels with one launch.
 
 How, per block (core.blocks.checkpoint_units: the decoder layers) and per call signature:
 - The signature: each tensor argument's shape, dtype, device and requires_grad; every other argument's value;
-  the addresses of the block's parameters and buffers, and the version of the frozen ones (a weight written in
-  place, merged or moved is another signature); what its adapted layers compute with (active adapters,
-  disabled, merged, each delta's scalar settings such as scaling and its dropout's p, train or eval); autocast.
+  the address, shape and strides of the block's parameters and buffers, and the version of the frozen ones (a
+  weight written in place, merged or moved is another signature); what its adapted layers compute with (active
+  adapters, disabled, merged, each delta's scalar settings such as scaling and its dropout's p, train or eval);
+  autocast, the float32 matmul precision, deterministic algorithms, and whether lorakit's Triton kernels run.
 - The first call with a signature runs as usual (kernels compile, caches fill). The second captures the block's
   forward and its backward (torch.autograd.grad over the block's inputs that need gradients and its trained
-  parameters) on a side stream, in one memory pool per model. From then on the forward copies the call's tensors
-  into the graph's static inputs, replays, and returns copies of the outputs; the backward copies the output
-  gradients in, replays, and returns copies of the gradients. Copies, so that a gradient accumulated over
-  micro-batches or an output the caller keeps never aliases memory that a later replay writes (one pass over
-  the hidden states per block each way: ~0.3 ms a 1B step).
+  parameters), after a warm-up on a side stream, in one memory pool per model. From then on the forward copies
+  the call's tensors into the graph's static inputs, replays, and returns copies of the outputs; the backward
+  copies the output gradients in, replays, and returns copies of the gradients. Copies, so that a gradient
+  accumulated over micro-batches or an output the caller keeps never aliases memory that a later replay writes
+  (one pass over the hidden states per block each way).
 - Memory: each graph keeps its block's saved activations allocated (what an eager step holds at its peak, held
   between steps), and the pool's temporaries are shared by the graphs captured after them.
 - The pool's order: a graph captured later may hold its saved activations where an earlier graph keeps
   temporaries. So a forward replays only while no block captured at or after it waits for its backward (two
   forwards before one backward: the second runs eagerly), and a backward that may have overwritten a waiting
   block's activations marks it: that block's backward then raises (lorakit.errors.LorakitError) rather than give
-  wrong gradients.
-- Eager instead: outside training or without grad; under torch.compile or another capture; a call that reads a
-  key/value cache or asks for more than the output (output_* flags, transformers recording layer outputs);
-  arguments other than tensors and plain values; a block with a weight source other than a dense weight (a 4-bit
-  base dequantises into a buffer shared across blocks), FSDP2 parameters, forward hooks, or routed (per_row)
-  layers; a block that wrote an input in place or returned something other than tensors in its first call. A
-  capture that fails (an op that synchronises with the host inside the block) raises a LorakitError: torch's
-  CUDA generator and allocator are left mid-capture, so the process cannot go on with that model.
+  wrong gradients. A second backward through one replay (retain_graph) raises too.
+- Eager instead: outside training or without grad; under transformers' gradient checkpointing, torch.compile or
+  another capture; a call that reads a key/value cache or asks for more than the output (output_* flags,
+  transformers recording layer outputs); arguments other than tensors and plain values; a block with a weight
+  source other than a dense weight (a 4-bit base dequantises into a buffer shared across blocks), FSDP2
+  parameters, forward hooks, or routed (per_row) layers; a block that wrote an input in place or returned
+  something other than tensors in its first call. A capture that fails (an op that synchronises with the host
+  inside the block) raises a LorakitError: torch's CUDA generator and allocator are left mid-capture, so the
+  process cannot go on with that model.
 - Randomness: torch's CUDA generator is graph-safe (each replay draws new numbers). lorakit's in-kernel dropout
   masks take a seed drawn on the host outside graphs; while capturing, the fused linear draws it into a device
   tensor with that generator instead, and the kernels read it there (dropout.draw_seed): every replay gets new
@@ -49,6 +51,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .. import triton_gate
 from ..core.adapted import AdaptedLayer, DenseWeight
 from ..errors import LorakitError
 from .block_args import without_caches
@@ -135,6 +138,7 @@ def graphed_forward(block: nn.Module, original, *args, **kwargs):
     """
     state = block.__dict__.get(STATE_ATTR)
     if (state is None or state.refused or not (block.training and torch.is_grad_enabled())
+            or getattr(block, "gradient_checkpointing", False)  # transformers' own: it would call us again
             or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()):
         return original(*args, **kwargs)
     args, kwargs, reads_cache = without_caches(args, kwargs)
@@ -151,10 +155,7 @@ def graphed_forward(block: nn.Module, original, *args, **kwargs):
             while len(state.seen) > MAX_SIGNATURES:
                 state.seen.popitem(last=False)
             return _first_call(state, block, original, leaves, spec)
-        graph = _capture(state, block, original, leaves, spec)
-        if graph is None:
-            return original(*args, **kwargs)
-        state.seen[key] = graph
+        graph = state.seen[key] = _capture(state, block, original, leaves, spec)
     if state.pool.newest_waiting() >= graph.fwd_rank:  # a waiting block's activations may lie in its temporaries
         return original(*args, **kwargs)
     tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
@@ -165,7 +166,9 @@ def graphed_forward(block: nn.Module, original, *args, **kwargs):
 
 def _signature(block: nn.Module, leaves: list, spec):
     """What a replay must match (module docstring), or None where the block cannot run from a graph."""
-    parts = [spec, autocast_state(torch.device("cuda"))]
+    parts = [spec, autocast_state(torch.device("cuda")), triton_gate.enabled(), torch.get_float32_matmul_precision(),
+             torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+             torch.are_deterministic_algorithms_enabled()]
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             if leaf.device.type != "cuda" or (_DTENSOR is not None and isinstance(leaf, _DTENSOR)):
@@ -182,7 +185,8 @@ def _signature(block: nn.Module, leaves: list, spec):
             if t is not None:
                 if _DTENSOR is not None and isinstance(t, _DTENSOR):
                     return None
-                parts.append((t.data_ptr(), t.requires_grad, None if t.requires_grad else t._version))
+                parts.append((t.data_ptr(), t.shape, t.stride(), t.dtype, t.requires_grad,
+                              None if t.requires_grad else t._version))
         if isinstance(m, AdaptedLayer):
             d = m.__dict__
             if d["routing"] is not None or type(d["weight_source"]) is not DenseWeight:
