@@ -26,8 +26,10 @@ How, per block (core.blocks.checkpoint_units: the decoder layers) and per call s
   forwards before one backward: the second runs eagerly), and a backward that may have overwritten a waiting
   block's activations marks it: that block's backward then raises (lorakit.errors.LorakitError) rather than give
   wrong gradients. A second backward through one replay (retain_graph) raises too.
-- Eager instead: outside training or without grad; under transformers' gradient checkpointing, torch.compile or
-  another capture; a call that reads a key/value cache or asks for more than the output (output_* flags,
+- Eager instead: outside training or without grad; under autocast with its cast cache (a capture would reuse a
+  cast made before it, and replays would never cast the updated weights again), transformers' gradient
+  checkpointing, torch.compile or another capture; a block where nothing trains and no input needs a gradient;
+  process-wide module hooks or backward hooks in the block; a call that reads a key/value cache or asks for more than the output (output_* flags,
   transformers recording layer outputs); arguments other than tensors and plain values; a block with a weight
   source other than a dense weight (a 4-bit base dequantises into a buffer shared across blocks), FSDP2
   parameters, forward hooks, or routed (per_row) layers; a block that wrote an input in place or returned
@@ -56,6 +58,7 @@ from ..core.adapted import AdaptedLayer, DenseWeight
 from ..errors import LorakitError
 from .block_args import without_caches
 from .checkpoint import _hands_out_more, autocast_state, block_state
+from .wide import WIDE_ATTR
 
 log = logging.getLogger("lorakit.fast")
 STATE_ATTR = "_lorakit_block_graphs"  # on a block: its _BlockGraphs
@@ -106,6 +109,7 @@ class _Graph:
         self.grads: list = []  # static gradients: inputs that need one, then params (None: unused)
         self.wants: list = []  # per input (then per param): whether a gradient is returned
         self.fwd_rank = self.bwd_rank = -1
+        self.wide_marks: list = []  # wide.py's host records of the block's widened weights
 
 
 class _BlockGraphs:
@@ -139,6 +143,7 @@ def graphed_forward(block: nn.Module, original, *args, **kwargs):
     state = block.__dict__.get(STATE_ATTR)
     if (state is None or state.refused or not (block.training and torch.is_grad_enabled())
             or getattr(block, "gradient_checkpointing", False)  # transformers' own: it would call us again
+            or (torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled())  # a capture would reuse casts
             or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()):
         return original(*args, **kwargs)
     args, kwargs, reads_cache = without_caches(args, kwargs)
@@ -155,7 +160,10 @@ def graphed_forward(block: nn.Module, original, *args, **kwargs):
             while len(state.seen) > MAX_SIGNATURES:
                 state.seen.popitem(last=False)
             return _first_call(state, block, original, leaves, spec)
-        graph = state.seen[key] = _capture(state, block, original, leaves, spec)
+        graph = _capture(state, block, original, leaves, spec)
+        if graph is None:
+            return original(*args, **kwargs)
+        state.seen[key] = graph
     if state.pool.newest_waiting() >= graph.fwd_rank:  # a waiting block's activations may lie in its temporaries
         return original(*args, **kwargs)
     tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
@@ -178,15 +186,17 @@ def _signature(block: nn.Module, leaves: list, spec):
             parts.append((type(leaf), leaf))
         else:
             return None
+    if _GLOBAL_HOOKS():
+        return None
     for m in block.modules():
-        if m._forward_hooks or m._forward_pre_hooks:
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
             return None
         for t in (*m._parameters.values(), *m._buffers.values()):
             if t is not None:
                 if _DTENSOR is not None and isinstance(t, _DTENSOR):
                     return None
                 parts.append((t.data_ptr(), t.shape, t.stride(), t.dtype, t.requires_grad,
-                              None if t.requires_grad else t._version))
+                              id(t) if t.requires_grad else t._version))
         if isinstance(m, AdaptedLayer):
             d = m.__dict__
             if d["routing"] is not None or type(d["weight_source"]) is not DenseWeight:
@@ -196,6 +206,12 @@ def _signature(block: nn.Module, leaves: list, spec):
                 parts.append(_settings(delta))
                 parts.extend(_settings(sub) for sub in delta._modules.values() if sub is not None)
     return tuple(parts)
+
+
+def _GLOBAL_HOOKS() -> bool:
+    """Whether nn.Module's process-wide forward or backward hooks are set (they would fire only when captured)."""
+    mod = nn.modules.module
+    return bool(mod._global_forward_hooks or mod._global_forward_pre_hooks or mod._global_backward_hooks)
 
 
 def _settings(module: nn.Module) -> tuple:
@@ -228,6 +244,9 @@ def _capture(state: _BlockGraphs, block: nn.Module, original, leaves: list, spec
     graph.params = tuple(block_state(block)[0])
     graph.wants = [s.requires_grad for s in graph.inputs] + [True] * len(graph.params)
     wrt = [s for s in graph.inputs if s.requires_grad]  # then the params' stand-ins (_stand_ins)
+    if not wrt and not graph.params:  # nothing in or before it trains: no backward to capture
+        state.refused = "nothing in it or before it needs a gradient"
+        return None
 
     def call():
         filled = list(leaves)
@@ -250,6 +269,8 @@ def _capture(state: _BlockGraphs, block: nn.Module, original, leaves: list, spec
             del warm
         torch.cuda.synchronize()
         _record(graph, pool, call, backward)
+    graph.wide_marks = [t.__dict__[WIDE_ATTR] for m in block.modules() for t in m._parameters.values()
+                        if t is not None and WIDE_ATTR in getattr(t, "__dict__", {})]
     graph.fwd_rank, graph.bwd_rank = pool.captured, pool.captured + 1
     pool.captured += 2
     return graph
@@ -301,6 +322,8 @@ class _Replay(torch.autograd.Function):
             if static.data_ptr() != t.data_ptr():
                 static.copy_(t)
         graph.fwd.replay()
+        for mark in graph.wide_marks:  # the replay wrote these spare columns: the next eager call zeroes them first
+            mark[2] = None
         token = ctx.token = _Token()
         graph.pool.waiting[graph.fwd_rank] = weakref.ref(token)
         ctx.graph = graph

@@ -130,6 +130,8 @@ def _install_checkpointing(model: nn.Module, mode: Union[bool, str]) -> int:
 
 
 def _install_graphs(model: nn.Module) -> int:
+    if len({p.device for p in model.parameters()}) > 1:  # one pool and capture stream per model: one device
+        return 0
     pool = None
     count = 0
     for block in checkpoint_units(model):

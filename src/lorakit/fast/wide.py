@@ -108,7 +108,7 @@ def write_terms(plan, params, rank: int) -> tuple:
         cols = tuple((col, r) for jj, _, _, col, r, _, _ in plan.terms if jj == j) + (rank,)
         whole = _whole(w, rank)
         mark = w.__dict__[WIDE_ATTR]
-        if mark[2] != cols:
+        if mark[2] != cols or (w.is_cuda and torch.cuda.is_current_stream_capturing()):  # a graph: every replay
             storage_alias(w, (out_f, w.stride(0) - in_f), (w.stride(0), 1), w.storage_offset() + in_f).zero_()
             mark[2] = cols
         written = []

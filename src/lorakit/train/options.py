@@ -118,7 +118,7 @@ class TrainOptions(ModelOptions, DataOptions, AdapterOptions):
     cuda_graphs: bool = False
     """Replay each block's forward and backward from CUDA graphs (turns on --optimize; one GPU process, not with
     --checkpoint or --gradient-checkpointing): for steps bound by the host (small models, short rows). Each batch
-    shape is captured at its second step; fixed shapes (packed rows) suit it."""
+    shape is captured at its second step: padded batches of one shape suit it (packed rows change shape)."""
     eval_every: int = 0
     """Evaluate the held-out loss every N optimizer steps (0: only before and after training)."""
     checkpoint_every: int = 0
