@@ -45,7 +45,6 @@ How, per block (core.blocks.checkpoint_units: the decoder layers) and per call s
 from __future__ import annotations
 
 import contextlib
-import logging
 import weakref
 from collections import OrderedDict
 
@@ -57,18 +56,13 @@ from .. import triton_gate
 from ..core.adapted import AdaptedLayer, DenseWeight
 from ..errors import LorakitError
 from .block_args import without_caches
-from .checkpoint import _hands_out_more, autocast_state, block_state
+from .checkpoint import _DTENSOR, _hands_out_more, autocast_state, block_state
 from .wide import WIDE_ATTR
 
-log = logging.getLogger("lorakit.fast")
 STATE_ATTR = "_lorakit_block_graphs"  # on a block: its _BlockGraphs
 MAX_SIGNATURES = 2  # graphs kept per block (the oldest dropped): a fixed-shape loop needs one
 _PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
 
-try:  # a sharded parameter (FSDP2) is one
-    from torch.distributed.tensor import DTensor as _DTENSOR
-except ImportError:  # torch without distributed
-    _DTENSOR = None
 
 
 class Pool:
@@ -186,7 +180,7 @@ def _signature(block: nn.Module, leaves: list, spec):
             parts.append((type(leaf), leaf))
         else:
             return None
-    if _GLOBAL_HOOKS():
+    if _global_hooks_set():
         return None
     for m in block.modules():
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
@@ -208,7 +202,7 @@ def _signature(block: nn.Module, leaves: list, spec):
     return tuple(parts)
 
 
-def _GLOBAL_HOOKS() -> bool:
+def _global_hooks_set() -> bool:
     """Whether nn.Module's process-wide forward or backward hooks are set (they would fire only when captured)."""
     mod = nn.modules.module
     return bool(mod._global_forward_hooks or mod._global_forward_pre_hooks or mod._global_backward_hooks)
@@ -226,10 +220,11 @@ def _first_call(state: _BlockGraphs, block: nn.Module, original, leaves: list, s
     versions = [t._version for t in tensors]
     args, kwargs = tree_unflatten(leaves, spec)
     out = original(*args, **kwargs)
+    outs = tree_flatten(out)[0]
     if any(t._version != v for t, v in zip(tensors, versions)):
         state.refused = "it writes an input in place"
-    elif not any(isinstance(o, torch.Tensor) for o in tree_flatten(out)[0]) or \
-            any(not isinstance(o, (torch.Tensor, *_PLAIN)) for o in tree_flatten(out)[0]):
+    elif not any(isinstance(o, torch.Tensor) for o in outs) or \
+            any(not isinstance(o, (torch.Tensor, *_PLAIN)) for o in outs):
         state.refused = "it returns other than tensors"
     return out
 
