@@ -5,8 +5,8 @@ CPU (all-MiniLM-L6-v2 classifier, B=32 T=64, all-linear r=8, fp32):
     python benchmarks/fast_variants.py --cpu [--rounds 7 --steps 2] [--append BENCHMARKS.md]
 GPU (bf16 Llama shapes from config, r=16 all-linear, B/T of benchmarks/train_step.py):
     python benchmarks/fast_variants.py --shapes 1b,8b [--cases lora,dora,drop,nf4] [--append BENCHMARKS.md]
-GPU, Llama-3-8B QLoRA vs bf16 LoRA at B=1 T=2048, both optimize(checkpoint=True), and QLoRA with
-checkpoint="offload"; peak memory per case:
+GPU, Llama-3-8B QLoRA vs bf16 LoRA at B=1 T=2048, both optimize(checkpoint=True), both with checkpoint="offload",
+both with checkpoint=True and cuda_graphs=True; peak memory per case:
     python benchmarks/fast_variants.py --qlora8b [--append BENCHMARKS.md]
 Several GPUs: torchrun --nproc-per-node N benchmarks/multi_gpu.py --optimize (see that script).
 
@@ -117,30 +117,34 @@ def run_gpu(shape: str, cases, rounds: int, steps: int) -> list[dict]:
 
 def run_qlora8b(steps: int, rounds: int = 5) -> list[dict]:
     """Llama-3-8B, B=1 T=2048, r=16 all-linear, optimize(checkpoint=...) and the fused loss: bf16 LoRA and QLoRA with
-    checkpoint=True, then both with checkpoint="offload" (the memory-saving setting a 4-bit user would pick). Each
-    case is built and its peak memory measured alone over a step after a warm-up one (above what the cases before
-    it hold); then all four stay resident and run in interleaved rounds of `steps` steps, so a host that speeds up
-    or slows down during the run (these steps are host-bound) moves every case alike. Rows give the median round and the paired ratio to the
+    checkpoint=True, then both with checkpoint="offload" (the memory-saving setting a 4-bit user would pick), then
+    both with checkpoint=True and cuda_graphs=True (cases lora_g, nf4_g). Each case is built and its peak memory
+    measured alone over a step after two (above what the cases before it hold); then all six stay resident and
+    run in interleaved rounds of `steps` steps, so a host that speeds up or slows down during the run (the eager
+    steps are host-bound) moves every case alike. Rows give the median round and the paired ratio to the
     like-for-like bf16 case."""
     import qlora
 
     cases = {}
-    for quantized, checkpoint in ((False, True), (True, True), (False, "offload"), (True, "offload")):
+    for quantized, checkpoint, graphs in ((False, True, False), (True, True, False), (False, "offload", False),
+                                          (True, "offload", False), (False, True, True), (True, True, True)):
         torch._C._cuda_clearCublasWorkspaces()  # each case's peak counts its own cuBLAS workspaces (one per thread)
         torch.cuda.empty_cache()
         held = torch.cuda.memory_allocated()
         model = qlora.build_llama(quantized, qlora.LLAMA3_8B, "cuda")
         lorakit.add_adapter(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-        not_fused = lorakit.optimize(model, checkpoint=checkpoint)["not_fused"]
+        not_fused = lorakit.optimize(model, checkpoint=checkpoint, cuda_graphs=graphs)["not_fused"]
         params = [p for p in model.parameters() if p.requires_grad]
         ids = torch.randint(0, qlora.LLAMA3_8B["vocab_size"], (1, 2048), generator=torch.Generator().manual_seed(0))
         step = train_step.make_step(model, params, {"input_ids": ids.cuda(), "labels": ids.cuda()}, "cuda")
         step()  # warm-up (and the optimizer's state)
+        step()  # graphs: captured here
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
-        case = ("nf4" if quantized else "lora") + ("_offload" if checkpoint == "offload" else "")
+        case = "nf4" if quantized else "lora"
+        case += "_offload" if checkpoint == "offload" else "_g" if graphs else ""
         cases[case] = dict(step=step, times=[], not_fused=not_fused,
                            peak_gib=(torch.cuda.max_memory_allocated() - held) / GIB)
     for _ in range(rounds):
@@ -154,7 +158,7 @@ def run_qlora8b(steps: int, rounds: int = 5) -> list[dict]:
             run["times"].append(start.elapsed_time(end) / steps / 1e3)
     rows = []
     for case, run in cases.items():
-        base = cases["lora_offload" if case.endswith("_offload") else "lora"]["times"]
+        base = cases["lora" + case[case.index("_"):] if "_" in case else "lora"]["times"]
         rows.append(dict(shape="8b B1 T2048", case=case, step_ms=statistics.median(run["times"]) * 1e3,
                          spread_ms=(max(run["times"]) - min(run["times"])) * 1e3, peak_gib=run["peak_gib"],
                          not_fused=run["not_fused"], tokens=2048, paired=train_step.paired_ratio(run["times"], base)))
@@ -166,7 +170,8 @@ def run_qlora8b(steps: int, rounds: int = 5) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     paired = any("paired" in r for r in rows)
-    like = " (an _offload case × lora_offload)" if any(r["case"].endswith("_offload") for r in rows) else ""
+    like = " (an _offload or _g case × lora_offload or lora_g)" if any(r["case"].endswith(("_offload", "_g"))
+                                                                      for r in rows) else ""
     lines = ["| shape | case | step ms | spread ms | tokens/s | × lora (time; an _offload or _g case × lora_offload or "
              "lora_g) | peak GiB "
              "| not fused |" + (f" × {rows[0]['case']}{like} (time, paired rounds) |" if paired else ""),

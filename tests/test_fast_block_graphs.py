@@ -107,7 +107,7 @@ def test_a_new_shape_is_captured_anew_and_unoptimize_removes_the_graphs(tiny_lla
 def test_options_are_checked_and_a_cpu_model_gets_no_graphs(tiny_llama):
     model = _llama(tiny_llama, "cpu")
     with pytest.raises(ConfigError):
-        lorakit.optimize(model, cuda_graphs=True, checkpoint=True)
+        lorakit.optimize(model, cuda_graphs=True, checkpoint="offload")
     with pytest.raises(ConfigError):
         lorakit.optimize(model, cuda_graphs="yes")
     assert lorakit.optimize(model, cuda_graphs=True)["cuda_graphs"] == 0

@@ -61,8 +61,8 @@ def test_checkpoint_and_gradient_checkpointing_together_exit_2(tmp_path, capsys)
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("other", [["--checkpoint", "recompute"], ["--gradient-checkpointing"], ["--nproc", "2"]])
-def test_cuda_graphs_with_checkpointing_or_several_processes_exits_2(tmp_path, capsys, other):
+@pytest.mark.parametrize("other", [["--checkpoint", "offload"], ["--gradient-checkpointing"], ["--nproc", "2"]])
+def test_cuda_graphs_with_offload_or_hf_checkpointing_or_several_processes_exits_2(tmp_path, capsys, other):
     code = cli.main(["train", "--cuda-graphs", *other, "--output-dir", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--cuda-graphs" in err and "Traceback" not in err and len(err.splitlines()) == 1

@@ -6,7 +6,8 @@ queues ~1,600 kernels, and torch's, transformers' and lorakit's Python around th
 device's work (BENCHMARKS.md); DoRA's extra kernels and their Python cost it more again. A CUDA graph replays a
 block's kernels with one launch.
 
-How, per block (core.blocks.checkpoint_units: the decoder layers) and per call signature:
+How, per block (core.blocks.checkpoint_units: the decoder layers) and per call signature (graph_for_call, which
+checkpoint_graphs.py's form for checkpointed blocks shares):
 - The signature: each tensor argument's shape, dtype, device and requires_grad; every other argument's value;
   the address, shape and strides of the block's parameters and buffers, and the version of the frozen ones (a
   weight written in place, merged or moved is another signature); what its adapted layers compute with (active
@@ -31,9 +32,10 @@ How, per block (core.blocks.checkpoint_units: the decoder layers) and per call s
   checkpointing, torch.compile or another capture; a block where nothing trains and no input needs a gradient;
   process-wide module hooks or backward hooks in the block; a call that reads a key/value cache or asks for more than the output (output_* flags,
   transformers recording layer outputs); arguments other than tensors and plain values; a block with a weight
-  source other than a dense weight (a 4-bit base dequantises into a buffer shared across blocks), FSDP2
-  parameters, forward hooks, or routed (per_row) layers; a block that wrote an input in place or returned
-  something other than tensors in its first call. A capture that fails (an op that synchronises with the host
+  source that cannot write its dense weight into a buffer (bitsandbytes' Linear4bit: its fused calls take the
+  reference path), FSDP2 parameters, forward hooks, or routed (per_row) layers; a block that wrote an input in
+  place or returned something other than tensors in its first call. (A 4-bit base with lorakit's NF4 dequantises
+  into scratch.py's buffer inside each graph; the graph keeps the buffer it captured.) A capture that fails (an op that synchronises with the host
   inside the block) raises a LorakitError: torch's CUDA generator and allocator are left mid-capture, so the
   process cannot go on with that model.
 - Randomness: torch's CUDA generator is graph-safe (each replay draws new numbers). lorakit's in-kernel dropout
@@ -45,6 +47,7 @@ How, per block (core.blocks.checkpoint_units: the decoder layers) and per call s
 from __future__ import annotations
 
 import contextlib
+import gc
 import weakref
 from collections import OrderedDict
 
@@ -55,6 +58,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .. import triton_gate
 from ..core.adapted import AdaptedLayer, DenseWeight
 from ..errors import LorakitError
+from . import scratch
 from .block_args import without_caches
 from .checkpoint import _DTENSOR, _hands_out_more, autocast_state, block_state
 from .wide import WIDE_ATTR
@@ -68,7 +72,9 @@ _PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
 class Pool:
     """One model's graphs: the memory pool, the capture stream, and the forwards whose backward is pending."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, checkpointed: bool = False):
+        self.checkpointed = checkpointed  # checkpoint_graphs.py's form: the blocks recompute in their backward
+        self.statics: dict = {}  # that form's static tensors, shared by its graphs: (role, index, shape, ...) → tensor
         self.handle = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device)
         self.captured = 0  # graphs captured so far: a graph's rank is its place in this order
@@ -104,6 +110,7 @@ class _Graph:
         self.wants: list = []  # per input (then per param): whether a gradient is returned
         self.fwd_rank = self.bwd_rank = -1
         self.wide_marks: list = []  # wide.py's host records of the block's widened weights
+        self.kept_buffers: list = []  # scratch.py's buffers when captured (a graph writes a 4-bit base's dense weights there)
 
 
 class _BlockGraphs:
@@ -134,36 +141,53 @@ def graphed_forward(block: nn.Module, original, *args, **kwargs):
     Returns:
         What `original` returns (copies of the graph's outputs when replayed).
     """
+    graph, got = graph_for_call(block, original, args, kwargs, _capture)
+    if graph is None:
+        return got
+    if graph.pool.newest_waiting() >= graph.fwd_rank:  # a waiting block's activations may lie in its temporaries
+        return original(*args, **kwargs)
+    tensors = [t for t in got if isinstance(t, torch.Tensor)]
+    block.__dict__[STATE_ATTR].replays += 1
+    outs = _Replay.apply(graph, len(tensors), *tensors, *graph.params)
+    return tree_unflatten(list(outs), graph.out_spec)
+
+
+def graph_for_call(block: nn.Module, original, args: tuple, kwargs: dict, capture) -> tuple:
+    """What serves this call (both graph forms: this module's and checkpoint_graphs.py's).
+
+    Args:
+        block, original, args, kwargs: as graphed_forward's.
+        capture: capture(state, block, original, leaves, spec) -> a graph, or None (the block runs eagerly).
+    Returns:
+        (graph, the call's flattened arguments) to replay it; (None, output) when the call already ran here,
+        eagerly (the module docstring's cases, and the first call with a signature).
+    """
     state = block.__dict__.get(STATE_ATTR)
     if (state is None or state.refused or not (block.training and torch.is_grad_enabled())
             or getattr(block, "gradient_checkpointing", False)  # transformers' own: it would call us again
             or (torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled())  # a capture would reuse casts
             or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()):
-        return original(*args, **kwargs)
+        return None, original(*args, **kwargs)
     args, kwargs, reads_cache = without_caches(args, kwargs)
     if reads_cache or _hands_out_more(block, kwargs):
-        return original(*args, **kwargs)
+        return None, original(*args, **kwargs)
     leaves, spec = tree_flatten((args, kwargs))
     key = _signature(block, leaves, spec)
     if key is None:
-        return original(*args, **kwargs)
+        return None, original(*args, **kwargs)
     graph = state.seen.get(key)
     if graph is None:
         if key not in state.seen:  # first sight: run as usual, check that the call can be replayed
             state.seen[key] = None
             while len(state.seen) > MAX_SIGNATURES:
                 state.seen.popitem(last=False)
-            return _first_call(state, block, original, leaves, spec)
-        graph = _capture(state, block, original, leaves, spec)
+            return None, _first_call(state, block, original, leaves, spec)
+        graph = capture(state, block, original, leaves, spec)
         if graph is None:
-            return original(*args, **kwargs)
+            return None, original(*args, **kwargs)
+        graph.kept_buffers = scratch.held()  # a 4-bit base's dense buffers the graph writes stay allocated
         state.seen[key] = graph
-    if state.pool.newest_waiting() >= graph.fwd_rank:  # a waiting block's activations may lie in its temporaries
-        return original(*args, **kwargs)
-    tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
-    state.replays += 1
-    outs = _Replay.apply(graph, len(tensors), *tensors, *graph.params)
-    return tree_unflatten(list(outs), graph.out_spec)
+    return graph, leaves
 
 
 def _signature(block: nn.Module, leaves: list, spec):
@@ -193,7 +217,9 @@ def _signature(block: nn.Module, leaves: list, spec):
                               id(t) if t.requires_grad else t._version))
         if isinstance(m, AdaptedLayer):
             d = m.__dict__
-            if d["routing"] is not None or type(d["weight_source"]) is not DenseWeight:
+            source = d["weight_source"]
+            if d["routing"] is not None or not (type(source) is DenseWeight or callable(getattr(source, "write_dense",
+                                                                                                   None))):
                 return None
             parts.append((tuple(m.active), d["disabled"], tuple(m.merged), d["training"]))
             for delta in d["_modules"]["deltas"]._modules.values():
@@ -219,10 +245,14 @@ def _first_call(state: _BlockGraphs, block: nn.Module, original, leaves: list, s
     tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
     versions = [t._version for t in tensors]
     args, kwargs = tree_unflatten(leaves, spec)
+    checkpointed = state.pool is not None and state.pool.checkpointed  # its recompute must draw what it drew
+    rng = torch.cuda.get_rng_state(tensors[0].device) if checkpointed and tensors else None
     out = original(*args, **kwargs)
     outs = tree_flatten(out)[0]
     if any(t._version != v for t, v in zip(tensors, versions)):
         state.refused = "it writes an input in place"
+    elif rng is not None and not torch.equal(rng, torch.cuda.get_rng_state(tensors[0].device)):
+        state.refused = "it draws from torch's CUDA generator (a recompute replayed from a graph would draw anew)"
     elif not any(isinstance(o, torch.Tensor) for o in outs) or \
             any(not isinstance(o, (torch.Tensor, *_PLAIN)) for o in outs):
         state.refused = "it returns other than tensors"
@@ -238,7 +268,7 @@ def _capture(state: _BlockGraphs, block: nn.Module, original, leaves: list, spec
     graph.inputs = [t.detach().clone().requires_grad_(t.requires_grad) for _, t in tensors]
     graph.params = tuple(block_state(block)[0])
     graph.wants = [s.requires_grad for s in graph.inputs] + [True] * len(graph.params)
-    wrt = [s for s in graph.inputs if s.requires_grad]  # then the params' stand-ins (_stand_ins)
+    wrt = [s for s in graph.inputs if s.requires_grad]  # then the params' stand-ins (stand_ins)
     if not wrt and not graph.params:  # nothing in or before it trains: no backward to capture
         state.refused = "nothing in it or before it needs a gradient"
         return None
@@ -254,8 +284,8 @@ def _capture(state: _BlockGraphs, block: nn.Module, original, leaves: list, spec
         diff = [o for o, d in zip(outs, graph.differentiable) if d]
         return torch.autograd.grad(diff, wrt, grad_outputs, retain_graph=True, allow_unused=True)
 
-    with _stand_ins(block, graph.params) as stand_ins:
-        wrt.extend(stand_ins)
+    with stand_ins(block, graph.params) as aliases:
+        wrt.extend(aliases)
         torch.cuda.synchronize()
         with torch.cuda.stream(pool.stream):  # a warm-up on a side stream (as torch's make_graphed_callables)
             warm, _ = tree_flatten(call())
@@ -264,15 +294,20 @@ def _capture(state: _BlockGraphs, block: nn.Module, original, leaves: list, spec
             del warm
         torch.cuda.synchronize()
         _record(graph, pool, call, backward)
-    graph.wide_marks = [t.__dict__[WIDE_ATTR] for m in block.modules() for t in m._parameters.values()
-                        if t is not None and WIDE_ATTR in getattr(t, "__dict__", {})]
+    graph.wide_marks = wide_marks(block)
     graph.fwd_rank, graph.bwd_rank = pool.captured, pool.captured + 1
     pool.captured += 2
     return graph
 
 
+def wide_marks(block: nn.Module) -> list:
+    """wide.py's host records of the block's widened weights (a replay writes their spare columns)."""
+    return [t.__dict__[WIDE_ATTR] for m in block.modules() for t in m._parameters.values()
+            if t is not None and WIDE_ATTR in getattr(t, "__dict__", {})]
+
+
 @contextlib.contextmanager
-def _stand_ins(block: nn.Module, params: tuple):
+def stand_ins(block: nn.Module, params: tuple):
     """While capturing, each trained parameter of the block is replaced by a new leaf Parameter on the same
     memory (its attributes copied): the graphs read and differentiate the same storage, and autograd's
     accumulators of the real parameters, which a caller's live graph (last step's loss) keeps on the stream
@@ -294,13 +329,26 @@ def _stand_ins(block: nn.Module, params: tuple):
             m._parameters[name] = p
 
 
+@contextlib.contextmanager
+def no_collection():
+    """Python's cyclic garbage collector off while a graph is captured: a collection there could free another
+    model's graphs and their memory, a CUDA call that invalidates the capture."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _record(graph: _Graph, pool: Pool, call, backward) -> None:
     """Capture the forward, then the backward, into graph.fwd and graph.bwd."""
     try:
-        with torch.cuda.graph(graph.fwd, pool=pool.handle):
+        with no_collection(), torch.cuda.graph(graph.fwd, pool=pool.handle):
             graph.outputs, graph.out_spec = tree_flatten(call())
         graph.grad_outputs = [torch.empty_like(o) for o, d in zip(graph.outputs, graph.differentiable) if d]
-        with torch.cuda.graph(graph.bwd, pool=pool.handle):
+        with no_collection(), torch.cuda.graph(graph.bwd, pool=pool.handle):
             graph.grads = list(backward(graph.outputs, graph.grad_outputs))
     except Exception as error:  # an op that cannot be captured (a host synchronisation): torch's state is lost
         raise LorakitError(f"capturing a block as a CUDA graph failed ({type(error).__name__}: "

@@ -51,7 +51,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..core.adapted import AdaptedLayer
 from .scratch import kept_dense
-from .thread_scope import SINGLE_BACKWARD
+from .thread_scope import SINGLE_BACKWARD, ThreadScope
 from .block_args import at_slots, grad_slots, tensors_of, with_args, with_tensors, without_caches
 
 try:  # a sharded parameter (FSDP2) is one
@@ -72,7 +72,7 @@ def checkpointed_forward(block, original, offload: bool, *args, **kwargs):
     Returns:
         What `original` returns.
     """
-    if not (block.training and torch.is_grad_enabled()):
+    if not (block.training and torch.is_grad_enabled()) or RUN_PLAIN.active():
         return original(*args, **kwargs)
     args, kwargs, reads_cache = without_caches(args, kwargs)
     if reads_cache:
@@ -156,6 +156,8 @@ def _hands_out_more(block, kwargs: dict) -> bool:
     return collector is None or bool(collector.get())
 
 
+# Entered by checkpoint_graphs.py while it captures a block's recompute: the block's plain forward runs, with autograd.
+RUN_PLAIN = ThreadScope()
 OVERLAP_ATTR = "_lorakit_offload_overlap"  # on a block: its input is not written in place, copies may overlap
 OTHER_FORM_ATTR = "_lorakit_other_output_form"  # on a block: it returned neither a tensor nor a tuple or list
 # starting with one, so it runs under torch's checkpoint
@@ -294,7 +296,7 @@ def _recompute_and_backprop(ctx, hidden: torch.Tensor, extras, douts: tuple, fir
         raise RuntimeError("lorakit: a checkpointed block's adapters changed between its forward and its backward "
                            "(active, disabled or merged adapters, or a per_row block left): backpropagate where the "
                            "forward ran, or optimize without checkpoint")
-    hidden.requires_grad_(True)
+    hidden.requires_grad_(ctx.needs_input_grad[0])  # not wanted: its dX is not computed
     extras = [e.detach().requires_grad_(True) for e in extras]  # leaves: each backward (retain_graph) gets its own
     with kept_dense(keep_dense):  # through the backward's own recomputes too
         with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []), torch.enable_grad(), \

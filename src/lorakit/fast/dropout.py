@@ -21,6 +21,8 @@ Where the mask comes from, per device type (MASK_SOURCE, read through mask_sourc
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Optional, Union
 
 import torch
@@ -46,8 +48,33 @@ def draw_seed(device: Optional[torch.device] = None) -> Union[int, torch.Tensor]
     generator instead (graph-safe: each replay of the graph draws a new seed into it; torch.cuda.manual_seed
     repeats a run); the kernels read it from memory."""
     if device is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.randint(2**62, 2**63 - 1, (1,), device=device, dtype=torch.int64)
+        tape = getattr(_TAPE, "seeds", None)
+        if tape is not None and _TAPE.replay:  # a recompute's capture: the forward graph's seeds again, in order
+            if _TAPE.at >= len(tape):
+                raise RuntimeError("lorakit: a block's recompute drew more dropout seeds than its forward")
+            _TAPE.at += 1
+            return tape[_TAPE.at - 1]
+        seed = torch.randint(2**62, 2**63 - 1, (1,), device=device, dtype=torch.int64)
+        if tape is not None:
+            tape.append(seed)
+        return seed
     return int(torch.randint(2**62, 2**63 - 1, ()))
+
+
+_TAPE = threading.local()  # seed_tape's list while one is entered on this thread
+
+
+@contextlib.contextmanager
+def seed_tape(seeds: list, replay: bool):
+    """While a checkpointed block's graphs are captured (checkpoint_graphs.py): the forward's capture appends each
+    seed tensor it draws to `seeds` (replay=False); the recompute's capture takes them again in the same order
+    (replay=True), so forward and recompute drop the same elements. Yields a function giving how many were
+    taken."""
+    _TAPE.seeds, _TAPE.replay, _TAPE.at = seeds, replay, 0
+    try:
+        yield lambda: _TAPE.at
+    finally:
+        _TAPE.seeds = None
 
 
 def mask_source(device: torch.device) -> str:

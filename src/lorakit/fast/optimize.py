@@ -29,7 +29,9 @@ What it does, each part switchable for measurement:
 - `cuda_graphs`: False (the default) or True: on a CUDA model in training, each block's forward and backward
   are captured as CUDA graphs at its second call with a signature and replayed from then on (block_graphs.py:
   what the signature covers, when a block runs eagerly instead, the memory it holds). For host-bound steps
-  (small models, short sequences, many adapters' kernels); not with `checkpoint`;
+  (small models, short sequences, many adapters' kernels). With checkpoint=True the forward without autograd
+  and the recompute with its backward are the graphs (checkpoint_graphs.py: the 8B step at batch 1 that
+  checkpointing makes fit, a 4-bit base's too); not with checkpoint="offload";
 - `cpu_heap`: "auto" (the default: on for a model on the CPU) keeps freed memory in the process's heap (glibc's
   mmap and trim thresholds, cpu_heap.py), so the step's multi-MiB tensors stop paying page faults every step. It
   is a setting of the whole process, made once: unoptimize() leaves it.
@@ -44,6 +46,7 @@ parameters in its pre-forward hook, before the block's fused calls read them.
 
 from __future__ import annotations
 
+import functools
 from typing import Union
 
 import torch
@@ -53,7 +56,7 @@ from ..core.api import adapted_layers
 from ..core.blocks import checkpoint_units
 from ..core.patching import patch_forward, unpatch_forward
 from ..errors import ConfigError
-from . import block_graphs
+from . import block_graphs, checkpoint_graphs
 from . import cpu_heap as heap
 from . import families
 from .checkpoint import OTHER_FORM_ATTR, OVERLAP_ATTR, checkpointed_forward
@@ -83,9 +86,9 @@ def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: 
         raise ConfigError(f"cpu_heap must be True, False or 'auto', got {cpu_heap!r}")
     if cuda_graphs not in (True, False):
         raise ConfigError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
-    if cuda_graphs and checkpoint:
-        raise ConfigError("cuda_graphs=True does not combine with checkpoint: the recompute is already "
-                          "a second forward, and graphs are for steps bound by the host, not by memory")
+    if cuda_graphs and checkpoint == "offload":
+        raise ConfigError("cuda_graphs=True combines with checkpoint=True, not with checkpoint='offload' (its copies "
+                          "to host memory run on a side stream, outside any graph)")
     counts = {"linear": 0}
     for _, layer in adapted_layers(model):
         if layer.ops.kind == "linear" and layer.fast_path is None:
@@ -130,16 +133,36 @@ def _install_checkpointing(model: nn.Module, mode: Union[bool, str]) -> int:
 
 
 def _install_graphs(model: nn.Module) -> int:
-    if len({p.device for p in model.parameters()}) > 1:  # one pool and capture stream per model: one device
+    """Graph patches on the blocks: checkpoint_graphs.py's form on checkpointed blocks (the model's blocks are
+    all checkpointed or none), block_graphs.py's on the others; none on offloaded blocks or a model on several
+    devices (one pool and capture stream per model)."""
+    if len({p.device for p in model.parameters()}) > 1:
         return 0
+    blocks = checkpoint_units(model)
+    modes = {_checkpoint_mode(block) for block in blocks}
+    if "offload" in modes or len(modes) > 1:
+        return 0
+    checkpointed = True in modes
+    forward = checkpoint_graphs.checkpointed_graphed_forward if checkpointed else block_graphs.graphed_forward
     pool = None
     count = 0
-    for block in checkpoint_units(model):
-        if patch_forward(block, block_graphs.graphed_forward, slot=GRAPHS_SLOT):
-            pool = pool or block_graphs.Pool(next(model.parameters()).device)
+    for block in blocks:
+        if patch_forward(block, forward, slot=GRAPHS_SLOT):
+            pool = pool or block_graphs.Pool(next(model.parameters()).device, checkpointed)
             block_graphs.install(block, pool)
             count += 1
     return count
+
+
+def _checkpoint_mode(block: nn.Module) -> Union[bool, str]:
+    """False, True or "offload": the block's checkpoint patch (_install_checkpointing's, in this call or an
+    earlier one)."""
+    patched = block.__dict__.get("forward")
+    while isinstance(patched, functools.partial):
+        if patched.func is checkpointed_forward:
+            return "offload" if patched.args[2] else True
+        patched = patched.args[1] if len(patched.args) > 1 else None
+    return False
 
 
 def unoptimize(model: nn.Module) -> None:

@@ -74,6 +74,12 @@ def dense_from_source(source, device: torch.device) -> torch.Tensor:
     return w
 
 
+def held() -> list:
+    """The scratch buffers as they are now: a CUDA graph that writes into them keeps them, so a buffer replaced
+    by a larger one is not freed under the graph."""
+    return list(_BUFFERS.values())
+
+
 def release() -> None:
     """Free every scratch buffer (they are allocated again on the next use)."""
     _BUFFERS.clear()

@@ -159,9 +159,9 @@ def _check_run(opts: TrainOptions, dist: distributed.Distributed) -> None:
     if opts.checkpoint != "none" and opts.gradient_checkpointing:
         raise ConfigError(f"--checkpoint {opts.checkpoint} and --gradient-checkpointing both checkpoint the blocks: "
                           "give one of them")
-    if opts.cuda_graphs and (opts.checkpoint != "none" or opts.gradient_checkpointing):
-        raise ConfigError("--cuda-graphs replays the blocks without recomputing them: drop --checkpoint and "
-                          "--gradient-checkpointing, or --cuda-graphs")
+    if opts.cuda_graphs and (opts.checkpoint == "offload" or opts.gradient_checkpointing):
+        raise ConfigError("--cuda-graphs combines with --checkpoint recompute, not with --checkpoint offload or "
+                          "--gradient-checkpointing: drop one of them")
     if opts.cuda_graphs and (dist.enabled or opts.nproc > 1):
         raise ConfigError("--cuda-graphs runs in one process: drop --nproc (DDP and FSDP take the blocks eagerly)")
 

@@ -1,0 +1,131 @@
+"""optimize(model, checkpoint=True, cuda_graphs=True): each checkpointed block's forward (without autograd) and its
+recompute with backward replayed from CUDA graphs give the eagerly checkpointed model's losses, gradients and
+updates bit for bit (LoRA, DoRA, an NF4 base, micro-batches, two forwards before a backward); with dropout the
+recompute drops what the forward dropped (the same losses and gradients as graphs without checkpointing, from
+the same generator state); a block drawing from torch's CUDA generator runs eagerly. GPU only (CUDA graphs)."""
+
+import copy
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.fast import block_graphs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def _llama(tiny_llama, nf4: bool = False, **config):
+    model = tiny_llama.to("cuda").float().train()
+    if nf4:
+        lorakit.quantize(model, compute_dtype=torch.float32, block_size=32)
+    torch.manual_seed(0)  # the adapters' initial A: the same in each copy
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **config))
+    return model
+
+
+def _states(model):
+    return [b.__dict__[block_graphs.STATE_ATTR] for b in model.modules() if block_graphs.STATE_ATTR in b.__dict__]
+
+
+def _train(model, batches, mode: str = "plain", seeded: bool = False, **options):
+    """Five AdamW steps; returns (losses, last gradients, parameters after)."""
+    lorakit.optimize(model, **options)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for step, ids in enumerate(batches):
+        if seeded:
+            torch.manual_seed(100 + step)
+        if mode == "micro":  # gradients accumulated over two micro-batches
+            loss = sum(_backward(model(input_ids=part, labels=part).loss) for part in ids.split(1))
+        elif mode == "twice":  # two forwards, then one backward through both
+            loss = _backward(model(input_ids=ids, labels=ids).loss + model(input_ids=ids.flip(1), labels=ids).loss)
+        else:
+            loss = _backward(model(input_ids=ids, labels=ids).loss)
+        losses.append(float(loss))
+        grads = [p.grad.clone() for p in params]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses, grads, [p.detach().clone() for p in params]
+
+
+def _backward(loss):
+    loss.backward()
+    return loss.detach()
+
+
+def _batches():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return [torch.randint(0, 128, (2, 16), device="cuda", generator=g) for _ in range(5)]
+
+
+def _assert_same(got, want):
+    assert got[0] == want[0]
+    assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+    assert all(torch.equal(a, b) for a, b in zip(got[2], want[2]))
+
+
+@pytest.mark.parametrize("config,mode,nf4", [({}, "plain", False), ({"use_dora": True}, "plain", False),
+                                             ({}, "micro", False), ({}, "twice", False), ({}, "plain", True),
+                                             ({"use_dora": True}, "plain", True)])
+def test_replayed_checkpointed_steps_equal_eager_checkpointed_steps_bit_for_bit(tiny_llama, config, mode, nf4):
+    batches = _batches()
+    eager = _llama(copy.deepcopy(tiny_llama), nf4, **config)
+    graphed = _llama(tiny_llama, nf4, **config)
+    want = _train(eager, batches, mode, checkpoint=True)
+    counts = lorakit.optimize(graphed, checkpoint=True, cuda_graphs=True)
+    assert counts["cuda_graphs"] == 2 and counts["checkpoint"] == 2
+    _assert_same(_train(graphed, batches, mode, checkpoint=True, cuda_graphs=True), want)
+    states = _states(graphed)
+    assert all(s.refused is None for s in states) and states[0].pool.checkpointed
+    # the first call runs eagerly, the second is captured and replayed: plain 0 + 4 steps; micro-batches 1 + 2·4;
+    # two forwards a step: both replay (nothing of a forward waits in the pool)
+    assert [s.replays for s in states] == [{"plain": 4, "micro": 9, "twice": 9}[mode]] * 2
+    graphs = [g for s in states for g in s.seen.values() if g is not None]
+    assert graphs[0].inputs[0] is graphs[1].inputs[0]  # the blocks share their static hidden state
+    assert graphs[0].outputs[0] is graphs[1].outputs[0]
+
+
+def test_the_recompute_drops_what_the_forward_dropped(tiny_llama):
+    """From the same generator state each step, checkpointed graphs give the losses and gradients of graphs
+    without checkpointing (to float rounding): the recompute's masks are the forward's, and each replay draws new
+    ones."""
+    batches = [_batches()[0]] * 5  # the same batch: the losses differ by their masks and the updates
+    plain = _llama(copy.deepcopy(tiny_llama), lora_dropout=0.5, init_lora_weights=False)
+    recomputed = _llama(tiny_llama, lora_dropout=0.5, init_lora_weights=False)
+    want = _train(plain, batches, seeded=True, cuda_graphs=True)
+    got = _train(recomputed, batches, seeded=True, checkpoint=True, cuda_graphs=True)
+    assert all(s.replays == 4 for s in _states(recomputed))
+    assert all(g.seeds for s in _states(recomputed) for g in s.seen.values() if g is not None)
+    # to float rounding (one run's losses differed by one unit in the last place from the fourth step on: the
+    # two forms' products differ somewhere in their order); another mask (p = 0.5) moves the loss by far more
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-3, atol=1e-5)
+
+
+def test_a_block_that_draws_from_torchs_generator_runs_eagerly(tiny_llama):
+    tiny_llama.config.attention_dropout = 0.2
+    for layer in tiny_llama.model.layers:
+        layer.self_attn.attention_dropout = 0.2
+    model = _llama(tiny_llama)
+    lorakit.optimize(model, checkpoint=True, cuda_graphs=True)
+    ids = _batches()[0]
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+    states = _states(model)
+    assert all("CUDA generator" in s.refused and s.replays == 0 for s in states)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_a_4bit_base_graph_keeps_the_scratch_buffer_it_writes(tiny_llama):
+    from lorakit.fast import scratch
+
+    model = _llama(tiny_llama, nf4=True)
+    lorakit.optimize(model, checkpoint=True, cuda_graphs=True)
+    ids = _batches()[0]
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+    graph = next(g for g in _states(model)[0].seen.values() if g is not None)
+    kept = {t.data_ptr() for t in graph.kept_buffers}
+    assert kept and kept <= {t.data_ptr() for t in scratch.held()}
