@@ -9,7 +9,7 @@ from torch import nn
 
 import lorakit
 from lorakit.errors import ConfigError
-from lorakit.fast import block_graphs
+from lorakit.fast import block_graphs, graph_signature
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -73,6 +73,26 @@ def test_replayed_steps_equal_eager_steps_bit_for_bit(tiny_llama, config, mode):
 
 
 @cuda
+@pytest.mark.parametrize("config", [{}, {"use_dora": True}])
+def test_a_4bit_base_replays_bit_for_bit(tiny_llama, config):
+    """An NF4 base dequantises into the shared scratch buffer inside each graph."""
+    import copy
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    batches = [torch.randint(0, 128, (2, 16), device="cuda", generator=g) for _ in range(5)]
+    models = []
+    for base in (copy.deepcopy(tiny_llama), tiny_llama):
+        lorakit.quantize(base.to("cuda").float(), compute_dtype=torch.float32, block_size=32)
+        models.append(_llama(base, "cuda", **config))
+    want = _train(models[0], batches, graphs=False)
+    got = _train(models[1], batches, graphs=True)
+    assert got[0] == want[0]
+    assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+    assert all(torch.equal(a, b) for a, b in zip(got[2], want[2]))
+    assert [s.replays for s in _states(models[1])] == [4, 4]
+
+
+@cuda
 def test_dropout_draws_new_masks_each_replay_and_its_backward_uses_them(tiny_llama):
     model = _llama(tiny_llama, "cuda", lora_dropout=0.5, init_lora_weights=False)
     lorakit.optimize(model, cuda_graphs=True)
@@ -106,8 +126,11 @@ def test_a_new_shape_is_captured_anew_and_unoptimize_removes_the_graphs(tiny_lla
 # --- host-side rules, on CPU --------------------------------------------------------------------------------
 def test_options_are_checked_and_a_cpu_model_gets_no_graphs(tiny_llama):
     model = _llama(tiny_llama, "cpu")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="offload"):
         lorakit.optimize(model, cuda_graphs=True, checkpoint="offload")
+    with pytest.raises(ConfigError, match="tile_mlp"):
+        lorakit.optimize(model, cuda_graphs=True, checkpoint=True, tile_mlp=64)
+    assert "forward" not in model.model.layers[0].__dict__  # refused before anything changed
     with pytest.raises(ConfigError):
         lorakit.optimize(model, cuda_graphs="yes")
     assert lorakit.optimize(model, cuda_graphs=True)["cuda_graphs"] == 0
@@ -121,7 +144,7 @@ def test_the_signature_follows_what_the_block_computes_with(tiny_llama):
     spec = torch.utils._pytree.tree_flatten(((), {}))[1]
 
     def signature():
-        return block_graphs._signature(block, [], spec)
+        return graph_signature.signature(block, [], spec)
 
     seen = {signature()}
     assert signature() in seen and None not in seen
@@ -142,7 +165,7 @@ def test_the_signature_follows_what_the_block_computes_with(tiny_llama):
     assert signature() is None
     handle.remove()
     leaves, with_tensor = torch.utils._pytree.tree_flatten(((torch.ones(2),), {}))
-    assert block_graphs._signature(block, leaves, with_tensor) is None
+    assert graph_signature.signature(block, leaves, with_tensor) is None
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 import lorakit
+from lorakit.errors import ConfigError
 from transformers import AutoTokenizer, LlamaForCausalLM
 from lorakit.cli import app as cli
 from test_train_support import corpus, one_thread, save_tiny_llama, write_jsonl  # noqa: F401
@@ -67,6 +68,15 @@ def test_cuda_graphs_with_offload_or_hf_checkpointing_or_several_processes_exits
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--cuda-graphs" in err and "Traceback" not in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_cuda_graphs_with_checkpoint_recompute_passes_the_option_checks():
+    from lorakit.train import distributed, run
+    from lorakit.train.options import TrainOptions
+
+    run._check_run(TrainOptions(checkpoint="recompute", cuda_graphs=True), distributed.Distributed())
+    with pytest.raises(ConfigError, match="--cuda-graphs"):
+        run._check_run(TrainOptions(checkpoint="offload", cuda_graphs=True), distributed.Distributed())
 
 
 def test_bad_checkpoint_mode_exits_2(tmp_path, capsys):

@@ -30,12 +30,14 @@ checkpoint_graphs.py's form for checkpointed blocks shares):
 - Eager instead: outside training or without grad; under autocast with its cast cache (a capture would reuse a
   cast made before it, and replays would never cast the updated weights again), transformers' gradient
   checkpointing, torch.compile or another capture; a block where nothing trains and no input needs a gradient;
-  process-wide module hooks or backward hooks in the block; a call that reads a key/value cache or asks for more than the output (output_* flags,
-  transformers recording layer outputs); arguments other than tensors and plain values; a block with a weight
-  source that cannot write its dense weight into a buffer (bitsandbytes' Linear4bit: its fused calls take the
-  reference path), FSDP2 parameters, forward hooks, or routed (per_row) layers; a block that wrote an input in
-  place or returned something other than tensors in its first call. (A 4-bit base with lorakit's NF4 dequantises
-  into scratch.py's buffer inside each graph; the graph keeps the buffer it captured.) A capture that fails (an op that synchronises with the host
+  process-wide module hooks or backward hooks in the block; a call that reads a key/value cache or asks for more
+  than the output (output_* flags, transformers recording layer outputs); arguments other than tensors and plain
+  values; a block with a weight source that cannot write its dense weight into a buffer (bitsandbytes'
+  Linear4bit: its fused calls take the reference path), FSDP2 parameters, forward hooks, routed (per_row) layers
+  or a sequence-tiled MLP (optimize's tile_mlp: its tiles read the generator's state); a block that wrote an input
+  in place or returned something other than tensors in its first call (graph_signature.py: the signature). A
+  4-bit base with lorakit's NF4 dequantises into scratch.py's buffer inside each graph; the graph keeps the
+  buffer it captured. A capture that fails (an op that synchronises with the host
   inside the block) raises a LorakitError: torch's CUDA generator and allocator are left mid-capture, so the
   process cannot go on with that model.
 - Randomness: torch's CUDA generator is graph-safe (each replay draws new numbers). lorakit's in-kernel dropout
@@ -55,17 +57,15 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .. import triton_gate
-from ..core.adapted import AdaptedLayer, DenseWeight
 from ..errors import LorakitError
 from . import scratch
 from .block_args import without_caches
-from .checkpoint import _DTENSOR, _hands_out_more, autocast_state, block_state
+from .checkpoint import _hands_out_more, block_state
+from .graph_signature import PLAIN, signature
 from .wide import WIDE_ATTR
 
 STATE_ATTR = "_lorakit_block_graphs"  # on a block: its _BlockGraphs
 MAX_SIGNATURES = 2  # graphs kept per block (the oldest dropped): a fixed-shape loop needs one
-_PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
 
 
 
@@ -74,7 +74,9 @@ class Pool:
 
     def __init__(self, device: torch.device, checkpointed: bool = False):
         self.checkpointed = checkpointed  # checkpoint_graphs.py's form: the blocks recompute in their backward
-        self.statics: dict = {}  # that form's static tensors, shared by its graphs: (role, index, shape, ...) → tensor
+        # that form's static tensors, shared by its graphs: (role, index, shape, ...) → tensor, alive while a graph
+        # holds it (graphs dropped for newer signatures free theirs)
+        self.statics = weakref.WeakValueDictionary()
         self.handle = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device)
         self.captured = 0  # graphs captured so far: a graph's rank is its place in this order
@@ -110,7 +112,7 @@ class _Graph:
         self.wants: list = []  # per input (then per param): whether a gradient is returned
         self.fwd_rank = self.bwd_rank = -1
         self.wide_marks: list = []  # wide.py's host records of the block's widened weights
-        self.kept_buffers: list = []  # scratch.py's buffers when captured (a graph writes a 4-bit base's dense weights there)
+        self.kept_buffers: list = []  # scratch.py's buffers when captured (a 4-bit base's dense weights go there)
 
 
 class _BlockGraphs:
@@ -141,10 +143,11 @@ def graphed_forward(block: nn.Module, original, *args, **kwargs):
     Returns:
         What `original` returns (copies of the graph's outputs when replayed).
     """
-    graph, got = graph_for_call(block, original, args, kwargs, _capture)
+    graph, got, spec = graph_for_call(block, original, args, kwargs, _capture)
     if graph is None:
         return got
     if graph.pool.newest_waiting() >= graph.fwd_rank:  # a waiting block's activations may lie in its temporaries
+        args, kwargs = tree_unflatten(got, spec)  # the call as graph_for_call took it (empty caches left out)
         return original(*args, **kwargs)
     tensors = [t for t in got if isinstance(t, torch.Tensor)]
     block.__dict__[STATE_ATTR].replays += 1
@@ -159,84 +162,36 @@ def graph_for_call(block: nn.Module, original, args: tuple, kwargs: dict, captur
         block, original, args, kwargs: as graphed_forward's.
         capture: capture(state, block, original, leaves, spec) -> a graph, or None (the block runs eagerly).
     Returns:
-        (graph, the call's flattened arguments) to replay it; (None, output) when the call already ran here,
-        eagerly (the module docstring's cases, and the first call with a signature).
+        (graph, the call's flattened arguments, their spec) to replay it, the arguments without the empty caches
+        that without_caches leaves out; (None, output, None) when the call already ran here, eagerly (the module
+        docstring's cases, and the first call with a signature).
     """
     state = block.__dict__.get(STATE_ATTR)
     if (state is None or state.refused or not (block.training and torch.is_grad_enabled())
             or getattr(block, "gradient_checkpointing", False)  # transformers' own: it would call us again
             or (torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled())  # a capture would reuse casts
             or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()):
-        return None, original(*args, **kwargs)
+        return None, original(*args, **kwargs), None
     args, kwargs, reads_cache = without_caches(args, kwargs)
     if reads_cache or _hands_out_more(block, kwargs):
-        return None, original(*args, **kwargs)
+        return None, original(*args, **kwargs), None
     leaves, spec = tree_flatten((args, kwargs))
-    key = _signature(block, leaves, spec)
+    key = signature(block, leaves, spec)
     if key is None:
-        return None, original(*args, **kwargs)
+        return None, original(*args, **kwargs), None
     graph = state.seen.get(key)
     if graph is None:
         if key not in state.seen:  # first sight: run as usual, check that the call can be replayed
             state.seen[key] = None
             while len(state.seen) > MAX_SIGNATURES:
                 state.seen.popitem(last=False)
-            return None, _first_call(state, block, original, leaves, spec)
+            return None, _first_call(state, block, original, leaves, spec), None
         graph = capture(state, block, original, leaves, spec)
         if graph is None:
-            return None, original(*args, **kwargs)
+            return None, original(*args, **kwargs), None
         graph.kept_buffers = scratch.held()  # a 4-bit base's dense buffers the graph writes stay allocated
         state.seen[key] = graph
-    return graph, leaves
-
-
-def _signature(block: nn.Module, leaves: list, spec):
-    """What a replay must match (module docstring), or None where the block cannot run from a graph."""
-    parts = [spec, autocast_state(torch.device("cuda")), triton_gate.enabled(), torch.get_float32_matmul_precision(),
-             torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
-             torch.are_deterministic_algorithms_enabled()]
-    for leaf in leaves:
-        if isinstance(leaf, torch.Tensor):
-            if leaf.device.type != "cuda" or (_DTENSOR is not None and isinstance(leaf, _DTENSOR)):
-                return None
-            parts.append((tuple(leaf.shape), leaf.dtype, leaf.device, leaf.requires_grad))
-        elif type(leaf) in _PLAIN:
-            parts.append((type(leaf), leaf))
-        else:
-            return None
-    if _global_hooks_set():
-        return None
-    for m in block.modules():
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
-            return None
-        for t in (*m._parameters.values(), *m._buffers.values()):
-            if t is not None:
-                if _DTENSOR is not None and isinstance(t, _DTENSOR):
-                    return None
-                parts.append((t.data_ptr(), t.shape, t.stride(), t.dtype, t.requires_grad,
-                              id(t) if t.requires_grad else t._version))
-        if isinstance(m, AdaptedLayer):
-            d = m.__dict__
-            source = d["weight_source"]
-            if d["routing"] is not None or not (type(source) is DenseWeight or callable(getattr(source, "write_dense",
-                                                                                                   None))):
-                return None
-            parts.append((tuple(m.active), d["disabled"], tuple(m.merged), d["training"]))
-            for delta in d["_modules"]["deltas"]._modules.values():
-                parts.append(_settings(delta))
-                parts.extend(_settings(sub) for sub in delta._modules.values() if sub is not None)
-    return tuple(parts)
-
-
-def _global_hooks_set() -> bool:
-    """Whether nn.Module's process-wide forward or backward hooks are set (they would fire only when captured)."""
-    mod = nn.modules.module
-    return bool(mod._global_forward_hooks or mod._global_forward_pre_hooks or mod._global_backward_hooks)
-
-
-def _settings(module: nn.Module) -> tuple:
-    """A module's plain settings (scaling, dropout p, training, ...): what its host code decides on."""
-    return tuple((k, v) for k, v in module.__dict__.items() if type(v) in _PLAIN)
+    return graph, leaves, spec
 
 
 def _first_call(state: _BlockGraphs, block: nn.Module, original, leaves: list, spec):
@@ -254,7 +209,7 @@ def _first_call(state: _BlockGraphs, block: nn.Module, original, leaves: list, s
     elif rng is not None and not torch.equal(rng, torch.cuda.get_rng_state(tensors[0].device)):
         state.refused = "it draws from torch's CUDA generator (a recompute replayed from a graph would draw anew)"
     elif not any(isinstance(o, torch.Tensor) for o in outs) or \
-            any(not isinstance(o, (torch.Tensor, *_PLAIN)) for o in outs):
+            any(not isinstance(o, (torch.Tensor, *PLAIN)) for o in outs):
         state.refused = "it returns other than tensors"
     return out
 

@@ -5,10 +5,9 @@ host: at the Llama-3-8B shape, B1 T2048, r16 all-linear, on an H200 the bf16 ste
 ~207 ms step and the NF4 (QLoRA) step's ~176 ms of ~261 ms (BENCHMARKS.md). checkpoint.py's blocks run their
 forward without autograd and recompute it in their backward, and both passes are host work per kernel.
 
-How (block_graphs.py decides when a call may run from a graph, with the same signature, eager cases and first
-call; this module's blocks also run eagerly where the block draws from torch's CUDA generator, since a recompute
-replayed from another graph would draw anew): at a signature's second call two graphs are captured, after a
-warm-up on the pool's side stream:
+How (block_graphs.graph_for_call decides when a call may run from a graph: the same signature, eager cases and
+first call as block_graphs.py's form): at a signature's second call two graphs are captured, after a warm-up on
+the pool's side stream:
 - forward: the block's plain forward without autograd (checkpoint.py's forward does the same);
 - backward: the block's plain forward again with autograd (the recompute), then torch.autograd.grad over the
   call's tensors that need a gradient and the block's trained parameters (stand-ins on the same memory while
@@ -18,10 +17,12 @@ outputs and its replay returns copies; the autograd node keeps the call's tensor
 checkpoint=True keeps it) and its backward copies them in again with the output gradients, replays, and returns
 copies of the gradients. The static inputs, outputs and gradients of the same role and shape are one tensor
 shared by every block of the model, and nothing a graph computes lives past its replay: the pool holds one
-block's recompute and backward at a time, which an eager step needs at its peak too. So graphs may replay in any order, and a forward may run twice before its
-backwards. Dropout: lorakit's in-kernel masks take their seeds from device tensors the forward graph draws
-(dropout.draw_seed); the recompute's capture reads the same tensors (dropout.seed_tape), and each replay keeps
-a copy of its seeds for its backward, so the recompute drops what the forward dropped.
+block's recompute and backward at a time, which an eager step needs at its peak too. So graphs may replay in any
+order, and a forward may run twice before its backwards (a sequence-tiled MLP runs eagerly: graph_signature.py).
+Dropout: lorakit's in-kernel masks take their seeds from device tensors the forward graph draws
+(dropout.draw_seed); the recompute's capture reads the same tensors (dropout.seed_tape), and each replay keeps a
+copy of its seeds for its backward, so the recompute drops what the forward dropped. A block that draws from
+torch's CUDA generator (attention dropout) runs eagerly: its recompute, another graph, would draw anew.
 A 4-bit base dequantises into scratch.py's buffer inside each graph, as the eager path does; a graph keeps the
 buffer it captured (block_graphs.graph_for_call).
 """
@@ -55,7 +56,7 @@ class _Graph:
         self.out_spec = None
         self.differentiable: list = []  # per output leaf: whether a gradient flows back through it
         self.grad_outputs: list = []  # static output gradients (differentiable outputs only)
-        self.input_grads: list = []  # per tensor of the call: the static gradient, or None
+        self.input_grads: list = []  # per tensor of the call: its static gradient, or None (none wanted or none flows)
         self.param_grads: list = []  # per trained parameter: its static gradient, or None (unused)
         self.seeds: list = []  # dropout seed tensors the forward graph draws and the backward graph reads
         self.adapters = None  # block_state's adapter state when captured
@@ -73,7 +74,7 @@ def checkpointed_graphed_forward(block: nn.Module, original, *args, **kwargs):
     Returns:
         What `original` returns (copies of the graph's outputs when replayed).
     """
-    graph, got = graph_for_call(block, original, args, kwargs, _capture)
+    graph, got, _ = graph_for_call(block, original, args, kwargs, _capture)
     if graph is None:
         return got
     tensors = [t for t in got if isinstance(t, torch.Tensor)]
@@ -86,14 +87,16 @@ def _shared(pool, role: str, index: int, like: torch.Tensor) -> torch.Tensor:
     """The model's static tensor for (role, index) in like's shape, dtype, device and strides (made outside any
     capture, once)."""
     key = (role, index, tuple(like.shape), like.stride(), like.dtype, like.device)
-    if key not in pool.statics:
-        pool.statics[key] = torch.empty_like(like, memory_format=torch.preserve_format)
-    return pool.statics[key]
+    static = pool.statics.get(key)  # (a weak mapping: the graphs that hold a static keep it)
+    if static is None:
+        static = pool.statics[key] = torch.empty_like(like, memory_format=torch.preserve_format)
+    return static
 
 
 def _capture(state, block: nn.Module, original, leaves: list, spec):
     """Capture the block's forward (without autograd) and its recompute with backward for this signature (see
-    the module docstring). A failed capture raises LorakitError, as block_graphs.py's does."""
+    the module docstring). A failed capture raises LorakitError, as block_graphs.py's does; None where the block
+    runs eagerly (state.refused says why)."""
     pool = state.pool
     graph = _Graph(pool, block)
     slots = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
@@ -149,14 +152,17 @@ def _capture(state, block: nn.Module, original, leaves: list, spec):
                              for n, need in enumerate(graph.needs)]
         graph.param_grads = [_shared(pool, "grad_param", k, p.detach()) for k, p in enumerate(graph.params)]
         del outs
-        _record(graph, call, recompute_and_backward, params)
+        if not _record(graph, call, recompute_and_backward, params):
+            state.refused = "its recompute draws other dropout seeds than its forward"
+            return None
     graph.wide_marks = wide_marks(block)
     return graph
 
 
-def _record(graph: _Graph, call, recompute_and_backward, params: list) -> None:
-    """Capture both graphs; their results go into the shared statics (the pool keeps no output of theirs but the
-    parameters' gradients)."""
+def _record(graph: _Graph, call, recompute_and_backward, params: list) -> bool:
+    """Capture both graphs; their results go into the shared statics, so the pool keeps nothing of theirs.
+    Returns False when the recompute drew another number of dropout seeds than the forward (the graphs are then
+    not used: the block runs eagerly)."""
     pool = graph.pool
     try:
         with no_collection(), torch.cuda.graph(graph.fwd, pool=pool.handle), seed_tape(graph.seeds, replay=False):
@@ -169,23 +175,23 @@ def _record(graph: _Graph, call, recompute_and_backward, params: list) -> None:
                 seed_tape(graph.seeds, replay=True) as taken:
             grads = list(recompute_and_backward(params, graph.grad_outputs))
             n_in = sum(graph.needs)
-            for static, g in zip([s for s in graph.input_grads if s is not None], grads[:n_in]):
-                if g is None:
-                    static.zero_()
+            wanted = [n for n, need in enumerate(graph.needs) if need]
+            for n, g in zip(wanted, grads[:n_in]):
+                if g is None:  # an input the block's outputs do not depend on: no gradient, as eagerly
+                    graph.input_grads[n] = None
                 else:
-                    static.copy_(g)
+                    graph.input_grads[n].copy_(g)
             for k, g in enumerate(grads[n_in:]):
                 if g is None:  # a parameter the block does not use: its gradient stays None
                     graph.param_grads[k] = None
                 else:
                     graph.param_grads[k].copy_(g)
             del grads
-        if taken() != len(graph.seeds):
-            raise RuntimeError(f"the recompute drew {taken()} dropout seeds, the forward {len(graph.seeds)}")
     except Exception as error:  # torch's generator and allocator are left mid-capture
         raise LorakitError(f"capturing a checkpointed block as CUDA graphs failed ({type(error).__name__}: "
                            f"{str(error).splitlines()[0][:200]}); use optimize(model, cuda_graphs=False) for this "
                            "model") from error
+    return taken() == len(graph.seeds)
 
 
 class _ReplayRecomputed(torch.autograd.Function):
@@ -199,8 +205,11 @@ class _ReplayRecomputed(torch.autograd.Function):
         graph.fwd.replay()
         for mark in graph.wide_marks:  # the replay wrote these spare columns: the next eager call zeroes them first
             mark[2] = None
-        ctx.seeds = torch.cat(graph.seeds) if graph.seeds else None  # this replay's masks, for its recompute
+        # This replay's seeds, for its recompute. They lie in the pool, where graphs captured before this one keep
+        # temporaries, so another block's replay may overwrite them before this backward: it copies them back.
+        ctx.seeds = torch.cat(graph.seeds) if graph.seeds else None
         ctx.graph = graph
+        ctx.set_materialize_grads(False)  # an output no gradient reaches: None, a zeroed static below
         ctx.save_for_backward(*tensors)  # the block's input, as checkpoint=True keeps it (version-checked)
         outs = tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in graph.outputs)
         ctx.mark_non_differentiable(*(o for o, d in zip(outs, graph.differentiable)
@@ -211,7 +220,10 @@ class _ReplayRecomputed(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
         graph = ctx.graph
-        if block_state(graph.block())[1] != graph.adapters:
+        block = graph.block()
+        if block is None:
+            raise LorakitError("a checkpointed block replayed from a CUDA graph was freed before its backward")
+        if block_state(block)[1] != graph.adapters:
             raise RuntimeError("lorakit: a checkpointed block's adapters changed between its forward and its "
                                "backward (active, disabled or merged adapters, or a per_row block left): "
                                "backpropagate where the forward ran, or optimize without checkpoint")
@@ -228,9 +240,9 @@ class _ReplayRecomputed(torch.autograd.Function):
 
 
 def _fill(statics: list, values) -> None:
-    """Copy each value into its static tensor (a gradient autograd did not materialise is a zero one)."""
+    """Copy each value into its static tensor (an output gradient that autograd did not materialise: zeros)."""
     for static, value in zip(statics, values):
         if value is None:
             static.zero_()
-        elif static.data_ptr() != value.data_ptr():
+        else:
             static.copy_(value)

@@ -7,7 +7,8 @@ Where the mask comes from, per device type (MASK_SOURCE, read through mask_sourc
   not run (lorakit.triton_gate: LORAKIT_TRITON=0, no Triton), and under torch.compile (the per-call seed is a
   Python int that a compiled graph would guard on), it falls back to "native". While a CUDA graph is captured
   (optimize's cuda_graphs, block_graphs.py) the seed is a device tensor drawn by torch's graph-safe generator;
-  the kernels read it from memory;
+  the kernels read it from memory (a checkpointed block's recompute, captured as another graph, reads the
+  forward's seed tensors again: seed_tape);
 - "native": torch.native_dropout, nn.Dropout's own kernel: the same RNG draw as the reference path, so the same
   mask for the same RNG state (on CUDA it is one fused Philox kernel); xd is an autograd input of the fused call,
   its autograd keeping only the bool mask;
@@ -46,7 +47,7 @@ def draw_seed(device: Optional[torch.device] = None) -> Union[int, torch.Tensor]
     torch.manual_seed repeats it, and a checkpoint's recompute, which restores that generator, draws it again.
     While a CUDA graph is captured on `device`'s stream, a 1-element int64 tensor drawn by the device's
     generator instead (graph-safe: each replay of the graph draws a new seed into it; torch.cuda.manual_seed
-    repeats a run); the kernels read it from memory."""
+    repeats a run); the kernels read it from memory. Inside seed_tape: recorded, or taken from the tape."""
     if device is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         tape = getattr(_TAPE, "seeds", None)
         if tape is not None and _TAPE.replay:  # a recompute's capture: the forward graph's seeds again, in order
@@ -69,7 +70,7 @@ def seed_tape(seeds: list, replay: bool):
     """While a checkpointed block's graphs are captured (checkpoint_graphs.py): the forward's capture appends each
     seed tensor it draws to `seeds` (replay=False); the recompute's capture takes them again in the same order
     (replay=True), so forward and recompute drop the same elements. Yields a function giving how many were
-    taken."""
+    taken. (A tape with a position, not thread_scope's plain flag: draw_seed, several calls down, needs both.)"""
     _TAPE.seeds, _TAPE.replay, _TAPE.at = seeds, replay, 0
     try:
         yield lambda: _TAPE.at

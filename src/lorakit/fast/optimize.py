@@ -31,7 +31,7 @@ What it does, each part switchable for measurement:
   what the signature covers, when a block runs eagerly instead, the memory it holds). For host-bound steps
   (small models, short sequences, many adapters' kernels). With checkpoint=True the forward without autograd
   and the recompute with its backward are the graphs (checkpoint_graphs.py: the 8B step at batch 1 that
-  checkpointing makes fit, a 4-bit base's too); not with checkpoint="offload";
+  checkpointing makes fit, a 4-bit base's too); not with checkpoint="offload" or tile_mlp;
 - `cpu_heap`: "auto" (the default: on for a model on the CPU) keeps freed memory in the process's heap (glibc's
   mmap and trim thresholds, cpu_heap.py), so the step's multi-MiB tensors stop paying page faults every step. It
   is a setting of the whole process, made once: unoptimize() leaves it.
@@ -46,7 +46,6 @@ parameters in its pre-forward hook, before the block's fused calls read them.
 
 from __future__ import annotations
 
-import functools
 from typing import Union
 
 import torch
@@ -54,7 +53,7 @@ from torch import nn
 
 from ..core.api import adapted_layers
 from ..core.blocks import checkpoint_units
-from ..core.patching import patch_forward, unpatch_forward
+from ..core.patching import is_patched, patch_forward, unpatch_forward
 from ..errors import ConfigError
 from . import block_graphs, checkpoint_graphs
 from . import cpu_heap as heap
@@ -65,6 +64,7 @@ from .report import fusion_report, log_report
 
 CHECKPOINT_SLOT = "checkpoint"  # stacks on a family patch of the same module (core/patching.py)
 GRAPHS_SLOT = "graphs"
+CHECKPOINT_MODE_ATTR = "_lorakit_checkpoint_mode"  # on a checkpointed block: True or "offload"
 
 
 def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: bool = True, glu: bool = True,
@@ -86,9 +86,7 @@ def optimize(model: nn.Module, *, group: bool = True, norms: bool = True, rope: 
         raise ConfigError(f"cpu_heap must be True, False or 'auto', got {cpu_heap!r}")
     if cuda_graphs not in (True, False):
         raise ConfigError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
-    if cuda_graphs and checkpoint == "offload":
-        raise ConfigError("cuda_graphs=True combines with checkpoint=True, not with checkpoint='offload' (its copies "
-                          "to host memory run on a side stream, outside any graph)")
+    _check_graph_forms(model, checkpoint, cuda_graphs, tile_mlp)
     counts = {"linear": 0}
     for _, layer in adapted_layers(model):
         if layer.ops.kind == "linear" and layer.fast_path is None:
@@ -127,9 +125,33 @@ def _wide_on(wide: Union[bool, str], model: nn.Module) -> bool:
     return not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
 
 
+def _check_graph_forms(model: nn.Module, checkpoint: Union[bool, str], cuda_graphs: bool, tile_mlp) -> None:
+    """Refuse, before anything changes, what CUDA graphs cannot take: checkpoint="offload" (its copies to host
+    memory run on a side stream), sequence-tiled MLPs (their tiles read the generator's state), and checkpointing
+    blocks that an earlier call already gave graphs without it (its patch would sit beneath the graphs')."""
+    offload = ConfigError("cuda_graphs=True combines with checkpoint=True, not with checkpoint='offload' (its "
+                          "copies to host memory run on a side stream, outside any graph)")
+    if cuda_graphs and checkpoint == "offload":
+        raise offload
+    if cuda_graphs and tile_mlp:
+        raise ConfigError("cuda_graphs=True does not take tile_mlp (its tiles read the generator's state, which a "
+                          "capture forbids): leave tile_mlp off")
+    for block in checkpoint_units(model) if (cuda_graphs or checkpoint) else ():
+        mode = block.__dict__.get(CHECKPOINT_MODE_ATTR, False)
+        if checkpoint and not mode and is_patched(block, GRAPHS_SLOT):
+            raise ConfigError("the blocks already replay from CUDA graphs without checkpointing: call "
+                              "lorakit.unoptimize(model), then optimize with both checkpoint and cuda_graphs")
+        if cuda_graphs and mode == "offload":
+            raise offload
+
+
 def _install_checkpointing(model: nn.Module, mode: Union[bool, str]) -> int:
-    return sum(patch_forward(block, checkpointed_forward, mode == "offload", slot=CHECKPOINT_SLOT)
-               for block in checkpoint_units(model))
+    count = 0
+    for block in checkpoint_units(model):
+        if patch_forward(block, checkpointed_forward, mode == "offload", slot=CHECKPOINT_SLOT):
+            block.__dict__[CHECKPOINT_MODE_ATTR] = mode  # what the graphs' form follows (_install_graphs)
+            count += 1
+    return count
 
 
 def _install_graphs(model: nn.Module) -> int:
@@ -139,8 +161,8 @@ def _install_graphs(model: nn.Module) -> int:
     if len({p.device for p in model.parameters()}) > 1:
         return 0
     blocks = checkpoint_units(model)
-    modes = {_checkpoint_mode(block) for block in blocks}
-    if "offload" in modes or len(modes) > 1:
+    modes = {block.__dict__.get(CHECKPOINT_MODE_ATTR, False) for block in blocks}
+    if "offload" in modes or len(modes) > 1:  # (offload is refused before: _check_graph_forms)
         return 0
     checkpointed = True in modes
     forward = checkpoint_graphs.checkpointed_graphed_forward if checkpointed else block_graphs.graphed_forward
@@ -154,17 +176,6 @@ def _install_graphs(model: nn.Module) -> int:
     return count
 
 
-def _checkpoint_mode(block: nn.Module) -> Union[bool, str]:
-    """False, True or "offload": the block's checkpoint patch (_install_checkpointing's, in this call or an
-    earlier one)."""
-    patched = block.__dict__.get("forward")
-    while isinstance(patched, functools.partial):
-        if patched.func is checkpointed_forward:
-            return "offload" if patched.args[2] else True
-        patched = patched.args[1] if len(patched.args) > 1 else None
-    return False
-
-
 def unoptimize(model: nn.Module) -> None:
     """Remove every fast path and patch that optimize() installed (the model computes as before)."""
     for _, layer in adapted_layers(model):
@@ -174,6 +185,7 @@ def unoptimize(model: nn.Module) -> None:
         unpatch_forward(m, slot=GRAPHS_SLOT)
         block_graphs.uninstall(m)
         unpatch_forward(m, slot=CHECKPOINT_SLOT)
+        m.__dict__.pop(CHECKPOINT_MODE_ATTR, None)
         m.__dict__.pop(OVERLAP_ATTR, None)
         m.__dict__.pop(OTHER_FORM_ATTR, None)
     families.uninstall(model)

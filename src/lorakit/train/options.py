@@ -117,10 +117,10 @@ class TrainOptions(ModelOptions, DataOptions, AdapterOptions):
     run in tiles: the long-context mode; `lorakit estimate --max-context` gives the longest sequence that fits)."""
     cuda_graphs: bool = False
     """Replay each block's forward and backward from CUDA graphs (turns on --optimize; one GPU process; with
-    --checkpoint recompute the forward and the recompute with its backward; not with --checkpoint offload or
-    --gradient-checkpointing): for steps bound by the host (small models, short rows, batch 1 on a large model).
-    Each batch shape is captured at its second step: padded batches of one shape suit it (packed rows change
-    shape)."""
+    --checkpoint recompute it replays the forward and the recompute with its backward; not with --checkpoint
+    offload or --gradient-checkpointing): for steps bound by the host (small models, short rows, batch 1 on a
+    large model). Each batch shape is captured at its second step: padded batches of one shape suit it (packed
+    rows change shape)."""
     eval_every: int = 0
     """Evaluate the held-out loss every N optimizer steps (0: only before and after training)."""
     checkpoint_every: int = 0
