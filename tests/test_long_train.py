@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import lorakit
@@ -52,6 +53,30 @@ def test_offload_trains_a_row_longer_than_max_positions(long_run):
     for key in ref:  # checkpointing changes no math: the same adapter up to rounding (Adam's first steps)
         scale = ref[key].abs().max().clamp_min(1e-12)
         assert ((one[key] - ref[key]).abs().max() / scale) < 1e-3, key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_checkpointed_blocks_from_cuda_graphs_train_the_same_adapter(tmp_path):
+    """`lorakit train --checkpoint recompute --cuda-graphs` on a GPU: the blocks replay from graphs (rows of one
+    shape) and give the adapter of the run without graphs, up to rounding."""
+    from lorakit.fast.block_graphs import STATE_ATTR
+
+    model = save_tiny_llama(tmp_path / "tiny")
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": " ".join(corpus()[:40])}] * 8)
+    options = dict(data=str(data), eval_data=str(data), eval_examples=1, max_steps=4, batch_size=2, max_length=96,
+                   lr=1e-2, warmup=0, lora_dropout=0.0, score="none", samples=0, quiet=True, device="cuda",
+                   target_modules=["all-linear"], packing=False, checkpoint="recompute")
+    adapters = {}
+    for graphs in (False, True):
+        net = LlamaForCausalLM.from_pretrained(model)
+        lorakit.train(output_dir=str(tmp_path / str(graphs)), cuda_graphs=graphs, model=net,
+                      tokenizer=AutoTokenizer.from_pretrained(model), **options)
+        adapters[graphs] = load_file(tmp_path / str(graphs) / "adapter" / "adapter_model.safetensors")
+        replays = [m.__dict__[STATE_ATTR].replays for m in net.modules() if STATE_ATTR in m.__dict__]
+        assert (sum(replays) > 0) == graphs
+    for key, ref in adapters[False].items():
+        scale = ref.abs().max().clamp_min(1e-12)
+        assert ((adapters[True][key] - ref).abs().max() / scale) < 1e-3, key
 
 
 def test_checkpoint_and_gradient_checkpointing_together_exit_2(tmp_path, capsys):
