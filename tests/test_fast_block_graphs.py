@@ -11,6 +11,8 @@ import lorakit
 from lorakit.errors import ConfigError
 from lorakit.fast import block_graphs, graph_signature
 
+from graph_support import graph_states, train_steps
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
@@ -19,35 +21,6 @@ def _llama(tiny_llama, device, **config):
     torch.manual_seed(0)  # the adapters' initial A: the same in each copy
     lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **config))
     return model
-
-
-def _states(model):
-    return [b.__dict__[block_graphs.STATE_ATTR] for b in model.modules() if block_graphs.STATE_ATTR in b.__dict__]
-
-
-def _train(model, batches, graphs: bool, mode: str = "plain"):
-    """Five AdamW steps; returns (losses, last gradients, parameters after)."""
-    lorakit.optimize(model, cuda_graphs=graphs)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    losses = []
-    for ids in batches:
-        if mode == "micro":  # gradients accumulated over two micro-batches
-            loss = sum(_backward(model(input_ids=part, labels=part).loss) for part in ids.split(1))
-        elif mode == "twice":  # two forwards, one backward: the second runs eagerly
-            loss = _backward(model(input_ids=ids, labels=ids).loss + model(input_ids=ids.flip(1), labels=ids).loss)
-        else:
-            loss = _backward(model(input_ids=ids, labels=ids).loss)
-        losses.append(float(loss))
-        grads = [p.grad.clone() for p in params]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return losses, grads, [p.detach().clone() for p in params]
-
-
-def _backward(loss):
-    loss.backward()
-    return loss.detach()
 
 
 @cuda
@@ -60,12 +33,12 @@ def test_replayed_steps_equal_eager_steps_bit_for_bit(tiny_llama, config, mode):
     batches = [torch.randint(0, 128, (2, 16), device="cuda", generator=g) for _ in range(5)]
     eager = _llama(copy.deepcopy(tiny_llama), "cuda", **config)
     graphed = _llama(tiny_llama, "cuda", **config)
-    want = _train(eager, batches, graphs=False, mode=mode)
-    got = _train(graphed, batches, graphs=True, mode=mode)
+    want = train_steps(eager, batches, mode, cuda_graphs=False)
+    got = train_steps(graphed, batches, mode, cuda_graphs=True)
     assert got[0] == want[0]
     assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
     assert all(torch.equal(a, b) for a, b in zip(got[2], want[2]))
-    states = _states(graphed)
+    states = graph_states(graphed)
     assert len(states) == 2 and all(s.refused is None for s in states)
     # the first call runs eagerly, the second is captured and replayed: plain 0 + 4 steps; micro-batches 1 + 2·4;
     # two forwards a step: step 1's second one, then each step's first one while the second runs eagerly
@@ -84,12 +57,12 @@ def test_a_4bit_base_replays_bit_for_bit(tiny_llama, config):
     for base in (copy.deepcopy(tiny_llama), tiny_llama):
         lorakit.quantize(base.to("cuda").float(), compute_dtype=torch.float32, block_size=32)
         models.append(_llama(base, "cuda", **config))
-    want = _train(models[0], batches, graphs=False)
-    got = _train(models[1], batches, graphs=True)
+    want = train_steps(models[0], batches, cuda_graphs=False)
+    got = train_steps(models[1], batches, cuda_graphs=True)
     assert got[0] == want[0]
     assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
     assert all(torch.equal(a, b) for a, b in zip(got[2], want[2]))
-    assert [s.replays for s in _states(models[1])] == [4, 4]
+    assert [s.replays for s in graph_states(models[1])] == [4, 4]
 
 
 @cuda
@@ -103,7 +76,7 @@ def test_dropout_draws_new_masks_each_replay_and_its_backward_uses_them(tiny_lla
         loss = model(input_ids=ids, labels=ids).loss
         grads.append(torch.autograd.grad(loss, params))
         losses.append(float(loss.detach()))
-    assert all(s.replays == 3 for s in _states(model))
+    assert all(s.replays == 3 for s in graph_states(model))
     assert len(set(losses[1:])) == 3  # same input and weights: new masks each replay
     assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for g in grads for t in g)
     assert not torch.equal(grads[-1][0], grads[-2][0])
@@ -116,11 +89,11 @@ def test_a_new_shape_is_captured_anew_and_unoptimize_removes_the_graphs(tiny_lla
     for length in (8, 8, 12, 12, 8):
         ids = torch.randint(0, 128, (2, length), device="cuda")
         model(input_ids=ids, labels=ids).loss.backward()
-    states = _states(model)
+    states = graph_states(model)
     assert [len([g for g in s.seen.values() if g is not None]) for s in states] == [2, 2]
     assert [s.replays for s in states] == [3, 3]  # 8 (second sight), 12 (second sight), 8 again
     lorakit.unoptimize(model)
-    assert not _states(model) and all("forward" not in m.__dict__ for m in model.model.layers)
+    assert not graph_states(model) and all("forward" not in m.__dict__ for m in model.model.layers)
 
 
 # --- host-side rules, on CPU --------------------------------------------------------------------------------

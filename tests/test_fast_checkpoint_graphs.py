@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.fast import block_graphs
+from graph_support import graph_states, train_steps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -22,37 +22,6 @@ def _llama(tiny_llama, nf4: bool = False, **config):
     torch.manual_seed(0)  # the adapters' initial A: the same in each copy
     lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **config))
     return model
-
-
-def _states(model):
-    return [b.__dict__[block_graphs.STATE_ATTR] for b in model.modules() if block_graphs.STATE_ATTR in b.__dict__]
-
-
-def _train(model, batches, mode: str = "plain", seeded: bool = False, **options):
-    """Five AdamW steps; returns (losses, last gradients, parameters after)."""
-    lorakit.optimize(model, **options)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    losses = []
-    for step, ids in enumerate(batches):
-        if seeded:
-            torch.manual_seed(100 + step)
-        if mode == "micro":  # gradients accumulated over two micro-batches
-            loss = sum(_backward(model(input_ids=part, labels=part).loss) for part in ids.split(1))
-        elif mode == "twice":  # two forwards, then one backward through both
-            loss = _backward(model(input_ids=ids, labels=ids).loss + model(input_ids=ids.flip(1), labels=ids).loss)
-        else:
-            loss = _backward(model(input_ids=ids, labels=ids).loss)
-        losses.append(float(loss))
-        grads = [p.grad.clone() for p in params]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return losses, grads, [p.detach().clone() for p in params]
-
-
-def _backward(loss):
-    loss.backward()
-    return loss.detach()
 
 
 def _batches():
@@ -81,11 +50,11 @@ def test_replayed_checkpointed_steps_equal_eager_checkpointed_steps_bit_for_bit(
     batches = _batches()
     eager = _llama(copy.deepcopy(tiny_llama), nf4, **config)
     graphed = _llama(tiny_llama, nf4, **config)
-    want = _train(eager, batches, mode, checkpoint=True)
+    want = train_steps(eager, batches, mode, checkpoint=True)
     counts = lorakit.optimize(graphed, checkpoint=True, cuda_graphs=True)
     assert counts["cuda_graphs"] == 2 and counts["checkpoint"] == 2
-    _assert_same(_train(graphed, batches, mode, checkpoint=True, cuda_graphs=True), want)
-    states = _states(graphed)
+    _assert_same(train_steps(graphed, batches, mode, checkpoint=True, cuda_graphs=True), want)
+    states = graph_states(graphed)
     assert all(s.refused is None for s in states) and states[0].pool.checkpointed
     # the first call runs eagerly, the second is captured and replayed: plain 0 + 4 steps; micro-batches 1 + 2·4;
     # two forwards a step: both replay (nothing of a forward waits in the pool)
@@ -102,10 +71,10 @@ def test_the_recompute_drops_what_the_forward_dropped(tiny_llama):
     batches = [_batches()[0]] * 5  # the same batch: the losses differ by their masks and the updates
     plain = _llama(copy.deepcopy(tiny_llama), lora_dropout=0.5, init_lora_weights=False)
     recomputed = _llama(tiny_llama, lora_dropout=0.5, init_lora_weights=False)
-    want = _train(plain, batches, seeded=True, cuda_graphs=True)
-    got = _train(recomputed, batches, seeded=True, checkpoint=True, cuda_graphs=True)
-    assert all(s.replays == 4 for s in _states(recomputed))
-    assert all(g.seeds for s in _states(recomputed) for g in s.seen.values() if g is not None)
+    want = train_steps(plain, batches, seeded=True, cuda_graphs=True)
+    got = train_steps(recomputed, batches, seeded=True, checkpoint=True, cuda_graphs=True)
+    assert all(s.replays == 4 for s in graph_states(recomputed))
+    assert all(g.seeds for s in graph_states(recomputed) for g in s.seen.values() if g is not None)
     # to float rounding (one run's losses differed by one unit in the last place from the fourth step on: the
     # two forms' products differ somewhere in their order)
     _assert_near(got, want)
@@ -117,9 +86,9 @@ def test_micro_batches_with_dropout_recompute_their_own_masks(tiny_llama):
     batches = _batches()
     plain = _llama(copy.deepcopy(tiny_llama), lora_dropout=0.5, init_lora_weights=False)
     recomputed = _llama(tiny_llama, lora_dropout=0.5, init_lora_weights=False)
-    want = _train(plain, batches, "micro", seeded=True, cuda_graphs=True)
-    got = _train(recomputed, batches, "micro", seeded=True, checkpoint=True, cuda_graphs=True)
-    assert all(s.replays == 9 for s in _states(recomputed))
+    want = train_steps(plain, batches, "micro", seeded=True, cuda_graphs=True)
+    got = train_steps(recomputed, batches, "micro", seeded=True, checkpoint=True, cuda_graphs=True)
+    assert all(s.replays == 9 for s in graph_states(recomputed))
     _assert_near(got, want)
 
 
@@ -137,7 +106,7 @@ def test_two_backwards_with_retain_graph_replay_the_recompute_twice(tiny_llama):
             loss.backward()
         grads.append([p.grad for p in params])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
-    assert all(s.replays == 2 for s in _states(model))
+    assert all(s.replays == 2 for s in graph_states(model))
 
 
 def test_optimize_in_two_calls_keeps_one_graph_form(tiny_llama):
@@ -146,7 +115,7 @@ def test_optimize_in_two_calls_keeps_one_graph_form(tiny_llama):
     model = _llama(tiny_llama)
     lorakit.optimize(model, checkpoint=True)
     assert lorakit.optimize(model, cuda_graphs=True)["cuda_graphs"] == 2
-    assert all(s.pool.checkpointed for s in _states(model))
+    assert all(s.pool.checkpointed for s in graph_states(model))
     lorakit.unoptimize(model)
     lorakit.optimize(model, cuda_graphs=True)
     with pytest.raises(ConfigError, match="unoptimize"):  # checkpointing would sit beneath the graphs' patch
@@ -164,7 +133,7 @@ def test_a_block_that_draws_from_torchs_generator_runs_eagerly(tiny_llama):
     ids = _batches()[0]
     for _ in range(3):
         model(input_ids=ids, labels=ids).loss.backward()
-    states = _states(model)
+    states = graph_states(model)
     assert all("CUDA generator" in s.refused and s.replays == 0 for s in states)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
@@ -177,6 +146,6 @@ def test_a_4bit_base_graph_keeps_the_scratch_buffer_it_writes(tiny_llama):
     ids = _batches()[0]
     for _ in range(2):
         model(input_ids=ids, labels=ids).loss.backward()
-    graph = next(g for g in _states(model)[0].seen.values() if g is not None)
+    graph = next(g for g in graph_states(model)[0].seen.values() if g is not None)
     kept = {t.data_ptr() for t in graph.kept_buffers}
     assert kept and kept <= {t.data_ptr() for t in scratch.held()}

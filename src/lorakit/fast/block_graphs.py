@@ -311,6 +311,15 @@ def _record(graph: _Graph, pool: Pool, call, backward) -> None:
                            "model") from error
 
 
+def copied_outputs(ctx, graph) -> tuple:
+    """A replay's outputs for its caller: copies of the graph's static outputs (plain values as they are), those
+    that carry no gradient marked so."""
+    outs = tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in graph.outputs)
+    ctx.mark_non_differentiable(*(o for o, d in zip(outs, graph.differentiable)
+                                  if isinstance(o, torch.Tensor) and not d))
+    return outs
+
+
 class _Replay(torch.autograd.Function):
     """A graph's forward and backward as one autograd node over the call's tensors and the trained params."""
 
@@ -325,10 +334,7 @@ class _Replay(torch.autograd.Function):
         token = ctx.token = _Token()
         graph.pool.waiting[graph.fwd_rank] = weakref.ref(token)
         ctx.graph = graph
-        outs = tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in graph.outputs)
-        ctx.mark_non_differentiable(*(o for o, d in zip(outs, graph.differentiable)
-                                      if isinstance(o, torch.Tensor) and not d))
-        return outs
+        return copied_outputs(ctx, graph)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

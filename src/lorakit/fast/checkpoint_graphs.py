@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import LorakitError
-from .block_graphs import STATE_ATTR, graph_for_call, no_collection, stand_ins, wide_marks
+from .block_graphs import STATE_ATTR, copied_outputs, graph_for_call, no_collection, stand_ins, wide_marks
 from .checkpoint import RUN_PLAIN, block_state
 from .dropout import seed_tape
 from .thread_scope import SINGLE_BACKWARD
@@ -211,10 +211,7 @@ class _ReplayRecomputed(torch.autograd.Function):
         ctx.graph = graph
         ctx.set_materialize_grads(False)  # an output no gradient reaches: None, a zeroed static below
         ctx.save_for_backward(*tensors)  # the block's input, as checkpoint=True keeps it (version-checked)
-        outs = tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in graph.outputs)
-        ctx.mark_non_differentiable(*(o for o, d in zip(outs, graph.differentiable)
-                                      if isinstance(o, torch.Tensor) and not d))
-        return outs
+        return copied_outputs(ctx, graph)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
