@@ -51,12 +51,13 @@ def draw_seed(device: Optional[torch.device] = None) -> Union[int, torch.Tensor]
     if device is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         tape = getattr(_TAPE, "seeds", None)
         if tape is not None and _TAPE.replay:  # a recompute's capture: the forward graph's seeds again, in order
-            if _TAPE.at >= len(tape):
-                raise RuntimeError("lorakit: a block's recompute drew more dropout seeds than its forward")
             _TAPE.at += 1
-            return tape[_TAPE.at - 1]
+            if _TAPE.at <= len(tape):
+                return tape[_TAPE.at - 1]
+            # more draws than the forward's: the capture goes on (raising would leave it unfinished), and the
+            # count it ends with makes checkpoint_graphs.py refuse these graphs
         seed = torch.randint(2**62, 2**63 - 1, (1,), device=device, dtype=torch.int64)
-        if tape is not None:
+        if tape is not None and not _TAPE.replay:
             tape.append(seed)
         return seed
     return int(torch.randint(2**62, 2**63 - 1, ()))
@@ -69,8 +70,8 @@ _TAPE = threading.local()  # seed_tape's list while one is entered on this threa
 def seed_tape(seeds: list, replay: bool):
     """While a checkpointed block's graphs are captured (checkpoint_graphs.py): the forward's capture appends each
     seed tensor it draws to `seeds` (replay=False); the recompute's capture takes them again in the same order
-    (replay=True), so forward and recompute drop the same elements. Yields a function giving how many were
-    taken. (A tape with a position, not thread_scope's plain flag: draw_seed, several calls down, needs both.)"""
+    (replay=True), so forward and recompute drop the same elements. Yields a function giving how many the
+    recompute asked for (more than were recorded: fresh draws). (A tape with a position, not thread_scope's plain flag: draw_seed, several calls down, needs both.)"""
     _TAPE.seeds, _TAPE.replay, _TAPE.at = seeds, replay, 0
     try:
         yield lambda: _TAPE.at
