@@ -104,6 +104,10 @@ def test_options_are_checked_and_a_cpu_model_gets_no_graphs(tiny_llama):
     with pytest.raises(ConfigError, match="tile_mlp"):
         lorakit.optimize(model, cuda_graphs=True, checkpoint=True, tile_mlp=64)
     assert "forward" not in model.model.layers[0].__dict__  # refused before anything changed
+    lorakit.optimize(model, checkpoint=True, tile_mlp=64)
+    with pytest.raises(ConfigError, match="tile_mlp"):  # tiled by the call before
+        lorakit.optimize(model, cuda_graphs=True)
+    lorakit.unoptimize(model)
     with pytest.raises(ConfigError):
         lorakit.optimize(model, cuda_graphs="yes")
     assert lorakit.optimize(model, cuda_graphs=True)["cuda_graphs"] == 0

@@ -34,12 +34,11 @@ checkpoint_graphs.py's form for checkpointed blocks shares):
   than the output (output_* flags, transformers recording layer outputs); arguments other than tensors and plain
   values; a block with a weight source that cannot write its dense weight into a buffer (bitsandbytes'
   Linear4bit: its fused calls take the reference path), FSDP2 parameters, forward hooks, routed (per_row) layers
-  or a sequence-tiled MLP (optimize's tile_mlp: its tiles read the generator's state); a block that wrote an input
-  in place or returned something other than tensors in its first call (graph_signature.py: the signature). A
-  4-bit base with lorakit's NF4 dequantises into scratch.py's buffer inside each graph; the graph keeps the
-  buffer it captured. A capture that fails (an op that synchronises with the host
-  inside the block) raises a LorakitError: torch's CUDA generator and allocator are left mid-capture, so the
-  process cannot go on with that model.
+  or a sequence-tiled MLP (optimize's tile_mlp: its tiles read the generator's state) (graph_signature.py); a
+  block that wrote an input in place or returned something other than tensors in its first call. A 4-bit base
+  with lorakit's NF4 dequantises into scratch.py's buffer inside each graph; the graph keeps the buffer it
+  captured. A capture that fails (an op that synchronises with the host inside the block) raises a LorakitError:
+  torch's CUDA generator and allocator are left mid-capture, so the process cannot go on with that model.
 - Randomness: torch's CUDA generator is graph-safe (each replay draws new numbers). lorakit's in-kernel dropout
   masks take a seed drawn on the host outside graphs; while capturing, the fused linear draws it into a device
   tensor with that generator instead, and the kernels read it there (dropout.draw_seed): every replay gets new

@@ -16,9 +16,10 @@ Each replay copies the call's tensors into static inputs; the forward graph copi
 outputs and its replay returns copies; the autograd node keeps the call's tensors (the block input, as
 checkpoint=True keeps it) and its backward copies them in again with the output gradients, replays, and returns
 copies of the gradients. The static inputs, outputs and gradients of the same role and shape are one tensor
-shared by every block of the model, and nothing a graph computes lives past its replay: the pool holds one
-block's recompute and backward at a time, which an eager step needs at its peak too. So graphs may replay in any
-order, and a forward may run twice before its backwards (a sequence-tiled MLP runs eagerly: graph_signature.py).
+shared by every block of the model, and nothing a graph computes lives past its replay but its few dropout seeds
+(below): the pool holds one block's recompute and backward at a time, which an eager step needs at its peak too.
+So graphs may replay in any order, and a forward may run twice before its backwards (a sequence-tiled MLP runs
+eagerly: graph_signature.py).
 Dropout: lorakit's in-kernel masks take their seeds from device tensors the forward graph draws
 (dropout.draw_seed); the recompute's capture reads the same tensors (dropout.seed_tape), and each replay keeps a
 copy of its seeds for its backward, so the recompute drops what the forward dropped. A block that draws from
@@ -85,7 +86,7 @@ def checkpointed_graphed_forward(block: nn.Module, original, *args, **kwargs):
 
 def _shared(pool, role: str, index: int, like: torch.Tensor) -> torch.Tensor:
     """The model's static tensor for (role, index) in like's shape, dtype, device and strides (made outside any
-    capture, once)."""
+    capture; kept while a graph holds it)."""
     key = (role, index, tuple(like.shape), like.stride(), like.dtype, like.device)
     static = pool.statics.get(key)  # (a weak mapping: the graphs that hold a static keep it)
     if static is None:
@@ -160,7 +161,8 @@ def _capture(state, block: nn.Module, original, leaves: list, spec):
 
 
 def _record(graph: _Graph, call, recompute_and_backward, params: list) -> bool:
-    """Capture both graphs; their results go into the shared statics, so the pool keeps nothing of theirs.
+    """Capture both graphs; their results go into the shared statics, so the pool keeps nothing of theirs but the
+    forward's dropout seeds.
     Returns False when the recompute drew another number of dropout seeds than the forward (the graphs are then
     not used: the block runs eagerly)."""
     pool = graph.pool
@@ -187,11 +189,12 @@ def _record(graph: _Graph, call, recompute_and_backward, params: list) -> bool:
                 else:
                     graph.param_grads[k].copy_(g)
             del grads
+            asked = taken()
     except Exception as error:  # torch's generator and allocator are left mid-capture
         raise LorakitError(f"capturing a checkpointed block as CUDA graphs failed ({type(error).__name__}: "
                            f"{str(error).splitlines()[0][:200]}); use optimize(model, cuda_graphs=False) for this "
                            "model") from error
-    return taken() == len(graph.seeds)
+    return asked == len(graph.seeds)
 
 
 class _ReplayRecomputed(torch.autograd.Function):

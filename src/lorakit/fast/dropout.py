@@ -71,7 +71,8 @@ def seed_tape(seeds: list, replay: bool):
     """While a checkpointed block's graphs are captured (checkpoint_graphs.py): the forward's capture appends each
     seed tensor it draws to `seeds` (replay=False); the recompute's capture takes them again in the same order
     (replay=True), so forward and recompute drop the same elements. Yields a function giving how many the
-    recompute asked for (more than were recorded: fresh draws). (A tape with a position, not thread_scope's plain flag: draw_seed, several calls down, needs both.)"""
+    recompute asked for (more than were recorded: fresh draws). A tape with a position, not thread_scope's plain
+    flag: draw_seed, several calls down, needs both."""
     _TAPE.seeds, _TAPE.replay, _TAPE.at = seeds, replay, 0
     try:
         yield lambda: _TAPE.at

@@ -15,7 +15,7 @@ PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)  # values
 
 
 def signature(block: nn.Module, leaves: list, spec):
-    """What a replay must match (module docstring), or None where the block cannot run from a graph."""
+    """What a replay must match (block_graphs.py's docstring), or None where the block cannot run from a graph."""
     parts = [spec, autocast_state(torch.device("cuda")), triton_gate.enabled(), torch.get_float32_matmul_precision(),
              torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
              torch.are_deterministic_algorithms_enabled()]

@@ -59,6 +59,7 @@ from . import block_graphs, checkpoint_graphs
 from . import cpu_heap as heap
 from . import families
 from .checkpoint import OTHER_FORM_ATTR, OVERLAP_ATTR, checkpointed_forward
+from .families import TILE_ATTR
 from .lora_linear import lora_linear_fast_path
 from .report import fusion_report, log_report
 
@@ -133,16 +134,19 @@ def _check_graph_forms(model: nn.Module, checkpoint: Union[bool, str], cuda_grap
                           "copies to host memory run on a side stream, outside any graph)")
     if cuda_graphs and checkpoint == "offload":
         raise offload
-    if cuda_graphs and tile_mlp:
-        raise ConfigError("cuda_graphs=True does not take tile_mlp (its tiles read the generator's state, which a "
-                          "capture forbids): leave tile_mlp off")
-    for block in checkpoint_units(model) if (cuda_graphs or checkpoint) else ():
+    blocks = checkpoint_units(model)
+    for block in blocks if (cuda_graphs or checkpoint) else ():
         mode = block.__dict__.get(CHECKPOINT_MODE_ATTR, False)
         if checkpoint and not mode and is_patched(block, GRAPHS_SLOT):
             raise ConfigError("the blocks already replay from CUDA graphs without checkpointing: call "
                               "lorakit.unoptimize(model), then optimize with both checkpoint and cuda_graphs")
         if cuda_graphs and mode == "offload":
             raise offload
+    tiled = any(m.__dict__.get(TILE_ATTR) for m in model.modules())  # by an earlier call
+    graphed = any(is_patched(b, GRAPHS_SLOT) for b in blocks)
+    if (cuda_graphs and (tile_mlp or tiled)) or (tile_mlp and graphed):
+        raise ConfigError("cuda_graphs=True does not take tile_mlp (its tiles read the generator's state, which a "
+                          "capture forbids): leave tile_mlp off, or unoptimize(model) first")
 
 
 def _install_checkpointing(model: nn.Module, mode: Union[bool, str]) -> int:

@@ -39,5 +39,6 @@ class ThreadScope:
 
 # Entered by fast/checkpoint.py around a block's recompute (the forward that builds the graph its backward then runs
 # once and drops), and by fast/checkpoint_graphs.py around the recompute it captures, so an op recorded there may
-# write its gradients over the activations it saved (swiglu.py, lora_linear.py). families.py leaves it for a gated MLP whose projections have forward hooks.
+# write its gradients over the activations it saved (swiglu.py, lora_linear.py). families.py leaves it for a gated
+# MLP whose projections have forward hooks.
 SINGLE_BACKWARD = ThreadScope()

@@ -207,10 +207,11 @@ def _accumulate(run: _Training, forward, micro: list[dict[str, torch.Tensor]], o
         run.slots_done += batch["input_ids"].numel()
         batch = {key: v.to(device) for key, v in dist.own_rows(batch).items()}
         with dist.grad_sync(last=k == len(micro) - 1):
-            # without the cast cache under --cuda-graphs: a block captured with a cached cast would replay that
-            # cast, never the updated weights', so block_graphs runs such calls eagerly
+            # without the cast cache under --cuda-graphs on a GPU: a block captured with a cached cast would replay
+            # that cast, never the updated weights', so block_graphs runs such calls eagerly
+            graphs = getattr(options, "cuda_graphs", False) and device.type == "cuda"
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.bf16,
-                                cache_enabled=not getattr(options, "cuda_graphs", False)):
+                                cache_enabled=False if graphs else None):
                 total, loss = _micro_loss(run, forward, batch, n_targets, options.grad_accum, dist.world_size)
             loss.backward()
         own_loss += float(total.detach()) / max(1, n_targets)
