@@ -202,14 +202,14 @@ def _accumulate(run: _Training, forward, micro: list[dict[str, torch.Tensor]], o
     returns the step's loss over all ranks (mean over the step's labelled targets)."""
     n_targets = sum(_count_targets(b, options.task) for b in micro)  # the step's loss is a mean over these
     own_loss = 0.0
+    # without the cast cache under --cuda-graphs on a GPU: a block captured with a cached cast would replay that
+    # cast, never the updated weights', so block_graphs runs such calls eagerly
+    graphs = getattr(options, "cuda_graphs", False) and device.type == "cuda"
     for k, batch in enumerate(micro):
         run.tokens_done += real_tokens(batch)  # every rank holds the whole micro-batch
         run.slots_done += batch["input_ids"].numel()
         batch = {key: v.to(device) for key, v in dist.own_rows(batch).items()}
         with dist.grad_sync(last=k == len(micro) - 1):
-            # without the cast cache under --cuda-graphs on a GPU: a block captured with a cached cast would replay
-            # that cast, never the updated weights', so block_graphs runs such calls eagerly
-            graphs = getattr(options, "cuda_graphs", False) and device.type == "cuda"
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.bf16,
                                 cache_enabled=False if graphs else None):
                 total, loss = _micro_loss(run, forward, batch, n_targets, options.grad_accum, dist.world_size)
