@@ -27,7 +27,9 @@ def hashed(monkeypatch):
 
 @pytest.fixture(params=["kept", "kept_row_blocks", "redrawn"])
 def keep(request, monkeypatch):
-    """Masks kept from forward (backward in one row block, or in blocks of two rows), or drawn again."""
+    """Masks kept from forward (backward in one row block, or in blocks of two rows), or drawn again; always by
+    the torch ops (the compiled kernels are held to them in tests/test_fast_dropout_native.py)."""
+    monkeypatch.setenv("LORAKIT_NATIVE", "0")
     monkeypatch.setattr(dh, "KEEP_MASKS", request.param != "redrawn")
     if request.param == "kept_row_blocks":
         monkeypatch.setattr(dh, "CHUNK_WORDS", 72)  # 2·72 words per block over 3 terms of 24 columns: 2 rows
