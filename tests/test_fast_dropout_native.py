@@ -105,14 +105,17 @@ def test_nothing_of_the_inputs_size_is_kept_for_backward(monkeypatch):
     assert [t.shape for t in big] == [x.shape] and big[0].dtype == torch.float32  # x once, no masks
 
 
-def test_off_or_unbuildable_the_torch_ops_run_and_say_why(monkeypatch, tmp_path):
+def test_off_or_unbuildable_the_torch_ops_run_and_say_why(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("LORAKIT_NATIVE", "0")
     assert dropout_native.library() is None and dropout_native.why_not() == "LORAKIT_NATIVE=0"
+    assert not caplog.records
     monkeypatch.setenv("LORAKIT_NATIVE", "1")
     monkeypatch.setattr(dropout_native, "_STATE", {})
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a compiler that fails
     assert dropout_native.library() is None and "CalledProcessError" in dropout_native.why_not()
+    assert dropout_native.library() is None and len(caplog.records) == 1  # said once, not per call
+    assert "torch ops" in caplog.records[0].getMessage() and caplog.records[0].levelname == "WARNING"
     model = _model(24, 16, 8, 4)
     x = torch.randn(5, 24, requires_grad=True)
     outs = fused_linears(x, (model.q, model.k, model.v))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import subprocess
@@ -101,6 +102,9 @@ def library() -> Optional[ctypes.CDLL]:
             except (OSError, subprocess.SubprocessError) as exc:
                 detail = getattr(exc, "stderr", None) or str(exc)
                 _STATE["lib"], _STATE["why"] = None, f"{type(exc).__name__}: {detail.strip()[:300]}"
+                logging.getLogger("lorakit.fast").warning(
+                    "lorakit: CPU lora_dropout runs on torch ops (2-4x slower for its terms): the C kernel was not "
+                    "built (%s); LORAKIT_NATIVE=0 silences this", _STATE["why"])
     return _STATE["lib"]
 
 
