@@ -5,6 +5,7 @@ many, one thread or three; nothing of x's size is kept for backward; with LORAKI
 torch ops run and say why."""
 
 import os
+import platform
 import shutil
 
 import pytest
@@ -25,6 +26,16 @@ pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None
 def hashed(monkeypatch):
     monkeypatch.setitem(fast_dropout.MASK_SOURCE, "cpu", "hash")
     monkeypatch.delenv("LORAKIT_NATIVE", raising=False)
+
+
+@pytest.fixture
+def built():
+    """The library; a CPU without the ISA the kernels are tuned for skips (any other failure fails)."""
+    lib = dropout_native.library()
+    if lib is None and "AVX2" in (dropout_native.why_not() or ""):
+        pytest.skip(dropout_native.why_not())
+    assert lib is not None, dropout_native.why_not()
+    return lib
 
 
 def _model(n_in: int, q_out: int, kv_out: int, rank: int) -> Siblings:
@@ -59,7 +70,8 @@ def _run(model, x, native: bool, monkeypatch, norm=None):
     (300, 441, 12, 20, 8, 2),     # 132,300 elements per term: two key blocks
 ])
 @pytest.mark.parametrize("x_grad", [True, False], ids=["dx", "no_dx"])
-def test_compiled_kernels_equal_the_torch_ops(monkeypatch, rows, n_in, q_out, kv_out, rank, threads, x_grad):
+def test_compiled_kernels_equal_the_torch_ops(built, monkeypatch, rows, n_in, q_out, kv_out, rank, threads,
+                                              x_grad):
     model = _model(n_in, q_out, kv_out, rank)
     x = torch.randn(rows, n_in, requires_grad=x_grad)
     torch.set_num_threads(threads)
@@ -73,7 +85,7 @@ def test_compiled_kernels_equal_the_torch_ops(monkeypatch, rows, n_in, q_out, kv
         assert a.shape == b.shape and rel_norm(a, b) <= 1e-5
 
 
-def test_an_rms_norm_recipe_in_fp32_equals_the_torch_ops(monkeypatch):
+def test_an_rms_norm_recipe_in_fp32_equals_the_torch_ops(built, monkeypatch):
     model = _model(40, 16, 8, 4)
     raw = torch.randn(3, 11, 40, requires_grad=True)
     norm_w = torch.randn(40) / 3
@@ -84,7 +96,7 @@ def test_an_rms_norm_recipe_in_fp32_equals_the_torch_ops(monkeypatch):
 
 
 @pytest.mark.parametrize("p", [0.3, 0.999995, 1e-6], ids=["p0.3", "p_rounds_to_1", "p_rounds_to_0"])
-def test_the_masks_are_the_hash_masks_bit_for_bit(p):
+def test_the_masks_are_the_hash_masks_bit_for_bit(built, p):
     rows, k, seed, stream = 30001, 5, 2**62 + 777, 4  # 150,005 elements: three key blocks, odd rows
     x = torch.ones(rows, k)
     params = [torch.eye(k)]  # A = I: h = m ⊙ x / (1 − p) = m / (1 − p)
@@ -97,7 +109,7 @@ def test_the_masks_are_the_hash_masks_bit_for_bit(p):
     assert abs(want.mean().item() - round(1 - p, 1)) < 0.02
 
 
-def test_nothing_of_the_inputs_size_is_kept_for_backward(monkeypatch):
+def test_nothing_of_the_inputs_size_is_kept_for_backward(built, monkeypatch):
     model = _model(24, 16, 8, 4)
     x = torch.randn(40, 24, requires_grad=True)
     outs = fused_linears(x, (model.q, model.k, model.v))
@@ -124,9 +136,18 @@ def test_off_or_unbuildable_the_torch_ops_run_and_say_why(monkeypatch, tmp_path,
     assert list(tmp_path.rglob("*")) in ([], [tmp_path / "native"])  # no half-built library left behind
 
 
-def test_a_fresh_build_lands_whole_under_the_cache(monkeypatch, tmp_path):
+def test_a_fresh_build_lands_whole_under_the_cache(built, monkeypatch, tmp_path):
     monkeypatch.setattr(dropout_native, "_STATE", {})
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
     assert dropout_native.library() is not None, dropout_native.why_not()
-    built = sorted(p.name for p in (tmp_path / "native").iterdir())
-    assert len(built) == 1 and built[0].startswith("dropout_hash-") and built[0].endswith(".so")
+    files = sorted(p.name for p in (tmp_path / "native").iterdir())
+    assert len(files) == 1 and files[0].startswith("dropout_hash-") and files[0].endswith(".so")
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="an x86 build without AVX2")
+def test_a_build_without_avx2_is_refused(monkeypatch, tmp_path):
+    flags = [f for f in dropout_native._flags() if not f.startswith(("-march", "-mprefer"))]
+    monkeypatch.setattr(dropout_native, "_flags", lambda: [*flags, "-march=x86-64"])  # SSE2 only
+    monkeypatch.setattr(dropout_native, "_STATE", {})
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    assert dropout_native.library() is None and "AVX2" in dropout_native.why_not()

@@ -13,7 +13,7 @@
  *             dA_t[j,k] = Σ_n g[t·r + j, n]·rstd[n]·m_t[n,k]·x[n,k]            (unscaled; the caller scales)
  * Threads are OpenMP's: built with -fopenmp, the library binds to the libgomp that torch already loaded (one
  * soname), so its parallel regions run on torch's own warm threads instead of competing with them for the cores.
- * Vectors are GCC/Clang vector extensions (16 floats), lowered to whatever SIMD -march=native has. */
+ * Vectors are GCC/Clang vector extensions, lowered to whatever SIMD -march=native has. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,24 +22,30 @@
 #define M1 0x7FEB352Du
 #define M2 0x846CA68Bu
 #define WORD_BLOCK_SHIFT 16  /* words under one pair of keys: dropout_hash.BLOCK_WORDS */
-#define VL 16                /* floats per vector */
 #define RP 8                 /* ranks are padded to a multiple of this */
 #define RB 4                 /* rows per forward step (they share each load of A) */
 #define BR 16                /* rows per backward block */
+/* One vector is one machine register where the ISA has 32 of them: with AVX-512, 16 floats and RB·RG = 16
+ * forward accumulators; elsewhere (AVX2's 16 registers, NEON) 8 floats and 8 accumulators, so that backward's RP
+ * dA accumulators and forward's groups fit without spilling (64-byte vectors on AVX2 ran backward 2.3x slower
+ * than the torch ops). */
 #ifdef __AVX512F__
-#define RG 4                 /* ranks per forward register group: RB·RG accumulators */
+#define VL 16                /* floats per vector */
+#define RG 4                 /* ranks per forward register group */
 #else
+#define VL 8
 #define RG 2
 #endif
-typedef float vf __attribute__((vector_size(64)));
-typedef float vh __attribute__((vector_size(32)));
+typedef float vf __attribute__((vector_size(VL * 4)));
 typedef float vq __attribute__((vector_size(16)));
 
 static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
-static inline float vsum(vf v) {  /* a tree: 16 → 8 → 4 lanes, then scalars */
-    vh a, b; memcpy(&a, &v, 32); memcpy(&b, (char *)&v + 32, 32); a += b;
-    vq c, d; memcpy(&c, &a, 16); memcpy(&d, (char *)&a + 16, 16); c += d;
+static inline float vsum(vf v) {  /* a tree: halves added down to 4 lanes, then scalars */
+    float lanes[VL]; memcpy(lanes, &v, sizeof v);
+    for (int w = VL / 2; w >= 4; w /= 2)
+        for (int i = 0; i < w; i++) lanes[i] += lanes[i + w];
+    vq c; memcpy(&c, lanes, 16);
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
@@ -277,4 +283,14 @@ int lk_drop_back(const float *x, int64_t N, int64_t K, int T, int r, const float
     }
     free(all);
     return 0;
+}
+
+/* 1 where the build has the vector ISA these loops were measured on (AVX2 or AVX-512): with SSE2 alone their
+ * backward ran 1.9x slower than the torch ops; NEON is not measured yet. */
+int lk_tuned(void) {
+#if defined(__AVX2__) && defined(__FMA__)
+    return 1;
+#else
+    return 0;
+#endif
 }

@@ -12,8 +12,9 @@ torch's own warm threads: pthreads of its own shared the second core with torch'
 The source is compiled once per machine with the system's C compiler (`$CC`, else `cc`; -O3 -march=native
 -fopenmp) into $LORAKIT_CACHE/native (default ~/.cache/lorakit/native), under a name that hashes the source, the
 flags, the compiler's version and the CPU's feature flags, written to a temporary file and renamed into place.
-Where that fails (no compiler or no OpenMP, another OS), or with LORAKIT_NATIVE=0, `library()` is None and
-dropout_hash.py runs its torch ops; `why_not()` says why.
+Where that fails (no compiler or no OpenMP, another OS, a CPU without AVX2: the loops are measured on AVX2 and
+AVX-512 only), or with LORAKIT_NATIVE=0, `library()` is None and dropout_hash.py runs its torch ops; `why_not()`
+says why, and a warning says it once.
 """
 
 from __future__ import annotations
@@ -86,8 +87,10 @@ def _build() -> ctypes.CDLL:
     p, i64, u64, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int, ctypes.c_float
     lib.lk_drop_down.argtypes = [p, i64, i64, i, i, p, p, i64, i64, u64, i64, i, f, i]
     lib.lk_drop_back.argtypes = [p, i64, i64, i, i, p, p, i64, i64, p, p, p, u64, i64, i, f, i]
-    for fn in (lib.lk_drop_down, lib.lk_drop_back):
+    for fn in (lib.lk_drop_down, lib.lk_drop_back, lib.lk_tuned):
         fn.restype = ctypes.c_int
+    if not lib.lk_tuned():
+        raise OSError("the C kernel is tuned for AVX2 or AVX-512, which this CPU lacks: the torch ops are faster")
     return lib
 
 
@@ -103,8 +106,8 @@ def library() -> Optional[ctypes.CDLL]:
                 detail = getattr(exc, "stderr", None) or str(exc)
                 _STATE["lib"], _STATE["why"] = None, f"{type(exc).__name__}: {detail.strip()[:300]}"
                 logging.getLogger("lorakit.fast").warning(
-                    "lorakit: CPU lora_dropout runs on torch ops (2-4x slower for its terms): the C kernel was not "
-                    "built (%s); LORAKIT_NATIVE=0 silences this", _STATE["why"])
+                    "lorakit: CPU lora_dropout runs on torch ops, not the C kernel (%s); LORAKIT_NATIVE=0 silences "
+                    "this", _STATE["why"])
     return _STATE["lib"]
 
 
