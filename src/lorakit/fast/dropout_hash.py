@@ -29,9 +29,10 @@ int8 cast), dx += ((gH_tᵀ·A_t) ⊙ m_t)/(1 − p) (one addcmul_), dA_t = gH_t
 lora_grads.grad_a (an RMSNorm recipe's x is its input, rescaled as there). With KEEP_MASKS off nothing of x's
 size is kept and backward draws the masks again from the seed (slower: the hash is the path's main cost).
 
-Where fp32 tensors meet a built C kernel (dropout_native.py, the usual case on Linux), both directions run there
-instead: the same masks bit for bit, drawn again in backward (nothing of x's size kept; KEEP_MASKS concerns the
-torch ops alone), 2.3-4.3x faster than these ops on the 2-core box; LORAKIT_NATIVE=0 keeps the torch ops.
+Where fp32 tensors meet a built C kernel (dropout_native.py: Linux with a C compiler, an AVX2 CPU), both
+directions run there instead: the same masks bit for bit, drawn again in backward (nothing of x's size kept;
+KEEP_MASKS concerns the torch ops alone); on the 2-core box forward 3-4.4x and backward 1.7-2.3x faster than these
+ops (BENCHMARKS.md). LORAKIT_NATIVE=0 keeps the torch ops.
 """
 
 from __future__ import annotations
