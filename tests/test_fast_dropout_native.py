@@ -51,8 +51,13 @@ def _model(n_in: int, q_out: int, kv_out: int, rank: int) -> Siblings:
 
 
 def _run(model, x, native: bool, monkeypatch, norm=None):
-    """(outputs, grads of x (when it requires them) and of every trainable parameter) of one seeded call."""
+    """(outputs, grads of x (when it requires them) and of every trainable parameter) of one seeded call; with
+    native, both directions must have run in the compiled kernels."""
     monkeypatch.setenv("LORAKIT_NATIVE", "1" if native else "0")
+    calls = []
+    for name in ("run_down", "run_back"):
+        real = getattr(dropout_native, name)
+        monkeypatch.setattr(dropout_native, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     layers = (model.q, model.k, model.v)
     params = [p for p in model.parameters() if p.requires_grad]
     torch.manual_seed(7)
@@ -61,7 +66,9 @@ def _run(model, x, native: bool, monkeypatch, norm=None):
     g = torch.Generator().manual_seed(1)
     cot = [torch.randn(o.shape, generator=g) for o in outs]
     wrt = [x, *params] if x.requires_grad else params
-    return outs, torch.autograd.grad(outs, wrt, cot)
+    grads = torch.autograd.grad(outs, wrt, cot)
+    assert calls == (["run_down", "run_back"] if native else [])
+    return outs, grads
 
 
 @pytest.mark.parametrize("rows, n_in, q_out, kv_out, rank, threads", [
