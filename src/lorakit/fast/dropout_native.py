@@ -59,7 +59,9 @@ def _cpu_flags() -> str:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit") / "native"
+    from ..loading.models import cache_root  # the one definition of lorakit's cache; imported at build time only
+
+    return cache_root() / "native"
 
 
 def _build() -> ctypes.CDLL:
@@ -146,8 +148,7 @@ def run_down(x2, h, col: int, r: int, p: float, a_idx, stream: int, params, seed
     status = library().lk_drop_down(x2.data_ptr(), n, k, len(a_idx), r, _a_pointers(params, a_idx), hv.data_ptr(),
                                     hv.stride(0), hv.stride(1), seed & _M64, stream, cut, 1.0 / (1.0 - p),
                                     torch.get_num_threads())
-    if status != 0:
-        raise MemoryError("lorakit: the CPU dropout kernel could not allocate its scratch buffers")
+    _check(status)
 
 
 def run_back(x2, rstd, g, dx2, r: int, p: float, a_idx, stream: int, params, need_a, seed: int,
@@ -170,6 +171,10 @@ def run_back(x2, rstd, g, dx2, r: int, p: float, a_idx, stream: int, params, nee
                                     g.stride(0), g.stride(1), None if dx2 is None else dx2.data_ptr(),
                                     None if rstd is None else rstd.data_ptr(), None if da is None else da.data_ptr(),
                                     seed & _M64, stream, cut, 1.0 / (1.0 - p), torch.get_num_threads())
-    if status != 0:
-        raise MemoryError("lorakit: the CPU dropout kernel could not allocate its scratch buffers")
+    _check(status)
     return da
+
+
+def _check(status: int) -> None:
+    if status != 0:  # the kernels allocate everything before writing anything
+        raise MemoryError("lorakit: the CPU dropout kernel could not allocate its scratch buffers")
