@@ -89,9 +89,9 @@ def test_tiled_mlp_module_equals_untiled_including_lora_factor_grads(tiny_llama)
     seen = []
     real = families._gated_mlp
 
-    def spy(module, kind, x):
+    def spy(module, kind, x, unread):
         seen.append(x.shape[0] if x.dim() == 2 else x.shape[:-1].numel())
-        return real(module, kind, x)
+        return real(module, kind, x, unread)
 
     x = torch.randn(1, 33, 64, requires_grad=True)
     dout = torch.randn(1, 33, 64)

@@ -35,7 +35,9 @@ instead (on the device, in both modes), since it carries every gradient, where t
 - hands out more than it returns (router logits recorded for a MoE's auxiliary loss, recorded hidden states), or
 - returns neither a tensor nor a tuple or list that starts with one (known after its first call).
 The recompute runs inside thread_scope.SINGLE_BACKWARD: its graph runs one backward and is dropped, so the SwiGLU and
-the down projection there write their gradients over activations only they read (swiglu.py, lora_linear.py).
+the down projection there write their gradients over activations only they read (swiglu.py, lora_linear.py). It
+names its block (thread_scope.RECOMPUTED_BLOCK): a Llama-form layer's down projection, whose output only the
+block's residual addition reads, then skips its base product (families.py).
 A cache that already holds keys (a prefix the block attends to) runs the block unchecked. A block whose adapters
 changed between forward and backward (a per_row block left, adapters switched) raises at its recompute.
 """
@@ -51,7 +53,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..core.adapted import AdaptedLayer
 from .scratch import kept_dense
-from .thread_scope import SINGLE_BACKWARD, ThreadScope
+from .thread_scope import RECOMPUTED_BLOCK, SINGLE_BACKWARD, ThreadScope
 from .block_args import at_slots, grad_slots, tensors_of, with_args, with_tensors, without_caches
 
 try:  # a sharded parameter (FSDP2) is one
@@ -300,8 +302,8 @@ def _recompute_and_backprop(ctx, hidden: torch.Tensor, extras, douts: tuple, fir
     extras = [e.detach().requires_grad_(True) for e in extras]  # leaves: each backward (retain_graph) gets its own
     with kept_dense(keep_dense):  # through the backward's own recomputes too
         with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []), torch.enable_grad(), \
-                _autocast(ctx.autocast), SINGLE_BACKWARD.entered():  # this graph runs one backward (below), then goes
-            restore_device_rng(ctx.device, ctx.rng)
+                _autocast(ctx.autocast), SINGLE_BACKWARD.entered(), RECOMPUTED_BLOCK.holding(ctx.run.block):
+            restore_device_rng(ctx.device, ctx.rng)  # the graph runs one backward (below), then goes
             outs = ctx.run(hidden, *extras)  # ctx (and the call's other arguments in this closure) lives as the graph
         if len(outs) == 1:  # another output's op may have saved it
             _drop_values_if_unread(outs[0])

@@ -40,7 +40,7 @@ from ..errors import LorakitError
 from .block_graphs import STATE_ATTR, copied_outputs, graph_for_call, no_collection, stand_ins, wide_marks
 from .checkpoint import RUN_PLAIN, block_state
 from .dropout import seed_tape
-from .thread_scope import SINGLE_BACKWARD
+from .thread_scope import RECOMPUTED_BLOCK, SINGLE_BACKWARD
 
 
 class _Graph:
@@ -123,7 +123,7 @@ def _capture(state, block: nn.Module, original, leaves: list, spec):
         if not grad:
             with torch.no_grad():
                 return tree_flatten(original(*args, **kwargs)), wrt
-        with torch.enable_grad(), RUN_PLAIN.entered(), SINGLE_BACKWARD.entered():
+        with torch.enable_grad(), RUN_PLAIN.entered(), SINGLE_BACKWARD.entered(), RECOMPUTED_BLOCK.holding(block):
             return tree_flatten(original(*args, **kwargs)), wrt
 
     def recompute_and_backward(params: list, grad_outputs=None) -> tuple:

@@ -14,14 +14,10 @@ a gated MLP with a hooked projection runs gate and up as modules; a hooked LM he
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import functools
-import importlib
 import inspect
 import sys
-import textwrap
-from typing import Optional
+import weakref
 
 import torch
 from torch import nn
@@ -29,13 +25,14 @@ from torch import nn
 from ..core.adapted import AdaptedLayer
 from ..core.patching import is_patched, pack_parameters, patch_forward, unpatch_forward
 from . import model_dropout, positions, recipes, wide
+from .forms import forward_body, known_bodies, seen_by_hooks
 from .cross_entropy import CHECKPOINTED_CHUNK_BYTES, CHUNK_BYTES, linear_cross_entropy, shift_labels
 from .lora_linear import fused_linears, lora_linear_fast_path
 from .spec import layer_spec
 from .norms import WANT_ATTR, fast_rms_forward, norm_style
 from .rope import make_fused_apply, set_fused_rope
 from .swiglu import act_kind, gated_act
-from .thread_scope import SINGLE_BACKWARD
+from .thread_scope import RECOMPUTED_BLOCK, SINGLE_BACKWARD, UNREAD_OUTPUT
 from .tiling import norm_remake, tile_rows_for, tiled_rows
 
 SIBLING_GROUPS = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
@@ -119,7 +116,7 @@ def gated_mlp_kind(module: nn.Module):
         return None
     if not type(module).__name__.endswith("MLP") or not hasattr(module, "act_fn"):
         return None
-    if _forward_body(type(module)) not in _known_bodies(MLP_FORMS):
+    if forward_body(type(module)) not in known_bodies(MLP_FORMS):
         return None
     return act_kind(module.act_fn)
 
@@ -142,27 +139,64 @@ def mlp_forward(module, original, kind, x):
         if x.numel() // x.shape[-1] > least:
             recipe = recipes.norm_recipe(x)  # x is a norm's output: remade per tile, not kept
             remake = norm_remake(recipe, x.dtype) if recipe is not None else None
-            return tiled_rows(lambda xt: _gated_mlp(module, kind, xt), x, rows, list(module.parameters()), remake)
-    return _gated_mlp(module, kind, x)
+            dev = x.device.type  # the output's dtype, as the projections give it
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            skip = _output_unread(module) and not seen_by_hooks(*_projections(module))
+            unread = (x.shape[-1], dtype) if skip else None  # the recompute's tiles run in its backward alone
+            return tiled_rows(lambda xt: _gated_mlp(module, kind, xt, False), x, rows, list(module.parameters()),
+                              remake, lambda xt: _gated_mlp(module, kind, xt, True), unread)
+    return _gated_mlp(module, kind, x, _output_unread(module))
 
 
-def _gated_mlp(module, kind, x):
+def _projections(mlp: nn.Module) -> tuple:
+    return mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+
+def _gated_mlp(module, kind, x, unread: bool):
+    """down(act(gate(x)) · up(x)); unread: nobody reads the output's values (the down projection computes only
+    what its backward needs)."""
     gate, up = module.gate_proj, module.up_proj
     # With a forward hook on a projection (or a global one), gate and up run as modules, so the hooks see their
     # calls, and no gradient is written over what a hook may keep (gate, up, act).
-    hooked = _hooked(gate, up, module.down_proj)
+    hooked = seen_by_hooks(*_projections(module))
     with SINGLE_BACKWARD.left() if hooked else contextlib.nullcontext():
         outs = None
         if not hooked and (isinstance(gate, AdaptedLayer) or isinstance(up, AdaptedLayer)):
             outs = fused_linears(x, (gate, up))
         g, u = outs if outs is not None else (gate(x), up(x))
-        return module.down_proj(gated_act(g, u, kind))
+        with UNREAD_OUTPUT.entered() if unread and not hooked else contextlib.nullcontext():
+            return module.down_proj(gated_act(g, u, kind))
 
 
-def _hooked(*modules) -> bool:
-    """Whether a forward hook could see these modules' inputs or outputs (their own, or global ones)."""
-    return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
-                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
+# Decoder layers whose forward is one of these, statement for statement (Llama's: 62 classes in transformers 5.17):
+# `x = residual + self.mlp(x); return x`, so only the residual addition reads the MLP's output, and an addition
+# keeps neither operand for its backward. In the layer's recompute under checkpointing (checkpoint.py) nobody reads
+# that value: the down projection computes only what its backward needs and skips its base product (and a 4-bit
+# base's dequantisation), [T, intermediate]·[intermediate, d] a block (Llama-3-8B, T2048: 0.24 TFLOP, ~6% of the
+# graphed bf16 and QLoRA steps; BENCHMARKS.md); a sequence-tiled MLP runs no tile there (its backward recomputes
+# every tile anyway).
+DECODER_FORMS = (("llama", "LlamaDecoderLayer"),)
+UNREAD_IN_ATTR = "_lorakit_output_unread_in"  # on a patched gated MLP: a weak reference to its decoder layer
+
+
+def _output_unread(mlp: nn.Module) -> bool:
+    """Whether nobody reads the MLP's output now: its decoder layer (DECODER_FORMS) is being recomputed, and no
+    forward hook on the MLP sees the output."""
+    layer = mlp.__dict__.get(UNREAD_IN_ATTR)
+    block = RECOMPUTED_BLOCK.get()
+    return layer is not None and block is not None and layer() is block and not seen_by_hooks(mlp)
+
+
+def mark_unread_outputs(model: nn.Module) -> int:
+    """Mark the patched gated MLP of every decoder layer of DECODER_FORMS (see there); returns how many."""
+    count = 0
+    for _, m in model.named_modules():
+        mlp = m._modules.get("mlp")
+        if mlp is not None and is_patched(mlp) and gated_mlp_kind(mlp) is not None \
+                and forward_body(type(m)) in known_bodies(DECODER_FORMS):
+            mlp.__dict__[UNREAD_IN_ATTR] = weakref.ref(m)
+            count += 1
+    return count
 
 
 def set_mlp_tiling(model: nn.Module, tile) -> int:
@@ -186,46 +220,6 @@ def set_mlp_tiling(model: nn.Module, tile) -> int:
 # for) and Gemma 2's (the same plus a logit soft-cap, which must be off). A head with its own scaling, soft-cap,
 # z-loss or vocabulary trimming (Cohere, Granite, FalconH1, RecurrentGemma, ...) keeps the model's forward.
 HEAD_FORMS = (("llama", "LlamaForCausalLM"), ("mixtral", "MixtralForCausalLM"), ("gemma2", "Gemma2ForCausalLM"))
-_BODIES: dict = {}  # class → its forward's statements as text (None when the source cannot be read)
-
-
-class _Rename(ast.NodeTransformer):
-    def __init__(self, old: str):
-        self.old = old
-
-    def visit_Name(self, node):
-        return ast.Name("x", node.ctx) if node.id == self.old else node
-
-
-def _forward_body(cls) -> Optional[str]:
-    """cls.forward's statements, normalised by the ast (formatting, comments and the docstring dropped, the first
-    argument after self named x)."""
-    if cls not in _BODIES:
-        try:
-            fn = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(cls.forward)))).body[0]
-            stmts = fn.body
-            if stmts and isinstance(stmts[0], ast.Expr) and isinstance(stmts[0].value, ast.Constant):
-                stmts = stmts[1:]
-            rename = _Rename(fn.args.args[1].arg)
-            _BODIES[cls] = "\n".join(ast.unparse(rename.visit(st)) for st in stmts)
-        except (OSError, TypeError, SyntaxError, IndexError, AttributeError):
-            _BODIES[cls] = None
-    return _BODIES[cls]
-
-
-@functools.lru_cache(maxsize=None)
-def _known_bodies(forms: tuple) -> frozenset:
-    """The forward bodies of transformers' classes `forms` ((family, class name), ...) that this install has."""
-    bodies = set()
-    for family, name in forms:
-        try:
-            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-        except ImportError:
-            continue
-        body = _forward_body(getattr(module, name))
-        if body is not None:
-            bodies.add(body)
-    return frozenset(bodies)
 
 
 def causal_lm_eligible(model: nn.Module) -> bool:
@@ -238,7 +232,7 @@ def causal_lm_eligible(model: nn.Module) -> bool:
         return False
     if "logits_to_keep" not in inspect.signature(type(model).forward).parameters or _custom_loss(model):
         return False
-    return _forward_body(type(model)) in _known_bodies(HEAD_FORMS)
+    return forward_body(type(model)) in known_bodies(HEAD_FORMS)
 
 
 def _router_logits_asked(model: nn.Module, kwargs: dict) -> bool:
@@ -274,7 +268,7 @@ def causal_lm_forward(model, original, *args, **kwargs):
     head = spec[:2] if spec is not None and not trained_bias else None
     if (labels is None or not torch.is_grad_enabled() or head is None or kwargs.get("logits_to_keep", 0) != 0
             or "return_dict" in kwargs or kwargs.get("past_key_values") is not None
-            or _router_logits_asked(model, kwargs) or _custom_loss(model) or _hooked(model.lm_head)):
+            or _router_logits_asked(model, kwargs) or _custom_loss(model) or seen_by_hooks(model.lm_head)):
         return original(*args, **kwargs)  # a MoE's auxiliary loss, a custom loss, a hook on the head's logits
     signature = inspect.signature(type(model).forward)
     bound = signature.bind(model, *args, **kwargs).arguments
@@ -355,6 +349,8 @@ def install(model: nn.Module, *, group: bool, norms: bool, rope: bool, glu: bool
             counts["mlp"] += patch_forward(m, mlp_forward, gated_mlp_kind(m))
         elif norms and norm_style(m) is not None:
             counts["norm"] += patch_forward(m, fast_rms_forward)
+    if glu:
+        mark_unread_outputs(model)
     if fused_loss and causal_lm_eligible(model):
         positions.install()
         counts["lm_loss"] += patch_forward(model, causal_lm_forward)
@@ -369,4 +365,5 @@ def uninstall(model: nn.Module) -> None:
         unpatch_forward(m)
         m.__dict__.pop("_lorakit_group_ok", None)
         m.__dict__.pop(TILE_ATTR, None)
+        m.__dict__.pop(UNREAD_IN_ATTR, None)
         m.__dict__.pop(LOSS_CHUNK_ATTR, None)

@@ -39,6 +39,8 @@ Beyond that plain form (each asked through spec.py, each held to the reference b
 - inside a checkpoint's recompute (thread_scope.SINGLE_BACKWARD), whose graph runs one backward, a call whose X is
   the gated activation (read by this call alone: no forward hook, families.py) takes dA first and then writes dX
   over X: one [N, in] tensor less at the backward's peak (56 MiB in an 8B Llama's down projection at T2048).
+  Where nobody reads the outputs (that down projection in a Llama-form layer's recompute: families.py), the call
+  computes h and skips the base product and the LoRA terms: backward reads x and h, never y.
 The per-call Python is kept lean (plain dict lookups, no
 nn.Module.__getattr__): at 1B scale a LoRA step is bound by launch overhead, not by the GPU.
 """
@@ -60,7 +62,7 @@ from .scaled_kernels import scale_output, takes_up
 from .scratch import base_weight, dense_from_source, keeping_dense
 from . import wide
 from .spec import FALLBACK_ATTR, check_input, note_fallback, spec_or_reason
-from .thread_scope import SINGLE_BACKWARD
+from .thread_scope import SINGLE_BACKWARD, UNREAD_OUTPUT
 
 # Rank-r products in "rank-major" form (r as the GEMM's row count) where the BLAS runs the skinny forms
 # badly. Measured on CPU (MKL, one thread, N=2048, out=1536, r=8): x·Aᵀ 0.37 ms vs (A·xᵀ)ᵀ 0.21, and
@@ -170,15 +172,20 @@ def _scaled_ups(plan: _Plan, outs, h, params, taken=None) -> dict:
     return ups
 
 
-def _plain_forward(x, x2, a_x, plan: _Plan, params, sources, seed, engine, rank_major: bool) -> tuple:
+def _plain_forward(x, x2, a_x, plan: _Plan, params, sources, seed, engine, rank_major: bool, unread: bool) -> tuple:
     """(h, what the mask engine keeps, outputs, {j: term the scale kernels took}, z of the output-scaled outputs):
-    the forward of the module docstring, h by its own GEMM and each LoRA term by addmm_ into its output."""
+    the forward of the module docstring, h by its own GEMM and each LoRA term by addmm_ into its output.
+    unread: nobody reads the outputs' values (thread_scope.UNREAD_OUTPUT), so they are left unwritten."""
     if seed is not None:
         h, kept = _down_in_kernel(x2, a_x, plan, params, seed, rank_major, engine)
     else:
         kept = ()
         drops = [(params[t[6]].reshape(-1, x.shape[-1]), params[t[1]]) for t in plan.tensor_drops]
         h = _down(x2, a_x, drops, rank_major) if plan.rank > 0 else None
+    if unread:  # backward reads x, h and the factors, never y
+        sizes = [params[wi].shape[0] if wi is not None else sources[j].dense_shape[0]
+                 for j, (wi, _, _) in enumerate(plan.outs)]
+        return h, kept, [x.new_empty(*x.shape[:-1], n) for n in sizes], {}, []
     outs = []
     for j, (wi, bi, mi) in enumerate(plan.outs):  # bias in the GEMM epilogue unless a magnitude follows
         bias = None if bi is None or mi is not None else params[bi]
@@ -228,7 +235,8 @@ class FusedLoraLinears(torch.autograd.Function):
             ctx.wide, ups = wide.layout_of(plan, params), {}  # each z holds its term
             zs = _scale_outputs(plan, outs, params, ups)
         else:
-            h, kept, outs, ups, zs = _plain_forward(x, x2, a_x, plan, params, sources, seed, engine, rank_major)
+            unread = UNREAD_OUTPUT.active() and plan.n_scaled == 0  # an output-scaled term's backward reads z
+            h, kept, outs, ups, zs = _plain_forward(x, x2, a_x, plan, params, sources, seed, engine, rank_major, unread)
         # Which z lack their term (the scale kernels add it), saved as a tensor, not on ctx: a checkpoint's
         # recompute may take the other form, and backward pairs forward's ctx with the recompute's saved tensors.
         taken = torch.tensor([j in ups for j in plan.scaled_ups]) if plan.scaled_ups else None

@@ -42,3 +42,32 @@ class ThreadScope:
 # write its gradients over the activations it saved (swiglu.py, lora_linear.py). families.py leaves it for a gated
 # MLP whose projections have forward hooks.
 SINGLE_BACKWARD = ThreadScope()
+
+
+class ThreadValue:
+    """`with value.holding(v):` makes `value.get()` give v on this thread until the block ends (then what it gave
+    before); None outside. Other threads never see it."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def holding(self, value):
+        before = getattr(self._local, "value", None)
+        self._local.value = value
+        try:
+            yield
+        finally:
+            self._local.value = before
+
+    def get(self):
+        return getattr(self._local, "value", None)
+
+
+# The checkpointed block whose recompute runs on this thread (fast/checkpoint.py, fast/checkpoint_graphs.py): in it,
+# families.py lets a gated MLP whose output only that block's residual addition reads skip its down projection's
+# base product.
+RECOMPUTED_BLOCK = ThreadValue()
+# Entered by families.py around such a down projection: the fused call (lora_linear.py) computes what its backward
+# reads (h; x is saved as always) and returns an output of the right shape whose values nobody reads.
+UNREAD_OUTPUT = ThreadScope()

@@ -5,7 +5,10 @@ A Llama-3-8B MLP keeps gate, up and act(gate)·up ([T, 14336] each, 84 KB per to
 at T = 700k that is 59 GB for one block. `tiled_rows(fn, x, rows, params)` instead
 - without grad: runs fn over tiles of `rows` rows of x [..., T, d] and writes each tile's output in place;
 - with grad: does the same, saving only x; the backward recomputes fn tile by tile with grad and backpropagates
-  each tile at once, summing the parameters' gradients over the tiles. The RNG (dropout) is replayed so every
+  each tile at once, summing the parameters' gradients over the tiles. There a tile's output is only autograd's
+  root, so the caller may give a root_fn that skips computing its values (the MLP's down projection); and where
+  nobody reads the tiled output at all (a Llama-form MLP in its block's recompute: families.py) the forward
+  computes nothing. The RNG (dropout) is replayed so every
   tile draws in the backward what it drew in the forward.
 fn must treat tokens independently (an MLP, a norm, a projection): tiling changes no value, only the order of
 the sums that make the parameters' gradients. Tiles are runs of the flattened rows of x (batch 1: spans of
@@ -29,8 +32,9 @@ def tile_rows_for(width: int, element_size: int) -> int:
 
 
 def tiled_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows: int,
-               params: Sequence[torch.Tensor] = (), remake: Optional[Callable[[int, int], torch.Tensor]] = None
-               ) -> torch.Tensor:
+               params: Sequence[torch.Tensor] = (), remake: Optional[Callable[[int, int], torch.Tensor]] = None,
+               root_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+               unread: Optional[tuple[int, torch.dtype]] = None) -> torch.Tensor:
     """fn(x), computed `rows` tokens at a time.
 
     Args:
@@ -41,6 +45,10 @@ def tiled_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows
             to autograd as those of the tiled function's inputs.
         remake: remake(i0, i1) gives rows i0:i1 of x exactly, from tensors kept anyway (an RMSNorm's input
             and 1/rms: `norm_remake`); the backward then uses it and x itself is not kept.
+        root_fn: fn for the backward's recompute of a tile, whose output serves only as autograd's root (it may
+            leave the output's values unwritten); fn when None.
+        unread: (d_out, dtype) when nobody reads the returned values (a checkpoint's recompute): the forward then
+            computes nothing, the backward recomputes every tile as always.
 
     Returns:
         fn(x) as [..., d_out].
@@ -48,7 +56,9 @@ def tiled_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows
     x2 = x.reshape(-1, x.shape[-1])
     trained = [p for p in params if p.requires_grad]
     if torch.is_grad_enabled() and (x2.requires_grad or trained):
-        out = _TiledRows.apply(x2, fn, rows, remake, *trained)
+        out = _TiledRows.apply(x2, fn, rows, remake, root_fn or fn, unread, *trained)
+    elif unread is not None:
+        out = x2.new_empty(x2.shape[0], unread[0], dtype=unread[1])
     else:
         out = _tiles_no_grad(fn, x2, rows)
     return out.view(*x.shape[:-1], out.shape[-1])
@@ -66,11 +76,13 @@ def _tiles_no_grad(fn, x2: torch.Tensor, rows: int) -> torch.Tensor:
 
 class _TiledRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, fn, rows: int, remake, *params):
-        ctx.fn, ctx.rows, ctx.remake = fn, rows, remake
+    def forward(ctx, x2, fn, rows: int, remake, root_fn, unread, *params):
+        ctx.fn, ctx.rows, ctx.remake = root_fn, rows, remake
         ctx.rng = device_rng_state(x2.device)
         ctx.x_meta = (x2.shape, x2.dtype, x2.device)
         ctx.save_for_backward(x2 if remake is None else None, *params)
+        if unread is not None:
+            return x2.new_empty(x2.shape[0], unread[0], dtype=unread[1])
         with torch.no_grad():
             return _tiles_no_grad(fn, x2, rows)
 
@@ -98,7 +110,7 @@ class _TiledRows(torch.autograd.Function):
                 grads = [g if a is None else a if g is None else a.add_(g) for a, g in zip(grads, got)]
                 del out, got
         ctx.fn = ctx.remake = None
-        return (dx, None, None, None, *grads)
+        return (dx, None, None, None, None, None, *grads)
 
 
 def norm_remake(recipe, dtype: torch.dtype) -> Callable[[int, int], torch.Tensor]:

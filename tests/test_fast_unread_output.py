@@ -1,0 +1,145 @@
+"""In a checkpointed Llama-form layer's recompute the down projection's output is read by the residual addition
+alone, whose backward reads neither operand: the fused call computes h and skips its base product (and a 4-bit
+base's dequantisation). The gradients stay those of the model without checkpointing; a layer of another form, a
+hooked MLP and a sequence-tiled MLP compute the product. CPU, float32."""
+
+import copy
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from support import rel_norm
+
+lora_linear = importlib.import_module("lorakit.fast.lora_linear")
+families = importlib.import_module("lorakit.fast.families")
+
+
+@pytest.fixture
+def unread(monkeypatch):
+    """Per fused call that took the plain form: whether it left its outputs unwritten."""
+    calls, real = [], lora_linear._plain_forward
+
+    def spy(*args):
+        calls.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(lora_linear, "_plain_forward", spy)
+    return calls
+
+
+def _adapted(model, **config):
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                  init_lora_weights=False, **config))
+    return model.train()
+
+
+def _grads_against_plain(model, ids, **optimize):
+    """(gradients with optimize(**optimize), gradients of a copy optimized without checkpointing)."""
+    ref = copy.deepcopy(model)
+    lorakit.optimize(ref)
+    lorakit.optimize(model, **optimize)
+    got = []
+    for m in (model, ref):
+        m(input_ids=ids, labels=ids).loss.backward()
+        got.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    return got
+
+
+IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("mode", [True, "offload"])
+def test_the_recompute_skips_the_down_projections_product_and_keeps_the_gradients(tiny_llama, unread, mode):
+    model = _adapted(tiny_llama)
+    assert all(families.UNREAD_IN_ATTR not in layer.mlp.__dict__ for layer in model.model.layers)
+    got, ref = _grads_against_plain(model, IDS, checkpoint=mode)
+    assert all(isinstance(layer.mlp.__dict__[families.UNREAD_IN_ATTR](), nn.Module) for layer in model.model.layers)
+    # fused calls per block (q/k/v, o, gate/up, down; no wide form on CPU): forward and recompute (down's unread);
+    # then the un-checkpointed copy's
+    assert unread.count(True) == 2 and len(unread) == 2 * 2 * 4 + 2 * 4
+    assert len(got) == len(ref) == 2 * 7 * 2
+    for n, g in ref.items():
+        assert torch.equal(got[n], g), n
+    lorakit.unoptimize(model)
+    assert all(families.UNREAD_IN_ATTR not in layer.mlp.__dict__ for layer in model.model.layers)
+
+
+def test_a_4bit_down_projection_is_dequantised_twice_a_step(tiny_llama, monkeypatch):
+    """Forward and backward; the recompute reads no dense weight for it. The block's other six: three times each."""
+    model = _adapted(tiny_llama)
+    lorakit.quantize(model, compute_dtype=torch.float32, block_size=32)
+    weight = importlib.import_module("lorakit.quant.weight")
+    real, written = weight.QuantizedWeight.write_dense, []
+
+    def counted(self, out):
+        written.append(self.layer)
+        return real(self, out)
+
+    monkeypatch.setattr(weight.QuantizedWeight, "write_dense", counted)
+    got, ref = _grads_against_plain(model, IDS, checkpoint=True)
+    for i, layer in enumerate(model.model.layers):
+        counts = {n: sum(w is m.base_layer for w in written) for n, m in layer.named_modules() if n.endswith("proj")}
+        # forward, recompute (down: none) and backward (none for block 0's q/k/v: nothing before them trains)
+        assert counts.pop("mlp.down_proj") == 2, counts
+        assert counts == {n: 2 if i == 0 and n[-6] in "qkv" else 3 for n in counts}, counts
+    for n, g in ref.items():
+        assert rel_norm(got[n], g) <= 1e-6, n
+
+
+def test_a_layer_of_another_form_computes_the_product(tiny_llama, unread):
+    """A layer whose forward normalises the MLP's output before the residual (Gemma 2, OLMo 2) reads it."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    class NormedMlpLayer(LlamaDecoderLayer):
+        def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                    use_cache=False, position_embeddings=None, **kwargs):
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+            hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
+                                              position_ids=position_ids, past_key_values=past_key_values,
+                                              use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+            hidden_states = residual + hidden_states
+            residual = hidden_states
+            hidden_states = self.post_attention_layernorm(hidden_states)
+            hidden_states = self.mlp(hidden_states)
+            hidden_states = residual + torch.tanh(hidden_states)  # reads the value: its backward needs it
+            return hidden_states
+
+    for layer in tiny_llama.model.layers:
+        layer.__class__ = NormedMlpLayer
+    model = _adapted(tiny_llama)
+    got, ref = _grads_against_plain(model, IDS, checkpoint=True)
+    assert unread and not any(unread)
+    for n, g in ref.items():
+        assert rel_norm(got[n], g) <= 1e-6, n
+
+
+def test_a_hooked_mlp_computes_the_product(tiny_llama, unread):
+    model = _adapted(tiny_llama)
+    seen = []
+    model.model.layers[0].mlp.register_forward_hook(lambda mod, inp, out: seen.append(out.detach().clone()))
+    got, ref = _grads_against_plain(model, IDS, checkpoint=True)
+    assert unread.count(True) == 1  # layer 1's; layer 0's hook sees its output in the recompute too
+    assert len(seen) == 3 and torch.equal(seen[0], seen[1])  # forward, recompute, then the plain copy's forward
+    for n, g in ref.items():
+        assert torch.equal(got[n], g), n
+
+
+def test_a_tiled_mlp_skips_its_recompute_and_the_tiles_down_products(tiny_llama, unread):
+    """Sequence tiles (6 of 4 rows a block): the block's recompute runs no tile of the MLP, and each tile
+    recomputed in the backward leaves the down projection's output unwritten. A hooked projection keeps them."""
+    hooked = _adapted(copy.deepcopy(tiny_llama))
+    model = _adapted(tiny_llama)
+    got, ref = _grads_against_plain(model, IDS, checkpoint="offload", tile_mlp=4)
+    # per block: forward q/k/v, o and 6 × (gate/up, down); recompute q/k/v and o; backward 6 × (gate/up, down)
+    assert unread.count(True) == 2 * 6 and len(unread) == 2 * (2 + 12 + 2 + 12) + 2 * 4
+    for n, g in ref.items():
+        assert rel_norm(got[n], g) <= 1e-5, n
+    unread.clear()
+    hooked.model.layers[1].mlp.up_proj.register_forward_pre_hook(lambda mod, inp: None)
+    lorakit.optimize(hooked, checkpoint="offload", tile_mlp=4)
+    hooked(input_ids=IDS, labels=IDS).loss.backward()
+    assert unread.count(True) == 6  # block 0's tiles only
