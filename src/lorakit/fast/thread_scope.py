@@ -1,5 +1,6 @@
 """A per-thread, nestable "inside" flag: how a patched forward tells a wrapped library function, several calls
-down, that the call comes from inside it (positions.no_packed_check, model_dropout.attention_scope)."""
+down, that the call comes from inside it (positions.no_packed_check, model_dropout.attention_scope); and a
+per-thread value held for a block's duration (which checkpointed block is being recomputed)."""
 
 from __future__ import annotations
 
