@@ -22,7 +22,8 @@ What it does, each part switchable for measurement:
   there too, e.g. under DDP, and on CPU, where MKL runs these GEMMs slower than the plain form's two);
 - `checkpoint`: False, True (recompute each block: the layers transformers would checkpoint, in both stacks of an
   encoder-decoder; else the longest list of repeated blocks) or "offload" (and keep its input in pinned CPU memory,
-  copied on a side stream; the long-context mode); the fused loss then takes smaller chunks (memory first);
+  copied on a side stream; the long-context mode); the fused loss then takes smaller chunks (memory first); in
+  a Llama-form layer's recompute the down projection skips its unread base product (families.DECODER_FORMS);
 - `tile_mlp`: gated MLPs run in sequence tiles (tiling.py) so that their [T, intermediate] tensors exist for
   one tile at a time: "auto" (the default under checkpoint="offload": tiles of ~256 MiB, sequences
   shorter than four tiles untiled), a number of rows per tile, or False;
