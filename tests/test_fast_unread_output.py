@@ -1,10 +1,13 @@
 """In a checkpointed Llama-form layer's recompute the down projection's output is read by the residual addition
-alone, whose backward reads neither operand: the fused call computes h and skips its base product (and a 4-bit
-base's dequantisation). The gradients stay those of the model without checkpointing; a layer of another form, a
-hooked MLP and a sequence-tiled MLP compute the product. CPU, float32."""
+alone, whose backward reads neither operand: the fused call computes h and skips its base product (and, with
+checkpoint=True, a 4-bit base's dequantisation); a sequence-tiled MLP runs no tile there. The gradients stay those of
+the model without checkpointing. A layer of another form, a hooked MLP or projection, a down_proj that reads its
+inner linear's output and an MLP wrapped after optimize() compute the product. CPU, float32; empty tensors are
+filled with NaN, so a skipped value that is read shows."""
 
 import copy
 import importlib
+import pickle
 
 import pytest
 import torch
@@ -14,7 +17,17 @@ import lorakit
 from support import rel_norm
 
 lora_linear = importlib.import_module("lorakit.fast.lora_linear")
-families = importlib.import_module("lorakit.fast.families")
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_empties():
+    """torch.empty and new_empty fill with NaN (torch's deterministic mode)."""
+    was = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(was[0])
+    torch.utils.deterministic.fill_uninitialized_memory = was[1]
 
 
 @pytest.fixture
@@ -31,8 +44,8 @@ def unread(monkeypatch):
 
 
 def _adapted(model, **config):
-    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                  init_lora_weights=False, **config))
+    config = {"target_modules": "all-linear", **config}
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **config))
     return model.train()
 
 
@@ -54,17 +67,24 @@ IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 @pytest.mark.parametrize("mode", [True, "offload"])
 def test_the_recompute_skips_the_down_projections_product_and_keeps_the_gradients(tiny_llama, unread, mode):
     model = _adapted(tiny_llama)
-    assert all(families.UNREAD_IN_ATTR not in layer.mlp.__dict__ for layer in model.model.layers)
     got, ref = _grads_against_plain(model, IDS, checkpoint=mode)
-    assert all(isinstance(layer.mlp.__dict__[families.UNREAD_IN_ATTR](), nn.Module) for layer in model.model.layers)
     # fused calls per block (q/k/v, o, gate/up, down; no wide form on CPU): forward and recompute (down's unread);
     # then the un-checkpointed copy's
     assert unread.count(True) == 2 and len(unread) == 2 * 2 * 4 + 2 * 4
     assert len(got) == len(ref) == 2 * 7 * 2
     for n, g in ref.items():
         assert torch.equal(got[n], g), n
-    lorakit.unoptimize(model)
-    assert all(families.UNREAD_IN_ATTR not in layer.mlp.__dict__ for layer in model.model.layers)
+
+
+def test_a_frozen_down_projection_skips_its_product_too(tiny_llama, unread):
+    """LoRA on q and v only: down_proj stays an nn.Linear; in the recompute the fused call gives its dX = dY·W."""
+    model = _adapted(tiny_llama, target_modules=["q_proj", "v_proj"])
+    assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
+    got, ref = _grads_against_plain(model, IDS, checkpoint=True)
+    assert unread.count(True) == 2  # one frozen down projection per block, in the recompute
+    assert len(got) == len(ref) == 2 * 2 * 2
+    for n, g in ref.items():
+        assert torch.equal(got[n], g), n
 
 
 def test_a_4bit_down_projection_is_dequantised_twice_a_step(tiny_llama, monkeypatch):
@@ -90,7 +110,8 @@ def test_a_4bit_down_projection_is_dequantised_twice_a_step(tiny_llama, monkeypa
 
 
 def test_a_layer_of_another_form_computes_the_product(tiny_llama, unread):
-    """A layer whose forward normalises the MLP's output before the residual (Gemma 2, OLMo 2) reads it."""
+    """A layer whose forward transforms the MLP's output before the residual (Gemma 2 and OLMo 2 normalise it) reads
+    it."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     class NormedMlpLayer(LlamaDecoderLayer):
@@ -139,7 +160,69 @@ def test_a_tiled_mlp_skips_its_recompute_and_the_tiles_down_products(tiny_llama,
     for n, g in ref.items():
         assert rel_norm(got[n], g) <= 1e-5, n
     unread.clear()
-    hooked.model.layers[1].mlp.up_proj.register_forward_pre_hook(lambda mod, inp: None)
+    seen = []
+    hooked.model.layers[1].mlp.up_proj.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].shape[0]))
     lorakit.optimize(hooked, checkpoint="offload", tile_mlp=4)
     hooked(input_ids=IDS, labels=IDS).loss.backward()
     assert unread.count(True) == 6  # block 0's tiles only
+    assert len(seen) == 3 * 6  # block 1's tiles: forward, recompute, backward
+
+
+class _SoftCap(nn.Module):
+    """A down_proj that reads its inner linear's output."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return 2 * torch.tanh(self.inner(x) / 2)
+
+
+class _Squashed(nn.Module):
+    """An MLP wrapper that reads the MLP's output."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        return torch.tanh(self.mlp(x))
+
+
+@pytest.mark.parametrize("options", [dict(checkpoint=True), dict(checkpoint="offload", tile_mlp=4),
+                                     dict(tile_mlp=4)])
+def test_a_down_proj_that_reads_its_linears_output_computes_it(tiny_llama, unread, options):
+    for layer in tiny_llama.model.layers:
+        layer.mlp.down_proj = _SoftCap(layer.mlp.down_proj)
+    model = _adapted(tiny_llama)
+    got, ref = _grads_against_plain(model, IDS, **options)
+    assert unread and not any(unread)
+    for n, g in ref.items():
+        assert rel_norm(got[n], g) <= 1e-5, n
+
+
+def test_an_mlp_wrapped_after_optimize_computes_its_output(tiny_llama, unread):
+    model = _adapted(tiny_llama)
+    ref = copy.deepcopy(model)
+    lorakit.optimize(model, checkpoint=True)
+    lorakit.optimize(ref)
+    for m in (model, ref):
+        for layer in m.model.layers:
+            layer.mlp = _Squashed(layer.mlp)
+    grads = []
+    for m in (model, ref):
+        m(input_ids=IDS, labels=IDS).loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert unread and not any(unread)
+    for n, g in grads[1].items():
+        assert torch.equal(grads[0][n], g), n
+
+
+def test_an_optimized_model_pickles_and_its_copy_skips_too(tiny_llama, unread):
+    model = _adapted(tiny_llama)
+    lorakit.optimize(model, checkpoint=True)
+    pickle.dumps(model)
+    twin = copy.deepcopy(model)
+    twin(input_ids=IDS, labels=IDS).loss.backward()
+    assert unread.count(True) == 2

@@ -63,6 +63,13 @@ def is_patched(module: nn.Module, slot: str = DEFAULT_SLOT) -> bool:
     return _key(slot) in module.__dict__
 
 
+def patches_class_forward(module: nn.Module, slot: str = DEFAULT_SLOT) -> bool:
+    """Whether `module` has a patch in `slot` that replaced the class's own forward (no instance forward was
+    there before it)."""
+    info = module.__dict__.get(_key(slot))
+    return info is not None and info["prior"] is None
+
+
 # --- re-stored parameters ----------------------------------------------------------------------------------------
 RESTORED_ATTR = "_lorakit_restored"  # on a Parameter whose storage a fast path changed (values kept); its value is
 # the fast path's own mark

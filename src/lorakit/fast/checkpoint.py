@@ -158,6 +158,7 @@ def _hands_out_more(block, kwargs: dict) -> bool:
     return collector is None or bool(collector.get())
 
 
+CHECKPOINT_SLOT = "checkpoint"  # the patch slot of a checkpointed block's forward (optimize.py; core/patching.py)
 # Entered by checkpoint_graphs.py while it captures a block's recompute: the block's plain forward runs, with autograd.
 RUN_PLAIN = ThreadScope()
 OVERLAP_ATTR = "_lorakit_offload_overlap"  # on a block: its input is not written in place, copies may overlap

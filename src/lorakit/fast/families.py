@@ -17,22 +17,22 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
-import weakref
 
 import torch
 from torch import nn
 
 from ..core.adapted import AdaptedLayer
-from ..core.patching import is_patched, pack_parameters, patch_forward, unpatch_forward
+from ..core.patching import is_patched, pack_parameters, patch_forward, patches_class_forward, unpatch_forward
 from . import model_dropout, positions, recipes, wide
 from .forms import forward_body, known_bodies, seen_by_hooks
+from .checkpoint import CHECKPOINT_SLOT
 from .cross_entropy import CHECKPOINTED_CHUNK_BYTES, CHUNK_BYTES, linear_cross_entropy, shift_labels
 from .lora_linear import fused_linears, lora_linear_fast_path
 from .spec import layer_spec
 from .norms import WANT_ATTR, fast_rms_forward, norm_style
 from .rope import make_fused_apply, set_fused_rope
 from .swiglu import act_kind, gated_act
-from .thread_scope import RECOMPUTED_BLOCK, SINGLE_BACKWARD, UNREAD_OUTPUT
+from .thread_scope import RECOMPUTED_BLOCK, SINGLE_BACKWARD
 from .tiling import norm_remake, tile_rows_for, tiled_rows
 
 SIBLING_GROUPS = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
@@ -122,6 +122,7 @@ def gated_mlp_kind(module: nn.Module):
 
 
 TILE_ATTR = "_lorakit_tile_mlp"  # rows per tile, or "auto", set on gated MLPs by optimize (tile_mlp)
+TILED_OUT_ATTR = "_lorakit_tiled_output"  # ((x's dtype, autocast), (width, dtype)) of the last tiled output
 
 
 def mlp_forward(module, original, kind, x):
@@ -139,12 +140,15 @@ def mlp_forward(module, original, kind, x):
         if x.numel() // x.shape[-1] > least:
             recipe = recipes.norm_recipe(x)  # x is a norm's output: remade per tile, not kept
             remake = norm_remake(recipe, x.dtype) if recipe is not None else None
-            dev = x.device.type  # the output's dtype, as the projections give it
-            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-            skip = _output_unread(module) and not seen_by_hooks(*_projections(module))
-            unread = (x.shape[-1], dtype) if skip else None  # the recompute's tiles run in its backward alone
-            return tiled_rows(lambda xt: _gated_mlp(module, kind, xt, False), x, rows, list(module.parameters()),
-                              remake, lambda xt: _gated_mlp(module, kind, xt, True), unread)
+            dev = x.device.type
+            key = (x.dtype, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+            last = module.__dict__.get(TILED_OUT_ATTR)  # what the block's forward gave, for its recompute
+            skip = _output_unread(module) and not seen_by_hooks(*_projections(module)) and last and last[0] == key
+            out = tiled_rows(lambda xt: _gated_mlp(module, kind, xt, False), x, rows, list(module.parameters()),
+                             remake, lambda xt: _gated_mlp(module, kind, xt, True), last[1] if skip else None)
+            if not skip:  # the recompute's tiles run in its backward alone
+                module.__dict__[TILED_OUT_ATTR] = (key, (out.shape[-1], out.dtype))
+            return out
     return _gated_mlp(module, kind, x, _output_unread(module))
 
 
@@ -164,39 +168,31 @@ def _gated_mlp(module, kind, x, unread: bool):
         if not hooked and (isinstance(gate, AdaptedLayer) or isinstance(up, AdaptedLayer)):
             outs = fused_linears(x, (gate, up))
         g, u = outs if outs is not None else (gate(x), up(x))
-        with UNREAD_OUTPUT.entered() if unread and not hooked else contextlib.nullcontext():
-            return module.down_proj(gated_act(g, u, kind))
+        act, down = gated_act(g, u, kind), module.down_proj
+        # Unread: an adapted or frozen linear computes only what its backward reads; another module (one that
+        # reads its inner linear's output) runs as it is.
+        out = fused_linears(act, (down,), unread=True) if unread and not hooked else None
+        return out[0] if out is not None else down(act)
 
 
 # Decoder layers whose forward is one of these, statement for statement (Llama's: 62 classes in transformers 5.17):
 # `x = residual + self.mlp(x); return x`, so only the residual addition reads the MLP's output, and an addition
 # keeps neither operand for its backward. In the layer's recompute under checkpointing (checkpoint.py) nobody reads
-# that value: the down projection computes only what its backward needs and skips its base product (and a 4-bit
-# base's dequantisation), [T, intermediate]·[intermediate, d] a block (Llama-3-8B, T2048: 0.24 TFLOP, ~6% of the
-# graphed bf16 and QLoRA steps; BENCHMARKS.md); a sequence-tiled MLP runs no tile there (its backward recomputes
-# every tile anyway).
+# that value: the down projection computes only what its backward needs and skips its base product (and, with
+# checkpoint=True, a 4-bit base's dequantisation), [T, intermediate]·[intermediate, d] a block (Llama-3-8B, T2048:
+# 0.24 TFLOP, ~6% of the graphed bf16 and QLoRA steps; BENCHMARKS.md); a sequence-tiled MLP runs no tile there (its
+# backward recomputes every tile anyway) and gives an output of the width and dtype its forward gave.
 DECODER_FORMS = (("llama", "LlamaDecoderLayer"),)
-UNREAD_IN_ATTR = "_lorakit_output_unread_in"  # on a patched gated MLP: a weak reference to its decoder layer
 
 
 def _output_unread(mlp: nn.Module) -> bool:
-    """Whether nobody reads the MLP's output now: its decoder layer (DECODER_FORMS) is being recomputed, and no
+    """Whether nobody reads the MLP's output now: the block being recomputed is a decoder layer whose forward is
+    its class's (no instance forward beneath the checkpoint), of DECODER_FORMS, with this MLP as its `mlp`, and no
     forward hook on the MLP sees the output."""
-    layer = mlp.__dict__.get(UNREAD_IN_ATTR)
     block = RECOMPUTED_BLOCK.get()
-    return layer is not None and block is not None and layer() is block and not seen_by_hooks(mlp)
-
-
-def mark_unread_outputs(model: nn.Module) -> int:
-    """Mark the patched gated MLP of every decoder layer of DECODER_FORMS (see there); returns how many."""
-    count = 0
-    for _, m in model.named_modules():
-        mlp = m._modules.get("mlp")
-        if mlp is not None and is_patched(mlp) and gated_mlp_kind(mlp) is not None \
-                and forward_body(type(m)) in known_bodies(DECODER_FORMS):
-            mlp.__dict__[UNREAD_IN_ATTR] = weakref.ref(m)
-            count += 1
-    return count
+    return (block is not None and block._modules.get("mlp") is mlp and not seen_by_hooks(mlp)
+            and patches_class_forward(block, CHECKPOINT_SLOT)
+            and forward_body(type(block)) in known_bodies(DECODER_FORMS))
 
 
 def set_mlp_tiling(model: nn.Module, tile) -> int:
@@ -349,8 +345,6 @@ def install(model: nn.Module, *, group: bool, norms: bool, rope: bool, glu: bool
             counts["mlp"] += patch_forward(m, mlp_forward, gated_mlp_kind(m))
         elif norms and norm_style(m) is not None:
             counts["norm"] += patch_forward(m, fast_rms_forward)
-    if glu:
-        mark_unread_outputs(model)
     if fused_loss and causal_lm_eligible(model):
         positions.install()
         counts["lm_loss"] += patch_forward(model, causal_lm_forward)
@@ -365,5 +359,5 @@ def uninstall(model: nn.Module) -> None:
         unpatch_forward(m)
         m.__dict__.pop("_lorakit_group_ok", None)
         m.__dict__.pop(TILE_ATTR, None)
-        m.__dict__.pop(UNREAD_IN_ATTR, None)
+        m.__dict__.pop(TILED_OUT_ATTR, None)
         m.__dict__.pop(LOSS_CHUNK_ATTR, None)

@@ -39,8 +39,9 @@ Beyond that plain form (each asked through spec.py, each held to the reference b
 - inside a checkpoint's recompute (thread_scope.SINGLE_BACKWARD), whose graph runs one backward, a call whose X is
   the gated activation (read by this call alone: no forward hook, families.py) takes dA first and then writes dX
   over X: one [N, in] tensor less at the backward's peak (56 MiB in an 8B Llama's down projection at T2048).
-  Where nobody reads the outputs (that down projection in a Llama-form layer's recompute: families.py), the call
-  computes h and skips the base product and the LoRA terms: backward reads x and h, never y.
+  Where nobody reads the outputs (fused_linears(unread=True): that down projection in a Llama-form layer's
+  recompute, families.py), the call computes h and skips the base product and the LoRA terms: backward reads x and
+  h, never y. A frozen nn.Linear there (no adapter on it) takes the call too, for its dX = dY·W alone.
 The per-call Python is kept lean (plain dict lookups, no
 nn.Module.__getattr__): at 1B scale a LoRA step is bound by launch overhead, not by the GPU.
 """
@@ -62,7 +63,7 @@ from .scaled_kernels import scale_output, takes_up
 from .scratch import base_weight, dense_from_source, keeping_dense
 from . import wide
 from .spec import FALLBACK_ATTR, check_input, note_fallback, spec_or_reason
-from .thread_scope import SINGLE_BACKWARD, UNREAD_OUTPUT
+from .thread_scope import SINGLE_BACKWARD
 
 # Rank-r products in "rank-major" form (r as the GEMM's row count) where the BLAS runs the skinny forms
 # badly. Measured on CPU (MKL, one thread, N=2048, out=1536, r=8): x·Aᵀ 0.37 ms vs (A·xᵀ)ᵀ 0.21, and
@@ -175,7 +176,7 @@ def _scaled_ups(plan: _Plan, outs, h, params, taken=None) -> dict:
 def _plain_forward(x, x2, a_x, plan: _Plan, params, sources, seed, engine, rank_major: bool, unread: bool) -> tuple:
     """(h, what the mask engine keeps, outputs, {j: term the scale kernels took}, z of the output-scaled outputs):
     the forward of the module docstring, h by its own GEMM and each LoRA term by addmm_ into its output.
-    unread: nobody reads the outputs' values (thread_scope.UNREAD_OUTPUT), so they are left unwritten."""
+    unread: nobody reads the outputs' values, so they are left unwritten."""
     if seed is not None:
         h, kept = _down_in_kernel(x2, a_x, plan, params, seed, rank_major, engine)
     else:
@@ -213,10 +214,11 @@ class FusedLoraLinears(torch.autograd.Function):
     """layout: per output (has W, has bias, scaled, ranks, scalings, dropout per term: False, True for a dropped
     input tensor, or p for in-kernel masks); params: per output [W], [bias], [m, norm], then A, B, [dropped input
     or the call's seed (an int)] per term; sources: per output a weight source or None; wide_buf: the [N, in + E]
-    buffer x lies in for the wide form (wide.py), or None."""
+    buffer x lies in for the wide form (wide.py), or None; unread: nobody reads the outputs' values (the plain
+    form then leaves them unwritten)."""
 
     @staticmethod
-    def forward(ctx, x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources, wide_buf, *params):
+    def forward(ctx, x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources, wide_buf, unread, *params):
         plan = _plan(layout)
         in_features = x.shape[-1]
         x2 = x.reshape(-1, in_features)
@@ -235,7 +237,7 @@ class FusedLoraLinears(torch.autograd.Function):
             ctx.wide, ups = wide.layout_of(plan, params), {}  # each z holds its term
             zs = _scale_outputs(plan, outs, params, ups)
         else:
-            unread = UNREAD_OUTPUT.active() and plan.n_scaled == 0  # an output-scaled term's backward reads z
+            unread = unread and plan.n_scaled == 0  # an output-scaled term's backward reads z
             h, kept, outs, ups, zs = _plain_forward(x, x2, a_x, plan, params, sources, seed, engine, rank_major, unread)
         # Which z lack their term (the scale kernels add it), saved as a tensor, not on ctx: a checkpoint's
         # recompute may take the other form, and backward pairs forward's ctx with the recompute's saved tensors.
@@ -271,7 +273,8 @@ class FusedLoraLinears(torch.autograd.Function):
         x2 = x2.reshape(-1, x2.shape[-1]) if x2 is not None else None  # [N, in] (compiled: x was saved)
         zs, params = rest[:plan.n_scaled], rest[plan.n_scaled:plan.n_scaled + plan.n_params]
         kept = rest[plan.n_scaled + plan.n_params:]  # the mask engine's, from forward
-        needs = ctx.needs_input_grad[8:]  # after (x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources, wide)
+        needs = ctx.needs_input_grad[9:]  # after (x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources, wide,
+        # unread)
         gs = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
         out: list[Optional[torch.Tensor]] = [None] * plan.n_params  # W_j: frozen (checked before the call)
         ups = () if taken is None else tuple(j for j, t in zip(plan.scaled_ups, taken.tolist()) if t)
@@ -305,7 +308,7 @@ class FusedLoraLinears(torch.autograd.Function):
         for j, _, bi, col, r, s, _ in plan.terms:
             if needs[bi] and gs[j] is not None:
                 out[bi] = grad_b(gs[j], h[:, col:col + r], s, ctx.rank_major)
-        return (dx, None, None, None, None, None, None, None, *out)
+        return (dx, None, None, None, None, None, None, None, None, *out)
 
 
 # --- entry points ------------------------------------------------------------------------------------------
@@ -318,8 +321,9 @@ class _LayerReason(str):
     """A reason that lies in the layer itself (spec_or_reason's), not in the call's input."""
 
 
-def _fuse(x: torch.Tensor, layers: Sequence[nn.Module]):
-    """The fused outputs of `layers` on x, or the reason (a str) they must take the reference path."""
+def _fuse(x: torch.Tensor, layers: Sequence[nn.Module], unread: bool = False):
+    """The fused outputs of `layers` on x, or the reason (a str) they must take the reference path. unread: nobody
+    reads the outputs' values (frozen linears without an adapter are then fused too, for their dX)."""
     dev = x.device.type
     cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None  # as autocast would
     specs = []
@@ -331,7 +335,7 @@ def _fuse(x: torch.Tensor, layers: Sequence[nn.Module]):
         if why is not None:
             return why
         specs.append(spec)
-    if not any(spec[2] for spec in specs):
+    if not any(spec[2] for spec in specs) and not unread:
         return "no active adapter on this layer"
     cast_any = []  # non-empty once a tensor is cast; an autocast that casts nothing keeps the recipe and wide form
 
@@ -365,15 +369,17 @@ def _fuse(x: torch.Tensor, layers: Sequence[nn.Module]):
     rank = wide.group_rank(specs, seed is not None) if norm is not None and norm.want is not None else None
     wide_buf = wide.wide_input(x, norm, rank) if rank is not None else None
     if cast is None:
-        return FusedLoraLinears.apply(xc, *norm_args, tuple(layout), tuple(sources), wide_buf, *params)
+        return FusedLoraLinears.apply(xc, *norm_args, tuple(layout), tuple(sources), wide_buf, unread, *params)
     with torch.autocast(dev, enabled=False):
-        return FusedLoraLinears.apply(xc, *norm_args, tuple(layout), tuple(sources), wide_buf, *params)
+        return FusedLoraLinears.apply(xc, *norm_args, tuple(layout), tuple(sources), wide_buf, unread, *params)
 
 
-def fused_linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> Optional[tuple[torch.Tensor, ...]]:
+def fused_linears(x: torch.Tensor, layers: Sequence[nn.Module], unread: bool = False
+                  ) -> Optional[tuple[torch.Tensor, ...]]:
     """The outputs of `layers` (adapted or plain frozen linears) on the same input x, through one fused
-    function; None when any of them (or x) needs the reference path, or none has a LoRA term."""
-    out = _fuse(x, layers)
+    function; None when any of them (or x) needs the reference path, or none has a LoRA term (and the outputs
+    are read). unread: nobody reads the outputs' values; the call computes only what its backward reads."""
+    out = _fuse(x, layers, unread)
     return None if isinstance(out, str) else out
 
 

@@ -59,12 +59,11 @@ from ..errors import ConfigError
 from . import block_graphs, checkpoint_graphs
 from . import cpu_heap as heap
 from . import families
-from .checkpoint import OTHER_FORM_ATTR, OVERLAP_ATTR, checkpointed_forward
+from .checkpoint import CHECKPOINT_SLOT, OTHER_FORM_ATTR, OVERLAP_ATTR, checkpointed_forward
 from .families import TILE_ATTR
 from .lora_linear import lora_linear_fast_path
 from .report import fusion_report, log_report
 
-CHECKPOINT_SLOT = "checkpoint"  # stacks on a family patch of the same module (core/patching.py)
 GRAPHS_SLOT = "graphs"
 CHECKPOINT_MODE_ATTR = "_lorakit_checkpoint_mode"  # on a checkpointed block: True or "offload"
 

@@ -69,6 +69,3 @@ class ThreadValue:
 # families.py lets a gated MLP whose output only that block's residual addition reads skip its down projection's
 # base product.
 RECOMPUTED_BLOCK = ThreadValue()
-# Entered by families.py around such a down projection: the fused call (lora_linear.py) computes what its backward
-# reads (h; x is saved as always) and returns an output of the right shape whose values nobody reads.
-UNREAD_OUTPUT = ThreadScope()
