@@ -6,6 +6,7 @@ inner linear's output and an MLP wrapped after optimize() compute the product. C
 filled with NaN, so a skipped value that is read shows."""
 
 import copy
+import functools
 import importlib
 import pickle
 
@@ -17,6 +18,7 @@ import lorakit
 from support import rel_norm
 
 lora_linear = importlib.import_module("lorakit.fast.lora_linear")
+forms = importlib.import_module("lorakit.fast.forms")
 
 
 @pytest.fixture(autouse=True)
@@ -226,3 +228,72 @@ def test_an_optimized_model_pickles_and_its_copy_skips_too(tiny_llama, unread):
     twin = copy.deepcopy(model)
     twin(input_ids=IDS, labels=IDS).loss.backward()
     assert unread.count(True) == 2
+
+
+def _squashed_layer_forward(self, hidden_states, *args, **kwargs):
+    """Llama's layer with its output squashed: reads the MLP's output through the residual."""
+    return torch.tanh(_LLAMA_FORWARD(self, hidden_states, *args, **kwargs))
+
+
+def _llama_layer():
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    return LlamaDecoderLayer
+
+
+_LLAMA_FORWARD = _llama_layer().forward
+
+
+@pytest.mark.parametrize("how", ["class patched", "wrapped forward", "class swapped after optimize"])
+def test_a_layer_forward_that_reads_the_output_computes_it(tiny_llama, unread, monkeypatch, how):
+    """The check reads the forward the recompute runs, as transformers' source has Llama's: a class patched at run
+    time, a decorated forward and a class swapped after optimize() all compute the product."""
+    llama = _llama_layer()
+    reading = type("Reading", (llama,), {"forward": functools.wraps(_LLAMA_FORWARD)(_squashed_layer_forward)
+                                         if how == "wrapped forward" else _squashed_layer_forward})
+    if how == "class patched":
+        monkeypatch.setattr(llama, "forward", _squashed_layer_forward)
+        for cached in (forms.known_bodies, forms.source_bodies):  # read afresh, whichever test came first
+            cached.cache_clear()
+        forms._BODIES.pop(llama, None)
+    else:
+        for layer in tiny_llama.model.layers:
+            layer.__class__ = reading
+    model = _adapted(tiny_llama)
+    ref = copy.deepcopy(model)
+    lorakit.optimize(model, checkpoint=True)
+    lorakit.optimize(ref)
+    if how == "class swapped after optimize":
+        for layer in model.model.layers:
+            layer.__class__ = llama  # the checkpoint still runs Reading's forward
+    grads = []
+    for m in (model, ref):
+        m(input_ids=IDS, labels=IDS).loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert unread and not any(unread)
+    for n, g in grads[1].items():
+        assert torch.equal(grads[0][n], g), n
+
+
+@pytest.mark.parametrize("options", [dict(checkpoint=True), dict(tile_mlp=4)])
+@pytest.mark.parametrize("down", ["backward hook", "instance forward"])
+def test_a_down_proj_with_a_backward_hook_or_its_own_forward_keeps_its_call(tiny_llama, unread, options, down):
+    """LoRA on q and v: down_proj is a frozen nn.Linear, which the unread call would bypass."""
+    model = _adapted(tiny_llama, target_modules=["q_proj", "v_proj"])
+    ref = copy.deepcopy(model)
+    for m in (model, ref):
+        for layer in m.model.layers:
+            d = layer.mlp.down_proj
+            if down == "backward hook":
+                d.register_full_backward_hook(lambda mod, gin, gout: (gin[0] * 0.5,))
+            else:
+                d.forward = lambda x, d=d: 2 * torch.nn.functional.linear(x, d.weight, d.bias)
+    lorakit.optimize(model, **options)
+    lorakit.optimize(ref)
+    grads = []
+    for m in (model, ref):
+        m(input_ids=IDS, labels=IDS).loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert not any(unread)
+    for n, g in grads[1].items():
+        assert rel_norm(grads[0][n], g) <= 1e-5, n

@@ -42,7 +42,7 @@ def patch_forward(module: nn.Module, fn: Callable, *extra, slot: str = DEFAULT_S
     if key in module.__dict__:
         return False
     original = module.forward
-    module.__dict__[key] = {"prior": module.__dict__.get("forward")}
+    module.__dict__[key] = {"prior": module.__dict__.get("forward"), "original": original}
     module.__dict__["forward"] = functools.partial(fn, module, original, *extra)
     return True
 
@@ -63,11 +63,10 @@ def is_patched(module: nn.Module, slot: str = DEFAULT_SLOT) -> bool:
     return _key(slot) in module.__dict__
 
 
-def patches_class_forward(module: nn.Module, slot: str = DEFAULT_SLOT) -> bool:
-    """Whether `module` has a patch in `slot` that replaced the class's own forward (no instance forward was
-    there before it)."""
+def patched_original(module: nn.Module, slot: str = DEFAULT_SLOT):
+    """The forward that the patch in `slot` replaced (what its `original` runs), or None without that patch."""
     info = module.__dict__.get(_key(slot))
-    return info is not None and info["prior"] is None
+    return info.get("original") if info is not None else None
 
 
 # --- re-stored parameters ----------------------------------------------------------------------------------------

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from ..core.adapted import AdaptedLayer
-from ..core.patching import is_patched, pack_parameters, patch_forward, patches_class_forward, unpatch_forward
+from ..core.patching import is_patched, pack_parameters, patch_forward, patched_original, unpatch_forward
 from . import model_dropout, positions, recipes, wide
-from .forms import forward_body, known_bodies, seen_by_hooks
+from .forms import forward_body, function_body, known_bodies, seen_by_hooks, source_bodies
 from .checkpoint import CHECKPOINT_SLOT
 from .cross_entropy import CHECKPOINTED_CHUNK_BYTES, CHUNK_BYTES, linear_cross_entropy, shift_labels
 from .lora_linear import fused_linears, lora_linear_fast_path
@@ -186,13 +186,15 @@ DECODER_FORMS = (("llama", "LlamaDecoderLayer"),)
 
 
 def _output_unread(mlp: nn.Module) -> bool:
-    """Whether nobody reads the MLP's output now: the block being recomputed is a decoder layer whose forward is
-    its class's (no instance forward beneath the checkpoint), of DECODER_FORMS, with this MLP as its `mlp`, and no
-    forward hook on the MLP sees the output."""
+    """Whether nobody reads the MLP's output now: the block being recomputed has this MLP as its `mlp`, and the
+    forward its recompute runs (the one beneath its checkpoint patch) is a method of the block whose statements are
+    those of DECODER_FORMS as transformers' source files have them; no hook sees the MLP's call."""
     block = RECOMPUTED_BLOCK.get()
-    return (block is not None and block._modules.get("mlp") is mlp and not seen_by_hooks(mlp)
-            and patches_class_forward(block, CHECKPOINT_SLOT)
-            and forward_body(type(block)) in known_bodies(DECODER_FORMS))
+    if block is None or block._modules.get("mlp") is not mlp or seen_by_hooks(mlp):
+        return False
+    runs = patched_original(block, CHECKPOINT_SLOT)
+    return getattr(runs, "__self__", None) is block and \
+        function_body(getattr(runs, "__func__", None)) in source_bodies(DECODER_FORMS)
 
 
 def set_mlp_tiling(model: nn.Module, tile) -> int:

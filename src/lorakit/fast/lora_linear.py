@@ -378,7 +378,11 @@ def fused_linears(x: torch.Tensor, layers: Sequence[nn.Module], unread: bool = F
                   ) -> Optional[tuple[torch.Tensor, ...]]:
     """The outputs of `layers` (adapted or plain frozen linears) on the same input x, through one fused
     function; None when any of them (or x) needs the reference path, or none has a LoRA term (and the outputs
-    are read). unread: nobody reads the outputs' values; the call computes only what its backward reads."""
+    are read), or a layer's forward is replaced on the instance (accelerate's hooks, a patch: this call would
+    bypass it; the layer's own call runs it). unread: nobody reads the outputs' values; the call computes only what
+    its backward reads."""
+    if any("forward" in layer.__dict__ for layer in layers):
+        return None
     out = _fuse(x, layers, unread)
     return None if isinstance(out, str) else out
 
