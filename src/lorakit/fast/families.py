@@ -5,11 +5,13 @@ process keep HF's code) with a function that takes the fused route when it appli
 module's own forward otherwise:
 - attention: q/k/v (or query/key/value) computed in ONE fused call reading the input once, parked on the
   projections for HF's own attention code to pick up; RoPE fused inside it (rope.py);
-- gated MLP: gate/up in one fused call, act(g)·u in one kernel (swiglu.py), down as usual;
+- gated MLP: gate/up in one fused call, act(g)·u in one kernel (swiglu.py), down as usual (in a Llama-form
+  layer's checkpoint recompute, without its unread base product);
 - RMSNorm: norms.py; causal-LM head + loss: cross_entropy.py (logits are not returned when labels are
   given in a training forward, as with Liger/Unsloth).
-Forward hooks keep their calls: the attention's projections still run as modules (they take the parked outputs);
-a gated MLP with a hooked projection runs gate and up as modules; a hooked LM head keeps the model's own loss.
+Hooks (forward or backward) keep their calls: the attention's projections still run as modules (they take the
+parked outputs); a gated MLP with a hooked projection runs its projections as modules; a hooked LM head keeps the
+model's own loss.
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ def _gated_mlp(module, kind, x, unread: bool):
     """down(act(gate(x)) · up(x)); unread: nobody reads the output's values (the down projection computes only
     what its backward needs)."""
     gate, up = module.gate_proj, module.up_proj
-    # With a forward hook on a projection (or a global one), gate and up run as modules, so the hooks see their
+    # With a hook on a projection (or a global one), gate and up run as modules, so the hooks see their
     # calls, and no gradient is written over what a hook may keep (gate, up, act).
     hooked = seen_by_hooks(*_projections(module))
     with SINGLE_BACKWARD.left() if hooked else contextlib.nullcontext():

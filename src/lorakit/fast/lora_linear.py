@@ -273,8 +273,8 @@ class FusedLoraLinears(torch.autograd.Function):
         x2 = x2.reshape(-1, x2.shape[-1]) if x2 is not None else None  # [N, in] (compiled: x was saved)
         zs, params = rest[:plan.n_scaled], rest[plan.n_scaled:plan.n_scaled + plan.n_params]
         kept = rest[plan.n_scaled + plan.n_params:]  # the mask engine's, from forward
-        # the params' (after x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources, wide_buf, unread)
-        needs = ctx.needs_input_grad[9:]
+        needs = ctx.needs_input_grad[9:]  # after x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources, wide_buf,
+        # unread
         gs = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
         out: list[Optional[torch.Tensor]] = [None] * plan.n_params  # W_j: frozen (checked before the call)
         ups = () if taken is None else tuple(j for j, t in zip(plan.scaled_ups, taken.tolist()) if t)
@@ -376,15 +376,12 @@ def _fuse(x: torch.Tensor, layers: Sequence[nn.Module], unread: bool = False):
 
 def fused_linears(x: torch.Tensor, layers: Sequence[nn.Module], unread: bool = False
                   ) -> Optional[tuple[torch.Tensor, ...]]:
-    """The outputs of `layers` (adapted or plain frozen linears) on the same input x, through one fused
-    function; None when any of them (or x) needs the reference path, or none has a LoRA term (and the outputs
-    are read), or a layer's forward is replaced on the instance (accelerate's hooks, a patch: this call would
-    bypass it; the layer's own call runs it). unread: nobody reads the outputs' values; the call computes only what
-    its backward reads."""
-    if any("forward" in layer.__dict__ for layer in layers):
-        return None
-    out = _fuse(x, layers, unread)
-    return None if isinstance(out, str) else out
+    """The outputs of `layers` (adapted or plain frozen linears) on the same input x, through one fused function
+    (unread: values nobody reads, only what backward needs); None when any of them (or x) needs the reference
+    path, none has a LoRA term (outputs read), or a layer's forward is replaced on the instance (accelerate's hooks:
+    the layer's own call runs it)."""
+    out = None if any("forward" in layer.__dict__ for layer in layers) else _fuse(x, layers, unread)
+    return None if out is None or isinstance(out, str) else out
 
 
 def lora_linear_fast_path(layer: AdaptedLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
