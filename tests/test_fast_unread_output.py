@@ -51,16 +51,21 @@ def _adapted(model, **config):
     return model.train()
 
 
-def _grads_against_plain(model, ids, **optimize):
+def _grads(*models) -> list:
+    """Each model's gradients after one loss.backward() on IDS."""
+    got = []
+    for m in models:
+        m(input_ids=IDS, labels=IDS).loss.backward()
+        got.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    return got
+
+
+def _grads_against_plain(model, **optimize):
     """(gradients with optimize(**optimize), gradients of a copy optimized without checkpointing)."""
     ref = copy.deepcopy(model)
     lorakit.optimize(ref)
     lorakit.optimize(model, **optimize)
-    got = []
-    for m in (model, ref):
-        m(input_ids=ids, labels=ids).loss.backward()
-        got.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
-    return got
+    return _grads(model, ref)
 
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -69,7 +74,7 @@ IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 @pytest.mark.parametrize("mode", [True, "offload"])
 def test_the_recompute_skips_the_down_projections_product_and_keeps_the_gradients(tiny_llama, unread, mode):
     model = _adapted(tiny_llama)
-    got, ref = _grads_against_plain(model, IDS, checkpoint=mode)
+    got, ref = _grads_against_plain(model, checkpoint=mode)
     # fused calls per block (q/k/v, o, gate/up, down; no wide form on CPU): forward and recompute (down's unread);
     # then the un-checkpointed copy's
     assert unread.count(True) == 2 and len(unread) == 2 * 2 * 4 + 2 * 4
@@ -82,7 +87,7 @@ def test_a_frozen_down_projection_skips_its_product_too(tiny_llama, unread):
     """LoRA on q and v only: down_proj stays an nn.Linear; in the recompute the fused call gives its dX = dY·W."""
     model = _adapted(tiny_llama, target_modules=["q_proj", "v_proj"])
     assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
-    got, ref = _grads_against_plain(model, IDS, checkpoint=True)
+    got, ref = _grads_against_plain(model, checkpoint=True)
     assert unread.count(True) == 2  # one frozen down projection per block, in the recompute
     assert len(got) == len(ref) == 2 * 2 * 2
     for n, g in ref.items():
@@ -101,7 +106,7 @@ def test_a_4bit_down_projection_is_dequantised_twice_a_step(tiny_llama, monkeypa
         return real(self, out)
 
     monkeypatch.setattr(weight.QuantizedWeight, "write_dense", counted)
-    got, ref = _grads_against_plain(model, IDS, checkpoint=True)
+    got, ref = _grads_against_plain(model, checkpoint=True)
     for i, layer in enumerate(model.model.layers):
         counts = {n: sum(w is m.base_layer for w in written) for n, m in layer.named_modules() if n.endswith("proj")}
         # forward, recompute (down: none) and backward (none for block 0's q/k/v: nothing before them trains)
@@ -134,7 +139,7 @@ def test_a_layer_of_another_form_computes_the_product(tiny_llama, unread):
     for layer in tiny_llama.model.layers:
         layer.__class__ = NormedMlpLayer
     model = _adapted(tiny_llama)
-    got, ref = _grads_against_plain(model, IDS, checkpoint=True)
+    got, ref = _grads_against_plain(model, checkpoint=True)
     assert unread and not any(unread)
     for n, g in ref.items():
         assert rel_norm(got[n], g) <= 1e-6, n
@@ -144,7 +149,7 @@ def test_a_hooked_mlp_computes_the_product(tiny_llama, unread):
     model = _adapted(tiny_llama)
     seen = []
     model.model.layers[0].mlp.register_forward_hook(lambda mod, inp, out: seen.append(out.detach().clone()))
-    got, ref = _grads_against_plain(model, IDS, checkpoint=True)
+    got, ref = _grads_against_plain(model, checkpoint=True)
     assert unread.count(True) == 1  # layer 1's; layer 0's hook sees its output in the recompute too
     assert len(seen) == 3 and torch.equal(seen[0], seen[1])  # forward, recompute, then the plain copy's forward
     for n, g in ref.items():
@@ -156,7 +161,7 @@ def test_a_tiled_mlp_skips_its_recompute_and_the_tiles_down_products(tiny_llama,
     recomputed in the backward leaves the down projection's output unwritten. A hooked projection keeps them."""
     hooked = _adapted(copy.deepcopy(tiny_llama))
     model = _adapted(tiny_llama)
-    got, ref = _grads_against_plain(model, IDS, checkpoint="offload", tile_mlp=4)
+    got, ref = _grads_against_plain(model, checkpoint="offload", tile_mlp=4)
     # per block: forward q/k/v, o and 6 × (gate/up, down); recompute q/k/v and o; backward 6 × (gate/up, down)
     assert unread.count(True) == 2 * 6 and len(unread) == 2 * (2 + 12 + 2 + 12) + 2 * 4
     for n, g in ref.items():
@@ -198,7 +203,7 @@ def test_a_down_proj_that_reads_its_linears_output_computes_it(tiny_llama, unrea
     for layer in tiny_llama.model.layers:
         layer.mlp.down_proj = _SoftCap(layer.mlp.down_proj)
     model = _adapted(tiny_llama)
-    got, ref = _grads_against_plain(model, IDS, **options)
+    got, ref = _grads_against_plain(model, **options)
     assert unread and not any(unread)
     for n, g in ref.items():
         assert rel_norm(got[n], g) <= 1e-5, n
@@ -212,10 +217,7 @@ def test_an_mlp_wrapped_after_optimize_computes_its_output(tiny_llama, unread):
     for m in (model, ref):
         for layer in m.model.layers:
             layer.mlp = _Squashed(layer.mlp)
-    grads = []
-    for m in (model, ref):
-        m(input_ids=IDS, labels=IDS).loss.backward()
-        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    grads = _grads(model, ref)
     assert unread and not any(unread)
     for n, g in grads[1].items():
         assert torch.equal(grads[0][n], g), n
@@ -266,10 +268,7 @@ def test_a_layer_forward_that_reads_the_output_computes_it(tiny_llama, unread, m
     if how == "class swapped after optimize":
         for layer in model.model.layers:
             layer.__class__ = llama  # the checkpoint still runs Reading's forward
-    grads = []
-    for m in (model, ref):
-        m(input_ids=IDS, labels=IDS).loss.backward()
-        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    grads = _grads(model, ref)
     assert unread and not any(unread)
     for n, g in grads[1].items():
         assert torch.equal(grads[0][n], g), n
@@ -290,10 +289,7 @@ def test_a_down_proj_with_a_backward_hook_or_its_own_forward_keeps_its_call(tiny
                 d.forward = lambda x, d=d: 2 * torch.nn.functional.linear(x, d.weight, d.bias)
     lorakit.optimize(model, **options)
     lorakit.optimize(ref)
-    grads = []
-    for m in (model, ref):
-        m(input_ids=IDS, labels=IDS).loss.backward()
-        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    grads = _grads(model, ref)
     assert not any(unread)
     for n, g in grads[1].items():
         assert rel_norm(grads[0][n], g) <= 1e-5, n
