@@ -1,9 +1,10 @@
 """In a checkpointed Llama-form layer's recompute the down projection's output is read by the residual addition
 alone, whose backward reads neither operand: the fused call computes h and skips its base product (and, with
 checkpoint=True, a 4-bit base's dequantisation); a sequence-tiled MLP runs no tile there. The gradients stay those of
-the model without checkpointing. A layer of another form, a hooked MLP or projection, a down_proj that reads its
-inner linear's output and an MLP wrapped after optimize() compute the product. CPU, float32; empty tensors are
-filled with NaN, so a skipped value that is read shows."""
+the model without checkpointing. A layer of another form, a hooked MLP or projection (forward or backward hooks), a
+down_proj that reads its inner linear's output or has its own instance forward, an MLP wrapped after optimize() and
+a decoder forward patched, decorated or swapped after optimize() compute the product. CPU, float32; empty tensors
+are filled with NaN, so a skipped value that is read shows."""
 
 import copy
 import functools
