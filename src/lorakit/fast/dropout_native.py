@@ -100,6 +100,8 @@ def library() -> Optional[ctypes.CDLL]:
     """The compiled kernels, or None (LORAKIT_NATIVE=0, or the build failed: why_not()). Built on first use."""
     if os.environ.get("LORAKIT_NATIVE", "1") == "0":
         return None
+    if "lib" in _STATE:  # every fused call asks: no lock once built (or refused)
+        return _STATE["lib"]
     with _LOCK:
         if "lib" not in _STATE:
             try:

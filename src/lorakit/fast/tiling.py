@@ -58,7 +58,7 @@ def tiled_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows
     if torch.is_grad_enabled() and (x2.requires_grad or trained):
         out = _TiledRows.apply(x2, fn, rows, remake, root_fn or fn, unread, *trained)
     elif unread is not None:
-        out = x2.new_empty(x2.shape[0], unread[0], dtype=unread[1])
+        out = _unwritten(x2, unread)
     else:
         out = _tiles_no_grad(fn, x2, rows)
     return out.view(*x.shape[:-1], out.shape[-1])
@@ -74,6 +74,11 @@ def _tiles_no_grad(fn, x2: torch.Tensor, rows: int) -> torch.Tensor:
     return out
 
 
+def _unwritten(x2: torch.Tensor, unread: tuple) -> torch.Tensor:
+    """The output nobody reads: [N, d_out] in its dtype, values left unwritten."""
+    return x2.new_empty(x2.shape[0], unread[0], dtype=unread[1])
+
+
 class _TiledRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, fn, rows: int, remake, root_fn, unread, *params):
@@ -82,7 +87,7 @@ class _TiledRows(torch.autograd.Function):
         ctx.x_meta = (x2.shape, x2.dtype, x2.device)
         ctx.save_for_backward(x2 if remake is None else None, *params)
         if unread is not None:
-            return x2.new_empty(x2.shape[0], unread[0], dtype=unread[1])
+            return _unwritten(x2, unread)
         with torch.no_grad():
             return _tiles_no_grad(fn, x2, rows)
 
