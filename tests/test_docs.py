@@ -111,3 +111,22 @@ def test_documented_lorakit_names_and_calls_exist(doc):
             signature.bind(*call.args, **{k.arg: k.value for k in call.keywords})
         except TypeError as e:
             pytest.fail(f"{doc}: {shown} does not fit lorakit.{call.func.attr}{signature}: {e}")
+
+
+def test_architecture_tree_names_every_source_file():
+    """ARCHITECTURE.md's tree and the package agree: every module (and C source) under src/lorakit is named in
+    its folder's part of the tree, and every folder of the tree exists."""
+    text = (ROOT / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    tree = text.split("```", 2)[1]  # the first code block: the tree
+    package = ROOT / "src" / "lorakit"
+    parts = re.split(r"^  (\w+)/", tree, flags=re.M)  # [top, folder, its text, folder, its text, ...]
+    named = {"": parts[0], **dict(zip(parts[1::2], parts[2::2]))}
+    missing = []
+    for path in sorted(package.rglob("*")):
+        if path.suffix not in (".py", ".c") or path.name == "__init__.py" or "__pycache__" in path.parts:
+            continue
+        folder = path.relative_to(package).parts[0] if len(path.relative_to(package).parts) > 1 else ""
+        if not re.search(rf"(?<![\w.]){re.escape(path.name)}\b", named.get(folder, "")):
+            missing.append(str(path.relative_to(package)))
+    assert not missing, f"ARCHITECTURE.md's tree does not name: {missing}"
+    assert all((package / folder).is_dir() for folder in named if folder), sorted(named)
