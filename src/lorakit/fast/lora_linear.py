@@ -273,8 +273,8 @@ class FusedLoraLinears(torch.autograd.Function):
         x2 = x2.reshape(-1, x2.shape[-1]) if x2 is not None else None  # [N, in] (compiled: x was saved)
         zs, params = rest[:plan.n_scaled], rest[plan.n_scaled:plan.n_scaled + plan.n_params]
         kept = rest[plan.n_scaled + plan.n_params:]  # the mask engine's, from forward
-        needs = ctx.needs_input_grad[9:]  # after x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources, wide_buf,
-        # unread
+        # the params' (after x, norm_x, norm_rstd, norm_w, norm_offset, layout, sources, wide_buf, unread)
+        needs = ctx.needs_input_grad[9:]
         gs = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
         out: list[Optional[torch.Tensor]] = [None] * plan.n_params  # W_j: frozen (checked before the call)
         ups = () if taken is None else tuple(j for j, t in zip(plan.scaled_ups, taken.tolist()) if t)
